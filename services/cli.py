@@ -1,0 +1,133 @@
+"""The ``trackly`` command: run a service, migrate, or administer accounts and lists."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import orjson
+
+from shared import settings as settings_mod
+from shared.runtime import with_backends
+
+
+def _print(obj: object) -> None:
+    sys.stdout.write(orjson.dumps(obj).decode() + "\n")
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"error: {message}\n")
+    return 2
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from shared.migrate import migrate
+
+    settings, embedded = with_backends(settings_mod.load(), redis=False)
+    try:
+        applied = asyncio.run(migrate(settings.database_url))
+    finally:
+        if embedded:
+            embedded.stop()
+    _print({"applied": applied})
+    return 0
+
+
+def _admin(args: argparse.Namespace) -> int:
+    from shared import accounts, db
+    from shared.migrate import migrate
+    from shared.phone import PhoneError
+
+    settings, embedded = with_backends(settings_mod.load(), redis=False)
+
+    async def go() -> dict:
+        if embedded:
+            await migrate(settings.database_url)
+        conn = await db.connect(settings.database_url)
+        try:
+            if args.admin == "create-account":
+                return await accounts.create_account(conn, args.name, offer_management=not args.no_offer_management)
+            return await accounts.create_list(
+                conn,
+                account_id=args.account_id,
+                name=args.name,
+                phone=args.phone,
+                short_domain=args.short_domain,
+                tracker_domain=args.tracker_domain,
+                active=not args.inactive,
+            )
+        finally:
+            await conn.close()
+
+    try:
+        _print(asyncio.run(go()))
+    except (ValueError, PhoneError) as exc:
+        return _fail(str(exc))
+    finally:
+        if embedded:
+            embedded.stop()
+    return 0
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from services.gateway.main import serve
+
+    return serve(settings_mod.load())
+
+
+def cmd_redirect(args: argparse.Namespace) -> int:
+    from services.redirect.main import serve
+
+    return serve(settings_mod.load())
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from services.worker.main import serve
+
+    return serve(settings_mod.load())
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from services.supervisor import run_all
+
+    return run_all(settings_mod.load())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trackly", description="SMS link tracking and revenue attribution")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("gateway", help="public JSON API and postback receiver").set_defaults(func=cmd_gateway)
+    sub.add_parser("redirect", help="short links and click tracker").set_defaults(func=cmd_redirect)
+    sub.add_parser("worker", help="arq worker: clicks, postbacks, attribution").set_defaults(func=cmd_worker)
+    sub.add_parser("migrate", help="bring the schema up to date").set_defaults(func=cmd_migrate)
+    sub.add_parser("run", help="everything, for a laptop").set_defaults(func=cmd_run)
+
+    admin = sub.add_parser("admin", help="operator commands").add_subparsers(dest="admin", required=True)
+    account = admin.add_parser("create-account")
+    account.add_argument("--name", required=True)
+    account.add_argument("--no-offer-management", action="store_true")
+    account.set_defaults(func=_admin)
+    lst = admin.add_parser("create-list")
+    lst.add_argument("--account-id", type=int, required=True)
+    lst.add_argument("--name", required=True)
+    lst.add_argument("--phone", required=True)
+    lst.add_argument("--short-domain")
+    lst.add_argument("--tracker-domain")
+    lst.add_argument("--inactive", action="store_true")
+    lst.set_defaults(func=_admin)
+    return parser
+
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse prints its own one-line usage error
+        return int(exc.code or 0)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

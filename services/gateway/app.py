@@ -1,0 +1,67 @@
+"""The public API: an app factory whose lifespan owns the pools handed to handlers via state."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from arq import create_pool as create_arq_pool
+from arq.connections import RedisSettings
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.routing import Route
+
+from services.gateway import health
+from services.gateway.http import JSONResponse, error_response
+from services.gateway.routes import ROUTES
+from shared import db
+from shared.errors import ApiError
+from shared.redis_client import create_redis
+from shared.settings import Settings
+
+
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    code = codes.get(exc.status_code, "http_error")
+    return error_response(ApiError(exc.status_code, code, str(exc.detail)))
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(ApiError(500, "internal_error", "Internal server error"))
+
+
+def create_app(settings: Settings) -> Starlette:
+    if not settings.database_url or not settings.redis_url:
+        raise ValueError("create_app needs resolved database and redis URLs")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.settings = settings
+        app.state.db = await db.create_pool(settings.database_url, max_size=10)
+        app.state.redis = create_redis(settings.redis_url)
+        app.state.arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
+        try:
+            yield
+        finally:
+            await app.state.arq.aclose()
+            await app.state.redis.aclose()
+            await app.state.db.close()
+
+    routes = [
+        Route("/healthz", health.healthz),
+        Route("/readyz", health.readyz),
+        Route("/metrics", health.metrics),
+        *ROUTES,
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _unexpected},
+    )
+    return app

@@ -1,0 +1,100 @@
+"""Request parsing and response rendering for the gateway: one place for JSON, limits, pages."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from shared import jsonio
+from shared.errors import ApiError, validation
+
+MAX_BODY = 5 * 1024 * 1024
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return jsonio.dumps(content)
+
+
+def error_response(err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+def _too_large() -> ApiError:
+    return ApiError(413, "payload_too_large", "Request body exceeds the 5 MB limit")
+
+
+async def read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > MAX_BODY:
+        raise _too_large()
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise _too_large()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json_object(request: Request) -> dict[str, Any]:
+    raw = await read_body(request)
+    if not raw.strip():
+        raise ApiError(400, "invalid_json", "Request body must be a JSON object")
+    try:
+        data = jsonio.loads(raw)
+    except jsonio.JsonError:
+        raise ApiError(400, "invalid_json", "Request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_json", "Request body must be a JSON object")
+    return data
+
+
+@dataclass(frozen=True)
+class Page:
+    page: int
+    per_page: int
+
+    @property
+    def offset(self) -> int:
+        return (self.page - 1) * self.per_page
+
+    def envelope(self, total: int) -> dict[str, int]:
+        return {
+            "page": self.page,
+            "per_page": self.per_page,
+            "total": total,
+            "total_pages": (total + self.per_page - 1) // self.per_page,
+        }
+
+
+def page_params(request: Request, *, max_per_page: int = 100) -> Page:
+    def number(name: str, default: int) -> int:
+        raw = request.query_params.get(name)
+        if raw is None or raw == "":
+            return default
+        if not raw.isdigit() or int(raw) < 1:
+            raise validation(f"{name} must be a positive integer")
+        return int(raw)
+
+    per_page = number("per_page", 50)
+    if per_page > max_per_page:
+        raise validation(f"per_page may be at most {max_per_page}")
+    return Page(number("page", 1), per_page)
+
+
+def optional_str(data: dict[str, Any], name: str, *, max_len: int = 2000) -> str | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise validation(f"{name} must be a string")
+    text = str(value).strip()
+    if len(text) > max_len:
+        raise validation(f"{name} is too long")
+    return text or None

@@ -1,0 +1,56 @@
+"""Account-scoped lookups shared by several endpoints. Another account's rows are never found."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import asyncpg
+
+OFFER_COLUMNS = (
+    "id, account_id, name, destination_url, external_id, status, payout, currency,"
+    " click_window_days, affiliate_id, created_at, updated_at"
+)
+
+
+async def find_offer(conn: asyncpg.Connection | asyncpg.Pool, account_id: int, ref: str) -> asyncpg.Record | None:
+    """An offer by internal id, else by external id; deleted offers are not found."""
+    return await conn.fetchrow(
+        f"SELECT {OFFER_COLUMNS} FROM offers"
+        " WHERE account_id = $1 AND status <> 'deleted' AND (id = $2 OR external_id = $2)"
+        " ORDER BY (id = $2) DESC LIMIT 1",
+        account_id, ref,
+    )
+
+
+async def find_offers(
+    conn: asyncpg.Connection | asyncpg.Pool, account_id: int, refs: Iterable[str]
+) -> dict[str, asyncpg.Record]:
+    """Many refs at once; the result maps each ref that resolved (internal id wins)."""
+    wanted = sorted(set(refs))
+    if not wanted:
+        return {}
+    rows = await conn.fetch(
+        f"SELECT {OFFER_COLUMNS} FROM offers"
+        " WHERE account_id = $1 AND status <> 'deleted' AND (id = ANY($2::text[]) OR external_id = ANY($2::text[]))",
+        account_id, wanted,
+    )
+    found: dict[str, asyncpg.Record] = {}
+    for row in rows:
+        if row["external_id"] in wanted:
+            found.setdefault(row["external_id"], row)
+    for row in rows:
+        found[row["id"]] = row
+    return found
+
+
+LIST_COLUMNS = "id, account_id, name, phone_number, status, short_domain, tracker_domain"
+
+
+async def find_lists(
+    conn: asyncpg.Connection | asyncpg.Pool, account_id: int, *, ids: Iterable[int] = (), phones: Iterable[str] = ()
+) -> tuple[dict[int, asyncpg.Record], dict[str, asyncpg.Record]]:
+    rows = await conn.fetch(
+        f"SELECT {LIST_COLUMNS} FROM lists WHERE account_id = $1"
+        " AND (id = ANY($2::bigint[]) OR phone_number = ANY($3::text[]))",
+        account_id, sorted(set(ids)), sorted(set(phones)),
+    )
+    return {r["id"]: r for r in rows}, {r["phone_number"]: r for r in rows}

@@ -1,0 +1,31 @@
+"""``trackly gateway``: serve the API with uvicorn."""
+from __future__ import annotations
+
+import asyncio
+
+import uvicorn
+
+from services.gateway.app import create_app
+from shared.migrate import migrate
+from shared.runtime import with_backends
+from shared.settings import Settings
+
+
+def serve(settings: Settings) -> int:
+    settings, embedded = with_backends(settings)
+    try:
+        if embedded is not None:
+            # A private database is ours to migrate; shared ones are migrated by `trackly migrate`.
+            asyncio.run(migrate(settings.database_url))
+        uvicorn.run(
+            create_app(settings),
+            host=settings.gateway_host,
+            port=settings.gateway_port,
+            log_level=settings.log_level,
+            access_log=False,
+            timeout_graceful_shutdown=10,
+        )
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return 0

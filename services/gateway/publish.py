@@ -1,0 +1,49 @@
+"""Writes what the redirect reads (the contract in ``shared/edge.py``).
+
+Callers publish *before* committing the PostgreSQL transaction that creates the rows: if Redis is
+down the API call fails and rolls back, so an acknowledged link always works at the edge. A key
+left behind by a transaction that later fails points at rows that do not exist, which the worker
+ignores.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import redis.asyncio as aioredis
+
+from shared import edge
+
+
+async def publish_offer(redis: aioredis.Redis, offer: Mapping[str, object]) -> None:
+    await redis.set(edge.offer_key(str(offer["id"])), edge.dumps(edge.offer_entry(offer)))
+
+
+async def publish_link(
+    redis: aioredis.Redis, *, link: Mapping[str, object], offer: Mapping[str, object]
+) -> None:
+    short: edge.ShortEntry = {"u": str(link["tracker_url"]), "o": str(link["offer_id"]), "m": None}
+    tracker: edge.TrackerEntry = {
+        "h": edge.host_of(str(link["tracker_url"])),
+        "l": str(link["id"]),
+        "o": str(link["offer_id"]),
+        "a": int(link["account_id"]),  # type: ignore[arg-type]
+        "li": int(link["list_id"]),  # type: ignore[arg-type]
+    }
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.set(edge.short_key(str(link["domain_host"]), str(link["id"])), edge.dumps(short))
+        pipe.set(edge.tracker_key(str(link["tracker_id"])), edge.dumps(tracker))
+        pipe.set(edge.offer_key(str(offer["id"])), edge.dumps(edge.offer_entry(offer)))
+        await pipe.execute()
+
+
+async def publish_message_codes(
+    redis: aioredis.Redis, entries: Iterable[tuple[str, str, edge.ShortEntry]]
+) -> None:
+    """``entries``: (host, code, ShortEntry) for each per-message short URL."""
+    async with redis.pipeline(transaction=False) as pipe:
+        count = 0
+        for host, code, entry in entries:
+            pipe.set(edge.short_key(host, code), edge.dumps(entry))
+            count += 1
+        if count:
+            await pipe.execute()

@@ -1,0 +1,105 @@
+"""POST /api/v2/links, exactly as spec/links.txt."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import asyncpg
+from starlette.requests import Request
+from starlette.routing import Route
+
+from services.gateway.auth import authenticate
+from services.gateway.http import JSONResponse, read_json_object
+from services.gateway.lookups import LIST_COLUMNS, find_offer
+from services.gateway.publish import publish_link
+from shared import ids
+from shared.edge import host_of, tracker_url
+from shared.errors import ApiError, bad_request, not_found
+from shared.phone import PhoneError, parse_e164
+
+LINK_ID_ATTEMPTS = 5
+
+
+def _ref(data: dict, *names: str) -> str | None:
+    for name in names:
+        value = data.get(name)
+        if value is not None and not isinstance(value, bool) and str(value).strip():
+            return str(value).strip()
+    return None
+
+
+async def create_link(request: Request) -> JSONResponse:
+    account = await authenticate(request)
+    if not account.offer_management:
+        raise ApiError(403, "product_not_enabled", "Offer Management is not enabled for this account")
+    data = await read_json_object(request)
+
+    offer_ref = _ref(data, "offerId", "offer_id") or _ref(data, "externalOfferId", "external_offer_id")
+    if offer_ref is None:
+        raise bad_request("missing_offer_id", "Provide offerId or externalOfferId")
+    list_ref = data.get("listId", data.get("list_id"))
+    phone_ref = data.get("phoneNumber", data.get("phone_number"))
+    if list_ref is None and phone_ref is None:
+        raise bad_request("missing_list_identifier", "Provide listId or phoneNumber")
+    list_id: int | None = None
+    phone: str | None = None
+    if list_ref is not None:
+        if isinstance(list_ref, bool) or not str(list_ref).isdigit():
+            raise not_found("list_not_found", "List not found")
+        list_id = int(list_ref)
+    else:
+        try:
+            phone = parse_e164(phone_ref)
+        except PhoneError as exc:
+            raise bad_request("invalid_phone", str(exc)) from None
+
+    db = request.app.state.db
+    offer = await find_offer(db, account.id, offer_ref)
+    if offer is None or offer["status"] != "active":
+        raise not_found("offer_not_found", "No active offer matches that id")
+    if list_id is not None:
+        lst = await db.fetchrow(
+            f"SELECT {LIST_COLUMNS} FROM lists WHERE account_id = $1 AND id = $2", account.id, min(list_id, 2**63 - 1)
+        )
+    else:
+        lst = await db.fetchrow(f"SELECT {LIST_COLUMNS} FROM lists WHERE account_id = $1 AND phone_number = $2", account.id, phone)
+    if lst is None or lst["status"] != "active":
+        raise not_found("list_not_found", "The sending list was not found or is not active")
+    if not lst["short_domain"]:
+        raise ApiError(409, "no_domain_configured", "The sending list has no link shortener domain configured")
+
+    tracker_domain = lst["tracker_domain"] or request.app.state.settings.default_tracker_domain
+    make_id: Callable[[], str] = getattr(request.app.state, "link_id_factory", ids.link_id)
+    link = None
+    async with db.acquire() as conn:
+        for _ in range(LINK_ID_ATTEMPTS):
+            tracker = ids.tracker_id()
+            try:
+                async with conn.transaction():
+                    link = await conn.fetchrow(
+                        "INSERT INTO links (id, account_id, offer_id, list_id, domain, domain_host, tracker_id, tracker_url)"
+                        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                        " RETURNING id, account_id, offer_id, list_id, domain, domain_host, tracker_id, tracker_url",
+                        make_id(), account.id, offer["id"], lst["id"], lst["short_domain"],
+                        host_of(lst["short_domain"]), tracker, tracker_url(tracker_domain, tracker),
+                    )
+                    await publish_link(request.app.state.redis, link=link, offer=offer)
+                break
+            except asyncpg.UniqueViolationError:
+                continue
+    if link is None:
+        raise ApiError(500, "id_collision", "Could not generate a unique link id; retry the request")
+    return JSONResponse(
+        {
+            "success": True,
+            "shortUrl": f"{link['domain']}/{link['id']}",
+            "linkId": link["id"],
+            "clickTrackerUrl": link["tracker_url"],
+            "destinationUrl": offer["destination_url"],
+            "domain": link["domain"],
+            "offerId": offer["id"],
+        },
+        status_code=201,
+    )
+
+
+ROUTES = [Route("/api/v2/links", create_link, methods=["POST"])]

@@ -1,0 +1,188 @@
+"""Offers CRUD. Every change is republished to the edge so the redirect sees pauses and deletes."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import asyncpg
+from starlette.requests import Request
+from starlette.routing import Route
+
+from services.gateway.auth import authenticate
+from services.gateway.http import JSONResponse, optional_str, page_params, read_json_object
+from services.gateway.lookups import OFFER_COLUMNS
+from services.gateway.publish import publish_offer
+from shared import ids
+from shared.errors import ApiError, not_found, validation
+from shared.money import MoneyError, parse_money
+
+_CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
+_FIELDS = ("name", "destination_url", "external_id", "status", "payout", "currency", "click_window_days", "affiliate_id")
+
+
+def offer_json(row: Any) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "name": row["name"],
+        "destination_url": row["destination_url"],
+        "external_id": row["external_id"],
+        "status": row["status"],
+        "payout": row["payout"],
+        "currency": row["currency"],
+        "click_window_days": row["click_window_days"],
+        "affiliate_id": row["affiliate_id"],
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+    }
+
+
+def _clean(data: dict[str, Any], *, partial: bool) -> dict[str, Any]:
+    """Validate the offer fields present in ``data``; with ``partial=False`` apply defaults."""
+    out: dict[str, Any] = {}
+    if "name" in data or not partial:
+        name = optional_str(data, "name", max_len=500)
+        if not name:
+            raise validation("name is required")
+        out["name"] = name
+    if "destination_url" in data or not partial:
+        url = optional_str(data, "destination_url", max_len=4000)
+        if not url or not url.lower().startswith(("http://", "https://")):
+            raise validation("destination_url must be an http(s) URL")
+        out["destination_url"] = url
+    if "external_id" in data:
+        out["external_id"] = optional_str(data, "external_id", max_len=200)
+    if "affiliate_id" in data:
+        out["affiliate_id"] = optional_str(data, "affiliate_id", max_len=200)
+    if "status" in data or not partial:
+        status = data.get("status", "active")
+        if status not in ("active", "paused"):
+            raise validation("status must be active or paused")
+        out["status"] = status
+    if "payout" in data and data["payout"] is not None:
+        try:
+            out["payout"] = parse_money(data["payout"])
+        except MoneyError as exc:
+            raise validation(f"payout: {exc}") from None
+    elif "payout" in data:
+        out["payout"] = None
+    if "currency" in data or not partial:
+        currency = data.get("currency") or "USD"
+        if not isinstance(currency, str) or not _CURRENCY_RE.match(currency.upper()):
+            raise validation("currency must be a 3-letter ISO 4217 code")
+        out["currency"] = currency.upper()
+    if "click_window_days" in data or not partial:
+        days = data.get("click_window_days", 90)
+        if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 90:
+            raise validation("click_window_days must be an integer from 1 to 90")
+        out["click_window_days"] = days
+    return out
+
+
+async def _fetch(request: Request, account_id: int, offer_id: str) -> Any:
+    row = await request.app.state.db.fetchrow(
+        f"SELECT {OFFER_COLUMNS} FROM offers WHERE id = $1 AND account_id = $2 AND status <> 'deleted'",
+        offer_id, account_id,
+    )
+    if row is None:
+        raise not_found("offer_not_found", "Offer not found")
+    return row
+
+
+def _duplicate_external_id() -> ApiError:
+    return ApiError(409, "duplicate_external_id", "Another offer of this account has that external_id")
+
+
+async def create_offer(request: Request) -> JSONResponse:
+    account = await authenticate(request)
+    fields = _clean(await read_json_object(request), partial=False)
+    fields.setdefault("external_id", None)
+    fields.setdefault("affiliate_id", None)
+    fields.setdefault("payout", None)
+    db = request.app.state.db
+    async with db.acquire() as conn, conn.transaction():
+        try:
+            row = await conn.fetchrow(
+                f"INSERT INTO offers (id, account_id, {', '.join(_FIELDS)})"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+                f" RETURNING {OFFER_COLUMNS}",
+                ids.hex24(), account.id, *(fields[f] for f in _FIELDS),
+            )
+        except asyncpg.UniqueViolationError:
+            raise _duplicate_external_id() from None
+        await publish_offer(request.app.state.redis, row)
+    return JSONResponse({"success": True, "offer": offer_json(row)}, status_code=201)
+
+
+async def list_offers(request: Request) -> JSONResponse:
+    account = await authenticate(request)
+    page = page_params(request)
+    db = request.app.state.db
+    status = request.query_params.get("status")
+    if status is not None and status not in ("active", "paused"):
+        raise validation("status must be active or paused")
+    where = "account_id = $1 AND status <> 'deleted'" + (" AND status = $2" if status else "")
+    args: list[Any] = [account.id] + ([status] if status else [])
+    total = await db.fetchval(f"SELECT count(*) FROM offers WHERE {where}", *args)
+    rows = await db.fetch(
+        f"SELECT {OFFER_COLUMNS} FROM offers WHERE {where} ORDER BY created_at, id"
+        f" LIMIT {page.per_page} OFFSET {page.offset}",
+        *args,
+    )
+    return JSONResponse({"success": True, "offers": [offer_json(r) for r in rows], "pagination": page.envelope(total)})
+
+
+async def get_offer(request: Request) -> JSONResponse:
+    account = await authenticate(request)
+    row = await _fetch(request, account.id, request.path_params["offer_id"])
+    return JSONResponse({"success": True, "offer": offer_json(row)})
+
+
+async def update_offer(request: Request) -> JSONResponse:
+    account = await authenticate(request)
+    data = await read_json_object(request)
+    await _fetch(request, account.id, request.path_params["offer_id"])
+    fields = _clean(data, partial=True)
+    db = request.app.state.db
+    async with db.acquire() as conn, conn.transaction():
+        if fields:
+            names = list(fields)
+            assignments = ", ".join(f"{name} = ${i + 3}" for i, name in enumerate(names))
+            try:
+                row = await conn.fetchrow(
+                    f"UPDATE offers SET {assignments}, updated_at = now()"
+                    f" WHERE id = $1 AND account_id = $2 AND status <> 'deleted' RETURNING {OFFER_COLUMNS}",
+                    request.path_params["offer_id"], account.id, *(fields[n] for n in names),
+                )
+            except asyncpg.UniqueViolationError:
+                raise _duplicate_external_id() from None
+        else:
+            row = await _fetch(request, account.id, request.path_params["offer_id"])
+        if row is None:
+            raise not_found("offer_not_found", "Offer not found")
+        await publish_offer(request.app.state.redis, row)
+    return JSONResponse({"success": True, "offer": offer_json(row)})
+
+
+async def delete_offer(request: Request) -> JSONResponse:
+    """Soft delete: links keep their history, the edge answers 404 for them from now on."""
+    account = await authenticate(request)
+    db = request.app.state.db
+    async with db.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            "UPDATE offers SET status = 'deleted', updated_at = now()"
+            f" WHERE id = $1 AND account_id = $2 AND status <> 'deleted' RETURNING {OFFER_COLUMNS}",
+            request.path_params["offer_id"], account.id,
+        )
+        if row is None:
+            raise not_found("offer_not_found", "Offer not found")
+        await publish_offer(request.app.state.redis, row)
+    return JSONResponse({"success": True, "id": row["id"], "deleted": True})
+
+
+ROUTES = [
+    Route("/api/v2/offers", create_offer, methods=["POST"]),
+    Route("/api/v2/offers", list_offers, methods=["GET"]),
+    Route("/api/v2/offers/{offer_id}", get_offer, methods=["GET"]),
+    Route("/api/v2/offers/{offer_id}", update_offer, methods=["PATCH"]),
+    Route("/api/v2/offers/{offer_id}", delete_offer, methods=["DELETE"]),
+]

@@ -1,0 +1,240 @@
+"""Recording messages: validation, short-URL rewriting and set-based inserts.
+
+One path serves ``/send`` (a batch of one), ``/send/bulk`` and ``/history/sends``: records are
+validated on their own, then every lookup and insert is done for the whole batch at once.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from services.gateway.lookups import find_lists, find_offers
+from services.gateway.publish import publish_message_codes
+from shared import ids
+from shared.edge import ShortEntry, host_of
+from shared.errors import ApiError, bad_request, not_found, validation
+from shared.phone import PhoneError, parse_e164
+from shared.timeutil import utcnow
+
+# A short URL as it appears in a body: scheme, host[:port], a 6-character link id, then a boundary.
+SHORT_URL_RE = re.compile(r"(https?://)([A-Za-z0-9.-]+(?::\d+)?)/([A-Za-z0-9]{6})(?![A-Za-z0-9])")
+SEND_ID_MACRO = "{{sendId}}"
+MAX_BODY_CHARS = 10_000
+INSERT_ATTEMPTS = 3
+
+
+@dataclass
+class SendRecord:
+    index: int
+    to: str
+    list_id: int | None
+    list_number: str | None
+    body: str
+    offer_ref: str | None
+    creative_id: str | None
+    schedule_id: str | None
+    sent_at: datetime | None = None
+    message_id: str | None = None
+    # Filled in by the batch:
+    generated_id: bool = False
+    list_row: Any = None
+    offer_id: str | None = None
+    final_body: str = ""
+    codes: list[tuple[str, str, str]] = field(default_factory=list)  # (host, code, link_id)
+
+
+def _text(record: dict[str, Any], name: str, max_len: int = 200) -> str | None:
+    value = record.get(name)
+    if value is None or isinstance(value, bool):
+        return None
+    if not isinstance(value, (str, int)):
+        raise validation(f"{name} must be a string")
+    text = str(value).strip()
+    if len(text) > max_len:
+        raise validation(f"{name} is too long")
+    return text or None
+
+
+def parse_send(index: int, record: Any, *, body_required: bool = True) -> SendRecord:
+    """Check one record on its own (no database). Raises ApiError with the spec's code."""
+    if not isinstance(record, dict):
+        raise validation("each message must be a JSON object")
+    to_raw = record.get("to")
+    if to_raw is None or to_raw == "":
+        raise bad_request("invalid_phone", "Recipient phone number 'to' is required")
+    try:
+        to = parse_e164(to_raw)
+    except PhoneError:
+        raise bad_request("invalid_phone", "Invalid recipient phone number format") from None
+    list_id: int | None = None
+    list_number: str | None = None
+    raw_list_id = record.get("list_id")
+    raw_number = record.get("list_number")
+    if raw_list_id is not None:
+        if isinstance(raw_list_id, bool) or not str(raw_list_id).isdigit() or int(str(raw_list_id)) >= 2**63:
+            raise not_found("list_not_found", "The sending list was not found")
+        list_id = int(str(raw_list_id))
+    elif raw_number is not None:
+        try:
+            list_number = parse_e164(raw_number)
+        except PhoneError:
+            raise bad_request("invalid_phone", "list_number must be an E.164 phone number") from None
+    else:
+        raise bad_request("missing_list_identifier", "Provide list_number or list_id")
+    body = record.get("body")
+    if body is None and not body_required:
+        body = ""
+    if not isinstance(body, str) or (body_required and not body.strip()):
+        raise validation("body is required and must be a non-empty string")
+    if len(body) > MAX_BODY_CHARS:
+        raise validation(f"body may be at most {MAX_BODY_CHARS} characters")
+    return SendRecord(
+        index=index,
+        to=to,
+        list_id=list_id,
+        list_number=list_number,
+        body=body,
+        offer_ref=_text(record, "offer_id"),
+        creative_id=_text(record, "creative_id"),
+        schedule_id=_text(record, "schedule_id"),
+    )
+
+
+@dataclass
+class Resolved:
+    good: list[SendRecord]
+    failed: list[tuple[SendRecord, ApiError]]
+    links: dict[str, asyncpg.Record]  # the account's short links named in the bodies, by id
+
+
+async def resolve(
+    conn: asyncpg.Connection, account_id: int, records: list[SendRecord], *, allow_inactive_list: bool = False
+) -> Resolved:
+    """Look up lists, offers and short links for the whole batch; split into good and failed."""
+    by_id, by_phone = await find_lists(
+        conn, account_id,
+        ids=[r.list_id for r in records if r.list_id is not None],
+        phones=[r.list_number for r in records if r.list_number],
+    )
+    offers = await find_offers(conn, account_id, [r.offer_ref for r in records if r.offer_ref])
+    candidates = {m.group(3) for r in records for m in SHORT_URL_RE.finditer(r.body)}
+    links: dict[str, asyncpg.Record] = {}
+    if candidates:
+        rows = await conn.fetch(
+            "SELECT id, domain_host, offer_id, tracker_url FROM links WHERE account_id = $1 AND id = ANY($2::text[])",
+            account_id, sorted(candidates),
+        )
+        links = {r["id"]: r for r in rows}
+    good: list[SendRecord] = []
+    failed: list[tuple[SendRecord, ApiError]] = []
+    for record in records:
+        lst = by_id.get(record.list_id) if record.list_id is not None else by_phone.get(record.list_number or "")
+        if lst is None or (lst["status"] != "active" and not allow_inactive_list):
+            failed.append((record, not_found("list_not_found", "The sending list was not found or is not active")))
+            continue
+        if record.offer_ref is not None:
+            offer = offers.get(record.offer_ref)
+            if offer is None:
+                failed.append((record, not_found("offer_not_found", "No offer matches offer_id")))
+                continue
+            record.offer_id = offer["id"]
+        record.list_row = lst
+        good.append(record)
+    return Resolved(good, failed, links)
+
+
+def _rewrite(record: SendRecord, links: dict[str, asyncpg.Record]) -> None:
+    """Give each short link of the account in the body its own per-message code."""
+    codes: dict[str, str] = {}
+    first_offer: str | None = None
+
+    def replace(match: re.Match[str]) -> str:
+        nonlocal first_offer
+        scheme, host, link_id = match.groups()
+        link = links.get(link_id)
+        if link is None or link["domain_host"] != host_of(host):
+            return match.group(0)
+        if link_id not in codes:
+            codes[link_id] = ids.message_link_code()
+            record.codes.append((link["domain_host"], codes[link_id], link_id))
+        first_offer = first_offer or link["offer_id"]
+        return f"{scheme}{host}/{codes[link_id]}"
+
+    record.codes = []
+    body = SHORT_URL_RE.sub(replace, record.body)
+    record.final_body = body.replace(SEND_ID_MACRO, record.message_id or "")
+    if record.offer_id is None:
+        record.offer_id = first_offer
+
+
+async def insert_messages(
+    conn: asyncpg.Connection,
+    redis: Any,
+    account_id: int,
+    records: list[SendRecord],
+    links: dict[str, asyncpg.Record],
+    *,
+    source: str = "api",
+) -> None:
+    """Insert the batch in one transaction (retrying fresh ids on the rare collision).
+
+    Per-message short codes are published to Redis before the commit, so a message whose send
+    was acknowledged has working links.
+    """
+    now = utcnow()
+    for attempt in range(INSERT_ATTEMPTS):
+        for record in records:
+            if record.message_id is None or (attempt > 0 and record.generated_id):
+                record.message_id = ids.message_id()
+                record.generated_id = True
+            _rewrite(record, links)
+        try:
+            async with conn.transaction():
+                await _insert(conn, account_id, records, now, source)
+                await publish_message_codes(
+                    redis,
+                    (
+                        (host, code, ShortEntry(u=links[link_id]["tracker_url"], o=links[link_id]["offer_id"], m=r.message_id))
+                        for r in records
+                        for host, code, link_id in r.codes
+                    ),
+                )
+            return
+        except asyncpg.UniqueViolationError as exc:
+            if attempt == INSERT_ATTEMPTS - 1 or exc.constraint_name not in ("messages_pkey", "message_links_pkey"):
+                raise
+    raise AssertionError("unreachable")
+
+
+async def _insert(conn: asyncpg.Connection, account_id: int, records: list[SendRecord], now: datetime, source: str) -> None:
+    await conn.execute(
+        "INSERT INTO messages (id, account_id, list_id, to_phone, body, offer_id, creative_id, schedule_id, sent_at, source)"
+        " SELECT id, $1, list_id, to_phone, body, offer_id, creative_id, schedule_id, sent_at, $2"
+        " FROM unnest($3::text[], $4::bigint[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::timestamptz[])"
+        " AS t(id, list_id, to_phone, body, offer_id, creative_id, schedule_id, sent_at)",
+        account_id, source,
+        [r.message_id for r in records], [r.list_row["id"] for r in records], [r.to for r in records],
+        [r.final_body for r in records], [r.offer_id for r in records], [r.creative_id for r in records],
+        [r.schedule_id for r in records], [r.sent_at or now for r in records],
+    )
+    codes = [(code, r.message_id, link_id) for r in records for _, code, link_id in r.codes]
+    if codes:
+        await conn.execute(
+            "INSERT INTO message_links (code, message_id, link_id)"
+            " SELECT * FROM unnest($1::text[], $2::text[], $3::text[])",
+            [c[0] for c in codes], [c[1] for c in codes], [c[2] for c in codes],
+        )
+    await conn.execute(
+        "INSERT INTO contacts (account_id, list_id, phone_number, messages_received, last_sent_at)"
+        " SELECT $1, list_id, phone, count(*), max(sent_at)"
+        " FROM unnest($2::bigint[], $3::text[], $4::timestamptz[]) AS t(list_id, phone, sent_at)"
+        " GROUP BY list_id, phone"
+        " ON CONFLICT (list_id, phone_number) DO UPDATE SET"
+        "  messages_received = contacts.messages_received + excluded.messages_received,"
+        "  last_sent_at = greatest(contacts.last_sent_at, excluded.last_sent_at)",
+        account_id, [r.list_row["id"] for r in records], [r.to for r in records], [r.sent_at or now for r in records],
+    )

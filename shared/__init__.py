@@ -1,0 +1,1 @@
+"""What more than one Trackly service needs: settings, ids, money, phones, schema, Redis contract."""

@@ -1,0 +1,75 @@
+"""Accounts and lists as the operator CLI creates them; API keys are stored as sha256 digests."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import asyncpg
+
+from shared import ids
+from shared.edge import host_of
+from shared.phone import parse_e164
+
+
+def hash_api_key(key: str) -> bytes:
+    # Keys carry 128 random bits, so a fast digest is enough: there is nothing to brute-force.
+    return hashlib.sha256(key.encode()).digest()
+
+
+@dataclass(frozen=True)
+class Account:
+    id: int
+    name: str
+    offer_management: bool
+
+
+async def create_account(conn: asyncpg.Connection, name: str, *, offer_management: bool = True) -> dict:
+    if not name.strip():
+        raise ValueError("--name must not be empty")
+    key = ids.api_key()
+    token = ids.postback_token()
+    account_id = await conn.fetchval(
+        "INSERT INTO accounts (name, api_key_hash, postback_token, offer_management)"
+        " VALUES ($1, $2, $3, $4) RETURNING id",
+        name.strip(), hash_api_key(key), token, offer_management,
+    )
+    return {"account_id": account_id, "api_key": key, "postback_token": token}
+
+
+def normalise_domain(value: str | None, option: str) -> str | None:
+    if value is None:
+        return None
+    text = value.strip().rstrip("/")
+    if not text:
+        return None
+    if "://" not in text:
+        text = "https://" + text
+    if not text.startswith(("http://", "https://")) or not host_of(text):
+        raise ValueError(f"{option} must be an http(s) URL such as https://sms.example.com")
+    return text
+
+
+async def create_list(
+    conn: asyncpg.Connection,
+    *,
+    account_id: int,
+    name: str,
+    phone: str,
+    short_domain: str | None,
+    tracker_domain: str | None,
+    active: bool = True,
+) -> dict:
+    phone_number = parse_e164(phone)
+    short = normalise_domain(short_domain, "--short-domain")
+    tracker = normalise_domain(tracker_domain, "--tracker-domain")
+    if not await conn.fetchval("SELECT 1 FROM accounts WHERE id = $1", account_id):
+        raise ValueError(f"account {account_id} does not exist")
+    try:
+        list_id = await conn.fetchval(
+            "INSERT INTO lists (account_id, name, phone_number, status, short_domain, tracker_domain)"
+            " VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+            account_id, name, phone_number, "active" if active else "inactive", short, tracker,
+        )
+    except asyncpg.UniqueViolationError:
+        raise ValueError(f"account {account_id} already has a list for {phone_number}") from None
+    return {"list_id": list_id, "phone_number": phone_number, "short_domain": short, "tracker_domain": tracker}

@@ -1,0 +1,109 @@
+"""The Redis contract between the gateway (publisher), the redirect (reader) and the worker.
+
+Published link data — written by the gateway *before* its PostgreSQL transaction commits, so a
+link answers at the edge as soon as its API call returns:
+
+  ``trk:s:{host}:{code}``   short code on a short domain -> ShortEntry (orjson)
+                            ``code`` is a 6-char link id or a 7-char per-message code.
+  ``trk:t:{tracker_id}``    click tracker id -> TrackerEntry (orjson)
+  ``trk:o:{offer_id}``      offer as the edge needs it -> OfferEntry (orjson); deleted offers
+                            are written with status ``deleted`` rather than removed so that a
+                            stale cache is replaced, not left to expire.
+
+Clicks — appended by the redirect, drained by the worker:
+
+  ``trk:clicks``            stream; each entry has one field ``b``: an orjson list of Click
+                            dicts (a group-committed batch). Consumer group ``drain``.
+
+Hosts are stored lower-case without a port (CONTRACT.md §4).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TypedDict
+from urllib.parse import urlsplit
+
+import orjson
+
+CLICK_STREAM = "trk:clicks"
+CLICK_GROUP = "drain"
+PUBLISHED_MARKER = "trk:published"
+
+
+def short_key(host: str, code: str) -> str:
+    return f"trk:s:{host}:{code}"
+
+
+def tracker_key(tracker_id: str) -> str:
+    return f"trk:t:{tracker_id}"
+
+
+def offer_key(offer_id: str) -> str:
+    return f"trk:o:{offer_id}"
+
+
+def host_of(url_or_host: str) -> str:
+    """Hostname, lower-case, no port: ``https://SMS.Example.com:443/x`` -> ``sms.example.com``."""
+    text = url_or_host.strip()
+    if "//" not in text:
+        text = "//" + text
+    host = urlsplit(text).hostname or ""
+    return host.lower().rstrip(".")
+
+
+class ShortEntry(TypedDict):
+    u: str            # click tracker URL, e.g. https://ct.example.com/c/<uuid>
+    o: str            # offer id (its status is checked at the edge)
+    m: str | None     # message id for a per-message code, else None
+
+
+class TrackerEntry(TypedDict):
+    h: str            # tracker host the id is valid on
+    l: str            # link id
+    o: str            # offer id
+    a: int            # account id
+    li: int           # list id
+
+
+class OfferEntry(TypedDict):
+    s: str            # active | paused | deleted
+    d: str            # destination URL template
+    af: str | None    # affiliate id
+    a: int            # account id
+
+
+class Click(TypedDict):
+    id: str           # click id, 128 bits hex, minted at the edge
+    t: str            # tracker id
+    l: str            # link id
+    o: str            # offer id
+    a: int            # account id
+    li: int           # list id
+    m: str | None     # message id claimed by the URL (validated by the worker)
+    at: str           # ISO 8601 UTC
+    ip: str | None
+    ua: str | None
+    cc: str | None    # country code
+    bot: bool
+    q: dict[str, str] # sub1..sub5, source, creative, cost and other query values
+
+
+def dumps(value: object) -> bytes:
+    return orjson.dumps(value)
+
+
+def loads(raw: bytes | str) -> object:
+    return orjson.loads(raw)
+
+
+def offer_entry(row: Mapping[str, object]) -> OfferEntry:
+    return {
+        "s": str(row["status"]),
+        "d": str(row["destination_url"]),
+        "af": row["affiliate_id"],  # type: ignore[typeddict-item]
+        "a": int(row["account_id"]),  # type: ignore[arg-type]
+    }
+
+
+def tracker_url(tracker_domain: str, tracker: str) -> str:
+    return f"{tracker_domain.rstrip('/')}/c/{tracker}"

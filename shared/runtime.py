@@ -1,0 +1,29 @@
+"""Resolve where PostgreSQL and Redis are: the configured servers, or embedded ones."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from shared.embedded import Embedded
+from shared.settings import Settings
+
+
+def with_backends(settings: Settings, *, redis: bool = True) -> tuple[Settings, Embedded | None]:
+    """Settings with the URLs filled in; starts embedded servers for whichever is unset.
+
+    ``redis=False`` is for commands that only need PostgreSQL (migrate, admin): they must not
+    start a second embedded Redis on the socket of one that ``trackly run`` already serves.
+    PostgreSQL is safe to "start" twice: pgserver attaches to a running server of the same
+    data directory and only the last process using it stops it.
+    The caller owns the returned ``Embedded`` (if any) and must ``stop()`` it.
+    """
+    need_db = settings.database_url is None
+    need_redis = redis and settings.redis_url is None
+    if not (need_db or need_redis):
+        return settings, None
+    embedded = Embedded(settings.data_dir)
+    db_url, redis_url = embedded.start(need_db=need_db, need_redis=need_redis)
+    return replace(
+        settings,
+        database_url=settings.database_url or db_url,
+        redis_url=settings.redis_url or redis_url,
+    ), embedded

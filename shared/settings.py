@@ -1,0 +1,68 @@
+"""Configuration, read once from the environment into one typed object.
+
+Nothing else in the code base reads ``os.environ``.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None = None
+    redis_url: str | None = None
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8000
+    redirect_host: str = "127.0.0.1"
+    redirect_port: int = 8001
+    data_dir: Path = Path(".trackly")
+    geoip_db: Path | None = None
+    default_tracker_domain: str = "http://ct.localhost:8001"
+    # Networks whose X-Forwarded-For the redirect believes (load balancers in front of it).
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(default_factory=tuple)
+    # How long the redirect trusts a cached link / offer before asking Redis again.
+    link_cache_ttl: float = 5.0
+    link_cache_size: int = 100_000
+    log_level: str = "info"
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None or self.redis_url is None
+
+
+def _int(env: dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
+
+
+def load(env: dict[str, str] | None = None) -> Settings:
+    env = dict(os.environ if env is None else env)
+    proxies = tuple(
+        ipaddress.ip_network(p.strip(), strict=False)
+        for p in env.get("TRACKLY_TRUSTED_PROXIES", "").split(",")
+        if p.strip()
+    )
+    geoip = env.get("TRACKLY_GEOIP_DB") or None
+    return Settings(
+        database_url=env.get("TRACKLY_DATABASE_URL") or None,
+        redis_url=env.get("TRACKLY_REDIS_URL") or None,
+        gateway_host=env.get("TRACKLY_GATEWAY_HOST", "127.0.0.1"),
+        gateway_port=_int(env, "TRACKLY_GATEWAY_PORT", 8000),
+        redirect_host=env.get("TRACKLY_REDIRECT_HOST", "127.0.0.1"),
+        redirect_port=_int(env, "TRACKLY_REDIRECT_PORT", 8001),
+        data_dir=Path(env.get("TRACKLY_DATA_DIR") or ".trackly"),
+        geoip_db=Path(geoip) if geoip else None,
+        default_tracker_domain=(env.get("TRACKLY_DEFAULT_TRACKER_DOMAIN") or "http://ct.localhost:8001").rstrip("/"),
+        trusted_proxies=proxies,
+        link_cache_ttl=float(env.get("TRACKLY_LINK_CACHE_TTL") or 5.0),
+        link_cache_size=_int(env, "TRACKLY_LINK_CACHE_SIZE", 100_000),
+        log_level=env.get("TRACKLY_LOG_LEVEL", "info"),
+    )

@@ -1,0 +1,112 @@
+"""Real PostgreSQL and Redis for every test: embedded ones by default, or the servers named by
+TRACKLY_DATABASE_URL / TRACKLY_REDIS_URL (a fresh database is created there for the run).
+
+Tests isolate themselves by creating their own account (the product's own scoping); tests that
+read the shared click stream drain it first.
+"""
+from __future__ import annotations
+
+
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+import pytest
+
+from services.gateway.app import create_app
+from shared import db as shared_db
+from shared import settings as settings_mod
+from shared.embedded import Embedded
+from shared.migrate import migrate
+from shared.redis_client import create_redis
+from shared.settings import Settings
+from tests.helpers import Tenant, make_tenant
+
+
+def _with_database(dsn: str, name: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    base = settings_mod.load()
+    data_dir = tmp_path_factory.mktemp("trackly")
+    base = replace(base, data_dir=data_dir, geoip_db=None, default_tracker_domain="http://ct.localhost:8001")
+    embedded = None
+    created_db = None
+    admin_dsn = base.database_url
+    if base.database_url:
+        created_db = f"trackly_test_{secrets.token_hex(4)}"
+        import asyncio
+
+        async def create() -> None:
+            conn = await asyncpg.connect(admin_dsn)
+            try:
+                await conn.execute(f'CREATE DATABASE "{created_db}"')
+            finally:
+                await conn.close()
+
+        asyncio.run(create())
+        base = replace(base, database_url=_with_database(admin_dsn, created_db))
+    if base.embedded:
+        embedded = Embedded(data_dir)
+        db_url, redis_url = embedded.start(need_db=base.database_url is None, need_redis=base.redis_url is None)
+        base = replace(base, database_url=base.database_url or db_url, redis_url=base.redis_url or redis_url)
+    import asyncio
+
+    asyncio.run(migrate(base.database_url))
+    try:
+        yield base
+    finally:
+        if embedded is not None:
+            embedded.stop()
+        if created_db is not None:
+
+            async def drop() -> None:
+                conn = await asyncpg.connect(admin_dsn)
+                try:
+                    await conn.execute(f'DROP DATABASE IF EXISTS "{created_db}" WITH (FORCE)')
+                finally:
+                    await conn.close()
+
+            asyncio.run(drop())
+
+
+@pytest.fixture(scope="session")
+async def db(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    pool = await shared_db.create_pool(settings.database_url, max_size=5)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture(scope="session")
+async def redis(settings: Settings) -> AsyncIterator[object]:
+    client = create_redis(settings.redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+async def gateway_app(settings: Settings) -> AsyncIterator[object]:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+@pytest.fixture
+async def api(gateway_app: object) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=gateway_app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway.test") as client:
+        yield client
+
+
+@pytest.fixture
+async def tenant(db: asyncpg.Pool) -> Tenant:
+    """A fresh account with one active list on https://sms.example.com."""
+    return await make_tenant(db)
+
+

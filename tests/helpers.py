@@ -1,0 +1,68 @@
+"""Factories for tests: accounts, lists, offers and links made through the real code paths."""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+import asyncpg
+import httpx
+
+from shared import accounts
+
+
+@dataclass
+class Tenant:
+    account_id: int
+    api_key: str
+    postback_token: str
+    list_id: int
+    list_phone: str
+    short_domain: str = "https://sms.example.com"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"X-Api-Key": self.api_key}
+
+
+def random_phone(prefix: str = "+1415") -> str:
+    return prefix + "".join(secrets.choice("0123456789") for _ in range(7))
+
+
+async def make_tenant(
+    db: asyncpg.Pool,
+    *,
+    offer_management: bool = True,
+    short_domain: str | None = "https://sms.example.com",
+    tracker_domain: str | None = None,
+) -> Tenant:
+    async with db.acquire() as conn:
+        acct = await accounts.create_account(conn, "test", offer_management=offer_management)
+        phone = random_phone("+1800")
+        lst = await accounts.create_list(
+            conn, account_id=acct["account_id"], name="main", phone=phone,
+            short_domain=short_domain, tracker_domain=tracker_domain,
+        )
+    return Tenant(acct["account_id"], acct["api_key"], acct["postback_token"], lst["list_id"], lst["phone_number"],
+                  short_domain or "")
+
+
+async def add_list(db: asyncpg.Pool, tenant: Tenant, **kwargs: object) -> dict:
+    async with db.acquire() as conn:
+        return await accounts.create_list(
+            conn, account_id=tenant.account_id, name=str(kwargs.pop("name", "extra")),
+            phone=str(kwargs.pop("phone", random_phone("+1888"))), **kwargs,  # type: ignore[arg-type]
+        )
+
+
+async def make_offer(api: httpx.AsyncClient, tenant: Tenant, **fields: object) -> dict:
+    body = {"name": "Summer", "destination_url": "https://example.com/offer?aff_sub={{sendId}}", **fields}
+    resp = await api.post("/api/v2/offers", json=body, headers=tenant.headers)
+    assert resp.status_code == 201, resp.text
+    return resp.json()["offer"]
+
+
+async def make_link(api: httpx.AsyncClient, tenant: Tenant, offer_id: str, **fields: object) -> dict:
+    resp = await api.post("/api/v2/links", json={"offerId": offer_id, "listId": tenant.list_id, **fields}, headers=tenant.headers)
+    assert resp.status_code == 201, resp.text
+    return resp.json()
