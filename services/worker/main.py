@@ -1,0 +1,78 @@
+"""``trackly worker``: arq worker settings, the pools it owns, and the background loops it runs.
+
+Jobs (arq): ``process_postback`` (see ``shared/jobs.py``).
+Loops started on start-up, for work that arq's one-job-per-message model would make slow:
+the click drainer (Redis stream -> PostgreSQL in batches) and the postback sweeper (re-enqueues
+stored postbacks whose job was never enqueued, e.g. Redis was down when they arrived).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from arq import run_worker
+from arq.connections import RedisSettings
+
+from services.worker import attribution, clicks
+from shared import db
+from shared.migrate import migrate
+from shared.redis_client import create_redis
+from shared.runtime import with_backends
+from shared.settings import Settings
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    settings: Settings = ctx["settings"]
+    ctx["db"] = await db.create_pool(settings.database_url, max_size=8)
+    ctx["redis_client"] = create_redis(settings.redis_url)
+    ctx["loops"] = [
+        asyncio.create_task(clicks.run_drainer(ctx), name="click-drainer"),
+        asyncio.create_task(attribution.run_sweeper(ctx), name="postback-sweeper"),
+    ]
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    for task in ctx.get("loops", []):
+        task.cancel()
+    for task in ctx.get("loops", []):
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    if "redis_client" in ctx:
+        await ctx["redis_client"].aclose()
+    if "db" in ctx:
+        await ctx["db"].close()
+
+
+def worker_settings(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for ``arq.Worker`` (tests build burst-mode workers from the same)."""
+    return {
+        "functions": attribution.FUNCTIONS,
+        "on_startup": startup,
+        "on_shutdown": shutdown,
+        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "ctx": {"settings": settings},
+        "max_jobs": 50,
+        "job_timeout": 60,
+        "max_tries": 10,
+        "keep_result": 60,
+        "handle_signals": True,
+    }
+
+
+def serve(settings: Settings) -> int:
+    settings, embedded = with_backends(settings)
+    try:
+        if embedded is not None:
+            asyncio.run(migrate(settings.database_url))
+
+        class WorkerSettings:
+            pass
+
+        for key, value in worker_settings(settings).items():
+            setattr(WorkerSettings, key, value)
+        run_worker(WorkerSettings)  # type: ignore[arg-type]
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return 0
