@@ -55,8 +55,8 @@ async def create_list(
     account_id: int,
     name: str,
     phone: str,
-    short_domain: str | None,
-    tracker_domain: str | None,
+    short_domain: str | None = None,
+    tracker_domain: str | None = None,
     active: bool = True,
 ) -> dict:
     phone_number = parse_e164(phone)

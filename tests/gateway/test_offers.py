@@ -1,0 +1,72 @@
+"""Offers CRUD, validation, external ids, pagination, and what the edge sees."""
+from decimal import Decimal
+
+import orjson
+import pytest
+
+from shared.edge import offer_key
+from tests.gateway.test_api_basics import assert_error
+from tests.helpers import make_offer
+
+
+async def test_create_offer_returns_every_field(api, tenant):
+    resp = await api.post("/api/v2/offers", headers=tenant.headers, json={
+        "name": "Summer", "destination_url": "https://example.com/lp?c={click_id}", "external_id": "12345",
+        "payout": "24.99", "currency": "eur", "click_window_days": 14, "affiliate_id": "aff9"})
+    assert resp.status_code == 201
+    offer = resp.json()["offer"]
+    assert len(offer["id"]) == 24 and all(c in "0123456789abcdef" for c in offer["id"])
+    assert offer["payout"] == 24.99 and b'"payout":24.99' in resp.content
+    assert (offer["status"], offer["currency"], offer["click_window_days"], offer["affiliate_id"]) == ("active", "EUR", 14, "aff9")
+
+
+async def test_defaults(api, tenant):
+    offer = await make_offer(api, tenant)
+    assert (offer["status"], offer["currency"], offer["click_window_days"], offer["payout"]) == ("active", "USD", 90, None)
+
+
+@pytest.mark.parametrize("patch", [
+    {"name": ""}, {"destination_url": "ftp://x"}, {"destination_url": None}, {"status": "live"},
+    {"payout": -1}, {"payout": "abc"}, {"payout": True}, {"click_window_days": 0}, {"click_window_days": 91},
+    {"click_window_days": "7"}, {"currency": "dollars"},
+])
+async def test_invalid_fields_are_validation_errors(api, tenant, patch):
+    body = {"name": "x", "destination_url": "https://example.com", **patch}
+    assert_error(await api.post("/api/v2/offers", headers=tenant.headers, json=body), 400, "validation_error")
+
+
+async def test_payout_is_exact(api, tenant, db):
+    offer = await make_offer(api, tenant, payout=0.1)
+    assert await db.fetchval("SELECT payout FROM offers WHERE id = $1", offer["id"]) == Decimal("0.1")
+
+
+async def test_get_patch_delete(api, tenant, redis):
+    offer = await make_offer(api, tenant, external_id="ext-1")
+    got = (await api.get(f"/api/v2/offers/{offer['id']}", headers=tenant.headers)).json()["offer"]
+    assert got["external_id"] == "ext-1"
+    resp = await api.patch(f"/api/v2/offers/{offer['id']}", headers=tenant.headers, json={"status": "paused", "payout": "3.50"})
+    assert resp.status_code == 200 and resp.json()["offer"]["status"] == "paused" and resp.json()["offer"]["payout"] == 3.5
+    assert orjson.loads(await redis.get(offer_key(offer["id"])))["s"] == "paused"
+    assert_error(await api.patch(f"/api/v2/offers/{offer['id']}", headers=tenant.headers, json={"status": "deleted"}), 400, "validation_error")
+    assert (await api.delete(f"/api/v2/offers/{offer['id']}", headers=tenant.headers)).status_code == 200
+    assert orjson.loads(await redis.get(offer_key(offer["id"])))["s"] == "deleted"
+    assert_error(await api.get(f"/api/v2/offers/{offer['id']}", headers=tenant.headers), 404, "offer_not_found")
+    assert_error(await api.delete(f"/api/v2/offers/{offer['id']}", headers=tenant.headers), 404, "offer_not_found")
+    # The external id is free again once its offer is deleted.
+    await make_offer(api, tenant, external_id="ext-1")
+
+
+async def test_duplicate_external_id_conflicts(api, tenant):
+    await make_offer(api, tenant, external_id="dup")
+    resp = await api.post("/api/v2/offers", headers=tenant.headers,
+                          json={"name": "b", "destination_url": "https://e.com", "external_id": "dup"})
+    assert_error(resp, 409, "duplicate_external_id")
+
+
+async def test_pagination(api, tenant):
+    made = [await make_offer(api, tenant, name=f"o{i}") for i in range(5)]
+    page = (await api.get("/api/v2/offers?page=2&per_page=2", headers=tenant.headers)).json()
+    assert page["pagination"] == {"page": 2, "per_page": 2, "total": 5, "total_pages": 3}
+    assert [o["id"] for o in page["offers"]] == [o["id"] for o in made[2:4]]
+    for bad in ("per_page=0", "per_page=101", "page=x", "page=-1"):
+        assert_error(await api.get(f"/api/v2/offers?{bad}", headers=tenant.headers), 400, "validation_error")

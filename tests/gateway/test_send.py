@@ -1,0 +1,122 @@
+"""POST /send and /send/bulk: validation codes, short-URL rewriting, {{sendId}}, message detail."""
+import orjson
+import pytest
+
+from shared.edge import short_key
+from tests.gateway.test_api_basics import assert_error
+from tests.helpers import add_list, make_link, make_offer
+
+
+async def send(api, tenant, **body):
+    return await api.post("/api/v2/send", headers=tenant.headers, json={"to": "+14155551234", "list_id": tenant.list_id, "body": "hi", **body})
+
+
+async def test_send_by_list_number_and_detail(api, tenant):
+    resp = await api.post("/api/v2/send", headers=tenant.headers,
+                          json={"to": "+14155551234", "list_number": tenant.list_phone, "body": "Hello!", "creative_id": "c1"})
+    assert resp.status_code == 201
+    body = resp.json()
+    assert body["success"] is True and body["status"] == "queued" and len(body["message_id"]) == 8 and body["message_id"].isalnum()
+    msg = (await api.get(f"/api/v2/messages/{body['message_id']}", headers=tenant.headers)).json()
+    assert msg["to"] == "+14155551234" and msg["list_id"] == tenant.list_id and msg["body"] == "Hello!"
+    assert msg["status"] == "queued" and msg["sent_at"].endswith("Z") and msg["offer_id"] is None
+    assert (msg["clicked"], msg["first_clicked_at"], msg["click_count"], msg["conversions"], msg["revenue"]) == (False, None, 0, 0, 0)
+
+
+@pytest.mark.parametrize("body, status, code", [
+    ({"to": "+1invalid"}, 400, "invalid_phone"),
+    ({"to": None}, 400, "invalid_phone"),
+    ({"list_id": None}, 400, "missing_list_identifier"),
+    ({"list_id": None, "list_number": "123"}, 400, "invalid_phone"),
+    ({"list_id": 987654321}, 404, "list_not_found"),
+    ({"list_id": "abc"}, 404, "list_not_found"),
+    ({"body": ""}, 400, "validation_error"),
+    ({"body": 5}, 400, "validation_error"),
+    ({"offer_id": "nope"}, 404, "offer_not_found"),
+])
+async def test_send_errors(api, tenant, body, status, code):
+    assert_error(await send(api, tenant, **body), status, code)
+
+
+async def test_inactive_list_is_not_found(api, db, tenant):
+    inactive = await add_list(db, tenant, active=False)
+    assert_error(await send(api, tenant, list_id=inactive["list_id"]), 404, "list_not_found")
+
+
+async def test_short_urls_are_rewritten_per_message(api, tenant, redis):
+    offer = await make_offer(api, tenant)
+    other_offer = await make_offer(api, tenant)
+    link = await make_link(api, tenant, offer["id"])
+    link2 = await make_link(api, tenant, other_offer["id"])
+    text = (f"A {link['shortUrl']}?sub1=x and again {link['shortUrl']}. B {link2['shortUrl']} "
+            f"foreign https://other.example.com/{link['linkId']} id={{{{sendId}}}}")
+    mids = []
+    for _ in range(2):
+        resp = await send(api, tenant, body=text)
+        mids.append(resp.json()["message_id"])
+    bodies = [(await api.get(f"/api/v2/messages/{m}", headers=tenant.headers)).json() for m in mids]
+    for mid, msg in zip(mids, bodies):
+        b = msg["body"]
+        assert f"https://sms.example.com/{link['linkId']}" not in b
+        assert f"https://other.example.com/{link['linkId']}" in b  # another domain is not ours: untouched
+        assert f"id={mid}" in b and "{{sendId}}" not in b
+        assert msg["offer_id"] == offer["id"]  # the first short link's offer
+        codes = [w.split("/")[-1].split("?")[0].rstrip(".") for w in b.split() if w.startswith("https://sms.example.com/")]
+        assert len(codes) == 3 and codes[0] == codes[1] != codes[2]  # one code per (message, link)
+        assert "?sub1=x" in b
+        entry = orjson.loads(await redis.get(short_key("sms.example.com", codes[0])))
+        assert entry == {"u": link["clickTrackerUrl"], "o": offer["id"], "m": mid}
+        entry2 = orjson.loads(await redis.get(short_key("sms.example.com", codes[2])))
+        assert entry2 == {"u": link2["clickTrackerUrl"], "o": other_offer["id"], "m": mid}
+    assert bodies[0]["body"] != bodies[1]["body"]
+
+
+async def test_given_offer_wins_and_accepts_external_id(api, tenant):
+    offer = await make_offer(api, tenant)
+    chosen = await make_offer(api, tenant, external_id="E-1")
+    link = await make_link(api, tenant, offer["id"])
+    mid = (await send(api, tenant, body=f"go {link['shortUrl']}", offer_id="E-1")).json()["message_id"]
+    assert (await api.get(f"/api/v2/messages/{mid}", headers=tenant.headers)).json()["offer_id"] == chosen["id"]
+
+
+async def test_bulk_partial_success(api, tenant, db):
+    messages = [
+        {"to": "+14155550101", "list_id": tenant.list_id, "body": "one"},
+        {"to": "+1invalid", "list_id": tenant.list_id, "body": "bad"},
+        {"to": "+14155550102", "list_number": tenant.list_phone, "body": "two"},
+        {"to": "+14155550103", "list_id": 987654321, "body": "no list"},
+        "not an object",
+    ]
+    resp = await api.post("/api/v2/send/bulk", headers=tenant.headers, json={"messages": messages})
+    assert resp.status_code == 200
+    body = resp.json()
+    assert body["queued_count"] == 2 and body["error_count"] == 3
+    assert [(e["index"], e["code"]) for e in body["errors"]] == [(1, "invalid_phone"), (3, "list_not_found"), (4, "validation_error")]
+    assert body["errors"][0]["to"] == "+1invalid"
+    assert [(m["index"], m["to"]) for m in body["messages"]] == [(0, "+14155550101"), (2, "+14155550102")]
+    stored = await db.fetchval("SELECT count(*) FROM messages WHERE account_id = $1", tenant.account_id)
+    assert stored == 2
+
+
+async def test_bulk_limits(api, tenant):
+    too_many = [{"to": "+14155550101", "list_id": tenant.list_id, "body": "x"}] * 1001
+    assert_error(await api.post("/api/v2/send/bulk", headers=tenant.headers, json={"messages": too_many}), 413, "too_many_records")
+    assert_error(await api.post("/api/v2/send/bulk", headers=tenant.headers, json={"messages": []}), 400, "validation_error")
+    assert_error(await api.post("/api/v2/send/bulk", headers=tenant.headers, json={}), 400, "validation_error")
+
+
+async def test_bulk_of_1000_with_links(api, tenant, db):
+    offer = await make_offer(api, tenant)
+    link = await make_link(api, tenant, offer["id"])
+    messages = [{"to": f"+1415555{i:04d}", "list_id": tenant.list_id, "body": f"deal {link['shortUrl']} {{{{sendId}}}}"} for i in range(1000)]
+    body = (await api.post("/api/v2/send/bulk", headers=tenant.headers, json={"messages": messages})).json()
+    assert body["queued_count"] == 1000 and body["error_count"] == 0
+    assert len({m["message_id"] for m in body["messages"]}) == 1000
+    assert await db.fetchval(
+        "SELECT count(*) FROM message_links ml JOIN messages m ON m.id = ml.message_id WHERE m.account_id = $1", tenant.account_id) == 1000
+    assert await db.fetchval("SELECT count(*) FROM contacts WHERE list_id = $1", tenant.list_id) == 1000
+
+
+async def test_message_not_found(api, tenant):
+    assert_error(await api.get("/api/v2/messages/AAAAAAAA", headers=tenant.headers), 404, "message_not_found")
+    assert_error(await api.get("/api/v2/messages/bad", headers=tenant.headers), 404, "message_not_found")

@@ -1,0 +1,87 @@
+"""Pure helpers: ids, money, phones, time, hosts, settings."""
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+
+from shared import ids, jsonio, settings
+from shared.edge import host_of
+from shared.money import MoneyError, parse_money
+from shared.phone import PhoneError, parse_e164
+from shared.timeutil import TimeError, isoformat, parse_timestamp
+
+
+def test_id_formats():
+    assert ids.OFFER_ID_RE.match(ids.hex24())
+    assert ids.LINK_ID_RE.match(ids.link_id())
+    assert ids.MESSAGE_ID_RE.match(ids.message_id())
+    assert ids.CLICK_ID_RE.match(ids.click_id())
+    assert len(ids.message_link_code()) == 7
+    key = ids.api_key()
+    assert key.startswith("trk_") and len(key) == 36 and all(c in "0123456789abcdef" for c in key[4:])
+    assert len(ids.postback_token()) >= 32
+
+
+def test_ids_do_not_repeat():
+    assert len({ids.click_id() for _ in range(10_000)}) == 10_000
+    assert len({ids.message_id() for _ in range(10_000)}) == 10_000
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (Decimal("24.99"), Decimal("24.99")), ("24.99", Decimal("24.99")), (25, Decimal(25)),
+    (" 0.10 ", Decimal("0.10")), ("0", Decimal(0)), (0.1, Decimal("0.1")),
+])
+def test_money_accepts_numbers_and_decimal_strings(raw, expected):
+    assert parse_money(raw) == expected
+
+
+@pytest.mark.parametrize("raw", [True, None, "abc", "1e5", "NaN", "-1", Decimal("-0.01"), [], {}, "1.0000001", "1" * 20])
+def test_money_rejects_everything_else(raw):
+    with pytest.raises(MoneyError):
+        parse_money(raw)
+
+
+def test_money_is_exact_through_json():
+    data = jsonio.loads(b'{"a": 0.1, "b": 0.2}')
+    assert parse_money(data["a"]) + parse_money(data["b"]) == Decimal("0.3")
+    assert jsonio.dumps({"r": Decimal("24.990000")}) == b'{"r":24.99}'
+    assert jsonio.dumps({"r": Decimal("100")}) == b'{"r":100}'
+
+
+@pytest.mark.parametrize("raw", ["+14155551234", "+18005551234", "+447911123456"])
+def test_phone_accepts_e164(raw):
+    assert parse_e164(raw) == raw
+
+
+@pytest.mark.parametrize("raw", ["+1invalid", "14155551234", "+1234", "", None, 14155551234, "+1 415 555 1234", "+999999999999999"])
+def test_phone_rejects_non_e164(raw):
+    with pytest.raises(PhoneError):
+        parse_e164(raw)
+
+
+def test_timestamps_are_utc():
+    assert parse_timestamp("2026-02-08T12:00:00Z") == datetime(2026, 2, 8, 12, tzinfo=UTC)
+    assert parse_timestamp("2026-02-08T12:00:00") == datetime(2026, 2, 8, 12, tzinfo=UTC)
+    assert parse_timestamp("2026-02-08T14:00:00+02:00") == datetime(2026, 2, 8, 12, tzinfo=UTC)
+    assert parse_timestamp(1770552000, allow_unix=True) == datetime(2026, 2, 8, 12, tzinfo=UTC)
+    assert parse_timestamp("1770552000", allow_unix=True) == datetime(2026, 2, 8, 12, tzinfo=UTC)
+    assert isoformat(datetime(2026, 2, 8, 12, tzinfo=UTC)) == "2026-02-08T12:00:00Z"
+    for bad in ["yesterday", "", "2026-13-01T00:00:00Z", 5]:
+        with pytest.raises(TimeError):
+            parse_timestamp(bad)
+
+
+def test_host_matching_ignores_case_port_and_scheme():
+    assert host_of("https://SMS.Example.com:8443/x") == "sms.example.com"
+    assert host_of("sms.example.com:8001") == "sms.example.com"
+    assert host_of("http://ct.localhost:8001") == "ct.localhost"
+
+
+def test_settings_from_environment():
+    s = settings.load({"TRACKLY_GATEWAY_PORT": "9000", "TRACKLY_TRUSTED_PROXIES": "10.0.0.0/8, 127.0.0.1",
+                       "TRACKLY_DEFAULT_TRACKER_DOMAIN": "https://ct.example.com/"})
+    assert s.gateway_port == 9000 and s.redirect_port == 8001
+    assert s.default_tracker_domain == "https://ct.example.com"
+    assert len(s.trusted_proxies) == 2 and s.embedded
+    with pytest.raises(SystemExit):
+        settings.load({"TRACKLY_REDIRECT_PORT": "x"})
