@@ -1,0 +1,133 @@
+"""`trackly run` on embedded PostgreSQL and Redis, driven over HTTP only, as a client would."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    data = tmp_path_factory.mktemp("run")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKLY_")}
+    gw, rd = free_port(), free_port()
+    env.update(TRACKLY_DATA_DIR=str(data), TRACKLY_GATEWAY_PORT=str(gw), TRACKLY_REDIRECT_PORT=str(rd),
+               TRACKLY_DEFAULT_TRACKER_DOMAIN=f"http://ct.localhost:{rd}")
+    log = open(data / "run.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{gw}/readyz").status_code == 200 and \
+               httpx.get(f"http://127.0.0.1:{rd}/healthz").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            log.close()
+            raise AssertionError("trackly run did not come up:\n" + (data / "run.log").read_text())
+        time.sleep(0.2)
+    yield {"proc": proc, "env": env, "gateway": f"http://127.0.0.1:{gw}", "redirect": f"http://127.0.0.1:{rd}",
+           "data": data, "log": data / "run.log"}
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    log.close()
+
+
+def admin(stack, *args) -> dict:
+    out = subprocess.run([sys.executable, "-m", "services.cli", "admin", *args], env=stack["env"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def wait_for(predicate, timeout: float = 5.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.1)
+
+
+def test_send_click_convert_over_http(stack):
+    account = admin(stack, "create-account", "--name", "E2E")
+    lst = admin(stack, "create-list", "--account-id", str(account["account_id"]), "--name", "Main",
+                "--phone", "+18005551234", "--short-domain", "https://sms.example.com")
+    api = httpx.Client(base_url=stack["gateway"] + "/api/v2", headers={"X-Api-Key": account["api_key"]})
+    offer = api.post("/offers", json={"name": "Deal", "destination_url": "https://shop.example.com/lp?cid={click_id}&s={{sendId}}",
+                                      "payout": "12.50", "external_id": "T-1"}).json()["offer"]
+    link = api.post("/links", json={"externalOfferId": "T-1", "phoneNumber": "+18005551234"}).json()
+    sent = api.post("/send", json={"to": "+14155551234", "list_id": lst["list_id"], "body": f"Hi {link['shortUrl']}"})
+    assert sent.status_code == 201
+    mid = sent.json()["message_id"]
+    body = api.get(f"/messages/{mid}").json()["body"]
+    short = next(w for w in body.split() if w.startswith("https://sms.example.com/"))
+
+    edge = httpx.Client(base_url=stack["redirect"])
+    hop1 = edge.get("/" + short.rsplit("/", 1)[1] + "?sub1=a", headers={"Host": "sms.example.com", "User-Agent": "Mozilla/5.0 (iPhone)"})
+    assert hop1.status_code == 302 and hop1.headers["cache-control"] == "private, no-store"
+    tracker = urlsplit(hop1.headers["location"])
+    hop2 = edge.get(tracker.path + "?" + tracker.query, headers={"Host": tracker.netloc, "User-Agent": "Mozilla/5.0 (iPhone)"})
+    assert hop2.status_code == 302
+    dest = urlsplit(hop2.headers["location"])
+    assert dest.netloc == "shop.example.com"
+    query = parse_qs(dest.query)
+    click_id = query["cid"][0]
+    assert query["s"] == [mid] and len(click_id) == 32
+
+    detail = wait_for(lambda: (d := api.get(f"/messages/{mid}").json())["clicked"] and d)
+    assert detail and detail["click_count"] == 1 and detail["first_clicked_at"]
+
+    pb = httpx.get(f"{stack['gateway']}/postback/{account['postback_token']}",
+                   params={"clickid": click_id, "payout": "12.50", "txid": "conv-1", "network": "tune"})
+    assert pb.status_code == 200 and pb.json() == {"success": True, "status": "accepted"}
+    converted = wait_for(lambda: (d := api.get(f"/messages/{mid}").json())["conversions"] == 1 and d)
+    assert converted and converted["revenue"] == 12.5
+
+    report = api.get("/reports/performance", params={"group_by": "offer"}).json()
+    assert report["totals"]["sends"] == 1 and report["totals"]["clicks"] == 1 and report["totals"]["revenue"] == 12.5
+
+
+def test_stop_within_20_seconds(stack):
+    proc = stack["proc"]
+    children = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    proc.wait(25)
+    assert time.monotonic() - start < 20
+    assert proc.returncode == 0, Path(stack["log"]).read_text()
+    # Nothing it started is left: children, redis-server and postgres (their own sessions too).
+    time.sleep(0.5)
+    leftover = [pid for pid in children if Path(f"/proc/{pid}").exists()]
+    assert leftover == []
+    assert not (stack["data"] / "redis" / "redis.sock").exists() or not _redis_alive(stack["data"] / "redis" / "redis.sock")
+    assert not (stack["data"] / "pg" / "postmaster.pid").exists()
+
+
+def _redis_alive(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(path))
+            return True
+        except OSError:
+            return False

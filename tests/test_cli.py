@@ -1,0 +1,53 @@
+"""The operator CLI: one JSON object on stdout, or a one-line error on stderr and a non-zero exit."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from shared.accounts import hash_api_key
+
+
+def trackly(settings, *args):
+    env = {**os.environ, "TRACKLY_DATABASE_URL": settings.database_url, "TRACKLY_REDIS_URL": settings.redis_url}
+    return subprocess.run([sys.executable, "-m", "services.cli", *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+async def test_create_account_and_list(settings, db):
+    out = trackly(settings, "admin", "create-account", "--name", "Acme")
+    assert out.returncode == 0, out.stderr
+    account = json.loads(out.stdout)
+    assert set(account) == {"account_id", "api_key", "postback_token"}
+    assert account["api_key"].startswith("trk_") and len(account["api_key"]) == 36
+    assert len(account["postback_token"]) >= 32
+    row = await db.fetchrow("SELECT api_key_hash, offer_management FROM accounts WHERE id = $1", account["account_id"])
+    assert row["api_key_hash"] == hash_api_key(account["api_key"]) and row["offer_management"] is True
+    stored = await db.fetchval("SELECT count(*) FROM accounts WHERE api_key_hash::text LIKE $1", f"%{account['api_key']}%")
+    assert stored == 0  # never the plain key
+
+    out = trackly(settings, "admin", "create-list", "--account-id", str(account["account_id"]), "--name", "Main",
+                  "--phone", "+18005551234", "--short-domain", "https://SMS.example.com/", "--tracker-domain", "ct.example.com")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"list_id": json.loads(out.stdout)["list_id"], "phone_number": "+18005551234",
+                                      "short_domain": "https://SMS.example.com", "tracker_domain": "https://ct.example.com"}
+
+
+async def test_no_offer_management_flag(settings, db):
+    out = trackly(settings, "admin", "create-account", "--name", "NoOffers", "--no-offer-management")
+    account = json.loads(out.stdout)
+    assert await db.fetchval("SELECT offer_management FROM accounts WHERE id = $1", account["account_id"]) is False
+
+
+@pytest.mark.parametrize("args", [
+    ["admin", "create-list", "--account-id", "999999", "--name", "x", "--phone", "+18005551234"],
+    ["admin", "create-list", "--account-id", "1", "--name", "x", "--phone", "+1invalid"],
+    ["admin", "create-list", "--account-id", "1", "--name", "x", "--phone", "+18005551234", "--short-domain", "ftp://x"],
+    ["admin", "create-account"],
+    ["admin", "create-account", "--name", "  "],
+])
+def test_bad_input_exits_nonzero_with_one_line(settings, args):
+    out = trackly(settings, *args)
+    assert out.returncode != 0
+    assert out.stdout == ""
+    assert len(out.stderr.strip().splitlines()) >= 1 and "Traceback" not in out.stderr
