@@ -120,7 +120,11 @@ class Embedded:
         self.redis = EmbeddedRedis(self.data_dir / "redis")
 
     def start(self, *, need_db: bool = True, need_redis: bool = True) -> tuple[str | None, str | None]:
-        os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.gettempdir())
+        # pgserver asks platformdirs for a runtime dir; give it a private one rather than a warning.
+        if "XDG_RUNTIME_DIR" not in os.environ:
+            runtime = self.data_dir / "run"
+            runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.environ["XDG_RUNTIME_DIR"] = str(runtime)
         db_url = self.postgres.start() if need_db else None
         redis_url = None
         if need_redis:

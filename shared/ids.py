@@ -19,7 +19,11 @@ CLICK_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
 def _alnum(n: int) -> str:
-    return "".join(secrets.choice(ALPHANUM) for _ in range(n))
+    """``n`` uniform characters of [A-Za-z0-9]: random bytes below 248 (= 4 * 62) map without bias."""
+    out: list[str] = []
+    while len(out) < n:
+        out.extend(ALPHANUM[b % 62] for b in secrets.token_bytes(n + 4) if b < 248)
+    return "".join(out[:n])
 
 
 def hex24() -> str:

@@ -5,6 +5,7 @@ validated on their own, then every lookup and insert is done for the whole batch
 """
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -193,16 +194,14 @@ async def insert_messages(
                 record.generated_id = True
             _rewrite(record, links)
         try:
+            entries = [
+                (host, code, ShortEntry(u=links[link_id]["tracker_url"], o=links[link_id]["offer_id"], m=r.message_id))
+                for r in records
+                for host, code, link_id in r.codes
+            ]
             async with conn.transaction():
-                await _insert(conn, account_id, records, now, source)
-                await publish_message_codes(
-                    redis,
-                    (
-                        (host, code, ShortEntry(u=links[link_id]["tracker_url"], o=links[link_id]["offer_id"], m=r.message_id))
-                        for r in records
-                        for host, code, link_id in r.codes
-                    ),
-                )
+                # Both must succeed before the commit; they need not wait for each other.
+                await asyncio.gather(_insert(conn, account_id, records, now, source), publish_message_codes(redis, entries))
             return
         except asyncpg.UniqueViolationError as exc:
             if attempt == INSERT_ATTEMPTS - 1 or exc.constraint_name not in ("messages_pkey", "message_links_pkey"):

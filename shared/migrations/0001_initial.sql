@@ -1,4 +1,8 @@
 -- Trackly schema v1. Money is NUMERIC(18,6); every timestamp is timestamptz (UTC).
+-- Configuration tables (accounts, lists, offers, links) and the money tables carry foreign keys.
+-- The high-volume event tables (messages, message_links, clicks, message_clicks, contacts) do
+-- not: their per-row FK triggers cost 2.5x on bulk inserts (measured: 1000 messages 9 ms -> 3.4 ms).
+-- Their references are checked by the code that writes them (account-scoped lookups first).
 
 CREATE TABLE accounts (
     id                 bigserial PRIMARY KEY,
@@ -55,12 +59,12 @@ CREATE INDEX links_offer ON links (offer_id);
 
 CREATE TABLE messages (
     id                 text        PRIMARY KEY COLLATE "C",  -- 8 chars
-    account_id         bigint      NOT NULL REFERENCES accounts(id),
-    list_id            bigint      NOT NULL REFERENCES lists(id),
+    account_id         bigint      NOT NULL,
+    list_id            bigint      NOT NULL,
     to_phone           text        NOT NULL,
     body               text,
     status             text        NOT NULL DEFAULT 'queued',
-    offer_id           text        REFERENCES offers(id),
+    offer_id           text,
     creative_id        text,
     schedule_id        text,                                 -- the campaign
     sent_at            timestamptz NOT NULL,
@@ -73,8 +77,8 @@ CREATE INDEX messages_account_phone ON messages (account_id, to_phone);
 -- One short code per (message, link in its body): the per-message short URL.
 CREATE TABLE message_links (
     code               text        PRIMARY KEY COLLATE "C",  -- 7 chars
-    message_id         text        NOT NULL REFERENCES messages(id),
-    link_id            text        NOT NULL REFERENCES links(id),
+    message_id         text        NOT NULL,
+    link_id            text        NOT NULL,
     created_at         timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX message_links_message ON message_links (message_id);
@@ -82,11 +86,11 @@ CREATE INDEX message_links_message ON message_links (message_id);
 -- Every raw click the edge recorded (and imported history clicks), bots included.
 CREATE TABLE clicks (
     id                 text        PRIMARY KEY,              -- click id minted at the edge
-    account_id         bigint      NOT NULL REFERENCES accounts(id),
+    account_id         bigint      NOT NULL,
     link_id            text,
     offer_id           text,
     list_id            bigint,
-    message_id         text        REFERENCES messages(id),
+    message_id         text,
     clicked_at         timestamptz NOT NULL,
     ip                 text,
     user_agent         text,
@@ -101,9 +105,9 @@ CREATE INDEX clicks_account_at ON clicks (account_id, clicked_at);
 
 -- The engagement: a message's first human click. One row per message.
 CREATE TABLE message_clicks (
-    message_id         text        PRIMARY KEY REFERENCES messages(id),
+    message_id         text        PRIMARY KEY,
     click_id           text        NOT NULL,
-    account_id         bigint      NOT NULL REFERENCES accounts(id),
+    account_id         bigint      NOT NULL,
     offer_id           text,
     clicked_at         timestamptz NOT NULL,
     source             text        NOT NULL DEFAULT 'edge'
@@ -111,8 +115,8 @@ CREATE TABLE message_clicks (
 CREATE INDEX message_clicks_account_at ON message_clicks (account_id, clicked_at);
 
 CREATE TABLE contacts (
-    account_id         bigint      NOT NULL REFERENCES accounts(id),
-    list_id            bigint      NOT NULL REFERENCES lists(id),
+    account_id         bigint      NOT NULL,
+    list_id            bigint      NOT NULL,
     phone_number       text        NOT NULL,
     messages_received  integer     NOT NULL DEFAULT 0,
     last_sent_at       timestamptz,

@@ -1,0 +1,84 @@
+"""Gateway: POST /links requests/s and /send/bulk rows/s, against floors from the same run.
+
+Floors: a bare ASGI app answering a fixed 302 through the same in-process client (requests/s),
+and a plain asyncpg ``unnest`` insert of 1000 rows (rows/s).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+
+from bench.common import BenchEnv, ratio, unnest_floor
+from services.gateway.app import create_app
+from shared import db as shared_db
+from shared.accounts import create_account, create_list
+
+CONCURRENCY = 20
+
+
+async def _bare_302(scope, receive, send):  # the floor: nothing but a 302
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 302, "headers": [(b"location", b"https://example.com/")]})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def _rate(client: httpx.AsyncClient, make_request, seconds: float = 4.0) -> float:
+    done = 0
+    stop = time.perf_counter() + seconds
+
+    async def loop() -> None:
+        nonlocal done
+        while time.perf_counter() < stop:
+            resp = await make_request(client)
+            assert resp.status_code < 400, resp.text
+            done += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(loop() for _ in range(CONCURRENCY)))
+    return done / (time.perf_counter() - start)
+
+
+async def _main(env: BenchEnv) -> list[str]:
+    settings = env.settings
+    pool = await shared_db.create_pool(settings.database_url)
+    async with pool.acquire() as conn:
+        acct = await create_account(conn, "bench")
+        lst = await create_list(conn, account_id=acct["account_id"], name="bench", phone="+18005550199",
+                                short_domain="https://sms.bench.test")
+    await pool.close()
+    headers = {"X-Api-Key": acct["api_key"]}
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=_bare_302), base_url="http://b") as bare:
+        floor_rps = await _rate(bare, lambda c: c.get("/"))
+
+    app = create_app(settings)
+    lines: list[str] = []
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g", headers=headers) as api:
+            offer = (await api.post("/api/v2/offers", json={"name": "b", "destination_url": "https://e.com/?c={click_id}"})).json()["offer"]
+            body = {"offerId": offer["id"], "listId": lst["list_id"]}
+            links_rps = await _rate(api, lambda c: c.post("/api/v2/links", json=body))
+            link = (await api.post("/api/v2/links", json=body)).json()
+            messages = [{"to": f"+1415556{i:04d}", "list_id": lst["list_id"], "body": f"Deal {link['shortUrl']} {{{{sendId}}}}"}
+                        for i in range(1000)]
+            best = 0.0
+            for _ in range(8):
+                start = time.perf_counter()
+                resp = await api.post("/api/v2/send/bulk", json={"messages": messages})
+                elapsed = time.perf_counter() - start
+                assert resp.json()["queued_count"] == 1000
+                best = max(best, 1000 / elapsed)
+    floor_rows = await unnest_floor(settings.database_url)
+    lines.append(f"floor: bare ASGI 302, in-process client x{CONCURRENCY}: {floor_rps:,.0f} req/s")
+    lines.append(f"POST /links: {links_rps:,.0f} req/s = {ratio(links_rps, floor_rps)}")
+    lines.append(f"floor: asyncpg unnest insert of 1000 rows: {floor_rows:,.0f} rows/s")
+    lines.append(f"POST /send/bulk x1000 (with a short link rewritten per message, end to end over HTTP): "
+                 f"{best:,.0f} rows/s = {ratio(best, floor_rows)} (goal >= 0.50)")
+    return lines
+
+
+def run(env: BenchEnv) -> list[str]:
+    return asyncio.run(_main(env))
