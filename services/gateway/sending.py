@@ -210,23 +210,20 @@ async def insert_messages(
 
 
 async def _insert(conn: asyncpg.Connection, account_id: int, records: list[SendRecord], now: datetime, source: str) -> None:
-    await conn.execute(
-        "INSERT INTO messages (id, account_id, list_id, to_phone, body, offer_id, creative_id, schedule_id, sent_at, source)"
-        " SELECT id, $1, list_id, to_phone, body, offer_id, creative_id, schedule_id, sent_at, $2"
-        " FROM unnest($3::text[], $4::bigint[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::timestamptz[])"
-        " AS t(id, list_id, to_phone, body, offer_id, creative_id, schedule_id, sent_at)",
-        account_id, source,
-        [r.message_id for r in records], [r.list_row["id"] for r in records], [r.to for r in records],
-        [r.final_body for r in records], [r.offer_id for r in records], [r.creative_id for r in records],
-        [r.schedule_id for r in records], [r.sent_at or now for r in records],
+    # COPY for the plain inserts (fresh ids; a collision aborts the transaction and is retried),
+    # unnest for the contact upsert, which needs ON CONFLICT.
+    await conn.copy_records_to_table(
+        "messages",
+        columns=("id", "account_id", "list_id", "to_phone", "body", "offer_id", "creative_id", "schedule_id", "sent_at", "source"),
+        records=[
+            (r.message_id, account_id, r.list_row["id"], r.to, r.final_body, r.offer_id, r.creative_id, r.schedule_id,
+             r.sent_at or now, source)
+            for r in records
+        ],
     )
     codes = [(code, r.message_id, link_id) for r in records for _, code, link_id in r.codes]
     if codes:
-        await conn.execute(
-            "INSERT INTO message_links (code, message_id, link_id)"
-            " SELECT * FROM unnest($1::text[], $2::text[], $3::text[])",
-            [c[0] for c in codes], [c[1] for c in codes], [c[2] for c in codes],
-        )
+        await conn.copy_records_to_table("message_links", columns=("code", "message_id", "link_id"), records=codes)
     await conn.execute(
         "INSERT INTO contacts (account_id, list_id, phone_number, messages_received, last_sent_at)"
         " SELECT $1, list_id, phone, count(*), max(sent_at)"
