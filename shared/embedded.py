@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -50,8 +51,20 @@ class EmbeddedRedis:
     def url(self) -> str:
         return f"unix://{self.socket}"
 
+    def _answers(self) -> bool:
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(str(self.socket))
+            except OSError:
+                return False
+        return True
+
     def start(self) -> None:
+        """Start redis-server, or attach to the one already serving this data directory
+        (e.g. ``trackly admin`` next to ``trackly run``); only a server we started is ours to stop."""
         if self.socket.exists():
+            if self._answers():
+                return
             self.socket.unlink()
         self.process = subprocess.Popen(
             [
