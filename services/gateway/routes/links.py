@@ -43,7 +43,7 @@ async def create_link(request: Request) -> JSONResponse:
     list_id: int | None = None
     phone: str | None = None
     if list_ref is not None:
-        if isinstance(list_ref, bool) or not str(list_ref).isdigit():
+        if isinstance(list_ref, bool) or not str(list_ref).isdigit() or int(str(list_ref)) >= 2**63:
             raise not_found("list_not_found", "List not found")
         list_id = int(list_ref)
     else:
@@ -58,7 +58,7 @@ async def create_link(request: Request) -> JSONResponse:
         raise not_found("offer_not_found", "No active offer matches that id")
     if list_id is not None:
         lst = await db.fetchrow(
-            f"SELECT {LIST_COLUMNS} FROM lists WHERE account_id = $1 AND id = $2", account.id, min(list_id, 2**63 - 1)
+            f"SELECT {LIST_COLUMNS} FROM lists WHERE account_id = $1 AND id = $2", account.id, list_id
         )
     else:
         lst = await db.fetchrow(f"SELECT {LIST_COLUMNS} FROM lists WHERE account_id = $1 AND phone_number = $2", account.id, phone)
