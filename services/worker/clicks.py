@@ -1,10 +1,236 @@
-"""Click drainer: Redis stream -> PostgreSQL in batches. (Being written: see issue 4.)"""
+"""Click drainer: the Redis click stream -> PostgreSQL, in batches, at least once, idempotently.
+
+The redirect appends group-committed batches of clicks to ``shared.edge.CLICK_STREAM``. Here a
+consumer of group ``shared.edge.CLICK_GROUP``:
+
+1. takes its own unacknowledged entries first (a transaction that failed last time), else claims
+   entries another consumer left pending for longer than ``min_idle_ms`` (a dead worker), else
+   reads new ones;
+2. stores them in ONE transaction and ONE statement: clicks are inserted with
+   ``ON CONFLICT (id) DO NOTHING RETURNING``, and only the rows that statement really inserted go
+   on to message_clicks (first human click per message; an earlier click replaces a later one even
+   if batches arrive out of order) and contacts (click_count, last_clicked_at). A batch drained
+   twice therefore stores each click once and counts nothing twice;
+3. calls ``attribution.rematch_for_clicks`` with the new human clicks, in the same transaction;
+4. acknowledges (and deletes) the entries only after the commit.
+
+A click's claimed message id is kept only if that message exists and belongs to the click's
+account. Clicks of an account that does not exist are dropped (a stale edge key).
+"""
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import socket
+from datetime import datetime
 from typing import Any
+
+import asyncpg
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from services.worker import attribution
+from shared import edge
+
+log = logging.getLogger("trackly.worker.clicks")
+
+DEFAULT_CONSUMER = f"{socket.gethostname()}-{os.getpid()}"
+DEFAULT_COUNT = 200  # stream entries per transaction; each entry is a batch of clicks
+CLAIM_IDLE_MS = 30_000
+
+_STORE = """
+WITH input AS (
+    SELECT * FROM unnest(
+        $1::text[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::text[],
+        $7::timestamptz[], $8::text[], $9::text[], $10::text[], $11::boolean[], $12::text[]
+    ) AS t(id, account_id, link_id, offer_id, list_id, message_id, clicked_at, ip, user_agent,
+           country_code, is_bot, params)
+),
+stored AS (
+    INSERT INTO clicks (id, account_id, link_id, offer_id, list_id, message_id, clicked_at, ip,
+                        user_agent, country_code, is_bot, params)
+    SELECT i.id, i.account_id, i.link_id, i.offer_id, i.list_id, m.id, i.clicked_at, i.ip,
+           i.user_agent, i.country_code, i.is_bot, i.params::jsonb
+    FROM input i
+    JOIN accounts a ON a.id = i.account_id
+    LEFT JOIN messages m ON m.id = i.message_id AND m.account_id = i.account_id
+    ORDER BY i.id
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id, account_id, offer_id, message_id, clicked_at, is_bot
+),
+human AS (
+    SELECT s.*, m.list_id, m.to_phone
+    FROM stored s JOIN messages m ON m.id = s.message_id
+    WHERE NOT s.is_bot
+),
+first_clicks AS (
+    INSERT INTO message_clicks (message_id, click_id, account_id, offer_id, clicked_at, source)
+    SELECT DISTINCT ON (message_id) message_id, id, account_id, offer_id, clicked_at, 'edge'
+    FROM human
+    ORDER BY message_id, clicked_at, id
+    ON CONFLICT (message_id) DO UPDATE
+        SET click_id = excluded.click_id, offer_id = excluded.offer_id,
+            clicked_at = excluded.clicked_at, source = excluded.source
+        WHERE excluded.clicked_at < message_clicks.clicked_at
+    RETURNING message_id
+),
+contact_counts AS (
+    INSERT INTO contacts (account_id, list_id, phone_number, click_count, last_clicked_at)
+    SELECT min(account_id), list_id, to_phone, count(*), max(clicked_at)
+    FROM human
+    GROUP BY list_id, to_phone
+    ORDER BY list_id, to_phone
+    ON CONFLICT (list_id, phone_number) DO UPDATE
+        SET click_count = contacts.click_count + excluded.click_count,
+            last_clicked_at = greatest(contacts.last_clicked_at, excluded.last_clicked_at)
+    RETURNING 1
+)
+SELECT s.id, s.is_bot,
+       (SELECT count(*) FROM first_clicks) AS first_clicks,
+       (SELECT count(*) FROM contact_counts) AS contacts
+FROM stored s
+"""
+
+
+async def ensure_group(redis: aioredis.Redis) -> None:
+    try:
+        await redis.xgroup_create(edge.CLICK_STREAM, edge.CLICK_GROUP, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+def _entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """XREADGROUP reply ([[stream, entries]]) -> entries (a deleted one has fields None: it is
+    still acknowledged, so that it leaves the pending list)."""
+    if not reply:
+        return []
+    return [(entry_id, fields) for entry_id, fields in reply[0][1] if entry_id is not None]
+
+
+async def _take(
+    redis: aioredis.Redis, consumer: str, count: int, min_idle_ms: int, block_ms: int | None
+) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    stream, group = edge.CLICK_STREAM, edge.CLICK_GROUP
+    # 1. Ours, delivered before but never acknowledged (the last transaction failed).
+    mine = await redis.xreadgroup(group, consumer, {stream: "0"}, count=count)
+    entries = _entries(mine)
+    if entries:
+        return entries
+    # 2. A dead consumer's.
+    claimed = await redis.xautoclaim(stream, group, consumer, min_idle_time=min_idle_ms, start_id="0-0", count=count)
+    entries = [(entry_id, fields) for entry_id, fields in claimed[1] if entry_id is not None]
+    if entries:
+        return entries
+    # 3. New ones.
+    fresh = await redis.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms)
+    return _entries(fresh)
+
+
+def _columns(clicks: list[dict[str, Any]]) -> list[list[Any]]:
+    cols: list[list[Any]] = [[] for _ in range(12)]
+    for c in clicks:
+        cols[0].append(c["id"])
+        cols[1].append(int(c["a"]))
+        cols[2].append(c.get("l"))
+        cols[3].append(c.get("o"))
+        cols[4].append(c.get("li"))
+        cols[5].append(c.get("m"))
+        cols[6].append(c["at"])
+        cols[7].append(c.get("ip"))
+        cols[8].append(c.get("ua"))
+        cols[9].append(c.get("cc"))
+        cols[10].append(bool(c.get("bot")))
+        cols[11].append(orjson.dumps(c.get("q") or {}).decode())
+    return cols
+
+
+def _valid(click: Any) -> bool:
+    return (
+        isinstance(click, dict)
+        and isinstance(click.get("id"), str)
+        and isinstance(click.get("a"), int)
+        and isinstance(click.get("at"), str)
+    )
+
+
+def _decode(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[dict[str, Any]]:
+    """Every well-formed click of the entries, once each (a retried XADD may repeat a click)."""
+    clicks: dict[str, dict[str, Any]] = {}
+    for entry_id, fields in entries:
+        try:
+            batch = orjson.loads(fields[b"b"])
+        except (KeyError, TypeError, orjson.JSONDecodeError):
+            log.error("dropping malformed click stream entry %r", entry_id)
+            continue
+        for click in batch if isinstance(batch, list) else []:
+            if not _valid(click):
+                log.error("dropping malformed click in entry %r: %r", entry_id, click)
+                continue
+            try:
+                click["at"] = datetime.fromisoformat(click["at"])
+            except ValueError:
+                log.error("dropping click with a bad timestamp in entry %r", entry_id)
+                continue
+            clicks.setdefault(click["id"], click)
+    return list(clicks.values())
+
+
+async def store(conn: asyncpg.Connection, clicks: list[dict[str, Any]]) -> list[str]:
+    """Store clicks and their effects in the caller's transaction; the ids of new human clicks."""
+    if not clicks:
+        return []
+    rows = await conn.fetch(_STORE, *_columns(clicks))
+    new_human = [r["id"] for r in rows if not r["is_bot"]]
+    if new_human:
+        await attribution.rematch_for_clicks(conn, new_human)
+    return new_human
+
+
+async def drain_once(
+    db: asyncpg.Pool | asyncpg.Connection,
+    redis: aioredis.Redis,
+    *,
+    consumer: str = DEFAULT_CONSUMER,
+    count: int = DEFAULT_COUNT,
+    min_idle_ms: int = CLAIM_IDLE_MS,
+    block_ms: int | None = None,
+) -> int:
+    """Drain up to ``count`` stream entries in one transaction; returns how many clicks they held
+    (stored now or already stored before). 0 means there was nothing for this consumer."""
+    await ensure_group(redis)
+    entries = await _take(redis, consumer, count, min_idle_ms, block_ms)
+    if not entries:
+        return 0
+    clicks = _decode(entries)
+    if clicks:
+        if isinstance(db, asyncpg.Pool):
+            async with db.acquire() as conn, conn.transaction():
+                await store(conn, clicks)
+        else:
+            async with db.transaction():
+                await store(db, clicks)
+    entry_ids = [entry_id for entry_id, _ in entries]
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.xack(edge.CLICK_STREAM, edge.CLICK_GROUP, *entry_ids)
+        pipe.xdel(edge.CLICK_STREAM, *entry_ids)
+        await pipe.execute()
+    return len(clicks)
 
 
 async def run_drainer(ctx: dict[str, Any]) -> None:
+    """Started by the worker: drain forever; on any failure wait a moment and go again (nothing
+    is acknowledged unless it was committed, so a failure only delays)."""
+    db: asyncpg.Pool = ctx["db"]
+    redis: aioredis.Redis = ctx["redis_client"]
+    consumer = ctx.get("click_consumer", DEFAULT_CONSUMER)
     while True:
-        await asyncio.sleep(3600)
+        try:
+            await drain_once(db, redis, consumer=consumer, block_ms=1000)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("click drain failed; retrying")
+            await asyncio.sleep(1.0)

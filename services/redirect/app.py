@@ -1,0 +1,395 @@
+"""The redirect edge as a raw ASGI app: the least code between the socket and the 302.
+
+Two hops, told apart by path (and checked against the Host header):
+
+* ``GET /{code}`` on a list's short domain -> 302 to the link's click tracker URL, the query
+  string forwarded. A per-message code carries its message id to the tracker as ``sid``.
+* ``GET /c/{tracker id}`` on the tracker domain -> mint a click id, record the click (group
+  commit to the Redis stream, before answering), 302 to the offer destination, macros filled.
+
+Lookups come from the in-process cache (``cache.py``), then Redis; never PostgreSQL.
+``HEAD`` answers the same ``Location`` and records nothing.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qsl, quote
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from services.redirect import bots
+from services.redirect.cache import EdgeCache, EdgeUnavailable
+from services.redirect.client_ip import ClientIP
+from services.redirect.clickwriter import ClickNotRecorded, ClickWriter
+from services.redirect.geo import Geo
+from services.redirect.metrics import RedirectMetrics
+from shared import edge, ids, macros
+from shared.settings import Settings
+
+log = logging.getLogger("trackly.redirect")
+
+Scope = dict[str, Any]
+
+# The query parameter that carries a per-message code's message id from the short hop to the tracker.
+SEND_ID_PARAM = "sid"
+MAX_QUERY_PARAMS = 32
+MAX_VALUE_CHARS = 1000
+MAX_UA_CHARS = 1000
+
+_CODE_RE = re.compile(r"[A-Za-z0-9]{6,7}")
+_TRACKER_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_MESSAGE_RE = ids.MESSAGE_ID_RE
+
+_NO_STORE = (b"cache-control", b"private, no-store")
+_EMPTY = (b"content-length", b"0")
+_HTML = (b"content-type", b"text/html; charset=utf-8")
+_TEXT = (b"content-type", b"text/plain; charset=utf-8")
+_JSON = (b"content-type", b"application/json")
+_NOT_FOUND_BODY = b"<!doctype html><title>Not found</title><h1>Not found</h1>\n"
+_UNAVAILABLE_BODY = b"<!doctype html><title>Unavailable</title><h1>Try again in a moment</h1>\n"
+_NOT_FOUND_HEADERS = [_HTML, (b"content-length", str(len(_NOT_FOUND_BODY)).encode()), _NO_STORE]
+_UNAVAILABLE_HEADERS = [
+    _HTML, (b"content-length", str(len(_UNAVAILABLE_BODY)).encode()), _NO_STORE, (b"retry-after", b"1"),
+]
+_NOT_ALLOWED_HEADERS = [_EMPTY, (b"allow", b"GET, HEAD")]
+_EMPTY_BODY = {"type": "http.response.body", "body": b""}
+
+
+@dataclass(frozen=True, slots=True)
+class ShortLink:
+    tracker_url: bytes
+    offer_key: str
+    message_id: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class TrackerLink:
+    host: str
+    link_id: str
+    offer_id: str
+    account_id: int
+    list_id: int
+    offer_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    active: bool
+    template: macros.Template
+    affiliate_id: str | None
+
+
+def _decode_short(raw: bytes) -> ShortLink:
+    entry: edge.ShortEntry = orjson.loads(raw)
+    message = entry.get("m")
+    return ShortLink(entry["u"].encode(), edge.offer_key(entry["o"]), message.encode() if message else None)
+
+
+def _decode_tracker(raw: bytes) -> TrackerLink:
+    entry: edge.TrackerEntry = orjson.loads(raw)
+    return TrackerLink(
+        entry["h"].lower(), entry["l"], entry["o"], int(entry["a"]), int(entry["li"]), edge.offer_key(entry["o"])
+    )
+
+
+def _decode_offer(raw: bytes) -> Offer:
+    entry: edge.OfferEntry = orjson.loads(raw)
+    return Offer(entry["s"] == "active", macros.parse(entry["d"]), entry.get("af"))
+
+
+def hostname(raw: bytes) -> str:
+    """Host header -> lower-case hostname without port (as ``shared.edge.host_of``, but cheaper)."""
+    host = raw.decode("latin-1").lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")]
+    return host.partition(":")[0].rstrip(".")
+
+
+def _safe_query(query: bytes) -> bytes:
+    """The raw query string, fit for a Location header (the client may send non-ASCII bytes)."""
+    if query.isascii():
+        return query
+    return quote(query, safe="!#$%&'()*+,/:;=?@[]~").encode()
+
+
+def _query_values(query: bytes) -> tuple[dict[str, str], str | None]:
+    """First value of each parameter (bounded), and the message id carried as ``sid``."""
+    values: dict[str, str] = {}
+    send_id = None
+    if not query:
+        return values, None
+    for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True, max_num_fields=None):
+        if name == SEND_ID_PARAM:
+            if send_id is None:
+                send_id = value
+            continue
+        if name not in values and len(values) < MAX_QUERY_PARAMS:
+            values[name[:100]] = value[:MAX_VALUE_CHARS]
+    if send_id is not None and not _MESSAGE_RE.fullmatch(send_id):
+        send_id = None
+    return values, send_id
+
+
+class RedirectApp:
+    """ASGI app; ``startup``/``shutdown`` are run by the lifespan protocol (or by tests)."""
+
+    def __init__(self, settings: Settings) -> None:
+        if not settings.redis_url:
+            raise ValueError("the redirect needs a resolved redis URL")
+        self.settings = settings
+        self.metrics = RedirectMetrics()
+        self.client_ip = ClientIP(settings.trusted_proxies)
+        self.redis: aioredis.Redis | None = None
+        self.started = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        s = self.settings
+        self.redis = aioredis.Redis.from_url(
+            s.redis_url, max_connections=64, socket_timeout=5.0, socket_connect_timeout=2.0
+        )
+        size = max(1, s.link_cache_size)
+        self.shorts: EdgeCache[ShortLink] = EdgeCache(self.redis, _decode_short, ttl=s.link_cache_ttl, size=size)
+        self.trackers: EdgeCache[TrackerLink] = EdgeCache(
+            self.redis, _decode_tracker, ttl=s.link_cache_ttl, size=size
+        )
+        self.offers: EdgeCache[Offer] = EdgeCache(
+            self.redis, _decode_offer, ttl=s.link_cache_ttl, size=max(1, size // 4)
+        )
+        self.writer = ClickWriter(self.redis)
+        self.geo = Geo(s.geoip_db)
+        m = self.metrics
+        m.counter("trackly_redirect_clicks_recorded", "Clicks durably written to the stream", lambda: self.writer.recorded)
+        m.counter("trackly_redirect_click_batches", "Group-commit batches written", lambda: self.writer.batches)
+        m.counter("trackly_redirect_clicks_failed", "Clicks refused (503) because Redis failed", lambda: self.writer.failed)
+        m.counter(
+            "trackly_redirect_cache_misses", "Link lookups that went to Redis",
+            lambda: self.shorts.misses + self.trackers.misses + self.offers.misses,
+        )
+        m.counter(
+            "trackly_redirect_stale_served", "Lookups answered from an expired entry while Redis failed",
+            lambda: self.shorts.stale_served + self.trackers.stale_served + self.offers.stale_served,
+        )
+        self.started = True
+
+    async def shutdown(self) -> None:
+        if not self.started:
+            return
+        self.started = False
+        await self.writer.close()
+        self.geo.close()
+        if self.redis is not None:
+            await self.redis.aclose()
+
+    # -- ASGI --------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:  # noqa: BLE001 - reported to the server, which exits
+                    await send({"type": "lifespan.startup.failed", "message": repr(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: Scope, send: Any) -> None:
+        started = time.perf_counter()
+        path: str = scope["path"]
+        method: str = scope["method"]
+        hop = "tracker" if path.startswith("/c/") else "short"
+        try:
+            if method != "GET" and method != "HEAD":
+                status = 405
+                await send({"type": "http.response.start", "status": 405, "headers": _NOT_ALLOWED_HEADERS})
+                await send(_EMPTY_BODY)
+            elif hop == "tracker":
+                status = await self._tracker_hop(scope, method, path, send)
+            elif path in ("/healthz", "/readyz", "/metrics"):
+                hop = "ops"
+                status = await self._ops(path, send)
+            else:
+                status = await self._short_hop(scope, path, send)
+        except (EdgeUnavailable, ClickNotRecorded):
+            status = 503
+            await send({"type": "http.response.start", "status": 503, "headers": _UNAVAILABLE_HEADERS})
+            await send({"type": "http.response.body", "body": _UNAVAILABLE_BODY})
+        except Exception:
+            log.exception("redirect failed for %s", path)
+            status = 500
+            await send({"type": "http.response.start", "status": 500, "headers": [_TEXT, _NO_STORE]})
+            await send({"type": "http.response.body", "body": b"internal error\n"})
+        self.metrics.observe(hop, status, time.perf_counter() - started)
+
+    # -- the two hops ------------------------------------------------------------------------
+
+    async def _short_hop(self, scope: Scope, path: str, send: Any) -> int:
+        code = path[1:]
+        host = None
+        for name, value in scope["headers"]:
+            if name == b"host":
+                host = value
+                break
+        if host is None or not _CODE_RE.fullmatch(code):
+            return await _not_found(send)
+        key = f"trk:s:{hostname(host)}:{code}"
+        link = self.shorts.fresh(key) or await self.shorts.load(key)
+        if link is None:
+            return await _not_found(send)
+        offer = self.offers.fresh(link.offer_key) or await self.offers.load(link.offer_key)
+        if offer is None or not offer.active:
+            return await _not_found(send)
+        query: bytes = scope["query_string"]
+        location = link.tracker_url
+        if link.message_id is not None:
+            location += b"?sid=" + link.message_id
+            if query:
+                location += b"&" + _safe_query(query)
+        elif query:
+            location += b"?" + _safe_query(query)
+        await send(
+            {"type": "http.response.start", "status": 302, "headers": [(b"location", location), _NO_STORE, _EMPTY]}
+        )
+        await send(_EMPTY_BODY)
+        return 302
+
+    async def _tracker_hop(self, scope: Scope, method: str, path: str, send: Any) -> int:
+        tracker_id = path[3:]
+        host = user_agent = forwarded = None
+        for name, value in scope["headers"]:
+            if name == b"host":
+                host = value
+            elif name == b"user-agent":
+                user_agent = value
+            elif name == b"x-forwarded-for":
+                forwarded = value if forwarded is None else forwarded + b"," + value
+        if host is None or not _TRACKER_RE.fullmatch(tracker_id):
+            return await _not_found(send)
+        key = f"trk:t:{tracker_id}"
+        tracker = self.trackers.fresh(key) or await self.trackers.load(key)
+        if tracker is None or tracker.host != hostname(host):
+            return await _not_found(send)
+        offer = self.offers.fresh(tracker.offer_key) or await self.offers.load(tracker.offer_key)
+        if offer is None or not offer.active:
+            return await _not_found(send)
+
+        query, send_id = _query_values(scope["query_string"])
+        click_id = ids.click_id()
+        at = datetime.now(UTC).isoformat(timespec="microseconds")
+        client = scope.get("client")
+        ip = self.client_ip(client[0] if client else None, forwarded)
+        ua = user_agent.decode("utf-8", "replace")[:MAX_UA_CHARS] if user_agent is not None else None
+        country = self.geo.country(ip)
+        values = macros.click_values(
+            click_id=click_id,
+            offer_id=tracker.offer_id,
+            account_id=tracker.account_id,
+            affiliate_id=offer.affiliate_id,
+            query=query,
+            ip=ip,
+            user_agent=ua,
+            datetime=at[:19] + "Z",
+            country_code=country,
+            message_id=send_id,
+        )
+        location = macros.fill(offer.template, values)
+        if method == "GET":
+            click: edge.Click = {
+                "id": click_id,
+                "t": tracker_id,
+                "l": tracker.link_id,
+                "o": tracker.offer_id,
+                "a": tracker.account_id,
+                "li": tracker.list_id,
+                "m": send_id,
+                "at": at,
+                "ip": ip,
+                "ua": ua,
+                "cc": country,
+                "bot": bots.is_bot(ua),
+                "q": query,
+            }
+            await self.writer.write(click)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 302,
+                "headers": [(b"location", location.encode("utf-8")), _NO_STORE, _EMPTY],
+            }
+        )
+        await send(_EMPTY_BODY)
+        return 302
+
+    # -- operations --------------------------------------------------------------------------
+
+    async def _ops(self, path: str, send: Any) -> int:
+        if path == "/healthz":
+            return await _respond(send, 200, b'{"status":"ok"}', _JSON)
+        if path == "/readyz":
+            try:
+                assert self.redis is not None
+                await asyncio.wait_for(self.redis.execute_command("PING"), 2)
+            except (RedisError, OSError, asyncio.TimeoutError, AssertionError) as exc:
+                body = orjson.dumps({"status": "unavailable", "redis": f"error: {type(exc).__name__}"})
+                return await _respond(send, 503, body, _JSON)
+            return await _respond(send, 200, b'{"status":"ready","redis":"ok"}', _JSON)
+        await self._refresh_stream_gauges()
+        return await _respond(send, 200, self.metrics.render(), (b"content-type", b"text/plain; version=0.0.4; charset=utf-8"))
+
+    async def _refresh_stream_gauges(self) -> None:
+        gauges = self.metrics.gauges
+        gauges["trackly_redirect_cached_links"] = ("Links and offers held in the in-process cache", float(
+            len(self.shorts) + len(self.trackers) + len(self.offers)))
+        try:
+            assert self.redis is not None
+            length = await asyncio.wait_for(self.redis.execute_command("XLEN", edge.CLICK_STREAM), 2)
+            gauges["trackly_click_stream_length"] = ("Click batches in the stream not yet drained and deleted", float(length))
+            pending = await asyncio.wait_for(
+                self.redis.execute_command("XPENDING", edge.CLICK_STREAM, edge.CLICK_GROUP), 2
+            )
+            gauges["trackly_click_stream_pending"] = ("Click batches delivered to a drainer, not yet acknowledged", float(pending[0] if pending else 0))
+        except Exception as exc:  # noqa: BLE001 - the group may not exist yet; Redis may be down
+            log.debug("stream gauges unavailable: %s", exc)
+
+
+async def _respond(send: Any, status: int, body: bytes, content_type: tuple[bytes, bytes]) -> int:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [content_type, (b"content-length", str(len(body)).encode()), _NO_STORE],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+    return status
+
+
+async def _not_found(send: Any) -> int:
+    await send({"type": "http.response.start", "status": 404, "headers": _NOT_FOUND_HEADERS})
+    await send({"type": "http.response.body", "body": _NOT_FOUND_BODY})
+    return 404
+
+
+def create_app(settings: Settings) -> RedirectApp:
+    return RedirectApp(settings)

@@ -1,0 +1,50 @@
+"""Country of an IP from a local MaxMind-format database; without one, country is unknown."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import geoip2.database
+import geoip2.errors
+
+log = logging.getLogger("trackly.redirect.geo")
+
+_MEMO_LIMIT = 50_000
+
+
+class Geo:
+    def __init__(self, path: Path | None) -> None:
+        self._reader: geoip2.database.Reader | None = None
+        self._memo: dict[str, str | None] = {}
+        if path is None:
+            return
+        try:
+            self._reader = geoip2.database.Reader(str(path))
+        except Exception as exc:  # noqa: BLE001 - a bad database must not stop the redirect
+            log.warning("GeoIP database %s unusable (%s); countries will be empty", path, exc)
+            return
+        self._lookup = self._reader.city if "City" in self._reader.metadata().database_type else self._reader.country
+
+    def country(self, ip: str | None) -> str | None:
+        if self._reader is None or not ip:
+            return None
+        try:
+            return self._memo[ip]
+        except KeyError:
+            pass
+        try:
+            code = self._lookup(ip).country.iso_code
+        except (geoip2.errors.AddressNotFoundError, ValueError, TypeError):
+            code = None
+        except Exception as exc:  # noqa: BLE001 - a corrupt record is an unknown country, not a 500
+            log.debug("GeoIP lookup of %s failed: %s", ip, exc)
+            code = None
+        if len(self._memo) >= _MEMO_LIMIT:
+            self._memo.clear()
+        self._memo[ip] = code
+        return code
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None

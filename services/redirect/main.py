@@ -1,0 +1,30 @@
+"""``trackly redirect``: serve the edge with uvicorn (uvloop + httptools, no access log)."""
+from __future__ import annotations
+
+import uvicorn
+
+from services.redirect.app import create_app
+from shared.runtime import with_backends
+from shared.settings import Settings
+
+
+def serve(settings: Settings) -> int:
+    # The redirect never touches PostgreSQL, but with_backends resolves both URLs the same way for
+    # every service (and starts the embedded servers when none are configured).
+    settings, embedded = with_backends(settings)
+    try:
+        uvicorn.run(
+            create_app(settings),
+            host=settings.redirect_host,
+            port=settings.redirect_port,
+            loop="uvloop",
+            http="httptools",
+            lifespan="on",
+            log_level=settings.log_level,
+            access_log=False,
+            timeout_graceful_shutdown=10,
+        )
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return 0

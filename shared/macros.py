@@ -1,0 +1,123 @@
+"""Destination URL macros (spec/links.txt, CONTRACT.md §4): pure functions, no I/O.
+
+A template is parsed once (the redirect caches the parsed form per offer) and filled per click:
+
+* ``{name}`` and ``{{name}}`` are macros; names are matched case-insensitively.
+* Known names come from the click (``click_id``, ``ip``...), the offer (``affiliate_id``...) or the
+  query string forwarded from the short link (``sub1``...``sub5``, ``source``, ``creative``,
+  ``cost``); ``{{sendId}}`` is the message id, empty outside a message.
+* Every value is percent-encoded (``&``, ``#``, ``/``, ``?``, ``=`` included) so a value can never
+  add a parameter or change the path; unknown macros become empty.
+* A template with no macros at all gets ``click_id`` and the given ``sub1``..``sub5`` appended as
+  query parameters (before any ``#fragment``).
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import quote
+
+MACRO_RE = re.compile(r"\{\{\s*([A-Za-z0-9_]+)\s*\}\}|\{([A-Za-z0-9_]+)\}")
+
+SUBS = ("sub1", "sub2", "sub3", "sub4", "sub5")
+# Macros a short link's query string may fill. Click facts (click_id, ip...) are never taken from it.
+QUERY_MACROS = frozenset((*SUBS, "source", "creative", "cost"))
+CLICK_MACROS = frozenset(
+    (
+        "click_id", "transaction_id", "affiliate_id", "offer_id", "account_id", "ip", "user_agent",
+        "datetime", "country_code", "sendid",
+    )
+)
+KNOWN_MACROS = QUERY_MACROS | CLICK_MACROS
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """A destination URL split into literal text and (lower-cased) macro names."""
+
+    raw: str
+    literals: tuple[str, ...]  # len(names) + 1 pieces of literal text around the macros
+    names: tuple[str, ...]
+
+    @property
+    def has_macros(self) -> bool:
+        return bool(self.names)
+
+
+def parse(template: str) -> Template:
+    literals: list[str] = []
+    names: list[str] = []
+    pos = 0
+    for match in MACRO_RE.finditer(template):
+        literals.append(template[pos:match.start()])
+        names.append((match.group(1) or match.group(2)).lower())
+        pos = match.end()
+    literals.append(template[pos:])
+    return Template(template, tuple(literals), tuple(names))
+
+
+def encode(value: object) -> str:
+    return quote(str(value), safe="")
+
+
+def click_values(
+    *,
+    click_id: str,
+    offer_id: str,
+    account_id: int | str,
+    affiliate_id: str | None,
+    query: Mapping[str, str],
+    ip: str | None,
+    user_agent: str | None,
+    datetime: str,
+    country_code: str | None,
+    message_id: str | None,
+) -> dict[str, str]:
+    """Every known macro's raw (unencoded) value for one click."""
+    values = {name: query.get(name, "") for name in QUERY_MACROS}
+    values.update(
+        click_id=click_id,
+        transaction_id=click_id,
+        affiliate_id=affiliate_id or "",
+        offer_id=offer_id,
+        account_id=str(account_id),
+        ip=ip or "",
+        user_agent=user_agent or "",
+        datetime=datetime,
+        country_code=country_code or "",
+        sendid=message_id or "",
+    )
+    return values
+
+
+def fill(template: Template, values: Mapping[str, str]) -> str:
+    """The destination for one click. ``values`` maps lower-case macro names to raw values."""
+    if not template.names:
+        return _append(template.raw, values)
+    out = [template.literals[0]]
+    for name, literal in zip(template.names, template.literals[1:]):
+        value = values.get(name)
+        if value:
+            out.append(encode(value))
+        out.append(literal)
+    return "".join(out)
+
+
+def _append(url: str, values: Mapping[str, str]) -> str:
+    base, hash_sign, fragment = url.partition("#")
+    params = [("click_id", values.get("click_id", ""))]
+    params += [(name, values[name]) for name in SUBS if values.get(name)]
+    query = "&".join(f"{encode(k)}={encode(v)}" for k, v in params)
+    if base.endswith(("?", "&")):
+        joiner = ""
+    elif "?" in base:
+        joiner = "&"
+    else:
+        joiner = "?"
+    return f"{base}{joiner}{query}{hash_sign}{fragment}"
+
+
+def render(template: str, values: Mapping[str, str]) -> str:
+    """``fill(parse(template), values)``, for callers that do not cache the parsed template."""
+    return fill(parse(template), values)

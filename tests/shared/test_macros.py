@@ -1,0 +1,86 @@
+"""Macro filling (shared/macros.py): pure functions, so plain unit tests."""
+from __future__ import annotations
+
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from shared import macros
+
+
+def values(**overrides: object) -> dict[str, str]:
+    base = dict(
+        click_id="c" * 32, offer_id="o" * 24, account_id=7, affiliate_id="aff9",
+        query={"sub1": "s1", "sub2": "s2", "sub3": "s3", "sub4": "s4", "sub5": "s5",
+               "source": "sms", "creative": "cr1", "cost": "0.05"},
+        ip="203.0.113.9", user_agent="Mozilla/5.0 (iPhone)", datetime="2026-11-23T01:02:03Z",
+        country_code="GB", message_id="Msg12345",
+    )
+    base.update(overrides)
+    return macros.click_values(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("macro", "expected"),
+    [
+        ("{click_id}", "c" * 32),
+        ("{transaction_id}", "c" * 32),
+        ("{affiliate_id}", "aff9"),
+        ("{offer_id}", "o" * 24),
+        ("{account_id}", "7"),
+        ("{sub1}", "s1"), ("{sub2}", "s2"), ("{sub3}", "s3"), ("{sub4}", "s4"), ("{sub5}", "s5"),
+        ("{source}", "sms"),
+        ("{creative}", "cr1"),
+        ("{cost}", "0.05"),
+        ("{ip}", "203.0.113.9"),
+        ("{user_agent}", "Mozilla%2F5.0%20%28iPhone%29"),
+        ("{datetime}", "2026-11-23T01%3A02%3A03Z"),
+        ("{country_code}", "GB"),
+        ("{{sendId}}", "Msg12345"),
+        ("{CLICK_ID}", "c" * 32),  # names are case-insensitive
+        ("{{ click_id }}", "c" * 32),
+    ],
+)
+def test_every_macro(macro: str, expected: str) -> None:
+    assert macros.render(f"https://lp.example/x?v={macro}&z=1", values()) == f"https://lp.example/x?v={expected}&z=1"
+
+
+def test_values_are_encoded_so_they_cannot_inject() -> None:
+    evil = "a&admin=1#frag/../x?y= z"
+    url = macros.render("https://lp.example/p/{sub1}?s={sub2}", values(query={"sub1": evil, "sub2": evil}))
+    parts = urlsplit(url)
+    assert parts.path == "/p/a%26admin%3D1%23frag%2F..%2Fx%3Fy%3D%20z"
+    assert parts.fragment == ""
+    assert parse_qs(parts.query) == {"s": [evil]}
+
+
+def test_unknown_and_empty_macros_become_empty() -> None:
+    url = macros.render("https://lp.example/?a={nope}&b={sub3}&c={{whatever}}&d={affiliate_id}",
+                        values(query={}, affiliate_id=None))
+    assert url == "https://lp.example/?a=&b=&c=&d="
+
+
+def test_send_id_is_empty_outside_a_message() -> None:
+    assert macros.render("https://lp.example/?m={{sendId}}", values(message_id=None)) == "https://lp.example/?m="
+
+
+def test_query_cannot_override_click_facts() -> None:
+    url = macros.render("https://lp.example/?c={click_id}&ip={ip}", values(query={"click_id": "forged", "ip": "1.1.1.1"}))
+    assert url == f"https://lp.example/?c={'c' * 32}&ip=203.0.113.9"
+
+
+def test_no_macros_appends_click_id_and_given_subs() -> None:
+    v = values(query={"sub1": "a b", "sub3": "x&y", "source": "sms"})
+    assert macros.render("https://lp.example/land", v) == f"https://lp.example/land?click_id={'c' * 32}&sub1=a%20b&sub3=x%26y"
+    assert macros.render("https://lp.example/land?k=1#top", v) == (
+        f"https://lp.example/land?k=1&click_id={'c' * 32}&sub1=a%20b&sub3=x%26y#top"
+    )
+    assert macros.render("https://lp.example/land?", values(query={})) == f"https://lp.example/land?click_id={'c' * 32}"
+
+
+def test_parse_keeps_literals_and_names() -> None:
+    t = macros.parse("https://x/{a}-{{B}}{c}")
+    assert t.has_macros
+    assert t.names == ("a", "b", "c")
+    assert t.literals == ("https://x/", "-", "", "")
+    assert not macros.parse("https://x/{ not a macro }").has_macros
