@@ -365,10 +365,10 @@ class RedirectApp:
             assert self.redis is not None
             length = await asyncio.wait_for(self.redis.execute_command("XLEN", edge.CLICK_STREAM), 2)
             gauges["trackly_click_stream_length"] = ("Click batches in the stream not yet drained and deleted", float(length))
-            pending = await asyncio.wait_for(
-                self.redis.execute_command("XPENDING", edge.CLICK_STREAM, edge.CLICK_GROUP), 2
+            pending = await asyncio.wait_for(self.redis.xpending(edge.CLICK_STREAM, edge.CLICK_GROUP), 2)
+            gauges["trackly_click_stream_pending"] = (
+                "Click batches delivered to a drainer, not yet acknowledged", float(pending["pending"])
             )
-            gauges["trackly_click_stream_pending"] = ("Click batches delivered to a drainer, not yet acknowledged", float(pending[0] if pending else 0))
         except Exception as exc:  # noqa: BLE001 - the group may not exist yet; Redis may be down
             log.debug("stream gauges unavailable: %s", exc)
 

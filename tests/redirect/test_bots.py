@@ -1,0 +1,58 @@
+"""Link-preview fetchers and crawlers: redirected, stored as bots, never counted."""
+from __future__ import annotations
+
+import asyncpg
+import httpx
+import pytest
+
+from services.redirect.bots import is_bot
+from tests.helpers import Tenant
+from tests.redirect.conftest import PHONE_UA, Edge, drain, offer_and_link
+
+BOTS = [
+    "facebookexternalhit/1.1 Facebot Twitterbot/1.0",  # iMessage preview
+    "WhatsApp/2.23.20.0 A",
+    "Slackbot-LinkExpanding 1.0 (+https://api.slack.com/robots)",
+    "TelegramBot (like TwitterBot)",
+    "facebookexternalhit/1.1 (+http://www.facebook.com/externalhit_uatext.php)",
+    "Twitterbot/1.0",
+    "Mozilla/5.0 (compatible; Discordbot/2.0; +https://discordapp.com)",
+    "LinkedInBot/1.0 (compatible; Mozilla/5.0; Apache-HttpClient +http://www.linkedin.com)",
+    "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
+    "Mozilla/5.0 (compatible; bingbot/2.0; +http://www.bing.com/bingbot.htm)",
+    "SomeCrawler/3.1",
+    "my-spider 0.1",
+    "Acme Link Preview Service",
+    "Mozilla/5.0 (compatible; SuperBot/1.0)",
+]
+HUMANS = [
+    PHONE_UA,
+    "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Mobile Safari/537.36",
+    "Mozilla/5.0 (Linux; Android 9; CUBOT X19) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/88.0 Mobile Safari/537.36",
+    "curl/8.5.0",
+    "",
+]
+
+
+@pytest.mark.parametrize("ua", BOTS)
+def test_bots_are_recognised(ua: str) -> None:
+    assert is_bot(ua)
+
+
+@pytest.mark.parametrize("ua", HUMANS)
+def test_people_are_not_bots(ua: str) -> None:
+    assert not is_bot(ua)
+
+
+async def test_bot_clicks_are_redirected_and_stored_flagged(
+    api: httpx.AsyncClient, tenant: Tenant, edge: Edge, db: asyncpg.Pool, redis: object
+) -> None:
+    _, link = await offer_and_link(api, tenant, "https://lp.example/land?ua={user_agent}")
+    for ua in BOTS[:10]:
+        location = await edge.click(link["shortUrl"], headers={"user-agent": ua})
+        assert location.startswith("https://lp.example/land?ua=")
+    await edge.click(link["shortUrl"])
+    await drain(db, redis)
+    rows = await db.fetch("SELECT user_agent, is_bot FROM clicks WHERE account_id = $1", tenant.account_id)
+    flags = {r["user_agent"]: r["is_bot"] for r in rows}
+    assert flags == {**{ua: True for ua in BOTS[:10]}, PHONE_UA: False}

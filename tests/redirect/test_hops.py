@@ -1,0 +1,193 @@
+"""The two hops end to end: short link -> click tracker -> destination, with real Redis."""
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from urllib.parse import parse_qs, urlsplit
+
+import asyncpg
+import httpx
+
+from shared.settings import Settings
+from tests.helpers import Tenant, make_link, make_offer
+from tests.redirect.conftest import PHONE_UA, Edge, drain, offer_and_link, running_edge
+
+ALL_MACROS = (
+    "https://lp.example/land?cid={click_id}&tid={transaction_id}&aff={affiliate_id}&off={offer_id}"
+    "&acct={account_id}&s1={sub1}&s2={sub2}&s3={sub3}&s4={sub4}&s5={sub5}&src={source}&cr={creative}"
+    "&cost={cost}&ip={ip}&ua={user_agent}&dt={datetime}&cc={country_code}&send={{sendId}}&unk={mystery}"
+)
+
+
+def query_of(url: str) -> dict[str, list[str]]:
+    return parse_qs(urlsplit(url).query, keep_blank_values=True)
+
+
+async def test_short_hop_forwards_the_query_to_the_tracker(api: httpx.AsyncClient, tenant: Tenant, edge: Edge) -> None:
+    _, link = await offer_and_link(api, tenant, "https://lp.example/land")
+    resp = await edge.get(link["shortUrl"] + "?sub1=campaign_a&sub2=user%20123&source=sms")
+    assert resp.status_code == 302
+    assert resp.headers["location"] == link["clickTrackerUrl"] + "?sub1=campaign_a&sub2=user%20123&source=sms"
+    assert resp.headers["cache-control"] == "private, no-store"
+    bare = await edge.get(link["shortUrl"])
+    assert bare.headers["location"] == link["clickTrackerUrl"]
+
+
+async def test_tracker_hop_records_the_click_and_redirects(
+    api: httpx.AsyncClient, tenant: Tenant, edge: Edge, db: asyncpg.Pool, redis: object
+) -> None:
+    offer, link = await offer_and_link(api, tenant, "https://lp.example/land?c={click_id}&s={sub1}")
+    tracker = await edge.get(link["shortUrl"] + "?sub1=abc&foo=bar")
+    resp = await edge.get(tracker.headers["location"])
+    assert resp.status_code == 302
+    assert resp.headers["cache-control"] == "private, no-store"
+    q = query_of(resp.headers["location"])
+    click_id = q["c"][0]
+    assert len(click_id) == 32 and int(click_id, 16) >= 0
+    assert q["s"] == ["abc"]
+
+    await drain(db, redis)
+    row = await db.fetchrow("SELECT * FROM clicks WHERE id = $1", click_id)
+    assert row is not None
+    assert row["account_id"] == tenant.account_id
+    assert row["link_id"] == link["linkId"]
+    assert row["offer_id"] == offer["id"]
+    assert row["list_id"] == tenant.list_id
+    assert row["message_id"] is None
+    assert row["ip"] == "198.51.100.7"
+    assert row["user_agent"] == PHONE_UA
+    assert row["is_bot"] is False
+    assert row["country_code"] is None
+    assert row["params"] == {"sub1": "abc", "foo": "bar"}
+    assert abs(row["clicked_at"] - datetime.now(UTC)) < timedelta(minutes=5)
+
+
+async def test_hosts_match_case_insensitively_and_ignore_the_port(api: httpx.AsyncClient, tenant: Tenant, edge: Edge) -> None:
+    _, link = await offer_and_link(api, tenant, "https://lp.example/land")
+    resp = await edge.get(f"https://SMS.Example.COM:8443/{link['linkId']}")
+    assert resp.status_code == 302
+    tracker_path = urlsplit(link["clickTrackerUrl"]).path
+    resp = await edge.head(f"http://CT.LocalHost{tracker_path}")
+    assert resp.status_code == 302
+
+
+async def test_wrong_host_and_unknown_codes_are_404(api: httpx.AsyncClient, tenant: Tenant, edge: Edge) -> None:
+    _, link = await offer_and_link(api, tenant, "https://lp.example/land")
+    tracker_path = urlsplit(link["clickTrackerUrl"]).path
+    for url in (
+        f"https://other.example.com/{link['linkId']}",      # right code, another short domain
+        f"https://ct.localhost:8001/{link['linkId']}",      # the tracker domain is not a short domain
+        f"https://sms.example.com{tracker_path}",           # tracker id on the short domain
+        "https://sms.example.com/Zz9Zz9",                   # unknown code
+        "https://sms.example.com/a",                        # not a code at all
+        "http://ct.localhost:8001/c/00000000-0000-4000-8000-000000000000",
+        "http://ct.localhost:8001/c/not-a-tracker",
+    ):
+        resp = await edge.get(url)
+        assert resp.status_code == 404, url
+        assert resp.headers["content-type"].startswith("text/html")
+        assert "Not found" in resp.text
+
+
+async def test_every_macro_is_filled_from_the_click_offer_and_query(
+    api: httpx.AsyncClient, tenant: Tenant, edge: Edge
+) -> None:
+    offer, link = await offer_and_link(api, tenant, ALL_MACROS, affiliate_id="aff-77")
+    before = datetime.now(UTC).replace(microsecond=0)
+    location = await edge.click(
+        link["shortUrl"] + "?sub1=a1&sub2=b2&sub3=c3&sub4=d4&sub5=e5&source=sms&creative=cr-9&cost=0.05"
+    )
+    q = query_of(location)
+    assert q["cid"] == q["tid"] and len(q["cid"][0]) == 32
+    assert q["aff"] == ["aff-77"]
+    assert q["off"] == [offer["id"]]
+    assert q["acct"] == [str(tenant.account_id)]
+    assert [q[f"s{i}"][0] for i in range(1, 6)] == ["a1", "b2", "c3", "d4", "e5"]
+    assert q["src"] == ["sms"] and q["cr"] == ["cr-9"] and q["cost"] == ["0.05"]
+    assert q["ip"] == ["198.51.100.7"]
+    assert q["ua"] == [PHONE_UA]
+    at = datetime.fromisoformat(q["dt"][0].replace("Z", "+00:00"))
+    assert at.tzinfo is not None and before <= at <= datetime.now(UTC)
+    assert q["cc"] == [""]      # no GeoIP database configured
+    assert q["send"] == [""]    # not a message's link
+    assert q["unk"] == [""]     # unknown macros become empty
+    assert location.startswith("https://lp.example/land?cid=")
+
+
+async def test_values_are_url_encoded_and_cannot_inject(api: httpx.AsyncClient, tenant: Tenant, edge: Edge) -> None:
+    _, link = await offer_and_link(api, tenant, "https://lp.example/p/{sub2}?s={sub1}&x=1")
+    evil = "a&admin=1#frag"
+    location = await edge.click(link["shortUrl"] + "?sub1=a%26admin%3D1%23frag&sub2=..%2F..%2Fetc")
+    parts = urlsplit(location)
+    assert parts.path == "/p/..%2F..%2Fetc"
+    assert parts.fragment == ""
+    assert parse_qs(parts.query) == {"s": [evil], "x": ["1"]}
+
+
+async def test_no_macros_appends_click_id_and_subs(api: httpx.AsyncClient, tenant: Tenant, edge: Edge) -> None:
+    _, link = await offer_and_link(api, tenant, "https://lp.example/land?k=v")
+    location = await edge.click(link["shortUrl"] + "?sub1=x&sub3=z&source=ignored")
+    q = query_of(location)
+    assert set(q) == {"k", "click_id", "sub1", "sub3"}
+    assert q["sub1"] == ["x"] and q["sub3"] == ["z"] and len(q["click_id"][0]) == 32
+
+
+async def test_paused_or_deleted_offer_stops_answering(api: httpx.AsyncClient, tenant: Tenant, settings: Settings) -> None:
+    offer, link = await offer_and_link(api, tenant, "https://lp.example/land")
+    ttl = 0.05
+    async with running_edge(settings, link_cache_ttl=ttl) as edge:
+        tracker_url = (await edge.get(link["shortUrl"])).headers["location"]
+        assert (await edge.head(tracker_url)).status_code == 302
+
+        resp = await api.patch(f"/api/v2/offers/{offer['id']}", json={"status": "paused"}, headers=tenant.headers)
+        assert resp.status_code == 200, resp.text
+        await asyncio.sleep(ttl * 3)
+        assert (await edge.get(link["shortUrl"])).status_code == 404
+        assert (await edge.get(tracker_url)).status_code == 404
+
+        resp = await api.patch(f"/api/v2/offers/{offer['id']}", json={"status": "active"}, headers=tenant.headers)
+        assert resp.status_code == 200, resp.text
+        await asyncio.sleep(ttl * 3)
+        assert (await edge.get(link["shortUrl"])).status_code == 302
+
+        resp = await api.delete(f"/api/v2/offers/{offer['id']}", headers=tenant.headers)
+        assert resp.status_code in (200, 204), resp.text
+        await asyncio.sleep(ttl * 3)
+        assert (await edge.get(link["shortUrl"])).status_code == 404
+        assert (await edge.head(tracker_url)).status_code == 404
+
+
+async def test_head_answers_the_same_location_and_records_nothing(
+    api: httpx.AsyncClient, tenant: Tenant, edge: Edge, db: asyncpg.Pool, redis: object
+) -> None:
+    _, link = await offer_and_link(api, tenant, "https://lp.example/land?s={sub1}")
+    await drain(db, redis)
+    short_head = await edge.head(link["shortUrl"] + "?sub1=q")
+    short_get = await edge.get(link["shortUrl"] + "?sub1=q")
+    assert short_head.status_code == short_get.status_code == 302
+    assert short_head.headers["location"] == short_get.headers["location"]
+    tracker = short_get.headers["location"]
+    head = await edge.head(tracker)
+    assert head.status_code == 302
+    assert head.headers["location"] == "https://lp.example/land?s=q"
+    assert head.headers["cache-control"] == "private, no-store"
+    await drain(db, redis)
+    assert await db.fetchval("SELECT count(*) FROM clicks WHERE account_id = $1", tenant.account_id) == 0
+    get = await edge.get(tracker)
+    assert get.headers["location"] == head.headers["location"]
+    await drain(db, redis)
+    assert await db.fetchval("SELECT count(*) FROM clicks WHERE account_id = $1", tenant.account_id) == 1
+
+
+async def test_other_methods_are_refused(api: httpx.AsyncClient, tenant: Tenant, edge: Edge) -> None:
+    _, link = await offer_and_link(api, tenant, "https://lp.example/land")
+    resp = await edge.client.post(link["shortUrl"])
+    assert resp.status_code == 405
+    assert resp.headers["allow"] == "GET, HEAD"
+
+
+async def test_two_links_of_one_offer_are_distinct(api: httpx.AsyncClient, tenant: Tenant, edge: Edge) -> None:
+    offer = await make_offer(api, tenant, destination_url="https://lp.example/land")
+    one, two = await make_link(api, tenant, offer["id"]), await make_link(api, tenant, offer["id"])
+    assert (await edge.get(one["shortUrl"])).headers["location"] == one["clickTrackerUrl"]
+    assert (await edge.get(two["shortUrl"])).headers["location"] == two["clickTrackerUrl"]

@@ -1,0 +1,102 @@
+"""Per-message short URLs from /send: the click belongs to the message, {{sendId}} is its id,
+only the first human click is the engagement, bots never count."""
+from __future__ import annotations
+
+import re
+from urllib.parse import parse_qs, urlsplit
+
+import asyncpg
+import httpx
+
+from tests.helpers import Tenant, make_tenant, random_phone
+from tests.redirect.conftest import Edge, drain, offer_and_link
+
+CODE_RE = re.compile(r"https://sms\.example\.com/([A-Za-z0-9]{7})\b")
+IMESSAGE_UA = "facebookexternalhit/1.1 Facebot Twitterbot/1.0"
+
+
+async def send(api: httpx.AsyncClient, tenant: Tenant, db: asyncpg.Pool, body: str, to: str | None = None) -> tuple[str, str]:
+    """(message id, the rewritten per-message short URL)."""
+    resp = await api.post(
+        "/api/v2/send", json={"to": to or random_phone(), "list_id": tenant.list_id, "body": body}, headers=tenant.headers
+    )
+    assert resp.status_code == 201, resp.text
+    message_id = resp.json()["message_id"]
+    final_body = await db.fetchval("SELECT body FROM messages WHERE id = $1", message_id)
+    match = CODE_RE.search(final_body)
+    assert match, final_body
+    return message_id, match.group(0)
+
+
+async def test_send_body_link_carries_the_message_to_the_click(
+    api: httpx.AsyncClient, tenant: Tenant, edge: Edge, db: asyncpg.Pool, redis: object
+) -> None:
+    _, link = await offer_and_link(api, tenant, "https://lp.example/offer?aff_sub={{sendId}}&c={click_id}")
+    phone = random_phone()
+    message_id, short_url = await send(api, tenant, db, f"Deal: {link['shortUrl']} reply STOP", to=phone)
+    assert short_url != link["shortUrl"]
+
+    tracker = await edge.get(short_url + "?sub1=x")
+    assert tracker.status_code == 302
+    q = parse_qs(urlsplit(tracker.headers["location"]).query)
+    assert q == {"sid": [message_id], "sub1": ["x"]}
+    dest = await edge.get(tracker.headers["location"])
+    dq = parse_qs(urlsplit(dest.headers["location"]).query)
+    assert dq["aff_sub"] == [message_id]
+    click_id = dq["c"][0]
+
+    await drain(db, redis)
+    row = await db.fetchrow("SELECT message_id, is_bot, params FROM clicks WHERE id = $1", click_id)
+    assert row["message_id"] == message_id
+    assert "sid" not in row["params"]
+    mc = await db.fetchrow("SELECT * FROM message_clicks WHERE message_id = $1", message_id)
+    assert mc["click_id"] == click_id and mc["account_id"] == tenant.account_id
+    contact = await db.fetchrow(
+        "SELECT click_count, last_clicked_at FROM contacts WHERE list_id = $1 AND phone_number = $2", tenant.list_id, phone
+    )
+    assert contact["click_count"] == 1 and contact["last_clicked_at"] is not None
+
+
+async def test_only_the_first_human_click_is_the_engagement(
+    api: httpx.AsyncClient, tenant: Tenant, edge: Edge, db: asyncpg.Pool, redis: object
+) -> None:
+    _, link = await offer_and_link(api, tenant, "https://lp.example/offer?c={click_id}")
+    phone = random_phone()
+    message_id, short_url = await send(api, tenant, db, f"Go {link['shortUrl']}", to=phone)
+
+    # The preview bot fetches first: redirected, stored as a bot, not the engagement.
+    bot_location = await edge.click(short_url, headers={"user-agent": IMESSAGE_UA})
+    assert bot_location.startswith("https://lp.example/offer?c=")
+    await drain(db, redis)
+    assert await db.fetchval("SELECT count(*) FROM message_clicks WHERE message_id = $1", message_id) == 0
+
+    first = parse_qs(urlsplit(await edge.click(short_url)).query)["c"][0]
+    await drain(db, redis)
+    second = parse_qs(urlsplit(await edge.click(short_url)).query)["c"][0]
+    await drain(db, redis)
+
+    rows = await db.fetch("SELECT id, is_bot FROM clicks WHERE message_id = $1 ORDER BY clicked_at", message_id)
+    assert [r["is_bot"] for r in rows] == [True, False, False]
+    assert rows[1]["id"] == first and rows[2]["id"] == second
+    assert await db.fetchval("SELECT click_id FROM message_clicks WHERE message_id = $1", message_id) == first
+    count = await db.fetchval(
+        "SELECT click_count FROM contacts WHERE list_id = $1 AND phone_number = $2", tenant.list_id, phone
+    )
+    assert count == 2  # human clicks only
+
+
+async def test_a_message_of_another_account_is_not_claimed(
+    api: httpx.AsyncClient, tenant: Tenant, edge: Edge, db: asyncpg.Pool, redis: object
+) -> None:
+    other = await make_tenant(db)
+    _, other_link = await offer_and_link(api, other, "https://lp.example/x")
+    other_message, _ = await send(api, other, db, f"Hi {other_link['shortUrl']}")
+
+    _, link = await offer_and_link(api, tenant, "https://lp.example/offer?c={click_id}&m={{sendId}}")
+    tracker = (await edge.get(link["shortUrl"])).headers["location"]
+    # A forged sid naming the other account's message.
+    dest = await edge.get(tracker + f"?sid={other_message}")
+    click_id = parse_qs(urlsplit(dest.headers["location"]).query)["c"][0]
+    await drain(db, redis)
+    assert await db.fetchval("SELECT message_id FROM clicks WHERE id = $1", click_id) is None
+    assert await db.fetchval("SELECT count(*) FROM message_clicks WHERE message_id = $1", other_message) == 0

@@ -1,0 +1,104 @@
+"""Redis trouble at the edge, and the operations endpoints."""
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+import asyncpg
+import httpx
+
+from shared import edge as edge_keys
+from shared.embedded import EmbeddedRedis
+from shared.redis_client import create_redis
+from shared.settings import Settings
+from tests.helpers import Tenant
+from tests.redirect.conftest import Edge, drain, offer_and_link, running_edge
+
+
+async def _copy_link_keys(source: object, target: object, link: dict, offer_id: str) -> None:
+    tracker_id = link["clickTrackerUrl"].rsplit("/", 1)[1]
+    for key in (
+        edge_keys.short_key("sms.example.com", link["linkId"]),
+        edge_keys.tracker_key(tracker_id),
+        edge_keys.offer_key(offer_id),
+    ):
+        value = await source.get(key)  # type: ignore[attr-defined]
+        assert value is not None, key
+        await target.set(key, value)  # type: ignore[attr-defined]
+
+
+async def test_cached_links_keep_redirecting_while_redis_is_down(
+    api: httpx.AsyncClient, tenant: Tenant, settings: Settings, redis: object, tmp_path: Path
+) -> None:
+    offer, link = await offer_and_link(api, tenant, "https://lp.example/land?s={sub1}")
+    spare = EmbeddedRedis(tmp_path / "spare-redis")
+    spare.start()
+    try:
+        client = create_redis(spare.url)
+        try:
+            await _copy_link_keys(redis, client, link, offer["id"])
+        finally:
+            await client.aclose()
+        ttl = 0.05
+        async with running_edge(settings, redis_url=spare.url, link_cache_ttl=ttl) as edge:
+            tracker = (await edge.get(link["shortUrl"] + "?sub1=a")).headers["location"]
+            assert (await edge.get(tracker)).status_code == 302
+            assert (await edge.get("http://edge/readyz")).status_code == 200
+
+            spare.stop()
+            # Fresh entries: answered without Redis.
+            assert (await edge.get(link["shortUrl"] + "?sub1=a")).headers["location"] == tracker
+            await asyncio.sleep(ttl * 3)
+            # Expired entries: Redis fails, the stale entry is served.
+            short = await edge.get(link["shortUrl"] + "?sub1=a")
+            assert short.status_code == 302 and short.headers["location"] == tracker
+            head = await edge.head(tracker)
+            assert head.status_code == 302 and head.headers["location"] == "https://lp.example/land?s=a"
+            # A click cannot be recorded: never a 302 for it.
+            failed = await edge.get(tracker)
+            assert failed.status_code == 503
+            assert failed.headers["cache-control"] == "private, no-store"
+            # A code never seen cannot be answered either way.
+            assert (await edge.get("https://sms.example.com/Qq1Qq1")).status_code == 503
+            ready = await edge.get("http://edge/readyz")
+            assert ready.status_code == 503 and ready.json()["status"] == "unavailable"
+            metrics = (await edge.get("http://edge/metrics")).text
+            assert _value(metrics, "trackly_redirect_stale_served_total") >= 1
+            assert _value(metrics, "trackly_redirect_clicks_failed_total") == 1
+    finally:
+        spare.stop()
+
+
+def _value(text: str, name: str, labels: str = "") -> float:
+    match = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.MULTILINE)
+    assert match, f"{name}{labels} not in metrics"
+    return float(match.group(1))
+
+
+async def test_health_readiness_and_metrics(
+    api: httpx.AsyncClient, tenant: Tenant, edge: Edge, db: asyncpg.Pool, redis: object
+) -> None:
+    assert (await edge.get("http://edge/healthz")).json() == {"status": "ok"}
+    ready = await edge.get("http://edge/readyz")
+    assert ready.status_code == 200 and ready.json()["redis"] == "ok"
+
+    _, link = await offer_and_link(api, tenant, "https://lp.example/land")
+    await drain(db, redis)
+    for _ in range(3):
+        await edge.click(link["shortUrl"])
+    await edge.get("https://sms.example.com/Nope00")
+    metrics = await edge.get("http://edge/metrics")
+    assert metrics.status_code == 200
+    assert metrics.headers["content-type"].startswith("text/plain")
+    text = metrics.text
+    assert _value(text, "trackly_redirect_requests_total", '{hop="short",status="302"}') == 3
+    assert _value(text, "trackly_redirect_requests_total", '{hop="tracker",status="302"}') == 3
+    assert _value(text, "trackly_redirect_requests_total", '{hop="short",status="404"}') == 1
+    assert _value(text, "trackly_redirect_request_seconds_count") >= 7
+    assert _value(text, "trackly_redirect_clicks_recorded_total") == 3
+    assert _value(text, "trackly_click_stream_length") >= 1  # the three clicks wait for the drainer
+    await drain(db, redis)
+    after = (await edge.get("http://edge/metrics")).text
+    assert _value(after, "trackly_click_stream_length") == 0
+    assert _value(after, "trackly_click_stream_pending") == 0
