@@ -1,0 +1,176 @@
+"""The click drainer: stream -> PostgreSQL, idempotent, first click per message, contacts."""
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import httpx
+import orjson
+
+from services.worker.clicks import drain_once, ensure_group, store
+from shared import edge, ids
+from shared.settings import Settings
+from tests.helpers import Tenant, make_tenant, random_phone
+
+T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+
+
+async def drain_all(db: asyncpg.Pool, redis: Any, consumer: str = "pytest") -> int:
+    total = 0
+    while n := await drain_once(db, redis, consumer=consumer, min_idle_ms=0):
+        total += n
+    return total
+
+
+def click(tenant: Tenant, *, at: datetime, message_id: str | None = None, bot: bool = False, **q: str) -> edge.Click:
+    return {
+        "id": ids.click_id(), "t": ids.tracker_id(), "l": "Ab3kX9", "o": "f" * 24, "a": tenant.account_id,
+        "li": tenant.list_id, "m": message_id, "at": at.isoformat(), "ip": "198.51.100.1", "ua": "Mozilla/5.0",
+        "cc": None, "bot": bot, "q": dict(q),
+    }
+
+
+async def xadd(redis: Any, clicks: list[edge.Click]) -> None:
+    await redis.xadd(edge.CLICK_STREAM, {"b": orjson.dumps(clicks)})
+
+
+async def message(api: httpx.AsyncClient, tenant: Tenant, phone: str) -> str:
+    resp = await api.post(
+        "/api/v2/send", json={"to": phone, "list_id": tenant.list_id, "body": "hello"}, headers=tenant.headers
+    )
+    assert resp.status_code == 201, resp.text
+    return resp.json()["message_id"]
+
+
+async def contact_clicks(db: asyncpg.Pool, tenant: Tenant, phone: str) -> tuple[int, datetime | None]:
+    row = await db.fetchrow(
+        "SELECT click_count, last_clicked_at FROM contacts WHERE list_id = $1 AND phone_number = $2", tenant.list_id, phone
+    )
+    return row["click_count"], row["last_clicked_at"]
+
+
+async def test_drains_clicks_with_their_fields(db: asyncpg.Pool, redis: Any, tenant: Tenant) -> None:
+    await drain_all(db, redis)
+    c = click(tenant, at=T0, sub1="a", foo="bar")
+    c["cc"] = "GB"
+    await xadd(redis, [c])
+    assert await drain_all(db, redis) == 1
+    row = await db.fetchrow("SELECT * FROM clicks WHERE id = $1", c["id"])
+    assert (row["account_id"], row["link_id"], row["offer_id"], row["list_id"]) == (tenant.account_id, "Ab3kX9", "f" * 24, tenant.list_id)
+    assert row["clicked_at"] == T0 and row["country_code"] == "GB" and row["ip"] == "198.51.100.1"
+    assert row["params"] == {"sub1": "a", "foo": "bar"} and row["source"] == "edge" and row["is_bot"] is False
+    assert await redis.xlen(edge.CLICK_STREAM) == 0  # acknowledged entries are deleted
+
+
+async def test_a_batch_drained_twice_is_stored_and_counted_once(
+    db: asyncpg.Pool, redis: Any, api: httpx.AsyncClient, tenant: Tenant
+) -> None:
+    phone = random_phone()
+    mid = await message(api, tenant, phone)
+    batch = [click(tenant, at=T0 + timedelta(seconds=i), message_id=mid) for i in range(3)]
+    batch.append(click(tenant, at=T0, message_id=mid, bot=True))
+    await drain_all(db, redis)
+    await xadd(redis, batch)
+    await xadd(redis, batch[:2])  # the same clicks again (a retried write, a redelivered entry)
+    await drain_all(db, redis)
+    await xadd(redis, batch)
+    await drain_all(db, redis)
+    # And the same rows through store() in a second transaction, as a crash before XACK would do.
+    async with db.acquire() as conn, conn.transaction():
+        again = [dict(c, at=datetime.fromisoformat(c["at"])) for c in batch]
+        assert await store(conn, again) == []
+
+    assert await db.fetchval("SELECT count(*) FROM clicks WHERE account_id = $1", tenant.account_id) == 4
+    assert await db.fetchval("SELECT click_id FROM message_clicks WHERE message_id = $1", mid) == batch[0]["id"]
+    assert await contact_clicks(db, tenant, phone) == (3, T0 + timedelta(seconds=2))
+
+
+async def test_the_earliest_human_click_wins_even_out_of_order(
+    db: asyncpg.Pool, redis: Any, api: httpx.AsyncClient, tenant: Tenant
+) -> None:
+    phone = random_phone()
+    mid = await message(api, tenant, phone)
+    late = click(tenant, at=T0 + timedelta(minutes=5), message_id=mid)
+    early = click(tenant, at=T0, message_id=mid)
+    earliest_bot = click(tenant, at=T0 - timedelta(minutes=1), message_id=mid, bot=True)
+    await drain_all(db, redis)
+    await xadd(redis, [late])
+    await drain_all(db, redis)
+    assert await db.fetchval("SELECT click_id FROM message_clicks WHERE message_id = $1", mid) == late["id"]
+    await xadd(redis, [early, earliest_bot])
+    await drain_all(db, redis)
+    row = await db.fetchrow("SELECT * FROM message_clicks WHERE message_id = $1", mid)
+    assert row["click_id"] == early["id"] and row["clicked_at"] == T0 and row["account_id"] == tenant.account_id
+    assert await contact_clicks(db, tenant, phone) == (2, T0 + timedelta(minutes=5))
+
+
+async def test_message_id_kept_only_for_an_existing_message_of_the_same_account(
+    db: asyncpg.Pool, redis: Any, api: httpx.AsyncClient, tenant: Tenant
+) -> None:
+    other = await make_tenant(db)
+    other_phone = random_phone()
+    foreign = await message(api, other, other_phone)
+    own = await message(api, tenant, random_phone())
+    clicks = [
+        click(tenant, at=T0, message_id=foreign),
+        click(tenant, at=T0, message_id="Zz9Zz9Zz"),  # no such message
+        click(tenant, at=T0, message_id=own),
+    ]
+    await drain_all(db, redis)
+    await xadd(redis, clicks)
+    await drain_all(db, redis)
+    got = {r["id"]: r["message_id"] for r in await db.fetch("SELECT id, message_id FROM clicks WHERE account_id = $1", tenant.account_id)}
+    assert got == {clicks[0]["id"]: None, clicks[1]["id"]: None, clicks[2]["id"]: own}
+    assert await db.fetchval("SELECT count(*) FROM message_clicks WHERE message_id = $1", foreign) == 0
+    assert await contact_clicks(db, other, other_phone) == (0, None)
+
+
+async def test_malformed_entries_are_dropped_not_stuck(db: asyncpg.Pool, redis: Any, tenant: Tenant) -> None:
+    await drain_all(db, redis)
+    good = click(tenant, at=T0)
+    bad_time = dict(click(tenant, at=T0), at="yesterday")
+    await redis.xadd(edge.CLICK_STREAM, {"b": b"not json"})
+    await redis.xadd(edge.CLICK_STREAM, {"x": b"[]"})
+    await xadd(redis, [{"id": 5}, bad_time, good])  # type: ignore[list-item]
+    await drain_all(db, redis)
+    ids_stored = [r["id"] for r in await db.fetch("SELECT id FROM clicks WHERE account_id = $1", tenant.account_id)]
+    assert ids_stored == [good["id"]]
+    assert await redis.xlen(edge.CLICK_STREAM) == 0
+
+
+async def test_entries_of_a_dead_consumer_are_claimed(db: asyncpg.Pool, redis: Any, tenant: Tenant) -> None:
+    await drain_all(db, redis)
+    await ensure_group(redis)
+    c = click(tenant, at=T0)
+    await xadd(redis, [c])
+    # A consumer reads the entry and dies before storing it.
+    taken = await redis.xreadgroup(edge.CLICK_GROUP, "ghost", {edge.CLICK_STREAM: ">"}, count=10)
+    assert taken and taken[0][1]
+    # Not yet idle long enough: left alone.
+    assert await drain_once(db, redis, consumer="rescuer", min_idle_ms=60_000) == 0
+    assert await db.fetchval("SELECT count(*) FROM clicks WHERE id = $1", c["id"]) == 0
+    # Idle past the limit: claimed and stored.
+    assert await drain_once(db, redis, consumer="rescuer", min_idle_ms=0) >= 1
+    assert await db.fetchval("SELECT count(*) FROM clicks WHERE id = $1", c["id"]) == 1
+    pending = await redis.xpending(edge.CLICK_STREAM, edge.CLICK_GROUP)
+    assert pending["pending"] == 0
+
+
+async def test_a_failed_transaction_is_retried_from_the_pending_list(
+    db: asyncpg.Pool, redis: Any, tenant: Tenant, settings: Settings
+) -> None:
+    await drain_all(db, redis)
+    c = click(tenant, at=T0)
+    await xadd(redis, [c])
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=1)
+    await pool.close()  # a closed pool: the store fails after the entry was delivered
+    try:
+        await drain_once(pool, redis, consumer="flaky")
+    except Exception:  # noqa: BLE001 - the failure is the point
+        pass
+    else:
+        raise AssertionError("drain_once on a closed pool should fail")
+    assert (await redis.xpending(edge.CLICK_STREAM, edge.CLICK_GROUP))["pending"] >= 1
+    assert await drain_once(db, redis, consumer="flaky") >= 1  # its own pending entry first
+    assert await db.fetchval("SELECT count(*) FROM clicks WHERE id = $1", c["id"]) == 1
