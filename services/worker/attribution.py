@@ -1,22 +1,362 @@
-"""Postback processing and first-click attribution. (Being written: see issue 5.)"""
+"""Postback processing and first-click attribution.
+
+``process_postback`` is the arq job the gateway enqueues for every stored postback. It does not
+work on its one postback alone: in one transaction it takes that postback plus other unprocessed
+ones (``FOR UPDATE SKIP LOCKED``, so concurrent jobs never share a row) and attributes the whole
+batch set-based. The jobs of postbacks a batch already handled find nothing left to do.
+
+Conversions are unique per (account, network, conversion key). A batch inserts the ones it
+creates with ``ON CONFLICT DO NOTHING`` and locks the ones that exist with ``SELECT ... FOR UPDATE``
+(both in key order, so two batches never deadlock), then moves each through the status machine of
+``shared.postback_fields``. Every move writes its revenue delta to ``conversion_adjustments``:
+the ledger whose sum is a conversion's revenue; nothing is ever deleted.
+
+Attribution: the click named by ``click_id`` (same account, human) wins if the conversion time is
+within ``[clicked_at, clicked_at + click_window_days]`` of the click's offer (default 90 days).
+A conversion whose click has not been stored yet waits as ``click_not_found``; the click drainer
+calls ``rematch_for_clicks`` with every new human click, and the sweeper catches the rare race
+where both committed without seeing each other.
+"""
 from __future__ import annotations
 
 import asyncio
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
 
-FUNCTIONS: list[Any] = []
+from shared.jobs import PROCESS_POSTBACK, postback_job_id
+from shared.postback_fields import accepts_move, status_value
+
+log = logging.getLogger("trackly.worker.attribution")
+
+BATCH_SIZE = 1000
+DEFAULT_WINDOW_DAYS = 90
+SWEEP_INTERVAL = 2.0
+SWEEP_AGE = timedelta(seconds=5)
+SWEEP_LIMIT = 5000
+DEADLOCK_RETRIES = 5
+
+_CLICKS = """
+SELECT k.id, k.account_id, k.clicked_at, k.is_bot, k.link_id, m.id AS message_id,
+       coalesce(k.offer_id, m.offer_id) AS offer_id, coalesce(m.list_id, k.list_id) AS list_id,
+       m.creative_id, m.schedule_id, m.to_phone,
+       coalesce(o.click_window_days, $2::int) AS window_days
+FROM clicks k
+LEFT JOIN messages m ON m.id = k.message_id AND m.account_id = k.account_id
+LEFT JOIN offers o ON o.id = coalesce(k.offer_id, m.offer_id)
+WHERE k.id = ANY($1::text[])
+"""
+
+_TAKE = """
+WITH own AS (
+    SELECT id FROM postbacks WHERE id = $1 AND processed_at IS NULL AND NOT is_duplicate
+    FOR UPDATE SKIP LOCKED
+), rest AS (
+    SELECT id FROM postbacks WHERE processed_at IS NULL AND NOT is_duplicate AND id IS DISTINCT FROM $1
+    ORDER BY received_at LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+SELECT id, account_id, network, conversion_key, click_id, status, payout, currency, offer_ref, converted_at
+FROM postbacks
+WHERE id IN (SELECT id FROM own UNION ALL SELECT id FROM rest)
+ORDER BY id
+"""
+
+_OFFERS = """
+SELECT DISTINCT ON (t.account_id, t.ref) t.account_id, t.ref, o.id, o.payout, o.currency
+FROM unnest($1::bigint[], $2::text[]) AS t(account_id, ref)
+JOIN offers o ON o.account_id = t.account_id AND (o.id = t.ref OR o.external_id = t.ref)
+ORDER BY t.account_id, t.ref, (o.id = t.ref) DESC, (o.status = 'deleted')
+"""
+
+_CONVERSION_COLUMNS = "id, account_id, network, conversion_key, status, payout"
+
+_LOCK = f"""
+SELECT {_CONVERSION_COLUMNS} FROM conversions
+WHERE (account_id, network, conversion_key) IN (
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[]))
+ORDER BY account_id, network, conversion_key
+FOR UPDATE
+"""
+
+_CREATE = f"""
+INSERT INTO conversions (account_id, network, conversion_key, click_id, status, payout, currency, converted_at,
+                         offer_id, attributed, unattributed_reason, message_id, link_id, list_id, creative_id,
+                         schedule_id, contact_phone, clicked_at)
+SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::numeric[], $7::text[],
+                     $8::timestamptz[], $9::text[], $10::boolean[], $11::text[], $12::text[], $13::text[],
+                     $14::bigint[], $15::text[], $16::text[], $17::text[], $18::timestamptz[])
+ORDER BY 1, 2, 3
+ON CONFLICT (account_id, network, conversion_key) DO NOTHING
+RETURNING {_CONVERSION_COLUMNS}
+"""
+
+_MOVE = """
+UPDATE conversions c SET status = t.status, payout = t.payout, updated_at = now()
+FROM unnest($1::bigint[], $2::text[], $3::numeric[]) AS t(id, status, payout)
+WHERE c.id = t.id
+"""
+
+_LEDGER = """
+INSERT INTO conversion_adjustments (conversion_id, postback_id, from_status, to_status, amount)
+SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::numeric[])
+"""
+
+_DONE = """
+UPDATE postbacks p SET processed_at = now(), process_error = t.error
+FROM unnest($1::bigint[], $2::text[]) AS t(id, error)
+WHERE p.id = t.id
+"""
+
+_ATTRIBUTE = """
+UPDATE conversions c SET
+    attributed = t.attributed, unattributed_reason = t.reason, message_id = t.message_id, link_id = t.link_id,
+    list_id = t.list_id, creative_id = t.creative_id, schedule_id = t.schedule_id, contact_phone = t.contact_phone,
+    clicked_at = t.clicked_at, offer_id = coalesce(t.offer_id, c.offer_id), updated_at = now()
+FROM unnest($1::bigint[], $2::boolean[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[], $8::text[],
+            $9::text[], $10::timestamptz[], $11::text[])
+    AS t(id, attributed, reason, message_id, link_id, list_id, creative_id, schedule_id, contact_phone, clicked_at,
+         offer_id)
+WHERE c.id = t.id
+"""
+
+
+@dataclass
+class Attribution:
+    attributed: bool
+    reason: str | None
+    click: Any = None  # the clicks row (joined with its message) when attributed
+
+    def columns(self) -> tuple[Any, ...]:
+        """message_id, link_id, list_id, creative_id, schedule_id, contact_phone, clicked_at, offer_id."""
+        c = self.click if self.attributed else None
+        if c is None:
+            return (None,) * 8
+        return (c["message_id"], c["link_id"], c["list_id"], c["creative_id"], c["schedule_id"], c["to_phone"],
+                c["clicked_at"], c["offer_id"])
+
+
+def judge(account_id: int, click_id: str | None, converted_at: datetime, click: Any) -> Attribution:
+    """First-click attribution rules, in one place for postbacks and late clicks alike."""
+    if click_id is None:
+        return Attribution(False, "no_click_id")
+    if click is None or click["account_id"] != account_id:
+        return Attribution(False, "click_not_found")
+    if click["is_bot"]:
+        return Attribution(False, "bot_click")
+    if converted_at < click["clicked_at"]:
+        return Attribution(False, "before_click")
+    if converted_at > click["clicked_at"] + timedelta(days=click["window_days"]):
+        return Attribution(False, "expired")
+    return Attribution(True, None, click)
+
+
+async def fetch_clicks(conn: asyncpg.Connection, click_ids: set[str]) -> dict[str, Any]:
+    if not click_ids:
+        return {}
+    rows = await conn.fetch(_CLICKS, sorted(click_ids), DEFAULT_WINDOW_DAYS)
+    return {r["id"]: r for r in rows}
+
+
+@dataclass
+class _State:
+    """A conversion while a batch moves it: where it started and where it ends."""
+
+    id: int
+    status: str
+    payout: Decimal
+    moved: bool = False
+    ledger: list[tuple[int, str | None, str, Decimal]] = field(default_factory=list)  # postback, from, to, amount
+
+    def apply(self, postback_id: int, status: str, payout: Decimal | None) -> None:
+        new_payout = self.payout if payout is None else payout
+        if not accepts_move(self.status, self.payout, status, new_payout):
+            return
+        delta = status_value(status, new_payout) - status_value(self.status, self.payout)
+        self.ledger.append((postback_id, self.status, status, delta))
+        self.status, self.payout, self.moved = status, new_payout, True
+
+
+async def process_batch(conn: asyncpg.Connection, first_id: int | None = None, limit: int = BATCH_SIZE) -> int:
+    """Process up to ``limit`` unprocessed postbacks (``first_id`` among them if it is still waiting)
+    in the caller's transaction. Returns how many postbacks it processed."""
+    rows = await conn.fetch(_TAKE, first_id, limit)
+    if not rows:
+        return 0
+    clicks = await fetch_clicks(conn, {r["click_id"] for r in rows if r["click_id"]})
+    offer_refs = sorted({(r["account_id"], r["offer_ref"]) for r in rows if r["offer_ref"]})
+    offers: dict[tuple[int, str], Any] = {}
+    if offer_refs:
+        found = await conn.fetch(_OFFERS, [a for a, _ in offer_refs], [ref for _, ref in offer_refs])
+        offers = {(r["account_id"], r["ref"]): r for r in found}
+    # Offers of the clicks, for a postback that names no payout.
+    click_offer_ids = sorted({c["offer_id"] for c in clicks.values() if c["offer_id"]})
+    click_offers = {}
+    if click_offer_ids:
+        click_offers = {r["id"]: r for r in await conn.fetch(
+            "SELECT id, payout, currency FROM offers WHERE id = ANY($1::text[])", click_offer_ids)}
+
+    groups: dict[tuple[int, str, str], list[Any]] = {}
+    for r in rows:
+        groups.setdefault((r["account_id"], r["network"], r["conversion_key"]), []).append(r)
+    keys = sorted(groups)
+
+    states: dict[tuple[int, str, str], _State] = {}
+
+    async def lock(wanted: list[tuple[int, str, str]]) -> None:
+        if wanted:
+            for c in await conn.fetch(_LOCK, *map(list, zip(*wanted))):
+                states[(c["account_id"], c["network"], c["conversion_key"])] = _State(c["id"], c["status"], c["payout"])
+
+    await lock(keys)
+    fresh = [k for k in keys if k not in states]
+    created: set[tuple[int, str, str]] = set()
+    if fresh:
+        cols: list[list[Any]] = [[] for _ in range(18)]
+        for key in fresh:
+            first = groups[key][0]
+            verdict = judge(first["account_id"], first["click_id"], first["converted_at"], clicks.get(first["click_id"]))
+            named = offers.get((first["account_id"], first["offer_ref"])) if first["offer_ref"] else None
+            offer_id = verdict.columns()[7] or (named["id"] if named else None)
+            offer = click_offers.get(offer_id) if verdict.attributed else named
+            payout = first["payout"]
+            if payout is None:
+                payout = (offer["payout"] if offer is not None else None) or Decimal(0)
+            currency = first["currency"] or (offer["currency"] if offer is not None else None) or "USD"
+            message_id, link_id, list_id, creative_id, schedule_id, phone, clicked_at, _ = verdict.columns()
+            for col, value in zip(cols, (
+                key[0], key[1], key[2], first["click_id"], first["status"], payout, currency, first["converted_at"],
+                offer_id, verdict.attributed, verdict.reason, message_id, link_id, list_id, creative_id, schedule_id,
+                phone, clicked_at,
+            )):
+                col.append(value)
+        for c in await conn.fetch(_CREATE, *cols):
+            key = (c["account_id"], c["network"], c["conversion_key"])
+            state = _State(c["id"], c["status"], c["payout"], moved=False)
+            state.ledger.append((groups[key][0]["id"], None, c["status"], status_value(c["status"], c["payout"])))
+            states[key] = state
+            created.add(key)
+        # Created by a concurrent batch between our lock and our insert: lock theirs.
+        await lock([k for k in fresh if k not in states])
+
+    ledger: list[tuple[int, int, str | None, str, Decimal]] = []
+    moves: list[tuple[int, str, Decimal]] = []
+    for key in keys:
+        state = states[key]
+        for r in groups[key][1:] if key in created else groups[key]:
+            state.apply(r["id"], r["status"], r["payout"])
+        ledger += [(state.id, *entry) for entry in state.ledger]
+        if state.moved:
+            moves.append((state.id, state.status, state.payout))
+    if moves:
+        await conn.execute(_MOVE, *map(list, zip(*moves)))
+    if ledger:
+        await conn.execute(_LEDGER, *map(list, zip(*ledger)))
+    await conn.execute(_DONE, [r["id"] for r in rows], [None] * len(rows))
+    return len(rows)
+
+
+async def _attribute(conn: asyncpg.Connection, updates: list[tuple[int, Attribution]]) -> None:
+    if not updates:
+        return
+    cols: list[list[Any]] = [[] for _ in range(11)]
+    for conversion_id, verdict in updates:
+        for col, value in zip(cols, (conversion_id, verdict.attributed, verdict.reason, *verdict.columns())):
+            col.append(value)
+    await conn.execute(_ATTRIBUTE, *cols)
 
 
 async def rematch_for_clicks(conn: asyncpg.Connection, click_ids: list[str]) -> int:
     """Attribute conversions that arrived before their click was drained. Called by the click
     drainer inside its transaction with the ids of clicks it just stored. Returns how many
-    conversions were attributed. (Not implemented yet: issue 5.)"""
-    return 0
+    conversions were attributed."""
+    if not click_ids:
+        return 0
+    waiting = await conn.fetch(
+        "SELECT id, account_id, click_id, converted_at FROM conversions"
+        " WHERE click_id = ANY($1::text[]) AND NOT attributed AND unattributed_reason = 'click_not_found'"
+        " ORDER BY id FOR UPDATE",
+        list(click_ids),
+    )
+    if not waiting:
+        return 0
+    clicks = await fetch_clicks(conn, {w["click_id"] for w in waiting})
+    updates = [
+        (w["id"], judge(w["account_id"], w["click_id"], w["converted_at"], clicks.get(w["click_id"])))
+        for w in waiting
+    ]
+    # Still not found stays as it is; any other verdict (attributed, expired, ...) is final.
+    updates = [(cid, v) for cid, v in updates if v.reason != "click_not_found"]
+    await _attribute(conn, updates)
+    return sum(1 for _, v in updates if v.attributed)
+
+
+async def rematch_stored(conn: asyncpg.Connection, limit: int = 1000) -> int:
+    """Conversions still waiting for a click that is stored by now (the postback and the click
+    committed at the same moment, each missing the other)."""
+    click_ids = await conn.fetch(
+        "SELECT DISTINCT c.click_id FROM conversions c JOIN clicks k ON k.id = c.click_id"
+        " WHERE NOT c.attributed AND c.unattributed_reason = 'click_not_found' AND c.click_id IS NOT NULL"
+        " AND NOT k.is_bot LIMIT $1",
+        limit,
+    )
+    return await rematch_for_clicks(conn, [r["click_id"] for r in click_ids])
+
+
+async def process_postback(ctx: dict[str, Any], postback_id: int) -> int:
+    """arq job: attribute this postback (and whatever else is waiting, in one batch)."""
+    db: asyncpg.Pool = ctx["db"]
+    done = await db.fetchval(
+        "SELECT processed_at IS NOT NULL OR is_duplicate FROM postbacks WHERE id = $1", postback_id
+    )
+    if done is None or done:
+        return 0
+    for attempt in range(DEADLOCK_RETRIES):
+        try:
+            async with db.acquire() as conn, conn.transaction():
+                return await process_batch(conn, postback_id)
+        except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
+            # Two batches met on the same conversions in different orders: one of them yields.
+            if attempt == DEADLOCK_RETRIES - 1:
+                raise
+            await asyncio.sleep(0.05 * (attempt + 1))
+        except Exception as exc:
+            await db.execute(
+                "UPDATE postbacks SET process_error = $2 WHERE id = $1", postback_id, f"{type(exc).__name__}: {exc}"[:1000]
+            )
+            raise
+    raise AssertionError("unreachable")
+
+
+async def sweep_once(db: asyncpg.Pool, arq_redis: Any) -> int:
+    """Enqueue stored postbacks that have waited too long (their job was never enqueued, or failed);
+    arq's job id keeps a postback whose job is still queued from running twice."""
+    ids = await db.fetch(
+        "SELECT id FROM postbacks WHERE processed_at IS NULL AND NOT is_duplicate AND received_at < now() - $1::interval"
+        " ORDER BY received_at LIMIT $2",
+        SWEEP_AGE, SWEEP_LIMIT,
+    )
+    for row in ids:
+        await arq_redis.enqueue_job(PROCESS_POSTBACK, row["id"], _job_id=postback_job_id(row["id"]))
+    async with db.acquire() as conn, conn.transaction():
+        await rematch_stored(conn)
+    return len(ids)
 
 
 async def run_sweeper(ctx: dict[str, Any]) -> None:
-    """Re-enqueue stored postbacks that have no job. (Not implemented yet: issue 5.)"""
+    """Started by the worker: sweep every few seconds; a failure only delays the next sweep."""
     while True:
-        await asyncio.sleep(3600)
+        await asyncio.sleep(SWEEP_INTERVAL)
+        try:
+            await sweep_once(ctx["db"], ctx["redis"])
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("postback sweep failed; retrying")
+
+
+FUNCTIONS: list[Any] = [process_postback]

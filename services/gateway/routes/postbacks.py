@@ -1,0 +1,117 @@
+"""GET|POST /postback/{postback_token}: affiliate networks report conversions here.
+
+The raw postback is stored before anything else, then handed to the worker. Networks retry on
+any non-2xx, so once a postback is stored the answer is 200 whatever happens next: if the job
+cannot be enqueued, the worker's sweeper finds the stored row and enqueues it later.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.routing import Route
+
+from services.gateway.http import JSONResponse, read_body
+from shared import jsonio
+from shared.errors import ApiError
+from shared.jobs import PROCESS_POSTBACK, postback_job_id
+from shared.postback_fields import normalise
+from shared.timeutil import utcnow
+
+log = logging.getLogger("trackly.gateway.postbacks")
+
+TOKEN_TTL = 30.0  # seconds a token -> account mapping is trusted without asking PostgreSQL
+ENQUEUE_TIMEOUT = 2.0
+
+_INSERT = """
+INSERT INTO postbacks (account_id, received_at, method, params, network, conversion_key, click_id, status,
+                       payout, currency, offer_ref, converted_at, parse_error, dedupe_key, is_duplicate, processed_at,
+                       process_error)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+ON CONFLICT (account_id, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
+RETURNING id
+"""
+
+
+async def _account_for(request: Request, token: str) -> int:
+    cache: dict[str, tuple[int, float]] | None = getattr(request.app.state, "postback_tokens", None)
+    if cache is None:
+        cache = request.app.state.postback_tokens = {}
+    now = time.monotonic()
+    hit = cache.get(token)
+    if hit is not None and hit[1] > now:
+        return hit[0]
+    account_id = await request.app.state.db.fetchval("SELECT id FROM accounts WHERE postback_token = $1", token)
+    if account_id is None:
+        raise ApiError(401, "unauthorized", "Unknown postback token")
+    if len(cache) > 10_000:
+        cache.clear()
+    cache[token] = (account_id, now + TOKEN_TTL)
+    return account_id
+
+
+def _multi(items: list[tuple[str, str]], into: dict[str, Any]) -> None:
+    """Keep every value as sent: a repeated field becomes a list, in order."""
+    for key, value in items:
+        if key in into:
+            current = into[key]
+            into[key] = [*current, value] if isinstance(current, list) else [current, value]
+        else:
+            into[key] = value
+
+
+async def _params(request: Request) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    _multi(list(request.query_params.multi_items()), params)
+    if request.method != "POST":
+        return params
+    content_type = request.headers.get("content-type", "").lower()
+    if content_type.startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
+        form = await request.form()
+        _multi([(k, v) for k, v in form.multi_items() if isinstance(v, str)], params)
+        await form.close()
+    elif content_type.startswith("application/json"):
+        try:
+            data = jsonio.loads(await read_body(request))
+        except jsonio.JsonError:
+            data = None
+        if isinstance(data, dict):
+            for key, value in data.items():
+                params.setdefault(str(key), value)
+    return params
+
+
+async def receive(request: Request) -> JSONResponse:
+    account_id = await _account_for(request, request.path_params["postback_token"])
+    params = await _params(request)
+    received_at = utcnow()
+    pb = normalise(params, received_at)
+    unparseable = pb.parse_error is not None
+    db = request.app.state.db
+    values = [
+        # Numbers in a JSON body are Decimals: stored as the exact JSON numbers that were sent.
+        account_id, received_at, request.method, orjson.Fragment(jsonio.dumps(params)), pb.network, pb.conversion_key, pb.click_id, pb.status,
+        pb.payout, pb.currency, pb.offer_ref, pb.converted_at, pb.parse_error,
+    ]
+    # An unparseable postback is kept for the operator and never processed.
+    closed = [received_at, "unparseable"] if unparseable else [None, None]
+    postback_id = await db.fetchval(_INSERT, *values, pb.dedupe_key, False, *closed)
+    if postback_id is None:
+        await db.execute(_INSERT, *values, None, True, received_at, None)
+        return JSONResponse({"success": True, "status": "duplicate"})
+    if not unparseable:
+        try:
+            await asyncio.wait_for(
+                request.app.state.arq.enqueue_job(PROCESS_POSTBACK, postback_id, _job_id=postback_job_id(postback_id)),
+                ENQUEUE_TIMEOUT,
+            )
+        except Exception:  # stored is what counts; the worker's sweeper enqueues it later
+            log.warning("could not enqueue postback %s; the sweeper will", postback_id, exc_info=True)
+    return JSONResponse({"success": True, "status": "accepted"})
+
+
+ROUTES = [Route("/postback/{postback_token}", receive, methods=["GET", "POST"])]

@@ -1,0 +1,141 @@
+"""Postback fields (CONTRACT.md §5): aliases, normalisation and the dedupe key.
+
+The gateway normalises a postback when it stores it; the worker reads the normalised columns.
+Both sides agree on the status machine defined here.
+"""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from shared.money import MoneyError, parse_money, to_json_number
+from shared.timeutil import TimeError, parse_timestamp
+
+ALIASES: dict[str, tuple[str, ...]] = {
+    "click_id": ("click_id", "clickid", "cid", "transaction_id", "aff_sub"),
+    "payout": ("payout", "payout_amount", "amount", "sum"),
+    "conversion_id": ("conversion_id", "txid", "event_id"),
+    "status": ("status",),
+    "currency": ("currency",),
+    "offer_id": ("offer_id",),
+    "timestamp": ("timestamp",),
+    "network": ("network",),
+}
+
+STATUSES = ("pending", "approved", "rejected", "reversed")
+DEFAULT_NETWORK = "default"
+MAX_FIELD = 500
+
+# A move is taken only forwards: a late ``pending`` after ``approved`` is ignored, and ``reversed``
+# is final. ``approved`` and ``rejected`` share a rank, so a network can correct one to the other.
+STATUS_RANK = {"pending": 0, "approved": 1, "rejected": 1, "reversed": 2}
+
+
+def status_value(status: str, payout: Decimal) -> Decimal:
+    """What a conversion is worth in the revenue ledger: its payout while approved, else 0."""
+    return payout if status == "approved" else Decimal(0)
+
+
+def accepts_move(old_status: str, old_payout: Decimal, new_status: str, new_payout: Decimal) -> bool:
+    if old_status == "reversed":
+        return False
+    if new_status == old_status:
+        return new_payout != old_payout
+    return STATUS_RANK[new_status] >= STATUS_RANK[old_status]
+
+
+@dataclass
+class Postback:
+    network: str
+    conversion_key: str
+    click_id: str | None
+    status: str | None
+    payout: Decimal | None
+    currency: str | None
+    offer_ref: str | None
+    converted_at: datetime
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def parse_error(self) -> str | None:
+        return "; ".join(self.errors) or None
+
+    @property
+    def dedupe_key(self) -> str | None:
+        """Same (network, conversion key, status, payout) is the same postback sent again.
+        A postback that could not be parsed has none: it is kept, never deduplicated."""
+        if self.errors:
+            return None
+        payout = "" if self.payout is None else str(to_json_number(self.payout))
+        return "\x1f".join((self.network, self.conversion_key, self.status or "", payout))
+
+
+def first_value(value: Any) -> str | None:
+    """A field as a string: the first of repeated values; numbers as written; blanks are absent."""
+    if isinstance(value, list):
+        value = value[0] if value else None
+    if value is None or isinstance(value, (dict, bool)):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def pick(params: dict[str, Any], name: str) -> str | None:
+    lowered = {str(k).lower(): v for k, v in params.items()}
+    for alias in ALIASES[name]:
+        value = first_value(lowered.get(alias))
+        if value is not None:
+            return value
+    return None
+
+
+def normalise(params: dict[str, Any], received_at: datetime) -> Postback:
+    errors: list[str] = []
+
+    def bounded(name: str) -> str | None:
+        value = pick(params, name)
+        if value is not None and len(value) > MAX_FIELD:
+            errors.append(f"{name}: longer than {MAX_FIELD} characters")
+            return value[:MAX_FIELD]
+        return value
+
+    click_id = bounded("click_id")
+    conversion_id = bounded("conversion_id")
+    network = bounded("network") or DEFAULT_NETWORK
+    offer_ref = bounded("offer_id")
+    currency = bounded("currency")
+    if currency is not None:
+        currency = currency.upper()
+
+    status_raw = bounded("status")
+    status: str | None = "approved" if status_raw is None else status_raw.lower()
+    if status not in STATUSES:
+        errors.append(f"status: {status_raw!r} is not one of {', '.join(STATUSES)}")
+        status = None
+
+    payout: Decimal | None = None
+    payout_raw = pick(params, "payout")
+    if payout_raw is not None:
+        try:
+            payout = parse_money(payout_raw)
+        except MoneyError as exc:
+            errors.append(f"payout: {exc}")
+
+    converted_at = received_at
+    ts_raw = pick(params, "timestamp")
+    if ts_raw is not None:
+        try:
+            converted_at = parse_timestamp(ts_raw, allow_unix=True)
+        except TimeError as exc:
+            errors.append(f"timestamp: {exc}")
+
+    if conversion_id is not None:
+        key = conversion_id
+    elif click_id is not None:
+        key = f"click:{click_id}"
+    else:
+        key = f"postback:{secrets.token_hex(16)}"  # nothing to match it with: its own conversion
+    return Postback(network, key, click_id, status, payout, currency, offer_ref, converted_at, errors)

@@ -1,0 +1,309 @@
+"""First-click attribution by a real burst worker: windows, late clicks, storms, status machine."""
+from __future__ import annotations
+
+import asyncio
+import secrets
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from services.worker import attribution
+from tests.helpers import make_offer
+from tests.worker.conftest import store_click
+
+T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
+
+
+async def send_message(api, tenant, **fields):
+    body = {"to": "+14155550100", "list_id": tenant.list_id, "body": "hi", **fields}
+    resp = await api.post("/api/v2/send", headers=tenant.headers, json=body)
+    assert resp.status_code == 201, resp.text
+    return resp.json()["message_id"]
+
+
+async def postback(api, tenant, method="GET", **params):
+    if method == "GET":
+        resp = await api.get(f"/postback/{tenant.postback_token}", params=params)
+    else:
+        resp = await api.post(f"/postback/{tenant.postback_token}", data=params)
+    assert resp.status_code == 200, resp.text
+    return resp.json()["status"]
+
+
+async def conversion(db, tenant, key):
+    return await db.fetchrow(
+        "SELECT * FROM conversions WHERE account_id = $1 AND conversion_key = $2", tenant.account_id, key
+    )
+
+
+async def ledger(db, conversion_id):
+    return [
+        (r["from_status"], r["to_status"], r["amount"])
+        for r in await db.fetch(
+            "SELECT from_status, to_status, amount FROM conversion_adjustments WHERE conversion_id = $1 ORDER BY id",
+            conversion_id,
+        )
+    ]
+
+
+async def clicked_message(api, db, tenant, offer=None, at=T0, **fields):
+    offer = offer or await make_offer(api, tenant, payout=5)
+    mid = await send_message(api, tenant, offer_id=offer["id"], **fields)
+    click_id = await store_click(db, tenant.account_id, mid, at, offer_id=offer["id"])
+    return offer, mid, click_id
+
+
+async def test_attributed_conversion_credits_message_creative_offer_contact_campaign(api, db, tenant, run_worker):
+    offer, mid, click_id = await clicked_message(api, db, tenant, creative_id="cr1", schedule_id="sch1")
+    ts = (T0 + timedelta(hours=5)).isoformat()
+    assert await postback(api, tenant, click_id=click_id, payout="24.99", conversion_id="c1", timestamp=ts) == "accepted"
+    await run_worker()
+    conv = await conversion(db, tenant, "c1")
+    assert conv["attributed"] and conv["unattributed_reason"] is None
+    assert (conv["message_id"], conv["creative_id"], conv["schedule_id"], conv["offer_id"]) == (mid, "cr1", "sch1", offer["id"])
+    assert conv["contact_phone"] == "+14155550100" and conv["list_id"] == tenant.list_id
+    assert conv["clicked_at"] == T0 and conv["converted_at"] == T0 + timedelta(hours=5)
+    assert conv["status"] == "approved" and conv["payout"] == Decimal("24.99") and conv["currency"] == "USD"
+    assert await ledger(db, conv["id"]) == [(None, "approved", Decimal("24.99"))]
+    pb = await db.fetchrow("SELECT * FROM postbacks WHERE account_id = $1", tenant.account_id)
+    assert pb["processed_at"] is not None and pb["process_error"] is None
+    detail = (await api.get(f"/api/v2/messages/{mid}", headers=tenant.headers)).json()
+    assert detail["conversions"] == 1 and detail["revenue"] == 24.99
+
+
+async def test_window_edge(api, db, tenant, run_worker):
+    offer = await make_offer(api, tenant, click_window_days=7)
+    _, _, at_edge = await clicked_message(api, db, tenant, offer=offer)
+    _, _, past_edge = await clicked_message(api, db, tenant, offer=offer)
+    edge = T0 + timedelta(days=7)
+    await postback(api, tenant, click_id=at_edge, conversion_id="edge", timestamp=edge.isoformat())
+    await postback(api, tenant, click_id=past_edge, conversion_id="past",
+                   timestamp=(edge + timedelta(seconds=1)).isoformat())
+    await run_worker()
+    assert (await conversion(db, tenant, "edge"))["attributed"] is True
+    past = await conversion(db, tenant, "past")
+    assert past["attributed"] is False and past["unattributed_reason"] == "expired" and past["message_id"] is None
+
+
+async def test_default_window_is_90_days(api, db, tenant, run_worker):
+    offer, _, click_id = await clicked_message(api, db, tenant)
+    offer_less = await send_message(api, tenant)
+    no_offer_click = await store_click(db, tenant.account_id, offer_less, T0)
+    await postback(api, tenant, click_id=click_id, conversion_id="d90", timestamp=str(int((T0 + timedelta(days=90)).timestamp())))
+    await postback(api, tenant, click_id=no_offer_click, conversion_id="d91",
+                   timestamp=(T0 + timedelta(days=90, seconds=1)).isoformat())
+    await run_worker()
+    assert (await conversion(db, tenant, "d90"))["attributed"] is True
+    assert (await conversion(db, tenant, "d91"))["unattributed_reason"] == "expired"
+
+
+async def test_conversion_before_click_is_not_attributed(api, db, tenant, run_worker):
+    _, _, click_id = await clicked_message(api, db, tenant)
+    await postback(api, tenant, click_id=click_id, conversion_id="early", timestamp=(T0 - timedelta(seconds=1)).isoformat())
+    await run_worker()
+    conv = await conversion(db, tenant, "early")
+    assert (conv["attributed"], conv["unattributed_reason"]) == (False, "before_click")
+
+
+async def test_unknown_missing_foreign_and_bot_clicks(api, db, tenant, run_worker):
+    from tests.helpers import make_tenant
+
+    other = await make_tenant(db)
+    other_mid = await send_message(api, other)
+    foreign_click = await store_click(db, other.account_id, other_mid, T0)
+    mid = await send_message(api, tenant)
+    bot_click = await store_click(db, tenant.account_id, mid, T0, is_bot=True)
+    await postback(api, tenant, click_id="nope" + secrets.token_hex(4), conversion_id="unknown")
+    await postback(api, tenant, click_id=foreign_click, conversion_id="foreign")
+    await postback(api, tenant, click_id=bot_click, conversion_id="bot", timestamp=(T0 + timedelta(minutes=1)).isoformat())
+    await postback(api, tenant, conversion_id="nocid", payout="3")
+    await run_worker()
+    reasons = {k: (await conversion(db, tenant, k))["unattributed_reason"] for k in ("unknown", "foreign", "bot", "nocid")}
+    assert reasons == {"unknown": "click_not_found", "foreign": "click_not_found", "bot": "bot_click", "nocid": "no_click_id"}
+    # Unattributed conversions still count: kept with their payout in the ledger.
+    assert (await conversion(db, tenant, "nocid"))["payout"] == Decimal(3)
+
+
+async def test_late_postback_attributes_once_the_click_is_stored(api, db, tenant, run_worker):
+    offer = await make_offer(api, tenant)
+    mid = await send_message(api, tenant, offer_id=offer["id"])
+    click_id = secrets.token_hex(16)
+    await postback(api, tenant, click_id=click_id, conversion_id="late", payout="7.5",
+                   timestamp=(T0 + timedelta(minutes=3)).isoformat())
+    await run_worker()
+    assert (await conversion(db, tenant, "late"))["unattributed_reason"] == "click_not_found"
+    # The drainer stores the click and calls rematch_for_clicks in its transaction.
+    await store_click(db, tenant.account_id, mid, T0, offer_id=offer["id"], click_id=click_id)
+    async with db.acquire() as conn, conn.transaction():
+        assert await attribution.rematch_for_clicks(conn, [click_id]) == 1
+        assert await attribution.rematch_for_clicks(conn, [click_id]) == 0
+    conv = await conversion(db, tenant, "late")
+    assert conv["attributed"] and conv["message_id"] == mid and conv["offer_id"] == offer["id"]
+    assert conv["clicked_at"] == T0
+
+
+async def test_late_click_still_judged_by_the_window(api, db, tenant):
+    mid = await send_message(api, tenant)
+    click_id = secrets.token_hex(16)
+    async with db.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO conversions (account_id, network, conversion_key, click_id, status, converted_at, unattributed_reason)"
+            " VALUES ($1, 'default', 'waiting', $2, 'approved', $3, 'click_not_found')",
+            tenant.account_id, click_id, T0 - timedelta(hours=1),
+        )
+    await store_click(db, tenant.account_id, mid, T0, click_id=click_id)
+    async with db.acquire() as conn, conn.transaction():
+        assert await attribution.rematch_for_clicks(conn, [click_id]) == 0
+    assert (await conversion(db, tenant, "waiting"))["unattributed_reason"] == "before_click"
+
+
+async def test_sweeper_rematches_clicks_stored_meanwhile(api, db, tenant, redis):
+    mid = await send_message(api, tenant)
+    click_id = secrets.token_hex(16)
+    await postback(api, tenant, click_id=click_id, conversion_id="raced", timestamp=(T0 + timedelta(hours=1)).isoformat())
+    async with db.acquire() as conn, conn.transaction():
+        assert await attribution.process_batch(conn) >= 1
+    await store_click(db, tenant.account_id, mid, T0, click_id=click_id)  # no rematch call: the race
+    async with db.acquire() as conn, conn.transaction():
+        await attribution.rematch_stored(conn)
+    assert (await conversion(db, tenant, "raced"))["attributed"] is True
+
+
+async def test_duplicate_storm_makes_one_conversion(api, db, tenant, run_worker):
+    _, _, click_id = await clicked_message(api, db, tenant)
+    params = {"click_id": click_id, "conversion_id": "storm", "payout": "10", "timestamp": (T0 + timedelta(hours=1)).isoformat()}
+    answers = await asyncio.gather(*(postback(api, tenant, **params) for _ in range(100)))
+    assert answers.count("accepted") == 1 and answers.count("duplicate") == 99
+    stored = await db.fetch("SELECT is_duplicate, dedupe_key FROM postbacks WHERE account_id = $1", tenant.account_id)
+    assert len(stored) == 100 and sum(1 for r in stored if not r["is_duplicate"]) == 1
+    await run_worker()
+    rows = await db.fetch("SELECT id, status, payout FROM conversions WHERE account_id = $1", tenant.account_id)
+    assert len(rows) == 1
+    assert await ledger(db, rows[0]["id"]) == [(None, "approved", Decimal(10))]
+
+
+async def test_concurrent_batches_on_one_conversion(api, db, tenant):
+    """Distinct postbacks of one conversion processed by concurrent transactions: one row, and
+    the ledger sums to the final value whatever the interleaving."""
+    _, _, click_id = await clicked_message(api, db, tenant)
+    ts = (T0 + timedelta(hours=1)).isoformat()
+    for status in ("pending", "approved"):
+        await postback(api, tenant, click_id=click_id, conversion_id="race", status=status, payout="4.25", timestamp=ts)
+    ids = [r["id"] for r in await db.fetch("SELECT id FROM postbacks WHERE account_id = $1 ORDER BY id", tenant.account_id)]
+
+    async def one(pid):
+        async with db.acquire() as conn, conn.transaction():
+            await conn.fetch("SELECT id FROM postbacks WHERE id = $1 FOR UPDATE", pid)
+            await attribution.process_batch(conn, pid, limit=0)
+
+    await asyncio.gather(*(one(pid) for pid in ids))
+    rows = await db.fetch("SELECT id, status FROM conversions WHERE account_id = $1", tenant.account_id)
+    assert len(rows) == 1 and rows[0]["status"] == "approved"
+    assert sum(a for *_, a in await ledger(db, rows[0]["id"])) == Decimal("4.25")
+
+
+async def test_status_machine_and_reversal(api, db, tenant, run_worker):
+    _, mid, click_id = await clicked_message(api, db, tenant)
+    ts = (T0 + timedelta(hours=1)).isoformat()
+    common = {"click_id": click_id, "txid": "sm", "timestamp": ts}
+    await postback(api, tenant, status="pending", payout="12.5", **common)
+    await run_worker()
+    conv = await conversion(db, tenant, "sm")
+    assert conv["status"] == "pending"
+    detail = (await api.get(f"/api/v2/messages/{mid}", headers=tenant.headers)).json()
+    assert (detail["conversions"], detail["revenue"]) == (0, 0)
+    await postback(api, tenant, status="approved", payout="12.5", **common)
+    await run_worker()
+    detail = (await api.get(f"/api/v2/messages/{mid}", headers=tenant.headers)).json()
+    assert (detail["conversions"], detail["revenue"]) == (1, 12.5)
+    # A late pending is an out-of-order downgrade: ignored.
+    await postback(api, tenant, status="pending", payout="1", **common)
+    await run_worker()
+    assert (await conversion(db, tenant, "sm"))["status"] == "approved"
+    await postback(api, tenant, status="reversed", **common)
+    await run_worker()
+    conv = await conversion(db, tenant, "sm")
+    assert conv["status"] == "reversed"
+    assert await ledger(db, conv["id"]) == [
+        (None, "pending", Decimal(0)), ("pending", "approved", Decimal("12.5")), ("approved", "reversed", Decimal("-12.5")),
+    ]
+    detail = (await api.get(f"/api/v2/messages/{mid}", headers=tenant.headers)).json()
+    assert (detail["conversions"], detail["revenue"]) == (0, 0)
+    # Reversed is final.
+    await postback(api, tenant, status="approved", payout="12.5", **common)
+    await run_worker()
+    assert (await conversion(db, tenant, "sm"))["status"] == "reversed"
+
+
+async def test_pending_then_approved_in_one_batch_and_rejected(api, db, tenant, run_worker):
+    _, _, click_id = await clicked_message(api, db, tenant)
+    ts = (T0 + timedelta(hours=1)).isoformat()
+    await postback(api, tenant, click_id=click_id, conversion_id="b1", status="pending", payout="2", timestamp=ts)
+    await postback(api, tenant, click_id=click_id, conversion_id="b1", status="approved", payout="2", timestamp=ts)
+    await postback(api, tenant, click_id=click_id, conversion_id="b2", status="pending", payout="3", timestamp=ts)
+    await postback(api, tenant, click_id=click_id, conversion_id="b2", status="rejected", payout="3", timestamp=ts)
+    await run_worker()
+    b1, b2 = await conversion(db, tenant, "b1"), await conversion(db, tenant, "b2")
+    assert (b1["status"], b2["status"]) == ("approved", "rejected")
+    assert sum(a for *_, a in await ledger(db, b1["id"])) == Decimal(2)
+    assert sum(a for *_, a in await ledger(db, b2["id"])) == Decimal(0)
+
+
+async def test_many_conversions_per_click_and_payout_from_offer(api, db, tenant, run_worker):
+    offer = await make_offer(api, tenant, payout="4.10")
+    _, mid, click_id = await clicked_message(api, db, tenant, offer=offer)
+    ts = (T0 + timedelta(hours=1)).isoformat()
+    await postback(api, tenant, click_id=click_id, conversion_id="m1", payout="0.1", timestamp=ts)
+    await postback(api, tenant, click_id=click_id, conversion_id="m2", payout="0.2", timestamp=ts)
+    await postback(api, tenant, click_id=click_id, conversion_id="m3", timestamp=ts, currency="eur")
+    await run_worker()
+    m3 = await conversion(db, tenant, "m3")
+    assert m3["payout"] == Decimal("4.10") and m3["currency"] == "EUR"
+    detail = (await api.get(f"/api/v2/messages/{mid}", headers=tenant.headers)).json()
+    assert detail["conversions"] == 3
+    revenue = await db.fetchval("SELECT sum(amount) FROM conversion_adjustments a JOIN conversions c ON c.id = a.conversion_id"
+                                " WHERE c.message_id = $1 AND c.conversion_key IN ('m1', 'm2')", mid)
+    assert revenue == Decimal("0.3")
+
+
+async def test_without_conversion_id_the_click_is_the_key(api, db, tenant, run_worker):
+    _, _, click_id = await clicked_message(api, db, tenant)
+    ts = (T0 + timedelta(hours=1)).isoformat()
+    assert await postback(api, tenant, click_id=click_id, status="pending", timestamp=ts) == "accepted"
+    assert await postback(api, tenant, click_id=click_id, status="approved", payout="1", timestamp=ts) == "accepted"
+    await run_worker()
+    conv = await conversion(db, tenant, f"click:{click_id}")
+    assert conv["status"] == "approved" and conv["payout"] == Decimal(1)
+
+
+async def test_networks_are_separate_conversions(api, db, tenant, run_worker):
+    _, _, click_id = await clicked_message(api, db, tenant)
+    ts = (T0 + timedelta(hours=1)).isoformat()
+    await postback(api, tenant, click_id=click_id, conversion_id="n", network="tune", timestamp=ts)
+    await postback(api, tenant, click_id=click_id, conversion_id="n", network="everflow", timestamp=ts)
+    await run_worker()
+    rows = await db.fetch("SELECT network FROM conversions WHERE account_id = $1 ORDER BY network", tenant.account_id)
+    assert [r["network"] for r in rows] == ["everflow", "tune"]
+
+
+async def test_sweeper_enqueues_stored_postbacks_without_a_job(api, db, tenant, redis, run_worker):
+    _, _, click_id = await clicked_message(api, db, tenant)
+    async with db.acquire() as conn:
+        pid = await conn.fetchval(
+            "INSERT INTO postbacks (account_id, received_at, method, params, conversion_key, click_id, status, payout,"
+            " converted_at, dedupe_key) VALUES ($1, now() - interval '1 minute', 'GET', '{}', 'swept', $2, 'approved', 1,"
+            " $3, 'swept-key') RETURNING id",
+            tenant.account_id, click_id, T0 + timedelta(hours=1),
+        )
+    from arq import create_pool
+    from arq.connections import RedisSettings
+
+    from shared.settings import Settings  # noqa: F401  (settings fixture gives the URL)
+
+    pool = await create_pool(RedisSettings.from_dsn(api._transport.app.state.settings.redis_url))
+    try:
+        assert await attribution.sweep_once(db, pool) >= 1
+    finally:
+        await pool.aclose()
+    await run_worker()
+    assert (await db.fetchval("SELECT processed_at FROM postbacks WHERE id = $1", pid)) is not None
+    assert (await conversion(db, tenant, "swept"))["attributed"] is True
