@@ -18,3 +18,83 @@ SELECT m.id AS message_id,
 FROM messages m LEFT JOIN message_clicks mc ON mc.message_id = m.id
 WHERE m.id = ANY($1::text[])
 """
+
+# Every metric event of one account in a time range, each carrying every group key, so that any
+# grouping sums the same events: a send at sent_at, a first human click at its clicked_at, a
+# postback conversion (counted while approved; revenue = its ledger) at converted_at, a revenue
+# record at occurred_at. Keys come from the message; a conversion carries the offer it was
+# credited to (unattributed ones have no message, campaign, creative or list).
+# $1 account id, $2 start (inclusive) or NULL, $3 end (exclusive) or NULL.
+EVENTS = """
+SELECT m.sent_at AS at, m.offer_id AS offer, m.creative_id AS creative, m.id AS message,
+       m.schedule_id AS campaign, m.list_id AS list,
+       1 AS sends, 0 AS clicks, 0 AS conversions, 0::numeric AS revenue
+FROM messages m
+WHERE m.account_id = $1 AND m.sent_at >= coalesce($2, '-infinity') AND m.sent_at < coalesce($3, 'infinity')
+UNION ALL
+SELECT mc.clicked_at, coalesce(mc.offer_id, m.offer_id), m.creative_id, m.id, m.schedule_id, m.list_id, 0, 1, 0, 0
+FROM message_clicks mc JOIN messages m ON m.id = mc.message_id AND m.account_id = mc.account_id
+WHERE mc.account_id = $1 AND mc.clicked_at >= coalesce($2, '-infinity') AND mc.clicked_at < coalesce($3, 'infinity')
+UNION ALL
+SELECT c.converted_at, c.offer_id, c.creative_id, c.message_id, c.schedule_id, c.list_id, 0, 0,
+       (c.status = 'approved')::int,
+       coalesce((SELECT sum(a.amount) FROM conversion_adjustments a WHERE a.conversion_id = c.id), 0)
+FROM conversions c
+WHERE c.account_id = $1 AND c.converted_at >= coalesce($2, '-infinity') AND c.converted_at < coalesce($3, 'infinity')
+UNION ALL
+SELECT r.occurred_at, coalesce(r.offer_id, m.offer_id), m.creative_id, m.id, m.schedule_id, m.list_id, 0, 0,
+       (r.attribution_type = 'sale')::int, r.amount
+FROM revenue r JOIN messages m ON m.id = r.message_id
+WHERE r.account_id = $1 AND r.occurred_at >= coalesce($2, '-infinity') AND r.occurred_at < coalesce($3, 'infinity')
+"""
+
+# The group key of each report grouping, as text; date is the event's UTC day.
+GROUP_KEYS = {
+    "offer": "offer",
+    "creative": "creative",
+    "message": "message",
+    "campaign": "campaign",
+    "list": "list::text",
+    "date": "to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+}
+
+_SUMS = "sum(sends)::bigint AS sends, sum(clicks)::bigint AS clicks, sum(conversions)::bigint AS conversions," \
+        " coalesce(sum(revenue), 0) AS revenue"
+
+
+def report_page(group_by: str) -> str:
+    """Groups in key order (no key last), one page; $4 limit, $5 offset; total_groups on each row."""
+    key = GROUP_KEYS[group_by]
+    return (
+        f"WITH ev AS ({EVENTS}), g AS (SELECT {key} AS key, {_SUMS} FROM ev GROUP BY 1)"
+        " SELECT *, count(*) OVER () AS total_groups FROM g ORDER BY key NULLS LAST LIMIT $4 OFFSET $5"
+    )
+
+
+REPORT_TOTALS = f"WITH ev AS ({EVENTS}) SELECT count(*) AS events, {_SUMS} FROM ev"
+
+# A contact's journey across the account's lists, oldest first; at one instant sent < clicked <
+# converted. Converted events are approved postback conversions credited to the contact (revenue:
+# their ledger) and revenue records of the contact's messages. $1 account id, $2 phone.
+JOURNEY = """
+SELECT * FROM (
+    SELECT 'sent' AS type, 0 AS rank, m.sent_at AS at, m.id AS message_id, m.offer_id, NULL::numeric AS revenue,
+           NULL::text AS attribution_type, 0 AS conversions
+    FROM messages m WHERE m.account_id = $1 AND m.to_phone = $2
+    UNION ALL
+    SELECT 'clicked', 1, mc.clicked_at, m.id, coalesce(mc.offer_id, m.offer_id), NULL, NULL, 0
+    FROM messages m JOIN message_clicks mc ON mc.message_id = m.id
+    WHERE m.account_id = $1 AND m.to_phone = $2
+    UNION ALL
+    SELECT 'converted', 2, c.converted_at, c.message_id, c.offer_id,
+           coalesce((SELECT sum(a.amount) FROM conversion_adjustments a WHERE a.conversion_id = c.id), 0),
+           NULL, 1
+    FROM conversions c WHERE c.account_id = $1 AND c.contact_phone = $2 AND c.status = 'approved'
+    UNION ALL
+    SELECT 'converted', 2, r.occurred_at, r.message_id, coalesce(r.offer_id, m.offer_id), r.amount,
+           r.attribution_type, (r.attribution_type = 'sale')::int
+    FROM revenue r JOIN messages m ON m.id = r.message_id
+    WHERE r.account_id = $1 AND m.account_id = $1 AND m.to_phone = $2
+) events
+ORDER BY at, rank, message_id
+"""

@@ -1,4 +1,7 @@
 """Every API route, collected from one module per resource."""
-from services.gateway.routes import links, lists, messages, offers, postbacks
+from services.gateway.routes import contacts, history, links, lists, messages, offers, postbacks, reports, revenue
 
-ROUTES = [*offers.ROUTES, *lists.ROUTES, *links.ROUTES, *messages.ROUTES, *postbacks.ROUTES]
+ROUTES = [
+    *offers.ROUTES, *lists.ROUTES, *links.ROUTES, *messages.ROUTES, *postbacks.ROUTES, *revenue.ROUTES,
+    *history.ROUTES, *reports.ROUTES, *contacts.ROUTES,
+]

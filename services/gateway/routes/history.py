@@ -1,0 +1,302 @@
+"""POST /history/sends, /history/clicks, /history/revenue: bulk imports of what happened elsewhere.
+
+Each takes up to 1000 records. A record is checked on its own, then the batch is resolved and
+written set-based (``unnest`` / ``COPY`` with ``ON CONFLICT``); one bad record fails alone. The
+answer is ``{success_count, error_count, duplicates_skipped, errors}``, errors capped at 100.
+"""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from starlette.requests import Request
+from starlette.routing import Route
+
+from services.gateway.auth import authenticate
+from services.gateway.http import JSONResponse, read_json_object
+from services.gateway.lookups import find_offers
+from services.gateway.routes.revenue import (
+    MAX_ERRORS_SHOWN,
+    RevenueRecord,
+    insert_revenue_resilient,
+    parse_revenue,
+    parse_timestamp_field,
+    record_list,
+    resolve_revenue,
+    save_error,
+)
+from services.gateway.sending import SendRecord, insert_messages, parse_send, resolve
+from shared.errors import ApiError, bad_request, not_found, validation
+from shared.ids import MESSAGE_ID_RE
+from shared.phone import PhoneError, parse_e164
+from shared.timeutil import utcnow
+
+
+@dataclass
+class Outcome:
+    success: int = 0
+    duplicates: int = 0
+    failed: list[tuple[int, ApiError]] | None = None
+
+    def fail(self, index: int, err: ApiError) -> None:
+        if self.failed is None:
+            self.failed = []
+        self.failed.append((index, err))
+
+    def response(self) -> JSONResponse:
+        failed = sorted(self.failed or [], key=lambda f: f[0])
+        return JSONResponse(
+            {
+                "success_count": self.success,
+                "error_count": len(failed),
+                "duplicates_skipped": self.duplicates,
+                "errors": [{"index": i, "code": e.code, "error": e.message} for i, e in failed[:MAX_ERRORS_SHOWN]],
+            }
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# /history/clicks
+
+@dataclass
+class ClickRecord:
+    index: int
+    message_id: str
+    offer_ref: str
+    phone: str
+    clicked_at: datetime
+    offer_id: str = ""
+    click_id: str = ""
+
+
+def _required(record: dict[str, Any], name: str, code: str) -> str:
+    value = record.get(name)
+    if value is None or isinstance(value, (bool, dict, list)) or not str(value).strip():
+        raise bad_request(code, f"A record is missing the {name} field")
+    return str(value).strip()
+
+
+def parse_click(index: int, record: Any, now: datetime) -> ClickRecord:
+    if not isinstance(record, dict):
+        raise validation("each record must be a JSON object")
+    message_id = _required(record, "message_id", "missing_message_id")
+    offer_ref = _required(record, "offer_id", "missing_offer_id")
+    phone_raw = _required(record, "phone_number", "missing_phone_number")
+    clicked_at = parse_timestamp_field(record, "timestamp", required=True, now=now)
+    if record.get("send_timestamp") is not None:
+        parse_timestamp_field(record, "send_timestamp", required=False, now=now)
+    try:
+        phone = parse_e164(phone_raw)
+    except PhoneError:
+        raise bad_request("invalid_phone", "phone_number must be an E.164 phone number") from None
+    return ClickRecord(index, message_id, offer_ref, phone, clicked_at)
+
+
+# Only clicks that became their message's first click are stored (one per message, like the
+# edge's); the raw clicks row keeps message click_count in agreement.
+_STORE_CLICKS = """
+WITH input AS (
+    SELECT * FROM unnest($2::text[], $3::text[], $4::text[], $5::timestamptz[])
+        AS t(message_id, click_id, offer_id, clicked_at)
+),
+firsts AS (
+    INSERT INTO message_clicks (message_id, click_id, account_id, offer_id, clicked_at, source)
+    SELECT message_id, click_id, $1, offer_id, clicked_at, 'history' FROM input ORDER BY message_id
+    ON CONFLICT (message_id) DO NOTHING
+    RETURNING message_id, click_id, offer_id, clicked_at
+),
+raw AS (
+    INSERT INTO clicks (id, account_id, offer_id, list_id, message_id, clicked_at, source)
+    SELECT f.click_id, $1, f.offer_id, m.list_id, f.message_id, f.clicked_at, 'history'
+    FROM firsts f JOIN messages m ON m.id = f.message_id
+    RETURNING 1
+),
+contact_counts AS (
+    INSERT INTO contacts (account_id, list_id, phone_number, click_count, last_clicked_at)
+    SELECT $1, m.list_id, m.to_phone, count(*), max(f.clicked_at)
+    FROM firsts f JOIN messages m ON m.id = f.message_id
+    GROUP BY m.list_id, m.to_phone
+    ORDER BY m.list_id, m.to_phone
+    ON CONFLICT (list_id, phone_number) DO UPDATE
+        SET click_count = contacts.click_count + excluded.click_count,
+            last_clicked_at = greatest(contacts.last_clicked_at, excluded.last_clicked_at)
+    RETURNING 1
+)
+SELECT f.message_id, (SELECT count(*) FROM raw) AS raw_rows, (SELECT count(*) FROM contact_counts) AS contacts
+FROM firsts f
+"""
+
+
+async def _store_clicks(conn: asyncpg.Connection, account_id: int, records: list[ClickRecord]) -> set[str]:
+    async with conn.transaction():
+        rows = await conn.fetch(
+            _STORE_CLICKS, account_id,
+            [r.message_id for r in records], [r.click_id for r in records], [r.offer_id for r in records],
+            [r.clicked_at for r in records],
+        )
+    return {r["message_id"] for r in rows}
+
+
+async def import_clicks(request: Request) -> JSONResponse:
+    account = await authenticate(request)
+    items = record_list(await read_json_object(request))
+    now = utcnow()
+    out = Outcome()
+    parsed: list[ClickRecord] = []
+    for index, raw in enumerate(items):
+        try:
+            parsed.append(parse_click(index, raw, now))
+        except ApiError as err:
+            out.fail(index, err)
+    if parsed:
+        async with request.app.state.db.acquire() as conn:
+            wanted = sorted({r.message_id for r in parsed if MESSAGE_ID_RE.match(r.message_id)})
+            messages = {
+                row["id"]
+                for row in await conn.fetch(
+                    "SELECT id FROM messages WHERE account_id = $1 AND id = ANY($2::text[])", account.id, wanted
+                )
+            }
+            offers = await find_offers(conn, account.id, [r.offer_ref for r in parsed])
+            good: list[ClickRecord] = []
+            seen: set[str] = set()
+            for r in parsed:
+                if r.message_id not in messages:
+                    out.fail(r.index, not_found("message_not_found", "No message exists with the given message_id"))
+                elif r.offer_ref not in offers:
+                    out.fail(r.index, not_found("offer_not_found", "No offer exists with the given offer_id"))
+                elif r.message_id in seen:
+                    out.duplicates += 1  # one click per message: the first record of the batch wins
+                else:
+                    seen.add(r.message_id)
+                    r.offer_id = offers[r.offer_ref]["id"]
+                    r.click_id = "h" + secrets.token_hex(16)
+                    good.append(r)
+            if good:
+                try:
+                    stored = await _store_clicks(conn, account.id, good)
+                    out.success += len(stored)
+                    out.duplicates += len(good) - len(stored)
+                except asyncpg.PostgresError:
+                    for r in good:
+                        try:
+                            stored = await _store_clicks(conn, account.id, [r])
+                        except asyncpg.PostgresError:
+                            out.fail(r.index, save_error())
+                            continue
+                        out.success += len(stored)
+                        out.duplicates += 1 - len(stored)
+    return out.response()
+
+
+# ---------------------------------------------------------------------------------------------
+# /history/sends
+
+def parse_history_send(index: int, record: Any, now: datetime) -> SendRecord:
+    parsed = parse_send(index, record, body_required=False)
+    assert isinstance(record, dict)  # parse_send checked it
+    message_id = record.get("message_id")
+    if message_id is not None and message_id != "":
+        if not isinstance(message_id, str) or not MESSAGE_ID_RE.match(message_id):
+            raise validation("message_id must be 8 characters of [A-Za-z0-9]")
+        parsed.message_id = message_id
+    parsed.sent_at = parse_timestamp_field(record, "timestamp", required=True, now=now)
+    return parsed
+
+
+async def import_sends(request: Request) -> JSONResponse:
+    account = await authenticate(request)
+    items = record_list(await read_json_object(request))
+    now = utcnow()
+    out = Outcome()
+    parsed: list[SendRecord] = []
+    for index, raw in enumerate(items):
+        try:
+            parsed.append(parse_history_send(index, raw, now))
+        except ApiError as err:
+            out.fail(index, err)
+    if not parsed:
+        return out.response()
+    redis = request.app.state.redis
+    async with request.app.state.db.acquire() as conn:
+        given = sorted({r.message_id for r in parsed if r.message_id})
+        existing = {
+            row["id"]: row["account_id"]
+            for row in await conn.fetch("SELECT id, account_id FROM messages WHERE id = ANY($1::text[])", given)
+        }
+        fresh: list[SendRecord] = []
+        seen: set[str] = set()
+        for r in parsed:
+            if r.message_id is None:
+                fresh.append(r)
+            elif r.message_id in seen or existing.get(r.message_id) == account.id:
+                out.duplicates += 1
+            elif r.message_id in existing:
+                out.fail(r.index, validation("message_id is already in use"))
+            else:
+                seen.add(r.message_id)
+                fresh.append(r)
+        resolved = await resolve(conn, account.id, fresh, allow_inactive_list=True)
+        for r, err in resolved.failed:
+            out.fail(r.index, err)
+        if resolved.good:
+            try:
+                await insert_messages(conn, redis, account.id, resolved.good, resolved.links, source="history")
+                out.success += len(resolved.good)
+            except asyncpg.PostgresError:
+                # A given id taken meanwhile, or a record the database refused: one at a time.
+                for r in resolved.good:
+                    try:
+                        await insert_messages(conn, redis, account.id, [r], resolved.links, source="history")
+                        out.success += 1
+                    except asyncpg.UniqueViolationError:
+                        out.duplicates += 1
+                    except asyncpg.PostgresError:
+                        out.fail(r.index, save_error())
+    return out.response()
+
+
+# ---------------------------------------------------------------------------------------------
+# /history/revenue
+
+async def import_revenue(request: Request) -> JSONResponse:
+    account = await authenticate(request)
+    items = record_list(await read_json_object(request))
+    now = utcnow()
+    out = Outcome()
+    parsed: list[RevenueRecord] = []
+    for index, raw in enumerate(items):
+        try:
+            parsed.append(parse_revenue(index, raw, now, with_external_id=True))
+        except ApiError as err:
+            out.fail(index, err)
+    if parsed:
+        async with request.app.state.db.acquire() as conn:
+            good, failed = await resolve_revenue(conn, account.id, parsed)
+            for index, err in failed:
+                out.fail(index, err)
+            unique: list[RevenueRecord] = []
+            seen: set[str] = set()
+            for r in good:
+                if r.external_id is not None and r.external_id in seen:
+                    out.duplicates += 1
+                    continue
+                if r.external_id is not None:
+                    seen.add(r.external_id)
+                unique.append(r)
+            inserted, unsaved = await insert_revenue_resilient(conn, account.id, unique, "history")
+            for index, err in unsaved:
+                out.fail(index, err)
+            out.success += len(inserted)
+            out.duplicates += len(unique) - len(inserted) - len(unsaved)
+    return out.response()
+
+
+ROUTES = [
+    Route("/api/v2/history/sends", import_sends, methods=["POST"]),
+    Route("/api/v2/history/clicks", import_clicks, methods=["POST"]),
+    Route("/api/v2/history/revenue", import_revenue, methods=["POST"]),
+]

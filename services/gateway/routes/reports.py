@@ -1,0 +1,90 @@
+"""GET /reports/performance: sends, clicks, conversions and revenue by one dimension.
+
+Every grouping sums the same events (``attribution_sql.EVENTS``), so totals agree across them.
+"""
+from __future__ import annotations
+
+from datetime import UTC, datetime, time, timedelta
+from decimal import Decimal
+from typing import Any
+
+from starlette.requests import Request
+from starlette.routing import Route
+
+from services.gateway.attribution_sql import GROUP_KEYS, REPORT_TOTALS, report_page
+from services.gateway.auth import authenticate
+from services.gateway.http import JSONResponse, page_params
+from shared.errors import validation
+from shared.timeutil import TimeError, parse_date
+
+RATIO_PLACES = Decimal("0.0000000001")
+
+
+def ratio(numerator: Decimal | int, divisor: Decimal | int) -> Decimal:
+    """A plain fraction, 0 where the divisor is 0."""
+    if not divisor:
+        return Decimal(0)
+    return (Decimal(numerator) / Decimal(divisor)).quantize(RATIO_PLACES)
+
+
+def metrics(row: Any) -> dict[str, Any]:
+    sends, clicks, conversions, revenue = row["sends"] or 0, row["clicks"] or 0, row["conversions"] or 0, row["revenue"]
+    return {
+        "sends": sends,
+        "clicks": clicks,
+        "conversions": conversions,
+        "revenue": revenue,
+        "revenue_per_send": ratio(revenue, sends),
+        "epc": ratio(revenue, clicks),
+        "ctr": ratio(clicks, sends),
+        "conversion_rate": ratio(conversions, clicks),
+    }
+
+
+def _day(request: Request, name: str) -> datetime | None:
+    raw = request.query_params.get(name)
+    if not raw:
+        return None
+    try:
+        return datetime.combine(parse_date(raw), time(0), UTC)
+    except TimeError:
+        raise validation(f"{name} must be a date, YYYY-MM-DD") from None
+
+
+async def performance(request: Request) -> JSONResponse:
+    account = await authenticate(request)
+    group_by = request.query_params.get("group_by", "")
+    if group_by not in GROUP_KEYS:
+        raise validation(f"group_by must be one of: {', '.join(GROUP_KEYS)}")
+    start = _day(request, "start")
+    end = _day(request, "end")
+    if start and end and end < start:
+        raise validation("end must not be before start")
+    end_exclusive = end + timedelta(days=1) if end else None
+    page = page_params(request)
+    async with request.app.state.db.acquire() as conn:
+        rows = await conn.fetch(report_page(group_by), account.id, start, end_exclusive, page.per_page, page.offset)
+        totals = await conn.fetchrow(REPORT_TOTALS, account.id, start, end_exclusive)
+        total_groups = rows[0]["total_groups"] if rows else None
+        if total_groups is None:
+            total_groups = await conn.fetchval(
+                f"SELECT count(*) FROM ({report_page(group_by)}) p", account.id, start, end_exclusive, None, 0
+            ) if page.offset else 0
+
+    def key(value: str | None) -> Any:
+        return int(value) if group_by == "list" and value is not None else value
+
+    return JSONResponse(
+        {
+            "success": True,
+            "group_by": group_by,
+            "start": start.date().isoformat() if start else None,
+            "end": end.date().isoformat() if end else None,
+            "rows": [{"key": key(r["key"]), **metrics(r)} for r in rows],
+            "totals": metrics(totals),
+            "pagination": page.envelope(total_groups),
+        }
+    )
+
+
+ROUTES = [Route("/api/v2/reports/performance", performance, methods=["GET"])]

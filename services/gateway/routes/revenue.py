@@ -1,0 +1,231 @@
+"""POST /revenue and /revenue/bulk (spec/revenue.txt); the record path /history/revenue shares.
+
+Records are checked on their own first, then messages and offers are looked up for the whole
+batch and the good records inserted with one ``unnest`` statement.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+from starlette.requests import Request
+from starlette.routing import Route
+
+from services.gateway.auth import authenticate
+from services.gateway.http import JSONResponse, read_json_object
+from services.gateway.lookups import find_offers
+from shared import ids
+from shared.errors import ApiError, bad_request, validation
+from shared.ids import MESSAGE_ID_RE
+from shared.money import MoneyError, parse_money
+from shared.timeutil import TimeError, parse_timestamp, utcnow
+
+MAX_RECORDS = 1000
+MAX_ERRORS_SHOWN = 100
+ATTRIBUTION_TYPES = ("sale", "click", "send")
+
+_INSERT = """
+INSERT INTO revenue (id, account_id, message_id, offer_id, amount, attribution_type, occurred_at, external_id, source)
+SELECT t.id, $1, t.message_id, t.offer_id, t.amount, t.attribution_type, t.occurred_at, t.external_id, $2
+FROM unnest($3::text[], $4::text[], $5::text[], $6::numeric[], $7::text[], $8::timestamptz[], $9::text[])
+    AS t(id, message_id, offer_id, amount, attribution_type, occurred_at, external_id)
+ON CONFLICT (account_id, external_id) WHERE external_id IS NOT NULL DO NOTHING
+RETURNING id
+"""
+
+
+@dataclass
+class RevenueRecord:
+    index: int
+    message_id: str
+    amount: Decimal
+    attribution_type: str
+    offer_ref: str | None
+    occurred_at: datetime
+    external_id: str | None = None
+    id: str = ""
+    offer_id: str | None = None
+
+
+def _present(value: Any) -> bool:
+    return value is not None and not (isinstance(value, str) and not value.strip())
+
+
+def _ref(value: Any, name: str) -> str | None:
+    if not _present(value):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise validation(f"{name} must be a string")
+    text = str(value).strip()
+    if len(text) > 200:
+        raise validation(f"{name} is too long")
+    return text
+
+
+def record_list(data: dict[str, Any]) -> list[Any]:
+    records = data.get("records")
+    if not isinstance(records, list) or not records:
+        raise bad_request("missing_records", "The records field is required and must be a non-empty array")
+    if len(records) > MAX_RECORDS:
+        raise ApiError(413, "too_many_records", f"Exceeded the maximum of {MAX_RECORDS:,} records per request")
+    return records
+
+
+def parse_timestamp_field(record: dict[str, Any], name: str, *, required: bool, now: datetime) -> datetime:
+    value = record.get(name)
+    if not _present(value):
+        if required:
+            raise bad_request("missing_timestamp", f"The {name} field is required")
+        return now
+    try:
+        return parse_timestamp(value)
+    except TimeError:
+        raise bad_request("invalid_timestamp", f"The {name} is not a valid ISO 8601 datetime") from None
+
+
+def parse_revenue(index: int, record: Any, now: datetime, *, with_external_id: bool = False) -> RevenueRecord:
+    """One record on its own, the spec's codes in the spec's order."""
+    if not isinstance(record, dict):
+        raise validation("each record must be a JSON object")
+    if not _present(record.get("message_id")):
+        raise bad_request("missing_message_id", "The message_id field is required")
+    if not _present(record.get("revenue")):
+        raise bad_request("missing_revenue", "The revenue field is required")
+    if not _present(record.get("attribution_type")):
+        raise bad_request("missing_attribution_type", "The attribution_type field is required")
+    try:
+        amount = parse_money(record["revenue"])
+    except MoneyError:
+        raise bad_request("invalid_revenue", "Revenue must be a number greater than or equal to 0") from None
+    kind = record["attribution_type"]
+    if not isinstance(kind, str) or kind.strip().lower() not in ATTRIBUTION_TYPES:
+        raise bad_request("invalid_attribution_type", "Must be one of: sale, click, or send")
+    message_id = record["message_id"]
+    if isinstance(message_id, bool) or not isinstance(message_id, (str, int)):
+        raise bad_request("message_not_found", "No message exists with the given ID")
+    return RevenueRecord(
+        index=index,
+        message_id=str(message_id).strip(),
+        amount=amount,
+        attribution_type=kind.strip().lower(),
+        offer_ref=_ref(record.get("offer_id"), "offer_id"),
+        occurred_at=parse_timestamp_field(record, "timestamp", required=False, now=now),
+        external_id=_ref(record.get("external_id"), "external_id") if with_external_id else None,
+    )
+
+
+async def resolve_revenue(
+    conn: asyncpg.Connection, account_id: int, records: list[RevenueRecord]
+) -> tuple[list[RevenueRecord], list[tuple[int, ApiError]]]:
+    """Messages of this account and offers (internal or external id) for the whole batch."""
+    wanted = sorted({r.message_id for r in records if MESSAGE_ID_RE.match(r.message_id)})
+    messages = {
+        row["id"]: row
+        for row in await conn.fetch(
+            "SELECT id, offer_id FROM messages WHERE account_id = $1 AND id = ANY($2::text[])", account_id, wanted
+        )
+    }
+    offers = await find_offers(conn, account_id, [r.offer_ref for r in records if r.offer_ref])
+    good: list[RevenueRecord] = []
+    failed: list[tuple[int, ApiError]] = []
+    for r in records:
+        message = messages.get(r.message_id)
+        if message is None:
+            failed.append((r.index, bad_request("message_not_found", "No message exists with the given ID")))
+            continue
+        if r.offer_ref is not None:
+            offer = offers.get(r.offer_ref)
+            if offer is None:
+                failed.append((r.index, bad_request("offer_not_found", "No offer exists with the given offer_id")))
+                continue
+            r.offer_id = offer["id"]
+        else:
+            r.offer_id = message["offer_id"]
+        r.id = ids.hex24()
+        good.append(r)
+    return good, failed
+
+
+async def insert_revenue(conn: asyncpg.Connection, account_id: int, records: list[RevenueRecord], source: str) -> set[str]:
+    """One statement for the batch; the ids actually inserted (a known external_id is skipped)."""
+    if not records:
+        return set()
+    rows = await conn.fetch(
+        _INSERT, account_id, source,
+        [r.id for r in records], [r.message_id for r in records], [r.offer_id for r in records],
+        [r.amount for r in records], [r.attribution_type for r in records], [r.occurred_at for r in records],
+        [r.external_id for r in records],
+    )
+    return {row["id"] for row in rows}
+
+
+def save_error() -> ApiError:
+    return ApiError(500, "save_error", "An unexpected error occurred while saving the record")
+
+
+async def insert_revenue_resilient(
+    conn: asyncpg.Connection, account_id: int, records: list[RevenueRecord], source: str
+) -> tuple[set[str], list[tuple[int, ApiError]]]:
+    """The batch at once; should that fail, record by record, so one bad record sinks only itself."""
+    try:
+        async with conn.transaction():
+            return await insert_revenue(conn, account_id, records, source), []
+    except asyncpg.PostgresError:
+        pass
+    inserted: set[str] = set()
+    failed: list[tuple[int, ApiError]] = []
+    for record in records:
+        try:
+            async with conn.transaction():
+                inserted |= await insert_revenue(conn, account_id, [record], source)
+        except asyncpg.PostgresError:
+            failed.append((record.index, save_error()))
+    return inserted, failed
+
+
+def error_items(failed: list[tuple[int, ApiError]]) -> list[dict[str, Any]]:
+    return [{"index": index, "code": err.code, "error": err.message} for index, err in sorted(failed, key=lambda f: f[0])]
+
+
+async def create(request: Request) -> JSONResponse:
+    account = await authenticate(request)
+    record = parse_revenue(0, await read_json_object(request), utcnow())
+    async with request.app.state.db.acquire() as conn:
+        good, failed = await resolve_revenue(conn, account.id, [record])
+        if failed:
+            raise failed[0][1]
+        await insert_revenue(conn, account.id, good, "api")
+    return JSONResponse(
+        {"success": True, "revenue_id": record.id, "message_id": record.message_id, "revenue": record.amount},
+        status_code=201,
+    )
+
+
+async def create_bulk(request: Request) -> JSONResponse:
+    account = await authenticate(request)
+    items = record_list(await read_json_object(request))
+    now = utcnow()
+    parsed: list[RevenueRecord] = []
+    failed: list[tuple[int, ApiError]] = []
+    for index, raw in enumerate(items):
+        try:
+            parsed.append(parse_revenue(index, raw, now))
+        except ApiError as err:
+            failed.append((index, err))
+    inserted: set[str] = set()
+    if parsed:
+        async with request.app.state.db.acquire() as conn:
+            good, unresolved = await resolve_revenue(conn, account.id, parsed)
+            failed += unresolved
+            inserted, unsaved = await insert_revenue_resilient(conn, account.id, good, "api")
+            failed += unsaved
+    return JSONResponse({"success_count": len(inserted), "error_count": len(failed), "errors": error_items(failed)})
+
+
+ROUTES = [
+    Route("/api/v2/revenue", create, methods=["POST"]),
+    Route("/api/v2/revenue/bulk", create_bulk, methods=["POST"]),
+]

@@ -1,0 +1,148 @@
+"""GET|POST /postback/{token}: storage first, aliases, duplicates, parse errors, Redis down."""
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+
+from shared.postback_fields import accepts_move, normalise
+from tests.gateway.test_api_basics import assert_error
+
+NOW = datetime(2026, 5, 1, tzinfo=UTC)
+
+
+async def stored(db, tenant):
+    return await db.fetch("SELECT * FROM postbacks WHERE account_id = $1 ORDER BY id", tenant.account_id)
+
+
+async def test_unknown_token_is_401(api):
+    for method in ("GET", "POST"):
+        resp = await api.request(method, "/postback/not-a-token", params={"click_id": "x"})
+        assert_error(resp, 401, "unauthorized")
+
+
+async def test_get_stores_raw_and_normalised(api, db, tenant):
+    resp = await api.get(
+        f"/postback/{tenant.postback_token}",
+        params={"clickid": "abc", "payout_amount": "24.99", "txid": "T-1", "status": "PENDING", "currency": "eur",
+                "offer_id": "ext-1", "timestamp": "2026-02-08T12:00:00Z", "network": "tune", "extra": "kept"},
+    )
+    assert resp.status_code == 200
+    assert resp.json() == {"success": True, "status": "accepted"}
+    [row] = await stored(db, tenant)
+    assert row["method"] == "GET"
+    assert row["params"] == {"clickid": "abc", "payout_amount": "24.99", "txid": "T-1", "status": "PENDING",
+                             "currency": "eur", "offer_id": "ext-1", "timestamp": "2026-02-08T12:00:00Z",
+                             "network": "tune", "extra": "kept"}
+    assert (row["click_id"], row["payout"], row["conversion_key"], row["status"], row["currency"], row["offer_ref"]) == (
+        "abc", Decimal("24.99"), "T-1", "pending", "EUR", "ext-1")
+    assert row["converted_at"] == datetime(2026, 2, 8, 12, tzinfo=UTC) and row["network"] == "tune"
+    assert row["parse_error"] is None and row["dedupe_key"] is not None and not row["is_duplicate"]
+
+
+async def test_post_form_with_defaults(api, db, tenant):
+    resp = await api.post(f"/postback/{tenant.postback_token}", data={"cid": "c9", "amount": "3"})
+    assert resp.json() == {"success": True, "status": "accepted"}
+    [row] = await stored(db, tenant)
+    assert row["method"] == "POST" and row["params"] == {"cid": "c9", "amount": "3"}
+    assert (row["status"], row["network"], row["conversion_key"], row["payout"]) == ("approved", "default", "click:c9", 3)
+    assert abs((row["converted_at"] - row["received_at"]).total_seconds()) < 1
+
+
+async def test_post_multipart_and_query_together(api, db, tenant):
+    resp = await api.post(f"/postback/{tenant.postback_token}?network=everflow", files={"x": (None, "1")},
+                          data={"transaction_id": "t1", "sum": "1.5", "event_id": "ev"})
+    assert resp.json()["status"] == "accepted"
+    [row] = await stored(db, tenant)
+    assert (row["network"], row["click_id"], row["payout"], row["conversion_key"]) == ("everflow", "t1", Decimal("1.5"), "ev")
+
+
+async def test_post_json_body_keeps_numbers_exact(api, db, tenant):
+    resp = await api.post(f"/postback/{tenant.postback_token}", content=b'{"aff_sub": "j1", "payout": 0.10}',
+                          headers={"content-type": "application/json"})
+    assert resp.json()["status"] == "accepted"
+    [row] = await stored(db, tenant)
+    assert row["payout"] == Decimal("0.10") and row["click_id"] == "j1"
+    assert await db.fetchval("SELECT params->>'payout' FROM postbacks WHERE id = $1", row["id"]) == "0.1"  # exact, never a float
+
+
+@pytest.mark.parametrize("params, error", [
+    ({"click_id": "a", "payout": "abc"}, "payout"),
+    ({"click_id": "a", "payout": "-1"}, "payout"),
+    ({"click_id": "a", "status": "maybe"}, "status"),
+    ({"click_id": "a", "timestamp": "yesterday"}, "timestamp"),
+])
+async def test_unparseable_fields_are_recorded_and_still_200(api, db, tenant, params, error):
+    for _ in range(2):  # never deduplicated: each is kept as sent
+        resp = await api.get(f"/postback/{tenant.postback_token}", params=params)
+        assert resp.json() == {"success": True, "status": "accepted"}
+    rows = await stored(db, tenant)
+    assert len(rows) == 2
+    for row in rows:
+        assert row["parse_error"].startswith(error) and row["dedupe_key"] is None
+        assert row["processed_at"] is not None and row["process_error"] == "unparseable"
+    assert await db.fetchval("SELECT count(*) FROM conversions WHERE account_id = $1", tenant.account_id) == 0
+
+
+async def test_duplicates(api, db, tenant):
+    url = f"/postback/{tenant.postback_token}"
+    base = {"click_id": "d1", "conversion_id": "X", "payout": "5"}
+    assert (await api.get(url, params=base)).json()["status"] == "accepted"
+    assert (await api.post(url, data=base)).json()["status"] == "duplicate"
+    assert (await api.get(url, params={**base, "payout": "5.00"})).json()["status"] == "duplicate"  # same amount
+    assert (await api.get(url, params={**base, "status": "reversed"})).json()["status"] == "accepted"
+    assert (await api.get(url, params={**base, "payout": "6"})).json()["status"] == "accepted"
+    assert (await api.get(url, params={**base, "network": "tune"})).json()["status"] == "accepted"
+    # No conversion id and no click id: every postback is its own conversion, never a duplicate.
+    for _ in range(2):
+        assert (await api.get(url, params={"payout": "1"})).json()["status"] == "accepted"
+    rows = await stored(db, tenant)
+    assert [r["is_duplicate"] for r in rows] == [False, True, True, False, False, False, False, False]
+    assert all(r["dedupe_key"] is None for r in rows if r["is_duplicate"])
+    assert rows[1]["params"] == base and rows[1]["method"] == "POST"
+
+
+async def test_other_accounts_are_not_duplicates(api, db, tenant):
+    from tests.helpers import make_tenant
+
+    other = await make_tenant(db)
+    for t in (tenant, other):
+        resp = await api.get(f"/postback/{t.postback_token}", params={"click_id": "same", "conversion_id": "same"})
+        assert resp.json()["status"] == "accepted"
+
+
+async def test_enqueues_the_job(api, db, tenant, redis):
+    await api.get(f"/postback/{tenant.postback_token}", params={"click_id": "q1"})
+    [row] = await stored(db, tenant)
+    assert await redis.exists(f"arq:job:postback:{row['id']}") == 1
+
+
+async def test_redis_down_still_200_and_stored(api, db, tenant, gateway_app, monkeypatch):
+    async def broken(*args, **kwargs):
+        raise ConnectionError("redis is down")
+
+    monkeypatch.setattr(gateway_app.state.arq, "enqueue_job", broken)
+    resp = await api.get(f"/postback/{tenant.postback_token}", params={"click_id": "down"})
+    assert resp.json() == {"success": True, "status": "accepted"}
+    [row] = await stored(db, tenant)
+    assert row["processed_at"] is None  # the worker's sweeper picks it up
+
+
+def test_normalise_aliases_order_and_unix_time():
+    pb = normalise({"CID": "b", "clickid": "a", "timestamp": "1700000000", "SUM": "2"}, NOW)
+    assert pb.click_id == "a"  # earlier alias wins; names are case-insensitive
+    assert pb.payout == Decimal(2) and pb.converted_at == datetime.fromtimestamp(1700000000, UTC)
+    assert normalise({"click_id": ["x", "y"]}, NOW).click_id == "x"
+    assert normalise({"timestamp": "2026-01-01T00:00:00"}, NOW).converted_at == datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def test_status_moves():
+    d = Decimal
+    assert accepts_move("pending", d(1), "approved", d(1))
+    assert accepts_move("approved", d(1), "reversed", d(1))
+    assert accepts_move("approved", d(1), "rejected", d(1))
+    assert not accepts_move("approved", d(1), "pending", d(1))
+    assert not accepts_move("reversed", d(1), "approved", d(1))
+    assert not accepts_move("approved", d(1), "approved", d(1))
+    assert accepts_move("approved", d(1), "approved", d(2))
