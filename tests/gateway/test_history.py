@@ -1,0 +1,187 @@
+"""POST /history/sends, /history/clicks, /history/revenue: codes, duplicates, caps, partial success."""
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+
+from shared import ids
+from tests.gateway.test_api_basics import assert_error
+from tests.helpers import make_offer, make_tenant
+
+PHONE = "+12025559876"
+
+
+async def send_message(api, tenant, to=PHONE, **fields):
+    body = {"to": to, "list_id": tenant.list_id, "body": "hi", **fields}
+    resp = await api.post("/api/v2/send", headers=tenant.headers, json=body)
+    assert resp.status_code == 201, resp.text
+    return resp.json()["message_id"]
+
+
+async def history(api, tenant, kind, records):
+    resp = await api.post(f"/api/v2/history/{kind}", headers=tenant.headers, json={"records": records})
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+@pytest.mark.parametrize("kind", ["sends", "clicks", "revenue"])
+async def test_records_required_and_capped(api, tenant, kind):
+    url = f"/api/v2/history/{kind}"
+    for body in ({}, {"records": []}, {"records": "x"}):
+        assert_error(await api.post(url, headers=tenant.headers, json=body), 400, "missing_records")
+    assert_error(await api.post(url, headers=tenant.headers, json={"records": [{}] * 1001}), 413, "too_many_records")
+    assert_error(await api.post(url, json={"records": [{}]}), 401, "unauthorized")
+
+
+async def test_clicks_import(api, db, tenant):
+    offer = await make_offer(api, tenant, external_id="offer_123")
+    first = await send_message(api, tenant)
+    second = await send_message(api, tenant, to="+13105558888")
+    body = await history(api, tenant, "clicks", [
+        {"message_id": first, "offer_id": "offer_123", "phone_number": PHONE, "send_timestamp": "2025-11-15T14:30:00Z",
+         "timestamp": "2025-11-15T14:35:22Z"},
+        {"message_id": second, "offer_id": offer["id"], "phone_number": "+13105558888", "timestamp": "2025-11-15T15:10:45"},
+    ])
+    assert body == {"success_count": 2, "error_count": 0, "duplicates_skipped": 0, "errors": []}
+    mc = await db.fetchrow("SELECT * FROM message_clicks WHERE message_id = $1", first)
+    assert (mc["offer_id"], mc["source"], mc["clicked_at"]) == (offer["id"], "history", datetime(2025, 11, 15, 14, 35, 22, tzinfo=UTC))
+    raw = await db.fetchrow("SELECT * FROM clicks WHERE id = $1", mc["click_id"])
+    assert raw["source"] == "history" and raw["message_id"] == first and raw["id"].startswith("h") and not raw["is_bot"]
+    detail = (await api.get(f"/api/v2/messages/{first}", headers=tenant.headers)).json()
+    assert detail["clicked"] is True and detail["click_count"] == 1 and detail["first_clicked_at"] == "2025-11-15T14:35:22Z"
+    contact = await db.fetchrow("SELECT click_count, last_clicked_at FROM contacts WHERE list_id = $1 AND phone_number = $2",
+                                tenant.list_id, PHONE)
+    assert contact["click_count"] == 1 and contact["last_clicked_at"] == datetime(2025, 11, 15, 14, 35, 22, tzinfo=UTC)
+    # Again: one click per message, so both are duplicates and nothing is counted twice.
+    again = await history(api, tenant, "clicks", [
+        {"message_id": first, "offer_id": offer["id"], "phone_number": PHONE, "timestamp": "2025-11-16T00:00:00Z"},
+        {"message_id": second, "offer_id": offer["id"], "phone_number": PHONE, "timestamp": "2025-11-16T00:00:00Z"},
+    ])
+    assert again == {"success_count": 0, "error_count": 0, "duplicates_skipped": 2, "errors": []}
+    assert (await api.get(f"/api/v2/messages/{first}", headers=tenant.headers)).json()["click_count"] == 1
+    assert await db.fetchval("SELECT click_count FROM contacts WHERE list_id = $1 AND phone_number = $2", tenant.list_id, PHONE) == 1
+
+
+async def test_clicks_duplicates_within_a_batch(api, db, tenant):
+    offer = await make_offer(api, tenant)
+    mid = await send_message(api, tenant)
+    rec = {"message_id": mid, "offer_id": offer["id"], "phone_number": PHONE, "timestamp": "2025-11-15T14:35:22Z"}
+    body = await history(api, tenant, "clicks", [rec, {**rec, "timestamp": "2025-11-15T14:00:00Z"}])
+    assert (body["success_count"], body["duplicates_skipped"]) == (1, 1)
+
+
+async def test_clicks_codes(api, db, tenant):
+    offer = await make_offer(api, tenant)
+    mid = await send_message(api, tenant)
+    other = await make_tenant(db)
+    foreign = await send_message(api, other)
+    good = {"message_id": mid, "offer_id": offer["id"], "phone_number": PHONE, "timestamp": "2025-11-15T14:35:22Z"}
+    drop = lambda name: {k: v for k, v in good.items() if k != name}  # noqa: E731
+    records = [
+        drop("message_id"), drop("offer_id"), drop("phone_number"), drop("timestamp"),
+        {**good, "timestamp": "15/11/2025"}, {**good, "message_id": "zzzzzzzz"}, {**good, "message_id": foreign},
+        {**good, "offer_id": "nope"}, {**good, "phone_number": "12"}, {**good, "send_timestamp": "nope"}, 7, good,
+    ]
+    body = await history(api, tenant, "clicks", records)
+    assert (body["success_count"], body["error_count"], body["duplicates_skipped"]) == (1, 11, 0)
+    assert [(e["index"], e["code"]) for e in body["errors"]] == [
+        (0, "missing_message_id"), (1, "missing_offer_id"), (2, "missing_phone_number"), (3, "missing_timestamp"),
+        (4, "invalid_timestamp"), (5, "message_not_found"), (6, "message_not_found"), (7, "offer_not_found"),
+        (8, "invalid_phone"), (9, "invalid_timestamp"), (10, "validation_error"),
+    ]
+
+
+async def test_errors_capped_at_100_but_counted(api, tenant):
+    body = await history(api, tenant, "clicks", [{"offer_id": "x"}] * 250)
+    assert body["error_count"] == 250 and len(body["errors"]) == 100 and body["errors"][-1]["index"] == 99
+
+
+async def test_clicks_import_of_1000(api, db, tenant):
+    offer = await make_offer(api, tenant)
+    resp = await api.post("/api/v2/send/bulk", headers=tenant.headers, json={"messages": [
+        {"to": f"+1415555{i:04d}", "list_id": tenant.list_id, "body": "x"} for i in range(1000)]})
+    mids = [(m["message_id"], m["to"]) for m in resp.json()["messages"]]
+    body = await history(api, tenant, "clicks", [
+        {"message_id": mid, "offer_id": offer["id"], "phone_number": to, "timestamp": "2025-11-15T14:35:22Z"} for mid, to in mids])
+    assert (body["success_count"], body["error_count"]) == (1000, 0)
+    assert await db.fetchval("SELECT count(*) FROM message_clicks WHERE account_id = $1", tenant.account_id) == 1000
+
+
+async def test_sends_import(api, db, tenant):
+    offer = await make_offer(api, tenant, external_id="hs-offer")
+    given = ids.message_id()
+    records = [
+        {"message_id": given, "to": PHONE, "list_id": tenant.list_id, "body": "old news", "offer_id": "hs-offer",
+         "timestamp": "2025-10-01T09:00:00Z"},
+        {"to": "+13105558888", "list_number": tenant.list_phone, "timestamp": "2025-10-02T09:00:00"},
+        {"message_id": given, "to": PHONE, "list_id": tenant.list_id, "timestamp": "2025-10-01T09:00:00Z"},
+    ]
+    body = await history(api, tenant, "sends", records)
+    assert body == {"success_count": 2, "error_count": 0, "duplicates_skipped": 1, "errors": []}
+    row = await db.fetchrow("SELECT * FROM messages WHERE id = $1", given)
+    assert (row["account_id"], row["to_phone"], row["offer_id"], row["source"], row["body"]) == (
+        tenant.account_id, PHONE, offer["id"], "history", "old news")
+    assert row["sent_at"] == datetime(2025, 10, 1, 9, tzinfo=UTC)
+    other = await db.fetchrow("SELECT * FROM messages WHERE account_id = $1 AND to_phone = '+13105558888'", tenant.account_id)
+    assert other["sent_at"] == datetime(2025, 10, 2, 9, tzinfo=UTC) and len(other["id"]) == 8 and other["body"] == ""
+    contact = await db.fetchrow("SELECT messages_received FROM contacts WHERE list_id = $1 AND phone_number = $2", tenant.list_id, PHONE)
+    assert contact["messages_received"] == 1
+    # The same id again: a duplicate, not an error.
+    again = await history(api, tenant, "sends", records[:1])
+    assert again == {"success_count": 0, "error_count": 0, "duplicates_skipped": 1, "errors": []}
+
+
+async def test_sends_codes(api, db, tenant):
+    other = await make_tenant(db)
+    taken = await send_message(api, other)
+    good = {"to": PHONE, "list_id": tenant.list_id, "timestamp": "2025-10-01T09:00:00Z"}
+    records = [
+        {**good, "to": "nope"}, {k: v for k, v in good.items() if k != "timestamp"}, {**good, "timestamp": "x"},
+        {**good, "list_id": 99999999}, {**good, "offer_id": "missing"}, {**good, "message_id": "bad id"},
+        {**good, "message_id": taken}, {k: v for k, v in good.items() if k != "list_id"}, good,
+    ]
+    body = await history(api, tenant, "sends", records)
+    assert (body["success_count"], body["error_count"]) == (1, 8)
+    assert [(e["index"], e["code"]) for e in body["errors"]] == [
+        (0, "invalid_phone"), (1, "missing_timestamp"), (2, "invalid_timestamp"), (3, "list_not_found"),
+        (4, "offer_not_found"), (5, "validation_error"), (6, "validation_error"), (7, "missing_list_identifier"),
+    ]
+
+
+async def test_revenue_import(api, db, tenant):
+    offer = await make_offer(api, tenant)
+    mid = await send_message(api, tenant, offer_id=offer["id"])
+    records = [
+        {"message_id": mid, "revenue": "0.1", "attribution_type": "sale", "external_id": "e1", "timestamp": "2025-10-01T00:00:00Z"},
+        {"message_id": mid, "revenue": "0.2", "attribution_type": "sale", "external_id": "e2"},
+        {"message_id": mid, "revenue": "9", "attribution_type": "sale", "external_id": "e1"},
+        {"message_id": mid, "revenue": "0.3", "attribution_type": "click"},
+        {"message_id": mid, "revenue": "x", "attribution_type": "sale"},
+        {"message_id": "zzzzzzzz", "revenue": "1", "attribution_type": "sale"},
+        {"message_id": mid, "attribution_type": "sale"},
+        {"message_id": mid, "revenue": "1"},
+        {"message_id": mid, "revenue": "1", "attribution_type": "nope"},
+        {"revenue": "1", "attribution_type": "sale"},
+        {"message_id": mid, "revenue": "1", "attribution_type": "sale", "offer_id": "nope"},
+    ]
+    body = await history(api, tenant, "revenue", records)
+    assert (body["success_count"], body["error_count"], body["duplicates_skipped"]) == (3, 7, 1)
+    assert [(e["index"], e["code"]) for e in body["errors"]] == [
+        (4, "invalid_revenue"), (5, "message_not_found"), (6, "missing_revenue"), (7, "missing_attribution_type"),
+        (8, "invalid_attribution_type"), (9, "missing_message_id"), (10, "offer_not_found"),
+    ]
+    rows = await db.fetch("SELECT external_id, amount, source, offer_id FROM revenue WHERE message_id = $1 ORDER BY amount", mid)
+    assert [(r["external_id"], r["amount"], r["source"], r["offer_id"]) for r in rows] == [
+        ("e1", Decimal("0.1"), "history", offer["id"]), ("e2", Decimal("0.2"), "history", offer["id"]),
+        (None, Decimal("0.3"), "history", offer["id"])]
+    detail = (await api.get(f"/api/v2/messages/{mid}", headers=tenant.headers)).json()
+    assert detail["revenue"] == 0.6 and detail["conversions"] == 2
+    again = await history(api, tenant, "revenue", records[:2])
+    assert again == {"success_count": 0, "error_count": 0, "duplicates_skipped": 2, "errors": []}
+    # external ids are per account
+    other = await make_tenant(db)
+    their = await send_message(api, other)
+    theirs = await history(api, other, "revenue", [{"message_id": their, "revenue": 1, "attribution_type": "sale", "external_id": "e1"}])
+    assert theirs["success_count"] == 1
