@@ -30,22 +30,22 @@ SELECT m.sent_at AS at, m.offer_id AS offer, m.creative_id AS creative, m.id AS 
        m.schedule_id AS campaign, m.list_id AS list,
        1 AS sends, 0 AS clicks, 0 AS conversions, 0::numeric AS revenue
 FROM messages m
-WHERE m.account_id = $1 AND m.sent_at >= coalesce($2, '-infinity') AND m.sent_at < coalesce($3, 'infinity')
+WHERE m.account_id = $1 AND m.sent_at >= coalesce($2::timestamptz, '-infinity') AND m.sent_at < coalesce($3::timestamptz, 'infinity')
 UNION ALL
 SELECT mc.clicked_at, coalesce(mc.offer_id, m.offer_id), m.creative_id, m.id, m.schedule_id, m.list_id, 0, 1, 0, 0
 FROM message_clicks mc JOIN messages m ON m.id = mc.message_id AND m.account_id = mc.account_id
-WHERE mc.account_id = $1 AND mc.clicked_at >= coalesce($2, '-infinity') AND mc.clicked_at < coalesce($3, 'infinity')
+WHERE mc.account_id = $1 AND mc.clicked_at >= coalesce($2::timestamptz, '-infinity') AND mc.clicked_at < coalesce($3::timestamptz, 'infinity')
 UNION ALL
 SELECT c.converted_at, c.offer_id, c.creative_id, c.message_id, c.schedule_id, c.list_id, 0, 0,
        (c.status = 'approved')::int,
        coalesce((SELECT sum(a.amount) FROM conversion_adjustments a WHERE a.conversion_id = c.id), 0)
 FROM conversions c
-WHERE c.account_id = $1 AND c.converted_at >= coalesce($2, '-infinity') AND c.converted_at < coalesce($3, 'infinity')
+WHERE c.account_id = $1 AND c.converted_at >= coalesce($2::timestamptz, '-infinity') AND c.converted_at < coalesce($3::timestamptz, 'infinity')
 UNION ALL
 SELECT r.occurred_at, coalesce(r.offer_id, m.offer_id), m.creative_id, m.id, m.schedule_id, m.list_id, 0, 0,
        (r.attribution_type = 'sale')::int, r.amount
 FROM revenue r JOIN messages m ON m.id = r.message_id
-WHERE r.account_id = $1 AND r.occurred_at >= coalesce($2, '-infinity') AND r.occurred_at < coalesce($3, 'infinity')
+WHERE r.account_id = $1 AND r.occurred_at >= coalesce($2::timestamptz, '-infinity') AND r.occurred_at < coalesce($3::timestamptz, 'infinity')
 """
 
 # The group key of each report grouping, as text; date is the event's UTC day.
