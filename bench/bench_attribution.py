@@ -1,0 +1,193 @@
+"""Attribution: postbacks accepted/s at the gateway, conversions attributed/s by one worker, and
+history imports rows/s — each next to a floor measured in the same run.
+
+Floors: a bare ASGI app through the same in-process client (requests/s), and a plain asyncpg
+``unnest`` insert of 1000 rows (rows/s).
+"""
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+import warnings
+from datetime import UTC, datetime, timedelta
+
+import arq
+import httpx
+from arq import create_pool
+from arq.connections import RedisSettings
+
+from bench.common import BenchEnv, ratio, unnest_floor
+from services.gateway.app import create_app
+from services.worker.main import worker_settings
+from shared import db as shared_db
+from shared.accounts import create_account, create_list
+from shared.jobs import PROCESS_POSTBACK, postback_job_id
+
+CONCURRENCY = 20
+CONVERSIONS = 20_000
+ROUNDS = 6
+
+
+async def _bare(scope, receive, send):  # the floor: nothing but a fixed 200
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": b'{"success":true,"status":"accepted"}'})
+
+
+async def _rate(client: httpx.AsyncClient, make_request, seconds: float = 4.0) -> float:
+    done = 0
+    stop = time.perf_counter() + seconds
+
+    async def loop() -> None:
+        nonlocal done
+        while time.perf_counter() < stop:
+            resp = await make_request(client)
+            assert resp.status_code == 200, resp.text
+            done += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(loop() for _ in range(CONCURRENCY)))
+    return done / (time.perf_counter() - start)
+
+
+async def _clear_jobs(redis_url: str) -> None:
+    """Forget the jobs the gateway figure enqueued (their postbacks are marked processed)."""
+    pool = await create_pool(RedisSettings.from_dsn(redis_url))
+    try:
+        keys = [k async for k in pool.scan_iter(match="arq:job:postback:*", count=1000)]
+        for i in range(0, len(keys), 1000):
+            await pool.delete(*keys[i:i + 1000])
+        await pool.delete("arq:queue")
+    finally:
+        await pool.aclose()
+
+
+async def _seed_clicked_postbacks(pool, account_id: int, list_id: int, n: int) -> list[int]:
+    """n messages, each with a first human click, and one stored postback naming each click."""
+    now = datetime.now(UTC)
+    mids = [f"b{i:07d}" for i in range(n)]
+    clicks = [secrets.token_hex(16) for _ in range(n)]
+    async with pool.acquire() as conn:
+        await conn.copy_records_to_table(
+            "messages", columns=("id", "account_id", "list_id", "to_phone", "body", "sent_at"),
+            records=[(m, account_id, list_id, f"+1415{i:07d}", "x", now - timedelta(hours=2)) for i, m in enumerate(mids)],
+        )
+        await conn.copy_records_to_table(
+            "clicks", columns=("id", "account_id", "list_id", "message_id", "clicked_at"),
+            records=[(c, account_id, list_id, m, now - timedelta(hours=1)) for c, m in zip(clicks, mids)],
+        )
+        await conn.copy_records_to_table(
+            "message_clicks", columns=("message_id", "click_id", "account_id", "clicked_at"),
+            records=[(m, c, account_id, now - timedelta(hours=1)) for c, m in zip(clicks, mids)],
+        )
+        rows = await conn.fetch(
+            "INSERT INTO postbacks (account_id, method, params, conversion_key, click_id, status, payout, converted_at, dedupe_key)"
+            " SELECT $1, 'GET', '{}', 'bc' || i, c, 'approved', 1.25, now(), 'bench' || i"
+            " FROM unnest($2::text[]) WITH ORDINALITY AS t(c, i) RETURNING id",
+            account_id, clicks,
+        )
+    return [r["id"] for r in rows]
+
+
+async def _worker_rate(env: BenchEnv, pool, account_id: int, list_id: int) -> tuple[float, float]:
+    ids = await _seed_clicked_postbacks(pool, account_id, list_id, CONVERSIONS)
+    arq_pool = await create_pool(RedisSettings.from_dsn(env.settings.redis_url))
+    try:
+        for i in range(0, len(ids), 500):
+            await asyncio.gather(*(arq_pool.enqueue_job(PROCESS_POSTBACK, pid, _job_id=postback_job_id(pid)) for pid in ids[i:i + 500]))
+    finally:
+        await arq_pool.aclose()
+    worker = arq.Worker(**{**worker_settings(env.settings), "handle_signals": False}, burst=True, poll_delay=0.05)
+    all_done = 0.0
+    start = time.perf_counter()
+
+    async def watch() -> None:
+        nonlocal all_done
+        while await pool.fetchval("SELECT count(*) FROM postbacks WHERE processed_at IS NULL AND NOT is_duplicate"):
+            await asyncio.sleep(0.02)
+        all_done = time.perf_counter() - start
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await worker.main()
+    finally:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Call to deprecated close", DeprecationWarning)
+            await worker.close()
+    burst = time.perf_counter() - start
+    await watcher
+    attributed = await pool.fetchval("SELECT count(*) FROM conversions WHERE account_id = $1 AND attributed", account_id)
+    assert attributed == CONVERSIONS, attributed
+    return attributed / all_done, attributed / burst
+
+
+async def _history_rate(api: httpx.AsyncClient, list_id: int, offer_id: str) -> tuple[float, float, float]:
+    best_sends = best_clicks = best_revenue = 0.0
+    for r in range(ROUNDS):
+        sends = [{"to": f"+1415{r:02d}{i:05d}", "list_id": list_id, "offer_id": offer_id, "body": "old",
+                  "timestamp": "2025-11-15T14:30:00Z"} for i in range(1000)]
+        start = time.perf_counter()
+        resp = await api.post("/api/v2/history/sends", json={"records": sends})
+        best_sends = max(best_sends, 1000 / (time.perf_counter() - start))
+        assert resp.json()["success_count"] == 1000, resp.text
+        resp = await api.post("/api/v2/send/bulk", json={"messages": [{**s, "body": "x"} for s in sends]})
+        mids = [(m["message_id"], m["to"]) for m in resp.json()["messages"]]
+        clicks = [{"message_id": m, "offer_id": offer_id, "phone_number": to, "timestamp": "2025-11-15T14:35:22Z"}
+                  for m, to in mids]
+        start = time.perf_counter()
+        resp = await api.post("/api/v2/history/clicks", json={"records": clicks})
+        best_clicks = max(best_clicks, 1000 / (time.perf_counter() - start))
+        assert resp.json()["success_count"] == 1000, resp.text
+        revenue = [{"message_id": m, "revenue": "1.10", "attribution_type": "sale", "external_id": f"r{r}-{i}",
+                    "timestamp": "2025-11-16T00:00:00Z"} for i, (m, _) in enumerate(mids)]
+        start = time.perf_counter()
+        resp = await api.post("/api/v2/history/revenue", json={"records": revenue})
+        best_revenue = max(best_revenue, 1000 / (time.perf_counter() - start))
+        assert resp.json()["success_count"] == 1000, resp.text
+    return best_sends, best_clicks, best_revenue
+
+
+async def _main(env: BenchEnv) -> list[str]:
+    settings = env.settings
+    pool = await shared_db.create_pool(settings.database_url)
+    async with pool.acquire() as conn:
+        acct = await create_account(conn, "bench-attribution")
+        lst = await create_list(conn, account_id=acct["account_id"], name="bench", phone="+18005550198",
+                                short_domain="https://sms.bench-attr.test")
+    headers = {"X-Api-Key": acct["api_key"]}
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=_bare), base_url="http://b") as bare:
+        floor_rps = await _rate(bare, lambda c: c.get("/postback/x?click_id=1"))
+
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g", headers=headers) as api:
+            url = f"/postback/{acct['postback_token']}"
+            postback_rps = await _rate(api, lambda c: c.get(url, params={
+                "click_id": secrets.token_hex(16), "txid": secrets.token_hex(8), "payout": "2.50"}))
+            offer = (await api.post("/api/v2/offers", json={"name": "b", "destination_url": "https://e.com/"})).json()["offer"]
+            sends_rps, clicks_rps, revenue_rps = await _history_rate(api, lst["list_id"], offer["id"])
+
+    # The gateway figure's postbacks are not part of the worker figure.
+    await pool.execute("UPDATE postbacks SET processed_at = now() WHERE processed_at IS NULL")
+    await _clear_jobs(settings.redis_url)
+    all_done_rate, burst_rate = await _worker_rate(env, pool, acct["account_id"], lst["list_id"])
+    await pool.close()
+    floor_rows = await unnest_floor(settings.database_url)
+    return [
+        f"floor: bare ASGI 200, in-process client x{CONCURRENCY}: {floor_rps:,.0f} req/s",
+        f"GET /postback (stored, deduplicated, job enqueued): {postback_rps:,.0f} req/s = {ratio(postback_rps, floor_rps)}",
+        f"floor: asyncpg unnest insert of 1000 rows: {floor_rows:,.0f} rows/s",
+        f"worker, {CONVERSIONS:,} postbacks with their clicks, one arq worker in burst mode: "
+        f"{all_done_rate:,.0f} conversions attributed/s until all were processed = {ratio(all_done_rate, floor_rows)} "
+        f"(goal >= 5,000/s); {burst_rate:,.0f}/s including draining every job",
+        f"POST /history/sends x1000: {sends_rps:,.0f} rows/s = {ratio(sends_rps, floor_rows)} (goal >= 0.50)",
+        f"POST /history/clicks x1000: {clicks_rps:,.0f} rows/s = {ratio(clicks_rps, floor_rows)} (goal >= 0.50)",
+        f"POST /history/revenue x1000: {revenue_rps:,.0f} rows/s = {ratio(revenue_rps, floor_rows)} (goal >= 0.50)",
+    ]
+
+
+def run(env: BenchEnv) -> list[str]:
+    return asyncio.run(_main(env))
