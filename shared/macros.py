@@ -57,8 +57,14 @@ def parse(template: str) -> Template:
     return Template(template, tuple(literals), tuple(names))
 
 
+_UNRESERVED_RE = re.compile(r"[A-Za-z0-9_.~-]*")
+
+
 def encode(value: object) -> str:
-    return quote(str(value), safe="")
+    text = str(value)
+    if _UNRESERVED_RE.fullmatch(text):  # most values (ids, plain words): nothing to escape
+        return text
+    return quote(text, safe="")
 
 
 def click_values(

@@ -1,20 +1,20 @@
 """Group commit of clicks into the Redis stream (``shared.edge.CLICK_STREAM``).
 
-Every request hands its click to ``write`` and awaits the future of the batch it joined. One
-write is in flight at a time; the clicks that arrive meanwhile form the next batch, which is sent
-as a single ``XADD`` (field ``b`` = orjson list of Click dicts) as soon as the previous one
-returns. Under load a batch holds as many clicks as arrived during one Redis round trip (plus its
-fsync with ``appendfsync always``), so the cost per click falls as load rises, and a click is
-durable before its 302 is sent. If the write fails every request of the batch gets
+Every request hands its click to ``write`` and awaits the future of the batch it joined. Clicks
+that arrive while ``max_inflight`` writes are already in flight wait and form the next batch,
+which is sent as a single ``XADD`` (field ``b`` = orjson list of Click dicts) as soon as one of
+those returns. Under load a batch holds as many clicks as arrived during a Redis round trip (plus
+its fsync with ``appendfsync always``), so the cost per click falls as load rises, and a click is
+durable before its 302 is sent. If the write fails, every request of the batch gets
 ``ClickNotRecorded`` (the app answers 503): a 302 is never sent for a click that is not stored.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any, Protocol
 
 import orjson
-import redis.asyncio as aioredis
 
 from shared import edge
 
@@ -25,14 +25,24 @@ class ClickNotRecorded(Exception):
     pass
 
 
+class Executor(Protocol):
+    async def execute(self, *args: bytes | str) -> Any: ...
+
+    def submit(self, *args: bytes | str) -> asyncio.Future[Any] | None: ...
+
+
 class ClickWriter:
-    def __init__(self, redis: aioredis.Redis, *, max_batch: int = 2000, stream: str = edge.CLICK_STREAM) -> None:
+    def __init__(
+        self, redis: Executor, *, max_batch: int = 2000, max_inflight: int = 2, stream: str = edge.CLICK_STREAM
+    ) -> None:
         self._redis = redis
         self._stream = stream
         self._max_batch = max_batch
+        self._max_inflight = max_inflight
         self._clicks: list[edge.Click] = []
         self._waiters: list[asyncio.Future[None]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._scheduled = False
+        self._inflight: set[asyncio.Future[Any]] = set()
         self._closed = False
         self.recorded = 0
         self.batches = 0
@@ -45,35 +55,54 @@ class ClickWriter:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._clicks.append(click)
         self._waiters.append(future)
-        if self._flusher is None:
-            # Started on the next loop iteration, so every request that is ready now joins this batch.
-            self._flusher = asyncio.create_task(self._flush(), name="click-group-commit")
+        self._schedule()
         await future
 
-    async def _flush(self) -> None:
-        try:
-            while self._clicks:
-                clicks, waiters = self._clicks[: self._max_batch], self._waiters[: self._max_batch]
-                del self._clicks[: self._max_batch], self._waiters[: self._max_batch]
-                try:
-                    await self._redis.execute_command("XADD", self._stream, "*", "b", orjson.dumps(clicks))
-                except Exception as exc:  # noqa: BLE001 - every failure means "not recorded"
-                    self.failed += len(clicks)
-                    log.error("could not record %d clicks: %s", len(clicks), exc)
-                    for waiter in waiters:
-                        if not waiter.done():
-                            waiter.set_exception(ClickNotRecorded(str(exc)))
-                else:
-                    self.recorded += len(clicks)
-                    self.batches += 1
-                    for waiter in waiters:
-                        if not waiter.done():
-                            waiter.set_result(None)
-        finally:
-            self._flusher = None
+    def _schedule(self) -> None:
+        if not self._scheduled and len(self._inflight) < self._max_inflight:
+            # On the next loop iteration, so every request that is ready now joins this batch.
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._start_batch)
+
+    def _start_batch(self) -> None:
+        self._scheduled = False
+        if not self._clicks:
+            return
+        clicks, waiters = self._clicks[: self._max_batch], self._waiters[: self._max_batch]
+        del self._clicks[: self._max_batch], self._waiters[: self._max_batch]
+        args = ("XADD", self._stream, "*", "b", orjson.dumps(clicks))
+        # Straight onto the connection when it is up (no task per batch); else connect first.
+        reply = self._redis.submit(*args)
+        if reply is None:
+            reply = asyncio.ensure_future(self._redis.execute(*args))
+        self._inflight.add(reply)
+        reply.add_done_callback(lambda done: self._finish(done, clicks, waiters))
+
+    def _finish(self, reply: asyncio.Future[Any], clicks: list[edge.Click], waiters: list[asyncio.Future[None]]) -> None:
+        self._inflight.discard(reply)
+        if reply.cancelled():
+            exc: BaseException | None = ClickNotRecorded("cancelled")
+        else:
+            exc = reply.exception()
+        if exc is not None:
+            self.failed += len(clicks)
+            log.error("could not record %d clicks: %s", len(clicks), exc)
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(ClickNotRecorded(str(exc)))
+        else:
+            self.recorded += len(clicks)
+            self.batches += 1
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+        if self._clicks:
+            self._schedule()
 
     async def close(self) -> None:
-        """Finish the batch in flight (and any queued behind it); refuse new clicks."""
+        """Finish the batches in flight (and any queued behind them); refuse new clicks."""
         self._closed = True
-        if self._flusher is not None:
-            await asyncio.shield(self._flusher)
+        while self._inflight or self._clicks:
+            if self._clicks and not self._inflight:
+                self._start_batch()
+            await asyncio.gather(*self._inflight, return_exceptions=True)

@@ -22,6 +22,8 @@ def serve(settings: Settings) -> int:
             lifespan="on",
             log_level=settings.log_level,
             access_log=False,
+            # X-Forwarded-For is read by the app, and only from settings.trusted_proxies.
+            proxy_headers=False,
             timeout_graceful_shutdown=10,
         )
     finally:

@@ -1,0 +1,350 @@
+"""Redirect edge and click drainer, each against a floor measured in the same run.
+
+* HTTP: a bare uvicorn ASGI app answering a fixed 302 (the floor), then the real redirect
+  (``python -m services.cli redirect``), each pinned to core 0 with the same uvicorn options,
+  driven by ``wrk -t1 -c50`` pinned to core 1. Short hop (cached) and tracker hop (click durably
+  in the Redis stream before the 302) as ratios of the floor's requests/s and p99.
+* Drain: ``drain_once`` over 50k clicks (some of them message clicks, so message_clicks and
+  contacts are written too) against a plain ``COPY`` of the same rows into a scratch table.
+* Memory: redirect RSS after 1M links are published in Redis and a sample of them is clicked.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from collections.abc import Iterator
+
+import asyncpg
+import httpx
+import orjson
+
+from bench import wrk
+from bench.common import BenchEnv, ratio
+from services.worker.clicks import drain_once
+from shared import db as shared_db
+from shared import edge, ids
+from shared.accounts import create_account, create_list
+from shared.redis_client import create_redis
+
+REPO = Path(__file__).resolve().parents[1]
+SERVER_CPU, LOAD_CPU = "0", "1"
+SECONDS = 6
+SHORT_HOST, TRACKER_HOST = "sms.bench.test", "ct.bench.test"
+DRAIN_CLICKS, CLICKS_PER_ENTRY = 50_000, 100
+PUBLISHED_LINKS, SAMPLE_LINKS = 1_000_000, 20_000
+
+FLOOR_APP = """
+import sys, uvicorn
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            else:
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    await send({"type": "http.response.start", "status": 302,
+                "headers": [(b"location", b"https://example.com/"), (b"content-length", b"0")]})
+    await send({"type": "http.response.body", "body": b""})
+
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), loop="uvloop", http="httptools",
+            access_log=False, proxy_headers=False, log_level="warning", lifespan="on")
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def _server(cmd: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    proc = subprocess.Popen(["taskset", "-c", SERVER_CPU, *cmd], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd} exited with {proc.returncode}")
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{cmd} did not start") from None
+                time.sleep(0.05)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _redirect_env(env: BenchEnv, port: int) -> dict[str, str]:
+    return dict(
+        os.environ,
+        TRACKLY_DATABASE_URL=env.settings.database_url or "",
+        TRACKLY_REDIS_URL=env.settings.redis_url or "",
+        TRACKLY_REDIRECT_PORT=str(port),
+        TRACKLY_LOG_LEVEL="warning",
+    )
+
+
+def _pin_redis(env: BenchEnv) -> str:
+    """Move the embedded redis-server onto the load core: it stands in for another machine, so the
+    server's core measures the server alone. Returns a note for the report."""
+    url = env.settings.redis_url or ""
+    if not url.startswith("unix://"):
+        return "redis: external, not pinned"
+    socket_path = url.removeprefix("unix://").encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"redis-server" in cmdline and socket_path in cmdline:
+            os.sched_setaffinity(int(proc.name), {int(LOAD_CPU)})
+            return f"redis-server pinned to core {LOAD_CPU} (with wrk)"
+    return "redis: embedded server not found, not pinned"
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return float("nan")
+
+
+# -- data ------------------------------------------------------------------------------------
+
+
+async def _setup(env: BenchEnv) -> dict:
+    """An account, list and offer in PostgreSQL, 1000 messages, and one link published in Redis."""
+    pool = await shared_db.create_pool(env.settings.database_url)
+    async with pool.acquire() as conn:
+        acct = await create_account(conn, "bench-redirect")
+        lst = await create_list(conn, account_id=acct["account_id"], name="bench", phone="+18005550142",
+                                short_domain=f"https://{SHORT_HOST}", tracker_domain=f"http://{TRACKER_HOST}")
+        offer_id = ids.hex24()
+        offer = await conn.fetchrow(
+            "INSERT INTO offers (id, account_id, name, destination_url, affiliate_id) VALUES ($1, $2, 'bench', $3, 'aff1')"
+            " RETURNING id, status, destination_url, affiliate_id, account_id",
+            offer_id, acct["account_id"], "https://lp.example/land?cid={click_id}&s1={sub1}&m={{sendId}}",
+        )
+        messages = [(ids.message_id(), f"+1415555{i:04d}") for i in range(1000)]
+        await conn.execute(
+            "INSERT INTO messages (id, account_id, list_id, to_phone, body, offer_id, sent_at)"
+            " SELECT id, $1, $2, phone, 'hi', $3, now() FROM unnest($4::text[], $5::text[]) AS t(id, phone)",
+            acct["account_id"], lst["list_id"], offer_id, [m for m, _ in messages], [p for _, p in messages],
+        )
+        await conn.execute(
+            "INSERT INTO contacts (account_id, list_id, phone_number, messages_received, last_sent_at)"
+            " SELECT $1, $2, phone, 1, now() FROM unnest($3::text[]) AS t(phone)",
+            acct["account_id"], lst["list_id"], [p for _, p in messages],
+        )
+    await pool.close()
+    redis = create_redis(env.settings.redis_url)
+    code, tracker = ids.link_id(), ids.tracker_id()
+    await redis.mset({
+        edge.short_key(SHORT_HOST, code): edge.dumps({"u": edge.tracker_url(f"http://{TRACKER_HOST}", tracker), "o": offer_id, "m": None}),
+        edge.tracker_key(tracker): edge.dumps({"h": TRACKER_HOST, "l": code, "o": offer_id, "a": acct["account_id"], "li": lst["list_id"]}),
+        edge.offer_key(offer_id): edge.dumps(edge.offer_entry(offer)),
+    })
+    await redis.aclose()
+    return {"account": acct["account_id"], "list": lst["list_id"], "offer": offer_id, "code": code,
+            "tracker": tracker, "messages": [m for m, _ in messages]}
+
+
+def _clicks(data: dict, n: int) -> list[edge.Click]:
+    rng = random.Random(7)
+    t0 = datetime.now(UTC) - timedelta(hours=1)
+    out: list[edge.Click] = []
+    for i in range(n):
+        message = rng.choice(data["messages"]) if rng.random() < 0.3 else None
+        out.append({
+            "id": ids.click_id(), "t": data["tracker"], "l": data["code"], "o": data["offer"], "a": data["account"],
+            "li": data["list"], "m": message, "at": (t0 + timedelta(milliseconds=i)).isoformat(),
+            "ip": "203.0.113.7", "ua": "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) Mobile/15E148",
+            "cc": "US", "bot": rng.random() < 0.05, "q": {"sub1": f"s{i % 50}"},
+        })
+    return out
+
+
+# -- drain -----------------------------------------------------------------------------------
+
+
+async def _drain_bench(env: BenchEnv, data: dict) -> list[str]:
+    clicks = _clicks(data, DRAIN_CLICKS)
+    redis = create_redis(env.settings.redis_url)
+    pool = await shared_db.create_pool(env.settings.database_url, max_size=2)
+    try:
+        for i in range(0, len(clicks), CLICKS_PER_ENTRY):
+            await redis.xadd(edge.CLICK_STREAM, {"b": orjson.dumps(clicks[i : i + CLICKS_PER_ENTRY])})
+        start = time.perf_counter()
+        drained = 0
+        while n := await drain_once(pool, redis, consumer="bench", count=50):
+            drained += n
+        drain_s = time.perf_counter() - start
+        stored = await pool.fetchval("SELECT count(*) FROM clicks WHERE account_id = $1", data["account"])
+        firsts = await pool.fetchval("SELECT count(*) FROM message_clicks WHERE account_id = $1", data["account"])
+
+        conn = await asyncpg.connect(env.settings.database_url)
+        try:
+            # COPY is binary: jsonb's binary form is a version byte, then the text.
+            await conn.set_type_codec("jsonb", schema="pg_catalog", format="binary",
+                                      encoder=lambda v: b"\x01" + orjson.dumps(v), decoder=lambda b: orjson.loads(b[1:]))
+            await conn.execute("CREATE TABLE bench_copy_floor (LIKE clicks INCLUDING DEFAULTS INCLUDING INDEXES)")
+            rows = [
+                (ids.click_id(), c["a"], c["l"], c["o"], c["li"], c["m"], datetime.fromisoformat(c["at"]), c["ip"], c["ua"],
+                 c["cc"], c["bot"], c["q"])
+                for c in clicks
+            ]
+            columns = ["id", "account_id", "link_id", "offer_id", "list_id", "message_id", "clicked_at", "ip",
+                       "user_agent", "country_code", "is_bot", "params"]
+            start = time.perf_counter()
+            await conn.copy_records_to_table("bench_copy_floor", records=rows, columns=columns)
+            copy_s = time.perf_counter() - start
+            await conn.execute("DROP TABLE bench_copy_floor")
+        finally:
+            await conn.close()
+    finally:
+        await pool.close()
+        await redis.aclose()
+    drain_rate, copy_rate = drained / drain_s, len(clicks) / copy_s
+    return [
+        f"floor: plain COPY of {len(clicks):,} click rows into a scratch table: {copy_rate:,.0f} rows/s",
+        f"drain_once over {drained:,} clicks ({stored:,} stored, {firsts:,} first message clicks, contacts updated):"
+        f" {drain_rate:,.0f} clicks/s = {ratio(drain_rate, copy_rate)} (goal >= 0.50)",
+    ]
+
+
+# -- HTTP ------------------------------------------------------------------------------------
+
+
+def _http_bench(env: BenchEnv, data: dict) -> list[str]:
+    if not wrk.available():
+        return [wrk.INSTALL_HINT, "skipped: HTTP floor, short hop and tracker hop"]
+    lines: list[str] = [_pin_redis(env)]
+    port = _free_port()
+    with _server([sys.executable, "-c", FLOOR_APP, str(port)], port):
+        wrk.run(f"http://127.0.0.1:{port}/", seconds=1, cpu=LOAD_CPU)  # warm-up
+        floor = wrk.run(f"http://127.0.0.1:{port}/", seconds=SECONDS, cpu=LOAD_CPU)
+    lines.append(f"floor: bare uvicorn ASGI fixed 302 (core {SERVER_CPU}; wrk -t1 -c50 on core {LOAD_CPU}): {floor.describe()}")
+
+    port = _free_port()
+    with _server([sys.executable, "-m", "services.cli", "redirect"], port, _redirect_env(env, port)):
+        base = f"http://127.0.0.1:{port}"
+        wrk.run(f"{base}/{data['code']}?sub1=x", host=SHORT_HOST, seconds=1, cpu=LOAD_CPU)
+        short = wrk.run(f"{base}/{data['code']}?sub1=x", host=SHORT_HOST, seconds=SECONDS, cpu=LOAD_CPU)
+        tracker_url = f"{base}/c/{data['tracker']}?sub1=x"
+        before = httpx.get(f"{base}/metrics").text
+        tracker = wrk.run(tracker_url, host=TRACKER_HOST, seconds=SECONDS, cpu=LOAD_CPU)
+        after = httpx.get(f"{base}/metrics").text
+    recorded = _metric(after, "trackly_redirect_clicks_recorded_total") - _metric(before, "trackly_redirect_clicks_recorded_total")
+    batches = _metric(after, "trackly_redirect_click_batches_total") - _metric(before, "trackly_redirect_click_batches_total")
+    lines.append(
+        f"short hop, cached: {short.describe()} = {ratio(short.rps, floor.rps)} rps (goal >= 0.80),"
+        f" p99 {short.p99_ms / floor.p99_ms:.2f}x floor p99"
+    )
+    lines.append(
+        f"tracker hop, click durable in Redis before the 302: {tracker.describe()} = {ratio(tracker.rps, floor.rps)} rps"
+        f" (goal >= 0.60), p99 {tracker.p99_ms / floor.p99_ms:.2f}x floor p99 (goal <= 3)"
+    )
+    lines.append(
+        f"  group commit: {recorded:,.0f} clicks in {batches:,.0f} XADDs = {recorded / max(batches, 1):.1f} clicks per batch"
+    )
+    return lines
+
+
+# -- memory ----------------------------------------------------------------------------------
+
+
+async def _publish_links(env: BenchEnv, data: dict, n: int) -> list[str]:
+    """n links (short + tracker keys) in Redis; returns a sample of their short codes."""
+    redis = create_redis(env.settings.redis_url)
+    sample: list[str] = []
+    try:
+        chunk: dict[str, bytes] = {}
+        for i in range(n):
+            code, tracker = f"m{i:06d}", ids.tracker_id()
+            chunk[edge.short_key(SHORT_HOST, code)] = edge.dumps(
+                {"u": edge.tracker_url(f"http://{TRACKER_HOST}", tracker), "o": data["offer"], "m": None})
+            chunk[edge.tracker_key(tracker)] = edge.dumps(
+                {"h": TRACKER_HOST, "l": code, "o": data["offer"], "a": data["account"], "li": data["list"]})
+            if i % (n // SAMPLE_LINKS) == 0 and len(sample) < SAMPLE_LINKS:
+                sample.append(code)
+            if len(chunk) >= 20_000:
+                await redis.mset(chunk)
+                chunk = {}
+        if chunk:
+            await redis.mset(chunk)
+    finally:
+        await redis.aclose()
+    return sample
+
+
+async def _click_sample(base: str, sample: list[str]) -> int:
+    ok = 0
+    queue = list(sample)
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal ok
+        while queue:
+            code = queue.pop()
+            short = await client.get(f"{base}/{code}?sub1=rss", headers={"host": SHORT_HOST})
+            if short.status_code != 302:
+                continue
+            tracker = short.headers["location"].split("/c/", 1)[1]
+            resp = await client.get(f"{base}/c/{tracker}", headers={"host": TRACKER_HOST})
+            ok += resp.status_code == 302
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        await asyncio.gather(*(worker(client) for _ in range(20)))
+    return ok
+
+
+def _memory_bench(env: BenchEnv, data: dict) -> list[str]:
+    start = time.perf_counter()
+    sample = asyncio.run(_publish_links(env, data, PUBLISHED_LINKS))
+    publish_s = time.perf_counter() - start
+    port = _free_port()
+    with _server([sys.executable, "-m", "services.cli", "redirect"], port, _redirect_env(env, port)) as proc:
+        idle = _rss_mb(proc.pid)
+        clicked = asyncio.run(_click_sample(f"http://127.0.0.1:{port}", sample))
+        rss = _rss_mb(proc.pid)
+    return [
+        f"published {PUBLISHED_LINKS:,} links in Redis ({publish_s:.0f} s); redirect RSS {idle:.0f} MB at start,"
+        f" {rss:.0f} MB after clicking {clicked:,} distinct links through both hops (goal <= 150 MB)",
+    ]
+
+
+def run(env: BenchEnv) -> list[str]:
+    data = asyncio.run(_setup(env))
+    lines = asyncio.run(_drain_bench(env, data))
+    lines += _http_bench(env, data)
+    lines += _memory_bench(env, data)
+    return lines

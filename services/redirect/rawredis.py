@@ -1,0 +1,163 @@
+"""A minimal pipelined Redis connection for the one write on the hot path (XADD of a batch).
+
+redis-py costs tens of microseconds per command (connection pool, a health check that yields to
+the event loop, response callbacks); at tens of thousands of batches a second that is most of
+the budget. This is an asyncio Protocol: ``execute`` writes the RESP command straight to the
+transport and returns a future resolved, in order, by ``data_received`` (hiredis parses).
+
+Several commands may be in flight at once. If the connection drops or a reply takes longer than
+``timeout``, every command in flight fails (their outcome is unknown: the click writer answers
+503, and the worker's idempotent drain absorbs any that did land) and the next call reconnects.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl as ssl_module
+from typing import Any
+
+import hiredis
+from redis.asyncio.connection import parse_url
+
+
+class RawRedisError(Exception):
+    pass
+
+
+def _pack(args: tuple[bytes | str, ...]) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg.encode() if isinstance(arg, str) else arg
+        out.append(b"$%d\r\n" % len(data))
+        out.append(data)
+        out.append(b"\r\n")
+    return b"".join(out)
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.reader = hiredis.Reader()
+        self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.transport: asyncio.Transport | None = None
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while True:
+            reply = self.reader.gets()
+            if reply is False:
+                return
+            if not self.waiting:
+                continue
+            future = self.waiting.popleft()
+            if future.done():
+                continue
+            if isinstance(reply, hiredis.ReplyError):
+                future.set_exception(RawRedisError(str(reply)))
+            else:
+                future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.fail(ConnectionError(f"redis connection lost: {exc or 'closed'}"))
+
+    def fail(self, exc: Exception) -> None:
+        while self.waiting:
+            future = self.waiting.popleft()
+            if not future.done():
+                future.set_exception(exc)
+                future.exception()  # the caller sees it raised; nobody else needs to retrieve it
+
+
+class RawRedis:
+    def __init__(self, url: str, *, timeout: float = 5.0, connect_timeout: float = 2.0) -> None:
+        self._options = parse_url(url)
+        self._tls = url.startswith("rediss://")
+        self._timeout = timeout
+        self._connect_timeout = connect_timeout
+        self._protocol: _Protocol | None = None
+        self._connecting: asyncio.Future[_Protocol] | None = None
+
+    async def _connect(self) -> _Protocol:
+        loop = asyncio.get_running_loop()
+        opts = self._options
+        if "path" in opts:
+            connect = loop.create_unix_connection(_Protocol, opts["path"])
+        else:
+            ctx = ssl_module.create_default_context() if self._tls else None
+            connect = loop.create_connection(_Protocol, opts.get("host", "localhost"), opts.get("port", 6379), ssl=ctx)
+        _, protocol = await asyncio.wait_for(connect, self._connect_timeout)
+        try:
+            if opts.get("password"):
+                auth = (opts["username"], opts["password"]) if opts.get("username") else (opts["password"],)
+                await self._send(protocol, ("AUTH", *auth))
+            if opts.get("db"):
+                await self._send(protocol, ("SELECT", str(opts["db"])))
+        except BaseException:
+            if protocol.transport is not None:
+                protocol.transport.close()
+            raise
+        return protocol
+
+    async def _protocol_ready(self) -> _Protocol:
+        protocol = self._protocol
+        if protocol is not None and not protocol.lost:
+            return protocol
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._connect())
+            try:
+                self._protocol = await self._connecting
+            finally:
+                self._connecting = None
+            return self._protocol
+        return await asyncio.shield(self._connecting)
+
+    async def _send(self, protocol: _Protocol, args: tuple[bytes | str, ...]) -> Any:
+        assert protocol.transport is not None
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        protocol.waiting.append(future)
+        protocol.transport.write(_pack(args))
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self._timeout)
+        except asyncio.TimeoutError:
+            # Replies come in order: a late one would be taken for the next command's. Start over.
+            protocol.fail(ConnectionError("redis did not answer in time"))
+            if protocol.transport is not None:
+                protocol.transport.close()
+            raise ConnectionError("redis did not answer in time") from None
+
+    async def execute(self, *args: bytes | str) -> Any:
+        protocol = self._protocol
+        if protocol is None or protocol.lost:
+            protocol = await self._protocol_ready()
+        return await self._send(protocol, args)
+
+    def submit(self, *args: bytes | str) -> asyncio.Future[Any] | None:
+        """Send now, without a coroutine; the reply's future. None when not connected (then use
+        ``execute``, which connects)."""
+        protocol = self._protocol
+        if protocol is None or protocol.lost or protocol.transport is None:
+            return None
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        protocol.waiting.append(future)
+        protocol.transport.write(_pack(args))
+        timer = loop.call_later(self._timeout, self._expire, protocol, future)
+        future.add_done_callback(lambda _: timer.cancel())
+        return future
+
+    @staticmethod
+    def _expire(protocol: _Protocol, future: asyncio.Future[Any]) -> None:
+        if not future.done():
+            # Replies come in order: a late one would be taken for the next command's. Start over.
+            protocol.fail(ConnectionError("redis did not answer in time"))
+            if protocol.transport is not None:
+                protocol.transport.close()
+
+    async def close(self) -> None:
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None and protocol.transport is not None:
+            protocol.transport.close()
