@@ -73,7 +73,12 @@ def test_send_click_convert_over_http(stack):
     account = admin(stack, "create-account", "--name", "E2E")
     lst = admin(stack, "create-list", "--account-id", str(account["account_id"]), "--name", "Main",
                 "--phone", "+18005551234", "--short-domain", "https://sms.example.com")
-    api = httpx.Client(base_url=stack["gateway"] + "/api/v2", headers={"X-Api-Key": account["api_key"]})
+    with httpx.Client(base_url=stack["gateway"] + "/api/v2", headers={"X-Api-Key": account["api_key"]}) as api, \
+            httpx.Client(base_url=stack["redirect"]) as edge:
+        flow(stack, account, lst, api, edge)
+
+
+def flow(stack, account, lst, api, edge):
     offer = api.post("/offers", json={"name": "Deal", "destination_url": "https://shop.example.com/lp?cid={click_id}&s={{sendId}}",
                                       "payout": "12.50", "external_id": "T-1"}).json()["offer"]
     link = api.post("/links", json={"externalOfferId": "T-1", "phoneNumber": "+18005551234"}).json()
@@ -83,7 +88,6 @@ def test_send_click_convert_over_http(stack):
     body = api.get(f"/messages/{mid}").json()["body"]
     short = next(w for w in body.split() if w.startswith("https://sms.example.com/"))
 
-    edge = httpx.Client(base_url=stack["redirect"])
     hop1 = edge.get("/" + short.rsplit("/", 1)[1] + "?sub1=a", headers={"Host": "sms.example.com", "User-Agent": "Mozilla/5.0 (iPhone)"})
     assert hop1.status_code == 302 and hop1.headers["cache-control"] == "private, no-store"
     tracker = urlsplit(hop1.headers["location"])
