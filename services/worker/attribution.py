@@ -51,10 +51,12 @@ LEFT JOIN offers o ON o.id = coalesce(k.offer_id, m.offer_id)
 WHERE k.id = ANY($1::text[])
 """
 
+# The job's own postback is waited for if another batch holds it (that batch may roll back, and
+# then nobody else would take it); the rest are only those nobody holds.
 _TAKE = """
 WITH own AS (
     SELECT id FROM postbacks WHERE id = $1 AND processed_at IS NULL AND NOT is_duplicate
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE
 ), rest AS (
     SELECT id FROM postbacks WHERE processed_at IS NULL AND NOT is_duplicate AND id IS DISTINCT FROM $1
     ORDER BY received_at LIMIT $2
@@ -307,26 +309,44 @@ async def rematch_stored(conn: asyncpg.Connection, limit: int = 1000) -> int:
     return await rematch_for_clicks(conn, [r["click_id"] for r in click_ids])
 
 
-async def process_postback(ctx: dict[str, Any], postback_id: int) -> int:
-    """arq job: attribute this postback (and whatever else is waiting, in one batch)."""
-    db: asyncpg.Pool = ctx["db"]
-    # Even when its own postback was taken by an earlier batch, a job takes what is still
-    # waiting: the backlog drains at batch speed, not at one arq job per postback.
+# Errors a postback's own data causes: retrying cannot help, so the postback is closed with the
+# error recorded for the operator instead of blocking every batch it lands in.
+POISON_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, asyncpg.ProgramLimitExceededError)
+
+
+async def _run_batch(db: asyncpg.Pool, postback_id: int, limit: int) -> int:
     for attempt in range(DEADLOCK_RETRIES):
         try:
             async with db.acquire() as conn, conn.transaction():
-                return await process_batch(conn, postback_id)
+                return await process_batch(conn, postback_id, limit)
         except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
             # Two batches met on the same conversions in different orders: one of them yields.
             if attempt == DEADLOCK_RETRIES - 1:
                 raise
             await asyncio.sleep(0.05 * (attempt + 1))
-        except Exception as exc:
-            await db.execute(
-                "UPDATE postbacks SET process_error = $2 WHERE id = $1", postback_id, f"{type(exc).__name__}: {exc}"[:1000]
-            )
-            raise
     raise AssertionError("unreachable")
+
+
+async def process_postback(ctx: dict[str, Any], postback_id: int) -> int:
+    """arq job: attribute this postback and, in the same batch, whatever else is waiting.
+
+    Even when its own postback was taken by an earlier batch, a job takes what is still waiting:
+    a backlog drains at batch speed, not at the speed of one arq job per postback."""
+    db: asyncpg.Pool = ctx["db"]
+    try:
+        return await _run_batch(db, postback_id, BATCH_SIZE)
+    except POISON_ERRORS:
+        log.warning("batch with postback %s failed; processing it alone", postback_id, exc_info=True)
+    # One bad postback must not sink the batch it lands in: alone, it sinks only itself.
+    try:
+        return await _run_batch(db, postback_id, 0)
+    except POISON_ERRORS as exc:
+        await db.execute(
+            "UPDATE postbacks SET processed_at = now(), process_error = $2 WHERE id = $1 AND processed_at IS NULL",
+            postback_id, f"{type(exc).__name__}: {exc}"[:1000],
+        )
+        log.error("postback %s cannot be processed: %s", postback_id, exc)
+        return 0
 
 
 async def sweep_once(db: asyncpg.Pool, arq_redis: Any) -> int:

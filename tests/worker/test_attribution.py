@@ -307,3 +307,27 @@ async def test_sweeper_enqueues_stored_postbacks_without_a_job(api, db, tenant, 
     await run_worker()
     assert (await db.fetchval("SELECT processed_at FROM postbacks WHERE id = $1", pid)) is not None
     assert (await conversion(db, tenant, "swept"))["attributed"] is True
+
+
+async def test_a_poison_postback_sinks_only_itself(api, db, tenant, run_worker, gateway_app):
+    _, _, click_id = await clicked_message(api, db, tenant)
+    async with db.acquire() as conn:
+        poison = await conn.fetchval(
+            "INSERT INTO postbacks (account_id, method, params, conversion_key, click_id, status, payout, converted_at,"
+            " dedupe_key) VALUES ($1, 'GET', '{}', 'poison', $2, 'bogus', 1, now(), 'poison') RETURNING id",
+            tenant.account_id, click_id,
+        )
+    await gateway_app.state.arq.enqueue_job("process_postback", poison, _job_id=f"postback:{poison}")
+    await postback(api, tenant, click_id=click_id, conversion_id="healthy", timestamp=(T0 + timedelta(hours=1)).isoformat())
+    await run_worker()
+    assert (await conversion(db, tenant, "healthy"))["attributed"] is True
+    row = await db.fetchrow("SELECT processed_at, process_error FROM postbacks WHERE id = $1", poison)
+    assert row["processed_at"] is not None and "CheckViolation" in row["process_error"]
+    assert await conversion(db, tenant, "poison") is None
+
+
+async def test_head_stores_nothing(api, db, tenant):
+    resp = await api.head(f"/postback/{tenant.postback_token}", params={"click_id": "x"})
+    assert resp.status_code == 200
+    assert await db.fetchval("SELECT count(*) FROM postbacks WHERE account_id = $1", tenant.account_id) == 0
+    assert (await api.head("/postback/unknown")).status_code == 401

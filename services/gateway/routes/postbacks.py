@@ -87,6 +87,8 @@ async def _params(request: Request) -> dict[str, Any]:
 
 async def receive(request: Request) -> JSONResponse:
     account_id = await _account_for(request, request.path_params["postback_token"])
+    if request.method == "HEAD":  # a link checker, not a network: nothing to store
+        return JSONResponse({"success": True, "status": "accepted"})
     params = await _params(request)
     received_at = utcnow()
     pb = normalise(params, received_at)
