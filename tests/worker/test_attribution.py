@@ -331,3 +331,33 @@ async def test_head_stores_nothing(api, db, tenant):
     assert resp.status_code == 200
     assert await db.fetchval("SELECT count(*) FROM postbacks WHERE account_id = $1", tenant.account_id) == 0
     assert (await api.head("/postback/unknown")).status_code == 401
+
+
+async def test_late_postback_attributed_by_the_click_drainer(api, db, redis, tenant, run_worker):
+    """The whole path: postback before its click, then the edge's click drained by the real drainer."""
+    import orjson
+
+    from services.worker.clicks import drain_once
+    from shared import edge, ids
+
+    async def drain_all():
+        while await drain_once(db, redis, consumer="pytest-attribution", min_idle_ms=0):
+            pass
+
+    await drain_all()
+    offer = await make_offer(api, tenant)
+    mid = await send_message(api, tenant, offer_id=offer["id"], creative_id="late-cr")
+    click_id = ids.click_id()
+    await postback(api, tenant, click_id=click_id, conversion_id="drained", payout="9.99",
+                   timestamp=(T0 + timedelta(minutes=10)).isoformat())
+    await run_worker()
+    assert (await conversion(db, tenant, "drained"))["unattributed_reason"] == "click_not_found"
+    click = {"id": click_id, "t": ids.tracker_id(), "l": "Ab3kX9", "o": offer["id"], "a": tenant.account_id,
+             "li": tenant.list_id, "m": mid, "at": T0.isoformat(), "ip": None, "ua": "Mozilla/5.0", "cc": None,
+             "bot": False, "q": {}}
+    await redis.xadd(edge.CLICK_STREAM, {"b": orjson.dumps([click])})
+    await drain_all()
+    conv = await conversion(db, tenant, "drained")
+    assert conv["attributed"] and (conv["message_id"], conv["creative_id"], conv["offer_id"]) == (mid, "late-cr", offer["id"])
+    detail = (await api.get(f"/api/v2/messages/{mid}", headers=tenant.headers)).json()
+    assert (detail["clicked"], detail["conversions"], detail["revenue"]) == (True, 1, 9.99)
