@@ -192,7 +192,6 @@ async def test_concurrent_batches_on_one_conversion(api, db, tenant):
 
     async def one(pid):
         async with db.acquire() as conn, conn.transaction():
-            await conn.fetch("SELECT id FROM postbacks WHERE id = $1 FOR UPDATE", pid)
             await attribution.process_batch(conn, pid, limit=0)
 
     await asyncio.gather(*(one(pid) for pid in ids))
@@ -285,7 +284,7 @@ async def test_networks_are_separate_conversions(api, db, tenant, run_worker):
     assert [r["network"] for r in rows] == ["everflow", "tune"]
 
 
-async def test_sweeper_enqueues_stored_postbacks_without_a_job(api, db, tenant, redis, run_worker):
+async def test_sweeper_enqueues_stored_postbacks_without_a_job(api, db, tenant, settings, run_worker):
     _, _, click_id = await clicked_message(api, db, tenant)
     async with db.acquire() as conn:
         pid = await conn.fetchval(
@@ -297,9 +296,7 @@ async def test_sweeper_enqueues_stored_postbacks_without_a_job(api, db, tenant, 
     from arq import create_pool
     from arq.connections import RedisSettings
 
-    from shared.settings import Settings  # noqa: F401  (settings fixture gives the URL)
-
-    pool = await create_pool(RedisSettings.from_dsn(api._transport.app.state.settings.redis_url))
+    pool = await create_pool(RedisSettings.from_dsn(settings.redis_url))
     try:
         assert await attribution.sweep_once(db, pool) >= 1
     finally:
