@@ -37,26 +37,44 @@ from shared import edge
 log = logging.getLogger("trackly.worker.clicks")
 
 DEFAULT_CONSUMER = f"{socket.gethostname()}-{os.getpid()}"
-DEFAULT_COUNT = 200  # stream entries per transaction; each entry is a batch of clicks
+DEFAULT_COUNT = 50  # stream entries per transaction; each entry is a batch of clicks
+# Concurrent drain loops per worker: one decodes while another's transaction runs in PostgreSQL.
+DRAIN_LOOPS = 2
 CLAIM_IDLE_MS = 30_000
 
-_STORE = """
-WITH input AS (
-    SELECT * FROM unnest(
+# The input rows, two ways. Fast: PostgreSQL parses the stream entries' JSON itself (no decoding
+# in Python). Checked: Python validated and decoded every click (used when the fast way fails on
+# a malformed entry, so that one bad click cannot block the stream).
+_INPUT_JSON = """
+    SELECT c.id, c.a AS account_id, c.l AS link_id, c.o AS offer_id, c.li AS list_id,
+           c.m AS message_id, c."at" AS clicked_at, c.ip, c.ua AS user_agent, c.cc AS country_code,
+           coalesce(c.bot, false) AS is_bot, coalesce(c.q, '{}') AS params
+    FROM unnest($1::text[]) AS e(batch),
+         LATERAL json_to_recordset(e.batch::json) AS c(
+             id text, a bigint, l text, o text, li bigint, m text, "at" timestamptz, ip text, ua text,
+             cc text, bot boolean, q jsonb)
+"""
+_INPUT_ARRAYS = """
+    SELECT id, account_id, link_id, offer_id, list_id, message_id, clicked_at, ip, user_agent,
+           country_code, is_bot, params::jsonb AS params
+    FROM unnest(
         $1::text[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::text[],
         $7::timestamptz[], $8::text[], $9::text[], $10::text[], $11::boolean[], $12::text[]
     ) AS t(id, account_id, link_id, offer_id, list_id, message_id, clicked_at, ip, user_agent,
            country_code, is_bot, params)
-),
+"""
+_STORE = """
+WITH input AS ({input}),
 stored AS (
+    -- The claimed message is kept only if it exists and is the click's account's (one primary
+    -- key probe per click that names one).
     INSERT INTO clicks (id, account_id, link_id, offer_id, list_id, message_id, clicked_at, ip,
                         user_agent, country_code, is_bot, params)
-    SELECT i.id, i.account_id, i.link_id, i.offer_id, i.list_id, m.id, i.clicked_at, i.ip,
-           i.user_agent, i.country_code, i.is_bot, i.params::jsonb
+    SELECT i.id, i.account_id, i.link_id, i.offer_id, i.list_id,
+           (SELECT m.id FROM messages m WHERE m.id = i.message_id AND m.account_id = i.account_id),
+           i.clicked_at, i.ip, i.user_agent, i.country_code, i.is_bot, i.params
     FROM input i
-    JOIN accounts a ON a.id = i.account_id
-    LEFT JOIN messages m ON m.id = i.message_id AND m.account_id = i.account_id
-    ORDER BY i.id
+    WHERE EXISTS (SELECT 1 FROM accounts a WHERE a.id = i.account_id)
     ON CONFLICT (id) DO NOTHING
     RETURNING id, account_id, offer_id, message_id, clicked_at, is_bot
 ),
@@ -87,11 +105,13 @@ contact_counts AS (
             last_clicked_at = greatest(contacts.last_clicked_at, excluded.last_clicked_at)
     RETURNING 1
 )
-SELECT s.id, s.is_bot,
+SELECT (SELECT count(*) FROM input) AS seen,
+       (SELECT coalesce(array_agg(id), '{{}}') FROM stored WHERE NOT is_bot) AS new_human,
        (SELECT count(*) FROM first_clicks) AS first_clicks,
        (SELECT count(*) FROM contact_counts) AS contacts
-FROM stored s
 """
+STORE_JSON = _STORE.format(input=_INPUT_JSON)
+STORE_ARRAYS = _STORE.format(input=_INPUT_ARRAYS)
 
 
 async def ensure_group(redis: aioredis.Redis) -> None:
@@ -147,21 +167,46 @@ def _columns(clicks: list[dict[str, Any]]) -> list[list[Any]]:
     return cols
 
 
+_TEXT_FIELDS = ("l", "o", "m", "ip", "ua", "cc")
+_BIGINT = 2**63
+
+
 def _valid(click: Any) -> bool:
+    """Whether a click can be stored as it is (anything else would fail the whole batch)."""
+    if not isinstance(click, dict):
+        return False
+    account, list_id = click.get("a"), click.get("li")
     return (
-        isinstance(click, dict)
-        and isinstance(click.get("id"), str)
-        and isinstance(click.get("a"), int)
+        isinstance(click.get("id"), str)
+        and 0 < len(click["id"]) <= 200
+        and isinstance(account, int) and not isinstance(account, bool) and -_BIGINT <= account < _BIGINT
+        and (list_id is None or (isinstance(list_id, int) and not isinstance(list_id, bool) and -_BIGINT <= list_id < _BIGINT))
         and isinstance(click.get("at"), str)
+        and all(click.get(name) is None or isinstance(click[name], str) for name in _TEXT_FIELDS)
+        and isinstance(click.get("bot", False), bool)
     )
 
 
-def _decode(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[dict[str, Any]]:
+def _without_nul(click: dict[str, Any]) -> dict[str, Any]:
+    """PostgreSQL text cannot hold NUL characters."""
+    for name in ("id", *_TEXT_FIELDS):
+        value = click.get(name)
+        if isinstance(value, str) and "\x00" in value:
+            click[name] = value.replace("\x00", "")
+    query = click.get("q")
+    if not isinstance(query, dict):
+        click["q"] = {}
+    elif "\\u0000" in orjson.dumps(query).decode():
+        click["q"] = {k.replace("\x00", ""): v.replace("\x00", "") if isinstance(v, str) else v for k, v in query.items()}
+    return click
+
+
+def _decode(entries: list[tuple[bytes, dict[bytes, bytes] | None]]) -> list[dict[str, Any]]:
     """Every well-formed click of the entries, once each (a retried XADD may repeat a click)."""
     clicks: dict[str, dict[str, Any]] = {}
     for entry_id, fields in entries:
         try:
-            batch = orjson.loads(fields[b"b"])
+            batch = orjson.loads(fields[b"b"])  # type: ignore[index]
         except (KeyError, TypeError, orjson.JSONDecodeError):
             log.error("dropping malformed click stream entry %r", entry_id)
             continue
@@ -174,16 +219,40 @@ def _decode(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[dict[str, A
             except ValueError:
                 log.error("dropping click with a bad timestamp in entry %r", entry_id)
                 continue
-            clicks.setdefault(click["id"], click)
+            clicks.setdefault(click["id"], _without_nul(click))
     return list(clicks.values())
 
 
 async def store(conn: asyncpg.Connection, clicks: list[dict[str, Any]]) -> list[str]:
-    """Store clicks and their effects in the caller's transaction; the ids of new human clicks."""
+    """Store decoded, validated clicks and their effects in the caller's transaction; the ids of
+    the human clicks that were new."""
     if not clicks:
         return []
-    rows = await conn.fetch(_STORE, *_columns(clicks))
-    new_human = [r["id"] for r in rows if not r["is_bot"]]
+    row = await conn.fetchrow(STORE_ARRAYS, *_columns(clicks))
+    return await _after_store(conn, row)
+
+
+async def store_entries(conn: asyncpg.Connection, entries: list[tuple[bytes, dict[bytes, bytes] | None]]) -> int:
+    """Store the clicks of raw stream entries in the caller's transaction; how many they held."""
+    payloads = [fields[b"b"] for _, fields in entries if fields and b"b" in fields]
+    if payloads:
+        try:
+            async with conn.transaction():  # a savepoint: a malformed entry only undoes this try
+                row = await conn.fetchrow(STORE_JSON, [p.decode("utf-8", "replace") for p in payloads])
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)):
+                raise
+            log.warning("click batch needs checking click by click (%s)", exc)
+        else:
+            await _after_store(conn, row)
+            return int(row["seen"])
+    clicks = _decode(entries)
+    await store(conn, clicks)
+    return len(clicks)
+
+
+async def _after_store(conn: asyncpg.Connection, row: asyncpg.Record) -> list[str]:
+    new_human = list(row["new_human"])
     if new_human:
         await attribution.rematch_for_clicks(conn, new_human)
     return new_human
@@ -204,28 +273,39 @@ async def drain_once(
     entries = await _take(redis, consumer, count, min_idle_ms, block_ms)
     if not entries:
         return 0
-    clicks = _decode(entries)
-    if clicks:
-        if isinstance(db, asyncpg.Pool):
-            async with db.acquire() as conn, conn.transaction():
-                await store(conn, clicks)
-        else:
-            async with db.transaction():
-                await store(db, clicks)
+    if isinstance(db, asyncpg.Pool):
+        async with db.acquire() as conn, conn.transaction():
+            seen = await store_entries(conn, entries)
+    else:
+        async with db.transaction():
+            seen = await store_entries(db, entries)
     entry_ids = [entry_id for entry_id, _ in entries]
     async with redis.pipeline(transaction=True) as pipe:
         pipe.xack(edge.CLICK_STREAM, edge.CLICK_GROUP, *entry_ids)
         pipe.xdel(edge.CLICK_STREAM, *entry_ids)
         await pipe.execute()
-    return len(clicks)
+    return seen
 
 
 async def run_drainer(ctx: dict[str, Any]) -> None:
-    """Started by the worker: drain forever; on any failure wait a moment and go again (nothing
-    is acknowledged unless it was committed, so a failure only delays)."""
+    """Started by the worker: ``DRAIN_LOOPS`` loops drain forever, each as its own consumer."""
+    loops = [
+        asyncio.create_task(_drain_loop(ctx, f"{ctx.get('click_consumer', DEFAULT_CONSUMER)}-{n}"), name=f"click-drain-{n}")
+        for n in range(DRAIN_LOOPS)
+    ]
+    try:
+        await asyncio.gather(*loops)
+    finally:
+        for task in loops:
+            task.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+
+
+async def _drain_loop(ctx: dict[str, Any], consumer: str) -> None:
+    """On any failure wait a moment and go again: nothing is acknowledged unless it was committed,
+    so a failure only delays (the entries stay in this consumer's pending list)."""
     db: asyncpg.Pool = ctx["db"]
     redis: aioredis.Redis = ctx["redis_client"]
-    consumer = ctx.get("click_consumer", DEFAULT_CONSUMER)
     while True:
         try:
             await drain_once(db, redis, consumer=consumer, block_ms=1000)

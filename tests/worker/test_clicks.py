@@ -132,10 +132,15 @@ async def test_malformed_entries_are_dropped_not_stuck(db: asyncpg.Pool, redis: 
     bad_time = dict(click(tenant, at=T0), at="yesterday")
     await redis.xadd(edge.CLICK_STREAM, {"b": b"not json"})
     await redis.xadd(edge.CLICK_STREAM, {"x": b"[]"})
-    await xadd(redis, [{"id": 5}, bad_time, good])  # type: ignore[list-item]
+    bad_type = dict(click(tenant, at=T0), l=5)
+    huge_account = dict(click(tenant, at=T0), a=2**63)
+    nul = dict(click(tenant, at=T0), ua="evil\x00agent", q={"sub1": "a\x00b"})
+    await xadd(redis, [{"id": 5}, bad_time, good, bad_type, huge_account, nul])  # type: ignore[list-item]
     await drain_all(db, redis)
-    ids_stored = [r["id"] for r in await db.fetch("SELECT id FROM clicks WHERE account_id = $1", tenant.account_id)]
-    assert ids_stored == [good["id"]]
+    rows = await db.fetch("SELECT id, user_agent, params FROM clicks WHERE account_id = $1", tenant.account_id)
+    assert sorted(r["id"] for r in rows) == sorted([good["id"], nul["id"]])
+    cleaned = next(r for r in rows if r["id"] == nul["id"])
+    assert cleaned["user_agent"] == "evilagent" and cleaned["params"] == {"sub1": "ab"}
     assert await redis.xlen(edge.CLICK_STREAM) == 0
 
 
