@@ -37,7 +37,7 @@ from shared import edge
 log = logging.getLogger("trackly.worker.clicks")
 
 DEFAULT_CONSUMER = f"{socket.gethostname()}-{os.getpid()}"
-DEFAULT_COUNT = 50  # stream entries per transaction; each entry is a batch of clicks
+DEFAULT_COUNT = 100  # stream entries per transaction; each entry is a batch of clicks
 # Concurrent drain loops per worker: one decodes while another's transaction runs in PostgreSQL.
 DRAIN_LOOPS = 2
 CLAIM_IDLE_MS = 30_000
