@@ -1,0 +1,59 @@
+"""Group commit: concurrent clicks share XADDs, and every click is in the stream when answered."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+import pytest
+
+from services.redirect.clickwriter import ClickNotRecorded, ClickWriter
+from services.redirect.rawredis import RawRedis
+from shared import edge
+from shared.settings import Settings
+
+STREAM = "trk:test:group-commit"
+
+
+def fake_click(n: int) -> edge.Click:
+    return {"id": f"{n:032x}", "t": "t", "l": "l", "o": "o", "a": 1, "li": 1, "m": None, "at": "2026-01-01T00:00:00+00:00",
+            "ip": None, "ua": None, "cc": None, "bot": False, "q": {}}
+
+
+async def test_concurrent_clicks_share_writes_and_are_durable_when_answered(settings: Settings, redis: Any) -> None:
+    await redis.delete(STREAM)
+    conn = RawRedis(settings.redis_url or "")
+    writer = ClickWriter(conn, stream=STREAM, max_inflight=1)
+    try:
+        answered: list[str] = []
+
+        async def one(n: int) -> None:
+            click = fake_click(n)
+            await writer.write(click)
+            # Answered only now: the click must already be in the stream.
+            answered.append(click["id"])
+
+        await asyncio.gather(*(one(n) for n in range(200)))
+        entries = await redis.xrange(STREAM)
+        stored = [c["id"] for _, fields in entries for c in orjson.loads(fields[b"b"])]
+        assert sorted(stored) == sorted(answered) and len(stored) == 200
+        assert len(entries) < 20  # one write per batch, not per click
+        assert writer.recorded == 200 and writer.batches == len(entries)
+    finally:
+        await writer.close()
+        await conn.close()
+        await redis.delete(STREAM)
+
+
+async def test_a_failed_write_fails_every_click_of_the_batch(tmp_path: Any) -> None:
+    conn = RawRedis(f"unix://{tmp_path}/nothing-listens-here.sock", connect_timeout=0.5)
+    writer = ClickWriter(conn, stream=STREAM)
+    try:
+        results = await asyncio.gather(*(writer.write(fake_click(n)) for n in range(5)), return_exceptions=True)
+        assert all(isinstance(r, ClickNotRecorded) for r in results)
+        assert writer.failed == 5 and writer.recorded == 0
+    finally:
+        await writer.close()
+        await conn.close()
+    with pytest.raises(ClickNotRecorded):
+        await writer.write(fake_click(9))  # closed
