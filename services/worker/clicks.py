@@ -6,7 +6,11 @@ consumer of group ``shared.edge.CLICK_GROUP``:
 1. takes its own unacknowledged entries first (a transaction that failed last time), else claims
    entries another consumer left pending for longer than ``min_idle_ms`` (a dead worker), else
    reads new ones;
-2. stores them in ONE transaction and ONE statement: clicks are inserted with
+2. stores them in ONE transaction and ONE statement. PostgreSQL parses the entries' JSON itself
+   (``json_to_recordset``), so Python never decodes a click on the normal path; if an entry is
+   malformed that statement fails (inside a savepoint) and the batch is decoded and checked click
+   by click in Python instead, dropping only the bad clicks, so nothing can block the stream.
+   Clicks are inserted with
    ``ON CONFLICT (id) DO NOTHING RETURNING``, and only the rows that statement really inserted go
    on to message_clicks (first human click per message; an earlier click replaces a later one even
    if batches arrive out of order) and contacts (click_count, last_clicked_at). A batch drained
@@ -267,8 +271,9 @@ async def drain_once(
     min_idle_ms: int = CLAIM_IDLE_MS,
     block_ms: int | None = None,
 ) -> int:
-    """Drain up to ``count`` stream entries in one transaction; returns how many clicks they held
-    (stored now or already stored before). 0 means there was nothing for this consumer."""
+    """Drain up to ``count`` stream entries in one transaction; returns how many well-formed clicks
+    they held (stored now or already stored before). 0: nothing was there for this consumer (or
+    only malformed entries, which are acknowledged and dropped)."""
     await ensure_group(redis)
     entries = await _take(redis, consumer, count, min_idle_ms, block_ms)
     if not entries:
