@@ -191,3 +191,11 @@ async def test_two_links_of_one_offer_are_distinct(api: httpx.AsyncClient, tenan
     one, two = await make_link(api, tenant, offer["id"]), await make_link(api, tenant, offer["id"])
     assert (await edge.get(one["shortUrl"])).headers["location"] == one["clickTrackerUrl"]
     assert (await edge.get(two["shortUrl"])).headers["location"] == two["clickTrackerUrl"]
+
+
+def test_host_header_parsing_agrees_with_the_edge_contract() -> None:
+    from services.redirect.app import hostname
+    from shared.edge import host_of
+
+    for raw in ("SMS.Example.com", "sms.example.com:8443", "sms.example.com.", "[2001:DB8::1]:8001", "ct.localhost:8001"):
+        assert hostname(raw.encode()) == host_of(raw), raw
