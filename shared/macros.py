@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import quote
 
 MACRO_RE = re.compile(r"\{\{\s*([A-Za-z0-9_]+)\s*\}\}|\{([A-Za-z0-9_]+)\}")
@@ -32,6 +33,27 @@ CLICK_MACROS = frozenset(
 KNOWN_MACROS = QUERY_MACROS | CLICK_MACROS
 
 
+class ClickFacts(NamedTuple):
+    """What the edge knows about one click, for ``fill_facts`` (the redirect's hot path)."""
+
+    click_id: str
+    affiliate_id: str | None
+    offer_id: str
+    account_id: str
+    ip: str | None
+    user_agent: str | None
+    datetime: str
+    country_code: str | None
+    message_id: str | None
+
+
+# Macro name -> index in ClickFacts.
+_FACT_INDEX = {
+    "click_id": 0, "transaction_id": 0, "affiliate_id": 1, "offer_id": 2, "account_id": 3, "ip": 4,
+    "user_agent": 5, "datetime": 6, "country_code": 7, "sendid": 8,
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Template:
     """A destination URL split into literal text and (lower-cased) macro names."""
@@ -39,6 +61,8 @@ class Template:
     raw: str
     literals: tuple[str, ...]  # len(names) + 1 pieces of literal text around the macros
     names: tuple[str, ...]
+    # Per macro: an index into ClickFacts, a query parameter name, or None (unknown: empty).
+    slots: tuple[int | str | None, ...] = ()
 
     @property
     def has_macros(self) -> bool:
@@ -54,7 +78,8 @@ def parse(template: str) -> Template:
         names.append((match.group(1) or match.group(2)).lower())
         pos = match.end()
     literals.append(template[pos:])
-    return Template(template, tuple(literals), tuple(names))
+    slots = tuple(_FACT_INDEX.get(n, n if n in QUERY_MACROS else None) for n in names)
+    return Template(template, tuple(literals), tuple(names), slots)
 
 
 _UNRESERVED_RE = re.compile(r"[A-Za-z0-9_.~-]*")
@@ -110,11 +135,32 @@ def fill(template: Template, values: Mapping[str, str]) -> str:
     return "".join(out)
 
 
-def _append(url: str, values: Mapping[str, str]) -> str:
+def fill_facts(template: Template, facts: ClickFacts, query: Mapping[str, str]) -> str:
+    """``fill(template, click_values(...))`` without building every value: what the redirect
+    calls per click. ``query`` holds the short link's query parameters."""
+    if not template.names:
+        params = [f"click_id={encode(facts.click_id)}"]
+        for name in SUBS:
+            value = query.get(name)
+            if value:
+                params.append(f"{name}={encode(value)}")
+        return _join_query(template.raw, "&".join(params))
+    out = [template.literals[0]]
+    for slot, literal in zip(template.slots, template.literals[1:]):
+        if slot.__class__ is int:
+            value = facts[slot]  # type: ignore[index]
+        elif slot is None:
+            value = None
+        else:
+            value = query.get(slot)  # type: ignore[arg-type]
+        if value:
+            out.append(encode(value))
+        out.append(literal)
+    return "".join(out)
+
+
+def _join_query(url: str, query: str) -> str:
     base, hash_sign, fragment = url.partition("#")
-    params = [("click_id", values.get("click_id", ""))]
-    params += [(name, values[name]) for name in SUBS if values.get(name)]
-    query = "&".join(f"{encode(k)}={encode(v)}" for k, v in params)
     if base.endswith(("?", "&")):
         joiner = ""
     elif "?" in base:
@@ -122,6 +168,12 @@ def _append(url: str, values: Mapping[str, str]) -> str:
     else:
         joiner = "?"
     return f"{base}{joiner}{query}{hash_sign}{fragment}"
+
+
+def _append(url: str, values: Mapping[str, str]) -> str:
+    params = [("click_id", values.get("click_id", ""))]
+    params += [(name, values[name]) for name in SUBS if values.get(name)]
+    return _join_query(url, "&".join(f"{encode(k)}={encode(v)}" for k, v in params))
 
 
 def render(template: str, values: Mapping[str, str]) -> str:

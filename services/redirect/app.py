@@ -79,6 +79,7 @@ class TrackerLink:
     account_id: int
     list_id: int
     offer_key: str
+    account_str: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +97,9 @@ def _decode_short(raw: bytes) -> ShortLink:
 
 def _decode_tracker(raw: bytes) -> TrackerLink:
     entry: edge.TrackerEntry = orjson.loads(raw)
+    account = int(entry["a"])
     return TrackerLink(
-        entry["h"].lower(), entry["l"], entry["o"], int(entry["a"]), int(entry["li"]), edge.offer_key(entry["o"])
+        entry["h"].lower(), entry["l"], entry["o"], account, int(entry["li"]), edge.offer_key(entry["o"]), str(account)
     )
 
 
@@ -337,22 +339,15 @@ class RedirectApp:
         click_id = ids.click_id()
         at, at_second = self.clock.now()
         client = scope.get("client")
-        ip = self.client_ip(client[0] if client else None, forwarded)
+        ip = client[0] if client else None
+        if forwarded is not None and self.client_ip.trusts_any:
+            ip = self.client_ip(ip, forwarded)
         ua = user_agent.decode("utf-8", "replace")[:MAX_UA_CHARS] if user_agent is not None else None
-        country = self.geo.country(ip)
-        values = macros.click_values(
-            click_id=click_id,
-            offer_id=tracker.offer_id,
-            account_id=tracker.account_id,
-            affiliate_id=offer.affiliate_id,
-            query=query,
-            ip=ip,
-            user_agent=ua,
-            datetime=at_second,
-            country_code=country,
-            message_id=send_id,
+        country = self.geo.country(ip) if self.geo.enabled else None
+        facts = macros.ClickFacts(
+            click_id, offer.affiliate_id, tracker.offer_id, tracker.account_str, ip, ua, at_second, country, send_id
         )
-        location = macros.fill(offer.template, values)
+        location = macros.fill_facts(offer.template, facts, query)
         if method == "GET":
             click: edge.Click = {
                 "id": click_id,

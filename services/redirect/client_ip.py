@@ -10,6 +10,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 class ClientIP:
     def __init__(self, trusted: Iterable[Network]) -> None:
         self._trusted = tuple(trusted)
+        self.trusts_any = bool(self._trusted)
         self._memo: dict[str, bool] = {}
 
     def is_trusted(self, address: str) -> bool:

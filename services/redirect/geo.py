@@ -15,6 +15,7 @@ _MEMO_LIMIT = 50_000
 class Geo:
     def __init__(self, path: Path | None) -> None:
         self._reader: geoip2.database.Reader | None = None
+        self.enabled = False
         self._memo: dict[str, str | None] = {}
         if path is None:
             return
@@ -23,6 +24,7 @@ class Geo:
         except Exception as exc:  # noqa: BLE001 - a bad database must not stop the redirect
             log.warning("GeoIP database %s unusable (%s); countries will be empty", path, exc)
             return
+        self.enabled = True
         self._lookup = self._reader.city if "City" in self._reader.metadata().database_type else self._reader.country
 
     def country(self, ip: str | None) -> str | None:
@@ -48,3 +50,4 @@ class Geo:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+            self.enabled = False

@@ -84,3 +84,21 @@ def test_parse_keeps_literals_and_names() -> None:
     assert t.names == ("a", "b", "c")
     assert t.literals == ("https://x/", "-", "", "")
     assert not macros.parse("https://x/{ not a macro }").has_macros
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "https://lp.example/x?" + "&".join(f"{m}={{{m}}}" for m in sorted(macros.KNOWN_MACROS - {"sendid"}))
+        + "&s={{sendId}}&u={unknown}&w={{other}}",
+        "https://lp.example/land",
+        "https://lp.example/land?k=1#frag",
+    ],
+)
+@pytest.mark.parametrize("message_id", ["Msg12345", None])
+def test_fill_facts_matches_fill(template: str, message_id: str | None) -> None:
+    """The redirect's fast path gives exactly what the reference functions give."""
+    query = {"sub1": "a b", "sub2": "x&y", "sub5": "5", "source": "sms", "creative": "c/1", "cost": "0.1", "other": "no"}
+    facts = macros.ClickFacts("c" * 32, "aff9", "o" * 24, "7", "203.0.113.9", "Mozilla/5.0 (iPhone)", "2026-11-23T01:02:03Z", "GB", message_id)
+    expected = macros.render(template, values(query=query, message_id=message_id))
+    assert macros.fill_facts(macros.parse(template), facts, query) == expected
