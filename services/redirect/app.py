@@ -233,13 +233,6 @@ class RedirectApp:
 
     # -- ASGI --------------------------------------------------------------------------------
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        kind = scope["type"]
-        if kind == "http":
-            await self._http(scope, send)
-        elif kind == "lifespan":
-            await self._lifespan(receive, send)
-
     async def _lifespan(self, receive: Any, send: Any) -> None:
         while True:
             message = await receive()
@@ -255,7 +248,12 @@ class RedirectApp:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def _http(self, scope: Scope, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        # HTTP handled right here rather than in a nested coroutine: every await level costs on the hot path.
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await self._lifespan(receive, send)
+            return
         started = time.perf_counter()
         path: str = scope["path"]
         method: str = scope["method"]
