@@ -39,6 +39,9 @@ SECONDS = 6
 SHORT_HOST, TRACKER_HOST = "sms.bench.test", "ct.bench.test"
 DRAIN_CLICKS, CLICKS_PER_ENTRY = 50_000, 100
 PUBLISHED_LINKS, SAMPLE_LINKS = 1_000_000, 20_000
+# Each measurement is taken ROUNDS times and the best kept, floors and products alike: other
+# processes on a shared machine only ever make a run slower.
+ROUNDS = 2
 
 FLOOR_APP = """
 import sys, uvicorn
@@ -197,59 +200,73 @@ def _clicks(data: dict, n: int) -> list[edge.Click]:
 # -- drain -----------------------------------------------------------------------------------
 
 
-async def _drain_bench(env: BenchEnv, data: dict) -> list[str]:
+async def _drain_round(env: BenchEnv, data: dict, pool: asyncpg.Pool, redis: object) -> tuple[float, float, int]:
+    """(drain clicks/s, COPY rows/s, clicks drained) for one fresh set of clicks."""
     clicks = _clicks(data, DRAIN_CLICKS)
-    redis = create_redis(env.settings.redis_url)
-    pool = await shared_db.create_pool(env.settings.database_url, max_size=2)
+    for i in range(0, len(clicks), CLICKS_PER_ENTRY):
+        await redis.xadd(edge.CLICK_STREAM, {"b": orjson.dumps(clicks[i : i + CLICKS_PER_ENTRY])})  # type: ignore[attr-defined]
+    drained = 0
+
+    async def loop(consumer: str) -> None:
+        nonlocal drained
+        while n := await drain_once(pool, redis, consumer=consumer):  # type: ignore[arg-type]
+            drained += n
+
+    # As the worker runs it: DRAIN_LOOPS concurrent loops, one decoding while another's
+    # transaction runs in PostgreSQL.
+    start = time.perf_counter()
+    await asyncio.gather(*(loop(f"bench-{i}") for i in range(DRAIN_LOOPS)))
+    drain_s = time.perf_counter() - start
+
+    conn = await asyncpg.connect(env.settings.database_url)
     try:
-        for i in range(0, len(clicks), CLICKS_PER_ENTRY):
-            await redis.xadd(edge.CLICK_STREAM, {"b": orjson.dumps(clicks[i : i + CLICKS_PER_ENTRY])})
-        drained = 0
-
-        async def loop(consumer: str) -> None:
-            nonlocal drained
-            while n := await drain_once(pool, redis, consumer=consumer):
-                drained += n
-
-        # As the worker runs it: DRAIN_LOOPS concurrent loops, one decoding while another's
-        # transaction runs in PostgreSQL.
+        # COPY is binary: jsonb's binary form is a version byte, then the text.
+        await conn.set_type_codec("jsonb", schema="pg_catalog", format="binary",
+                                  encoder=lambda v: b"\x01" + orjson.dumps(v), decoder=lambda b: orjson.loads(b[1:]))
+        await conn.execute("CREATE TABLE bench_copy_floor (LIKE clicks INCLUDING DEFAULTS INCLUDING INDEXES)")
+        rows = [
+            (c["id"], c["a"], c["l"], c["o"], c["li"], c["m"], datetime.fromisoformat(c["at"]), c["ip"], c["ua"],
+             c["cc"], c["bot"], c["q"])
+            for c in clicks
+        ]
+        columns = ["id", "account_id", "link_id", "offer_id", "list_id", "message_id", "clicked_at", "ip",
+                   "user_agent", "country_code", "is_bot", "params"]
         start = time.perf_counter()
-        await asyncio.gather(*(loop(f"bench-{i}") for i in range(DRAIN_LOOPS)))
-        drain_s = time.perf_counter() - start
+        await conn.copy_records_to_table("bench_copy_floor", records=rows, columns=columns)
+        copy_s = time.perf_counter() - start
+        await conn.execute("DROP TABLE bench_copy_floor")
+    finally:
+        await conn.close()
+    return drained / drain_s, len(clicks) / copy_s, drained
+
+
+async def _drain_bench(env: BenchEnv, data: dict) -> list[str]:
+    redis = create_redis(env.settings.redis_url)
+    pool = await shared_db.create_pool(env.settings.database_url, max_size=DRAIN_LOOPS)
+    try:
+        rounds = [await _drain_round(env, data, pool, redis) for _ in range(ROUNDS)]
         stored = await pool.fetchval("SELECT count(*) FROM clicks WHERE account_id = $1", data["account"])
         firsts = await pool.fetchval("SELECT count(*) FROM message_clicks WHERE account_id = $1", data["account"])
-
-        conn = await asyncpg.connect(env.settings.database_url)
-        try:
-            # COPY is binary: jsonb's binary form is a version byte, then the text.
-            await conn.set_type_codec("jsonb", schema="pg_catalog", format="binary",
-                                      encoder=lambda v: b"\x01" + orjson.dumps(v), decoder=lambda b: orjson.loads(b[1:]))
-            await conn.execute("CREATE TABLE bench_copy_floor (LIKE clicks INCLUDING DEFAULTS INCLUDING INDEXES)")
-            rows = [
-                (ids.click_id(), c["a"], c["l"], c["o"], c["li"], c["m"], datetime.fromisoformat(c["at"]), c["ip"], c["ua"],
-                 c["cc"], c["bot"], c["q"])
-                for c in clicks
-            ]
-            columns = ["id", "account_id", "link_id", "offer_id", "list_id", "message_id", "clicked_at", "ip",
-                       "user_agent", "country_code", "is_bot", "params"]
-            start = time.perf_counter()
-            await conn.copy_records_to_table("bench_copy_floor", records=rows, columns=columns)
-            copy_s = time.perf_counter() - start
-            await conn.execute("DROP TABLE bench_copy_floor")
-        finally:
-            await conn.close()
     finally:
         await pool.close()
-        await redis.aclose()
-    drain_rate, copy_rate = drained / drain_s, len(clicks) / copy_s
+        await redis.aclose()  # type: ignore[attr-defined]
+    drain_rate = max(r[0] for r in rounds)
+    copy_rate = max(r[1] for r in rounds)
     return [
-        f"floor: plain COPY of {len(clicks):,} click rows into a scratch table: {copy_rate:,.0f} rows/s",
-        f"drain_once x{DRAIN_LOOPS} loops over {drained:,} clicks ({stored:,} stored, {firsts:,} first message clicks, contacts updated):"
-        f" {drain_rate:,.0f} clicks/s = {ratio(drain_rate, copy_rate)} (goal >= 0.50)",
+        f"floor: plain COPY of {DRAIN_CLICKS:,} click rows into a scratch table (same indexes, no foreign keys),"
+        f" best of {ROUNDS}: {copy_rate:,.0f} rows/s",
+        f"drain_once x{DRAIN_LOOPS} loops over {DRAIN_CLICKS:,} clicks (30% message clicks: message_clicks and contacts"
+        f" written too), best of {ROUNDS}: {drain_rate:,.0f} clicks/s = {ratio(drain_rate, copy_rate)} (goal >= 0.50);"
+        f" {stored:,} stored, {firsts:,} first message clicks",
     ]
 
 
 # -- HTTP ------------------------------------------------------------------------------------
+
+
+def _best(url: str, host: str | None = None) -> wrk.WrkResult:
+    wrk.run(url, host=host, seconds=1, cpu=LOAD_CPU)  # warm-up
+    return max((wrk.run(url, host=host, seconds=SECONDS, cpu=LOAD_CPU) for _ in range(ROUNDS)), key=lambda r: r.rps)
 
 
 def _http_bench(env: BenchEnv, data: dict) -> list[str]:
@@ -258,18 +275,18 @@ def _http_bench(env: BenchEnv, data: dict) -> list[str]:
     lines: list[str] = [_pin_redis(env)]
     port = _free_port()
     with _server([sys.executable, "-c", FLOOR_APP, str(port)], port):
-        wrk.run(f"http://127.0.0.1:{port}/", seconds=1, cpu=LOAD_CPU)  # warm-up
-        floor = wrk.run(f"http://127.0.0.1:{port}/", seconds=SECONDS, cpu=LOAD_CPU)
-    lines.append(f"floor: bare uvicorn ASGI fixed 302 (core {SERVER_CPU}; wrk -t1 -c50 on core {LOAD_CPU}): {floor.describe()}")
+        floor = _best(f"http://127.0.0.1:{port}/")
+    lines.append(
+        f"floor: bare uvicorn ASGI fixed 302 (core {SERVER_CPU}; wrk -t1 -c50 on core {LOAD_CPU}, best of {ROUNDS}):"
+        f" {floor.describe()}"
+    )
 
     port = _free_port()
     with _server([sys.executable, "-m", "services.cli", "redirect"], port, _redirect_env(env, port)):
         base = f"http://127.0.0.1:{port}"
-        wrk.run(f"{base}/{data['code']}?sub1=x", host=SHORT_HOST, seconds=1, cpu=LOAD_CPU)
-        short = wrk.run(f"{base}/{data['code']}?sub1=x", host=SHORT_HOST, seconds=SECONDS, cpu=LOAD_CPU)
-        tracker_url = f"{base}/c/{data['tracker']}?sub1=x"
+        short = _best(f"{base}/{data['code']}?sub1=x", SHORT_HOST)
         before = httpx.get(f"{base}/metrics").text
-        tracker = wrk.run(tracker_url, host=TRACKER_HOST, seconds=SECONDS, cpu=LOAD_CPU)
+        tracker = _best(f"{base}/c/{data['tracker']}?sub1=x", TRACKER_HOST)
         after = httpx.get(f"{base}/metrics").text
     recorded = _metric(after, "trackly_redirect_clicks_recorded_total") - _metric(before, "trackly_redirect_clicks_recorded_total")
     batches = _metric(after, "trackly_redirect_click_batches_total") - _metric(before, "trackly_redirect_click_batches_total")
@@ -349,9 +366,18 @@ def _memory_bench(env: BenchEnv, data: dict) -> list[str]:
     ]
 
 
+async def _drop_stream(env: BenchEnv) -> None:
+    redis = create_redis(env.settings.redis_url)
+    try:
+        await redis.delete(edge.CLICK_STREAM)  # the load test's clicks are not worth draining
+    finally:
+        await redis.aclose()
+
+
 def run(env: BenchEnv) -> list[str]:
     data = asyncio.run(_setup(env))
-    lines = asyncio.run(_drain_bench(env, data))
-    lines += _http_bench(env, data)
+    lines = _http_bench(env, data)
+    asyncio.run(_drop_stream(env))
+    lines += asyncio.run(_drain_bench(env, data))
     lines += _memory_bench(env, data)
     return lines

@@ -13,6 +13,7 @@ Lookups come from the in-process cache (``cache.py``), then Redis; never Postgre
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import re
 import time
@@ -219,6 +220,8 @@ class RedirectApp:
             "trackly_redirect_stale_served", "Lookups answered from an expired entry while Redis failed",
             lambda: self.shorts.stale_served + self.trackers.stale_served + self.offers.stale_served,
         )
+        # What exists now lives as long as the process: keep it out of the collector's sight.
+        gc.freeze()
         self.started = True
 
     async def shutdown(self) -> None:
