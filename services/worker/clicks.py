@@ -53,8 +53,8 @@ _INPUT_JSON = """
     SELECT c.id, c.a AS account_id, c.l AS link_id, c.o AS offer_id, c.li AS list_id,
            c.m AS message_id, c."at" AS clicked_at, c.ip, c.ua AS user_agent, c.cc AS country_code,
            coalesce(c.bot, false) AS is_bot, coalesce(c.q, '{}') AS params
-    FROM unnest($1::text[]) AS e(batch),
-         LATERAL json_to_recordset(e.batch::json) AS c(
+    FROM unnest($1::bytea[]) AS e(batch),
+         LATERAL json_to_recordset(convert_from(e.batch, 'UTF8')::json) AS c(
              id text, a bigint, l text, o text, li bigint, m text, "at" timestamptz, ip text, ua text,
              cc text, bot boolean, q jsonb)
 """
@@ -242,7 +242,7 @@ async def store_entries(conn: asyncpg.Connection, entries: list[tuple[bytes, dic
     if payloads:
         try:
             async with conn.transaction():  # a savepoint: a malformed entry only undoes this try
-                row = await conn.fetchrow(STORE_JSON, [p.decode("utf-8", "replace") for p in payloads])
+                row = await conn.fetchrow(STORE_JSON, payloads)
         except asyncpg.PostgresError as exc:
             if isinstance(exc, (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)):
                 raise
