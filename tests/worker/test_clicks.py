@@ -132,6 +132,7 @@ async def test_malformed_entries_are_dropped_not_stuck(db: asyncpg.Pool, redis: 
     bad_time = dict(click(tenant, at=T0), at="yesterday")
     await redis.xadd(edge.CLICK_STREAM, {"b": b"not json"})
     await redis.xadd(edge.CLICK_STREAM, {"x": b"[]"})
+    await redis.xadd(edge.CLICK_STREAM, {"b": b'[{"id": "\xff\xfe"}]'})  # not UTF-8
     bad_type = dict(click(tenant, at=T0), l=5)
     huge_account = dict(click(tenant, at=T0), a=2**63)
     nul = dict(click(tenant, at=T0), ua="evil\x00agent", q={"sub1": "a\x00b"})
