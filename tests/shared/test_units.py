@@ -22,6 +22,13 @@ def test_id_formats():
     assert len(ids.postback_token()) >= 32
 
 
+def test_reserved_paths_are_never_codes(monkeypatch):
+    rolls = iter(["readyz", "healthz", "Ab3kX9", "metrics", "Zx81Qa7"])
+    monkeypatch.setattr(ids, "_alnum", lambda n: next(rolls))
+    assert ids.link_id() == "Ab3kX9"
+    assert ids.message_link_code() == "Zx81Qa7"
+
+
 def test_ids_do_not_repeat():
     assert len({ids.click_id() for _ in range(10_000)}) == 10_000
     assert len({ids.message_id() for _ in range(10_000)}) == 10_000
