@@ -31,8 +31,18 @@ def hex24() -> str:
     return secrets.token_hex(12)
 
 
+# Paths the redirect answers itself; a short code must never be one of them.
+RESERVED_CODES = frozenset({"healthz", "readyz", "metrics"})
+
+
+def _code(n: int) -> str:
+    while (code := _alnum(n)) in RESERVED_CODES:
+        pass
+    return code
+
+
 def link_id() -> str:
-    return _alnum(6)
+    return _code(6)
 
 
 def message_id() -> str:
@@ -41,7 +51,7 @@ def message_id() -> str:
 
 def message_link_code() -> str:
     """Per-message short code. 7 characters so it never collides with a 6-char link id."""
-    return _alnum(7)
+    return _code(7)
 
 
 def tracker_id() -> str:
