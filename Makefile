@@ -27,7 +27,9 @@ test: $(STAMP) ## run the whole test suite on real PostgreSQL and Redis
 migrate: $(STAMP) ## bring the schema up to date (TRACKLY_DATABASE_URL, or the embedded database)
 	$(BIN)/trackly migrate
 
-bench: $(STAMP) ## benchmarks: ratios against floors measured in the same run (needs wrk: apt-get install -y wrk)
+bench: $(STAMP) ## benchmarks: ratios against floors measured in the same run (installs wrk if missing and root)
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && apt-get install -y -qq wrk >/dev/null; } || echo "no wrk: the redirect bench will be skipped"
 	$(BIN)/python -m bench
 
 lint: $(STAMP) ## import boundaries: a service imports only shared/
