@@ -17,7 +17,7 @@ import httpx
 from arq import create_pool
 from arq.connections import RedisSettings
 
-from bench.common import BenchEnv, ratio, unnest_floor
+from bench.common import BenchEnv, bare_asgi, ratio, request_rate, unnest_floor
 from services.gateway.app import create_app
 from services.worker.main import worker_settings
 from shared import db as shared_db
@@ -27,29 +27,6 @@ from shared.jobs import PROCESS_POSTBACK, postback_job_id
 CONCURRENCY = 20
 CONVERSIONS = 20_000
 ROUNDS = 6
-
-
-async def _bare(scope, receive, send):  # the floor: nothing but a fixed 200
-    if scope["type"] != "http":
-        return
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
-    await send({"type": "http.response.body", "body": b'{"success":true,"status":"accepted"}'})
-
-
-async def _rate(client: httpx.AsyncClient, make_request, seconds: float = 4.0) -> float:
-    done = 0
-    stop = time.perf_counter() + seconds
-
-    async def loop() -> None:
-        nonlocal done
-        while time.perf_counter() < stop:
-            resp = await make_request(client)
-            assert resp.status_code == 200, resp.text
-            done += 1
-
-    start = time.perf_counter()
-    await asyncio.gather(*(loop() for _ in range(CONCURRENCY)))
-    return done / (time.perf_counter() - start)
 
 
 async def _clear_jobs(redis_url: str) -> None:
@@ -158,15 +135,16 @@ async def _main(env: BenchEnv) -> list[str]:
                                 short_domain="https://sms.bench-attr.test")
     headers = {"X-Api-Key": acct["api_key"]}
 
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=_bare), base_url="http://b") as bare:
-        floor_rps = await _rate(bare, lambda c: c.get("/postback/x?click_id=1"))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=bare_asgi(200, b'{"success":true,"status":"accepted"}')), base_url="http://b") as bare:
+        floor_rps = await request_rate(bare, lambda c: c.get("/postback/x?click_id=1"), concurrency=CONCURRENCY, ok=200)
 
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g", headers=headers) as api:
             url = f"/postback/{acct['postback_token']}"
-            postback_rps = await _rate(api, lambda c: c.get(url, params={
-                "click_id": secrets.token_hex(16), "txid": secrets.token_hex(8), "payout": "2.50"}))
+            postback_rps = await request_rate(api, lambda c: c.get(url, params={
+                "click_id": secrets.token_hex(16), "txid": secrets.token_hex(8), "payout": "2.50"}),
+                concurrency=CONCURRENCY, ok=200)
             offer = (await api.post("/api/v2/offers", json={"name": "b", "destination_url": "https://e.com/"})).json()["offer"]
             sends_rps, clicks_rps, revenue_rps = await _history_rate(api, lst["list_id"], offer["id"])
 

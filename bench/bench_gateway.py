@@ -10,35 +10,12 @@ import time
 
 import httpx
 
-from bench.common import BenchEnv, ratio, unnest_floor
+from bench.common import BenchEnv, bare_asgi, ratio, request_rate, unnest_floor
 from services.gateway.app import create_app
 from shared import db as shared_db
 from shared.accounts import create_account, create_list
 
 CONCURRENCY = 20
-
-
-async def _bare_302(scope, receive, send):  # the floor: nothing but a 302
-    if scope["type"] != "http":
-        return
-    await send({"type": "http.response.start", "status": 302, "headers": [(b"location", b"https://example.com/")]})
-    await send({"type": "http.response.body", "body": b""})
-
-
-async def _rate(client: httpx.AsyncClient, make_request, seconds: float = 4.0) -> float:
-    done = 0
-    stop = time.perf_counter() + seconds
-
-    async def loop() -> None:
-        nonlocal done
-        while time.perf_counter() < stop:
-            resp = await make_request(client)
-            assert resp.status_code < 400, resp.text
-            done += 1
-
-    start = time.perf_counter()
-    await asyncio.gather(*(loop() for _ in range(CONCURRENCY)))
-    return done / (time.perf_counter() - start)
 
 
 async def _main(env: BenchEnv) -> list[str]:
@@ -51,8 +28,8 @@ async def _main(env: BenchEnv) -> list[str]:
     await pool.close()
     headers = {"X-Api-Key": acct["api_key"]}
 
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=_bare_302), base_url="http://b") as bare:
-        floor_rps = await _rate(bare, lambda c: c.get("/"))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=bare_asgi(302)), base_url="http://b") as bare:
+        floor_rps = await request_rate(bare, lambda c: c.get("/"), concurrency=CONCURRENCY)
 
     app = create_app(settings)
     lines: list[str] = []
@@ -60,7 +37,7 @@ async def _main(env: BenchEnv) -> list[str]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g", headers=headers) as api:
             offer = (await api.post("/api/v2/offers", json={"name": "b", "destination_url": "https://e.com/?c={click_id}"})).json()["offer"]
             body = {"offerId": offer["id"], "listId": lst["list_id"]}
-            links_rps = await _rate(api, lambda c: c.post("/api/v2/links", json=body))
+            links_rps = await request_rate(api, lambda c: c.post("/api/v2/links", json=body), concurrency=CONCURRENCY)
             link = (await api.post("/api/v2/links", json=body)).json()
             messages = [{"to": f"+1415556{i:04d}", "list_id": lst["list_id"], "body": f"Deal {link['shortUrl']} {{{{sendId}}}}"}
                         for i in range(1000)]

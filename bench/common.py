@@ -10,10 +10,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import asyncpg
+import httpx
 
 from shared import settings as settings_mod
-from shared.embedded import Embedded
 from shared.migrate import migrate
+from shared.runtime import with_backends
 from shared.settings import Settings
 
 
@@ -27,12 +28,7 @@ class BenchEnv:
     def start(cls) -> Iterator["BenchEnv"]:
         """Embedded PostgreSQL and Redis in a temporary directory unless TRACKLY_*_URL are set."""
         work = Path(tempfile.mkdtemp(prefix="trackly-bench-"))
-        settings = replace(settings_mod.load(), data_dir=work)
-        embedded = None
-        if settings.embedded:
-            embedded = Embedded(work)
-            db_url, redis_url = embedded.start(need_db=settings.database_url is None, need_redis=settings.redis_url is None)
-            settings = replace(settings, database_url=settings.database_url or db_url, redis_url=settings.redis_url or redis_url)
+        settings, embedded = with_backends(replace(settings_mod.load(), data_dir=work))
         asyncio.run(migrate(settings.database_url))
         try:
             yield cls(settings, work)
@@ -69,6 +65,38 @@ async def unnest_floor(dsn: str, rows: int = 1000, rounds: int = 20) -> float:
         return best
     finally:
         await conn.close()
+
+
+def bare_asgi(status: int, body: bytes = b""):
+    """The request floor: an ASGI app that answers a fixed response and does nothing else."""
+
+    async def app(scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        headers = [(b"location", b"https://example.com/")] if status == 302 else [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+async def request_rate(client: httpx.AsyncClient, make_request, *, concurrency: int = 20, seconds: float = 4.0,
+                       ok: int | None = None) -> float:
+    """Requests/s that ``concurrency`` loops of ``make_request(client)`` complete in ``seconds``.
+    Every answer must be ``ok`` (when given) or below 400."""
+    done = 0
+    stop = time.perf_counter() + seconds
+
+    async def loop() -> None:
+        nonlocal done
+        while time.perf_counter() < stop:
+            resp = await make_request(client)
+            assert (resp.status_code == ok) if ok is not None else resp.status_code < 400, resp.text
+            done += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(loop() for _ in range(concurrency)))
+    return done / (time.perf_counter() - start)
 
 
 def ratio(value: float, floor: float) -> str:

@@ -7,6 +7,7 @@ read the shared click stream drain it first.
 from __future__ import annotations
 
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
@@ -19,9 +20,9 @@ import pytest
 from services.gateway.app import create_app
 from shared import db as shared_db
 from shared import settings as settings_mod
-from shared.embedded import Embedded
 from shared.migrate import migrate
 from shared.redis_client import create_redis
+from shared.runtime import with_backends
 from shared.settings import Settings
 from tests.helpers import Tenant, make_tenant
 
@@ -31,33 +32,29 @@ def _with_database(dsn: str, name: str) -> str:
     return urlunsplit(parts._replace(path=f"/{name}"))
 
 
+def _run_sql(dsn: str, sql: str) -> None:
+    async def go() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(go())
+
+
 @pytest.fixture(scope="session")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     base = settings_mod.load()
     data_dir = tmp_path_factory.mktemp("trackly")
     base = replace(base, data_dir=data_dir, geoip_db=None, default_tracker_domain="http://ct.localhost:8001")
-    embedded = None
     created_db = None
     admin_dsn = base.database_url
     if base.database_url:
         created_db = f"trackly_test_{secrets.token_hex(4)}"
-        import asyncio
-
-        async def create() -> None:
-            conn = await asyncpg.connect(admin_dsn)
-            try:
-                await conn.execute(f'CREATE DATABASE "{created_db}"')
-            finally:
-                await conn.close()
-
-        asyncio.run(create())
+        _run_sql(admin_dsn, f'CREATE DATABASE "{created_db}"')
         base = replace(base, database_url=_with_database(admin_dsn, created_db))
-    if base.embedded:
-        embedded = Embedded(data_dir)
-        db_url, redis_url = embedded.start(need_db=base.database_url is None, need_redis=base.redis_url is None)
-        base = replace(base, database_url=base.database_url or db_url, redis_url=base.redis_url or redis_url)
-    import asyncio
-
+    base, embedded = with_backends(base)
     asyncio.run(migrate(base.database_url))
     try:
         yield base
@@ -65,15 +62,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
         if embedded is not None:
             embedded.stop()
         if created_db is not None:
-
-            async def drop() -> None:
-                conn = await asyncpg.connect(admin_dsn)
-                try:
-                    await conn.execute(f'DROP DATABASE IF EXISTS "{created_db}" WITH (FORCE)')
-                finally:
-                    await conn.close()
-
-            asyncio.run(drop())
+            _run_sql(admin_dsn, f'DROP DATABASE IF EXISTS "{created_db}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
