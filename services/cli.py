@@ -93,8 +93,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_all(settings_mod.load())
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, like every other error of the CLI (CONTRACT.md §2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"error: {self.prog}: {message}\n")
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trackly", description="SMS link tracking and revenue attribution")
+    parser = _OneLineErrors(prog="trackly", description="SMS link tracking and revenue attribution")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("gateway", help="public JSON API and postback receiver").set_defaults(func=cmd_gateway)
     sub.add_parser("redirect", help="short links and click tracker").set_defaults(func=cmd_redirect)

@@ -50,4 +50,4 @@ def test_bad_input_exits_nonzero_with_one_line(settings, args):
     out = trackly(settings, *args)
     assert out.returncode != 0
     assert out.stdout == ""
-    assert len(out.stderr.strip().splitlines()) >= 1 and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("error:")

@@ -4,8 +4,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
+import asyncpg
 from arq import create_pool as create_arq_pool
 from arq.connections import RedisSettings
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -30,6 +33,11 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     codes = {404: "not_found", 405: "method_not_allowed"}
     code = codes.get(exc.status_code, "http_error")
     return error_response(ApiError(exc.status_code, code, str(exc.detail)))
+
+
+async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+    # Nothing was acknowledged: writes publish to Redis before they commit, so the client retries.
+    return error_response(ApiError(503, "service_unavailable", "A dependency is unavailable; retry shortly"))
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -62,6 +70,15 @@ def create_app(settings: Settings) -> Starlette:
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _unexpected},
+        exception_handlers={
+            ApiError: _api_error,
+            HTTPException: _http_error,
+            RedisConnectionError: _unavailable,
+            RedisTimeoutError: _unavailable,
+            OSError: _unavailable,
+            asyncpg.PostgresConnectionError: _unavailable,
+            asyncpg.InterfaceError: _unavailable,
+            Exception: _unexpected,
+        },
     )
     return app

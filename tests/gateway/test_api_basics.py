@@ -1,6 +1,11 @@
 """Auth, account scoping, the uniform error body, limits and health endpoints."""
+from dataclasses import replace
+
+import httpx
 import pytest
 
+from services.gateway.app import create_app
+from shared.embedded import EmbeddedRedis
 from tests.helpers import make_offer, make_tenant
 
 
@@ -56,3 +61,26 @@ async def test_health_endpoints(api):
     assert ready.status_code == 200 and ready.json()["postgres"] == "ok" and ready.json()["redis"] == "ok"
     metrics = await api.get("/metrics")
     assert metrics.status_code == 200 and "python_info" in metrics.text
+
+
+
+async def test_redis_down_is_503_and_nothing_half_written(settings, db, tenant, api, tmp_path):
+    """A link is published to Redis before its row commits: with Redis gone the call fails
+    cleanly (503, retry) and leaves no link row behind; /readyz says so."""
+    private = EmbeddedRedis(tmp_path / "redis")
+    private.start()
+    offer = await make_offer(api, tenant)
+    app = create_app(replace(settings, redis_url=private.url))
+    try:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://g") as gateway:
+                body = {"offerId": offer["id"], "listId": tenant.list_id}
+                assert (await gateway.post("/api/v2/links", headers=tenant.headers, json=body)).status_code == 201
+                private.stop()
+                assert_error(await gateway.post("/api/v2/links", headers=tenant.headers, json=body), 503, "service_unavailable")
+                ready = await gateway.get("/readyz")
+                assert ready.status_code == 503 and ready.json()["redis"].startswith("error")
+    finally:
+        private.stop()
+    assert await db.fetchval("SELECT count(*) FROM links WHERE account_id = $1", tenant.account_id) == 1
