@@ -120,9 +120,17 @@ def normalise(params: dict[str, Any], received_at: datetime) -> Postback:
     payout_raw = pick(params, "payout")
     if payout_raw is not None:
         try:
-            payout = parse_money(payout_raw)
+            payout = parse_money(payout_raw, allow_negative=True)
         except MoneyError as exc:
             errors.append(f"payout: {exc}")
+        else:
+            if payout < 0 and status == "reversed":
+                # Networks often report a reversal as the negative of the payout; the ledger
+                # reverses the approved value either way, so keep the magnitude.
+                payout = -payout
+            elif payout < 0:
+                errors.append("payout: amount must be greater than or equal to 0")
+                payout = None
 
     converted_at = received_at
     ts_raw = pick(params, "timestamp")

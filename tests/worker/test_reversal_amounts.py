@@ -1,0 +1,27 @@
+"""Reversals reported with a negative payout (as several networks send them) still reverse."""
+from datetime import timedelta
+from decimal import Decimal
+
+from tests.worker.test_attribution import T0, clicked_message, conversion, ledger, postback
+
+
+async def test_negative_payout_on_a_reversal_reverses(api, db, tenant, run_worker):
+    _, mid, click_id = await clicked_message(api, db, tenant)
+    common = {"click_id": click_id, "txid": "neg", "timestamp": (T0 + timedelta(hours=1)).isoformat()}
+    await postback(api, tenant, status="approved", payout="12.50", **common)
+    await postback(api, tenant, status="reversed", payout="-12.50", **common)
+    await run_worker()
+    conv = await conversion(db, tenant, "neg")
+    assert conv["status"] == "reversed"
+    assert sum(amount for *_, amount in await ledger(db, conv["id"])) == Decimal(0)
+    detail = (await api.get(f"/api/v2/messages/{mid}", headers=tenant.headers)).json()
+    assert (detail["conversions"], detail["revenue"]) == (0, 0)
+
+
+async def test_negative_payout_on_an_approval_is_kept_but_not_counted(api, db, tenant, run_worker):
+    _, mid, click_id = await clicked_message(api, db, tenant)
+    assert await postback(api, tenant, status="approved", payout="-3", click_id=click_id, txid="bad") == "accepted"
+    await run_worker()
+    assert await conversion(db, tenant, "bad") is None
+    stored = await db.fetchrow("SELECT parse_error, params FROM postbacks WHERE account_id = $1", tenant.account_id)
+    assert "payout" in stored["parse_error"] and stored["params"]["payout"] == "-3"
