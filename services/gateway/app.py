@@ -11,11 +11,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.routing import Route
 
 from services.gateway import health
 from services.gateway.http import JSONResponse, error_response
+from services.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from services.gateway.routes import ROUTES
 from shared import db
 from shared.errors import ApiError
@@ -67,8 +69,10 @@ def create_app(settings: Settings) -> Starlette:
         Route("/metrics", health.metrics),
         *ROUTES,
     ]
+    metrics = GatewayMetrics()
     app = Starlette(
         routes=routes,
+        middleware=[Middleware(MetricsMiddleware, metrics=metrics, routes=routes)],
         lifespan=lifespan,
         exception_handlers={
             ApiError: _api_error,
@@ -81,4 +85,5 @@ def create_app(settings: Settings) -> Starlette:
             Exception: _unexpected,
         },
     )
+    app.state.metrics = metrics
     return app

@@ -59,8 +59,12 @@ async def test_health_endpoints(api):
     assert (await api.get("/healthz")).json()["status"] == "ok"
     ready = await api.get("/readyz")
     assert ready.status_code == 200 and ready.json()["postgres"] == "ok" and ready.json()["redis"] == "ok"
+    await api.get("/api/v2/offers/abc", headers={"X-Api-Key": "nope"})
     metrics = await api.get("/metrics")
-    assert metrics.status_code == 200 and "python_info" in metrics.text
+    assert metrics.status_code == 200
+    assert 'trackly_gateway_requests_total{method="GET",route="/api/v2/offers/{offer_id}",status="401"}' in metrics.text
+    assert 'trackly_gateway_request_seconds_count{route="/readyz"}' in metrics.text
+    assert "process_cpu_seconds_total" in metrics.text
 
 
 
