@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 
-
 from shared.migrate import migrate
 from shared.runtime import with_backends
 from shared.settings import Settings

@@ -65,13 +65,7 @@ def serve(settings: Settings) -> int:
     try:
         if embedded is not None:
             asyncio.run(migrate(settings.database_url))
-
-        class WorkerSettings:
-            pass
-
-        for key, value in worker_settings(settings).items():
-            setattr(WorkerSettings, key, value)
-        run_worker(WorkerSettings)  # type: ignore[arg-type]
+        run_worker(worker_settings(settings))  # arq takes the settings as a dict too
     finally:
         if embedded is not None:
             embedded.stop()
