@@ -150,7 +150,9 @@ def judge(account_id: int, click_id: str | None, converted_at: datetime, click: 
         return Attribution(False, "click_not_found")
     if click["is_bot"]:
         return Attribution(False, "bot_click")
-    if converted_at < click["clicked_at"]:
+    # Networks report conversion times to the second (the {datetime} macro hands them the click's
+    # own second): a conversion stamped with the click's second is not before it.
+    if converted_at < click["clicked_at"].replace(microsecond=0):
         return Attribution(False, "before_click")
     if converted_at > click["clicked_at"] + timedelta(days=click["window_days"]):
         return Attribution(False, "expired")

@@ -104,6 +104,17 @@ async def test_conversion_before_click_is_not_attributed(api, db, tenant, run_wo
     assert (conv["attributed"], conv["unattributed_reason"]) == (False, "before_click")
 
 
+async def test_conversion_in_the_clicks_second_is_attributed(api, db, tenant, run_worker):
+    """A network echoing {datetime} (whole seconds) stamps the conversion with the click's second."""
+    _, _, click_id = await clicked_message(api, db, tenant, at=T0 + timedelta(microseconds=700_000))
+    await postback(api, tenant, click_id=click_id, conversion_id="same-second", timestamp="2026-03-01T12:00:00Z")
+    await postback(api, tenant, click_id=click_id, conversion_id="unix-second", timestamp=str(int(T0.timestamp())))
+    await run_worker()
+    for key in ("same-second", "unix-second"):
+        conv = await conversion(db, tenant, key)
+        assert (conv["attributed"], conv["unattributed_reason"]) == (True, None), key
+
+
 async def test_unknown_missing_foreign_and_bot_clicks(api, db, tenant, run_worker):
     from tests.helpers import make_tenant
 
