@@ -63,6 +63,8 @@ def _admin(args: argparse.Namespace) -> int:
         _print(asyncio.run(go()))
     except (ValueError, PhoneError) as exc:
         return _fail(str(exc))
+    except Exception as exc:  # anything else still ends as the contract's one-line error
+        return _fail(f"{type(exc).__name__}: {exc}".splitlines()[0])
     finally:
         if embedded:
             embedded.stop()

@@ -59,16 +59,18 @@ async def create_list(
     tracker_domain: str | None = None,
     active: bool = True,
 ) -> dict:
+    if not name.strip():
+        raise ValueError("--name must not be empty")
     phone_number = parse_e164(phone)
     short = normalise_domain(short_domain, "--short-domain")
     tracker = normalise_domain(tracker_domain, "--tracker-domain")
-    if not await conn.fetchval("SELECT 1 FROM accounts WHERE id = $1", account_id):
+    if not 0 < account_id < 2**63 or not await conn.fetchval("SELECT 1 FROM accounts WHERE id = $1", account_id):
         raise ValueError(f"account {account_id} does not exist")
     try:
         list_id = await conn.fetchval(
             "INSERT INTO lists (account_id, name, phone_number, status, short_domain, tracker_domain)"
             " VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
-            account_id, name, phone_number, "active" if active else "inactive", short, tracker,
+            account_id, name.strip(), phone_number, "active" if active else "inactive", short, tracker,
         )
     except asyncpg.UniqueViolationError:
         raise ValueError(f"account {account_id} already has a list for {phone_number}") from None

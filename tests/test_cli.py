@@ -45,6 +45,8 @@ async def test_no_offer_management_flag(settings, db):
     ["admin", "create-list", "--account-id", "1", "--name", "x", "--phone", "+18005551234", "--short-domain", "ftp://x"],
     ["admin", "create-account"],
     ["admin", "create-account", "--name", "  "],
+    ["admin", "create-list", "--account-id", "99999999999999999999", "--name", "x", "--phone", "+18005551234"],
+    ["admin", "create-list", "--account-id", "1", "--name", " ", "--phone", "+18005551234"],
 ])
 def test_bad_input_exits_nonzero_with_one_line(settings, args):
     out = trackly(settings, *args)
