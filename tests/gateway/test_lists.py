@@ -13,6 +13,9 @@ async def test_lists_and_contact_count(api, db, tenant):
     first = next(lst for lst in page["lists"] if lst["id"] == tenant.list_id)
     assert first == {"id": tenant.list_id, "name": "main", "phone_number": tenant.list_phone, "status": "active",
                      "short_domain": "https://sms.example.com", "tracker_domain": None, "contact_count": 2}
-    one = (await api.get(f"/api/v2/lists/{extra['list_id']}", headers=tenant.headers)).json()["list"]
+    detail = (await api.get(f"/api/v2/lists/{extra['list_id']}", headers=tenant.headers)).json()
+    one = detail["list"]
     assert one["name"] == "second" and one["short_domain"] is None and one["contact_count"] == 0
+    # The contract's answer is the list's fields themselves.
+    assert {k: detail[k] for k in one} == one
     assert_error(await api.get("/api/v2/lists/abc", headers=tenant.headers), 404, "list_not_found")

@@ -39,7 +39,10 @@ async def get_list(request: Request) -> JSONResponse:
         row = await request.app.state.db.fetchrow(f"{_SELECT} WHERE l.id = $1 AND l.account_id = $2", int(raw), account.id)
     if row is None:
         raise not_found("list_not_found", "List not found")
-    return JSONResponse({"success": True, "list": list_json(row)})
+    # CONTRACT.md §3 gives this answer as the list's fields, as it does for a message's detail;
+    # they are also under "list", the envelope GET /lists and the offer endpoints use.
+    fields = list_json(row)
+    return JSONResponse({"success": True, **fields, "list": fields})
 
 
 ROUTES = [
