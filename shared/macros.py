@@ -63,6 +63,8 @@ class Template:
     names: tuple[str, ...]
     # Per macro: an index into ClickFacts, a query parameter name, or None (unknown: empty).
     slots: tuple[int | str | None, ...] = ()
+    # (slot, literal after it) per macro, for fill_facts' loop.
+    steps: tuple[tuple[int | str | None, str], ...] = ()
 
     @property
     def has_macros(self) -> bool:
@@ -79,7 +81,7 @@ def parse(template: str) -> Template:
         pos = match.end()
     literals.append(template[pos:])
     slots = tuple(_FACT_INDEX.get(n, n if n in QUERY_MACROS else None) for n in names)
-    return Template(template, tuple(literals), tuple(names), slots)
+    return Template(template, tuple(literals), tuple(names), slots, tuple(zip(slots, literals[1:])))
 
 
 _UNRESERVED_RE = re.compile(r"[A-Za-z0-9_.~-]*")
@@ -87,6 +89,8 @@ _UNRESERVED_RE = re.compile(r"[A-Za-z0-9_.~-]*")
 
 def encode(value: object) -> str:
     text = str(value)
+    if text.isalnum() and text.isascii():  # ids, hex, digits: the cheapest check first
+        return text
     if _UNRESERVED_RE.fullmatch(text):  # most values (ids, plain words): nothing to escape
         return text
     return quote(text, safe="")
@@ -146,15 +150,17 @@ def fill_facts(template: Template, facts: ClickFacts, query: Mapping[str, str]) 
                 params.append(f"{name}={encode(value)}")
         return _join_query(template.raw, "&".join(params))
     out = [template.literals[0]]
-    for slot, literal in zip(template.slots, template.literals[1:]):
+    for slot, literal in template.steps:
         if slot.__class__ is int:
             value = facts[slot]  # type: ignore[index]
         elif slot is None:
             value = None
         else:
             value = query.get(slot)  # type: ignore[arg-type]
-        if value:
-            out.append(encode(value))
+        if value:  # every fact and query value is a str
+            if not (value.isalnum() and value.isascii()):
+                value = value if _UNRESERVED_RE.fullmatch(value) else quote(value, safe="")
+            out.append(value)
         out.append(literal)
     return "".join(out)
 

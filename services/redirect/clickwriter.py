@@ -50,13 +50,22 @@ class ClickWriter:
 
     async def write(self, click: edge.Click) -> None:
         """Returns once the click is durably in the stream; raises ClickNotRecorded otherwise."""
+        await self.submit(click)
+
+    def submit(self, click: edge.Click) -> asyncio.Future[None]:
+        """``write`` without its coroutine (the hot path awaits this directly): a future resolved
+        once the click is durably in the stream, failed with ClickNotRecorded otherwise."""
         if self._closed:
             raise ClickNotRecorded("the click writer is closed")
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
         self._clicks.append(click)
         self._waiters.append(future)
-        self._schedule()
-        await future
+        if not self._scheduled and len(self._inflight) < self._max_inflight:
+            # On the next loop iteration, so every request that is ready now joins this batch.
+            self._scheduled = True
+            loop.call_soon(self._start_batch)
+        return future
 
     def _schedule(self) -> None:
         if not self._scheduled and len(self._inflight) < self._max_inflight:

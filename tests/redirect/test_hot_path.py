@@ -1,0 +1,49 @@
+"""The tracker hop's per-click helpers agree with the plain forms they stand in for."""
+from __future__ import annotations
+
+import os
+import re
+from datetime import datetime
+
+from services.redirect import app
+from shared import ids
+
+
+def test_click_ids_are_32_hex_digits_and_distinct_across_buffer_refills() -> None:
+    minted = [app.next_click_id() for _ in range(2000)]  # several 256-id blocks
+    assert all(re.fullmatch(r"[0-9a-f]{32}", c) for c in minted)
+    assert len(set(minted)) == len(minted)
+
+
+def test_a_forked_child_does_not_reuse_the_parents_buffered_ids() -> None:
+    app.next_click_id()  # a block is buffered in the parent
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(read)
+        os.write(write, "".join(app.next_click_id() for _ in range(4)).encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 4096).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    parent = "".join(app.next_click_id() for _ in range(4))
+    assert len(child) == 128 and child != parent
+
+
+def test_clock_is_iso_8601_utc_with_microseconds() -> None:
+    at, at_second = app._Clock().now()
+    parsed = datetime.fromisoformat(at)
+    assert parsed.utcoffset().total_seconds() == 0  # type: ignore[union-attr]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00", at)
+    assert at_second == at[:19] + "Z"
+
+
+def test_query_values_single_parameter_fast_path_matches_the_general_path() -> None:
+    message = ids.message_id().encode()
+    assert app._query_values(b"sid=" + message) == ({}, message.decode())
+    for query in (b"sub1=x", b"sub1", b"sub1=", b"=x", b"sid=bad", b"x=" + b"v" * 2000, b"n" * 300 + b"=1"):
+        single = app._query_values(query)
+        general = app._query_values(query + b"&zz=1")
+        general[0].pop("zz", None)
+        assert single == general, query
