@@ -11,6 +11,7 @@ from shared import jsonio
 from shared.errors import ApiError, validation
 
 MAX_BODY = 5 * 1024 * 1024
+MAX_PAGE = 1_000_000_000  # keeps (page - 1) * per_page a valid OFFSET
 
 
 class JSONResponse(Response):
@@ -52,7 +53,38 @@ async def read_json_object(request: Request) -> dict[str, Any]:
         raise ApiError(400, "invalid_json", "Request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_json", "Request body must be a JSON object")
+    if not storable_text(data):
+        raise validation("strings must not contain NUL characters or unpaired surrogates")
     return data
+
+
+def _storable(text: str) -> bool:
+    if "\x00" in text:
+        return False
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, e.g. "\ud800" in the JSON
+        return False
+    return True
+
+
+def storable_text(value: object) -> bool:
+    """Whether every string (keys too) in a parsed JSON value is text PostgreSQL can store:
+    valid JSON may still carry NUL characters or unpaired surrogates, which it cannot."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not _storable(item):
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
 
 
 @dataclass(frozen=True)
@@ -80,6 +112,8 @@ def page_params(request: Request, *, max_per_page: int = 100) -> Page:
             return default
         if not raw.isdigit() or int(raw) < 1:
             raise validation(f"{name} must be a positive integer")
+        if int(raw) > MAX_PAGE:
+            raise validation(f"{name} may be at most {MAX_PAGE}")
         return int(raw)
 
     per_page = number("per_page", 50)

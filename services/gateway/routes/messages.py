@@ -44,6 +44,8 @@ async def send_bulk(request: Request) -> JSONResponse:
 
     def fail(index: int, raw: Any, err: ApiError) -> None:
         to = raw.get("to") if isinstance(raw, dict) else None
+        if not isinstance(to, str):  # echoed as given; a number only as its digits
+            to = str(to) if isinstance(to, int) and not isinstance(to, bool) else None
         errors.append({"index": index, "to": to, "code": err.code, "error": err.message})
 
     for index, raw in enumerate(items):

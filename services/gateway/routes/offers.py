@@ -78,6 +78,14 @@ def _clean(data: dict[str, Any], *, partial: bool) -> dict[str, Any]:
     return out
 
 
+def _offer_id(request: Request) -> str:
+    """The path's offer id: internal ids only (CONTRACT.md §3); anything else is simply not found."""
+    offer_id: str = request.path_params["offer_id"]
+    if not ids.OFFER_ID_RE.match(offer_id):
+        raise not_found("offer_not_found", "Offer not found")
+    return offer_id
+
+
 async def _fetch(request: Request, account_id: int, offer_id: str) -> Any:
     row = await request.app.state.db.fetchrow(
         f"SELECT {OFFER_COLUMNS} FROM offers WHERE id = $1 AND account_id = $2 AND status <> 'deleted'",
@@ -133,14 +141,14 @@ async def list_offers(request: Request) -> JSONResponse:
 
 async def get_offer(request: Request) -> JSONResponse:
     account = await authenticate(request)
-    row = await _fetch(request, account.id, request.path_params["offer_id"])
+    row = await _fetch(request, account.id, _offer_id(request))
     return JSONResponse({"success": True, "offer": offer_json(row)})
 
 
 async def update_offer(request: Request) -> JSONResponse:
     account = await authenticate(request)
     data = await read_json_object(request)
-    await _fetch(request, account.id, request.path_params["offer_id"])
+    await _fetch(request, account.id, _offer_id(request))
     fields = _clean(data, partial=True)
     db = request.app.state.db
     async with db.acquire() as conn, conn.transaction():
@@ -166,12 +174,13 @@ async def update_offer(request: Request) -> JSONResponse:
 async def delete_offer(request: Request) -> JSONResponse:
     """Soft delete: links keep their history, the edge answers 404 for them from now on."""
     account = await authenticate(request)
+    offer_id = _offer_id(request)
     db = request.app.state.db
     async with db.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
             "UPDATE offers SET status = 'deleted', updated_at = now()"
             f" WHERE id = $1 AND account_id = $2 AND status <> 'deleted' RETURNING {OFFER_COLUMNS}",
-            request.path_params["offer_id"], account.id,
+            offer_id, account.id,
         )
         if row is None:
             raise not_found("offer_not_found", "Offer not found")

@@ -85,11 +85,27 @@ async def _params(request: Request) -> dict[str, Any]:
     return params
 
 
+def _storable(value: Any) -> Any:
+    """The params as PostgreSQL can store them: no NUL characters, no unpaired surrogates.
+    A network sending either still gets its 200 (CONTRACT.md §5), not a 500."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            value = value.replace("\x00", "")
+        if not value.isascii():
+            value = value.encode("utf-8", "replace").decode("utf-8")
+        return value
+    if isinstance(value, dict):
+        return {_storable(str(k)): _storable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_storable(v) for v in value]
+    return value
+
+
 async def receive(request: Request) -> JSONResponse:
     account_id = await _account_for(request, request.path_params["postback_token"])
     if request.method == "HEAD":  # a link checker, not a network: nothing to store
         return JSONResponse({"success": True, "status": "accepted"})
-    params = await _params(request)
+    params = _storable(await _params(request))
     received_at = utcnow()
     pb = normalise(params, received_at)
     unparseable = pb.parse_error is not None

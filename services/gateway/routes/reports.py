@@ -4,7 +4,7 @@ Every grouping sums the same events (``attribution_sql.EVENTS``), so totals agre
 """
 from __future__ import annotations
 
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -60,7 +60,8 @@ async def performance(request: Request) -> JSONResponse:
     end = _day(request, "end")
     if start and end and end < start:
         raise validation("end must not be before start")
-    end_exclusive = end + timedelta(days=1) if end else None
+    # The last representable day has no day after it: up to then is all time.
+    end_exclusive = end + timedelta(days=1) if end and end.date() < date.max else None
     page = page_params(request)
     async with request.app.state.db.acquire() as conn:
         rows = await conn.fetch(report_page(group_by), account.id, start, end_exclusive, page.per_page, page.offset)
