@@ -35,7 +35,8 @@ def loads(raw: bytes) -> object:
     """Strict JSON; every non-integer number becomes an exact ``Decimal``."""
     try:
         return json.loads(raw, parse_float=Decimal, parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    # ValueError also covers integers past the interpreter's digit limit (JSONDecodeError is one).
+    except (ValueError, RecursionError) as exc:
         raise JsonError(str(exc)) from None
 
 

@@ -43,7 +43,8 @@ def parse_money(value: object, *, allow_negative: bool = False) -> Decimal:
         raise MoneyError("amount must be finite")
     if amount < 0 and not allow_negative:
         raise MoneyError("amount must be greater than or equal to 0")
-    if abs(amount) > MAX_MONEY:
+    # copy_abs, unlike abs(), is exact: a JSON number such as 1e999999999 must not overflow here.
+    if amount.copy_abs() > MAX_MONEY:
         raise MoneyError("amount is too large")
     if amount != amount.quantize(QUANT, rounding=ROUND_HALF_EVEN):
         raise MoneyError("amount has more than 6 decimal places")

@@ -55,3 +55,13 @@ async def test_postback_with_nul_is_still_accepted(api, db, tenant):
     body = raw_json('{"click_id": "x\\ud800y", "conversion_id": "c2"}')
     resp = await api.post(f"/postback/{tenant.postback_token}", headers=body["headers"], content=body["content"])
     assert resp.status_code == 200 and resp.json()["status"] == "accepted"
+
+
+async def test_numbers_too_big_to_handle_are_client_errors(api, tenant):
+    sent = await api.post("/api/v2/send", headers=tenant.headers, json={"to": "+14155551234", "list_id": tenant.list_id, "body": "x"})
+    body = raw_json('{"message_id": "%s", "revenue": 1e999999999, "attribution_type": "sale"}' % sent.json()["message_id"])
+    resp = await api.post("/api/v2/revenue", headers={**tenant.headers, **body["headers"]}, content=body["content"])
+    assert_error(resp, 400, "invalid_revenue")
+    body = raw_json('{"name": "n", "destination_url": "https://example.com", "payout": %s}' % ("1" * 5000))
+    resp = await api.post("/api/v2/offers", headers={**tenant.headers, **body["headers"]}, content=body["content"])
+    assert_error(resp, 400, "invalid_json")

@@ -42,10 +42,16 @@ def test_money_accepts_numbers_and_decimal_strings(raw, expected):
     assert parse_money(raw) == expected
 
 
-@pytest.mark.parametrize("raw", [True, None, "abc", "1e5", "NaN", "-1", Decimal("-0.01"), [], {}, "1.0000001", "1" * 20])
+@pytest.mark.parametrize("raw", [True, None, "abc", "1e5", "NaN", "-1", Decimal("-0.01"), [], {}, "1.0000001", "1" * 20,
+                                 Decimal("1e999999999"), Decimal("-1e999999999")])
 def test_money_rejects_everything_else(raw):
     with pytest.raises(MoneyError):
         parse_money(raw)
+
+
+def test_json_numbers_past_the_digit_limit_are_invalid_json():
+    with pytest.raises(jsonio.JsonError):
+        jsonio.loads(b'{"a": ' + b"1" * 5000 + b"}")
 
 
 def test_money_is_exact_through_json():
