@@ -67,22 +67,15 @@ _NOT_ALLOWED_HEADERS = [_EMPTY, (b"allow", b"GET, HEAD")]
 _EMPTY_BODY = {"type": "http.response.body", "body": b""}
 
 
-@dataclass(frozen=True, slots=True)
-class ShortLink:
-    tracker_url: bytes
-    offer_key: str
-    message_id: bytes | None
-
-
-@dataclass(frozen=True, slots=True)
-class TrackerLink:
-    host: str
-    link_id: str
-    offer_id: str
-    account_id: int
-    list_id: int
-    offer_key: str
-    account_str: str
+# The link caches hold exact tuples of str/bytes/int/None, not objects: the garbage collector stops
+# tracking such tuples (exact tuples only: not NamedTuples, not dataclasses), so a full collection
+# does not walk every cached link. With 200k cached links held as objects, a full collection
+# stalled the event loop for well over 100 ms (see cache.py).
+#
+# A short link: (tracker URL, offer cache key, message id or None).
+ShortLink = tuple[bytes, str, "bytes | None"]  # unpacked where used
+# A tracker link: (host, link id, offer id, account id, list id, offer cache key, account id as text).
+TrackerLink = tuple[str, str, str, int, int, str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,13 +88,13 @@ class Offer:
 def _decode_short(raw: bytes) -> ShortLink:
     entry: edge.ShortEntry = orjson.loads(raw)
     message = entry.get("m")
-    return ShortLink(entry["u"].encode(), edge.offer_key(entry["o"]), message.encode() if message else None)
+    return (entry["u"].encode(), edge.offer_key(entry["o"]), message.encode() if message else None)
 
 
 def _decode_tracker(raw: bytes) -> TrackerLink:
     entry: edge.TrackerEntry = orjson.loads(raw)
     account = int(entry["a"])
-    return TrackerLink(
+    return (
         entry["h"].lower(), entry["l"], entry["o"], account, int(entry["li"]), edge.offer_key(entry["o"]), str(account)
     )
 
@@ -329,13 +322,14 @@ class RedirectApp:
         link = self.shorts.fresh(key) or await self.shorts.load(key)
         if link is None:
             return await _not_found(send)
-        offer = self.offers.fresh(link.offer_key) or await self.offers.load(link.offer_key)
+        tracker_url, offer_key, message_id = link
+        offer = self.offers.fresh(offer_key) or await self.offers.load(offer_key)
         if offer is None or not offer.active:
             return await _not_found(send)
         query: bytes = scope["query_string"]
-        location = link.tracker_url
-        if link.message_id is not None:
-            location += b"?sid=" + link.message_id
+        location = tracker_url
+        if message_id is not None:
+            location += b"?sid=" + message_id
             if query:
                 location += b"&" + _safe_query(query)
         elif query:
@@ -360,9 +354,12 @@ class RedirectApp:
             return await _not_found(send)
         key = f"trk:t:{tracker_id}"
         tracker = self.trackers.fresh(key) or await self.trackers.load(key)
-        if tracker is None or tracker.host != hostname(host):
+        if tracker is None:
             return await _not_found(send)
-        offer = self.offers.fresh(tracker.offer_key) or await self.offers.load(tracker.offer_key)
+        tracker_host, link_id, offer_id, account_id, list_id, offer_key, account_str = tracker
+        if tracker_host != hostname(host):
+            return await _not_found(send)
+        offer = self.offers.fresh(offer_key) or await self.offers.load(offer_key)
         if offer is None or not offer.active:
             return await _not_found(send)
 
@@ -376,17 +373,17 @@ class RedirectApp:
         ua = user_agent.decode("utf-8", "replace")[:MAX_UA_CHARS] if user_agent is not None else None
         country = self.geo.country(ip) if self.geo.enabled else None
         facts = macros.ClickFacts(
-            click_id, offer.affiliate_id, tracker.offer_id, tracker.account_str, ip, ua, at_second, country, send_id
+            click_id, offer.affiliate_id, offer_id, account_str, ip, ua, at_second, country, send_id
         )
         location = macros.fill_facts(offer.template, facts, query)
         if method == "GET":
             click: edge.Click = {
                 "id": click_id,
                 "t": tracker_id,
-                "l": tracker.link_id,
-                "o": tracker.offer_id,
-                "a": tracker.account_id,
-                "li": tracker.list_id,
+                "l": link_id,
+                "o": offer_id,
+                "a": account_id,
+                "li": list_id,
                 "m": send_id,
                 "at": at,
                 "ip": ip,
