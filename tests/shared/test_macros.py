@@ -102,3 +102,15 @@ def test_fill_facts_matches_fill(template: str, message_id: str | None) -> None:
     facts = macros.ClickFacts("c" * 32, "aff9", "o" * 24, "7", "203.0.113.9", "Mozilla/5.0 (iPhone)", "2026-11-23T01:02:03Z", "GB", message_id)
     expected = macros.render(template, values(query=query, message_id=message_id))
     assert macros.fill_facts(macros.parse(template), facts, query) == expected
+
+
+@pytest.mark.parametrize("value", ["abc123", "a-b_c.d~e", "é", "Ⅻ", "²", "ab cd", "x&y", "日本", "ǅ"])
+def test_non_ascii_letters_and_digits_are_percent_encoded(value: str) -> None:
+    """Unicode letters and digits pass ``str.isalnum`` but are not URL-safe: both paths encode them."""
+    from urllib.parse import quote
+
+    expected = quote(value, safe="")
+    assert macros.encode(value) == expected
+    template = macros.parse("https://lp.example/?s={sub1}")
+    facts = macros.ClickFacts("c" * 32, None, "o" * 24, "7", None, None, "2026-11-23T01:02:03Z", None, None)
+    assert macros.fill_facts(template, facts, {"sub1": value}) == f"https://lp.example/?s={expected}"
