@@ -141,9 +141,10 @@ def fill(template: Template, values: Mapping[str, str]) -> str:
 
 def fill_facts(template: Template, facts: ClickFacts, query: Mapping[str, str]) -> str:
     """``fill(template, click_values(...))`` without building every value: what the redirect
-    calls per click. ``query`` holds the short link's query parameters."""
+    calls per click. ``query`` holds the short link's query parameters. ``facts`` may be a plain
+    tuple in ClickFacts' field order: it is only indexed."""
     if not template.names:
-        params = [f"click_id={encode(facts.click_id)}"]
+        params = [f"click_id={encode(facts[0])}"]
         for name in SUBS:
             value = query.get(name)
             if value:

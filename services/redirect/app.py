@@ -316,10 +316,15 @@ class RedirectApp:
             if name == b"host":
                 host = value
                 break
-        if host is None or not _CODE_RE.fullmatch(code):
+        if host is None:
             return await _not_found(send)
         key = f"trk:s:{hostname(host)}:{code}"
-        link = self.shorts.fresh(key) or await self.shorts.load(key)
+        # Only a well-formed code is ever loaded into the cache: the pattern is checked on a miss.
+        link = self.shorts.fresh(key)
+        if link is None:
+            if not _CODE_RE.fullmatch(code):
+                return await _not_found(send)
+            link = await self.shorts.load(key)
         if link is None:
             return await _not_found(send)
         tracker_url, offer_key, message_id = link
@@ -350,10 +355,15 @@ class RedirectApp:
                 user_agent = value
             elif name == b"x-forwarded-for":
                 forwarded = value if forwarded is None else forwarded + b"," + value
-        if host is None or not _TRACKER_RE.fullmatch(tracker_id):
+        if host is None:
             return await _not_found(send)
         key = f"trk:t:{tracker_id}"
-        tracker = self.trackers.fresh(key) or await self.trackers.load(key)
+        # Only a well-formed id is ever loaded into the cache: the pattern is checked on a miss.
+        tracker = self.trackers.fresh(key)
+        if tracker is None:
+            if not _TRACKER_RE.fullmatch(tracker_id):
+                return await _not_found(send)
+            tracker = await self.trackers.load(key)
         if tracker is None:
             return await _not_found(send)
         tracker_host, link_id, offer_id, account_id, list_id, offer_key, account_str = tracker
@@ -372,10 +382,9 @@ class RedirectApp:
             ip = self.client_ip(ip, forwarded)
         ua = user_agent.decode("utf-8", "replace")[:MAX_UA_CHARS] if user_agent is not None else None
         country = self.geo.country(ip) if self.geo.enabled else None
-        facts = macros.ClickFacts(
-            click_id, offer.affiliate_id, offer_id, account_str, ip, ua, at_second, country, send_id
-        )
-        location = macros.fill_facts(offer.template, facts, query)
+        # The fields of macros.ClickFacts, as a plain tuple (a NamedTuple's constructor costs more).
+        facts = (click_id, offer.affiliate_id, offer_id, account_str, ip, ua, at_second, country, send_id)
+        location = macros.fill_facts(offer.template, facts, query)  # type: ignore[arg-type]
         if method == "GET":
             click: edge.Click = {
                 "id": click_id,

@@ -102,6 +102,8 @@ def test_fill_facts_matches_fill(template: str, message_id: str | None) -> None:
     facts = macros.ClickFacts("c" * 32, "aff9", "o" * 24, "7", "203.0.113.9", "Mozilla/5.0 (iPhone)", "2026-11-23T01:02:03Z", "GB", message_id)
     expected = macros.render(template, values(query=query, message_id=message_id))
     assert macros.fill_facts(macros.parse(template), facts, query) == expected
+    # The redirect passes the same fields as a plain tuple.
+    assert macros.fill_facts(macros.parse(template), tuple(facts), query) == expected  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("value", ["abc123", "a-b_c.d~e", "é", "Ⅻ", "²", "ab cd", "x&y", "日本", "ǅ"])
