@@ -123,6 +123,20 @@ def hostname(raw: bytes) -> str:
     return host
 
 
+_user_agents: dict[bytes, tuple[str, bool]] = {}
+
+
+def _user_agent(raw: bytes) -> tuple[str, bool]:
+    """User-Agent header -> (text as stored, whether it is a bot); remembered per raw header."""
+    text = raw.decode("utf-8", "replace")[:MAX_UA_CHARS]
+    known = (text, bots.is_bot(text))
+    if len(raw) <= MAX_UA_CHARS:  # bounded: at most ~5k entries of at most ~2 KB each
+        if len(_user_agents) >= 5_000:
+            _user_agents.clear()
+        _user_agents[raw] = known
+    return known
+
+
 def _safe_query(query: bytes) -> bytes:
     """The raw query string, fit for a Location header (the client may send non-ASCII bytes)."""
     if query.isascii():
@@ -380,7 +394,10 @@ class RedirectApp:
         ip = client[0] if client else None
         if forwarded is not None and self.client_ip.trusts_any:
             ip = self.client_ip(ip, forwarded)
-        ua = user_agent.decode("utf-8", "replace")[:MAX_UA_CHARS] if user_agent is not None else None
+        if user_agent is None:
+            ua, bot = None, False
+        else:
+            ua, bot = _user_agents.get(user_agent) or _user_agent(user_agent)
         country = self.geo.country(ip) if self.geo.enabled else None
         # The fields of macros.ClickFacts, as a plain tuple (a NamedTuple's constructor costs more).
         facts = (click_id, offer.affiliate_id, offer_id, account_str, ip, ua, at_second, country, send_id)
@@ -398,7 +415,7 @@ class RedirectApp:
                 "ip": ip,
                 "ua": ua,
                 "cc": country,
-                "bot": bots.is_bot(ua),
+                "bot": bot,
                 "q": query,
             }
             await self.writer.submit(click)

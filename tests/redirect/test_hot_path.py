@@ -80,3 +80,13 @@ async def test_cached_links_are_not_tracked_by_the_garbage_collector() -> None:
             if entry is not None:
                 assert type(entry) is tuple and type(entry[1]) is tuple
                 assert not gc.is_tracked(entry[1]) and not gc.is_tracked(entry)
+
+
+def test_user_agent_memo_matches_decoding_and_bot_detection() -> None:
+    from services.redirect import bots
+
+    for raw in (b"facebookexternalhit/1.1", b"Mozilla/5.0 (iPhone)", b"\xff\xfebad", b"x" * 3000, b"Cubot X30 bot"):
+        text = raw.decode("utf-8", "replace")[: app.MAX_UA_CHARS]
+        assert app._user_agent(raw) == (text, bots.is_bot(text))
+        assert (app._user_agents.get(raw) or app._user_agent(raw)) == (text, bots.is_bot(text))
+    assert b"x" * 3000 not in app._user_agents  # oversized headers are not remembered
