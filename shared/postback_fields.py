@@ -63,14 +63,20 @@ class Postback:
     def parse_error(self) -> str | None:
         return "; ".join(self.errors) or None
 
-    @property
-    def dedupe_key(self) -> str | None:
-        """Same (network, conversion key, status, payout) is the same postback sent again.
+    def dedupe_key(self, after: int) -> str | None:
+        """The same (network, conversion key, status, payout) sent again after the same latest
+        accepted postback ``after`` (0: none yet) of that conversion is the same postback.
+        Concurrent retries share this key, so exactly one is accepted; a correction back to an
+        earlier state (approved -> rejected -> approved) follows a newer postback and is new.
         A postback that could not be parsed has none: it is kept, never deduplicated."""
         if self.errors:
             return None
         payout = "" if self.payout is None else str(to_json_number(self.payout))
-        return "\x1f".join((self.network, self.conversion_key, self.status or "", payout))
+        return "\x1f".join((self.network, self.conversion_key, self.status or "", payout, f"after:{after}"))
+
+    def repeats(self, status: str | None, payout: Decimal | None) -> bool:
+        """Whether this postback says what the latest accepted one for its conversion said."""
+        return self.status == status and self.payout == payout
 
 
 def first_value(value: Any) -> str | None:

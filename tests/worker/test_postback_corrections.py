@@ -1,4 +1,4 @@
-"""Reversals reported with a negative payout (as several networks send them) still reverse."""
+"""Postbacks that change a conversion: negative reversals, corrections back, retries."""
 from datetime import timedelta
 from decimal import Decimal
 
@@ -25,3 +25,20 @@ async def test_negative_payout_on_an_approval_is_kept_but_not_counted(api, db, t
     assert await conversion(db, tenant, "bad") is None
     stored = await db.fetchrow("SELECT parse_error, params FROM postbacks WHERE account_id = $1", tenant.account_id)
     assert "payout" in stored["parse_error"] and stored["params"]["payout"] == "-3"
+
+
+async def test_correction_back_to_approved_is_applied_and_retries_stay_duplicates(api, db, tenant, run_worker):
+    _, mid, click_id = await clicked_message(api, db, tenant)
+    common = {"click_id": click_id, "txid": "fix", "payout": "5", "timestamp": (T0 + timedelta(hours=1)).isoformat()}
+    assert await postback(api, tenant, status="approved", **common) == "accepted"
+    assert await postback(api, tenant, status="approved", **common) == "duplicate"  # a retry
+    assert await postback(api, tenant, status="rejected", **common) == "accepted"
+    assert await postback(api, tenant, status="rejected", **common) == "duplicate"
+    assert await postback(api, tenant, status="approved", **common) == "accepted"  # the network's correction
+    assert await postback(api, tenant, status="approved", payout="5.00", **{k: v for k, v in common.items() if k != "payout"}) == "duplicate"
+    await run_worker()
+    conv = await conversion(db, tenant, "fix")
+    assert conv["status"] == "approved"
+    assert [a for *_, a in await ledger(db, conv["id"])] == [Decimal(5), Decimal(-5), Decimal(5)]
+    detail = (await api.get(f"/api/v2/messages/{mid}", headers=tenant.headers)).json()
+    assert (detail["conversions"], detail["revenue"]) == (1, 5)

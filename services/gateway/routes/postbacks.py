@@ -36,6 +36,13 @@ ON CONFLICT (account_id, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
 RETURNING id
 """
 
+# The latest accepted postback of a conversion: a repeat of it is a duplicate.
+_LATEST = """
+SELECT id, status, payout FROM postbacks
+WHERE account_id = $1 AND network = $2 AND conversion_key = $3 AND dedupe_key IS NOT NULL
+ORDER BY id DESC LIMIT 1
+"""
+
 
 async def _account_for(request: Request, token: str) -> int:
     cache: dict[str, tuple[int, float]] | None = getattr(request.app.state, "postback_tokens", None)
@@ -117,7 +124,13 @@ async def receive(request: Request) -> JSONResponse:
     ]
     # An unparseable postback is kept for the operator and never processed.
     closed = [received_at, "unparseable"] if unparseable else [None, None]
-    postback_id = await db.fetchval(_INSERT, *values, pb.dedupe_key, False, *closed)
+    postback_id = None
+    if unparseable:
+        postback_id = await db.fetchval(_INSERT, *values, None, False, *closed)
+    else:
+        latest = await db.fetchrow(_LATEST, account_id, pb.network, pb.conversion_key)
+        if latest is None or not pb.repeats(latest["status"], latest["payout"]):
+            postback_id = await db.fetchval(_INSERT, *values, pb.dedupe_key(latest["id"] if latest else 0), False, *closed)
     if postback_id is None:
         await db.execute(_INSERT, *values, None, True, received_at, None)
         return JSONResponse({"success": True, "status": "duplicate"})
