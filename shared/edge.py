@@ -19,6 +19,7 @@ Hosts are stored lower-case without a port (CONTRACT.md §4).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import TypedDict
 from urllib.parse import urlsplit
@@ -42,6 +43,7 @@ def offer_key(offer_id: str) -> str:
     return f"trk:o:{offer_id}"
 
 
+@functools.lru_cache(maxsize=1024)  # a bulk send asks about the same few domains a thousand times
 def host_of(url_or_host: str) -> str:
     """Hostname, lower-case, no port: ``https://SMS.Example.com:443/x`` -> ``sms.example.com``."""
     text = url_or_host.strip()

@@ -10,7 +10,7 @@ from starlette.responses import Response
 from shared import jsonio
 from shared.errors import ApiError, validation
 
-MAX_BODY = 5 * 1024 * 1024
+MAX_BODY = 5_000_000  # "5 MB" (overview): the decimal reading, so no reading of it lets more through
 MAX_PAGE = 1_000_000_000  # keeps (page - 1) * per_page a valid OFFSET
 
 
@@ -26,7 +26,7 @@ def error_response(err: ApiError) -> JSONResponse:
 
 
 def _too_large() -> ApiError:
-    return ApiError(413, "payload_too_large", "Request body exceeds the 5 MB limit")
+    return ApiError(413, "payload_too_large", "Request body exceeds the 5 MB (5,000,000 bytes) limit")
 
 
 async def read_body(request: Request) -> bytes:

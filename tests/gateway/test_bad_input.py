@@ -19,6 +19,15 @@ async def test_nul_and_lone_surrogates_are_400(api, tenant, escape):
     assert_error(resp, 400, "validation_error")
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32-le"])
+async def test_nul_in_a_utf16_or_utf32_body_is_400(api, tenant, encoding):
+    # JSON may come in UTF-16/32, where the \u0000 escape is not the bytes b"\\u".
+    text = '{"name": "a\\u0000b", "destination_url": "https://example.com"}'
+    resp = await api.post("/api/v2/offers", headers={**tenant.headers, "Content-Type": "application/json"},
+                          content=text.encode(encoding))
+    assert_error(resp, 400, "validation_error")
+
+
 async def test_offer_path_ids_that_cannot_be_offer_ids_are_not_found(api, tenant):
     for path in ("/api/v2/offers/%00", "/api/v2/offers/not-an-id"):
         assert_error(await api.get(path, headers=tenant.headers), 404, "offer_not_found")
