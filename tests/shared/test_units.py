@@ -61,12 +61,15 @@ def test_money_is_exact_through_json():
     assert jsonio.dumps({"r": Decimal("100")}) == b'{"r":100}'
 
 
-@pytest.mark.parametrize("raw", ["+14155551234", "+18005551234", "+447911123456"])
+@pytest.mark.parametrize("raw", ["+14155551234", "+18005551234", "+447911123456", "+390612345678", "+4930123456"])
 def test_phone_accepts_e164(raw):
     assert parse_e164(raw) == raw
 
 
-@pytest.mark.parametrize("raw", ["+1invalid", "14155551234", "+1234", "", None, 14155551234, "+1 415 555 1234", "+999999999999999"])
+@pytest.mark.parametrize("raw", ["+1invalid", "14155551234", "+1234", "", None, 14155551234, "+1 415 555 1234", "+999999999999999",
+    "+12345678", "+14155551",  # +1 and 7 digits: dialable only inside an area code, not a full number
+    "+4401234567890",  # a trunk prefix after the country code is not E.164
+])
 def test_phone_rejects_non_e164(raw):
     with pytest.raises(PhoneError):
         parse_e164(raw)
