@@ -27,7 +27,7 @@ async def test_create_account_and_list(settings, db):
     assert stored == 0  # never the plain key
 
     out = trackly(settings, "admin", "create-list", "--account-id", str(account["account_id"]), "--name", "Main",
-                  "--phone", "+18005551234", "--short-domain", "https://SMS.example.com/", "--tracker-domain", "ct.example.com")
+                  "--phone", "+18005551234", "--short-domain", "HTTPS://SMS.example.com/", "--tracker-domain", "ct.example.com")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"list_id": json.loads(out.stdout)["list_id"], "phone_number": "+18005551234",
                                       "short_domain": "https://SMS.example.com", "tracker_domain": "https://ct.example.com"}
@@ -43,6 +43,11 @@ async def test_no_offer_management_flag(settings, db):
     ["admin", "create-list", "--account-id", "999999", "--name", "x", "--phone", "+18005551234"],
     ["admin", "create-list", "--account-id", "1", "--name", "x", "--phone", "+1invalid"],
     ["admin", "create-list", "--account-id", "1", "--name", "x", "--phone", "+18005551234", "--short-domain", "ftp://x"],
+    # A domain is an origin: short URLs under a path, or with no host, could never be served.
+    ["admin", "create-list", "--account-id", "1", "--name", "x", "--phone", "+18005551234", "--short-domain", "https://s.example.com/p"],
+    ["admin", "create-list", "--account-id", "1", "--name", "x", "--phone", "+18005551234", "--tracker-domain", "https://"],
+    ["admin", "create-list", "--account-id", "1", "--name", "x", "--phone", "+18005551234", "--tracker-domain", "https://a@ct.example.com"],
+    ["admin", "create-list", "--account-id", "1", "--name", "x", "--phone", "+18005551234", "--short-domain", "https://s.example.com:99999"],
     ["admin", "create-account"],
     ["admin", "create-account", "--name", "  "],
     ["admin", "create-list", "--account-id", "99999999999999999999", "--name", "x", "--phone", "+18005551234"],
