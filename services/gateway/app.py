@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 from arq import create_pool as create_arq_pool
@@ -46,6 +47,21 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(ApiError(500, "internal_error", "Internal server error"))
 
 
+class TrailingSlash:
+    """``/api/v2/offers/`` is ``/api/v2/offers``: a JSON API answers both rather than a bodiless
+    307 redirect (which clients would have to follow with their POST body)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            if len(path) > 1 and path.endswith("/"):
+                scope = {**scope, "path": path.rstrip("/") or "/"}
+        await self.app(scope, receive, send)
+
+
 def create_app(settings: Settings) -> Starlette:
     if not settings.database_url or not settings.redis_url:
         raise ValueError("create_app needs resolved database and redis URLs")
@@ -72,7 +88,7 @@ def create_app(settings: Settings) -> Starlette:
     metrics = GatewayMetrics()
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(MetricsMiddleware, metrics=metrics, routes=routes)],
+        middleware=[Middleware(TrailingSlash), Middleware(MetricsMiddleware, metrics=metrics, routes=routes)],
         lifespan=lifespan,
         exception_handlers={
             ApiError: _api_error,
@@ -85,5 +101,6 @@ def create_app(settings: Settings) -> Starlette:
             Exception: _unexpected,
         },
     )
+    app.router.redirect_slashes = False
     app.state.metrics = metrics
     return app

@@ -46,13 +46,28 @@ async def test_invalid_json_is_400(api, tenant, body):
     assert_error(resp, 400, "invalid_json")
 
 
-async def test_body_over_5mb_is_413(api, tenant):
-    big = b'{"name": "' + b"x" * (5 * 1024 * 1024) + b'"}'
+@pytest.mark.parametrize("size", [5_000_001, 5 * 1024 * 1024 + 1])
+async def test_body_over_5mb_is_413(api, tenant, size):
+    big = b'{"name": "' + b"x" * (size - 12) + b'"}'
+    assert len(big) == size
     assert_error(await api.post("/api/v2/offers", headers=tenant.headers, content=big), 413, "payload_too_large")
+
+
+async def test_body_of_5mb_is_read(api, tenant):
+    just = b'{"name": "' + b"x" * (5_000_000 - 12) + b'"}'
+    assert_error(await api.post("/api/v2/offers", headers=tenant.headers, content=just), 400, "validation_error")
 
 
 async def test_unknown_route_is_uniform_404(api, tenant):
     assert_error(await api.get("/api/v2/nothing-here", headers=tenant.headers), 404, "not_found")
+    assert_error(await api.get("/api/v2/nothing-here/", headers=tenant.headers), 404, "not_found")
+
+
+async def test_trailing_slash_is_the_same_route(api, tenant):
+    created = await api.post("/api/v2/offers/", headers=tenant.headers, json={"name": "n", "destination_url": "https://e.com"})
+    assert created.status_code == 201
+    listed = await api.get("/api/v2/offers/", headers=tenant.headers)
+    assert listed.status_code == 200 and [o["id"] for o in listed.json()["offers"]] == [created.json()["offer"]["id"]]
 
 
 async def test_health_endpoints(api):
