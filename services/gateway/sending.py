@@ -21,8 +21,12 @@ from shared.errors import ApiError, bad_request, not_found, validation
 from shared.phone import PhoneError, parse_e164
 from shared.timeutil import utcnow
 
-# A short URL as it appears in a body: scheme, host[:port], a 6-character link id, then a boundary.
-SHORT_URL_RE = re.compile(r"(https?://)([A-Za-z0-9.-]+(?::\d+)?)/([A-Za-z0-9]{6})(?![A-Za-z0-9])")
+# A short URL as it appears in a body: an optional scheme (SMS copy often drops it to save
+# characters), host[:port], a 6-character link id, then a boundary. Only a host that is the link's
+# own short domain is rewritten, so a look-alike in other text never is.
+SHORT_URL_RE = re.compile(
+    r"(?<![A-Za-z0-9.\-/@])(https?://)?([A-Za-z0-9.-]+(?::\d+)?)/([A-Za-z0-9]{6})(?![A-Za-z0-9])", re.IGNORECASE
+)
 SEND_ID_MACRO = "{{sendId}}"
 MAX_BODY_CHARS = 10_000
 INSERT_ATTEMPTS = 3
@@ -163,7 +167,7 @@ def _rewrite(record: SendRecord, links: dict[str, asyncpg.Record]) -> None:
             codes[link_id] = ids.message_link_code()
             record.codes.append((link["domain_host"], codes[link_id], link_id))
         first_offer = first_offer or link["offer_id"]
-        return f"{scheme}{host}/{codes[link_id]}"
+        return f"{scheme or ''}{host}/{codes[link_id]}"
 
     record.codes = []
     body = SHORT_URL_RE.sub(replace, record.body)

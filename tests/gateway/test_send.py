@@ -71,6 +71,21 @@ async def test_short_urls_are_rewritten_per_message(api, tenant, redis):
     assert bodies[0]["body"] != bodies[1]["body"]
 
 
+async def test_short_urls_without_scheme_are_rewritten(api, tenant, redis):
+    link = await make_link(api, tenant, (await make_offer(api, tenant))["id"])
+    bare = f"sms.example.com/{link['linkId']}"
+    text = f"Deal: {bare} or SMS.Example.com/{link['linkId']}?sub1=a, not xsms.example.com/{link['linkId']}"
+    mid = (await send(api, tenant, body=text)).json()["message_id"]
+    body = (await api.get(f"/api/v2/messages/{mid}", headers=tenant.headers)).json()["body"]
+    words = body.split()
+    assert words[1].startswith("sms.example.com/") and words[1] != bare
+    assert words[3].startswith("SMS.Example.com/") and words[3].endswith("?sub1=a,")
+    code = words[1].split("/")[1]
+    assert words[3].split("/")[1].split("?")[0] == code  # one code per (message, link)
+    assert f"xsms.example.com/{link['linkId']}" in body  # another host: untouched
+    assert orjson.loads(await redis.get(short_key("sms.example.com", code)))["m"] == mid
+
+
 async def test_given_offer_wins_and_accepts_external_id(api, tenant):
     offer = await make_offer(api, tenant)
     chosen = await make_offer(api, tenant, external_id="E-1")
