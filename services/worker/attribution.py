@@ -12,7 +12,8 @@ creates with ``ON CONFLICT DO NOTHING`` and locks the ones that exist with ``SEL
 the ledger whose sum is a conversion's revenue; nothing is ever deleted.
 
 Attribution: the click named by ``click_id`` (same account, human) wins if the conversion time is
-within ``[clicked_at, clicked_at + click_window_days]`` of the click's offer (default 90 days).
+within ``[clicked_at, clicked_at + click_window_days]`` of the click's offer (default 90 days),
+both edges taken to the whole second (see ``judge``).
 A conversion whose click has not been stored yet waits as ``click_not_found``; the click drainer
 calls ``rematch_for_clicks`` with every new human click, and the sweeper catches the rare race
 where both committed without seeing each other.
@@ -151,10 +152,15 @@ def judge(account_id: int, click_id: str | None, converted_at: datetime, click: 
     if click["is_bot"]:
         return Attribution(False, "bot_click")
     # Networks report conversion times to the second (the {datetime} macro hands them the click's
-    # own second): a conversion stamped with the click's second is not before it.
-    if converted_at < click["clicked_at"].replace(microsecond=0):
+    # own second, truncated): the window runs from the start of the click's second to the end of
+    # that second plus the window, so a whole-second stamp at either edge is inside, rounded
+    # either way, and a whole second before or after is outside.
+    clicked_at = click["clicked_at"]
+    first_second = clicked_at.replace(microsecond=0)
+    if converted_at < first_second:
         return Attribution(False, "before_click")
-    if converted_at > click["clicked_at"] + timedelta(days=click["window_days"]):
+    last_second = first_second + timedelta(seconds=1) if clicked_at.microsecond else first_second
+    if converted_at > last_second + timedelta(days=click["window_days"]):
         return Attribution(False, "expired")
     return Attribution(True, None, click)
 

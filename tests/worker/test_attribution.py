@@ -84,6 +84,33 @@ async def test_window_edge(api, db, tenant, run_worker):
     assert past["attributed"] is False and past["unattributed_reason"] == "expired" and past["message_id"] is None
 
 
+async def test_window_edges_are_whole_seconds_for_a_click_within_a_second(api, db, tenant, run_worker):
+    # The click is at T0 + 0.4 s; networks stamp whole seconds, rounded either way.
+    offer = await make_offer(api, tenant, click_window_days=7)
+    at = T0 + timedelta(milliseconds=400)
+    stamps = {
+        "down": T0 + timedelta(days=7), "up": T0 + timedelta(days=7, seconds=1),
+        "past": at + timedelta(days=7, seconds=1), "same-second": T0, "second-before": at - timedelta(seconds=1),
+    }
+    for key, stamp in stamps.items():
+        _, _, click_id = await clicked_message(api, db, tenant, offer=offer, at=at)
+        await postback(api, tenant, click_id=click_id, conversion_id=key, timestamp=stamp.isoformat())
+    await run_worker()
+    verdicts = {key: (await conversion(db, tenant, key))["unattributed_reason"] for key in stamps}
+    assert verdicts == {"down": None, "up": None, "past": "expired", "same-second": None, "second-before": "before_click"}
+
+
+async def test_unencoded_plus_in_a_timestamp_offset_is_an_offset(api, db, tenant, run_worker):
+    _, mid, click_id = await clicked_message(api, db, tenant)
+    # As curl or a network sends it: the "+" unencoded, so the query decodes it to a space.
+    resp = await api.get(f"/postback/{tenant.postback_token}?click_id={click_id}&txid=plus&payout=3"
+                         "&timestamp=2026-03-01T17:30:00+05:00")
+    assert resp.json()["status"] == "accepted"
+    await run_worker()
+    conv = await conversion(db, tenant, "plus")
+    assert conv["converted_at"] == T0 + timedelta(minutes=30) and conv["attributed"] and conv["message_id"] == mid
+
+
 async def test_default_window_is_90_days(api, db, tenant, run_worker):
     offer, _, click_id = await clicked_message(api, db, tenant)
     offer_less = await send_message(api, tenant)
