@@ -1,7 +1,14 @@
 """Time is UTC, ISO 8601."""
 from __future__ import annotations
 
+import re
 from datetime import UTC, date, datetime
+
+# "2026-02-08T12:00:00 02:00": an offset whose "+" a query string decoded to a space (networks
+# and curl often send it unencoded).
+_SPACED_OFFSET_RE = re.compile(r"^(\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?) (\d{2}(?::?\d{2})?)$")
+# Unix times past this are milliseconds (as seconds they would be after the year 5000).
+_UNIX_MILLIS_FROM = 100_000_000_000
 
 
 class TimeError(ValueError):
@@ -13,7 +20,8 @@ def utcnow() -> datetime:
 
 
 def parse_timestamp(value: object, *, allow_unix: bool = False) -> datetime:
-    """ISO 8601 (naive means UTC) or, where allowed, unix seconds. Always returns aware UTC."""
+    """ISO 8601 (naive means UTC) or, where allowed, unix seconds (or milliseconds, told apart by
+    size). Always returns aware UTC."""
     if allow_unix and isinstance(value, (int, float)) and not isinstance(value, bool):
         return _from_unix(float(value))
     if not isinstance(value, str) or not value.strip():
@@ -23,6 +31,8 @@ def parse_timestamp(value: object, *, allow_unix: bool = False) -> datetime:
         return _from_unix(float(text))
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
+    elif spaced := _SPACED_OFFSET_RE.match(text):
+        text = f"{spaced[1]}+{spaced[2]}"
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError:
@@ -33,6 +43,8 @@ def parse_timestamp(value: object, *, allow_unix: bool = False) -> datetime:
 
 
 def _from_unix(seconds: float) -> datetime:
+    if seconds >= _UNIX_MILLIS_FROM:
+        seconds /= 1000
     try:
         return datetime.fromtimestamp(seconds, UTC)
     except (OverflowError, OSError, ValueError):
