@@ -14,6 +14,9 @@ the ledger whose sum is a conversion's revenue; nothing is ever deleted.
 Attribution: the click named by ``click_id`` (same account, human) wins if the conversion time is
 within ``[clicked_at, clicked_at + click_window_days]`` of the click's offer (default 90 days),
 both edges taken to the whole second (see ``judge``).
+Multi-touch: first click wins. When the named click qualifies, the credit goes to the same
+contact's first click (over its messages, one first click each) on the same offer whose window
+also holds the conversion; the later click is tracked but not credited (``Clicks.credit``).
 A conversion whose click has not been stored yet waits as ``click_not_found``; the click drainer
 calls ``rematch_for_clicks`` with every new human click, and the sweeper catches the rare race
 where both committed without seeing each other.
@@ -50,6 +53,25 @@ FROM clicks k
 LEFT JOIN messages m ON m.id = k.message_id AND m.account_id = k.account_id
 LEFT JOIN offers o ON o.id = coalesce(k.offer_id, m.offer_id)
 WHERE k.id = ANY($1::text[])
+"""
+
+# Multi-touch: the contact's earlier first clicks (one per message) on the same offer, oldest
+# first, for each named human click of a message. A click more than the longest window (90 days)
+# before the named one can never hold a conversion that is not before the named click.
+_EARLIER_FIRSTS = """
+SELECT n.id AS named_id, k.id, k.account_id, k.clicked_at, k.is_bot, k.link_id, m.id AS message_id,
+       coalesce(k.offer_id, m.offer_id) AS offer_id, coalesce(m.list_id, k.list_id) AS list_id,
+       m.creative_id, m.schedule_id, m.to_phone,
+       coalesce(o.click_window_days, $2::int) AS window_days
+FROM unnest($1::text[], $3::bigint[], $4::text[], $5::text[], $6::timestamptz[])
+    AS n(id, account_id, phone, offer_id, clicked_at)
+JOIN messages m ON m.account_id = n.account_id AND m.to_phone = n.phone
+JOIN message_clicks mc ON mc.message_id = m.id
+JOIN clicks k ON k.id = mc.click_id AND NOT k.is_bot
+LEFT JOIN offers o ON o.id = coalesce(k.offer_id, m.offer_id)
+WHERE mc.clicked_at < n.clicked_at AND mc.clicked_at >= n.clicked_at - interval '90 days'
+  AND coalesce(k.offer_id, m.offer_id) = n.offer_id AND k.id <> n.id
+ORDER BY n.id, mc.clicked_at, k.id
 """
 
 # The job's own postback is waited for if another batch holds it (that batch may roll back, and
@@ -165,11 +187,41 @@ def judge(account_id: int, click_id: str | None, converted_at: datetime, click: 
     return Attribution(True, None, click)
 
 
-async def fetch_clicks(conn: asyncpg.Connection, click_ids: set[str]) -> dict[str, Any]:
+@dataclass
+class Clicks:
+    """The clicks postbacks name, and for each named click of a message the contact's earlier
+    first clicks on the same offer (oldest first)."""
+
+    named: dict[str, Any] = field(default_factory=dict)
+    earlier: dict[str, list[Any]] = field(default_factory=dict)
+
+    def credit(self, account_id: int, click_id: str | None, converted_at: datetime) -> Attribution:
+        """First click wins (spec: attribution, "Multi-Touch"): the named click must qualify
+        (same account, human, window); then the credit goes to the contact's first click on the
+        same offer whose window also holds the conversion, the named click if there is none."""
+        verdict = judge(account_id, click_id, converted_at, self.named.get(click_id) if click_id else None)
+        if verdict.attributed:
+            for first in self.earlier.get(click_id or "", ()):
+                earlier = judge(account_id, first["id"], converted_at, first)
+                if earlier.attributed:
+                    return earlier
+        return verdict
+
+
+async def fetch_clicks(conn: asyncpg.Connection, click_ids: set[str]) -> Clicks:
     if not click_ids:
-        return {}
+        return Clicks()
     rows = await conn.fetch(_CLICKS, sorted(click_ids), DEFAULT_WINDOW_DAYS)
-    return {r["id"]: r for r in rows}
+    named = {r["id"]: r for r in rows}
+    touched = [r for r in rows if r["message_id"] and r["to_phone"] and r["offer_id"] and not r["is_bot"]]
+    earlier: dict[str, list[Any]] = {}
+    if touched:
+        for row in await conn.fetch(
+            _EARLIER_FIRSTS, [r["id"] for r in touched], DEFAULT_WINDOW_DAYS, [r["account_id"] for r in touched],
+            [r["to_phone"] for r in touched], [r["offer_id"] for r in touched], [r["clicked_at"] for r in touched],
+        ):
+            earlier.setdefault(row["named_id"], []).append(row)
+    return Clicks(named, earlier)
 
 
 @dataclass
@@ -204,7 +256,7 @@ async def process_batch(conn: asyncpg.Connection, first_id: int | None = None, l
         found = await conn.fetch(_OFFERS, [a for a, _ in offer_refs], [ref for _, ref in offer_refs])
         offers = {(r["account_id"], r["ref"]): r for r in found}
     # Offers of the clicks, for a postback that names no payout.
-    click_offer_ids = sorted({c["offer_id"] for c in clicks.values() if c["offer_id"]})
+    click_offer_ids = sorted({c["offer_id"] for c in clicks.named.values() if c["offer_id"]})
     click_offers = {}
     if click_offer_ids:
         click_offers = {r["id"]: r for r in await conn.fetch(
@@ -229,7 +281,7 @@ async def process_batch(conn: asyncpg.Connection, first_id: int | None = None, l
         cols: list[list[Any]] = [[] for _ in range(18)]
         for key in fresh:
             first = groups[key][0]
-            verdict = judge(first["account_id"], first["click_id"], first["converted_at"], clicks.get(first["click_id"]))
+            verdict = clicks.credit(first["account_id"], first["click_id"], first["converted_at"])
             named = offers.get((first["account_id"], first["offer_ref"])) if first["offer_ref"] else None
             offer_id = verdict.columns()[7] or (named["id"] if named else None)
             offer = click_offers.get(offer_id) if verdict.attributed else named
@@ -295,10 +347,7 @@ async def rematch_for_clicks(conn: asyncpg.Connection, click_ids: list[str]) -> 
     if not waiting:
         return 0
     clicks = await fetch_clicks(conn, {w["click_id"] for w in waiting})
-    updates = [
-        (w["id"], judge(w["account_id"], w["click_id"], w["converted_at"], clicks.get(w["click_id"])))
-        for w in waiting
-    ]
+    updates = [(w["id"], clicks.credit(w["account_id"], w["click_id"], w["converted_at"])) for w in waiting]
     # Still not found stays as it is; any other verdict (attributed, expired, ...) is final.
     updates = [(cid, v) for cid, v in updates if v.reason != "click_not_found"]
     await _attribute(conn, updates)
