@@ -15,6 +15,11 @@ Clicks — appended by the redirect, drained by the worker:
   ``trk:clicks``            stream; each entry has one field ``b``: an orjson list of Click
                             dicts (a group-committed batch). Consumer group ``drain``.
 
+The redirect's own key (created by the first replica to start, shared by all):
+
+  ``trk:edge:sid-key``      32 random bytes: signs the ``sid`` a per-message code hands to the
+                            tracker hop, so only a message's own short URL can claim the message.
+
 Hosts are stored lower-case without a port (CONTRACT.md §4).
 """
 from __future__ import annotations
@@ -28,7 +33,7 @@ import orjson
 
 CLICK_STREAM = "trk:clicks"
 CLICK_GROUP = "drain"
-PUBLISHED_MARKER = "trk:published"
+SID_KEY = "trk:edge:sid-key"
 
 
 def short_key(host: str, code: str) -> str:

@@ -13,10 +13,13 @@ Lookups come from the in-process cache (``cache.py``), then Redis; never Postgre
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
+import hmac
 import logging
 import os
 import re
+import secrets
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,22 +38,26 @@ from services.redirect.clickwriter import ClickNotRecorded, ClickWriter
 from services.redirect.geo import Geo
 from services.redirect.metrics import RedirectMetrics
 from services.redirect.rawredis import RawRedis
-from shared import edge, ids, macros
+from shared import edge, macros
 from shared.settings import Settings
 
 log = logging.getLogger("trackly.redirect")
 
 Scope = dict[str, Any]
 
-# The query parameter that carries a per-message code's message id from the short hop to the tracker.
+# The query parameter that carries a per-message code's message id from the short hop to the
+# tracker: ``<message id>.<signature>``, the signature an HMAC of the message and tracker ids under
+# the edge's own key (``shared.edge.SID_KEY``), so a plain link cannot be made to claim a message
+# (its click, its ``{{sendId}}``) by adding ``?sid=`` by hand.
 SEND_ID_PARAM = "sid"
+SID_SIGNATURE_CHARS = 16  # 96 bits, url-safe base64
 MAX_QUERY_PARAMS = 32
 MAX_VALUE_CHARS = 1000
 MAX_UA_CHARS = 1000
 
 _CODE_RE = re.compile(r"[A-Za-z0-9]{6,7}")
 _TRACKER_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-_MESSAGE_RE = ids.MESSAGE_ID_RE
+_SID_RE = re.compile(r"[A-Za-z0-9]{8}\.[A-Za-z0-9_-]{%d}" % SID_SIGNATURE_CHARS)
 
 _NO_STORE = (b"cache-control", b"private, no-store")
 _EMPTY = (b"content-length", b"0")
@@ -72,8 +79,8 @@ _EMPTY_BODY = {"type": "http.response.body", "body": b""}
 # does not walk every cached link. With 200k cached links held as objects, a full collection
 # stalled the event loop for well over 100 ms (see cache.py).
 #
-# A short link: (tracker URL, offer cache key, message id or None).
-ShortLink = tuple[bytes, str, "bytes | None"]  # unpacked where used
+# A short link: (tracker URL, offer cache key, message id or None, tracker id).
+ShortLink = tuple[bytes, str, "bytes | None", str]  # unpacked where used
 # A tracker link: (host, link id, offer id, account id, list id, offer cache key, account id as text).
 TrackerLink = tuple[str, str, str, int, int, str, str]
 
@@ -88,7 +95,8 @@ class Offer:
 def _decode_short(raw: bytes) -> ShortLink:
     entry: edge.ShortEntry = orjson.loads(raw)
     message = entry.get("m")
-    return (entry["u"].encode(), edge.offer_key(entry["o"]), message.encode() if message else None)
+    url = entry["u"]
+    return (url.encode(), edge.offer_key(entry["o"]), message.encode() if message else None, url.rpartition("/")[2])
 
 
 def _decode_tracker(raw: bytes) -> TrackerLink:
@@ -145,7 +153,7 @@ def _safe_query(query: bytes) -> bytes:
 
 
 def _query_values(query: bytes) -> tuple[dict[str, str], str | None]:
-    """First value of each parameter (bounded), and the message id carried as ``sid``."""
+    """First value of each parameter (bounded), and the well-formed ``sid`` (not yet verified)."""
     values: dict[str, str] = {}
     send_id = None
     if not query:
@@ -157,7 +165,7 @@ def _query_values(query: bytes) -> tuple[dict[str, str], str | None]:
         if "&" not in text:  # one parameter (a short link's forwarded sub1=...): the common case
             name, _, value = text.partition("=")
             if name == SEND_ID_PARAM:
-                return values, value if _MESSAGE_RE.fullmatch(value) else None
+                return values, value if _SID_RE.fullmatch(value) else None
             values[name[:100]] = value[:MAX_VALUE_CHARS]
             return values, None
         pairs = [part.partition("=")[::2] for part in text.split("&") if part]
@@ -168,7 +176,7 @@ def _query_values(query: bytes) -> tuple[dict[str, str], str | None]:
             continue
         if name not in values and len(values) < MAX_QUERY_PARAMS:
             values[name[:100]] = value[:MAX_VALUE_CHARS]
-    if send_id is not None and not _MESSAGE_RE.fullmatch(send_id):
+    if send_id is not None and not _SID_RE.fullmatch(send_id):
         send_id = None
     return values, send_id
 
@@ -235,6 +243,9 @@ class RedirectApp:
             s.redis_url, max_connections=64, socket_timeout=5.0, socket_connect_timeout=2.0
         )
         size = max(1, s.link_cache_size)
+        # The signing key for sid, the same for every replica: the first to start creates it.
+        await self.redis.set(edge.SID_KEY, secrets.token_bytes(32), nx=True)
+        self.sid_key: bytes = await self.redis.get(edge.SID_KEY)
         self.shorts: EdgeCache[ShortLink] = EdgeCache(self.redis, _decode_short, ttl=s.link_cache_ttl, size=size)
         self.trackers: EdgeCache[TrackerLink] = EdgeCache(
             self.redis, _decode_tracker, ttl=s.link_cache_ttl, size=size
@@ -341,14 +352,14 @@ class RedirectApp:
             link = await self.shorts.load(key)
         if link is None:
             return await _not_found(send)
-        tracker_url, offer_key, message_id = link
+        tracker_url, offer_key, message_id, tracker_id = link
         offer = self.offers.fresh(offer_key) or await self.offers.load(offer_key)
         if offer is None or not offer.active:
             return await _not_found(send)
         query: bytes = scope["query_string"]
         location = tracker_url
         if message_id is not None:
-            location += b"?sid=" + message_id
+            location += b"?sid=" + message_id + b"." + self._sign(message_id, tracker_id)
             if query:
                 location += b"&" + _safe_query(query)
         elif query:
@@ -388,6 +399,8 @@ class RedirectApp:
             return await _not_found(send)
 
         query, send_id = _query_values(scope["query_string"])
+        if send_id is not None:
+            send_id = self._verified_message(send_id, tracker_id)
         click_id = next_click_id()
         at, at_second = self.clock.now()
         client = scope.get("client")
@@ -428,6 +441,19 @@ class RedirectApp:
         )
         await send(_EMPTY_BODY)
         return 302
+
+    # -- the message a per-message code hands on ----------------------------------------------
+
+    def _sign(self, message_id: bytes, tracker_id: str) -> bytes:
+        mac = hmac.digest(self.sid_key, message_id + b"/" + tracker_id.encode(), "sha256")
+        return base64.urlsafe_b64encode(mac)[:SID_SIGNATURE_CHARS]
+
+    def _verified_message(self, sid: str, tracker_id: str) -> str | None:
+        """The message id of a well-formed ``sid`` whose signature is this tracker's, else None."""
+        message_id = sid[:8].encode()
+        if hmac.compare_digest(sid[9:].encode(), self._sign(message_id, tracker_id)):
+            return sid[:8]
+        return None
 
     # -- operations --------------------------------------------------------------------------
 

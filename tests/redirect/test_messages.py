@@ -39,7 +39,8 @@ async def test_send_body_link_carries_the_message_to_the_click(
     tracker = await edge.get(short_url + "?sub1=x")
     assert tracker.status_code == 302
     q = parse_qs(urlsplit(tracker.headers["location"]).query)
-    assert q == {"sid": [message_id], "sub1": ["x"]}
+    assert set(q) == {"sid", "sub1"} and q["sub1"] == ["x"]
+    assert q["sid"][0].startswith(message_id + ".")  # the message id, signed by the edge
     dest = await edge.get(tracker.headers["location"])
     dq = parse_qs(urlsplit(dest.headers["location"]).query)
     assert dq["aff_sub"] == [message_id]
@@ -100,3 +101,36 @@ async def test_a_message_of_another_account_is_not_claimed(
     await drain(db, redis)
     assert await db.fetchval("SELECT message_id FROM clicks WHERE id = $1", click_id) is None
     assert await db.fetchval("SELECT count(*) FROM message_clicks WHERE message_id = $1", other_message) == 0
+
+
+async def test_a_plain_link_cannot_claim_a_message_by_adding_sid(
+    api: httpx.AsyncClient, tenant: Tenant, edge: Edge, db: asyncpg.Pool, redis: object
+) -> None:
+    _, link = await offer_and_link(api, tenant, "https://lp.example/offer?c={click_id}&m={{sendId}}")
+    message_id, short_url = await send(api, tenant, db, f"Hi {link['shortUrl']}")
+    _, other_link = await offer_and_link(api, tenant, "https://lp.example/other?c={click_id}&m={{sendId}}")
+    _, other_short = await send(api, tenant, db, f"Hi {other_link['shortUrl']}")
+    genuine = parse_qs(urlsplit((await edge.get(short_url)).headers["location"]).query)["sid"][0]
+    other_sid = parse_qs(urlsplit((await edge.get(other_short)).headers["location"]).query)["sid"][0]
+    plain_tracker = link["clickTrackerUrl"]
+    forged = [
+        f"{message_id}.{'A' * 16}",                  # well-formed, wrong signature
+        message_id,                                    # the bare message id
+        genuine[:-1] + ("B" if genuine[-1] != "B" else "C"),  # one character off
+        other_sid.replace(other_sid[:8], message_id),  # another message's signature
+    ]
+    # The plain shared link, with a hand-made sid: through the short hop and straight at the tracker.
+    attempts = [await edge.get(link["shortUrl"] + f"?sid={forged[0]}")]
+    attempts[0] = await edge.get(attempts[0].headers["location"])
+    attempts += [await edge.get(f"{plain_tracker}?sid={sid}") for sid in forged]
+    clicks = []
+    for dest in attempts:
+        q = parse_qs(urlsplit(dest.headers["location"]).query, keep_blank_values=True)
+        assert q["m"] == [""]  # {{sendId}} is empty outside a message
+        clicks.append(q["c"][0])
+    # A genuine sid replayed on the same tracker is the message's own URL's click, as before.
+    replayed = parse_qs(urlsplit((await edge.get(f"{plain_tracker}?sid={genuine}")).headers["location"]).query)
+    assert replayed["m"] == [message_id]
+    await drain(db, redis)
+    stored = await db.fetch("SELECT message_id FROM clicks WHERE id = ANY($1::text[])", clicks)
+    assert len(stored) == len(clicks) and all(r["message_id"] is None for r in stored)
