@@ -33,6 +33,16 @@ class Settings:
         return self.database_url is None or self.redis_url is None
 
 
+DEFAULT_TRUSTED_PROXIES = "127.0.0.0/8,::1/128"
+
+
+def _network(name: str, raw: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(raw, strict=False)
+    except ValueError:
+        raise SystemExit(f"{name} must be a comma-separated list of CIDRs, got {raw!r}") from None
+
+
 def _int(env: dict[str, str], name: str, default: int) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -45,9 +55,12 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
 
 def load(env: dict[str, str] | None = None) -> Settings:
     env = dict(os.environ if env is None else env)
+    # Unset: a proxy on the same host (loopback) is believed, as uvicorn's own default does; set
+    # it empty to believe nobody.
+    raw_proxies = env.get("TRACKLY_TRUSTED_PROXIES")
     proxies = tuple(
-        ipaddress.ip_network(p.strip(), strict=False)
-        for p in env.get("TRACKLY_TRUSTED_PROXIES", "").split(",")
+        _network("TRACKLY_TRUSTED_PROXIES", p.strip())
+        for p in (DEFAULT_TRUSTED_PROXIES if raw_proxies is None else raw_proxies).split(",")
         if p.strip()
     )
     geoip = env.get("TRACKLY_GEOIP_DB") or None

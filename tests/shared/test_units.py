@@ -107,3 +107,11 @@ def test_settings_from_environment():
     assert len(s.trusted_proxies) == 2 and s.embedded
     with pytest.raises(SystemExit):
         settings.load({"TRACKLY_REDIRECT_PORT": "x"})
+    with pytest.raises(SystemExit):
+        settings.load({"TRACKLY_TRUSTED_PROXIES": "10.0.0.0/33"})
+
+
+def test_trusted_proxies_default_to_loopback_and_can_be_none():
+    loopback = settings.load({}).trusted_proxies
+    assert [str(n) for n in loopback] == ["127.0.0.0/8", "::1/128"]
+    assert settings.load({"TRACKLY_TRUSTED_PROXIES": ""}).trusted_proxies == ()
