@@ -16,7 +16,8 @@ BOT_RE = re.compile(
     r"|apis-google|mediapartners-google|bingbot|bingpreview|msnbot|yandex(?:bot|images)|baiduspider"
     r"|duckduckbot|applebot|pinterestbot|redditbot|embedly|skypeuripreview|vkshare|iframely"
     r"|quora link preview|nuzzel|bitlybot|petalbot|semrushbot"
-    r"|ahrefsbot|mj12bot|dotbot|headlesschrome|lighthouse"
+    r"|ahrefsbot|mj12bot|dotbot|headlesschrome|lighthouse|mastodon|google-pagerenderer|googleimageproxy"
+    r"|existence discovery"
     r"|bot\b|bot/|_bot|-bot|crawl|spider|preview|scrape|slurp|fetcher",
     re.IGNORECASE,
 )

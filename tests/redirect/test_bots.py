@@ -24,6 +24,11 @@ BOTS = [
     "my-spider 0.1",
     "Acme Link Preview Service",
     "Mozilla/5.0 (compatible; SuperBot/1.0)",
+    "http.rb/5.1.1 (Mastodon/4.2.0; +https://mastodon.social/) Bot",
+    "http.rb/5.1.1 (Mastodon/4.2.0; +https://mastodon.social/)",
+    "Mozilla/5.0 (compatible; Google-PageRenderer; +https://developers.google.com/search)",
+    "Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)",
+    "Microsoft Office Existence Discovery",
 ]
 HUMANS = [
     PHONE_UA,
