@@ -58,7 +58,11 @@ def host_of(url_or_host: str) -> str:
     return host.lower().rstrip(".")
 
 
-class ShortEntry(TypedDict):
+class _ShortEntryOptional(TypedDict, total=False):
+    c: str            # the message's creative id, for {creative} (per-message codes that have one)
+
+
+class ShortEntry(_ShortEntryOptional):
     u: str            # click tracker URL, e.g. https://ct.example.com/c/<uuid>
     o: str            # offer id (its status is checked at the edge)
     m: str | None     # message id for a per-message code, else None

@@ -198,11 +198,7 @@ async def insert_messages(
                 record.generated_id = True
             _rewrite(record, links)
         try:
-            entries = [
-                (host, code, ShortEntry(u=links[link_id]["tracker_url"], o=links[link_id]["offer_id"], m=r.message_id))
-                for r in records
-                for host, code, link_id in r.codes
-            ]
+            entries = [(host, code, _short_entry(links[link_id], r)) for r in records for host, code, link_id in r.codes]
             async with conn.transaction():
                 # Both must succeed before the commit; they need not wait for each other.
                 await asyncio.gather(_insert(conn, account_id, records, now, source), publish_message_codes(redis, entries))
@@ -211,6 +207,13 @@ async def insert_messages(
             if attempt == INSERT_ATTEMPTS - 1 or exc.constraint_name not in ("messages_pkey", "message_links_pkey"):
                 raise
     raise AssertionError("unreachable")
+
+
+def _short_entry(link: asyncpg.Record, record: SendRecord) -> ShortEntry:
+    entry = ShortEntry(u=link["tracker_url"], o=link["offer_id"], m=record.message_id)
+    if record.creative_id:
+        entry["c"] = record.creative_id
+    return entry
 
 
 async def _insert(conn: asyncpg.Connection, account_id: int, records: list[SendRecord], now: datetime, source: str) -> None:

@@ -79,8 +79,9 @@ _EMPTY_BODY = {"type": "http.response.body", "body": b""}
 # does not walk every cached link. With 200k cached links held as objects, a full collection
 # stalled the event loop for well over 100 ms (see cache.py).
 #
-# A short link: (tracker URL, offer cache key, message id or None, tracker id).
-ShortLink = tuple[bytes, str, "bytes | None", str]  # unpacked where used
+# A short link: (tracker URL, offer cache key, message id or None, tracker id, the message's creative
+# as a query parameter to append, e.g. b"creative=cr1", or b"").
+ShortLink = tuple[bytes, str, "bytes | None", str, bytes]  # unpacked where used
 # A tracker link: (host, link id, offer id, account id, list id, offer cache key, account id as text).
 TrackerLink = tuple[str, str, str, int, int, str, str]
 
@@ -96,7 +97,12 @@ def _decode_short(raw: bytes) -> ShortLink:
     entry: edge.ShortEntry = orjson.loads(raw)
     message = entry.get("m")
     url = entry["u"]
-    return (url.encode(), edge.offer_key(entry["o"]), message.encode() if message else None, url.rpartition("/")[2])
+    creative = entry.get("c")
+    creative_param = b"creative=" + quote(creative, safe="").encode() if creative else b""
+    return (
+        url.encode(), edge.offer_key(entry["o"]), message.encode() if message else None, url.rpartition("/")[2],
+        creative_param,
+    )
 
 
 def _decode_tracker(raw: bytes) -> TrackerLink:
@@ -352,7 +358,7 @@ class RedirectApp:
             link = await self.shorts.load(key)
         if link is None:
             return await _not_found(send)
-        tracker_url, offer_key, message_id, tracker_id = link
+        tracker_url, offer_key, message_id, tracker_id, creative = link
         offer = self.offers.fresh(offer_key) or await self.offers.load(offer_key)
         if offer is None or not offer.active:
             return await _not_found(send)
@@ -362,6 +368,8 @@ class RedirectApp:
             location += b"?sid=" + message_id + b"." + self._sign(message_id, tracker_id)
             if query:
                 location += b"&" + _safe_query(query)
+            if creative:  # after the query: a creative given on the link itself wins (first value)
+                location += b"&" + creative
         elif query:
             location += b"?" + _safe_query(query)
         await send(

@@ -71,7 +71,7 @@ async def test_cached_links_are_not_tracked_by_the_garbage_collector() -> None:
     trackers = EdgeCache(FakeRedis(tracker_raw), app._decode_tracker, ttl=5, size=10)  # type: ignore[arg-type]
     short = await shorts.load("s")
     tracker = await trackers.load("t")
-    assert short == (b"http://ct.x/c/t", "trk:o:" + "o" * 24, b"m1", "t")
+    assert short == (b"http://ct.x/c/t", "trk:o:" + "o" * 24, b"m1", "t", b"")
     assert tracker is not None and tracker[0] == "ct.x" and tracker[3:5] == (3, 4) and tracker[6] == "3"
     gc.collect()
     for cache in (shorts, trackers):

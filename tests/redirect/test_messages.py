@@ -134,3 +134,17 @@ async def test_a_plain_link_cannot_claim_a_message_by_adding_sid(
     await drain(db, redis)
     stored = await db.fetch("SELECT message_id FROM clicks WHERE id = ANY($1::text[])", clicks)
     assert len(stored) == len(clicks) and all(r["message_id"] is None for r in stored)
+
+
+async def test_the_message_creative_fills_the_creative_macro(
+    api: httpx.AsyncClient, tenant: Tenant, edge: Edge, db: asyncpg.Pool
+) -> None:
+    _, link = await offer_and_link(api, tenant, "https://lp.example/offer?cr={creative}&m={{sendId}}")
+    resp = await api.post("/api/v2/send", headers=tenant.headers, json={
+        "to": random_phone(), "list_id": tenant.list_id, "body": f"Hi {link['shortUrl']}", "creative_id": "summer 20%&more"})
+    message_id = resp.json()["message_id"]
+    short_url = CODE_RE.search(await db.fetchval("SELECT body FROM messages WHERE id = $1", message_id)).group(0)
+    for query, expected in (("", "summer 20%&more"), ("?creative=given", "given")):  # one on the link itself wins
+        dest = await edge.get((await edge.get(short_url + query)).headers["location"])
+        q = parse_qs(urlsplit(dest.headers["location"]).query)
+        assert q["cr"] == [expected] and q["m"] == [message_id]
