@@ -54,6 +54,9 @@ SID_SIGNATURE_CHARS = 16  # 96 bits, url-safe base64
 MAX_QUERY_PARAMS = 32
 MAX_VALUE_CHARS = 1000
 MAX_UA_CHARS = 1000
+# Short-hop answers remembered (see _short_hop): at most this many, for queries up to this long.
+MAX_ANSWERS = 10_000
+MAX_ANSWER_QUERY = 256
 
 _CODE_RE = re.compile(r"[A-Za-z0-9]{6,7}")
 _TRACKER_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -259,6 +262,9 @@ class RedirectApp:
         self.offers: EdgeCache[Offer] = EdgeCache(
             self.redis, _decode_offer, ttl=s.link_cache_ttl, size=max(1, size // 4)
         )
+        # (Host header, path, query) -> (monotonic expiry, response headers): never outlives the
+        # link and offer entries it was built from.
+        self._short_answers: dict[tuple[bytes, str, bytes], tuple[float, list[tuple[bytes, bytes]]]] = {}
         self.stream_conn = RawRedis(s.redis_url, timeout=5.0)
         self.writer = ClickWriter(self.stream_conn)
         self.geo = Geo(s.geoip_db)
@@ -349,6 +355,15 @@ class RedirectApp:
                 break
         if host is None:
             return await _not_found(send)
+        query: bytes = scope["query_string"]
+        # The answer itself, while the link and offer it was built from are fresh: a repeat of a
+        # request costs a dict lookup instead of two cache lookups and the Location assembly.
+        answer_key = (host, path, query)
+        answer = self._short_answers.get(answer_key)
+        if answer is not None and answer[0] > time.monotonic():
+            await send({"type": "http.response.start", "status": 302, "headers": answer[1]})
+            await send(_EMPTY_BODY)
+            return 302
         key = f"trk:s:{hostname(host)}:{code}"
         # Only a well-formed code is ever loaded into the cache: the pattern is checked on a miss.
         link = self.shorts.fresh(key)
@@ -362,7 +377,6 @@ class RedirectApp:
         offer = self.offers.fresh(offer_key) or await self.offers.load(offer_key)
         if offer is None or not offer.active:
             return await _not_found(send)
-        query: bytes = scope["query_string"]
         location = tracker_url
         if message_id is not None:
             location += b"?sid=" + message_id + b"." + self._sign(message_id, tracker_id)
@@ -372,9 +386,13 @@ class RedirectApp:
                 location += b"&" + creative
         elif query:
             location += b"?" + _safe_query(query)
-        await send(
-            {"type": "http.response.start", "status": 302, "headers": [(b"location", location), _NO_STORE, _EMPTY]}
-        )
+        headers = [(b"location", location), _NO_STORE, _EMPTY]
+        if len(query) <= MAX_ANSWER_QUERY:
+            if len(self._short_answers) >= MAX_ANSWERS:
+                self._short_answers.clear()
+            expires = min(self.shorts.expires(key), self.offers.expires(offer_key))
+            self._short_answers[answer_key] = (expires, headers)
+        await send({"type": "http.response.start", "status": 302, "headers": headers})
         await send(_EMPTY_BODY)
         return 302
 

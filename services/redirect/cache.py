@@ -68,6 +68,11 @@ class EdgeCache(Generic[T]):
             return slot[1]  # type: ignore[no-any-return]
         return None
 
+    def expires(self, key: str) -> float:
+        """When the cached entry stops being fresh (``time.monotonic()``); 0 if none is cached."""
+        slot = self._entries.get(key)
+        return slot[0] if slot is not None else 0.0
+
     async def load(self, key: str) -> T | None:
         """Ask Redis (once for all concurrent callers). None: the key does not exist."""
         pending = self._inflight.get(key)
