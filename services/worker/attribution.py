@@ -1,9 +1,9 @@
 """Postback processing and first-click attribution.
 
-``process_postback`` is the arq job the gateway enqueues for every stored postback. It does not
-work on its one postback alone: in one transaction it takes that postback plus other unprocessed
-ones (``FOR UPDATE SKIP LOCKED``, so concurrent jobs never share a row) and attributes the whole
-batch set-based. The jobs of postbacks a batch already handled find nothing left to do.
+``process_postback`` is the arq job the gateway enqueues once per ``shared.jobs.ATTRIBUTION_WINDOW``
+(every postback stored in a window shares it). It takes its postback plus other unprocessed ones
+(``FOR UPDATE SKIP LOCKED``, so concurrent jobs never share a row), a batch per transaction,
+attributes each batch set-based, and goes on until a batch comes back short.
 
 Conversions are unique per (account, network, conversion key). A batch inserts the ones it
 creates with ``ON CONFLICT DO NOTHING`` and locks the ones that exist with ``SELECT ... FOR UPDATE``
@@ -371,7 +371,7 @@ async def rematch_stored(conn: asyncpg.Connection, limit: int = 1000) -> int:
 POISON_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, asyncpg.ProgramLimitExceededError)
 
 
-async def _run_batch(db: asyncpg.Pool, postback_id: int, limit: int) -> int:
+async def _run_batch(db: asyncpg.Pool, postback_id: int | None, limit: int) -> int:
     for attempt in range(DEADLOCK_RETRIES):
         try:
             async with db.acquire() as conn, conn.transaction():
@@ -385,25 +385,43 @@ async def _run_batch(db: asyncpg.Pool, postback_id: int, limit: int) -> int:
 
 
 async def process_postback(ctx: dict[str, Any], postback_id: int) -> int:
-    """arq job: attribute this postback and, in the same batch, whatever else is waiting.
-
-    Even when its own postback was taken by an earlier batch, a job takes what is still waiting:
-    a backlog drains at batch speed, not at the speed of one arq job per postback."""
+    """arq job: attribute this postback and whatever else is waiting, a batch at a time, until a
+    batch comes back short. The gateway enqueues one such job per ``ATTRIBUTION_WINDOW``; the
+    sweeper enqueues one per postback that waited too long. Returns how many it processed."""
     db: asyncpg.Pool = ctx["db"]
-    try:
-        return await _run_batch(db, postback_id, BATCH_SIZE)
-    except POISON_ERRORS:
-        log.warning("batch with postback %s failed; processing it alone", postback_id, exc_info=True)
-    # One bad postback must not sink the batch it lands in: alone, it sinks only itself.
-    try:
-        return await _run_batch(db, postback_id, 0)
-    except POISON_ERRORS as exc:
-        await db.execute(
-            "UPDATE postbacks SET processed_at = now(), process_error = $2 WHERE id = $1 AND processed_at IS NULL",
-            postback_id, f"{type(exc).__name__}: {exc}"[:1000],
-        )
-        log.error("postback %s cannot be processed: %s", postback_id, exc)
-        return 0
+    own: int | None = postback_id
+    done = 0
+    while True:
+        try:
+            taken = await _run_batch(db, own, BATCH_SIZE)
+        except POISON_ERRORS:
+            # One bad postback must not sink the batch it lands in: alone, it sinks only itself.
+            log.warning("a postback batch failed; processing it one postback at a time", exc_info=True)
+            taken = await _one_at_a_time(db, own)
+        done += taken
+        own = None
+        if taken < BATCH_SIZE:
+            return done
+
+
+async def _one_at_a_time(db: asyncpg.Pool, own: int | None) -> int:
+    """Process the waiting postbacks (a batch's worth) each in its own transaction, closing those
+    whose own data fails with the error recorded. Returns how many it went through."""
+    rows = await db.fetch(
+        "SELECT id FROM postbacks WHERE processed_at IS NULL AND NOT is_duplicate ORDER BY received_at LIMIT $1",
+        BATCH_SIZE,
+    )
+    ids = list(dict.fromkeys([*([own] if own is not None else []), *(r["id"] for r in rows)]))[:BATCH_SIZE]
+    for pid in ids:
+        try:
+            await _run_batch(db, pid, 0)
+        except POISON_ERRORS as exc:
+            await db.execute(
+                "UPDATE postbacks SET processed_at = now(), process_error = $2 WHERE id = $1 AND processed_at IS NULL",
+                pid, f"{type(exc).__name__}: {exc}"[:1000],
+            )
+            log.error("postback %s cannot be processed: %s", pid, exc)
+    return len(ids)
 
 
 async def sweep_once(db: asyncpg.Pool, arq_redis: Any) -> int:

@@ -1,6 +1,7 @@
 """GET|POST /postback/{token}: storage first, aliases, duplicates, parse errors, Redis down."""
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -112,10 +113,22 @@ async def test_other_accounts_are_not_duplicates(api, db, tenant):
         assert resp.json()["status"] == "accepted"
 
 
-async def test_enqueues_the_job(api, db, tenant, redis):
-    await api.get(f"/postback/{tenant.postback_token}", params={"click_id": "q1"})
-    [row] = await stored(db, tenant)
-    assert await redis.exists(f"arq:job:postback:{row['id']}") == 1
+async def test_enqueues_one_job_per_window(api, db, tenant, redis):
+    from shared.jobs import ATTRIBUTION_WINDOW
+
+    before = time.time()
+    for n in range(3):
+        await api.get(f"/postback/{tenant.postback_token}", params={"click_id": f"q{n}", "txid": f"w{n}"})
+    after = time.time()
+    rows = await stored(db, tenant)
+    windows = range(int(before / ATTRIBUTION_WINDOW), int(after / ATTRIBUTION_WINDOW) + 1)
+    jobs = [w for w in windows if await redis.exists(f"arq:job:attribute:{w}")]
+    assert 1 <= len(jobs) <= min(3, len(windows))  # shared, not one per postback
+    queued = {int(job_id.decode().rpartition(":")[2]): score for job_id, score in await redis.zrange("arq:queue", 0, -1, withscores=True)
+              if job_id.startswith(b"attribute:")}
+    for w in jobs:  # each runs when its window has closed (arq scores are unix ms)
+        assert queued[w] == round((w + 1) * ATTRIBUTION_WINDOW * 1000)
+    assert len(rows) == 3
 
 
 async def test_redis_down_still_200_and_stored(api, db, tenant, gateway_app, monkeypatch):

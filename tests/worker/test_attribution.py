@@ -6,6 +6,8 @@ import secrets
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+import pytest
+
 from services.worker import attribution
 from tests.helpers import make_offer
 from tests.worker.conftest import store_click
@@ -379,7 +381,8 @@ async def test_sweeper_enqueues_stored_postbacks_without_a_job(api, db, tenant, 
     assert (await conversion(db, tenant, "swept"))["attributed"] is True
 
 
-async def test_a_poison_postback_sinks_only_itself(api, db, tenant, run_worker, gateway_app):
+@pytest.mark.parametrize("own_job", [True, False], ids=["own-job", "only-the-window-job"])
+async def test_a_poison_postback_sinks_only_itself(api, db, tenant, run_worker, gateway_app, own_job):
     _, _, click_id = await clicked_message(api, db, tenant)
     async with db.acquire() as conn:
         poison = await conn.fetchval(
@@ -387,7 +390,8 @@ async def test_a_poison_postback_sinks_only_itself(api, db, tenant, run_worker, 
             " dedupe_key) VALUES ($1, 'GET', '{}', 'poison', $2, 'bogus', 1, now(), 'poison') RETURNING id",
             tenant.account_id, click_id,
         )
-    await gateway_app.state.arq.enqueue_job("process_postback", poison, _job_id=f"postback:{poison}")
+    if own_job:  # as the sweeper enqueues it; without it, the healthy postback's window job meets it
+        await gateway_app.state.arq.enqueue_job("process_postback", poison, _job_id=f"postback:{poison}")
     await postback(api, tenant, click_id=click_id, conversion_id="healthy", timestamp=(T0 + timedelta(hours=1)).isoformat())
     await run_worker()
     assert (await conversion(db, tenant, "healthy"))["attributed"] is True

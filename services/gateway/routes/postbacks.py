@@ -18,7 +18,7 @@ from starlette.routing import Route
 from services.gateway.http import JSONResponse, read_body
 from shared import jsonio
 from shared.errors import ApiError
-from shared.jobs import PROCESS_POSTBACK, postback_job_id
+from shared.jobs import PROCESS_POSTBACK, window_job
 from shared.postback_fields import normalise
 from shared.timeutil import utcnow
 
@@ -135,9 +135,10 @@ async def receive(request: Request) -> JSONResponse:
         await db.execute(_INSERT, *values, None, True, received_at, None)
         return JSONResponse({"success": True, "status": "duplicate"})
     if not unparseable:
+        job_id, run_at = window_job(time.time())  # after the commit: the window's job will see it
         try:
             await asyncio.wait_for(
-                request.app.state.arq.enqueue_job(PROCESS_POSTBACK, postback_id, _job_id=postback_job_id(postback_id)),
+                request.app.state.arq.enqueue_job(PROCESS_POSTBACK, postback_id, _job_id=job_id, _defer_until=run_at),
                 ENQUEUE_TIMEOUT,
             )
         except Exception:  # stored is what counts; the worker's sweeper enqueues it later
