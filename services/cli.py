@@ -71,6 +71,32 @@ def _admin(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_republish(args: argparse.Namespace) -> int:
+    from shared import db
+    from shared.redis_client import create_redis
+    from shared.republish import republish
+
+    settings, embedded = with_backends(settings_mod.load())
+
+    async def go() -> dict[str, int]:
+        conn = await db.connect(settings.database_url)
+        redis = create_redis(settings.redis_url)
+        try:
+            return await republish(conn, redis)
+        finally:
+            await redis.aclose()
+            await conn.close()
+
+    try:
+        _print(asyncio.run(go()))
+    except Exception as exc:  # the contract's one-line error
+        return _fail(f"{type(exc).__name__}: {exc}".splitlines()[0])
+    finally:
+        if embedded:
+            embedded.stop()
+    return 0
+
+
 def cmd_gateway(args: argparse.Namespace) -> int:
     from services.gateway.main import serve
 
@@ -125,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--tracker-domain")
     lst.add_argument("--inactive", action="store_true")
     lst.set_defaults(func=_admin)
+    admin.add_parser(
+        "republish", help="write every link, message code and offer to the edge's Redis again (after it lost its data)"
+    ).set_defaults(func=cmd_republish)
     return parser
 
 

@@ -116,5 +116,29 @@ def offer_entry(row: Mapping[str, object]) -> OfferEntry:
     }
 
 
+def link_entries(link: Mapping[str, object]) -> list[tuple[str, bytes]]:
+    """(key, value) of a link's short code and its click tracker; ``link`` is a ``links`` row."""
+    short: ShortEntry = {"u": str(link["tracker_url"]), "o": str(link["offer_id"]), "m": None}
+    tracker: TrackerEntry = {
+        "h": host_of(str(link["tracker_url"])),
+        "l": str(link["id"]),
+        "o": str(link["offer_id"]),
+        "a": int(link["account_id"]),  # type: ignore[call-overload]
+        "li": int(link["list_id"]),  # type: ignore[call-overload]
+    }
+    return [
+        (short_key(str(link["domain_host"]), str(link["id"])), dumps(short)),
+        (tracker_key(str(link["tracker_id"])), dumps(tracker)),
+    ]
+
+
+def message_code_entry(tracker: str, offer_id: str, message_id: str, creative_id: str | None) -> ShortEntry:
+    """A per-message short code: the link's tracker and offer, the message (and its creative)."""
+    entry = ShortEntry(u=tracker, o=offer_id, m=message_id)
+    if creative_id:
+        entry["c"] = creative_id
+    return entry
+
+
 def tracker_url(tracker_domain: str, tracker: str) -> str:
     return f"{tracker_domain.rstrip('/')}/c/{tracker}"

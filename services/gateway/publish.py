@@ -21,19 +21,7 @@ async def publish_offer(redis: aioredis.Redis, offer: Mapping[str, object]) -> N
 async def publish_link(
     redis: aioredis.Redis, *, link: Mapping[str, object], offer: Mapping[str, object]
 ) -> None:
-    short: edge.ShortEntry = {"u": str(link["tracker_url"]), "o": str(link["offer_id"]), "m": None}
-    tracker: edge.TrackerEntry = {
-        "h": edge.host_of(str(link["tracker_url"])),
-        "l": str(link["id"]),
-        "o": str(link["offer_id"]),
-        "a": int(link["account_id"]),  # type: ignore[arg-type]
-        "li": int(link["list_id"]),  # type: ignore[arg-type]
-    }
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.set(edge.short_key(str(link["domain_host"]), str(link["id"])), edge.dumps(short))
-        pipe.set(edge.tracker_key(str(link["tracker_id"])), edge.dumps(tracker))
-        pipe.set(edge.offer_key(str(offer["id"])), edge.dumps(edge.offer_entry(offer)))
-        await pipe.execute()
+    await redis.mset(dict([*edge.link_entries(link), (edge.offer_key(str(offer["id"])), edge.dumps(edge.offer_entry(offer)))]))
 
 
 async def publish_message_codes(

@@ -16,7 +16,7 @@ import asyncpg
 from services.gateway.lookups import find_lists, find_offers
 from services.gateway.publish import publish_message_codes
 from shared import ids
-from shared.edge import ShortEntry, host_of
+from shared.edge import ShortEntry, host_of, message_code_entry
 from shared.errors import ApiError, bad_request, not_found, validation
 from shared.phone import PhoneError, parse_e164
 from shared.timeutil import utcnow
@@ -210,10 +210,7 @@ async def insert_messages(
 
 
 def _short_entry(link: asyncpg.Record, record: SendRecord) -> ShortEntry:
-    entry = ShortEntry(u=link["tracker_url"], o=link["offer_id"], m=record.message_id)
-    if record.creative_id:
-        entry["c"] = record.creative_id
-    return entry
+    return message_code_entry(link["tracker_url"], link["offer_id"], record.message_id or "", record.creative_id)
 
 
 async def _insert(conn: asyncpg.Connection, account_id: int, records: list[SendRecord], now: datetime, source: str) -> None:

@@ -1,0 +1,52 @@
+"""Rebuilding the edge's Redis from PostgreSQL after Redis lost its data."""
+import json
+import re
+
+from shared import edge
+from shared.republish import republish
+from tests.helpers import make_link, make_offer, random_phone
+from tests.test_cli import trackly
+
+
+async def edge_keys(api, db, tenant):
+    """An offer, a link and a message (with a creative) sent through it: their edge keys."""
+    offer = await make_offer(api, tenant, destination_url="https://lp.example/?c={click_id}&cr={creative}")
+    link = await make_link(api, tenant, offer["id"])
+    resp = await api.post("/api/v2/send", headers=tenant.headers, json={
+        "to": random_phone(), "list_id": tenant.list_id, "body": f"Hi {link['shortUrl']}", "creative_id": "cr-9"})
+    body = await db.fetchval("SELECT body FROM messages WHERE id = $1", resp.json()["message_id"])
+    code = re.search(r"sms\.example\.com/([A-Za-z0-9]{7})", body).group(1)
+    tracker_id = link["clickTrackerUrl"].rpartition("/")[2]
+    keys = [edge.short_key("sms.example.com", link["linkId"]), edge.tracker_key(tracker_id),
+            edge.short_key("sms.example.com", code), edge.offer_key(offer["id"])]
+    return offer, keys
+
+
+async def test_republish_writes_back_exactly_what_the_gateway_published(api, db, redis, tenant):
+    offer, keys = await edge_keys(api, db, tenant)
+    published = [await redis.get(k) for k in keys]
+    assert all(published)
+    await redis.delete(*keys)
+    async with db.acquire() as conn:
+        counts = await republish(conn, redis)
+    assert [await redis.get(k) for k in keys] == published
+    assert counts["links"] >= 1 and counts["message_codes"] >= 1 and counts["offers"] >= 1
+
+
+async def test_republish_keeps_an_offer_change(api, db, redis, tenant):
+    offer, keys = await edge_keys(api, db, tenant)
+    resp = await api.patch(f"/api/v2/offers/{offer['id']}", headers=tenant.headers, json={"status": "paused"})
+    assert resp.status_code == 200
+    async with db.acquire() as conn:
+        await republish(conn, redis)
+    assert edge.loads(await redis.get(edge.offer_key(offer["id"])))["s"] == "paused"
+
+
+async def test_cli_republish(api, db, redis, settings, tenant):
+    _, keys = await edge_keys(api, db, tenant)
+    await redis.delete(*keys)
+    out = trackly(settings, "admin", "republish")
+    assert out.returncode == 0, out.stderr
+    counts = json.loads(out.stdout)
+    assert set(counts) == {"links", "message_codes", "offers"} and min(counts.values()) >= 1
+    assert all([await redis.get(k) for k in keys])
