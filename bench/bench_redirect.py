@@ -200,8 +200,8 @@ async def _setup(env: BenchEnv) -> dict:
             acct["account_id"], lst["list_id"], offer_id, [m for m, _ in messages], [p for _, p in messages],
         )
         await conn.execute(
-            "INSERT INTO contacts (account_id, list_id, phone_number, messages_received, last_sent_at)"
-            " SELECT $1, $2, phone, 1, now() FROM unnest($3::text[]) AS t(phone)",
+            "INSERT INTO contacts (account_id, list_id, phone_number)"
+            " SELECT $1, $2, phone FROM unnest($3::text[]) AS t(phone)",
             acct["account_id"], lst["list_id"], [p for _, p in messages],
         )
     await pool.close()

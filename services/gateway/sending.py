@@ -228,13 +228,13 @@ async def _insert(conn: asyncpg.Connection, account_id: int, records: list[SendR
     codes = [(code, r.message_id, link_id) for r in records for _, code, link_id in r.codes]
     if codes:
         await conn.copy_records_to_table("message_links", columns=("code", "message_id", "link_id"), records=codes)
+    # The contacts a send reaches for the first time (a list's contact_count counts them). What a
+    # contact received is read from messages, so a repeat contact costs an index probe, no write.
     await conn.execute(
-        "INSERT INTO contacts (account_id, list_id, phone_number, messages_received, last_sent_at)"
-        " SELECT $1, list_id, phone, count(*), max(sent_at)"
-        " FROM unnest($2::bigint[], $3::text[], $4::timestamptz[]) AS t(list_id, phone, sent_at)"
-        " GROUP BY list_id, phone"
-        " ON CONFLICT (list_id, phone_number) DO UPDATE SET"
-        "  messages_received = contacts.messages_received + excluded.messages_received,"
-        "  last_sent_at = greatest(contacts.last_sent_at, excluded.last_sent_at)",
-        account_id, [r.list_row["id"] for r in records], [r.to for r in records], [r.sent_at or now for r in records],
+        "INSERT INTO contacts (account_id, list_id, phone_number)"
+        " SELECT DISTINCT $1::bigint, list_id, phone FROM unnest($2::bigint[], $3::text[]) AS t(list_id, phone)"
+        " WHERE NOT EXISTS (SELECT 1 FROM contacts c WHERE c.list_id = t.list_id AND c.phone_number = t.phone)"
+        " ORDER BY 2, 3"
+        " ON CONFLICT (list_id, phone_number) DO NOTHING",
+        account_id, [r.list_row["id"] for r in records], [r.to for r in records],
     )
