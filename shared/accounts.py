@@ -54,9 +54,11 @@ def normalise_domain(value: str | None, option: str) -> str | None:
     problem = f"{option} must be an http(s) origin such as https://sms.example.com"
     try:
         parts = urlsplit(text)
-        parts.port  # a port that is not a number in range raises
+        port = parts.port  # a port that is not a number in range raises
     except ValueError:
         raise ValueError(problem) from None
+    if parts.netloc.endswith(":") or port == 0:
+        raise ValueError(problem)
     host = (parts.hostname or "").rstrip(".")
     scheme = parts.scheme.lower()
     if (

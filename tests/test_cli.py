@@ -48,6 +48,8 @@ async def test_no_offer_management_flag(settings, db):
     ["admin", "create-list", "--account-id", "1", "--name", "x", "--phone", "+18005551234", "--tracker-domain", "https://"],
     ["admin", "create-list", "--account-id", "1", "--name", "x", "--phone", "+18005551234", "--tracker-domain", "https://a@ct.example.com"],
     ["admin", "create-list", "--account-id", "1", "--name", "x", "--phone", "+18005551234", "--short-domain", "https://s.example.com:99999"],
+    ["admin", "create-list", "--account-id", "1", "--name", "x", "--phone", "+18005551234", "--short-domain", "https://s.example.com:"],
+    ["admin", "create-list", "--account-id", "1", "--name", "x", "--phone", "+18005551234", "--short-domain", "https://s.example.com:0"],
     ["admin", "create-account"],
     ["admin", "create-account", "--name", "  "],
     ["admin", "create-list", "--account-id", "99999999999999999999", "--name", "x", "--phone", "+18005551234"],

@@ -53,10 +53,11 @@ async def read_json_object(request: Request) -> dict[str, Any]:
         raise ApiError(400, "invalid_json", "Request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_json", "Request body must be a JSON object")
-    # NUL and lone surrogates can only arrive as \u escapes (raw control characters and invalid
-    # UTF-8 are not JSON), so a UTF-8 body without any skips the walk over every string. (A UTF-16
-    # or UTF-32 body, which json also reads, has NUL bytes.)
-    if (b"\\u" in raw or b"\x00" in raw) and not storable_text(data):
+    # NUL can only arrive as a \u escape (raw control characters are not JSON) and a lone
+    # surrogate as an escape or as UTF-8-encoded surrogate bytes (json reads those, and they start
+    # with 0xED), so a body with none of these skips the walk over every string. (A UTF-16 or
+    # UTF-32 body, which json also reads, has NUL bytes.)
+    if (b"\\u" in raw or b"\x00" in raw or b"\xed" in raw) and not storable_text(data):
         raise validation("strings must not contain NUL characters or unpaired surrogates")
     return data
 

@@ -22,11 +22,14 @@ from shared.phone import PhoneError, parse_e164
 from shared.timeutil import utcnow
 
 # A short URL as it appears in a body: an optional scheme (SMS copy often drops it to save
-# characters), host[:port], a 6-character link id, then a boundary. Only a host that is the link's
-# own short domain is rewritten, so a look-alike in other text never is.
+# characters), host[:port], a 6-character link id, then a boundary. Without a scheme the host must
+# start a word. Only a host that is the link's own short domain is rewritten, so a look-alike in
+# other text never is.
 SHORT_URL_RE = re.compile(
-    r"(?<![A-Za-z0-9.\-/@])(https?://)?([A-Za-z0-9.-]+(?::\d+)?)/([A-Za-z0-9]{6})(?![A-Za-z0-9])", re.IGNORECASE
+    r"(?:(https?://)|(?<![A-Za-z0-9.\-/@]))([A-Za-z0-9.-]+(?::\d+)?)/([A-Za-z0-9]{6})(?![A-Za-z0-9])", re.IGNORECASE
 )
+# What could be a link id in a body: cheap to find (anchored on "/"), a superset of SHORT_URL_RE's.
+LINK_ID_CANDIDATE_RE = re.compile(r"/([A-Za-z0-9]{6})(?![A-Za-z0-9])")
 SEND_ID_MACRO = "{{sendId}}"
 MAX_BODY_CHARS = 10_000
 INSERT_ATTEMPTS = 3
@@ -126,7 +129,7 @@ async def resolve(
         phones=[r.list_number for r in records if r.list_number],
     )
     offers = await find_offers(conn, account_id, [r.offer_ref for r in records if r.offer_ref])
-    candidates = {m.group(3) for r in records for m in SHORT_URL_RE.finditer(r.body)}
+    candidates = {m.group(1) for r in records for m in LINK_ID_CANDIDATE_RE.finditer(r.body)}
     links: dict[str, asyncpg.Record] = {}
     if candidates:
         rows = await conn.fetch(
@@ -170,7 +173,10 @@ def _rewrite(record: SendRecord, links: dict[str, asyncpg.Record]) -> None:
         return f"{scheme or ''}{host}/{codes[link_id]}"
 
     record.codes = []
-    body = SHORT_URL_RE.sub(replace, record.body)
+    # The full pattern only where one of the account's link ids occurs (most bodies name one link).
+    body = record.body
+    if any(link_id in body for link_id in links):
+        body = SHORT_URL_RE.sub(replace, body)
     record.final_body = body.replace(SEND_ID_MACRO, record.message_id or "")
     if record.offer_id is None:
         record.offer_id = first_offer

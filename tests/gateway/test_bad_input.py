@@ -19,6 +19,13 @@ async def test_nul_and_lone_surrogates_are_400(api, tenant, escape):
     assert_error(resp, 400, "validation_error")
 
 
+async def test_raw_surrogate_bytes_are_400(api, tenant):
+    # A surrogate encoded as UTF-8 bytes (ED A0 80), not as an escape: json reads it as "\ud800".
+    body = b'{"name": "a\xed\xa0\x80b", "destination_url": "https://example.com"}'
+    resp = await api.post("/api/v2/offers", headers={**tenant.headers, "Content-Type": "application/json"}, content=body)
+    assert_error(resp, 400, "validation_error")
+
+
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-32-le"])
 async def test_nul_in_a_utf16_or_utf32_body_is_400(api, tenant, encoding):
     # JSON may come in UTF-16/32, where the \u0000 escape is not the bytes b"\\u".

@@ -83,6 +83,10 @@ async def test_short_urls_without_scheme_are_rewritten(api, tenant, redis):
     code = words[1].split("/")[1]
     assert words[3].split("/")[1].split("?")[0] == code  # one code per (message, link)
     assert f"xsms.example.com/{link['linkId']}" in body  # another host: untouched
+    # A scheme glued to the word before it is still a URL.
+    glued = (await send(api, tenant, body=f"Click{link['shortUrl']} now")).json()["message_id"]
+    glued_body = (await api.get(f"/api/v2/messages/{glued}", headers=tenant.headers)).json()["body"]
+    assert glued_body.startswith("Clickhttps://sms.example.com/") and link["shortUrl"] not in glued_body
     assert orjson.loads(await redis.get(short_key("sms.example.com", code)))["m"] == mid
 
 
