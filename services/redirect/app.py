@@ -13,13 +13,10 @@ Lookups come from the in-process cache (``cache.py``), then Redis; never Postgre
 from __future__ import annotations
 
 import asyncio
-import base64
 import gc
-import hmac
 import logging
 import os
 import re
-import secrets
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,7 +28,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from services.redirect import bots
+from services.redirect import bots, sid
 from services.redirect.cache import EdgeCache, EdgeUnavailable
 from services.redirect.client_ip import ClientIP
 from services.redirect.clickwriter import ClickNotRecorded, ClickWriter
@@ -45,12 +42,9 @@ log = logging.getLogger("trackly.redirect")
 
 Scope = dict[str, Any]
 
-# The query parameter that carries a per-message code's message id from the short hop to the
-# tracker: ``<message id>.<signature>``, the signature an HMAC of the message and tracker ids under
-# the edge's own key (``shared.edge.SID_KEY``), so a plain link cannot be made to claim a message
-# (its click, its ``{{sendId}}``) by adding ``?sid=`` by hand.
+# The query parameter that carries a per-message code's message id, signed, from the short hop to
+# the tracker (see sid.py).
 SEND_ID_PARAM = "sid"
-SID_SIGNATURE_CHARS = 16  # 96 bits, url-safe base64
 MAX_QUERY_PARAMS = 32
 MAX_VALUE_CHARS = 1000
 MAX_UA_CHARS = 1000
@@ -60,7 +54,7 @@ MAX_ANSWER_QUERY = 256
 
 _CODE_RE = re.compile(r"[A-Za-z0-9]{6,7}")
 _TRACKER_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-_SID_RE = re.compile(r"[A-Za-z0-9]{8}\.[A-Za-z0-9_-]{%d}" % SID_SIGNATURE_CHARS)
+_SID_RE = re.compile(r"[A-Za-z0-9]{8}\.[A-Za-z0-9_-]{%d}" % sid.SIGNATURE_CHARS)
 
 _NO_STORE = (b"cache-control", b"private, no-store")
 _EMPTY = (b"content-length", b"0")
@@ -252,9 +246,11 @@ class RedirectApp:
             s.redis_url, max_connections=64, socket_timeout=5.0, socket_connect_timeout=2.0
         )
         size = max(1, s.link_cache_size)
-        # The signing key for sid, the same for every replica: the first to start creates it.
-        await self.redis.set(edge.SID_KEY, secrets.token_bytes(32), nx=True)
-        self.sid_key: bytes = await self.redis.get(edge.SID_KEY)
+        self.sid = sid.SidSigner(self.redis)
+        try:
+            await self.sid.refresh()
+        except sid.KeyUnavailable as exc:  # asked again when a message's click needs it
+            log.warning("redis unavailable at start (%s); the sid key will be read when needed", exc)
         self.shorts: EdgeCache[ShortLink] = EdgeCache(self.redis, _decode_short, ttl=s.link_cache_ttl, size=size)
         self.trackers: EdgeCache[TrackerLink] = EdgeCache(
             self.redis, _decode_tracker, ttl=s.link_cache_ttl, size=size
@@ -333,7 +329,7 @@ class RedirectApp:
                 status = await self._ops(path, send)
             else:
                 status = await self._short_hop(scope, path, send)
-        except (EdgeUnavailable, ClickNotRecorded):
+        except (EdgeUnavailable, ClickNotRecorded, sid.KeyUnavailable):
             status = 503
             await send({"type": "http.response.start", "status": 503, "headers": _UNAVAILABLE_HEADERS})
             await send({"type": "http.response.body", "body": _UNAVAILABLE_BODY})
@@ -379,7 +375,7 @@ class RedirectApp:
             return await _not_found(send)
         location = tracker_url
         if message_id is not None:
-            location += b"?sid=" + message_id + b"." + self._sign(message_id, tracker_id)
+            location += b"?sid=" + message_id + b"." + await self.sid.sign(message_id, tracker_id)
             if query:
                 location += b"&" + _safe_query(query)
             if creative:  # after the query: a creative given on the link itself wins (first value)
@@ -426,7 +422,7 @@ class RedirectApp:
 
         query, send_id = _query_values(scope["query_string"])
         if send_id is not None:
-            send_id = self._verified_message(send_id, tracker_id)
+            send_id = await self.sid.message_of(send_id, tracker_id)
         click_id = next_click_id()
         at, at_second = self.clock.now()
         client = scope.get("client")
@@ -467,19 +463,6 @@ class RedirectApp:
         )
         await send(_EMPTY_BODY)
         return 302
-
-    # -- the message a per-message code hands on ----------------------------------------------
-
-    def _sign(self, message_id: bytes, tracker_id: str) -> bytes:
-        mac = hmac.digest(self.sid_key, message_id + b"/" + tracker_id.encode(), "sha256")
-        return base64.urlsafe_b64encode(mac)[:SID_SIGNATURE_CHARS]
-
-    def _verified_message(self, sid: str, tracker_id: str) -> str | None:
-        """The message id of a well-formed ``sid`` whose signature is this tracker's, else None."""
-        message_id = sid[:8].encode()
-        if hmac.compare_digest(sid[9:].encode(), self._sign(message_id, tracker_id)):
-            return sid[:8]
-        return None
 
     # -- operations --------------------------------------------------------------------------
 

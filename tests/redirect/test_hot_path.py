@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 from datetime import datetime
+from typing import Any
 
 from services.redirect import app
 from shared import ids
@@ -49,33 +50,29 @@ def test_query_values_single_parameter_fast_path_matches_the_general_path() -> N
         assert single == general, query
 
 
-async def test_cached_links_are_not_tracked_by_the_garbage_collector() -> None:
+async def test_cached_links_are_not_tracked_by_the_garbage_collector(redis: Any) -> None:
     """A full collection walks every tracked object: cached links (up to link_cache_size of each
     kind) must be plain tuples the collector untracks, or every full collection stalls the loop."""
     import gc
+    import secrets
 
     import orjson
 
     from services.redirect.cache import EdgeCache
 
-    class FakeRedis:
-        def __init__(self, value: bytes) -> None:
-            self.value = value
-
-        async def execute_command(self, *args: object) -> bytes:
-            return self.value
-
-    short_raw = orjson.dumps({"u": "http://ct.x/c/t", "o": "o" * 24, "m": "m1"})
-    tracker_raw = orjson.dumps({"h": "CT.x", "l": "Ab3kX9", "o": "o" * 24, "a": 3, "li": 4})
-    shorts = EdgeCache(FakeRedis(short_raw), app._decode_short, ttl=5, size=10)  # type: ignore[arg-type]
-    trackers = EdgeCache(FakeRedis(tracker_raw), app._decode_tracker, ttl=5, size=10)  # type: ignore[arg-type]
-    short = await shorts.load("s")
-    tracker = await trackers.load("t")
+    prefix = f"test:gc:{secrets.token_hex(4)}"
+    await redis.set(f"{prefix}:s", orjson.dumps({"u": "http://ct.x/c/t", "o": "o" * 24, "m": "m1"}))
+    await redis.set(f"{prefix}:t", orjson.dumps({"h": "CT.x", "l": "Ab3kX9", "o": "o" * 24, "a": 3, "li": 4}))
+    shorts = EdgeCache(redis, app._decode_short, ttl=5, size=10)
+    trackers = EdgeCache(redis, app._decode_tracker, ttl=5, size=10)
+    short = await shorts.load(f"{prefix}:s")
+    tracker = await trackers.load(f"{prefix}:t")
+    await redis.delete(f"{prefix}:s", f"{prefix}:t")
     assert short == (b"http://ct.x/c/t", "trk:o:" + "o" * 24, b"m1", "t", b"")
     assert tracker is not None and tracker[0] == "ct.x" and tracker[3:5] == (3, 4) and tracker[6] == "3"
     gc.collect()
     for cache in (shorts, trackers):
-        for key in ("s", "t"):
+        for key in (f"{prefix}:s", f"{prefix}:t"):
             entry = cache._entries.get(key)
             if entry is not None:
                 assert type(entry) is tuple and type(entry[1]) is tuple
