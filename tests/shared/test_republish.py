@@ -33,13 +33,28 @@ async def test_republish_writes_back_exactly_what_the_gateway_published(api, db,
     assert counts["links"] >= 1 and counts["message_codes"] >= 1 and counts["offers"] >= 1
 
 
-async def test_republish_keeps_an_offer_change(api, db, redis, tenant):
+async def test_republish_keeps_an_offer_change_made_while_it_runs(api, db, redis, tenant):
     offer, keys = await edge_keys(api, db, tenant)
-    resp = await api.patch(f"/api/v2/offers/{offer['id']}", headers=tenant.headers, json={"status": "paused"})
-    assert resp.status_code == 200
+    key = edge.offer_key(offer["id"])
+
+    class PauseMidPass:
+        """The real Redis; the offer is paused (published and committed by the gateway) after the
+        offers pass has read it and before it writes what it read."""
+
+        paused = False
+
+        async def mset(self, mapping):
+            if key in mapping and not self.paused:
+                self.paused = True
+                resp = await api.patch(f"/api/v2/offers/{offer['id']}", headers=tenant.headers, json={"status": "paused"})
+                assert resp.status_code == 200
+            await redis.mset(mapping)
+
+    wrapped = PauseMidPass()
     async with db.acquire() as conn:
-        await republish(conn, redis)
-    assert edge.loads(await redis.get(edge.offer_key(offer["id"])))["s"] == "paused"
+        await republish(conn, wrapped)
+    assert wrapped.paused
+    assert edge.loads(await redis.get(key))["s"] == "paused"
 
 
 async def test_cli_republish(api, db, redis, settings, tenant):
