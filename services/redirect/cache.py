@@ -1,4 +1,4 @@
-"""Link lookups at the edge: a bounded in-process LRU in front of Redis, never PostgreSQL.
+"""Link lookups at the edge: a bounded in-process cache in front of Redis, never PostgreSQL.
 
 * A fresh entry (younger than ``settings.link_cache_ttl``) is answered without touching Redis:
   that is what keeps the cached hot path at the speed of a fixed redirect.
@@ -18,7 +18,6 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 import redis.asyncio as aioredis
-from cachetools import LRUCache
 from redis.exceptions import RedisError
 
 log = logging.getLogger("trackly.redirect.cache")
@@ -48,7 +47,14 @@ class EdgeCache(Generic[T]):
         # (NamedTuples of str/bytes/int): the garbage collector untracks such tuples, so a full
         # collection does not walk every cached link (with 200k cached links a walk that stalls
         # every request for tens of milliseconds).
-        self._entries: LRUCache[str, tuple[float, Any]] = LRUCache(maxsize=size)
+        #
+        # A plain dict in insertion order, not cachetools' LRUCache: a hit is a C-level dict get
+        # instead of a Python-level reorder (two lookups per tracker hop). Every entry is stored
+        # again when it is refreshed (each TTL, while it is used), which moves it to the end, so
+        # the first entry is the one refreshed longest ago: what is evicted when the dict is full.
+        # That is least-recently-used to within one TTL.
+        self._entries: dict[str, tuple[float, Any]] = {}
+        self._size = size
         self._inflight: dict[str, asyncio.Future[T | None]] = {}
         self.hits = 0
         self.misses = 0
@@ -59,9 +65,8 @@ class EdgeCache(Generic[T]):
 
     def fresh(self, key: str) -> T | None:
         """The cached value if it is still fresh, else None (then call ``load``). No I/O."""
-        try:
-            slot = self._entries[key]
-        except KeyError:
+        slot = self._entries.get(key)
+        if slot is None:
             return None
         if slot[0] > time.monotonic():
             self.hits += 1
@@ -100,7 +105,7 @@ class EdgeCache(Generic[T]):
             slot = self._entries.get(key)
             if slot is None:
                 raise EdgeUnavailable(str(exc)) from exc
-            self._entries[key] = (time.monotonic() + self._retry_after, slot[1])
+            self._store(key, (time.monotonic() + self._retry_after, slot[1]))
             self.stale_served += 1
             log.warning("redis unavailable (%s); serving %s from a stale cache entry", exc, key)
             return slot[1]  # type: ignore[no-any-return]
@@ -108,5 +113,12 @@ class EdgeCache(Generic[T]):
             self._entries.pop(key, None)
             return None
         value = self._decode(raw)
-        self._entries[key] = (time.monotonic() + self._ttl, value)
+        self._store(key, (time.monotonic() + self._ttl, value))
         return value
+
+    def _store(self, key: str, slot: tuple[float, Any]) -> None:
+        entries = self._entries
+        entries.pop(key, None)  # to the end: the most recently refreshed
+        entries[key] = slot
+        if len(entries) > self._size:
+            del entries[next(iter(entries))]
