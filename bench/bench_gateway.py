@@ -10,7 +10,7 @@ import time
 
 import httpx
 
-from bench.common import BenchEnv, bare_asgi, ratio, request_rate, unnest_floor
+from bench.common import BenchEnv, bare_asgi, ratio, request_rate, send_rows_floor, unnest_floor
 from services.gateway.app import create_app
 from shared import db as shared_db
 from shared.accounts import create_account, create_list
@@ -49,11 +49,14 @@ async def _main(env: BenchEnv) -> list[str]:
                 assert resp.json()["queued_count"] == 1000
                 best = max(best, 1000 / elapsed)
     floor_rows = await unnest_floor(settings.database_url)
+    send_floor = await send_rows_floor(settings.database_url)
     lines.append(f"floor: bare ASGI 302, in-process client x{CONCURRENCY}: {floor_rps:,.0f} req/s")
     lines.append(f"POST /links: {links_rps:,.0f} req/s = {ratio(links_rps, floor_rps)}")
     lines.append(f"floor: asyncpg unnest insert of 1000 rows: {floor_rows:,.0f} rows/s")
     lines.append(f"POST /send/bulk x1000 (with a short link rewritten per message, end to end over HTTP): "
                  f"{best:,.0f} rows/s = {ratio(best, floor_rows)} (goal >= 0.50)")
+    lines.append(f"  like for like: plain unnest inserts of what it stores (messages, message_links, contacts),"
+                 f" one transaction per 1000: {send_floor:,.0f} messages/s; the bulk send = {ratio(best, send_floor)}")
     return lines
 
 
