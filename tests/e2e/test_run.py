@@ -82,6 +82,7 @@ def flow(stack, account, lst, api, edge):
     offer = api.post("/offers", json={"name": "Deal", "destination_url": "https://shop.example.com/lp?cid={click_id}&s={{sendId}}",
                                       "payout": "12.50", "external_id": "T-1"}).json()["offer"]
     link = api.post("/links", json={"externalOfferId": "T-1", "phoneNumber": "+18005551234"}).json()
+    assert link["offerId"] == offer["id"]  # the external id resolved to the internal one
     sent = api.post("/send", json={"to": "+14155551234", "list_id": lst["list_id"], "body": f"Hi {link['shortUrl']}"})
     assert sent.status_code == 201
     mid = sent.json()["message_id"]
