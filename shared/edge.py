@@ -15,7 +15,7 @@ Clicks — appended by the redirect, drained by the worker:
   ``trk:clicks``            stream; each entry has one field ``b``: an orjson list of Click
                             dicts (a group-committed batch). Consumer group ``drain``.
 
-The redirect's own key (created by the first replica to start, shared by all):
+The redirect's own key (created by the first replica that needs it, shared by all):
 
   ``trk:edge:sid-key``      32 random bytes: signs the ``sid`` a per-message code hands to the
                             tracker hop, so only a message's own short URL can claim the message.

@@ -16,7 +16,7 @@ import asyncpg
 from services.gateway.lookups import find_lists, find_offers
 from services.gateway.publish import publish_message_codes
 from shared import ids
-from shared.edge import ShortEntry, host_of, message_code_entry
+from shared.edge import host_of, message_code_entry
 from shared.errors import ApiError, bad_request, not_found, validation
 from shared.phone import PhoneError, parse_e164
 from shared.timeutil import utcnow
@@ -204,7 +204,12 @@ async def insert_messages(
                 record.generated_id = True
             _rewrite(record, links)
         try:
-            entries = [(host, code, _short_entry(links[link_id], r)) for r in records for host, code, link_id in r.codes]
+            entries = [
+                (host, code, message_code_entry(links[link_id]["tracker_url"], links[link_id]["offer_id"],
+                                                r.message_id or "", r.creative_id))
+                for r in records
+                for host, code, link_id in r.codes
+            ]
             async with conn.transaction():
                 # Both must succeed before the commit; they need not wait for each other.
                 await asyncio.gather(_insert(conn, account_id, records, now, source), publish_message_codes(redis, entries))
@@ -215,13 +220,9 @@ async def insert_messages(
     raise AssertionError("unreachable")
 
 
-def _short_entry(link: asyncpg.Record, record: SendRecord) -> ShortEntry:
-    return message_code_entry(link["tracker_url"], link["offer_id"], record.message_id or "", record.creative_id)
-
-
 async def _insert(conn: asyncpg.Connection, account_id: int, records: list[SendRecord], now: datetime, source: str) -> None:
     # COPY for the plain inserts (fresh ids; a collision aborts the transaction and is retried),
-    # unnest for the contact upsert, which needs ON CONFLICT.
+    # unnest for the contacts insert, which needs ON CONFLICT.
     await conn.copy_records_to_table(
         "messages",
         columns=("id", "account_id", "list_id", "to_phone", "body", "offer_id", "creative_id", "schedule_id", "sent_at", "source"),

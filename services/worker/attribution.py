@@ -44,11 +44,14 @@ SWEEP_AGE = timedelta(seconds=5)
 SWEEP_LIMIT = 5000
 DEADLOCK_RETRIES = 5
 
-_CLICKS = """
-SELECT k.id, k.account_id, k.clicked_at, k.is_bot, k.link_id, m.id AS message_id,
+# What judging a click needs: the click (k), its message (m) and its offer's window (o).
+_CLICK_COLUMNS = """k.id, k.account_id, k.clicked_at, k.is_bot, k.link_id, m.id AS message_id,
        coalesce(k.offer_id, m.offer_id) AS offer_id, coalesce(m.list_id, k.list_id) AS list_id,
        m.creative_id, m.schedule_id, m.to_phone,
-       coalesce(o.click_window_days, $2::int) AS window_days
+       coalesce(o.click_window_days, $2::int) AS window_days"""
+
+_CLICKS = f"""
+SELECT {_CLICK_COLUMNS}
 FROM clicks k
 LEFT JOIN messages m ON m.id = k.message_id AND m.account_id = k.account_id
 LEFT JOIN offers o ON o.id = coalesce(k.offer_id, m.offer_id)
@@ -58,11 +61,8 @@ WHERE k.id = ANY($1::text[])
 # Multi-touch: the contact's earlier first clicks (one per message) on the same offer, oldest
 # first, for each named human click of a message. A click more than the longest window (90 days)
 # before the named one can never hold a conversion that is not before the named click.
-_EARLIER_FIRSTS = """
-SELECT n.id AS named_id, k.id, k.account_id, k.clicked_at, k.is_bot, k.link_id, m.id AS message_id,
-       coalesce(k.offer_id, m.offer_id) AS offer_id, coalesce(m.list_id, k.list_id) AS list_id,
-       m.creative_id, m.schedule_id, m.to_phone,
-       coalesce(o.click_window_days, $2::int) AS window_days
+_EARLIER_FIRSTS = f"""
+SELECT n.id AS named_id, {_CLICK_COLUMNS}
 FROM unnest($1::text[], $3::bigint[], $4::text[], $5::text[], $6::timestamptz[])
     AS n(id, account_id, phone, offer_id, clicked_at)
 JOIN messages m ON m.account_id = n.account_id AND m.to_phone = n.phone
