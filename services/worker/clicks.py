@@ -10,11 +10,13 @@ consumer of group ``shared.edge.CLICK_GROUP``:
    (``json_to_recordset``), so Python never decodes a click on the normal path; if an entry is
    malformed that statement fails (inside a savepoint) and the batch is decoded and checked click
    by click in Python instead, dropping only the bad clicks, so nothing can block the stream.
-   Clicks stored before are skipped (an anti-join; ``ON CONFLICT (id) DO NOTHING`` when the batch
-   repeats a click or another drainer races it), and only the rows that statement really inserted go
-   on to message_clicks (first human click per message; an earlier click replaces a later one even
-   if batches arrive out of order) and contacts (click_count, last_clicked_at). A batch drained
-   twice therefore stores each click once and counts nothing twice;
+   The insert is a plain one, inside a savepoint: a click stored before (a redelivered entry, or
+   one the batch holds twice, or one another drainer is storing right now) makes it fail on the
+   primary key, and the batch is then stored again with ``ON CONFLICT (id) DO NOTHING``. Only the
+   rows the statement really inserted go on to message_clicks (first human click per message; an
+   earlier click replaces a later one even if batches arrive out of order) and contacts
+   (click_count, last_clicked_at). A batch drained twice therefore stores each click once and
+   counts nothing twice;
 3. calls ``attribution.rematch_for_clicks`` with the new human clicks, in the same transaction;
 4. acknowledges (and deletes) the entries only after the commit.
 
@@ -114,13 +116,14 @@ SELECT (SELECT count(*) FROM input) AS seen,
        (SELECT count(*) FROM first_clicks) AS first_clicks,
        (SELECT count(*) FROM contact_counts) AS contacts
 """
-# Clicks stored before (a redelivered entry) are skipped. The usual way is an anti-join, and a
-# plain insert of the rest: about 10% cheaper than ON CONFLICT's speculative insertion per row. It
-# fails only if the same click is in the batch twice or another drainer is storing it right now;
-# then the batch is stored again with ON CONFLICT DO NOTHING, which is right in every case.
-_ANTI_JOIN = "AND NOT EXISTS (SELECT 1 FROM clicks k WHERE k.id = i.id)"
+# Clicks are usually new: a plain insert (no check) is about a quarter cheaper than ON CONFLICT's
+# speculative insertion per row. It fails on a click stored before (a redelivered entry), one the
+# batch holds twice, or one another drainer is storing right now; the batch is then stored with
+# ON CONFLICT DO NOTHING, which is right in every case. (An anti-join against clicks, tried
+# before, let the planner hash the whole clicks table once it held a few hundred thousand rows:
+# 0.5 s per 10k-click batch at 200k stored clicks, and growing with the table.)
 _ON_CONFLICT = "ON CONFLICT (id) DO NOTHING"
-STORE_JSON_FRESH = _STORE.format(input=_INPUT_JSON, skip_stored=_ANTI_JOIN)
+STORE_JSON_FRESH = _STORE.format(input=_INPUT_JSON, skip_stored="")
 STORE_JSON = _STORE.format(input=_INPUT_JSON, skip_stored=_ON_CONFLICT)
 STORE_ARRAYS = _STORE.format(input=_INPUT_ARRAYS, skip_stored=_ON_CONFLICT)
 
