@@ -52,7 +52,7 @@ class SendRecord:
     list_row: Any = None
     offer_id: str | None = None
     final_body: str = ""
-    codes: list[tuple[str, str, str]] = field(default_factory=list)  # (host, code, link_id)
+    codes: list[tuple[str, str, str]] = field(default_factory=list)  # (host, code, link_id), in link order
 
 
 def _text(record: dict[str, Any], name: str, max_len: int = 200) -> str | None:
@@ -155,31 +155,65 @@ async def resolve(
     return Resolved(good, failed, links)
 
 
-def _rewrite(record: SendRecord, links: dict[str, asyncpg.Record]) -> None:
-    """Give each short link of the account in the body its own per-message code."""
-    codes: dict[str, str] = {}
+@dataclass(frozen=True)
+class _Template:
+    """A body cut where the per-message parts go: ``pieces`` are literal text, ``k >= 0`` for the
+    code of ``links[k]`` (the account's short links in order of first appearance, each one code
+    per message however often it occurs) and ``SEND_ID`` for the message id."""
+
+    pieces: tuple[str | int, ...]
+    links: tuple[str, ...]
+    first_offer: str | None
+
+
+SEND_ID = -1
+
+
+def _template(body: str, links: dict[str, asyncpg.Record]) -> _Template:
+    order: dict[str, int] = {}
     first_offer: str | None = None
-
-    def replace(match: re.Match[str]) -> str:
-        nonlocal first_offer
-        scheme, host, link_id = match.groups()
-        link = links.get(link_id)
-        if link is None or link["domain_host"] != host_of(host):
-            return match.group(0)
-        if link_id not in codes:
-            codes[link_id] = ids.message_link_code()
-            record.codes.append((link["domain_host"], codes[link_id], link_id))
-        first_offer = first_offer or link["offer_id"]
-        return f"{scheme or ''}{host}/{codes[link_id]}"
-
-    record.codes = []
+    cut: list[str | int] = []
+    pos = 0
     # The full pattern only where one of the account's link ids occurs (most bodies name one link).
-    body = record.body
     if any(link_id in body for link_id in links):
-        body = SHORT_URL_RE.sub(replace, body)
-    record.final_body = body.replace(SEND_ID_MACRO, record.message_id or "")
+        for match in SHORT_URL_RE.finditer(body):
+            scheme, host, link_id = match.groups()
+            link = links.get(link_id)
+            if link is None or link["domain_host"] != host_of(host):
+                continue
+            first_offer = first_offer or link["offer_id"]
+            cut += [body[pos:match.start()] + (scheme or "") + host + "/", order.setdefault(link_id, len(order))]
+            pos = match.end()
+    cut.append(body[pos:])
+    pieces: list[str | int] = []
+    for piece in cut:
+        if isinstance(piece, int):
+            pieces.append(piece)
+            continue
+        for i, text in enumerate(piece.split(SEND_ID_MACRO)):
+            if i:
+                pieces.append(SEND_ID)
+            if text:
+                pieces.append(text)
+    return _Template(tuple(pieces), tuple(order), first_offer)
+
+
+def _rewrite(record: SendRecord, links: dict[str, asyncpg.Record], templates: dict[str, _Template]) -> None:
+    """Give each short link of the account in the body its own per-message code, and put the
+    message id in place of ``{{sendId}}``. ``templates``: the bodies already cut, by body (a
+    bulk send often repeats one body, which is then cut once)."""
+    template = templates.get(record.body)
+    if template is None:
+        template = templates[record.body] = _template(record.body, links)
+    message_id = record.message_id or ""
+    codes = [ids.message_code(message_id, k) for k in range(len(template.links))]
+    record.codes = [(links[link_id]["domain_host"], codes[k], link_id) for k, link_id in enumerate(template.links)]
+    record.final_body = "".join(
+        piece if type(piece) is str else message_id if piece == SEND_ID else codes[piece]  # type: ignore[index]
+        for piece in template.pieces
+    )
     if record.offer_id is None:
-        record.offer_id = first_offer
+        record.offer_id = template.first_offer
 
 
 async def insert_messages(
@@ -197,12 +231,14 @@ async def insert_messages(
     was acknowledged has working links.
     """
     now = utcnow()
+    templates: dict[str, _Template] = {}
     for attempt in range(INSERT_ATTEMPTS):
+        fresh = iter(ids.message_ids(len(records)))
         for record in records:
             if record.message_id is None or (attempt > 0 and record.generated_id):
-                record.message_id = ids.message_id()
+                record.message_id = next(fresh)
                 record.generated_id = True
-            _rewrite(record, links)
+            _rewrite(record, links, templates)
         try:
             entries = [
                 (host, code, message_code_entry(links[link_id]["tracker_url"], links[link_id]["offer_id"],
@@ -215,26 +251,25 @@ async def insert_messages(
                 await asyncio.gather(_insert(conn, account_id, records, now, source), publish_message_codes(redis, entries))
             return
         except asyncpg.UniqueViolationError as exc:
-            if attempt == INSERT_ATTEMPTS - 1 or exc.constraint_name not in ("messages_pkey", "message_links_pkey"):
+            if attempt == INSERT_ATTEMPTS - 1 or exc.constraint_name != "messages_pkey":
                 raise
     raise AssertionError("unreachable")
 
 
 async def _insert(conn: asyncpg.Connection, account_id: int, records: list[SendRecord], now: datetime, source: str) -> None:
-    # COPY for the plain inserts (fresh ids; a collision aborts the transaction and is retried),
-    # unnest for the contacts insert, which needs ON CONFLICT.
+    # COPY for the messages (fresh ids; a collision aborts the transaction and is retried), with
+    # the links their codes stand for (the codes derive from the id: ids.message_code); unnest for
+    # the contacts insert, which needs ON CONFLICT.
     await conn.copy_records_to_table(
         "messages",
-        columns=("id", "account_id", "list_id", "to_phone", "body", "offer_id", "creative_id", "schedule_id", "sent_at", "source"),
+        columns=("id", "account_id", "list_id", "to_phone", "body", "offer_id", "creative_id", "schedule_id", "sent_at",
+                 "source", "link_ids"),
         records=[
             (r.message_id, account_id, r.list_row["id"], r.to, r.final_body, r.offer_id, r.creative_id, r.schedule_id,
-             r.sent_at or now, source)
+             r.sent_at or now, source, [link_id for _, _, link_id in r.codes] or None)
             for r in records
         ],
     )
-    codes = [(code, r.message_id, link_id) for r in records for _, code, link_id in r.codes]
-    if codes:
-        await conn.copy_records_to_table("message_links", columns=("code", "message_id", "link_id"), records=codes)
     # The contacts a send reaches for the first time (a list's contact_count counts them). What a
     # contact received is read from messages, so a repeat contact costs an index probe, no write.
     await conn.execute(

@@ -43,7 +43,7 @@ async def test_inactive_list_is_not_found(api, db, tenant):
     assert_error(await send(api, tenant, list_id=inactive["list_id"]), 404, "list_not_found")
 
 
-async def test_short_urls_are_rewritten_per_message(api, tenant, redis):
+async def test_short_urls_are_rewritten_per_message(api, tenant, redis, db):
     offer = await make_offer(api, tenant)
     other_offer = await make_offer(api, tenant)
     link = await make_link(api, tenant, offer["id"])
@@ -62,13 +62,15 @@ async def test_short_urls_are_rewritten_per_message(api, tenant, redis):
         assert f"id={mid}" in b and "{{sendId}}" not in b
         assert msg["offer_id"] == offer["id"]  # the first short link's offer
         codes = [w.split("/")[-1].split("?")[0].rstrip(".") for w in b.split() if w.startswith("https://sms.example.com/")]
-        assert len(codes) == 3 and codes[0] == codes[1] != codes[2]  # one code per (message, link)
+        assert codes == [mid, mid, f"{mid}1"]  # one code per (message, link), derived from the message id
         assert "?sub1=x" in b
         entry = orjson.loads(await redis.get(short_key("sms.example.com", codes[0])))
         assert entry == {"u": link["clickTrackerUrl"], "o": offer["id"], "m": mid}
         entry2 = orjson.loads(await redis.get(short_key("sms.example.com", codes[2])))
         assert entry2 == {"u": link2["clickTrackerUrl"], "o": other_offer["id"], "m": mid}
     assert bodies[0]["body"] != bodies[1]["body"]
+    stored = await db.fetch("SELECT link_ids FROM messages WHERE id = ANY($1::text[])", mids)
+    assert [r["link_ids"] for r in stored] == [[link["linkId"], link2["linkId"]]] * 2
 
 
 async def test_short_urls_without_scheme_are_rewritten(api, tenant, redis):
@@ -124,15 +126,20 @@ async def test_bulk_limits(api, tenant):
     assert_error(await api.post("/api/v2/send/bulk", headers=tenant.headers, json={}), 400, "validation_error")
 
 
-async def test_bulk_of_1000_with_links(api, tenant, db):
+async def test_bulk_of_1000_with_links(api, tenant, db, redis):
     offer = await make_offer(api, tenant)
     link = await make_link(api, tenant, offer["id"])
     messages = [{"to": f"+1415555{i:04d}", "list_id": tenant.list_id, "body": f"deal {link['shortUrl']} {{{{sendId}}}}"} for i in range(1000)]
     body = (await api.post("/api/v2/send/bulk", headers=tenant.headers, json={"messages": messages})).json()
     assert body["queued_count"] == 1000 and body["error_count"] == 0
     assert len({m["message_id"] for m in body["messages"]}) == 1000
-    assert await db.fetchval(
-        "SELECT count(*) FROM message_links ml JOIN messages m ON m.id = ml.message_id WHERE m.account_id = $1", tenant.account_id) == 1000
+    rows = await db.fetch("SELECT id, body, link_ids FROM messages WHERE account_id = $1", tenant.account_id)
+    assert len(rows) == 1000
+    for row in rows:  # one body cut once, filled per message: its own code and id in each
+        assert row["body"] == f"deal https://sms.example.com/{row['id']} {row['id']}"
+        assert row["link_ids"] == [link["linkId"]]
+    sample = rows[500]["id"]
+    assert orjson.loads(await redis.get(short_key("sms.example.com", sample)))["m"] == sample
     assert await db.fetchval("SELECT count(*) FROM contacts WHERE list_id = $1", tenant.list_id) == 1000
 
 
