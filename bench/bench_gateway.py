@@ -39,10 +39,12 @@ async def _main(env: BenchEnv) -> list[str]:
             body = {"offerId": offer["id"], "listId": lst["list_id"]}
             links_rps = await request_rate(api, lambda c: c.post("/api/v2/links", json=body), concurrency=CONCURRENCY)
             link = (await api.post("/api/v2/links", json=body)).json()
-            messages = [{"to": f"+1415556{i:04d}", "list_id": lst["list_id"], "body": f"Deal {link['shortUrl']} {{{{sendId}}}}"}
-                        for i in range(1000)]
             best = 0.0
-            for _ in range(8):
+            for r in range(8):
+                # New recipients each round (so their contacts are new, as in the floors) and a
+                # personalised body each (so no two bodies are alike).
+                messages = [{"to": f"+1415{r:02d}6{i:04d}", "list_id": lst["list_id"],
+                             "body": f"Hi #{i}, deal {link['shortUrl']} {{{{sendId}}}}"} for i in range(1000)]
                 start = time.perf_counter()
                 resp = await api.post("/api/v2/send/bulk", json={"messages": messages})
                 elapsed = time.perf_counter() - start
@@ -53,9 +55,10 @@ async def _main(env: BenchEnv) -> list[str]:
     lines.append(f"floor: bare ASGI 302, in-process client x{CONCURRENCY}: {floor_rps:,.0f} req/s")
     lines.append(f"POST /links: {links_rps:,.0f} req/s = {ratio(links_rps, floor_rps)}")
     lines.append(f"floor: asyncpg unnest insert of 1000 rows: {floor_rows:,.0f} rows/s")
-    lines.append(f"POST /send/bulk x1000 (with a short link rewritten per message, end to end over HTTP): "
+    lines.append(f"POST /send/bulk x1000 (new recipients, personalised bodies with a short link rewritten per message,"
+                 f" end to end over HTTP): "
                  f"{best:,.0f} rows/s = {ratio(best, floor_rows)} (goal >= 0.50)")
-    lines.append(f"  like for like: plain unnest inserts of what it stores (messages, contacts),"
+    lines.append(f"  like for like: plain unnest inserts of what it stores (messages, message_links, contacts),"
                  f" one transaction per 1000: {send_floor:,.0f} messages/s; the bulk send = {ratio(best, send_floor)}")
     return lines
 

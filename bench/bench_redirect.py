@@ -322,7 +322,7 @@ def _http_bench(env: BenchEnv, data: dict) -> list[str]:
     lines: list[str] = [_pin_redis(env)]
     floor_port, port = _free_port(), _free_port()
     # Both servers up at once (an idle one costs its core nothing) and measured in turns, floor,
-    # short, tracker, ROUNDS times: drift on a shared machine lands on floor and product alike.
+    # short, tracker, HTTP_ROUNDS times: drift on a shared machine lands on floor and product alike.
     with _server([sys.executable, "-c", FLOOR_APP, str(floor_port)], floor_port), \
             _server([sys.executable, "-m", "services.cli", "redirect"], port, _redirect_env(env, port)):
         base = f"http://127.0.0.1:{port}"

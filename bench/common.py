@@ -70,11 +70,11 @@ async def unnest_floor(dsn: str, rows: int = 1000, rounds: int = 20) -> float:
 async def send_rows_floor(dsn: str, rows: int = 1000, rounds: int = 20) -> float:
     """Messages/s of plain set-based inserts of what a bulk send of ``rows`` messages stores, into
     scratch copies of the tables (their indexes, no foreign keys), one committed transaction per
-    batch: ``rows`` messages (each with the link its per-message code stands for) and a contact
-    row each. Everything the product does besides these inserts (HTTP, JSON, validation, ids,
+    batch: ``rows`` messages, one per-message code each (message_links) and a contact row each
+    (contacts). Everything the product does besides these inserts (HTTP, JSON, validation, ids,
     rewriting, lookups, Redis) is what a ratio against this floor measures."""
     conn = await asyncpg.connect(dsn)
-    tables = ("messages", "contacts")
+    tables = ("messages", "message_links", "contacts")
     try:
         for table in tables:
             await conn.execute(f"DROP TABLE IF EXISTS bench_floor_{table}")
@@ -82,14 +82,19 @@ async def send_rows_floor(dsn: str, rows: int = 1000, rounds: int = 20) -> float
         best = 0.0
         for r in range(rounds):
             ids = [f"{r:02d}{i:06d}" for i in range(rows)]
+            codes = [f"c{r:02d}{i:04d}" for i in range(rows)]
             phones = [f"+1415{r:02d}5{i:04d}" for i in range(rows)]
-            bodies = [f"Deal https://sms.bench.test/{m} now" for m in ids]
+            bodies = [f"Deal https://sms.bench.test/{c} now" for c in codes]
             start = time.perf_counter()
             async with conn.transaction():
                 await conn.execute(
-                    "INSERT INTO bench_floor_messages (id, account_id, list_id, to_phone, body, sent_at, link_ids)"
-                    " SELECT id, 1, 1, to_phone, body, now(), ARRAY['Ab3kX9'] FROM unnest($1::text[], $2::text[], $3::text[])"
+                    "INSERT INTO bench_floor_messages (id, account_id, list_id, to_phone, body, sent_at)"
+                    " SELECT id, 1, 1, to_phone, body, now() FROM unnest($1::text[], $2::text[], $3::text[])"
                     " AS t(id, to_phone, body)", ids, phones, bodies,
+                )
+                await conn.execute(
+                    "INSERT INTO bench_floor_message_links (code, message_id, link_id)"
+                    " SELECT code, id, 'Ab3kX9' FROM unnest($1::text[], $2::text[]) AS t(code, id)", codes, ids,
                 )
                 await conn.execute(
                     "INSERT INTO bench_floor_contacts (account_id, list_id, phone_number)"

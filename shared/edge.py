@@ -4,10 +4,7 @@ Published link data — written by the gateway *before* its PostgreSQL transacti
 link answers at the edge as soon as its API call returns:
 
   ``trk:s:{host}:{code}``   short code on a short domain -> ShortEntry (orjson)
-                            ``code`` is a 6-char link id or a per-message code
-                            (``shared.ids.message_code``: the message id, then the
-                            link's place in the body from the second link on; 7 random
-                            chars for messages sent before migration 0006).
+                            ``code`` is a 6-char link id or a 7-char per-message code.
   ``trk:t:{tracker_id}``    click tracker id -> TrackerEntry (orjson)
   ``trk:o:{offer_id}``      offer as the edge needs it -> OfferEntry (orjson); deleted offers
                             are written with status ``deleted`` rather than removed so that a

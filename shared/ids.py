@@ -62,12 +62,9 @@ def message_ids(n: int) -> list[str]:
     return [chars[i : i + 8] for i in range(0, 8 * n, 8)]
 
 
-def message_code(message_id: str, k: int) -> str:
-    """The per-message short code of the ``k``-th (from 0) short link in a message's body: the
-    message id, then ``k`` for the second link on. Unique because message ids are (their primary
-    key), never a 6-character link id or a reserved path, and nothing to store: the message's
-    ``link_ids`` say which link each code stands for."""
-    return message_id if k == 0 else f"{message_id}{k}"
+def message_link_code() -> str:
+    """Per-message short code. 7 characters so it never collides with a 6-char link id."""
+    return _code(7)
 
 
 def tracker_id() -> str:

@@ -14,21 +14,13 @@ from typing import Any
 
 import asyncpg
 
-from shared import edge, ids
+from shared import edge
 
 CHUNK = 1000
 
 _LINKS = "SELECT id, account_id, offer_id, list_id, domain_host, tracker_id, tracker_url FROM links"
-# Per-message codes: derived from the message id and the link's place in its body (k from 0;
-# shared.ids.message_code), and the stored ones of messages sent before migration 0006.
 _MESSAGE_CODES = """
-SELECT NULL AS code, t.k - 1 AS k, m.id AS message_id, l.domain_host, l.tracker_url, l.offer_id, m.creative_id
-FROM messages m
-CROSS JOIN LATERAL unnest(m.link_ids) WITH ORDINALITY AS t(link_id, k)
-JOIN links l ON l.id = t.link_id AND l.account_id = m.account_id
-WHERE m.link_ids IS NOT NULL
-UNION ALL
-SELECT ml.code, NULL, ml.message_id, l.domain_host, l.tracker_url, l.offer_id, m.creative_id
+SELECT ml.code, ml.message_id, l.domain_host, l.tracker_url, l.offer_id, m.creative_id
 FROM message_links ml
 JOIN links l ON l.id = ml.link_id
 JOIN messages m ON m.id = ml.message_id AND m.account_id = l.account_id
@@ -56,7 +48,7 @@ async def republish(conn: asyncpg.Connection, redis: Any) -> dict[str, int]:
             counts["links"] += len(rows)
         async for rows in _chunks(conn, _MESSAGE_CODES):
             await redis.mset({
-                edge.short_key(r["domain_host"], r["code"] or ids.message_code(r["message_id"], r["k"])): edge.dumps(
+                edge.short_key(r["domain_host"], r["code"]): edge.dumps(
                     edge.message_code_entry(r["tracker_url"], r["offer_id"], r["message_id"], r["creative_id"])
                 )
                 for r in rows

@@ -5,7 +5,6 @@ validated on their own, then every lookup and insert is done for the whole batch
 """
 from __future__ import annotations
 
-import asyncio
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -52,7 +51,7 @@ class SendRecord:
     list_row: Any = None
     offer_id: str | None = None
     final_body: str = ""
-    codes: list[tuple[str, str, str]] = field(default_factory=list)  # (host, code, link_id), in link order
+    codes: list[tuple[str, str, str]] = field(default_factory=list)  # (host, code, link_id)
 
 
 def _text(record: dict[str, Any], name: str, max_len: int = 200) -> str | None:
@@ -206,7 +205,7 @@ def _rewrite(record: SendRecord, links: dict[str, asyncpg.Record], templates: di
     if template is None:
         template = templates[record.body] = _template(record.body, links)
     message_id = record.message_id or ""
-    codes = [ids.message_code(message_id, k) for k in range(len(template.links))]
+    codes = [ids.message_link_code() for _ in template.links]
     record.codes = [(links[link_id]["domain_host"], codes[k], link_id) for k, link_id in enumerate(template.links)]
     record.final_body = "".join(
         piece if type(piece) is str else message_id if piece == SEND_ID else codes[piece]  # type: ignore[index]
@@ -227,8 +226,10 @@ async def insert_messages(
 ) -> None:
     """Insert the batch in one transaction (retrying fresh ids on the rare collision).
 
-    Per-message short codes are published to Redis before the commit, so a message whose send
-    was acknowledged has working links.
+    Per-message short codes are published to Redis after the rows are in and before the commit:
+    a message whose send was acknowledged has working links, and a code (or message id) that
+    collides with a stored one fails on its primary key before anything is published, so it can
+    never overwrite another message's code at the edge.
     """
     now = utcnow()
     templates: dict[str, _Template] = {}
@@ -247,29 +248,30 @@ async def insert_messages(
                 for host, code, link_id in r.codes
             ]
             async with conn.transaction():
-                # Both must succeed before the commit; they need not wait for each other.
-                await asyncio.gather(_insert(conn, account_id, records, now, source), publish_message_codes(redis, entries))
+                await _insert(conn, account_id, records, now, source)
+                await publish_message_codes(redis, entries)
             return
         except asyncpg.UniqueViolationError as exc:
-            if attempt == INSERT_ATTEMPTS - 1 or exc.constraint_name != "messages_pkey":
+            if attempt == INSERT_ATTEMPTS - 1 or exc.constraint_name not in ("messages_pkey", "message_links_pkey"):
                 raise
     raise AssertionError("unreachable")
 
 
 async def _insert(conn: asyncpg.Connection, account_id: int, records: list[SendRecord], now: datetime, source: str) -> None:
-    # COPY for the messages (fresh ids; a collision aborts the transaction and is retried), with
-    # the links their codes stand for (the codes derive from the id: ids.message_code); unnest for
-    # the contacts insert, which needs ON CONFLICT.
+    # COPY for the plain inserts (fresh ids; a collision aborts the transaction and is retried),
+    # unnest for the contacts insert, which needs ON CONFLICT.
     await conn.copy_records_to_table(
         "messages",
-        columns=("id", "account_id", "list_id", "to_phone", "body", "offer_id", "creative_id", "schedule_id", "sent_at",
-                 "source", "link_ids"),
+        columns=("id", "account_id", "list_id", "to_phone", "body", "offer_id", "creative_id", "schedule_id", "sent_at", "source"),
         records=[
             (r.message_id, account_id, r.list_row["id"], r.to, r.final_body, r.offer_id, r.creative_id, r.schedule_id,
-             r.sent_at or now, source, [link_id for _, _, link_id in r.codes] or None)
+             r.sent_at or now, source)
             for r in records
         ],
     )
+    codes = [(code, r.message_id, link_id) for r in records for _, code, link_id in r.codes]
+    if codes:
+        await conn.copy_records_to_table("message_links", columns=("code", "message_id", "link_id"), records=codes)
     # The contacts a send reaches for the first time (a list's contact_count counts them). What a
     # contact received is read from messages, so a repeat contact costs an index probe, no write.
     await conn.execute(

@@ -52,9 +52,7 @@ MAX_UA_CHARS = 1000
 MAX_ANSWERS = 10_000
 MAX_ANSWER_QUERY = 256
 
-# 6: a link id; 7: a per-message code of a message sent before migration 0006; 8-11: a message id
-# and the link's place in its body (shared.ids.message_code; a body holds fewer than 1000 links).
-_CODE_RE = re.compile(r"[A-Za-z0-9]{6,11}")
+_CODE_RE = re.compile(r"[A-Za-z0-9]{6,7}")
 _TRACKER_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _SID_RE = re.compile(r"[A-Za-z0-9]{8}\.[A-Za-z0-9_-]{%d}" % sid.SIGNATURE_CHARS)
 

@@ -2,9 +2,10 @@
 import orjson
 import pytest
 
+from shared import ids
 from shared.edge import short_key
 from tests.gateway.test_api_basics import assert_error
-from tests.helpers import add_list, make_link, make_offer
+from tests.helpers import add_list, make_link, make_offer, make_tenant
 
 
 async def send(api, tenant, **body):
@@ -43,7 +44,7 @@ async def test_inactive_list_is_not_found(api, db, tenant):
     assert_error(await send(api, tenant, list_id=inactive["list_id"]), 404, "list_not_found")
 
 
-async def test_short_urls_are_rewritten_per_message(api, tenant, redis, db):
+async def test_short_urls_are_rewritten_per_message(api, tenant, redis):
     offer = await make_offer(api, tenant)
     other_offer = await make_offer(api, tenant)
     link = await make_link(api, tenant, offer["id"])
@@ -62,15 +63,13 @@ async def test_short_urls_are_rewritten_per_message(api, tenant, redis, db):
         assert f"id={mid}" in b and "{{sendId}}" not in b
         assert msg["offer_id"] == offer["id"]  # the first short link's offer
         codes = [w.split("/")[-1].split("?")[0].rstrip(".") for w in b.split() if w.startswith("https://sms.example.com/")]
-        assert codes == [mid, mid, f"{mid}1"]  # one code per (message, link), derived from the message id
+        assert len(codes) == 3 and codes[0] == codes[1] != codes[2]  # one code per (message, link)
         assert "?sub1=x" in b
         entry = orjson.loads(await redis.get(short_key("sms.example.com", codes[0])))
         assert entry == {"u": link["clickTrackerUrl"], "o": offer["id"], "m": mid}
         entry2 = orjson.loads(await redis.get(short_key("sms.example.com", codes[2])))
         assert entry2 == {"u": link2["clickTrackerUrl"], "o": other_offer["id"], "m": mid}
     assert bodies[0]["body"] != bodies[1]["body"]
-    stored = await db.fetch("SELECT link_ids FROM messages WHERE id = ANY($1::text[])", mids)
-    assert [r["link_ids"] for r in stored] == [[link["linkId"], link2["linkId"]]] * 2
 
 
 async def test_short_urls_without_scheme_are_rewritten(api, tenant, redis):
@@ -133,16 +132,39 @@ async def test_bulk_of_1000_with_links(api, tenant, db, redis):
     body = (await api.post("/api/v2/send/bulk", headers=tenant.headers, json={"messages": messages})).json()
     assert body["queued_count"] == 1000 and body["error_count"] == 0
     assert len({m["message_id"] for m in body["messages"]}) == 1000
-    rows = await db.fetch("SELECT id, body, link_ids FROM messages WHERE account_id = $1", tenant.account_id)
-    assert len(rows) == 1000
-    for row in rows:  # one body cut once, filled per message: its own code and id in each
-        assert row["body"] == f"deal https://sms.example.com/{row['id']} {row['id']}"
-        assert row["link_ids"] == [link["linkId"]]
-    sample = rows[500]["id"]
-    assert orjson.loads(await redis.get(short_key("sms.example.com", sample)))["m"] == sample
+    codes = {r["message_id"]: r["code"] for r in await db.fetch(
+        "SELECT ml.code, ml.message_id FROM message_links ml JOIN messages m ON m.id = ml.message_id WHERE m.account_id = $1",
+        tenant.account_id)}
+    assert len(codes) == 1000 and len(set(codes.values())) == 1000
+    for row in await db.fetch("SELECT id, body FROM messages WHERE account_id = $1", tenant.account_id):
+        # One body cut once, filled per message: its own code and id in each.
+        assert row["body"] == f"deal https://sms.example.com/{codes[row['id']]} {row['id']}"
+    sample = next(iter(codes))
+    assert orjson.loads(await redis.get(short_key("sms.example.com", codes[sample])))["m"] == sample
     assert await db.fetchval("SELECT count(*) FROM contacts WHERE list_id = $1", tenant.list_id) == 1000
 
 
 async def test_message_not_found(api, tenant):
     assert_error(await api.get("/api/v2/messages/AAAAAAAA", headers=tenant.headers), 404, "message_not_found")
     assert_error(await api.get("/api/v2/messages/bad", headers=tenant.headers), 404, "message_not_found")
+
+
+async def test_a_colliding_code_never_overwrites_another_messages_code_at_the_edge(api, db, redis, tenant, monkeypatch):
+    """A fresh code (or message id) that is already taken fails on its primary key before
+    anything is published: the send is retried with fresh ones, the other message keeps its code."""
+    link = await make_link(api, tenant, (await make_offer(api, tenant))["id"])
+    first = (await send(api, tenant, body=f"A {link['shortUrl']}")).json()["message_id"]
+    taken = await db.fetchval("SELECT code FROM message_links WHERE message_id = $1", first)
+    published = await redis.get(short_key("sms.example.com", taken))
+    other = await make_tenant(db)  # another account on the same short domain
+    other_link = await make_link(api, other, (await make_offer(api, other))["id"])
+    real_code, real_ids = ids.message_link_code, ids.message_ids
+    codes, message_ids = iter([taken]), iter([[first]])
+    monkeypatch.setattr(ids, "message_link_code", lambda: next(codes, None) or real_code())
+    resp = await send(api, other, body=f"B {other_link['shortUrl']}")
+    assert resp.status_code == 201, resp.text
+    monkeypatch.setattr(ids, "message_ids", lambda n: next(message_ids, None) or real_ids(n))
+    resp2 = await send(api, other, body=f"C {other_link['shortUrl']}")
+    assert resp2.status_code == 201, resp2.text
+    assert first not in (resp.json()["message_id"], resp2.json()["message_id"])
+    assert await redis.get(short_key("sms.example.com", taken)) == published

@@ -11,7 +11,7 @@ import httpx
 from tests.helpers import Tenant, make_tenant, random_phone
 from tests.redirect.conftest import Edge, drain, offer_and_link
 
-CODE_RE = re.compile(r"https://sms\.example\.com/([A-Za-z0-9]{8,11})\b")
+CODE_RE = re.compile(r"https://sms\.example\.com/([A-Za-z0-9]{7})\b")
 IMESSAGE_UA = "facebookexternalhit/1.1 Facebot Twitterbot/1.0"
 
 
