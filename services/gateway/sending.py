@@ -197,12 +197,47 @@ def _template(body: str, links: dict[str, asyncpg.Record]) -> _Template:
     return _Template(tuple(pieces), tuple(order), first_offer)
 
 
+def _substitute(record: SendRecord, links: dict[str, asyncpg.Record]) -> None:
+    """``_rewrite`` for a body met once: substituted in place (cheaper than cutting a template)."""
+    codes: dict[str, str] = {}
+    first_offer: str | None = None
+
+    def replace(match: re.Match[str]) -> str:
+        nonlocal first_offer
+        scheme, host, link_id = match.groups()
+        link = links.get(link_id)
+        if link is None or link["domain_host"] != host_of(host):
+            return match.group(0)
+        if link_id not in codes:
+            codes[link_id] = ids.message_link_code()
+            record.codes.append((link["domain_host"], codes[link_id], link_id))
+        first_offer = first_offer or link["offer_id"]
+        return f"{scheme or ''}{host}/{codes[link_id]}"
+
+    record.codes = []
+    # The full pattern only where one of the account's link ids occurs (most bodies name one link).
+    body = record.body
+    if any(link_id in body for link_id in links):
+        body = SHORT_URL_RE.sub(replace, body)
+    record.final_body = body.replace(SEND_ID_MACRO, record.message_id or "")
+    if record.offer_id is None:
+        record.offer_id = first_offer
+
+
+_SEEN_ONCE = _Template((), (), None)
+
+
 def _rewrite(record: SendRecord, links: dict[str, asyncpg.Record], templates: dict[str, _Template]) -> None:
     """Give each short link of the account in the body its own per-message code, and put the
-    message id in place of ``{{sendId}}``. ``templates``: the bodies already cut, by body (a
-    bulk send often repeats one body, which is then cut once)."""
+    message id in place of ``{{sendId}}``. ``templates``: what this request has met, by body. A
+    body met for the first time is substituted in place; from its second time on (a bulk send
+    often repeats one body) it is cut once into a template, which is then only filled."""
     template = templates.get(record.body)
     if template is None:
+        templates[record.body] = _SEEN_ONCE
+        _substitute(record, links)
+        return
+    if template is _SEEN_ONCE:
         template = templates[record.body] = _template(record.body, links)
     message_id = record.message_id or ""
     codes = [ids.message_link_code() for _ in template.links]

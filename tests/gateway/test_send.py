@@ -168,3 +168,31 @@ async def test_a_colliding_code_never_overwrites_another_messages_code_at_the_ed
     assert resp2.status_code == 201, resp2.text
     assert first not in (resp.json()["message_id"], resp2.json()["message_id"])
     assert await redis.get(short_key("sms.example.com", taken)) == published
+
+
+@pytest.mark.parametrize("body", [
+    "Deal https://sms.example.com/Ab3kX9 {{sendId}}",
+    "A https://sms.example.com/Ab3kX9?sub1=x and again https://sms.example.com/Ab3kX9. B sms.example.com/Zz9Yy8",
+    "foreign https://other.example.com/Ab3kX9 glued{{sendId}}https://sms.example.com/Ab3kX9{{sendId}}",
+    "Clickhttps://SMS.Example.com/Zz9Yy8 xsms.example.com/Ab3kX9 sms.example.com/Ab3kX9x {{sendId}}{{sendId}}",
+    "no links at all",
+    "",
+])
+def test_a_repeated_body_is_filled_exactly_as_the_first_is_substituted(body, monkeypatch):
+    """The first time a bulk send meets a body it is substituted in place; from the second time on
+    it is cut once into a template and filled: both give the same message for the same codes."""
+    from services.gateway import sending
+
+    links = {"Ab3kX9": {"domain_host": "sms.example.com", "offer_id": "o1"},
+             "Zz9Yy8": {"domain_host": "sms.example.com", "offer_id": "o2"}}
+    templates: dict = {}
+    outcomes = []
+    for _ in range(3):  # substituted, then cut and filled, then filled
+        codes = iter(["c000001", "c000002", "c000003"])
+        monkeypatch.setattr(ids, "message_link_code", lambda: next(codes))
+        record = sending.SendRecord(index=0, to="+14155551234", list_id=1, list_number=None, body=body,
+                                    offer_ref=None, creative_id=None, schedule_id=None, message_id="Mid12345")
+        sending._rewrite(record, links, templates)  # type: ignore[arg-type]
+        outcomes.append((record.final_body, record.codes, record.offer_id))
+    assert outcomes[0] == outcomes[1] == outcomes[2]
+    assert "{{sendId}}" not in outcomes[0][0]
