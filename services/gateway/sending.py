@@ -155,23 +155,20 @@ async def resolve(
 
 
 @dataclass(frozen=True)
-class _Template:
-    """A body cut where the per-message parts go: ``pieces`` are literal text, ``k >= 0`` for the
-    code of ``links[k]`` (the account's short links in order of first appearance, each one code
-    per message however often it occurs) and ``SEND_ID`` for the message id."""
+class _Cut:
+    """A body cut where its short links go: ``pieces`` are literal text, or ``k`` for the code of
+    ``links[k]`` (the account's short links in order of first appearance; a link that occurs
+    twice gets one code per message)."""
 
     pieces: tuple[str | int, ...]
     links: tuple[str, ...]
     first_offer: str | None
 
 
-SEND_ID = -1
-
-
-def _template(body: str, links: dict[str, asyncpg.Record]) -> _Template:
+def _cut(body: str, links: dict[str, asyncpg.Record]) -> _Cut:
     order: dict[str, int] = {}
     first_offer: str | None = None
-    cut: list[str | int] = []
+    pieces: list[str | int] = []
     pos = 0
     # The full pattern only where one of the account's link ids occurs (most bodies name one link).
     if any(link_id in body for link_id in links):
@@ -181,73 +178,27 @@ def _template(body: str, links: dict[str, asyncpg.Record]) -> _Template:
             if link is None or link["domain_host"] != host_of(host):
                 continue
             first_offer = first_offer or link["offer_id"]
-            cut += [body[pos:match.start()] + (scheme or "") + host + "/", order.setdefault(link_id, len(order))]
+            pieces += [body[pos:match.start()] + (scheme or "") + host + "/", order.setdefault(link_id, len(order))]
             pos = match.end()
-    cut.append(body[pos:])
-    pieces: list[str | int] = []
-    for piece in cut:
-        if isinstance(piece, int):
-            pieces.append(piece)
-            continue
-        for i, text in enumerate(piece.split(SEND_ID_MACRO)):
-            if i:
-                pieces.append(SEND_ID)
-            if text:
-                pieces.append(text)
-    return _Template(tuple(pieces), tuple(order), first_offer)
+    pieces.append(body[pos:])
+    return _Cut(tuple(pieces), tuple(order), first_offer)
 
 
-def _substitute(record: SendRecord, links: dict[str, asyncpg.Record]) -> None:
-    """``_rewrite`` for a body met once: substituted in place (cheaper than cutting a template)."""
-    codes: dict[str, str] = {}
-    first_offer: str | None = None
-
-    def replace(match: re.Match[str]) -> str:
-        nonlocal first_offer
-        scheme, host, link_id = match.groups()
-        link = links.get(link_id)
-        if link is None or link["domain_host"] != host_of(host):
-            return match.group(0)
-        if link_id not in codes:
-            codes[link_id] = ids.message_link_code()
-            record.codes.append((link["domain_host"], codes[link_id], link_id))
-        first_offer = first_offer or link["offer_id"]
-        return f"{scheme or ''}{host}/{codes[link_id]}"
-
-    record.codes = []
-    # The full pattern only where one of the account's link ids occurs (most bodies name one link).
+def _rewrite(record: SendRecord, links: dict[str, asyncpg.Record], cuts: dict[str, _Cut]) -> None:
+    """Give each short link of the account in the body its own per-message code, and put the
+    message id in place of ``{{sendId}}``. ``cuts``: the bodies this request has cut, by body (a
+    bulk send often repeats one body: it is cut once, then only filled)."""
+    cut = cuts.get(record.body)
+    if cut is None:
+        cut = cuts[record.body] = _cut(record.body, links)
+    codes = [ids.message_link_code() for _ in cut.links]
+    record.codes = [(links[link_id]["domain_host"], codes[k], link_id) for k, link_id in enumerate(cut.links)]
     body = record.body
-    if any(link_id in body for link_id in links):
-        body = SHORT_URL_RE.sub(replace, body)
+    if codes:
+        body = "".join([piece if type(piece) is str else codes[piece] for piece in cut.pieces])  # type: ignore[index]
     record.final_body = body.replace(SEND_ID_MACRO, record.message_id or "")
     if record.offer_id is None:
-        record.offer_id = first_offer
-
-
-_SEEN_ONCE = _Template((), (), None)
-
-
-def _rewrite(record: SendRecord, links: dict[str, asyncpg.Record], templates: dict[str, _Template]) -> None:
-    """Give each short link of the account in the body its own per-message code, and put the
-    message id in place of ``{{sendId}}``. ``templates``: what this request has met, by body. A
-    body met for the first time is substituted in place; from its second time on (a bulk send
-    often repeats one body) it is cut once into a template, which is then only filled."""
-    template = templates.get(record.body)
-    if template is None:
-        templates[record.body] = _SEEN_ONCE
-        _substitute(record, links)
-        return
-    if template is _SEEN_ONCE:
-        template = templates[record.body] = _template(record.body, links)
-    message_id = record.message_id or ""
-    codes = [ids.message_link_code() for _ in template.links]
-    record.codes = [(links[link_id]["domain_host"], codes[k], link_id) for k, link_id in enumerate(template.links)]
-    record.final_body = "".join(
-        piece if type(piece) is str else message_id if piece == SEND_ID else codes[piece]  # type: ignore[index]
-        for piece in template.pieces
-    )
-    if record.offer_id is None:
-        record.offer_id = template.first_offer
+        record.offer_id = cut.first_offer
 
 
 async def insert_messages(
@@ -267,14 +218,14 @@ async def insert_messages(
     never overwrite another message's code at the edge.
     """
     now = utcnow()
-    templates: dict[str, _Template] = {}
+    cuts: dict[str, _Cut] = {}
     for attempt in range(INSERT_ATTEMPTS):
         fresh = iter(ids.message_ids(len(records)))
         for record in records:
             if record.message_id is None or (attempt > 0 and record.generated_id):
                 record.message_id = next(fresh)
                 record.generated_id = True
-            _rewrite(record, links, templates)
+            _rewrite(record, links, cuts)
         try:
             entries = [
                 (host, code, message_code_entry(links[link_id]["tracker_url"], links[link_id]["offer_id"],

@@ -178,21 +178,21 @@ async def test_a_colliding_code_never_overwrites_another_messages_code_at_the_ed
     "no links at all",
     "",
 ])
-def test_a_repeated_body_is_filled_exactly_as_the_first_is_substituted(body, monkeypatch):
-    """The first time a bulk send meets a body it is substituted in place; from the second time on
-    it is cut once into a template and filled: both give the same message for the same codes."""
+def test_a_repeated_body_is_filled_exactly_as_the_first_time(body, monkeypatch):
+    """A bulk send cuts a body the first time it meets it and only fills the cut after that: every
+    time gives the same message for the same codes."""
     from services.gateway import sending
 
     links = {"Ab3kX9": {"domain_host": "sms.example.com", "offer_id": "o1"},
              "Zz9Yy8": {"domain_host": "sms.example.com", "offer_id": "o2"}}
-    templates: dict = {}
+    cuts: dict = {}
     outcomes = []
-    for _ in range(3):  # substituted, then cut and filled, then filled
+    for _ in range(3):  # cut and filled, then filled from the cut twice
         codes = iter(["c000001", "c000002", "c000003"])
         monkeypatch.setattr(ids, "message_link_code", lambda: next(codes))
         record = sending.SendRecord(index=0, to="+14155551234", list_id=1, list_number=None, body=body,
                                     offer_ref=None, creative_id=None, schedule_id=None, message_id="Mid12345")
-        sending._rewrite(record, links, templates)  # type: ignore[arg-type]
+        sending._rewrite(record, links, cuts)  # type: ignore[arg-type]
         outcomes.append((record.final_body, record.codes, record.offer_id))
     assert outcomes[0] == outcomes[1] == outcomes[2]
     assert "{{sendId}}" not in outcomes[0][0]
