@@ -196,3 +196,42 @@ def test_a_repeated_body_is_filled_exactly_as_the_first_time(body, monkeypatch):
         outcomes.append((record.final_body, record.codes, record.offer_id))
     assert outcomes[0] == outcomes[1] == outcomes[2]
     assert "{{sendId}}" not in outcomes[0][0]
+
+
+# What random bodies are made of: every part of a short URL with its near misses, and characters
+# that a case-insensitive or Unicode-aware pattern would take for ASCII letters or digits.
+_SCHEMES = ["", "", "http://", "https://", "HTTPS://", "hTtP://", "htp://", "https:/", "://", "//", "xhttps://"]
+_HOSTS = ["", "sms.example.com", "SMS.Example.com", "x", "a-b.c", ".", "\u017fms.com", "\u212a", "@x", "/x", "8"]
+_PORTS = ["", "", "", ":80", ":", ":8080", ":\u0661\u0662", "::80"]
+_IDS = ["Ab3kX9", "Ab3kX9", "Zz9Yy8", "Qq1Ww2", "Ab3kX9x", "Ab3kX", "Ab3k\u0131X", ""]
+_OTHER = [" ", "", "", "?", ".", "-", "@", ":", "/", "x", "7", "\u00e9", "\n", "{{sendId}}", "\u0131", "\u017f"]
+
+
+def _random_body(rng) -> str:
+    parts = []
+    for _ in range(rng.randint(0, 5)):
+        parts += [rng.choice(_OTHER), rng.choice(_SCHEMES), rng.choice(_HOSTS), rng.choice(_PORTS)]
+        parts += ["/" if rng.random() < 0.9 else "", rng.choice(_IDS), rng.choice(_OTHER)]
+    return "".join(parts)
+
+
+def test_short_urls_finds_exactly_what_the_pattern_matches():
+    """``short_urls`` (found from each link id back) against SHORT_URL_RE's own left-to-right scan,
+    on 30k random bodies built from URL parts, for the account's link ids only."""
+    import random
+
+    from services.gateway.sending import SHORT_URL_RE, short_urls
+
+    rng = random.Random(20261123)
+    wanted = {"Ab3kX9", "Zz9Yy8"}
+    found, schemes, ports = 0, 0, 0
+    for _ in range(30_000):
+        body = _random_body(rng)
+        expected = [(m.start(), m.start(3) - 1, m.group(2), m.group(3))
+                    for m in SHORT_URL_RE.finditer(body) if m.group(3) in wanted]
+        assert list(short_urls(body, wanted)) == expected, body
+        found += len(expected)
+        schemes += sum(body[start] in "hH" and ":" not in host for start, _, host, _ in expected)
+        ports += sum(":" in host for _, _, host, _ in expected)
+    # The bodies held short URLs of every form: with and without a scheme, with a port.
+    assert found > 10_000 and schemes > 1_000 and ports > 1_000, (found, schemes, ports)
