@@ -17,7 +17,7 @@ import httpx
 from arq import create_pool
 from arq.connections import RedisSettings
 
-from bench.common import BenchEnv, bare_asgi, ratio, request_rate, unnest_floor
+from bench.common import BenchEnv, bare_asgi, ratio, request_rate, stack_ceiling, unnest_floor
 from services.gateway.app import create_app
 from services.worker.main import worker_settings
 from shared import db as shared_db
@@ -158,6 +158,7 @@ async def _main(env: BenchEnv) -> list[str]:
     all_done_rate, burst_rate = await _worker_rate(env, pool, acct["account_id"], lst["list_id"])
     await pool.close()
     floor_rows = await unnest_floor(settings.database_url)
+    ceiling = await stack_ceiling(settings.database_url)
     return [
         f"floor: bare ASGI 200, in-process client x{CONCURRENCY}: {floor_rps:,.0f} req/s",
         f"GET /postback (stored, deduplicated, job enqueued): {postback_rps:,.0f} req/s = {ratio(postback_rps, floor_rps)}",
@@ -169,6 +170,9 @@ async def _main(env: BenchEnv) -> list[str]:
         f"POST /history/sends x1000: {sends_rps:,.0f} rows/s = {ratio(sends_rps, floor_rows)} (goal >= 0.50)",
         f"POST /history/clicks x1000: {clicks_rps:,.0f} rows/s = {ratio(clicks_rps, floor_rows)} (goal >= 0.50)",
         f"POST /history/revenue x1000: {revenue_rps:,.0f} rows/s = {ratio(revenue_rps, floor_rows)} (goal >= 0.50)",
+        f"  ceiling of the stack: a Starlette endpoint that only parses 1000 records and runs the floor's insert"
+        f" (same client): {ceiling:,.0f} rows/s = {ratio(ceiling, floor_rows)}; history sends / clicks / revenue ="
+        f" {sends_rps / ceiling:.2f} / {clicks_rps / ceiling:.2f} / {revenue_rps / ceiling:.2f} of it",
     ]
 
 

@@ -10,7 +10,7 @@ import time
 
 import httpx
 
-from bench.common import BenchEnv, bare_asgi, ratio, request_rate, send_rows_floor, unnest_floor
+from bench.common import BenchEnv, bare_asgi, ratio, request_rate, send_rows_floor, stack_ceiling, unnest_floor
 from services.gateway.app import create_app
 from shared import db as shared_db
 from shared.accounts import create_account, create_list
@@ -52,6 +52,7 @@ async def _main(env: BenchEnv) -> list[str]:
                 best = max(best, 1000 / elapsed)
     floor_rows = await unnest_floor(settings.database_url)
     send_floor = await send_rows_floor(settings.database_url)
+    ceiling = await stack_ceiling(settings.database_url)
     lines.append(f"floor: bare ASGI 302, in-process client x{CONCURRENCY}: {floor_rps:,.0f} req/s")
     lines.append(f"POST /links: {links_rps:,.0f} req/s = {ratio(links_rps, floor_rps)}")
     lines.append(f"floor: asyncpg unnest insert of 1000 rows: {floor_rows:,.0f} rows/s")
@@ -60,6 +61,9 @@ async def _main(env: BenchEnv) -> list[str]:
                  f"{best:,.0f} rows/s = {ratio(best, floor_rows)} (goal >= 0.50)")
     lines.append(f"  like for like: plain unnest inserts of what it stores (messages, message_links, contacts),"
                  f" one transaction per 1000: {send_floor:,.0f} messages/s; the bulk send = {ratio(best, send_floor)}")
+    lines.append(f"  ceiling of the stack: a Starlette endpoint that only parses the same 1000 records and runs the"
+                 f" floor's insert (same client): {ceiling:,.0f} rows/s = {ratio(ceiling, floor_rows)};"
+                 f" the bulk send = {best / ceiling:.2f} of it")
     return lines
 
 

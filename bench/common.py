@@ -108,6 +108,57 @@ async def send_rows_floor(dsn: str, rows: int = 1000, rounds: int = 20) -> float
         await conn.close()
 
 
+async def stack_ceiling(dsn: str, rows: int = 1000, rounds: int = 12) -> float:
+    """Rows/s of the least a bulk endpoint on this stack can do: a Starlette endpoint, driven
+    through the same in-process httpx client as the product, that parses a request of ``rows``
+    send records, inserts them as ``unnest_floor`` does (one table, no validation, no ids, no other
+    rows, no Redis) and answers each record's id. What separates it from ``unnest_floor`` is HTTP
+    and JSON alone; a ratio against it is what everything a real endpoint does on top costs."""
+    import orjson
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+    try:
+        await pool.execute("DROP TABLE IF EXISTS bench_ceiling_rows")
+        await pool.execute("CREATE TABLE bench_ceiling_rows (LIKE messages INCLUDING DEFAULTS INCLUDING INDEXES)")
+        batch = 0
+
+        async def bulk(request: Request) -> Response:
+            nonlocal batch
+            records = orjson.loads(await request.body())["messages"]
+            batch += 1
+            ids = [f"{batch:02d}{i:06d}" for i in range(len(records))]
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    "INSERT INTO bench_ceiling_rows (id, account_id, list_id, to_phone, body, sent_at)"
+                    " SELECT id, 1, $1, to_phone, body, now() FROM unnest($2::text[], $3::text[], $4::text[])"
+                    " AS t(id, to_phone, body)",
+                    records[0]["list_id"], ids, [r["to"] for r in records], [r["body"] for r in records],
+                )
+            return Response(orjson.dumps({"queued_count": len(ids), "messages": [
+                {"index": i, "to": r["to"], "message_id": m} for i, (r, m) in enumerate(zip(records, ids))]}),
+                media_type="application/json")
+
+        app = Starlette(routes=[Route("/bulk", bulk, methods=["POST"])])
+        best = 0.0
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://c") as client:
+            for r in range(rounds):
+                messages = [{"to": f"+1415{r:02d}7{i:04d}", "list_id": 1,
+                             "body": f"Hi #{i}, deal https://sms.bench.test/Ab3kX9 {{{{sendId}}}}"} for i in range(rows)]
+                start = time.perf_counter()
+                resp = await client.post("/bulk", json={"messages": messages})
+                elapsed = time.perf_counter() - start
+                assert resp.json()["queued_count"] == rows
+                best = max(best, rows / elapsed)
+        await pool.execute("DROP TABLE bench_ceiling_rows")
+        return best
+    finally:
+        await pool.close()
+
+
 def bare_asgi(status: int, body: bytes = b""):
     """The request floor: an ASGI app that answers a fixed response and does nothing else."""
 
