@@ -57,3 +57,25 @@ async def test_a_failed_write_fails_every_click_of_the_batch(tmp_path: Any) -> N
         await conn.close()
     with pytest.raises(ClickNotRecorded):
         await writer.write(fake_click(9))  # closed
+
+
+async def test_batches_are_capped_and_each_request_waits_for_its_own_batch(settings: Settings, redis: Any) -> None:
+    """Clicks beyond ``max_batch`` form the next batch; a request is answered once its own batch
+    is in the stream, not the one before it."""
+    await redis.delete(STREAM)
+    conn = RawRedis(settings.redis_url or "")
+    writer = ClickWriter(conn, stream=STREAM, max_batch=7, max_inflight=1)
+    try:
+        async def one(n: int) -> None:
+            click = fake_click(n)
+            await writer.write(click)
+            entries = await redis.xrange(STREAM)
+            assert click["id"] in {c["id"] for _, fields in entries for c in orjson.loads(fields[b"b"])}
+
+        await asyncio.gather(*(one(n) for n in range(50)))
+        sizes = [len(orjson.loads(fields[b"b"])) for _, fields in await redis.xrange(STREAM)]
+        assert sum(sizes) == 50 and max(sizes) == 7 and len(sizes) >= 8
+    finally:
+        await writer.close()
+        await conn.close()
+        await redis.delete(STREAM)
