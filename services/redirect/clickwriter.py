@@ -11,7 +11,6 @@ durable before its 302 is sent. If the write fails, every request of the batch g
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 from typing import Any, Protocol
 
@@ -32,16 +31,6 @@ class Executor(Protocol):
     def submit(self, *args: bytes | str) -> asyncio.Future[Any] | None: ...
 
 
-class _Batch:
-    """Clicks waiting to be written together, and the one future their requests all await."""
-
-    __slots__ = ("clicks", "done")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.clicks: list[edge.Click] = []
-        self.done: asyncio.Future[None] = loop.create_future()
-
-
 class ClickWriter:
     def __init__(
         self, redis: Executor, *, max_batch: int = 2000, max_inflight: int = 2, stream: str = edge.CLICK_STREAM
@@ -50,8 +39,8 @@ class ClickWriter:
         self._stream = stream
         self._max_batch = max_batch
         self._max_inflight = max_inflight
-        # Batches not yet sent, oldest first; clicks join the last one (a new one once it is full).
-        self._waiting: collections.deque[_Batch] = collections.deque()
+        self._clicks: list[edge.Click] = []
+        self._waiters: list[asyncio.Future[None]] = []
         self._scheduled = False
         self._inflight: set[asyncio.Future[Any]] = set()
         self._closed = False
@@ -65,61 +54,64 @@ class ClickWriter:
 
     def submit(self, click: edge.Click) -> asyncio.Future[None]:
         """``write`` without its coroutine (the hot path awaits this directly): a future resolved
-        once the click is durably in the stream, failed with ClickNotRecorded otherwise. Every
-        click of a batch shares its future: a request costs a list append, not a future of its own."""
+        once the click is durably in the stream, failed with ClickNotRecorded otherwise."""
         if self._closed:
             raise ClickNotRecorded("the click writer is closed")
-        waiting = self._waiting
-        if not waiting or len(waiting[-1].clicks) >= self._max_batch:
-            waiting.append(_Batch(asyncio.get_running_loop()))
-        batch = waiting[-1]
-        batch.clicks.append(click)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._clicks.append(click)
+        self._waiters.append(future)
         if not self._scheduled and len(self._inflight) < self._max_inflight:
-            self._schedule()
-        return batch.done
+            # On the next loop iteration, so every request that is ready now joins this batch.
+            self._scheduled = True
+            loop.call_soon(self._start_batch)
+        return future
 
     def _schedule(self) -> None:
-        # On the next loop iteration, so every request that is ready now joins this batch.
-        self._scheduled = True
-        asyncio.get_running_loop().call_soon(self._start_batch)
+        if not self._scheduled and len(self._inflight) < self._max_inflight:
+            # On the next loop iteration, so every request that is ready now joins this batch.
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._start_batch)
 
     def _start_batch(self) -> None:
         self._scheduled = False
-        if not self._waiting:
+        if not self._clicks:
             return
-        batch = self._waiting.popleft()
-        args = ("XADD", self._stream, "*", "b", orjson.dumps(batch.clicks))
+        clicks, waiters = self._clicks[: self._max_batch], self._waiters[: self._max_batch]
+        del self._clicks[: self._max_batch], self._waiters[: self._max_batch]
+        args = ("XADD", self._stream, "*", "b", orjson.dumps(clicks))
         # Straight onto the connection when it is up (no task per batch); else connect first.
         reply = self._redis.submit(*args)
         if reply is None:
             reply = asyncio.ensure_future(self._redis.execute(*args))
         self._inflight.add(reply)
-        reply.add_done_callback(lambda done: self._finish(done, batch))
+        reply.add_done_callback(lambda done: self._finish(done, clicks, waiters))
 
-    def _finish(self, reply: asyncio.Future[Any], batch: _Batch) -> None:
+    def _finish(self, reply: asyncio.Future[Any], clicks: list[edge.Click], waiters: list[asyncio.Future[None]]) -> None:
         self._inflight.discard(reply)
         if reply.cancelled():
             exc: BaseException | None = ClickNotRecorded("cancelled")
         else:
             exc = reply.exception()
         if exc is not None:
-            self.failed += len(batch.clicks)
-            log.error("could not record %d clicks: %s", len(batch.clicks), exc)
-            if not batch.done.done():
-                batch.done.set_exception(ClickNotRecorded(str(exc)))
-                batch.done.exception()  # each request of the batch sees it raised; none need retrieve it
+            self.failed += len(clicks)
+            log.error("could not record %d clicks: %s", len(clicks), exc)
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(ClickNotRecorded(str(exc)))
         else:
-            self.recorded += len(batch.clicks)
+            self.recorded += len(clicks)
             self.batches += 1
-            if not batch.done.done():
-                batch.done.set_result(None)
-        if self._waiting and not self._scheduled:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+        if self._clicks:
             self._schedule()
 
     async def close(self) -> None:
         """Finish the batches in flight (and any queued behind them); refuse new clicks."""
         self._closed = True
-        while self._inflight or self._waiting:
-            if self._waiting and not self._inflight:
+        while self._inflight or self._clicks:
+            if self._clicks and not self._inflight:
                 self._start_batch()
             await asyncio.gather(*self._inflight, return_exceptions=True)

@@ -79,3 +79,24 @@ async def test_batches_are_capped_and_each_request_waits_for_its_own_batch(setti
         await writer.close()
         await conn.close()
         await redis.delete(STREAM)
+
+
+async def test_a_cancelled_request_does_not_fail_the_others_of_its_batch(settings: Settings, redis: Any) -> None:
+    """Requests of one batch wait independently: cancelling one (a timeout around it, a shutdown)
+    leaves the others to be answered once the batch is written."""
+    await redis.delete(STREAM)
+    conn = RawRedis(settings.redis_url or "")
+    writer = ClickWriter(conn, stream=STREAM, max_inflight=1)
+    try:
+        await writer.write(fake_click(0))  # connected: the next clicks go out as one batch
+        cancelled = asyncio.ensure_future(writer.write(fake_click(1)))
+        others = [asyncio.ensure_future(writer.write(fake_click(n))) for n in range(2, 6)]
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        assert await asyncio.gather(*others) == [None] * 4
+        stored = [c["id"] for _, fields in await redis.xrange(STREAM) for c in orjson.loads(fields[b"b"])]
+        assert {fake_click(n)["id"] for n in range(2, 6)} <= set(stored)
+    finally:
+        await writer.close()
+        await conn.close()
+        await redis.delete(STREAM)
