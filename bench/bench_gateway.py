@@ -16,6 +16,7 @@ from shared import db as shared_db
 from shared.accounts import create_account, create_list
 
 CONCURRENCY = 20
+SEND_ROUNDS = 8
 
 
 async def _main(env: BenchEnv) -> list[str]:
@@ -39,8 +40,13 @@ async def _main(env: BenchEnv) -> list[str]:
             body = {"offerId": offer["id"], "listId": lst["list_id"]}
             links_rps = await request_rate(api, lambda c: c.post("/api/v2/links", json=body), concurrency=CONCURRENCY)
             link = (await api.post("/api/v2/links", json=body)).json()
-            best = 0.0
-            for r in range(8):
+            # Turns of the send, then each floor, SEND_ROUNDS times: drift on a shared machine lands
+            # on all of them alike. Each floor gets two tries a turn (its first statement prepares).
+            sends: list[float] = []
+            floors: list[float] = []
+            send_floors: list[float] = []
+            ceilings: list[float] = []
+            for r in range(SEND_ROUNDS):
                 # New recipients each round (so their contacts are new, as in the floors) and a
                 # personalised body each (so no two bodies are alike).
                 messages = [{"to": f"+1415{r:02d}6{i:04d}", "list_id": lst["list_id"],
@@ -49,21 +55,25 @@ async def _main(env: BenchEnv) -> list[str]:
                 resp = await api.post("/api/v2/send/bulk", json={"messages": messages})
                 elapsed = time.perf_counter() - start
                 assert resp.json()["queued_count"] == 1000
-                best = max(best, 1000 / elapsed)
-    floor_rows = await unnest_floor(settings.database_url)
-    send_floor = await send_rows_floor(settings.database_url)
-    ceiling = await stack_ceiling(settings.database_url)
+                sends.append(1000 / elapsed)
+                floors.append(await unnest_floor(settings.database_url, rounds=2))
+                send_floors.append(await send_rows_floor(settings.database_url, rounds=2))
+                ceilings.append(await stack_ceiling(settings.database_url, rounds=2))
+    best, floor_rows, send_floor, ceiling = max(sends), max(floors), max(send_floors), max(ceilings)
     lines.append(f"floor: bare ASGI 302, in-process client x{CONCURRENCY}: {floor_rps:,.0f} req/s")
     lines.append(f"POST /links: {links_rps:,.0f} req/s = {ratio(links_rps, floor_rps)}")
-    lines.append(f"floor: asyncpg unnest insert of 1000 rows: {floor_rows:,.0f} rows/s")
+    lines.append(f"floor: asyncpg unnest insert of 1000 rows (best of {SEND_ROUNDS} turns interleaved with the send's"
+                 f" and the other floors'): {floor_rows:,.0f} rows/s")
     lines.append(f"POST /send/bulk x1000 (new recipients, personalised bodies with a short link rewritten per message,"
                  f" end to end over HTTP): "
                  f"{best:,.0f} rows/s = {ratio(best, floor_rows)} (goal >= 0.50)")
     lines.append(f"  like for like: plain unnest inserts of what it stores (messages, message_links, contacts),"
                  f" one transaction per 1000: {send_floor:,.0f} messages/s; the bulk send = {ratio(best, send_floor)}")
     lines.append(f"  ceiling of the stack: a Starlette endpoint that only parses the same 1000 records and runs the"
-                 f" floor's insert (same client): {ceiling:,.0f} rows/s = {ratio(ceiling, floor_rows)};"
+                 f" floor's insert (same client): {ceiling:,.0f} rows/s ="
+                 f" {ratio(ceiling, floor_rows)};"
                  f" the bulk send = {best / ceiling:.2f} of it")
+    lines.append("  bulk send / unnest floor, turn by turn: " + ", ".join(f"{p / f:.2f}" for p, f in zip(sends, floors)))
     return lines
 
 
