@@ -79,11 +79,15 @@ class ClickWriter:
             return
         clicks, waiters = self._clicks[: self._max_batch], self._waiters[: self._max_batch]
         del self._clicks[: self._max_batch], self._waiters[: self._max_batch]
-        args = ("XADD", self._stream, "*", "b", orjson.dumps(clicks))
-        # Straight onto the connection when it is up (no task per batch); else connect first.
-        reply = self._redis.submit(*args)
-        if reply is None:
-            reply = asyncio.ensure_future(self._redis.execute(*args))
+        try:
+            args = ("XADD", self._stream, "*", "b", orjson.dumps(clicks))
+            # Straight onto the connection when it is up (no task per batch); else connect first.
+            reply = self._redis.submit(*args)
+            if reply is None:
+                reply = asyncio.ensure_future(self._redis.execute(*args))
+        except Exception as exc:  # noqa: BLE001 - whatever it was, these requests must not wait forever
+            reply = asyncio.get_running_loop().create_future()
+            reply.set_exception(exc)
         self._inflight.add(reply)
         reply.add_done_callback(lambda done: self._finish(done, clicks, waiters))
 

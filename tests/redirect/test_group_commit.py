@@ -100,3 +100,20 @@ async def test_a_cancelled_request_does_not_fail_the_others_of_its_batch(setting
         await writer.close()
         await conn.close()
         await redis.delete(STREAM)
+
+
+async def test_a_batch_that_cannot_be_sent_fails_its_requests_instead_of_leaving_them_waiting(
+    settings: Settings, redis: Any
+) -> None:
+    conn = RawRedis(settings.redis_url or "")
+    writer = ClickWriter(conn, stream=STREAM)
+    try:
+        unencodable = {**fake_click(1), "ua": "\ud800"}  # a lone surrogate: not UTF-8, orjson refuses it
+        with pytest.raises(ClickNotRecorded):
+            await asyncio.wait_for(writer.write(unencodable), 5)  # type: ignore[arg-type]
+        assert writer.failed == 1
+        await asyncio.wait_for(writer.write(fake_click(2)), 5)  # the writer carries on
+    finally:
+        await writer.close()
+        await conn.close()
+        await redis.delete(STREAM)
