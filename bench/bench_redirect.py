@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -365,8 +366,9 @@ def _http_bench(env: BenchEnv, data: dict) -> list[str]:
     )
     # The spread, for judging the best-of figures on a noisy machine: each turn against its own floor.
     for name in ("short", "tracker"):
-        turns = ", ".join(f"{p.rps / f.rps:.2f}" for p, f in zip(results[name], results["floor"], strict=True))
-        lines.append(f"  {name} hop / floor, turn by turn: {turns}")
+        turns = [p.rps / f.rps for p, f in zip(results[name], results["floor"], strict=True)]
+        lines.append(f"  {name} hop / floor, turn by turn: {', '.join(f'{t:.2f}' for t in turns)}"
+                     f" (median {statistics.median(turns):.2f})")
     return lines
 
 
