@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,15 +27,18 @@ class BenchEnv:
     @classmethod
     @contextlib.contextmanager
     def start(cls) -> Iterator["BenchEnv"]:
-        """Embedded PostgreSQL and Redis in a temporary directory unless TRACKLY_*_URL are set."""
+        """Embedded PostgreSQL and Redis in a temporary directory unless TRACKLY_*_URL are set; the
+        directory (a run leaves hundreds of MB of data there) is removed afterwards."""
         work = Path(tempfile.mkdtemp(prefix="trackly-bench-"))
-        settings, embedded = with_backends(replace(settings_mod.load(), data_dir=work))
-        asyncio.run(migrate(settings.database_url))
+        embedded = None
         try:
+            settings, embedded = with_backends(replace(settings_mod.load(), data_dir=work))
+            asyncio.run(migrate(settings.database_url))
             yield cls(settings, work)
         finally:
             if embedded is not None:
                 embedded.stop()
+            shutil.rmtree(work, ignore_errors=True)
 
 
 async def unnest_floor(dsn: str, rows: int = 1000, rounds: int = 20) -> float:
