@@ -13,7 +13,7 @@ the ledger whose sum is a conversion's revenue; nothing is ever deleted.
 
 Attribution: the click named by ``click_id`` (same account, human) wins if the conversion time is
 within ``[clicked_at, clicked_at + click_window_days]`` of the click's offer (default 90 days),
-both edges taken to the whole second (see ``judge``).
+the start taken to the click's whole second (see ``judge``).
 Multi-touch: first click wins. When the named click qualifies, the credit goes to the same
 contact's first click (over its messages, one first click each) on the same offer whose window
 also holds the conversion; the later click is tracked but not credited (``Clicks.credit``).
@@ -173,16 +173,14 @@ def judge(account_id: int, click_id: str | None, converted_at: datetime, click: 
         return Attribution(False, "click_not_found")
     if click["is_bot"]:
         return Attribution(False, "bot_click")
-    # Networks report conversion times to the second (the {datetime} macro hands them the click's
-    # own second, truncated): the window runs from the start of the click's second to the end of
-    # that second plus the window, so a whole-second stamp at either edge is inside, rounded
-    # either way, and a whole second before or after is outside.
+    # Networks report conversion times to the second, and the {datetime} macro hands them the
+    # click's own second, truncated: a conversion stamped with the click's second is not before it.
+    # The window ends exactly window_days after the click, so the click's second plus the window
+    # is inside, and one second more (or anything past the exact end) is outside.
     clicked_at = click["clicked_at"]
-    first_second = clicked_at.replace(microsecond=0)
-    if converted_at < first_second:
+    if converted_at < clicked_at.replace(microsecond=0):
         return Attribution(False, "before_click")
-    last_second = first_second + timedelta(seconds=1) if clicked_at.microsecond else first_second
-    if converted_at > last_second + timedelta(days=click["window_days"]):
+    if converted_at > clicked_at + timedelta(days=click["window_days"]):
         return Attribution(False, "expired")
     return Attribution(True, None, click)
 

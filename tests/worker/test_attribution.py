@@ -121,20 +121,26 @@ async def test_multi_touch_keeps_to_the_offer_and_the_window(api, db, tenant, ru
     assert (await conversion(db, tenant, "c"))["message_id"] == c  # the earlier click's 1-day window has closed
 
 
-async def test_window_edges_are_whole_seconds_for_a_click_within_a_second(api, db, tenant, run_worker):
-    # The click is at T0 + 0.4 s; networks stamp whole seconds, rounded either way.
+async def test_window_edges_for_a_click_within_a_second(api, db, tenant, run_worker):
+    # The click is at T0 + 0.4 s; networks stamp whole seconds (its {datetime} is T0). The click's
+    # second is not before it; the window ends exactly 7 days after it.
     offer = await make_offer(api, tenant, click_window_days=7)
     at = T0 + timedelta(milliseconds=400)
     stamps = {
-        "down": T0 + timedelta(days=7), "up": T0 + timedelta(days=7, seconds=1),
-        "past": at + timedelta(days=7, seconds=1), "same-second": T0, "second-before": at - timedelta(seconds=1),
+        "same-second": T0, "second-before": T0 - timedelta(seconds=1),
+        "edge-of-its-second": T0 + timedelta(days=7), "exact-edge": at + timedelta(days=7),
+        "second-past-its-second": T0 + timedelta(days=7, seconds=1), "just-past": at + timedelta(days=7, milliseconds=1),
+        "second-past": at + timedelta(days=7, seconds=1),
     }
     for key, stamp in stamps.items():
         _, _, click_id = await clicked_message(api, db, tenant, offer=offer, at=at)
         await postback(api, tenant, click_id=click_id, conversion_id=key, timestamp=stamp.isoformat())
     await run_worker()
     verdicts = {key: (await conversion(db, tenant, key))["unattributed_reason"] for key in stamps}
-    assert verdicts == {"down": None, "up": None, "past": "expired", "same-second": None, "second-before": "before_click"}
+    assert verdicts == {
+        "same-second": None, "second-before": "before_click", "edge-of-its-second": None, "exact-edge": None,
+        "second-past-its-second": "expired", "just-past": "expired", "second-past": "expired",
+    }
 
 
 async def test_unencoded_plus_in_a_timestamp_offset_is_an_offset(api, db, tenant, run_worker):
