@@ -29,12 +29,16 @@ BOTS = [
     "Mozilla/5.0 (compatible; Google-PageRenderer; +https://developers.google.com/search)",
     "Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)",
     "Microsoft Office Existence Discovery",
+    "kakaotalk-scrap/1.0; +https://devtalk.kakao.com/public/robots",
+    "Mozilla/5.0 (X11; Linux x86_64; Google-Read-Aloud; +https://support.google.com/webmasters/answer/1061943)",
+    "GoogleOther",
 ]
 HUMANS = [
     PHONE_UA,
     "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Mobile Safari/537.36",
     "Mozilla/5.0 (Linux; Android 9; CUBOT X19) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/88.0 Mobile Safari/537.36",
     "curl/8.5.0",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Mobile/15E148 Snapchat/12.60.0.46 (like Safari/8614.1.25.0.31, panda)",
     "",
 ]
 

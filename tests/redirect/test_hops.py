@@ -89,6 +89,16 @@ async def test_wrong_host_and_unknown_codes_are_404(api: httpx.AsyncClient, tena
         assert "Not found" in resp.text
 
 
+async def test_a_trailing_slash_names_the_same_link(api: httpx.AsyncClient, tenant: Tenant, edge: Edge) -> None:
+    """SMS copy often ends a URL with "/": /Ab3kX9/ is /Ab3kX9, on both hops; two slashes are not."""
+    _, link = await offer_and_link(api, tenant, "https://lp.example/land")
+    resp = await edge.get(link["shortUrl"] + "/?sub1=a")
+    assert resp.status_code == 302 and resp.headers["location"] == link["clickTrackerUrl"] + "?sub1=a"
+    resp = await edge.get(link["clickTrackerUrl"] + "/")
+    assert resp.status_code == 302 and resp.headers["location"].startswith("https://lp.example/land?click_id=")
+    assert (await edge.get(link["shortUrl"] + "//")).status_code == 404
+
+
 async def test_every_macro_is_filled_from_the_click_offer_and_query(
     api: httpx.AsyncClient, tenant: Tenant, edge: Edge
 ) -> None:

@@ -148,3 +148,18 @@ async def test_the_message_creative_fills_the_creative_macro(
         dest = await edge.get((await edge.get(short_url + query)).headers["location"])
         q = parse_qs(urlsplit(dest.headers["location"]).query)
         assert q["cr"] == [expected] and q["m"] == [message_id]
+
+
+async def test_a_rewritten_url_ending_in_a_slash_works_as_written(
+    api: httpx.AsyncClient, tenant: Tenant, edge: Edge, db: asyncpg.Pool
+) -> None:
+    """The gateway rewrites ``.../Ab3kX9/`` and leaves the slash; the URL in the message, slash and
+    all, reaches the message's tracker."""
+    _, link = await offer_and_link(api, tenant, "https://lp.example/offer?m={{sendId}}")
+    message_id, short_url = await send(api, tenant, db, f"Deal: {link['shortUrl']}/ now")
+    body = await db.fetchval("SELECT body FROM messages WHERE id = $1", message_id)
+    assert f"{short_url}/ now" in body
+    tracker = await edge.get(short_url + "/")
+    assert tracker.status_code == 302
+    dest = await edge.get(tracker.headers["location"])
+    assert parse_qs(urlsplit(dest.headers["location"]).query)["m"] == [message_id]
