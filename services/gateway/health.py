@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
@@ -14,18 +15,25 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+async def _probe(check: Awaitable[object], timeout: float = 2.0) -> str:
+    """"ok", or why not, within ``timeout``. Unlike ``asyncio.wait_for``, a check that does not end
+    is left to be cancelled in the background instead of being waited for: cancelling a query to
+    a PostgreSQL that stopped answering waits on that same PostgreSQL."""
+    task = asyncio.ensure_future(check)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        task.cancel()
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # nobody awaits it
+        return "error: TimeoutError"
+    exc = task.exception()
+    return "ok" if exc is None else f"error: {type(exc).__name__}"
+
+
 async def readyz(request: Request) -> Response:
-    checks: dict[str, str] = {}
-    try:
-        await asyncio.wait_for(request.app.state.db.fetchval("SELECT 1"), 2)
-        checks["postgres"] = "ok"
-    except Exception as exc:  # noqa: BLE001 - any failure means not ready
-        checks["postgres"] = f"error: {type(exc).__name__}"
-    try:
-        await asyncio.wait_for(request.app.state.redis.ping(), 2)
-        checks["redis"] = "ok"
-    except Exception as exc:  # noqa: BLE001
-        checks["redis"] = f"error: {type(exc).__name__}"
+    checks = {
+        "postgres": await _probe(request.app.state.db.fetchval("SELECT 1")),
+        "redis": await _probe(request.app.state.redis.ping()),
+    }
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse({"status": "ready" if ready else "unavailable", **checks}, status_code=200 if ready else 503)
 

@@ -103,3 +103,62 @@ async def test_redis_down_is_503_and_nothing_half_written(settings, db, tenant, 
     finally:
         private.stop()
     assert await db.fetchval("SELECT count(*) FROM links WHERE account_id = $1", tenant.account_id) == 1
+
+
+async def test_a_redis_that_stops_answering_is_503_not_a_hang(settings, db, tenant, api, tmp_path, monkeypatch):
+    """Redis accepts the connection but never answers (stopped, swapping): the call times out into
+    503 and rolls back, instead of waiting until Redis returns and committing behind the back of a
+    client that gave up and retried."""
+    import asyncio
+    import signal
+
+    from shared import redis_client
+
+    monkeypatch.setattr(redis_client, "SOCKET_TIMEOUT", 0.5)
+    private = EmbeddedRedis(tmp_path / "redis")
+    private.start()
+    offer = await make_offer(api, tenant)
+    app = create_app(replace(settings, redis_url=private.url))
+    try:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://g") as gateway:
+                body = {"offerId": offer["id"], "listId": tenant.list_id}
+                assert (await gateway.post("/api/v2/links", headers=tenant.headers, json=body)).status_code == 201
+                private.process.send_signal(signal.SIGSTOP)
+                try:
+                    resp = await asyncio.wait_for(gateway.post("/api/v2/links", headers=tenant.headers, json=body), 10)
+                    assert_error(resp, 503, "service_unavailable")
+                    ready = await asyncio.wait_for(gateway.get("/readyz"), 10)
+                    assert ready.status_code == 503 and ready.json()["redis"].startswith("error")
+                finally:
+                    private.process.send_signal(signal.SIGCONT)
+    finally:
+        private.stop()
+    assert await db.fetchval("SELECT count(*) FROM links WHERE account_id = $1", tenant.account_id) == 1
+
+
+async def test_readiness_answers_in_time_even_when_a_check_cannot_be_cancelled_quickly():
+    """A query to a PostgreSQL that stopped answering takes as long to cancel as to run (the
+    cancel request goes to that same server): readiness does not wait for the cancellation."""
+    import asyncio
+    import time
+
+    from services.gateway.health import _probe
+
+    async def stuck() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            await asyncio.sleep(3)  # cancelling takes long too
+            raise
+
+    start = time.monotonic()
+    assert await _probe(stuck(), timeout=0.2) == "error: TimeoutError"
+    assert time.monotonic() - start < 2
+    assert await _probe(asyncio.sleep(0, "fine"), timeout=1) == "ok"
+
+    async def failing() -> None:
+        raise ConnectionRefusedError
+
+    assert await _probe(failing()) == "error: ConnectionRefusedError"
