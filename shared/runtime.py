@@ -1,7 +1,9 @@
 """Resolve where PostgreSQL and Redis are: the configured servers, or embedded ones."""
 from __future__ import annotations
 
+import signal
 from dataclasses import replace
+from types import FrameType
 
 from shared.embedded import Embedded
 from shared.settings import Settings
@@ -27,3 +29,17 @@ def with_backends(settings: Settings, *, redis: bool = True) -> tuple[Settings, 
         database_url=settings.database_url or db_url,
         redis_url=settings.redis_url or redis_url,
     ), embedded
+
+
+def _exit(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def exit_on_sigterm() -> None:
+    """Let SIGTERM end a uvicorn service through ``SystemExit``, so that its ``finally`` runs.
+
+    uvicorn shuts down gracefully on SIGTERM, then restores the handler it found and raises the
+    signal again. With the default handler the process dies right there, before the ``finally``
+    that stops its embedded PostgreSQL and Redis: they were left running. Call before
+    ``uvicorn.run``; exits with 143 (128 + SIGTERM), as a process killed by it reports."""
+    signal.signal(signal.SIGTERM, _exit)

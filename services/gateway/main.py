@@ -7,7 +7,7 @@ import uvicorn
 
 from services.gateway.app import create_app
 from shared.migrate import migrate
-from shared.runtime import with_backends
+from shared.runtime import exit_on_sigterm, with_backends
 from shared.settings import Settings
 
 
@@ -17,6 +17,7 @@ def serve(settings: Settings) -> int:
         if embedded is not None:
             # A private database is ours to migrate; shared ones are migrated by `trackly migrate`.
             asyncio.run(migrate(settings.database_url))
+        exit_on_sigterm()
         uvicorn.run(
             create_app(settings),
             host=settings.gateway_host,

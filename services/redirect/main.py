@@ -4,7 +4,7 @@ from __future__ import annotations
 import uvicorn
 
 from services.redirect.app import create_app
-from shared.runtime import with_backends
+from shared.runtime import exit_on_sigterm, with_backends
 from shared.settings import Settings
 
 
@@ -13,6 +13,7 @@ def serve(settings: Settings) -> int:
     # every service (and starts the embedded servers when none are configured).
     settings, embedded = with_backends(settings)
     try:
+        exit_on_sigterm()
         uvicorn.run(
             create_app(settings),
             host=settings.redirect_host,

@@ -136,3 +136,33 @@ def _redis_alive(path: Path) -> bool:
             return True
         except OSError:
             return False
+
+
+@pytest.mark.parametrize("service", ["gateway", "redirect"])
+def test_a_standalone_service_stops_its_embedded_servers_on_sigterm(tmp_path, service):
+    """`trackly gateway` (or redirect) alone starts a private PostgreSQL and Redis; SIGTERM, as a
+    process manager sends it, stops them too (uvicorn re-raises the signal after its shutdown)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKLY_")}
+    port = free_port()
+    env.update(TRACKLY_DATA_DIR=str(tmp_path), TRACKLY_GATEWAY_PORT=str(port), TRACKLY_REDIRECT_PORT=str(port))
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", service], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: _answers(f"http://127.0.0.1:{port}/healthz"), 60), f"{service} did not come up"
+        started = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+        assert started  # its postgres and redis-server
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(25)
+        assert wait_for(lambda: not [pid for pid in started if Path(f"/proc/{pid}").exists()], 10)
+        assert not (tmp_path / "pg" / "postmaster.pid").exists()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url).status_code == 200
+    except httpx.TransportError:
+        return False
