@@ -12,12 +12,14 @@ import signal
 import subprocess
 import sys
 import time
+from urllib.parse import urlsplit, urlunsplit
 
 from shared.migrate import migrate
 from shared.runtime import with_backends
 from shared.settings import Settings
 
 CHILD_STOP_TIMEOUT = 12.0
+RESTART_AFTER = 10.0
 
 
 def _child_env(settings: Settings) -> dict[str, str]:
@@ -45,29 +47,93 @@ def run_all(settings: Settings) -> int:
     try:
         asyncio.run(migrate(settings.database_url))
         env = _child_env(settings)
+
+        def start(name: str) -> subprocess.Popen:
+            return subprocess.Popen([sys.executable, "-m", "services.cli", name], env=env, start_new_session=True)
+
         for name in ("worker", "redirect", "gateway"):
-            children[name] = subprocess.Popen(
-                [sys.executable, "-m", "services.cli", name], env=env, start_new_session=True
-            )
+            children[name] = start(name)
         print(
             f"trackly: gateway  http://{settings.gateway_host}:{settings.gateway_port}/api/v2\n"
             f"trackly: redirect http://{settings.redirect_host}:{settings.redirect_port}\n"
-            f"trackly: database {settings.database_url}\ntrackly: redis    {settings.redis_url}\n"
+            f"trackly: database {_without_password(settings.database_url)}\n"
+            f"trackly: redis    {_without_password(settings.redis_url)}\n"
             "trackly: Ctrl-C stops everything",
             flush=True,
         )
+        restarts = _Restarts(time.monotonic())
         while not stopping:
-            for name, proc in children.items():
-                if proc.poll() is not None:
-                    print(f"trackly: {name} exited with {proc.returncode}; stopping", file=sys.stderr, flush=True)
+            now = time.monotonic()
+            for name, proc in list(children.items()):
+                if proc.poll() is None:
+                    continue
+                if restarts.due(name, now):
+                    children[name] = start(name)
+                    restarts.started(name, now)
+                    continue
+                if restarts.waiting(name):
+                    continue
+                delay = restarts.exited(name, now)
+                if delay is None:
+                    print(f"trackly: {name} exited with {proc.returncode} while starting; stopping",
+                          file=sys.stderr, flush=True)
                     stopping = True
                     code = 1
+                    break
+                print(f"trackly: {name} exited with {proc.returncode}; restarting it in {delay:.0f} s",
+                      file=sys.stderr, flush=True)
             time.sleep(0.2)
     finally:
         _stop_children(children)
         if embedded is not None:
             embedded.stop()
     return code
+
+
+class _Restarts:
+    """When a child that exited is started again, as a process manager would (a worker whose Redis
+    restarted, say): a child that has run for RESTART_AFTER seconds is restarted after 1, 2, 4...
+    up to 30 s while it keeps failing; one that exits before ever running that long is failing to
+    start (a port in use, a bad setting) and stops everything."""
+
+    def __init__(self, now: float) -> None:
+        self._started: dict[str, float] = {}
+        self._proven: set[str] = set()
+        self._failures: dict[str, int] = {}
+        self._due: dict[str, float] = {}
+        self._first = now
+
+    def started(self, name: str, now: float) -> None:
+        self._started[name] = now
+        self._due.pop(name, None)
+
+    def waiting(self, name: str) -> bool:
+        return name in self._due
+
+    def due(self, name: str, now: float) -> bool:
+        return name in self._due and now >= self._due[name]
+
+    def exited(self, name: str, now: float) -> float | None:
+        """Seconds until it is started again, or None: it failed to start."""
+        ran = now - self._started.get(name, self._first)
+        if ran >= RESTART_AFTER:
+            self._proven.add(name)
+            self._failures[name] = 0
+        if name not in self._proven:
+            return None
+        delay = min(30.0, 2.0 ** self._failures.get(name, 0))
+        self._failures[name] = self._failures.get(name, 0) + 1
+        self._due[name] = now + delay
+        return delay
+
+
+def _without_password(url: str | None) -> str:
+    """A URL fit to print: its password replaced by ***."""
+    parts = urlsplit(url or "")
+    if not parts.password:
+        return url or ""
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _stop_children(children: dict[str, subprocess.Popen]) -> None:

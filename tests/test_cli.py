@@ -60,3 +60,31 @@ def test_bad_input_exits_nonzero_with_one_line(settings, args):
     assert out.returncode != 0
     assert out.stdout == ""
     assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("error:")
+
+
+def test_a_child_is_restarted_with_backoff_once_it_has_run_and_never_while_failing_to_start():
+    from services.supervisor import RESTART_AFTER, _Restarts
+
+    r = _Restarts(now=0.0)
+    assert r.exited("gateway", 2.0) is None  # died while starting: stop everything
+    r.started("worker", 0.0)
+    assert r.exited("worker", RESTART_AFTER + 1) == 1  # ran, then died: again in 1 s
+    assert r.waiting("worker") and not r.due("worker", RESTART_AFTER + 1.5) and r.due("worker", RESTART_AFTER + 2)
+    t = RESTART_AFTER + 2
+    delays = []
+    for _ in range(7):  # keeps dying at once: 2, 4, 8... up to 30 s
+        r.started("worker", t)
+        delays.append(r.exited("worker", t + 0.5))
+        t += 40
+    assert delays == [2, 4, 8, 16, 30, 30, 30]
+    r.started("worker", t)
+    assert r.exited("worker", t + RESTART_AFTER) == 1  # ran long enough again: back to 1 s
+
+
+def test_urls_are_printed_without_their_password():
+    from services.supervisor import _without_password
+
+    assert _without_password("postgresql://app:s3cret@db:5432/trackly") == "postgresql://app:***@db:5432/trackly"
+    assert _without_password("redis://:s3cret@cache:6379/0") == "redis://:***@cache:6379/0"
+    assert _without_password("unix:///tmp/x/redis.sock") == "unix:///tmp/x/redis.sock"
+    assert _without_password("postgresql://postgres:@/postgres?host=/tmp/pg") == "postgresql://postgres:@/postgres?host=/tmp/pg"

@@ -46,7 +46,7 @@ def stack(tmp_path_factory):
             raise AssertionError("trackly run did not come up:\n" + (data / "run.log").read_text())
         time.sleep(0.2)
     yield {"proc": proc, "env": env, "gateway": f"http://127.0.0.1:{gw}", "redirect": f"http://127.0.0.1:{rd}",
-           "data": data, "log": data / "run.log"}
+           "data": data, "log": data / "run.log", "up_since": time.monotonic()}
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -111,6 +111,24 @@ def flow(stack, account, lst, api, edge):
 
     report = api.get("/reports/performance", params={"group_by": "offer"}).json()
     assert report["totals"]["sends"] == 1 and report["totals"]["clicks"] == 1 and report["totals"]["revenue"] == 12.5
+
+
+def test_a_child_that_dies_is_started_again(stack):
+    """A child that ran and then died (a worker whose Redis restarted, a kill -9) is started again,
+    as a process manager would, instead of taking everything down."""
+    proc = stack["proc"]
+
+    def worker_pids() -> list[str]:
+        return subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "services.cli worker"],
+                              capture_output=True, text=True).stdout.split()
+
+    time.sleep(max(0.0, 10.5 - (time.monotonic() - stack["up_since"])))  # it has run long enough
+    (old,) = worker_pids()
+    os.kill(int(old), signal.SIGKILL)
+    new = wait_for(lambda: [pid for pid in worker_pids() if pid != old], 15)
+    assert new and proc.poll() is None, Path(stack["log"]).read_text()
+    assert "worker exited with -9; restarting it in 1 s" in Path(stack["log"]).read_text()
+    assert httpx.get(stack["gateway"] + "/readyz").status_code == 200
 
 
 def test_stop_within_20_seconds(stack):
