@@ -1,10 +1,15 @@
 """Auth, account scoping, the uniform error body, limits and health endpoints."""
+import asyncio
+import contextlib
+import signal
+import time
 from dataclasses import replace
 
 import httpx
 import pytest
 
 from services.gateway.app import create_app
+from shared import redis_client
 from shared.embedded import EmbeddedRedis
 from tests.helpers import make_offer, make_tenant
 
@@ -83,25 +88,31 @@ async def test_health_endpoints(api):
 
 
 
-async def test_redis_down_is_503_and_nothing_half_written(settings, db, tenant, api, tmp_path):
-    """A link is published to Redis before its row commits: with Redis gone the call fails
-    cleanly (503, retry) and leaves no link row behind; /readyz says so."""
+@contextlib.asynccontextmanager
+async def gateway_on_private_redis(settings, tmp_path):
+    """(a gateway client, its Redis): a gateway whose Redis the test may stop."""
     private = EmbeddedRedis(tmp_path / "redis")
     private.start()
-    offer = await make_offer(api, tenant)
     app = create_app(replace(settings, redis_url=private.url))
     try:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
             async with httpx.AsyncClient(transport=transport, base_url="http://g") as gateway:
-                body = {"offerId": offer["id"], "listId": tenant.list_id}
-                assert (await gateway.post("/api/v2/links", headers=tenant.headers, json=body)).status_code == 201
-                private.stop()
-                assert_error(await gateway.post("/api/v2/links", headers=tenant.headers, json=body), 503, "service_unavailable")
-                ready = await gateway.get("/readyz")
-                assert ready.status_code == 503 and ready.json()["redis"].startswith("error")
+                yield gateway, private
     finally:
         private.stop()
+
+
+async def test_redis_down_is_503_and_nothing_half_written(settings, db, tenant, api, tmp_path):
+    """A link is published to Redis before its row commits: with Redis gone the call fails
+    cleanly (503, retry) and leaves no link row behind; /readyz says so."""
+    body = {"offerId": (await make_offer(api, tenant))["id"], "listId": tenant.list_id}
+    async with gateway_on_private_redis(settings, tmp_path) as (gateway, private):
+        assert (await gateway.post("/api/v2/links", headers=tenant.headers, json=body)).status_code == 201
+        private.stop()
+        assert_error(await gateway.post("/api/v2/links", headers=tenant.headers, json=body), 503, "service_unavailable")
+        ready = await gateway.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["redis"].startswith("error")
     assert await db.fetchval("SELECT count(*) FROM links WHERE account_id = $1", tenant.account_id) == 1
 
 
@@ -109,41 +120,24 @@ async def test_a_redis_that_stops_answering_is_503_not_a_hang(settings, db, tena
     """Redis accepts the connection but never answers (stopped, swapping): the call times out into
     503 and rolls back, instead of waiting until Redis returns and committing behind the back of a
     client that gave up and retried."""
-    import asyncio
-    import signal
-
-    from shared import redis_client
-
     monkeypatch.setattr(redis_client, "SOCKET_TIMEOUT", 0.5)
-    private = EmbeddedRedis(tmp_path / "redis")
-    private.start()
-    offer = await make_offer(api, tenant)
-    app = create_app(replace(settings, redis_url=private.url))
-    try:
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-            async with httpx.AsyncClient(transport=transport, base_url="http://g") as gateway:
-                body = {"offerId": offer["id"], "listId": tenant.list_id}
-                assert (await gateway.post("/api/v2/links", headers=tenant.headers, json=body)).status_code == 201
-                private.process.send_signal(signal.SIGSTOP)
-                try:
-                    resp = await asyncio.wait_for(gateway.post("/api/v2/links", headers=tenant.headers, json=body), 10)
-                    assert_error(resp, 503, "service_unavailable")
-                    ready = await asyncio.wait_for(gateway.get("/readyz"), 10)
-                    assert ready.status_code == 503 and ready.json()["redis"].startswith("error")
-                finally:
-                    private.process.send_signal(signal.SIGCONT)
-    finally:
-        private.stop()
+    body = {"offerId": (await make_offer(api, tenant))["id"], "listId": tenant.list_id}
+    async with gateway_on_private_redis(settings, tmp_path) as (gateway, private):
+        assert (await gateway.post("/api/v2/links", headers=tenant.headers, json=body)).status_code == 201
+        private.process.send_signal(signal.SIGSTOP)
+        try:
+            resp = await asyncio.wait_for(gateway.post("/api/v2/links", headers=tenant.headers, json=body), 10)
+            assert_error(resp, 503, "service_unavailable")
+            ready = await asyncio.wait_for(gateway.get("/readyz"), 10)
+            assert ready.status_code == 503 and ready.json()["redis"].startswith("error")
+        finally:
+            private.process.send_signal(signal.SIGCONT)
     assert await db.fetchval("SELECT count(*) FROM links WHERE account_id = $1", tenant.account_id) == 1
 
 
 async def test_readiness_answers_in_time_even_when_a_check_cannot_be_cancelled_quickly():
     """A query to a PostgreSQL that stopped answering takes as long to cancel as to run (the
     cancel request goes to that same server): readiness does not wait for the cancellation."""
-    import asyncio
-    import time
-
     from services.gateway.health import _probe
 
     async def stuck() -> None:
