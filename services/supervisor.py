@@ -64,6 +64,11 @@ def run_all(settings: Settings) -> int:
         restarts = _Restarts(time.monotonic())
         while not stopping:
             now = time.monotonic()
+            if embedded is not None and not embedded.alive():
+                # Restarting the services cannot help (the worker would be restarted forever).
+                print("trackly: the embedded Redis exited; stopping", file=sys.stderr, flush=True)
+                code = 1
+                break
             for name, proc in list(children.items()):
                 if proc.poll() is None:
                     continue

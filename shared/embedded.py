@@ -170,6 +170,11 @@ class Embedded:
             redis_url = self.redis.url
         return db_url, redis_url
 
+    def alive(self) -> bool:
+        """False once the Redis server this process started has exited (it is reaped here)."""
+        process = self.redis.process
+        return process is None or process.poll() is None
+
     def stop(self) -> None:
         self.redis.stop()
         self.postgres.stop()

@@ -23,7 +23,11 @@ def with_backends(settings: Settings, *, redis: bool = True) -> tuple[Settings, 
     if not (need_db or need_redis):
         return settings, None
     embedded = Embedded(settings.data_dir)
-    db_url, redis_url = embedded.start(need_db=need_db, need_redis=need_redis)
+    try:
+        db_url, redis_url = embedded.start(need_db=need_db, need_redis=need_redis)
+    except BaseException:  # e.g. SystemExit from exit_on_sigterm: stop what did start
+        embedded.stop()
+        raise
     return replace(
         settings,
         database_url=settings.database_url or db_url,
@@ -40,6 +44,7 @@ def exit_on_sigterm() -> None:
 
     uvicorn shuts down gracefully on SIGTERM, then restores the handler it found and raises the
     signal again. With the default handler the process dies right there, before the ``finally``
-    that stops its embedded PostgreSQL and Redis: they were left running. Call before
-    ``uvicorn.run``; exits with 143 (128 + SIGTERM), as a process killed by it reports."""
+    that stops its embedded PostgreSQL and Redis: they were left running. Call first, before
+    ``with_backends`` starts them (a SIGTERM while they start stops them too); exits with 143
+    (128 + SIGTERM), as a process killed by it reports."""
     signal.signal(signal.SIGTERM, _exit)

@@ -20,20 +20,23 @@ async def _probe(check: Awaitable[object], timeout: float = 2.0) -> str:
     is left to be cancelled in the background instead of being waited for: cancelling a query to
     a PostgreSQL that stopped answering waits on that same PostgreSQL."""
     task = asyncio.ensure_future(check)
-    done, _ = await asyncio.wait({task}, timeout=timeout)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    finally:
+        if not task.done():  # overdue, or readiness itself was cancelled
+            task.cancel()
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # nobody awaits it
     if not done:
-        task.cancel()
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # nobody awaits it
         return "error: TimeoutError"
     exc = task.exception()
     return "ok" if exc is None else f"error: {type(exc).__name__}"
 
 
 async def readyz(request: Request) -> Response:
-    checks = {
-        "postgres": await _probe(request.app.state.db.fetchval("SELECT 1")),
-        "redis": await _probe(request.app.state.redis.ping()),
-    }
+    postgres, redis = await asyncio.gather(
+        _probe(request.app.state.db.fetchval("SELECT 1")), _probe(request.app.state.redis.ping())
+    )
+    checks = {"postgres": postgres, "redis": redis}
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse({"status": "ready" if ready else "unavailable", **checks}, status_code=200 if ready else 503)
 

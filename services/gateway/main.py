@@ -12,12 +12,12 @@ from shared.settings import Settings
 
 
 def serve(settings: Settings) -> int:
+    exit_on_sigterm()
     settings, embedded = with_backends(settings)
     try:
         if embedded is not None:
             # A private database is ours to migrate; shared ones are migrated by `trackly migrate`.
             asyncio.run(migrate(settings.database_url))
-        exit_on_sigterm()
         uvicorn.run(
             create_app(settings),
             host=settings.gateway_host,

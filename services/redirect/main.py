@@ -11,9 +11,9 @@ from shared.settings import Settings
 def serve(settings: Settings) -> int:
     # The redirect never touches PostgreSQL, but with_backends resolves both URLs the same way for
     # every service (and starts the embedded servers when none are configured).
+    exit_on_sigterm()
     settings, embedded = with_backends(settings)
     try:
-        exit_on_sigterm()
         uvicorn.run(
             create_app(settings),
             host=settings.redirect_host,

@@ -18,7 +18,7 @@ from services.worker import attribution, clicks
 from shared import db
 from shared.migrate import migrate
 from shared.redis_client import create_redis
-from shared.runtime import with_backends
+from shared.runtime import exit_on_sigterm, with_backends
 from shared.settings import Settings
 
 
@@ -61,6 +61,7 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
 
 
 def serve(settings: Settings) -> int:
+    exit_on_sigterm()
     settings, embedded = with_backends(settings)
     try:
         if embedded is not None:

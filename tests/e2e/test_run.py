@@ -131,6 +131,31 @@ def test_a_child_that_dies_is_started_again(stack):
     assert httpx.get(stack["gateway"] + "/readyz").status_code == 200
 
 
+def test_the_embedded_redis_dying_stops_everything(tmp_path):
+    """Without its Redis nothing can work, and restarting the services cannot bring it back: trackly
+    run stops (exit 1) rather than restarting the worker forever."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKLY_")}
+    gw, rd = free_port(), free_port()
+    env.update(TRACKLY_DATA_DIR=str(tmp_path), TRACKLY_GATEWAY_PORT=str(gw), TRACKLY_REDIRECT_PORT=str(rd))
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run"], env=env, start_new_session=True,
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        assert wait_for(lambda: _answers(f"http://127.0.0.1:{gw}/readyz"), 60), "trackly run did not come up"
+        time.sleep(10.5)  # the services have run long enough to be restarted if they die
+        (redis_pid,) = subprocess.run(["pgrep", "-P", str(proc.pid), "redis-server"],
+                                      capture_output=True, text=True).stdout.split()
+        os.kill(int(redis_pid), signal.SIGKILL)
+        proc.wait(25)
+        assert proc.returncode == 1 and "the embedded Redis exited; stopping" in log.read_text()
+        assert not (tmp_path / "pg" / "postmaster.pid").exists()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def test_stop_within_20_seconds(stack):
     proc = stack["proc"]
     children = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
