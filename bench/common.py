@@ -12,6 +12,11 @@ from pathlib import Path
 
 import asyncpg
 import httpx
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from shared import settings as settings_mod
 from shared.migrate import migrate
@@ -120,12 +125,6 @@ async def stack_ceiling(dsn: str, rows: int = 1000, rounds: int = 8) -> float:
     other table, no Redis), then answers each record's id. Best of ``rounds``: give it as many
     as the figure it is compared with. What separates it from ``unnest_floor`` is HTTP, JSON and
     a pool checkout; a ratio against it is what everything a real endpoint does on top costs."""
-    import orjson
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import Response
-    from starlette.routing import Route
-
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
     try:
         await pool.execute("DROP TABLE IF EXISTS bench_ceiling_rows")

@@ -72,11 +72,10 @@ def run_all(settings: Settings) -> int:
             for name, proc in list(children.items()):
                 if proc.poll() is None:
                     continue
-                if restarts.due(name, now):
-                    children[name] = start(name)
-                    restarts.started(name, now)
-                    continue
                 if restarts.waiting(name):
+                    if restarts.due(name, now):
+                        children[name] = start(name)
+                        restarts.started(name, now)
                     continue
                 delay = restarts.exited(name, now)
                 if delay is None:

@@ -59,13 +59,15 @@ class EmbeddedRedis:
     data_dir: Path
     process: subprocess.Popen | None = None
     socket: Path = field(init=False)
+    # The private temp dir holding the socket when the data dir's path is too long for it.
+    _socket_dir: Path | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        socket = self.data_dir / "redis.sock"
-        if len(str(socket)) > _SOCKET_MAX:
-            socket = _short_socket_dir(self.data_dir) / "redis.sock"
-        self.socket = socket
+        self.socket = self.data_dir / "redis.sock"
+        if len(str(self.socket)) > _SOCKET_MAX:
+            self._socket_dir = _short_socket_dir(self.data_dir)
+            self.socket = self._socket_dir / "redis.sock"
 
     @property
     def url(self) -> str:
@@ -82,8 +84,8 @@ class EmbeddedRedis:
     def start(self) -> None:
         """Start redis-server, or attach to the one already serving this data directory
         (e.g. ``trackly admin`` next to ``trackly run``); only a server we started is ours to stop."""
-        if self.socket.parent != self.data_dir:
-            _private_dir(self.socket.parent)
+        if self._socket_dir is not None:
+            _private_dir(self._socket_dir)
         if self.socket.exists():
             if self._answers():
                 return
@@ -120,9 +122,9 @@ class EmbeddedRedis:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-            if self.socket.parent != self.data_dir:  # our directory in the temp dir, if now empty
+            if self._socket_dir is not None:  # if now empty
                 with contextlib.suppress(OSError):
-                    self.socket.parent.rmdir()
+                    self._socket_dir.rmdir()
         self.process = None
 
 

@@ -315,6 +315,8 @@ class RedirectApp:
             return
         started = time.perf_counter()
         path: str = scope["path"]
+        if path.endswith("/") and len(path) > 1:  # SMS copy often ends a URL with "/": /Ab3kX9/ is /Ab3kX9
+            path = path[:-1]
         method: str = scope["method"]
         hop = "tracker" if path.startswith("/c/") else "short"
         try:
@@ -344,8 +346,6 @@ class RedirectApp:
 
     async def _short_hop(self, scope: Scope, path: str, send: Any) -> int:
         code = path[1:]
-        if code.endswith("/"):  # SMS copy often ends a URL with "/": /Ab3kX9/ names /Ab3kX9
-            code = code[:-1]
         host = None
         for name, value in scope["headers"]:
             if name == b"host":
@@ -396,8 +396,6 @@ class RedirectApp:
 
     async def _tracker_hop(self, scope: Scope, method: str, path: str, send: Any) -> int:
         tracker_id = path[3:]
-        if tracker_id.endswith("/"):
-            tracker_id = tracker_id[:-1]
         host = user_agent = forwarded = None
         for name, value in scope["headers"]:
             if name == b"host":
