@@ -32,6 +32,7 @@ from typing import Any
 
 import asyncpg
 
+from shared import loops
 from shared.jobs import PROCESS_POSTBACK, postback_job_id
 from shared.postback_fields import accepts_move, status_value
 
@@ -439,14 +440,10 @@ async def sweep_once(db: asyncpg.Pool, arq_redis: Any) -> int:
 
 async def run_sweeper(ctx: dict[str, Any]) -> None:
     """Started by the worker: sweep every few seconds; a failure only delays the next sweep."""
-    while True:
-        await asyncio.sleep(SWEEP_INTERVAL)
-        try:
-            await sweep_once(ctx["db"], ctx["redis"])
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("postback sweep failed; retrying")
+    await loops.repeat(
+        lambda: sweep_once(ctx["db"], ctx["redis"]),
+        log=log, failure="postback sweep failed; retrying", pause_after_failure=0.0, interval=SWEEP_INTERVAL,
+    )
 
 
 FUNCTIONS: list[Any] = [process_postback]

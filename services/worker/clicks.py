@@ -38,7 +38,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from services.worker import attribution
-from shared import edge
+from shared import edge, loops
 
 log = logging.getLogger("trackly.worker.clicks")
 
@@ -324,11 +324,7 @@ async def _drain_loop(ctx: dict[str, Any], consumer: str) -> None:
     so a failure only delays (the entries stay in this consumer's pending list)."""
     db: asyncpg.Pool = ctx["db"]
     redis: aioredis.Redis = ctx["redis_client"]
-    while True:
-        try:
-            await drain_once(db, redis, consumer=consumer, block_ms=1000)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("click drain failed; retrying")
-            await asyncio.sleep(1.0)
+    await loops.repeat(
+        lambda: drain_once(db, redis, consumer=consumer, block_ms=1000),
+        log=log, failure="click drain failed; retrying", pause_after_failure=1.0,
+    )

@@ -8,7 +8,7 @@ stored postbacks whose job was never enqueued, e.g. Redis was down when they arr
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 from typing import Any
 
 from arq import run_worker
@@ -21,6 +21,8 @@ from shared.redis_client import create_redis
 from shared.runtime import exit_on_sigterm, with_backends
 from shared.settings import Settings
 
+log = logging.getLogger("trackly.worker")
+
 
 async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
@@ -32,12 +34,22 @@ async def startup(ctx: dict[str, Any]) -> None:
     ]
 
 
+# How long shutdown waits for its loops to stop; they stop at once unless something is badly wrong,
+# and then closing the pools below is still better than a worker that never exits.
+LOOP_STOP_TIMEOUT = 10.0
+
+
 async def shutdown(ctx: dict[str, Any]) -> None:
-    for task in ctx.get("loops", []):
+    tasks: list[asyncio.Task[None]] = ctx.get("loops", [])
+    for task in tasks:
         task.cancel()
-    for task in ctx.get("loops", []):
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    if tasks:
+        _, pending = await asyncio.wait(tasks, timeout=LOOP_STOP_TIMEOUT)
+        for task in pending:
+            log.error("background loop %s did not stop within %s s", task.get_name(), LOOP_STOP_TIMEOUT)
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                log.error("background loop %s had failed", task.get_name(), exc_info=task.exception())
     if "redis_client" in ctx:
         await ctx["redis_client"].aclose()
     if "db" in ctx:

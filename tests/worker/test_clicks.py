@@ -1,6 +1,7 @@
 """The click drainer: stream -> PostgreSQL, idempotent, first click per message, contacts."""
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -8,8 +9,9 @@ import asyncpg
 import httpx
 import orjson
 
-from services.worker.clicks import drain_once, ensure_group, store
+from services.worker.clicks import drain_once, ensure_group, run_drainer, store
 from shared import edge, ids
+from shared.redis_client import create_redis
 from shared.settings import Settings
 from tests.helpers import Tenant, make_tenant, random_phone
 
@@ -180,3 +182,18 @@ async def test_a_failed_transaction_is_retried_from_the_pending_list(
     assert (await redis.xpending(edge.CLICK_STREAM, edge.CLICK_GROUP))["pending"] >= 1
     assert await drain_once(db, redis, consumer="flaky") >= 1  # its own pending entry first
     assert await db.fetchval("SELECT count(*) FROM clicks WHERE id = $1", c["id"]) == 1
+
+
+async def test_the_drainer_stops_whenever_it_is_cancelled(settings: Settings, db: asyncpg.Pool) -> None:
+    """The worker's shutdown cancels the drainer and waits for it. A cancel that lands inside a
+    redis-py command (socket timeout set) could come out as ConnectionError and the loop went on:
+    the worker never exited (this hung CI). Cancel the real drainer, on real Redis, at many points."""
+    for n in range(30):
+        redis = create_redis(settings.redis_url)
+        task = asyncio.create_task(run_drainer({"db": db, "redis_client": redis, "click_consumer": f"cancel-{n}"}))
+        await asyncio.sleep(0.001 * n)
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=5)
+        await redis.aclose()
+        assert done, f"the drainer did not stop when cancelled after {n} ms"
+        assert task.cancelled()

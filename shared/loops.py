@@ -1,0 +1,43 @@
+"""Background loops that stop when they are cancelled, whatever the libraries under them do.
+
+redis-py (5.x, asyncio) can turn a task's cancellation into another error, or swallow it, when
+the cancel lands while a command waits inside its socket timeout (redis/redis-py#2028, #2551).
+A loop that logs errors and goes again would then never end, and whoever awaits it (a worker's
+shutdown) would wait forever. ``Task.cancelling()`` still says a cancel was asked for, so the
+loop checks it on every turn and after every failure.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import NoReturn
+
+
+def cancel_requested() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+async def repeat(
+    step: Callable[[], Awaitable[object]],
+    *,
+    log: logging.Logger,
+    failure: str,
+    pause_after_failure: float,
+    interval: float = 0.0,
+) -> NoReturn:
+    """Await ``step()`` forever (after ``interval`` seconds each time, if given); a failure is
+    logged as ``failure`` and only delays the next turn. Ends only by cancellation."""
+    while True:
+        if cancel_requested():
+            raise asyncio.CancelledError
+        if interval:
+            await asyncio.sleep(interval)
+        try:
+            await step()
+        except Exception:
+            if cancel_requested():
+                raise asyncio.CancelledError from None
+            log.exception(failure)
+            await asyncio.sleep(pause_after_failure)

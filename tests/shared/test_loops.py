@@ -1,0 +1,67 @@
+"""Background loops end when cancelled, even when what they await turns the cancellation into an
+error or swallows it (redis-py can: redis/redis-py#2028). Before ``shared.loops`` the worker's
+click drainer did exactly that and the worker's shutdown waited for it forever."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from shared.loops import repeat
+
+log = logging.getLogger("test.loops")
+
+
+async def _stops(task: asyncio.Task[None]) -> bool:
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=2)
+    return bool(done) and task.cancelled()
+
+
+@pytest.mark.parametrize("swallow", ["into_error", "silently"])
+async def test_a_step_that_swallows_the_cancellation_still_stops_the_loop(swallow: str) -> None:
+    entered = asyncio.Event()
+
+    async def step() -> None:
+        entered.set()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            if swallow == "into_error":
+                raise ConnectionError("Connection closed by server.") from None
+            return  # as if the reply had come
+
+    task = asyncio.create_task(repeat(step, log=log, failure="step failed", pause_after_failure=0.01))
+    await entered.wait()
+    assert await _stops(task)
+
+
+async def test_failures_are_logged_and_retried(caplog: pytest.LogCaptureFixture) -> None:
+    calls = 0
+
+    async def step() -> None:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise RuntimeError("boom")
+        await asyncio.sleep(10)
+
+    task = asyncio.create_task(repeat(step, log=log, failure="step failed", pause_after_failure=0.01))
+    while calls < 3:
+        await asyncio.sleep(0.01)
+    assert await _stops(task)
+    assert [r.message for r in caplog.records if r.name == "test.loops"] == ["step failed", "step failed"]
+
+
+async def test_interval_waits_between_turns() -> None:
+    times: list[float] = []
+
+    async def step() -> None:
+        times.append(asyncio.get_running_loop().time())
+
+    task = asyncio.create_task(repeat(step, log=log, failure="x", pause_after_failure=0, interval=0.05))
+    while len(times) < 3:
+        await asyncio.sleep(0.01)
+    assert await _stops(task)
+    assert all(b - a >= 0.045 for a, b in zip(times, times[1:]))
