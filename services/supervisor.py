@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from shared.migrate import migrate
 from shared.runtime import with_backends
@@ -131,13 +132,17 @@ class _Restarts:
         return delay
 
 
+_PASSWORD_PARAM = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+
+
 def _without_password(url: str | None) -> str:
-    """A URL fit to print: its password replaced by ***."""
-    parts = urlsplit(url or "")
-    if not parts.password:
-        return url or ""
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    """A URL fit to print: its password, in the authority or as a ``password`` query parameter
+    (libpq and redis-py read both), replaced by ***."""
+    url = url or ""
+    password = urlsplit(url).password
+    if password:
+        url = url.replace(f":{password}@", ":***@", 1)
+    return _PASSWORD_PARAM.sub(r"\1***", url)
 
 
 def _stop_children(children: dict[str, subprocess.Popen]) -> None:

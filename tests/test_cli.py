@@ -88,3 +88,8 @@ def test_urls_are_printed_without_their_password():
     assert _without_password("redis://:s3cret@cache:6379/0") == "redis://:***@cache:6379/0"
     assert _without_password("unix:///tmp/x/redis.sock") == "unix:///tmp/x/redis.sock"
     assert _without_password("postgresql://postgres:@/postgres?host=/tmp/pg") == "postgresql://postgres:@/postgres?host=/tmp/pg"
+    # libpq and redis-py also take the password as a query parameter
+    assert _without_password("postgresql:///trackly?host=/tmp/pg&password=s3cret&sslmode=disable") == (
+        "postgresql:///trackly?host=/tmp/pg&password=***&sslmode=disable")
+    assert _without_password("unix:///tmp/x/redis.sock?db=0&Password=s3cret") == "unix:///tmp/x/redis.sock?db=0&Password=***"
+    assert _without_password("redis://u:a@b@cache/0?password=c") == "redis://u:***@cache/0?password=***"
