@@ -16,6 +16,7 @@ import time
 from urllib.parse import urlsplit
 
 from shared.migrate import migrate
+from shared.process import die_with_parent
 from shared.runtime import with_backends
 from shared.settings import Settings
 
@@ -50,7 +51,10 @@ def run_all(settings: Settings) -> int:
         env = _child_env(settings)
 
         def start(name: str) -> subprocess.Popen:
-            return subprocess.Popen([sys.executable, "-m", "services.cli", name], env=env, start_new_session=True)
+            # Own sessions: Ctrl-C reaches only this process, which stops them in order. And they
+            # get SIGTERM if this process is killed, so they never outlive it.
+            return subprocess.Popen([sys.executable, "-m", "services.cli", name], env=env, start_new_session=True,
+                                    preexec_fn=die_with_parent())
 
         for name in ("worker", "redirect", "gateway"):
             children[name] = start(name)

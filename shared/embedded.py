@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared.process import die_with_parent
+
 _SOCKET_MAX = 100  # unix socket paths are limited to 107 bytes
 
 
@@ -105,6 +107,7 @@ class EmbeddedRedis:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            preexec_fn=die_with_parent(),  # it stops (and syncs its AOF) if whoever started it is killed
         )
         deadline = time.monotonic() + 15
         while not self.socket.exists():

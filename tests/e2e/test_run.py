@@ -1,6 +1,7 @@
 """`trackly run` on embedded PostgreSQL and Redis, driven over HTTP only, as a client would."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -154,6 +155,43 @@ def test_the_embedded_redis_dying_stops_everything(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def _start_run(data: Path, gw: int, rd: int) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKLY_")}
+    env.update(TRACKLY_DATA_DIR=str(data), TRACKLY_GATEWAY_PORT=str(gw), TRACKLY_REDIRECT_PORT=str(rd))
+    with open(data / "run.log", "a") as out:
+        return subprocess.Popen([sys.executable, "-m", "services.cli", "run"], env=env, start_new_session=True,
+                                stdout=out, stderr=subprocess.STDOUT)
+
+
+def test_kill_9_of_trackly_run_takes_its_services_with_it(tmp_path):
+    """The OOM killer (or kill -9) ends trackly run without its clean-up: its services and Redis
+    must still go (they get SIGTERM from the kernel), so that the next trackly run finds the ports
+    free and comes up."""
+    gw, rd = free_port(), free_port()
+    procs = [_start_run(tmp_path, gw, rd)]
+    try:
+        assert wait_for(lambda: _answers(f"http://127.0.0.1:{gw}/readyz"), 60), (tmp_path / "run.log").read_text()
+        children = subprocess.run(["pgrep", "-P", str(procs[0].pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) == 4  # worker, redirect, gateway, redis-server
+        procs[0].kill()
+        procs[0].wait()
+        assert wait_for(lambda: not [pid for pid in children if Path(f"/proc/{pid}").exists()], 20), \
+            "services outlived trackly run"
+        procs.append(_start_run(tmp_path, gw, rd))
+        assert wait_for(lambda: _answers(f"http://127.0.0.1:{gw}/readyz"), 60), (tmp_path / "run.log").read_text()
+        procs[1].send_signal(signal.SIGINT)
+        assert procs[1].wait(25) == 0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        pid_file = tmp_path / "pg" / "postmaster.pid"
+        if pid_file.exists():  # the first run's PostgreSQL, if the second did not stop it
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid_file.read_text().split()[0]), signal.SIGINT)
 
 
 def test_stop_within_20_seconds(stack):
