@@ -1,4 +1,4 @@
-"""`make bench`: run every ``bench/bench_*.py`` (each has ``run(env) -> list[str]``) and print a report.
+"""`make bench`: run every ``bench/bench_*.py`` (each has ``run(env)`` -> lines) and print a report.
 
 Every figure is printed next to a floor measured in the same run on the same machine.
 Pass module names to run a subset: ``python -m bench gateway redirect``.
@@ -23,10 +23,10 @@ def main(argv: list[str]) -> int:
         for name in names:
             module = importlib.import_module(f"bench.{name}")
             print(f"== {name}", flush=True)
-            lines = module.run(env)
-            for line in lines:
+            report.append(f"== {name}")
+            for line in module.run(env):  # a list, or lines as they come
                 print("  " + line, flush=True)
-            report += [f"== {name}", *("  " + line for line in lines)]
+                report.append("  " + line)
     out = here / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.txt").write_text("\n".join(report) + "\n")
