@@ -1,8 +1,16 @@
 """PostgreSQL pools (asyncpg). NUMERIC comes back as Decimal; jsonb is (de)coded with orjson."""
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import asyncpg
 import orjson
+
+log = logging.getLogger("trackly.db")
+
+# How long closing a pool waits for connections still in use before it cuts them.
+CLOSE_TIMEOUT = 10.0
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -25,3 +33,14 @@ async def connect(dsn: str) -> asyncpg.Connection:
     conn = await asyncpg.connect(dsn)
     await _init_connection(conn)
     return conn
+
+
+async def close_pool(pool: asyncpg.Pool, timeout: float = CLOSE_TIMEOUT) -> None:
+    """Close gracefully, but never wait forever: ``Pool.close`` waits for every connection to be
+    released, and one held by a task that never finishes would hold the shutdown with it. After
+    ``timeout`` the rest are terminated (their transactions roll back)."""
+    try:
+        await asyncio.wait_for(pool.close(), timeout)
+    except TimeoutError:
+        log.error("connections still in use after %s s; terminating them", timeout)
+        pool.terminate()

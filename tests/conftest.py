@@ -69,7 +69,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
 async def db(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
     pool = await shared_db.create_pool(settings.database_url, max_size=5)
     yield pool
-    await pool.close()
+    await shared_db.close_pool(pool)
 
 
 @pytest.fixture(scope="session")

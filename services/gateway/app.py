@@ -77,7 +77,7 @@ def create_app(settings: Settings) -> Starlette:
         finally:
             await app.state.arq.aclose()
             await app.state.redis.aclose()
-            await app.state.db.close()
+            await db.close_pool(app.state.db)
 
     routes = [
         Route("/healthz", health.healthz),

@@ -53,7 +53,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     if "redis_client" in ctx:
         await ctx["redis_client"].aclose()
     if "db" in ctx:
-        await ctx["db"].close()
+        await db.close_pool(ctx["db"])
 
 
 def worker_settings(settings: Settings) -> dict[str, Any]:

@@ -41,17 +41,36 @@ def stack(tmp_path_factory):
         except httpx.TransportError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
+            _stop(proc)
             log.close()
             raise AssertionError("trackly run did not come up:\n" + (data / "run.log").read_text())
         time.sleep(0.2)
     yield {"proc": proc, "env": env, "gateway": f"http://127.0.0.1:{gw}", "redirect": f"http://127.0.0.1:{rd}",
            "data": data, "log": data / "run.log", "up_since": time.monotonic()}
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    _stop(proc)  # (test_stop_within_20_seconds has, unless it did not run)
     log.close()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a trackly run as Ctrl-C does (it stops its services, which are in sessions of their
+    own, and its embedded servers); kill it only if that takes too long."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(25)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _running(pid: str | int) -> bool:
+    """Whether a process is still there; a zombie (exited, not yet reaped: a re-parented postgres
+    under a PID 1 that does not reap) is not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def admin(stack, *args) -> dict:
@@ -152,9 +171,7 @@ def test_the_embedded_redis_dying_stops_everything(tmp_path):
         assert proc.returncode == 1 and "the embedded Redis exited; stopping" in log.read_text()
         assert not (tmp_path / "pg" / "postmaster.pid").exists()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _stop(proc)
 
 
 def _start_run(data: Path, gw: int, rd: int) -> subprocess.Popen:
@@ -177,7 +194,7 @@ def test_kill_9_of_trackly_run_takes_its_services_with_it(tmp_path):
         assert len(children) == 4  # worker, redirect, gateway, redis-server
         procs[0].kill()
         procs[0].wait()
-        assert wait_for(lambda: not [pid for pid in children if Path(f"/proc/{pid}").exists()], 20), \
+        assert wait_for(lambda: not [pid for pid in children if _running(pid)], 20), \
             "services outlived trackly run"
         procs.append(_start_run(tmp_path, gw, rd))
         assert wait_for(lambda: _answers(f"http://127.0.0.1:{gw}/readyz"), 60), (tmp_path / "run.log").read_text()
@@ -185,9 +202,7 @@ def test_kill_9_of_trackly_run_takes_its_services_with_it(tmp_path):
         assert procs[1].wait(25) == 0
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            _stop(proc)
         pid_file = tmp_path / "pg" / "postmaster.pid"
         if pid_file.exists():  # the first run's PostgreSQL, if the second did not stop it
             with contextlib.suppress(ProcessLookupError, ValueError):
@@ -204,7 +219,7 @@ def test_stop_within_20_seconds(stack):
     assert proc.returncode == 0, Path(stack["log"]).read_text()
     # Nothing it started is left: children, redis-server and postgres (their own sessions too).
     time.sleep(0.5)
-    leftover = [pid for pid in children if Path(f"/proc/{pid}").exists()]
+    leftover = [pid for pid in children if _running(pid)]
     assert leftover == []
     assert not (stack["data"] / "redis" / "redis.sock").exists() or not _redis_alive(stack["data"] / "redis" / "redis.sock")
     assert not (stack["data"] / "pg" / "postmaster.pid").exists()
@@ -234,12 +249,10 @@ def test_a_standalone_service_stops_its_embedded_servers_on_sigterm(tmp_path, se
         assert started  # its postgres and redis-server
         proc.send_signal(signal.SIGTERM)
         proc.wait(25)
-        assert wait_for(lambda: not [pid for pid in started if Path(f"/proc/{pid}").exists()], 10)
+        assert wait_for(lambda: not [pid for pid in started if _running(pid)], 10)
         assert not (tmp_path / "pg" / "postmaster.pid").exists()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _stop(proc)
 
 
 def _answers(url: str) -> bool:
