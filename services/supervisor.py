@@ -13,13 +13,15 @@ import signal
 import subprocess
 import sys
 import time
-from urllib.parse import urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 from shared.migrate import migrate
 from shared.process import die_with_parent
 from shared.runtime import with_backends
 from shared.settings import Settings
 
+# A child's own shutdown is bounded within this: uvicorn's graceful 6 s, or the worker's loops 4 s,
+# then db.CLOSE_TIMEOUT (5 s) for its pool. Past it the child is killed.
 CHILD_STOP_TIMEOUT = 12.0
 RESTART_AFTER = 10.0
 
@@ -136,17 +138,24 @@ class _Restarts:
         return delay
 
 
-_PASSWORD_PARAM = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+_QUERY_PARAM = re.compile(r"([?&])([^=&#]*)=([^&#]*)")
 
 
 def _without_password(url: str | None) -> str:
-    """A URL fit to print: its password, in the authority or as a ``password`` query parameter
-    (libpq and redis-py read both), replaced by ***."""
+    """A URL fit to print: its password, in the authority or in a query parameter (libpq, asyncpg
+    and redis-py read ``password``, ``sslpassword``), replaced by ***."""
     url = url or ""
     password = urlsplit(url).password
     if password:
         url = url.replace(f":{password}@", ":***@", 1)
-    return _PASSWORD_PARAM.sub(r"\1***", url)
+    return _QUERY_PARAM.sub(_mask_password_param, url)
+
+
+def _mask_password_param(match: re.Match[str]) -> str:
+    """``password=``, ``sslpassword=``..., however it is percent-encoded (``pass%77ord``)."""
+    if unquote_plus(match.group(2)).lower().endswith("password"):
+        return f"{match.group(1)}{match.group(2)}=***"
+    return match.group(0)
 
 
 def _stop_children(children: dict[str, subprocess.Popen]) -> None:

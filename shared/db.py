@@ -10,7 +10,7 @@ import orjson
 log = logging.getLogger("trackly.db")
 
 # How long closing a pool waits for connections still in use before it cuts them.
-CLOSE_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 5.0
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

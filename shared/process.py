@@ -17,11 +17,13 @@ def die_with_parent() -> Callable[[], None] | None:
     failed to start. None where there is no such thing (not Linux)."""
     if not sys.platform.startswith("linux"):
         return None
-    libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the child only calls it
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
     parent = os.getpid()
 
     def preexec() -> None:
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if prctl(_PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+            # Popen raises SubprocessError in the parent: better than a child without the guarantee.
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
         if os.getppid() != parent:  # the parent died before the call: nothing will signal us
             os._exit(1)
 

@@ -93,3 +93,5 @@ def test_urls_are_printed_without_their_password():
         "postgresql:///trackly?host=/tmp/pg&password=***&sslmode=disable")
     assert _without_password("unix:///tmp/x/redis.sock?db=0&Password=s3cret") == "unix:///tmp/x/redis.sock?db=0&Password=***"
     assert _without_password("redis://u:a@b@cache/0?password=c") == "redis://u:***@cache/0?password=***"
+    assert _without_password("postgresql:///t?sslpassword=k3y&pass%77ord=s3cret&passwords_are=fine") == (
+        "postgresql:///t?sslpassword=***&pass%77ord=***&passwords_are=fine")

@@ -24,7 +24,7 @@ def serve(settings: Settings) -> int:
             port=settings.gateway_port,
             log_level=settings.log_level,
             access_log=False,
-            timeout_graceful_shutdown=10,
+            timeout_graceful_shutdown=6,  # then closing pools (db.CLOSE_TIMEOUT): within supervisor.CHILD_STOP_TIMEOUT
         )
     finally:
         if embedded is not None:

@@ -25,7 +25,7 @@ def serve(settings: Settings) -> int:
             access_log=False,
             # X-Forwarded-For is read by the app, and only from settings.trusted_proxies.
             proxy_headers=False,
-            timeout_graceful_shutdown=10,
+            timeout_graceful_shutdown=6,  # then its last click batches: within supervisor.CHILD_STOP_TIMEOUT
         )
     finally:
         if embedded is not None:

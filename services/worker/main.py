@@ -35,8 +35,9 @@ async def startup(ctx: dict[str, Any]) -> None:
 
 
 # How long shutdown waits for its loops to stop; they stop at once unless something is badly wrong,
-# and then closing the pools below is still better than a worker that never exits.
-LOOP_STOP_TIMEOUT = 10.0
+# and then closing the pools below is still better than a worker that never exits. With the pool's
+# close (db.CLOSE_TIMEOUT) it stays within trackly run's CHILD_STOP_TIMEOUT.
+LOOP_STOP_TIMEOUT = 4.0
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:

@@ -15,6 +15,8 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
+from shared.process import die_with_parent
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -31,7 +33,7 @@ def stack(tmp_path_factory):
                TRACKLY_DEFAULT_TRACKER_DOMAIN=f"http://ct.localhost:{rd}")
     log = open(data / "run.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=die_with_parent())
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -160,7 +162,7 @@ def test_the_embedded_redis_dying_stops_everything(tmp_path):
     log = tmp_path / "run.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run"], env=env, start_new_session=True,
-                                stdout=out, stderr=subprocess.STDOUT)
+                                stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
     try:
         assert wait_for(lambda: _answers(f"http://127.0.0.1:{gw}/readyz"), 60), "trackly run did not come up"
         time.sleep(10.5)  # the services have run long enough to be restarted if they die
@@ -179,7 +181,7 @@ def _start_run(data: Path, gw: int, rd: int) -> subprocess.Popen:
     env.update(TRACKLY_DATA_DIR=str(data), TRACKLY_GATEWAY_PORT=str(gw), TRACKLY_REDIRECT_PORT=str(rd))
     with open(data / "run.log", "a") as out:
         return subprocess.Popen([sys.executable, "-m", "services.cli", "run"], env=env, start_new_session=True,
-                                stdout=out, stderr=subprocess.STDOUT)
+                                stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
 
 
 def test_kill_9_of_trackly_run_takes_its_services_with_it(tmp_path):
@@ -200,18 +202,24 @@ def test_kill_9_of_trackly_run_takes_its_services_with_it(tmp_path):
         assert wait_for(lambda: _answers(f"http://127.0.0.1:{gw}/readyz"), 60), (tmp_path / "run.log").read_text()
         procs[1].send_signal(signal.SIGINT)
         assert procs[1].wait(25) == 0
+        # ...and stopped the PostgreSQL the killed run had started (pgserver still counted that run
+        # as one of its users: it never left).
+        assert wait_for(lambda: not (tmp_path / "pg" / "postmaster.pid").exists(), 10)
     finally:
         for proc in procs:
             _stop(proc)
         pid_file = tmp_path / "pg" / "postmaster.pid"
-        if pid_file.exists():  # the first run's PostgreSQL, if the second did not stop it
+        if pid_file.exists():  # a failed run's PostgreSQL
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid_file.read_text().split()[0]), signal.SIGINT)
 
 
 def test_stop_within_20_seconds(stack):
     proc = stack["proc"]
-    children = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    # Its services and redis-server (children in sessions of their own) and its PostgreSQL (a daemon).
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) == 4
+    children.append((stack["data"] / "pg" / "postmaster.pid").read_text().split()[0])
     start = time.monotonic()
     proc.send_signal(signal.SIGINT)
     proc.wait(25)
@@ -242,7 +250,7 @@ def test_a_standalone_service_stops_its_embedded_servers_on_sigterm(tmp_path, se
     port = free_port()
     env.update(TRACKLY_DATA_DIR=str(tmp_path), TRACKLY_GATEWAY_PORT=str(port), TRACKLY_REDIRECT_PORT=str(port))
     proc = subprocess.Popen([sys.executable, "-m", "services.cli", service], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent())
     try:
         assert wait_for(lambda: _answers(f"http://127.0.0.1:{port}/healthz"), 60), f"{service} did not come up"
         started = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()

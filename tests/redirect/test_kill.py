@@ -16,6 +16,7 @@ import asyncpg
 import httpx
 import pytest
 
+from shared.process import die_with_parent
 from shared.settings import Settings
 from tests.helpers import Tenant
 from tests.redirect.conftest import PHONE_UA, drain, offer_and_link
@@ -43,7 +44,7 @@ def redirect_process(settings: Settings) -> Iterator[tuple[subprocess.Popen, int
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "redirect"], env=env, cwd=REPO,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent(),
     )
     try:
         yield proc, port

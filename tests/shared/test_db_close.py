@@ -20,7 +20,8 @@ async def test_close_pool_cuts_connections_still_in_use_after_its_timeout(settin
     task = asyncio.create_task(stuck())
     await held.wait()
     start = time.monotonic()
-    await db.close_pool(pool, timeout=0.5)
+    # (bounded here too: a regression must fail this test, not hang the session)
+    await asyncio.wait_for(db.close_pool(pool, timeout=0.5), 5)
     assert time.monotonic() - start < 3
     assert pool.is_closing()
     task.cancel()

@@ -15,6 +15,7 @@ import asyncpg
 import httpx
 
 from shared import edge
+from shared.process import die_with_parent
 from shared.settings import Settings
 from tests.helpers import Tenant, random_phone
 from tests.worker.test_clicks import click, drain_all, message, xadd
@@ -60,7 +61,7 @@ async def test_kill_9_mid_drain_loses_and_double_counts_nothing(
 
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", DOOMED, settings.database_url or "", settings.redis_url or "",
-        cwd=REPO, stdout=asyncio.subprocess.PIPE,
+        cwd=REPO, stdout=asyncio.subprocess.PIPE, preexec_fn=die_with_parent(),
     )
     drained_before_kill = 0
     try:
