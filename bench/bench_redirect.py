@@ -372,13 +372,15 @@ def _http_bench(env: BenchEnv, data: dict) -> list[str]:
         lines.append(f"  {name} hop / floor, turn by turn: {', '.join(f'{t:.2f}' for t in turns)}"
                      f" (median {statistics.median(turns):.2f})")
     # Requests/s on this shared machine move with whatever else runs (turns of one run differ by
-    # 2x); the server CPU each request costs moves far less, and 1 / that is the rate of a core
-    # of its own. Medians of the turns. The redirect process only: the Redis its clicks are
-    # written to runs on the load core, as it would on a machine of its own.
+    # 2x); the server CPU each request costs moves less (it still does: caches and clock are
+    # shared), and 1 / that is the rate of a core of its own. Medians of the turns. The redirect
+    # process only: the Redis its clicks are written to runs on the load core, as it would on a
+    # machine of its own.
     per_request = {name: statistics.median(v) for name, v in cpu_per_request.items()}
     lines.append(
-        "  redirect process CPU per answered request (median of turns; Redis not counted): "
-        + ", ".join(f"{name} {per_request[name] * 1e6:.1f} us" for name in urls)
+        "  redirect process CPU per answered request, median of turns (range; Redis not counted): "
+        + ", ".join(f"{name} {per_request[name] * 1e6:.1f} us ({min(v) * 1e6:.0f}-{max(v) * 1e6:.0f})"
+                    for name, v in cpu_per_request.items())
         + f"; capacity vs floor: short {per_request['floor'] / per_request['short']:.2f}x,"
         f" tracker {per_request['floor'] / per_request['tracker']:.2f}x"
     )
