@@ -24,11 +24,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports() -> tuple[int, int]:
+    """Two free ports, distinct (two free_port() calls can hand out the same one)."""
+    with socket.socket() as a, socket.socket() as b:
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        return a.getsockname()[1], b.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     data = tmp_path_factory.mktemp("run")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKLY_")}
-    gw, rd = free_port(), free_port()
+    gw, rd = free_ports()
     env.update(TRACKLY_DATA_DIR=str(data), TRACKLY_GATEWAY_PORT=str(gw), TRACKLY_REDIRECT_PORT=str(rd),
                TRACKLY_DEFAULT_TRACKER_DOMAIN=f"http://ct.localhost:{rd}")
     log = open(data / "run.log", "w")
@@ -157,7 +165,7 @@ def test_the_embedded_redis_dying_stops_everything(tmp_path):
     """Without its Redis nothing can work, and restarting the services cannot bring it back: trackly
     run stops (exit 1) rather than restarting the worker forever."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKLY_")}
-    gw, rd = free_port(), free_port()
+    gw, rd = free_ports()
     env.update(TRACKLY_DATA_DIR=str(tmp_path), TRACKLY_GATEWAY_PORT=str(gw), TRACKLY_REDIRECT_PORT=str(rd))
     log = tmp_path / "run.log"
     with open(log, "w") as out:
@@ -188,7 +196,7 @@ def test_kill_9_of_trackly_run_takes_its_services_with_it(tmp_path):
     """The OOM killer (or kill -9) ends trackly run without its clean-up: its services and Redis
     must still go (they get SIGTERM from the kernel), so that the next trackly run finds the ports
     free and comes up."""
-    gw, rd = free_port(), free_port()
+    gw, rd = free_ports()
     procs = [_start_run(tmp_path, gw, rd)]
     try:
         assert wait_for(lambda: _answers(f"http://127.0.0.1:{gw}/readyz"), 60), (tmp_path / "run.log").read_text()
