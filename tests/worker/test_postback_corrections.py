@@ -42,3 +42,39 @@ async def test_correction_back_to_approved_is_applied_and_retries_stay_duplicate
     assert [a for *_, a in await ledger(db, conv["id"])] == [Decimal(5), Decimal(-5), Decimal(5)]
     detail = (await api.get(f"/api/v2/messages/{mid}", headers=tenant.headers)).json()
     assert (detail["conversions"], detail["revenue"]) == (1, 5)
+
+
+async def test_the_postback_log_shows_what_each_postback_became(api, db, tenant, run_worker):
+    """GET /api/v2/postbacks: every postback as sent, newest first, with its state; the only place
+    a postback we could not use shows (networks always get 200)."""
+    _, _, click_id = await clicked_message(api, db, tenant)
+    assert await postback(api, tenant, click_id=click_id, txid="ok", payout="7.25", network="tune") == "accepted"
+    assert await postback(api, tenant, click_id=click_id, txid="ok", payout="7.25", network="tune") == "duplicate"
+    assert await postback(api, tenant, click_id=click_id, txid="bad", payout="seven") == "accepted"
+    pending = (await api.get("/api/v2/postbacks", params={"state": "pending"}, headers=tenant.headers)).json()
+    assert [p["conversion_id"] for p in pending["postbacks"]] == ["ok"]
+    await run_worker()
+
+    log = (await api.get("/api/v2/postbacks", headers=tenant.headers)).json()
+    assert log["pagination"]["total"] == 3
+    bad, dup, ok = log["postbacks"]  # newest first
+    assert (ok["state"], ok["error"], ok["network"], ok["click_id"]) == ("processed", None, "tune", click_id)
+    assert ok["payout"] == 7.25 and ok["params"]["payout"] == "7.25" and ok["processed_at"] is not None
+    assert dup["state"] == "duplicate"
+    assert bad["state"] == "failed" and "payout" in bad["error"] and bad["params"]["payout"] == "seven"
+
+    failed = (await api.get("/api/v2/postbacks", params={"state": "failed", "per_page": 1}, headers=tenant.headers)).json()
+    assert [p["id"] for p in failed["postbacks"]] == [bad["id"]] and failed["pagination"]["total"] == 1
+    bad_state = await api.get("/api/v2/postbacks", params={"state": "lost"}, headers=tenant.headers)
+    assert bad_state.status_code == 400 and bad_state.json()["code"] == "validation_error"
+    assert (await api.get("/api/v2/postbacks")).status_code == 401
+
+
+async def test_the_postback_log_is_the_accounts_own(api, db, tenant, run_worker):
+    from tests.helpers import make_tenant
+
+    _, _, click_id = await clicked_message(api, db, tenant)
+    await postback(api, tenant, click_id=click_id, txid="mine")
+    other = await make_tenant(db)
+    theirs = (await api.get("/api/v2/postbacks", headers=other.headers)).json()
+    assert theirs["postbacks"] == [] and theirs["pagination"]["total"] == 0
