@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from shared import settings as settings_mod
 from shared.migrate import migrate
-from shared.runtime import with_backends
+from shared.runtime import exit_on_sigterm, with_backends
 from shared.settings import Settings
 
 
@@ -34,6 +34,7 @@ class BenchEnv:
     def start(cls) -> Iterator["BenchEnv"]:
         """Embedded PostgreSQL and Redis in a temporary directory unless TRACKLY_*_URL are set; the
         directory (a run leaves hundreds of MB of data there) is removed afterwards."""
+        exit_on_sigterm()  # a bench stopped with SIGTERM (a timeout, CI) still stops its servers below
         work = Path(tempfile.mkdtemp(prefix="trackly-bench-"))
         embedded = None
         try:
