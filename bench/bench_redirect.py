@@ -307,7 +307,8 @@ async def _drain_bench(env: BenchEnv, data: dict) -> list[str]:
         f"drain_once x{DRAIN_LOOPS} loops over {DRAIN_CLICKS:,} clicks (30% message clicks: message_clicks and contacts"
         f" written too), best of {ROUNDS}: {drain_rate:,.0f} clicks/s = {ratio(drain_rate, copy_rate)} (goal >= 0.50);"
         f" {stored:,} stored, {firsts:,} first message clicks",
-        "  drain / its own floor, round by round: " + ", ".join(f"{d / c:.2f}" for d, c, _ in rounds),
+        "  drain / its own floor, round by round: " + ", ".join(f"{d / c:.2f}" for d, c, _ in rounds)
+        + f" (median {statistics.median(d / c for d, c, _ in rounds):.2f})",
     ]
 
 
