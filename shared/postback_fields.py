@@ -98,8 +98,26 @@ def pick(params: dict[str, Any], name: str) -> str | None:
     return None
 
 
+def _unusable(params: dict[str, Any]) -> list[str]:
+    """Fields sent as a JSON true/false, object or empty array: neither a string nor a number, so
+    not a value (``pick`` treats them as absent, and ``payout: true`` must not pass as no payout)."""
+    lowered = {str(k).lower(): v for k, v in params.items()}
+    errors = []
+    for name, aliases in ALIASES.items():
+        for alias in aliases:
+            if alias in lowered:
+                value = lowered[alias]
+                if isinstance(value, list):
+                    value = value[0] if value else {}
+                if isinstance(value, (bool, dict)):
+                    errors.append(f"{alias}: must be a string or a number")
+                break
+    return errors
+
+
 def normalise(params: dict[str, Any], received_at: datetime) -> Postback:
-    errors: list[str] = []
+    errors: list[str] = [] if params else ["no fields: nothing to record as a conversion"]
+    errors += _unusable(params)
 
     def bounded(name: str) -> str | None:
         value = pick(params, name)

@@ -19,13 +19,19 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+_TIMESTAMP_FORMATS = {
+    False: "timestamp must be an ISO 8601 datetime",
+    True: "timestamp must be an ISO 8601 datetime or unix seconds",
+}
+
+
 def parse_timestamp(value: object, *, allow_unix: bool = False) -> datetime:
     """ISO 8601 (naive means UTC) or, where allowed, unix seconds (or milliseconds, told apart by
     size). Always returns aware UTC."""
     if allow_unix and isinstance(value, (int, float)) and not isinstance(value, bool):
         return _from_unix(float(value))
     if not isinstance(value, str) or not value.strip():
-        raise TimeError("timestamp must be an ISO 8601 datetime")
+        raise TimeError(_TIMESTAMP_FORMATS[allow_unix])
     text = value.strip()
     if allow_unix and text.replace(".", "", 1).isdigit():
         return _from_unix(float(text))
@@ -36,7 +42,7 @@ def parse_timestamp(value: object, *, allow_unix: bool = False) -> datetime:
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError:
-        raise TimeError("timestamp must be an ISO 8601 datetime") from None
+        raise TimeError(_TIMESTAMP_FORMATS[allow_unix]) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
     return parsed.astimezone(UTC)

@@ -47,9 +47,10 @@ async def test_correction_back_to_approved_is_applied_and_retries_stay_duplicate
 async def test_the_postback_log_shows_what_each_postback_became(api, db, tenant, run_worker):
     """GET /api/v2/postbacks: every postback as sent, newest first, with its state; the only place
     a postback we could not use shows (networks always get 200)."""
-    _, _, click_id = await clicked_message(api, db, tenant)
-    assert await postback(api, tenant, click_id=click_id, txid="ok", payout="7.25", network="tune") == "accepted"
-    assert await postback(api, tenant, click_id=click_id, txid="ok", payout="7.25", network="tune") == "duplicate"
+    offer, _, click_id = await clicked_message(api, db, tenant)
+    at = (T0 + timedelta(hours=1)).isoformat()
+    assert await postback(api, tenant, click_id=click_id, txid="ok", payout="7.25", network="tune", timestamp=at) == "accepted"
+    assert await postback(api, tenant, click_id=click_id, txid="ok", payout="7.25", network="tune", timestamp=at) == "duplicate"
     assert await postback(api, tenant, click_id=click_id, txid="bad", payout="seven") == "accepted"
     pending = (await api.get("/api/v2/postbacks", params={"state": "pending"}, headers=tenant.headers)).json()
     assert [p["conversion_id"] for p in pending["postbacks"]] == ["ok"]
@@ -60,8 +61,11 @@ async def test_the_postback_log_shows_what_each_postback_became(api, db, tenant,
     bad, dup, ok = log["postbacks"]  # newest first
     assert (ok["state"], ok["error"], ok["network"], ok["click_id"]) == ("processed", None, "tune", click_id)
     assert ok["payout"] == 7.25 and ok["params"]["payout"] == "7.25" and ok["processed_at"] is not None
+    assert (ok["offer_id"], ok["attributed"], ok["unattributed_reason"]) == (offer["id"], True, None)
     assert dup["state"] == "duplicate"
     assert bad["state"] == "failed" and "payout" in bad["error"] and bad["params"]["payout"] == "seven"
+    # What could not be read is not shown as if it had been (defaults such as "approved").
+    assert (bad["status"], bad["payout"], bad["converted_at"], bad["offer_id"]) == (None, None, None, None)
 
     failed = (await api.get("/api/v2/postbacks", params={"state": "failed", "per_page": 1}, headers=tenant.headers)).json()
     assert [p["id"] for p in failed["postbacks"]] == [bad["id"]] and failed["pagination"]["total"] == 1
@@ -78,3 +82,22 @@ async def test_the_postback_log_is_the_accounts_own(api, db, tenant, run_worker)
     other = await make_tenant(db)
     theirs = (await api.get("/api/v2/postbacks", headers=other.headers)).json()
     assert theirs["postbacks"] == [] and theirs["pagination"]["total"] == 0
+
+
+async def test_postbacks_that_carry_nothing_usable_are_kept_and_never_count(api, db, tenant, run_worker):
+    """An empty postback, a JSON body that is not an object, a payout of true: each is stored (as
+    sent) and answered 200 like any postback, shows failed in the log, and is no conversion."""
+    token = f"/postback/{tenant.postback_token}"
+    assert (await api.get(token)).json()["status"] == "accepted"
+    garbled = await api.post(token + "?click_id=c9", content=b'{"payout": 5', headers={"content-type": "application/json"})
+    assert garbled.json()["status"] == "accepted"
+    as_bool = await api.post(token, json={"click_id": "c8", "conversion_id": "b1", "payout": True})
+    assert as_bool.json()["status"] == "accepted"
+    await run_worker()
+    log = (await api.get("/api/v2/postbacks", headers=tenant.headers)).json()["postbacks"]
+    assert [p["state"] for p in log] == ["failed"] * 3
+    by_bool, by_body, empty = log
+    assert "payout" in by_bool["error"] and by_bool["params"]["payout"] is True
+    assert "not a JSON object" in by_body["error"] and by_body["params"]["_body"] == '{"payout": 5'
+    assert "no fields" in empty["error"] and empty["params"] == {}
+    assert await db.fetchval("SELECT count(*) FROM conversions WHERE account_id = $1", tenant.account_id) == 0

@@ -24,9 +24,14 @@ STATES = {
     "processed": "NOT is_duplicate AND processed_at IS NOT NULL AND process_error IS NULL",
 }
 
-_COLUMNS = (
-    "id, received_at, method, params, network, conversion_key, click_id, status, payout, currency, offer_ref,"
-    " converted_at, parse_error, is_duplicate, processed_at, process_error"
+# The postback, and the conversion it belongs to (several postbacks move one conversion).
+_SELECT = (
+    "SELECT p.id, p.received_at, p.method, p.params, p.network, p.conversion_key, p.click_id, p.status, p.payout,"
+    " p.currency, p.offer_ref, p.converted_at, p.parse_error, p.is_duplicate, p.processed_at, p.process_error,"
+    " c.offer_id AS conversion_offer_id, c.attributed, c.unattributed_reason"
+    " FROM postbacks p LEFT JOIN conversions c"
+    " ON c.account_id = p.account_id AND c.network = p.network AND c.conversion_key = p.conversion_key"
+    " AND p.parse_error IS NULL"
 )
 
 
@@ -39,6 +44,9 @@ def _state(row: Any) -> str:
 
 
 def postback_json(row: Any) -> dict[str, Any]:
+    # What we read from the params: nothing where they could not be read (the params show what
+    # was sent; defaults such as "approved" or the time received would look like values).
+    parsed = row["parse_error"] is None
     return {
         "id": row["id"],
         "received_at": isoformat(row["received_at"]),
@@ -46,15 +54,20 @@ def postback_json(row: Any) -> dict[str, Any]:
         "network": row["network"],
         "params": row["params"],  # exactly what was sent
         "click_id": row["click_id"],
-        "conversion_id": row["conversion_key"],
-        "status": row["status"],
-        "payout": row["payout"],
-        "currency": row["currency"],
-        "offer_id": row["offer_ref"],
-        "converted_at": isoformat(row["converted_at"]),
+        "conversion_id": row["conversion_key"] if parsed else None,
+        "status": row["status"] if parsed else None,
+        "payout": row["payout"] if parsed else None,
+        "currency": row["currency"] if parsed else None,
+        "offer_ref": row["offer_ref"],  # the offer as the network named it (external or internal id)
+        "converted_at": isoformat(row["converted_at"]) if parsed else None,
         "state": _state(row),
         "error": row["parse_error"] or row["process_error"],
         "processed_at": isoformat(row["processed_at"]),
+        # The conversion it belongs to, once the worker has processed it: its offer (internal id,
+        # as everywhere else) and whether a click won it (else why not: click_not_found, expired...).
+        "offer_id": row["conversion_offer_id"],
+        "attributed": row["attributed"],
+        "unattributed_reason": row["unattributed_reason"],
     }
 
 
@@ -68,7 +81,8 @@ async def list_postbacks(request: Request) -> JSONResponse:
     db = request.app.state.db
     total = await db.fetchval(f"SELECT count(*) FROM postbacks WHERE {where}", account.id)
     rows = await db.fetch(
-        f"SELECT {_COLUMNS} FROM postbacks WHERE {where} ORDER BY id DESC LIMIT {page.per_page} OFFSET {page.offset}",
+        f"{_SELECT} WHERE p.id IN (SELECT id FROM postbacks WHERE {where}"
+        f" ORDER BY id DESC LIMIT {page.per_page} OFFSET {page.offset}) ORDER BY p.id DESC",
         account.id,
     )
     return JSONResponse({"success": True, "postbacks": [postback_json(r) for r in rows], "pagination": page.envelope(total)})

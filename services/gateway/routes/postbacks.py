@@ -24,6 +24,8 @@ from shared.timeutil import utcnow
 
 log = logging.getLogger("trackly.gateway.postbacks")
 
+# Where a JSON body that is not a JSON object is kept, as text, among the params.
+BODY_PARAM = "_body"
 TOKEN_TTL = 30.0  # seconds a token -> account mapping is trusted without asking PostgreSQL
 ENQUEUE_TIMEOUT = 2.0
 
@@ -82,13 +84,17 @@ async def _params(request: Request) -> dict[str, Any]:
         _multi([(k, v) for k, v in form.multi_items() if isinstance(v, str)], params)
         await form.close()
     elif content_type.startswith("application/json"):
+        raw = await read_body(request)
         try:
-            data = jsonio.loads(await read_body(request))
+            data = jsonio.loads(raw)
         except jsonio.JsonError:
             data = None
         if isinstance(data, dict):
             for key, value in data.items():
                 params.setdefault(str(key), value)
+        elif raw.strip():
+            # Kept as sent (nothing a network sent is lost); normalise reports it.
+            params[BODY_PARAM] = raw.decode("utf-8", "replace")
     return params
 
 
@@ -115,6 +121,8 @@ async def receive(request: Request) -> JSONResponse:
     params = _storable(await _params(request))
     received_at = utcnow()
     pb = normalise(params, received_at)
+    if BODY_PARAM in params:
+        pb.errors.append("body: not a JSON object")
     unparseable = pb.parse_error is not None
     db = request.app.state.db
     values = [
