@@ -109,6 +109,9 @@ class EmbeddedRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             preexec_fn=die_with_parent(),  # it stops (and syncs its AOF) if whoever started it is killed
+            # Ctrl-C in a terminal signals the whole process group: Redis must not stop before the
+            # services using it do (their shutdown still writes to it). Its owner stops it last.
+            start_new_session=True,
         )
         deadline = time.monotonic() + 15
         while not self.socket.exists():
