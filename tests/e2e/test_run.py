@@ -32,16 +32,25 @@ def free_ports() -> tuple[int, int]:
         return a.getsockname()[1], b.getsockname()[1]
 
 
+def _run_env(data: Path, gw: int, rd: int, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKLY_")}
+    env.update(TRACKLY_DATA_DIR=str(data), TRACKLY_GATEWAY_PORT=str(gw), TRACKLY_REDIRECT_PORT=str(rd), **extra)
+    return env
+
+
+def _start_run(env: dict[str, str]) -> subprocess.Popen:
+    """``trackly run`` with its output appended to run.log in its data dir; it dies with the tests."""
+    with open(Path(env["TRACKLY_DATA_DIR"]) / "run.log", "a") as out:
+        return subprocess.Popen([sys.executable, "-m", "services.cli", "run"], env=env, start_new_session=True,
+                                stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     data = tmp_path_factory.mktemp("run")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKLY_")}
     gw, rd = free_ports()
-    env.update(TRACKLY_DATA_DIR=str(data), TRACKLY_GATEWAY_PORT=str(gw), TRACKLY_REDIRECT_PORT=str(rd),
-               TRACKLY_DEFAULT_TRACKER_DOMAIN=f"http://ct.localhost:{rd}")
-    log = open(data / "run.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, preexec_fn=die_with_parent())
+    env = _run_env(data, gw, rd, TRACKLY_DEFAULT_TRACKER_DOMAIN=f"http://ct.localhost:{rd}")
+    proc = _start_run(env)
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -52,13 +61,11 @@ def stack(tmp_path_factory):
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             _stop(proc)
-            log.close()
             raise AssertionError("trackly run did not come up:\n" + (data / "run.log").read_text())
         time.sleep(0.2)
     yield {"proc": proc, "env": env, "gateway": f"http://127.0.0.1:{gw}", "redirect": f"http://127.0.0.1:{rd}",
            "data": data, "log": data / "run.log", "up_since": time.monotonic()}
     _stop(proc)  # (test_stop_within_20_seconds has, unless it did not run)
-    log.close()
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -164,13 +171,9 @@ def test_a_child_that_dies_is_started_again(stack):
 def test_the_embedded_redis_dying_stops_everything(tmp_path):
     """Without its Redis nothing can work, and restarting the services cannot bring it back: trackly
     run stops (exit 1) rather than restarting the worker forever."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKLY_")}
     gw, rd = free_ports()
-    env.update(TRACKLY_DATA_DIR=str(tmp_path), TRACKLY_GATEWAY_PORT=str(gw), TRACKLY_REDIRECT_PORT=str(rd))
     log = tmp_path / "run.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run"], env=env, start_new_session=True,
-                                stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
+    proc = _start_run(_run_env(tmp_path, gw, rd))
     try:
         assert wait_for(lambda: _answers(f"http://127.0.0.1:{gw}/readyz"), 60), "trackly run did not come up"
         time.sleep(10.5)  # the services have run long enough to be restarted if they die
@@ -184,20 +187,13 @@ def test_the_embedded_redis_dying_stops_everything(tmp_path):
         _stop(proc)
 
 
-def _start_run(data: Path, gw: int, rd: int) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKLY_")}
-    env.update(TRACKLY_DATA_DIR=str(data), TRACKLY_GATEWAY_PORT=str(gw), TRACKLY_REDIRECT_PORT=str(rd))
-    with open(data / "run.log", "a") as out:
-        return subprocess.Popen([sys.executable, "-m", "services.cli", "run"], env=env, start_new_session=True,
-                                stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
-
-
 def test_kill_9_of_trackly_run_takes_its_services_with_it(tmp_path):
     """The OOM killer (or kill -9) ends trackly run without its clean-up: its services and Redis
     must still go (they get SIGTERM from the kernel), so that the next trackly run finds the ports
     free and comes up."""
     gw, rd = free_ports()
-    procs = [_start_run(tmp_path, gw, rd)]
+    env = _run_env(tmp_path, gw, rd)
+    procs = [_start_run(env)]
     try:
         assert wait_for(lambda: _answers(f"http://127.0.0.1:{gw}/readyz"), 60), (tmp_path / "run.log").read_text()
         children = subprocess.run(["pgrep", "-P", str(procs[0].pid)], capture_output=True, text=True).stdout.split()
@@ -206,7 +202,7 @@ def test_kill_9_of_trackly_run_takes_its_services_with_it(tmp_path):
         procs[0].wait()
         assert wait_for(lambda: not [pid for pid in children if _running(pid)], 20), \
             "services outlived trackly run"
-        procs.append(_start_run(tmp_path, gw, rd))
+        procs.append(_start_run(env))
         assert wait_for(lambda: _answers(f"http://127.0.0.1:{gw}/readyz"), 60), (tmp_path / "run.log").read_text()
         procs[1].send_signal(signal.SIGINT)
         assert procs[1].wait(25) == 0

@@ -16,31 +16,22 @@ from services.gateway.http import JSONResponse, page_params
 from shared.errors import validation
 from shared.timeutil import isoformat
 
-# state -> SQL condition; a row is in exactly one state.
-STATES = {
-    "duplicate": "is_duplicate",
-    "failed": "NOT is_duplicate AND process_error IS NOT NULL",
-    "pending": "NOT is_duplicate AND processed_at IS NULL",
-    "processed": "NOT is_duplicate AND processed_at IS NOT NULL AND process_error IS NULL",
-}
+# A postback's state, defined once: selected for each row and filtered on.
+_STATE = (
+    "CASE WHEN p.is_duplicate THEN 'duplicate' WHEN p.process_error IS NOT NULL THEN 'failed'"
+    " WHEN p.processed_at IS NULL THEN 'pending' ELSE 'processed' END"
+)
+STATES = ("duplicate", "failed", "pending", "processed")
 
 # The postback, and the conversion it belongs to (several postbacks move one conversion).
 _SELECT = (
     "SELECT p.id, p.received_at, p.method, p.params, p.network, p.conversion_key, p.click_id, p.status, p.payout,"
     " p.currency, p.offer_ref, p.converted_at, p.parse_error, p.is_duplicate, p.processed_at, p.process_error,"
-    " c.offer_id AS conversion_offer_id, c.attributed, c.unattributed_reason"
+    f" c.offer_id AS conversion_offer_id, c.attributed, c.unattributed_reason, {_STATE} AS state"
     " FROM postbacks p LEFT JOIN conversions c"
     " ON c.account_id = p.account_id AND c.network = p.network AND c.conversion_key = p.conversion_key"
     " AND p.parse_error IS NULL"
 )
-
-
-def _state(row: Any) -> str:
-    if row["is_duplicate"]:
-        return "duplicate"
-    if row["process_error"] is not None:
-        return "failed"
-    return "pending" if row["processed_at"] is None else "processed"
 
 
 def postback_json(row: Any) -> dict[str, Any]:
@@ -60,7 +51,7 @@ def postback_json(row: Any) -> dict[str, Any]:
         "currency": row["currency"] if parsed else None,
         "offer_ref": row["offer_ref"],  # the offer as the network named it (external or internal id)
         "converted_at": isoformat(row["converted_at"]) if parsed else None,
-        "state": _state(row),
+        "state": row["state"],
         "error": row["parse_error"] or row["process_error"],
         "processed_at": isoformat(row["processed_at"]),
         # The conversion it belongs to, once the worker has processed it: its offer (internal id,
@@ -77,13 +68,14 @@ async def list_postbacks(request: Request) -> JSONResponse:
     state = request.query_params.get("state") or None
     if state is not None and state not in STATES:
         raise validation(f"state must be one of {', '.join(STATES)}")
-    where = "account_id = $1" + (f" AND {STATES[state]}" if state else "")
+    where = "p.account_id = $1" + (f" AND {_STATE} = $2" if state else "")
+    args = (account.id, state) if state else (account.id,)
     db = request.app.state.db
-    total = await db.fetchval(f"SELECT count(*) FROM postbacks WHERE {where}", account.id)
+    total = await db.fetchval(f"SELECT count(*) FROM postbacks p WHERE {where}", *args)
     rows = await db.fetch(
-        f"{_SELECT} WHERE p.id IN (SELECT id FROM postbacks WHERE {where}"
-        f" ORDER BY id DESC LIMIT {page.per_page} OFFSET {page.offset}) ORDER BY p.id DESC",
-        account.id,
+        f"{_SELECT} WHERE p.id IN (SELECT p.id FROM postbacks p WHERE {where}"
+        f" ORDER BY p.id DESC LIMIT {page.per_page} OFFSET {page.offset}) ORDER BY p.id DESC",
+        *args,
     )
     return JSONResponse({"success": True, "postbacks": [postback_json(r) for r in rows], "pagination": page.envelope(total)})
 

@@ -26,6 +26,7 @@ log = logging.getLogger("trackly.gateway.postbacks")
 
 # Where a JSON body that is not a JSON object is kept, as text, among the params.
 BODY_PARAM = "_body"
+_BODY_ERROR = "body: not a JSON object"
 TOKEN_TTL = 30.0  # seconds a token -> account mapping is trusted without asking PostgreSQL
 ENQUEUE_TIMEOUT = 2.0
 
@@ -73,11 +74,12 @@ def _multi(items: list[tuple[str, str]], into: dict[str, Any]) -> None:
             into[key] = value
 
 
-async def _params(request: Request) -> dict[str, Any]:
+async def _params(request: Request) -> tuple[dict[str, Any], str | None]:
+    """The fields sent (query, then form or JSON body), and what was wrong with the body, if anything."""
     params: dict[str, Any] = {}
     _multi(list(request.query_params.multi_items()), params)
     if request.method != "POST":
-        return params
+        return params, None
     content_type = request.headers.get("content-type", "").lower()
     if content_type.startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
         form = await request.form()
@@ -93,9 +95,9 @@ async def _params(request: Request) -> dict[str, Any]:
             for key, value in data.items():
                 params.setdefault(str(key), value)
         elif raw.strip():
-            # Kept as sent (nothing a network sent is lost); normalise reports it.
-            params[BODY_PARAM] = raw.decode("utf-8", "replace")
-    return params
+            params[BODY_PARAM] = raw.decode("utf-8", "replace")  # kept as sent: nothing a network sent is lost
+            return params, _BODY_ERROR
+    return params, None
 
 
 def _storable(value: Any) -> Any:
@@ -118,11 +120,12 @@ async def receive(request: Request) -> JSONResponse:
     account_id = await _account_for(request, request.path_params["postback_token"])
     if request.method == "HEAD":  # a link checker, not a network: nothing to store
         return JSONResponse({"success": True, "status": "accepted"})
-    params = _storable(await _params(request))
+    params, body_error = await _params(request)
+    params = _storable(params)
     received_at = utcnow()
     pb = normalise(params, received_at)
-    if BODY_PARAM in params:
-        pb.errors.append("body: not a JSON object")
+    if body_error:
+        pb.errors.append(body_error)
     unparseable = pb.parse_error is not None
     db = request.app.state.db
     values = [
