@@ -225,16 +225,15 @@ async def _setup(env: BenchEnv) -> dict:
 
 def _clicks(data: dict, n: int) -> list[edge.Click]:
     rng = random.Random(7)
-    t0 = datetime.now(UTC) - timedelta(hours=1)
+    t0 = edge.micros(datetime.now(UTC) - timedelta(hours=1))
     out: list[edge.Click] = []
     for i in range(n):
         message = rng.choice(data["messages"]) if rng.random() < 0.3 else None
-        out.append({
-            "id": ids.click_id(), "t": data["tracker"], "l": data["code"], "o": data["offer"], "a": data["account"],
-            "li": data["list"], "m": message, "at": (t0 + timedelta(milliseconds=i)).isoformat(),
-            "ip": "203.0.113.7", "ua": "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) Mobile/15E148",
-            "cc": "US", "bot": rng.random() < 0.05, "q": {"sub1": f"s{i % 50}"},
-        })
+        out.append((
+            ids.click_id(), data["code"], data["offer"], data["account"], data["list"], message, t0 + i * 1000,
+            "203.0.113.7", "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) Mobile/15E148", "US",
+            rng.random() < 0.05, {"sub1": f"s{i % 50}"},
+        ))
     return out
 
 
@@ -249,12 +248,8 @@ async def _copy_floor(env: BenchEnv, clicks: list[edge.Click]) -> float:
         # COPY is binary: jsonb's binary form is a version byte, then the text.
         await conn.set_type_codec("jsonb", schema="pg_catalog", format="binary",
                                   encoder=lambda v: b"\x01" + orjson.dumps(v), decoder=lambda b: orjson.loads(b[1:]))
-        rows = [
-            (c["id"], c["a"], c["l"], c["o"], c["li"], c["m"], datetime.fromisoformat(c["at"]), c["ip"], c["ua"],
-             c["cc"], c["bot"], c["q"])
-            for c in clicks
-        ]
-        columns = ["id", "account_id", "link_id", "offer_id", "list_id", "message_id", "clicked_at", "ip",
+        rows = [(*c[:6], edge.from_micros(c[6]), *c[7:]) for c in clicks]  # edge.CLICK_FIELDS' order
+        columns = ["id", "link_id", "offer_id", "account_id", "list_id", "message_id", "clicked_at", "ip",
                    "user_agent", "country_code", "is_bot", "params"]
         transaction = conn.transaction()
         await transaction.start()
@@ -273,7 +268,7 @@ async def _drain_round(env: BenchEnv, data: dict, pool: asyncpg.Pool, redis: obj
     clicks = _clicks(data, DRAIN_CLICKS)
     copy_rate = await _copy_floor(env, clicks)
     for i in range(0, len(clicks), CLICKS_PER_ENTRY):
-        await redis.xadd(edge.CLICK_STREAM, {"b": orjson.dumps(clicks[i : i + CLICKS_PER_ENTRY])})  # type: ignore[attr-defined]
+        await redis.xadd(edge.CLICK_STREAM, {edge.CLICK_BATCH_FIELD: orjson.dumps(clicks[i : i + CLICKS_PER_ENTRY])})  # type: ignore[attr-defined]
     drained = 0
 
     async def loop(consumer: str) -> None:

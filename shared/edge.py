@@ -12,8 +12,12 @@ link answers at the edge as soon as its API call returns:
 
 Clicks — appended by the redirect, drained by the worker:
 
-  ``trk:clicks``            stream; each entry has one field ``b``: an orjson list of Click
-                            dicts (a group-committed batch). Consumer group ``drain``.
+  ``trk:clicks``            stream; each entry has one field ``c``: a JSON array of clicks (a
+                            group-committed batch), each click a JSON array in the order of
+                            ``CLICK_FIELDS`` (see ``Click``). Consumer group ``drain``.
+                            Entries written before this format have a field ``b`` instead: a
+                            JSON array of click objects (``LegacyClick``); the worker still
+                            drains them.
 
 The redirect's own key (created by the first replica that needs it, shared by all):
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from typing import TypedDict
 from urllib.parse import urlsplit
 
@@ -83,20 +88,58 @@ class OfferEntry(TypedDict):
     a: int            # account id
 
 
-class Click(TypedDict):
-    id: str           # click id, 128 bits hex, minted at the edge
-    t: str            # tracker id
-    l: str            # link id
-    o: str            # offer id
-    a: int            # account id
-    li: int           # list id
-    m: str | None     # message id claimed by the URL (validated by the worker)
+# A click on the wire: positional, not an object. Half the bytes of an object with its keys in
+# every click, cheaper to build at the edge (a list, no dict) and about a third cheaper for
+# PostgreSQL to read (jsonb array elements by position, not a record per object).
+CLICK_FIELDS = ("id", "l", "o", "a", "li", "m", "us", "ip", "ua", "cc", "bot", "q")
+# id   click id, 128 bits hex, minted at the edge        ip   client IP or null
+# l    link id                                           ua   User-Agent or null
+# o    offer id                                          cc   country code or null
+# a    account id (int)                                  bot  true for previews and crawlers
+# li   list id (int)                                     q    {name: value} of the query
+# m    message id claimed by the URL or null (checked by the worker)
+# us   when, in microseconds since the Unix epoch, UTC (int)
+Click = tuple[str, str, str, int, int, "str | None", int, "str | None", "str | None", "str | None", bool, dict[str, str]]
+CLICK_BATCH_FIELD = "c"
+LEGACY_BATCH_FIELD = "b"
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def micros(at: datetime) -> int:
+    """An aware datetime -> microseconds since the epoch, exactly (no float on the way)."""
+    return (at - _EPOCH) // _MICROSECOND
+
+
+def from_micros(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def click_from(fields: Mapping[str, object]) -> Click:
+    """A click given by name (``id``, ``l``... ``at`` as an aware datetime instead of ``us``) in
+    its wire form. For tests and tools; the redirect builds the tuple itself."""
+    at = fields["at"]
+    assert isinstance(at, datetime)
+    return tuple(micros(at) if name == "us" else fields.get(name) for name in CLICK_FIELDS)  # type: ignore[return-value]
+
+
+class LegacyClick(TypedDict):
+    """A click as the stream held it before ``CLICK_FIELDS`` (field ``b``)."""
+
+    id: str
+    t: str            # tracker id (never stored)
+    l: str
+    o: str
+    a: int
+    li: int
+    m: str | None
     at: str           # ISO 8601 UTC
     ip: str | None
     ua: str | None
-    cc: str | None    # country code
+    cc: str | None
     bot: bool
-    q: dict[str, str] # sub1..sub5, source, creative, cost and other query values
+    q: dict[str, str]
 
 
 def dumps(value: object) -> bytes:

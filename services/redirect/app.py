@@ -206,23 +206,22 @@ os.register_at_fork(after_in_child=_reset_click_ids)
 
 
 class _Clock:
-    """ISO 8601 UTC timestamps with microseconds; the date part is formatted once per second."""
+    """Now, as microseconds since the epoch (the click's time) and as ISO 8601 UTC to the second
+    (``{datetime}``), which is formatted once per second."""
 
-    __slots__ = ("_second", "_prefix", "_zulu")
+    __slots__ = ("_second", "_zulu")
 
     def __init__(self) -> None:
         self._second = -1
-        self._prefix = ""
         self._zulu = ""
 
-    def now(self) -> tuple[str, str]:
-        """(timestamp with microseconds and +00:00, the same to the second with Z) for now."""
-        second, micros = divmod(time.time_ns() // 1000, 1_000_000)
+    def now(self) -> tuple[int, str]:
+        us = time.time_ns() // 1000
+        second = us // 1_000_000
         if second != self._second:
-            self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-            self._zulu = self._prefix + "Z"
+            self._zulu = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             self._second = second
-        return f"{self._prefix}.{micros:06d}+00:00", self._zulu
+        return us, self._zulu
 
 
 class RedirectApp:
@@ -426,7 +425,7 @@ class RedirectApp:
         if send_id is not None:
             send_id = await self.sid.message_of(send_id, tracker_id)
         click_id = next_click_id()
-        at, at_second = self.clock.now()
+        us, at_second = self.clock.now()
         client = scope.get("client")
         ip = client[0] if client else None
         if forwarded is not None and self.client_ip.trusts_any:
@@ -440,21 +439,10 @@ class RedirectApp:
         facts = (click_id, offer.affiliate_id, offer_id, account_str, ip, ua, at_second, country, send_id)
         location = macros.fill_facts(offer.template, facts, query)  # type: ignore[arg-type]
         if method == "GET":
-            click: edge.Click = {
-                "id": click_id,
-                "t": tracker_id,
-                "l": link_id,
-                "o": offer_id,
-                "a": account_id,
-                "li": list_id,
-                "m": send_id,
-                "at": at,
-                "ip": ip,
-                "ua": ua,
-                "cc": country,
-                "bot": bot,
-                "q": query,
-            }
+            # edge.CLICK_FIELDS, in order.
+            click: edge.Click = (
+                click_id, link_id, offer_id, account_id, list_id, send_id, us, ip, ua, country, bot, query
+            )
             await self.writer.submit(click)
         await send(
             {

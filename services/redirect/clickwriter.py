@@ -2,7 +2,7 @@
 
 Every request hands its click to ``write`` and awaits the future of the batch it joined. Clicks
 that arrive while ``max_inflight`` writes are already in flight wait and form the next batch,
-which is sent as a single ``XADD`` (field ``b`` = orjson list of Click dicts) as soon as one of
+which is sent as a single ``XADD`` (field ``c``: a JSON array of clicks, see ``shared.edge``) as soon as one of
 those returns. Under load a batch holds as many clicks as arrived during a Redis round trip (plus
 its fsync with ``appendfsync always``), so the cost per click falls as load rises, and a click is
 durable before its 302 is sent. If the write fails, every request of the batch gets
@@ -80,7 +80,7 @@ class ClickWriter:
         clicks, waiters = self._clicks[: self._max_batch], self._waiters[: self._max_batch]
         del self._clicks[: self._max_batch], self._waiters[: self._max_batch]
         try:
-            args = ("XADD", self._stream, "*", "b", orjson.dumps(clicks))
+            args = ("XADD", self._stream, "*", edge.CLICK_BATCH_FIELD, orjson.dumps(clicks))
             # Straight onto the connection when it is up (no task per batch); else connect first.
             reply = self._redis.submit(*args)
             if reply is None:

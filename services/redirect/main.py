@@ -23,6 +23,7 @@ def serve(settings: Settings) -> int:
             lifespan="on",
             log_level=settings.log_level,
             access_log=False,
+            server_header=False,  # no "server: uvicorn": what runs here is nobody's business (and one header less per answer)
             # X-Forwarded-For is read by the app, and only from settings.trusted_proxies.
             proxy_headers=False,
             timeout_graceful_shutdown=6,  # then its last click batches: within supervisor.CHILD_STOP_TIMEOUT

@@ -7,9 +7,10 @@ consumer of group ``shared.edge.CLICK_GROUP``:
    entries another consumer left pending for longer than ``min_idle_ms`` (a dead worker), else
    reads new ones;
 2. stores them in ONE transaction and ONE statement. PostgreSQL parses the entries' JSON itself
-   (``json_to_recordset``), so Python never decodes a click on the normal path; if an entry is
+   (``jsonb_array_elements``), so Python never decodes a click on the normal path; if an entry is
    malformed that statement fails (inside a savepoint) and the batch is decoded and checked click
    by click in Python instead, dropping only the bad clicks, so nothing can block the stream.
+   (Entries in the legacy format, click objects under field ``b``, always go the checked way.)
    The insert is a plain one, inside a savepoint: a click stored before (a redelivered entry, or
    one the batch holds twice, or one another drainer is storing right now) makes it fail on the
    primary key, and the batch is then stored again with ``ON CONFLICT (id) DO NOTHING``. Only the
@@ -49,16 +50,18 @@ DRAIN_LOOPS = 2
 CLAIM_IDLE_MS = 30_000
 
 # The input rows, two ways. Fast: PostgreSQL parses the stream entries' JSON itself (no decoding
-# in Python). Checked: Python validated and decoded every click (used when the fast way fails on
-# a malformed entry, so that one bad click cannot block the stream).
+# in Python); each click is an array in the order of edge.CLICK_FIELDS. Checked: Python validated
+# and decoded every click (used when the fast way fails on a malformed entry, so that one bad
+# click cannot block the stream, and for entries in the legacy format of click objects).
 _INPUT_JSON = """
-    SELECT c.id, c.a AS account_id, c.l AS link_id, c.o AS offer_id, c.li AS list_id,
-           c.m AS message_id, c."at" AS clicked_at, c.ip, c.ua AS user_agent, c.cc AS country_code,
-           coalesce(c.bot, false) AS is_bot, coalesce(c.q, '{}') AS params
+    SELECT x->>0 AS id, (x->>3)::bigint AS account_id, x->>1 AS link_id, x->>2 AS offer_id,
+           (x->>4)::bigint AS list_id, x->>5 AS message_id,
+           'epoch'::timestamptz + (x->>6)::bigint * interval '1 microsecond' AS clicked_at,
+           x->>7 AS ip, x->>8 AS user_agent, x->>9 AS country_code,
+           coalesce((x->>10)::boolean, false) AS is_bot,
+           CASE WHEN jsonb_typeof(x->11) = 'object' THEN x->11 ELSE '{}' END AS params
     FROM unnest($1::bytea[]) AS e(batch),
-         LATERAL json_to_recordset(convert_from(e.batch, 'UTF8')::json) AS c(
-             id text, a bigint, l text, o text, li bigint, m text, "at" timestamptz, ip text, ua text,
-             cc text, bot boolean, q jsonb)
+         LATERAL jsonb_array_elements(convert_from(e.batch, 'UTF8')::jsonb) AS x
 """
 _INPUT_ARRAYS = """
     SELECT id, account_id, link_id, offer_id, list_id, message_id, clicked_at, ip, user_agent,
@@ -182,6 +185,7 @@ def _columns(clicks: list[dict[str, Any]]) -> list[list[Any]]:
 
 
 _TEXT_FIELDS = ("l", "o", "m", "ip", "ua", "cc")
+_BATCH = edge.CLICK_BATCH_FIELD.encode()
 _BIGINT = 2**63
 
 
@@ -195,7 +199,6 @@ def _valid(click: Any) -> bool:
         and 0 < len(click["id"]) <= 200
         and isinstance(account, int) and not isinstance(account, bool) and -_BIGINT <= account < _BIGINT
         and (list_id is None or (isinstance(list_id, int) and not isinstance(list_id, bool) and -_BIGINT <= list_id < _BIGINT))
-        and isinstance(click.get("at"), str)
         and all(click.get(name) is None or isinstance(click[name], str) for name in _TEXT_FIELDS)
         and isinstance(click.get("bot", False), bool)
     )
@@ -215,24 +218,52 @@ def _without_nul(click: dict[str, Any]) -> dict[str, Any]:
     return click
 
 
+def _named(entry_id: bytes, fields: dict[bytes, bytes] | None) -> list[Any]:
+    """An entry's clicks as dicts by name (``at`` still to be read), whichever format it has;
+    [] (logged) if it cannot be read."""
+    if fields is None:  # deleted from the stream while pending: nothing to store
+        return []
+    try:
+        if _BATCH in fields:
+            rows = orjson.loads(fields[_BATCH])
+            width = len(edge.CLICK_FIELDS)
+            # A row of another shape stays as it is: _valid refuses it, and only it.
+            return [
+                dict(zip(edge.CLICK_FIELDS, row)) if isinstance(row, list) and len(row) == width else row
+                for row in (rows if isinstance(rows, list) else [])
+            ]
+        batch = orjson.loads(fields[edge.LEGACY_BATCH_FIELD.encode()])  # type: ignore[index]
+        return batch if isinstance(batch, list) else []
+    except (KeyError, TypeError, orjson.JSONDecodeError):
+        log.error("dropping malformed click stream entry %r", entry_id)
+        return []
+
+
+def _time(click: dict[str, Any]) -> datetime | None:
+    """When a click was made: ``us`` (microseconds since the epoch) or, in the legacy format,
+    ``at`` (ISO 8601 with an offset)."""
+    try:
+        if "us" in click:
+            us = click["us"]
+            return edge.from_micros(us) if isinstance(us, int) and not isinstance(us, bool) else None
+        return datetime.fromisoformat(click["at"]) if isinstance(click.get("at"), str) else None
+    except (ValueError, OverflowError):
+        return None
+
+
 def _decode(entries: list[tuple[bytes, dict[bytes, bytes] | None]]) -> list[dict[str, Any]]:
     """Every well-formed click of the entries, once each (a retried XADD may repeat a click)."""
     clicks: dict[str, dict[str, Any]] = {}
     for entry_id, fields in entries:
-        try:
-            batch = orjson.loads(fields[b"b"])  # type: ignore[index]
-        except (KeyError, TypeError, orjson.JSONDecodeError):
-            log.error("dropping malformed click stream entry %r", entry_id)
-            continue
-        for click in batch if isinstance(batch, list) else []:
+        for click in _named(entry_id, fields):
             if not _valid(click):
                 log.error("dropping malformed click in entry %r: %r", entry_id, click)
                 continue
-            try:
-                click["at"] = datetime.fromisoformat(click["at"])
-            except ValueError:
+            at = _time(click)
+            if at is None:
                 log.error("dropping click with a bad timestamp in entry %r", entry_id)
                 continue
+            click["at"] = at
             clicks.setdefault(click["id"], _without_nul(click))
     return list(clicks.values())
 
@@ -248,8 +279,10 @@ async def store(conn: asyncpg.Connection, clicks: list[dict[str, Any]]) -> list[
 
 async def store_entries(conn: asyncpg.Connection, entries: list[tuple[bytes, dict[bytes, bytes] | None]]) -> int:
     """Store the clicks of raw stream entries in the caller's transaction; how many they held."""
-    payloads = [fields[b"b"] for _, fields in entries if fields and b"b" in fields]
-    for statement in (STORE_JSON_FRESH, STORE_JSON) if payloads else ():
+    payloads = [fields[_BATCH] for _, fields in entries if fields and _BATCH in fields]
+    # An entry in the legacy format (or in none) sends the whole batch the checked way.
+    fast = len(payloads) == sum(1 for _, fields in entries if fields)
+    for statement in (STORE_JSON_FRESH, STORE_JSON) if fast else ():
         try:
             async with conn.transaction():  # a savepoint: a failure only undoes this try
                 row = await conn.fetchrow(statement, payloads)

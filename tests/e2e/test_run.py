@@ -128,6 +128,7 @@ def flow(stack, account, lst, api, edge):
 
     hop1 = edge.get("/" + short.rsplit("/", 1)[1] + "?sub1=a", headers={"Host": "sms.example.com", "User-Agent": "Mozilla/5.0 (iPhone)"})
     assert hop1.status_code == 302 and hop1.headers["cache-control"] == "private, no-store"
+    assert "server" not in hop1.headers and "server" not in sent.headers  # the software is not advertised
     tracker = urlsplit(hop1.headers["location"])
     hop2 = edge.get(tracker.path + "?" + tracker.query, headers={"Host": tracker.netloc, "User-Agent": "Mozilla/5.0 (iPhone)"})
     assert hop2.status_code == 302

@@ -432,10 +432,9 @@ async def test_late_postback_attributed_by_the_click_drainer(api, db, redis, ten
                    timestamp=(T0 + timedelta(minutes=10)).isoformat())
     await run_worker()
     assert (await conversion(db, tenant, "drained"))["unattributed_reason"] == "click_not_found"
-    click = {"id": click_id, "t": ids.tracker_id(), "l": "Ab3kX9", "o": offer["id"], "a": tenant.account_id,
-             "li": tenant.list_id, "m": mid, "at": T0.isoformat(), "ip": None, "ua": "Mozilla/5.0", "cc": None,
-             "bot": False, "q": {}}
-    await redis.xadd(edge.CLICK_STREAM, {"b": orjson.dumps([click])})
+    click = {"id": click_id, "l": "Ab3kX9", "o": offer["id"], "a": tenant.account_id, "li": tenant.list_id, "m": mid,
+             "at": T0, "ip": None, "ua": "Mozilla/5.0", "cc": None, "bot": False, "q": {}}
+    await redis.xadd(edge.CLICK_STREAM, {edge.CLICK_BATCH_FIELD: orjson.dumps([edge.click_from(click)])})
     await drain_all()
     conv = await conversion(db, tenant, "drained")
     assert conv["attributed"] and (conv["message_id"], conv["creative_id"], conv["offer_id"]) == (mid, "late-cr", offer["id"])

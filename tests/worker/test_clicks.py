@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import httpx
 import orjson
+import pytest
 
 from services.worker.clicks import drain_once, ensure_group, run_drainer, store
 from shared import edge, ids
@@ -25,16 +27,26 @@ async def drain_all(db: asyncpg.Pool, redis: Any, consumer: str = "pytest") -> i
     return total
 
 
-def click(tenant: Tenant, *, at: datetime, message_id: str | None = None, bot: bool = False, **q: str) -> edge.Click:
+def click(tenant: Tenant, *, at: datetime, message_id: str | None = None, bot: bool = False, **q: str) -> dict[str, Any]:
+    """A click by field name (edge.CLICK_FIELDS, with ``at`` instead of ``us``); ``xadd`` writes it
+    to the stream as the redirect does."""
     return {
-        "id": ids.click_id(), "t": ids.tracker_id(), "l": "Ab3kX9", "o": "f" * 24, "a": tenant.account_id,
-        "li": tenant.list_id, "m": message_id, "at": at.isoformat(), "ip": "198.51.100.1", "ua": "Mozilla/5.0",
-        "cc": None, "bot": bot, "q": dict(q),
+        "id": ids.click_id(), "l": "Ab3kX9", "o": "f" * 24, "a": tenant.account_id, "li": tenant.list_id,
+        "m": message_id, "at": at, "ip": "198.51.100.1", "ua": "Mozilla/5.0", "cc": None, "bot": bot, "q": dict(q),
     }
 
 
-async def xadd(redis: Any, clicks: list[edge.Click]) -> None:
-    await redis.xadd(edge.CLICK_STREAM, {"b": orjson.dumps(clicks)})
+async def xadd(redis: Any, clicks: list[dict[str, Any]]) -> None:
+    await redis.xadd(edge.CLICK_STREAM, {edge.CLICK_BATCH_FIELD: orjson.dumps([edge.click_from(c) for c in clicks])})
+
+
+def legacy(click: dict[str, Any]) -> dict[str, Any]:
+    """The same click as the stream held it before edge.CLICK_FIELDS (an object, ISO ``at``)."""
+    return dict(click, t=ids.tracker_id(), at=click["at"].isoformat())
+
+
+async def xadd_legacy(redis: Any, clicks: list[dict[str, Any]]) -> None:
+    await redis.xadd(edge.CLICK_STREAM, {edge.LEGACY_BATCH_FIELD: orjson.dumps(clicks)})
 
 
 async def message(api: httpx.AsyncClient, tenant: Tenant, phone: str) -> str:
@@ -52,15 +64,20 @@ async def contact_clicks(db: asyncpg.Pool, tenant: Tenant, phone: str) -> tuple[
     return row["click_count"], row["last_clicked_at"]
 
 
-async def test_drains_clicks_with_their_fields(db: asyncpg.Pool, redis: Any, tenant: Tenant) -> None:
+async def test_drains_clicks_with_their_fields(
+    db: asyncpg.Pool, redis: Any, tenant: Tenant, caplog: pytest.LogCaptureFixture
+) -> None:
     await drain_all(db, redis)
-    c = click(tenant, at=T0, sub1="a", foo="bar")
+    at = T0 + timedelta(microseconds=654_321)
+    c = click(tenant, at=at, sub1="a", foo="bar")
     c["cc"] = "GB"
     await xadd(redis, [c])
-    assert await drain_all(db, redis) == 1
+    with caplog.at_level(logging.WARNING, logger="trackly.worker.clicks"):
+        assert await drain_all(db, redis) == 1
+    assert not caplog.records  # stored by PostgreSQL reading the entry, not by the checked way
     row = await db.fetchrow("SELECT * FROM clicks WHERE id = $1", c["id"])
     assert (row["account_id"], row["link_id"], row["offer_id"], row["list_id"]) == (tenant.account_id, "Ab3kX9", "f" * 24, tenant.list_id)
-    assert row["clicked_at"] == T0 and row["country_code"] == "GB" and row["ip"] == "198.51.100.1"
+    assert row["clicked_at"] == at and row["country_code"] == "GB" and row["ip"] == "198.51.100.1"
     assert row["params"] == {"sub1": "a", "foo": "bar"} and row["source"] == "edge" and row["is_bot"] is False
     assert await redis.xlen(edge.CLICK_STREAM) == 0  # acknowledged entries are deleted
 
@@ -80,8 +97,7 @@ async def test_a_batch_drained_twice_is_stored_and_counted_once(
     await drain_all(db, redis)
     # And the same rows through store() in a second transaction, as a crash before XACK would do.
     async with db.acquire() as conn, conn.transaction():
-        again = [dict(c, at=datetime.fromisoformat(c["at"])) for c in batch]
-        assert await store(conn, again) == []
+        assert await store(conn, [dict(c) for c in batch]) == []
 
     assert await db.fetchval("SELECT count(*) FROM clicks WHERE account_id = $1", tenant.account_id) == 4
     assert await db.fetchval("SELECT click_id FROM message_clicks WHERE message_id = $1", mid) == batch[0]["id"]
@@ -131,19 +147,45 @@ async def test_message_id_kept_only_for_an_existing_message_of_the_same_account(
 async def test_malformed_entries_are_dropped_not_stuck(db: asyncpg.Pool, redis: Any, tenant: Tenant) -> None:
     await drain_all(db, redis)
     good = click(tenant, at=T0)
-    bad_time = dict(click(tenant, at=T0), at="yesterday")
-    await redis.xadd(edge.CLICK_STREAM, {"b": b"not json"})
-    await redis.xadd(edge.CLICK_STREAM, {"x": b"[]"})
-    await redis.xadd(edge.CLICK_STREAM, {"b": b'[{"id": "\xff\xfe"}]'})  # not UTF-8
-    bad_type = dict(click(tenant, at=T0), l=5)
-    huge_account = dict(click(tenant, at=T0), a=2**63)
     nul = dict(click(tenant, at=T0), ua="evil\x00agent", q={"sub1": "a\x00b"})
-    await xadd(redis, [{"id": 5}, bad_time, good, bad_type, huge_account, nul])  # type: ignore[list-item]
+    await redis.xadd(edge.CLICK_STREAM, {edge.CLICK_BATCH_FIELD: b"not json"})
+    await redis.xadd(edge.CLICK_STREAM, {"x": b"[]"})
+    await redis.xadd(edge.CLICK_STREAM, {edge.CLICK_BATCH_FIELD: b'[["\xff\xfe"]]'})  # not UTF-8
+    rows: list[Any] = [
+        ["too", "short"],
+        {"id": "an object"},
+        [*edge.click_from(click(tenant, at=T0))[:6], "yesterday", *edge.click_from(good)[7:]],  # time not an int
+        edge.click_from(dict(click(tenant, at=T0), a=2**63)),  # account out of range
+        edge.click_from(dict(click(tenant, at=T0), bot="maybe")),
+        edge.click_from(good),
+        edge.click_from(nul),
+    ]
+    await redis.xadd(edge.CLICK_STREAM, {edge.CLICK_BATCH_FIELD: orjson.dumps(rows)})
     await drain_all(db, redis)
-    rows = await db.fetch("SELECT id, user_agent, params FROM clicks WHERE account_id = $1", tenant.account_id)
-    assert sorted(r["id"] for r in rows) == sorted([good["id"], nul["id"]])
-    cleaned = next(r for r in rows if r["id"] == nul["id"])
+    stored = await db.fetch("SELECT id, user_agent, params FROM clicks WHERE account_id = $1", tenant.account_id)
+    assert sorted(r["id"] for r in stored) == sorted([good["id"], nul["id"]])
+    cleaned = next(r for r in stored if r["id"] == nul["id"])
     assert cleaned["user_agent"] == "evilagent" and cleaned["params"] == {"sub1": "ab"}
+    assert await redis.xlen(edge.CLICK_STREAM) == 0
+
+
+async def test_entries_in_the_legacy_format_are_drained(db: asyncpg.Pool, redis: Any, tenant: Tenant) -> None:
+    """Clicks a redirect of the previous release wrote (objects, ISO times under field b) are
+    stored like any other, malformed ones dropped, also in a batch with new-format entries."""
+    await drain_all(db, redis)
+    old = dict(click(tenant, at=T0 + timedelta(microseconds=123_456), sub1="x"), cc="GB")
+    new = click(tenant, at=T0)
+    await redis.xadd(edge.CLICK_STREAM, {edge.LEGACY_BATCH_FIELD: b"not json"})
+    await redis.xadd(edge.CLICK_STREAM, {edge.LEGACY_BATCH_FIELD: b'[{"id": "\xff\xfe"}]'})  # not UTF-8
+    bad_time = dict(legacy(click(tenant, at=T0)), at="yesterday")
+    bad_type = dict(legacy(click(tenant, at=T0)), l=5)
+    await xadd_legacy(redis, [{"id": 5}, bad_time, legacy(old), bad_type])
+    await xadd(redis, [new])
+    await drain_all(db, redis)
+    stored = {r["id"]: r for r in await db.fetch("SELECT * FROM clicks WHERE account_id = $1", tenant.account_id)}
+    assert set(stored) == {old["id"], new["id"]}
+    row = stored[old["id"]]
+    assert (row["clicked_at"], row["country_code"], row["params"], row["link_id"]) == (old["at"], "GB", {"sub1": "x"}, "Ab3kX9")
     assert await redis.xlen(edge.CLICK_STREAM) == 0
 
 
