@@ -8,7 +8,8 @@
   (see ``_drained_stream``).
 * Drain: ``drain_once`` over 50k clicks (some of them message clicks, so message_clicks and
   contacts are written too) against a plain ``COPY`` of the same rows into the clicks table
-  itself, rolled back, just before: the same indexes at the same size.
+  itself, rolled back, just before: the same indexes at the same size. The median of the rounds'
+  ratios is the figure.
 * Memory: redirect RSS after 1M links are published in Redis and a sample of them is clicked.
 """
 from __future__ import annotations
@@ -43,12 +44,14 @@ SECONDS = 6
 SHORT_HOST, TRACKER_HOST = "sms.bench.test", "ct.bench.test"
 DRAIN_CLICKS, CLICKS_PER_ENTRY = 50_000, 100
 PUBLISHED_LINKS, SAMPLE_LINKS = 1_000_000, 20_000
-# Each measurement is taken ROUNDS times and the best kept, floors and products alike: other
-# processes on a shared machine only ever make a run slower.
-ROUNDS = 3
-# The HTTP measures are short (SECONDS each) and the noisiest: more turns, so that the best of
-# each is as likely to have met a quiet moment as the others'.
+# The HTTP measures are short (SECONDS each) and the noisiest: each is taken HTTP_ROUNDS times and
+# the best kept, floors and products alike (other processes on a shared machine only ever make a
+# run slower), so that the best of each is as likely to have met a quiet moment as the others'.
 HTTP_ROUNDS = 5
+# The drain is compared with the COPY of its own round (same rows, same table size), and the
+# median of those ratios reported: the table grows from round to round, so a best-of would pit a
+# COPY into the smallest table against a drain into a bigger one.
+DRAIN_ROUNDS = 5
 
 FLOOR_APP = """
 import sys, uvicorn
@@ -288,7 +291,7 @@ async def _drain_bench(env: BenchEnv, data: dict) -> list[str]:
     redis = create_redis(env.settings.redis_url)
     pool = await shared_db.create_pool(env.settings.database_url, max_size=DRAIN_LOOPS)
     try:
-        rounds = [await _drain_round(env, data, pool, redis) for _ in range(ROUNDS)]
+        rounds = [await _drain_round(env, data, pool, redis) for _ in range(DRAIN_ROUNDS)]
         stored = await pool.fetchval("SELECT count(*) FROM clicks WHERE account_id = $1", data["account"])
         firsts = await pool.fetchval("SELECT count(*) FROM message_clicks WHERE account_id = $1", data["account"])
     finally:
@@ -296,14 +299,18 @@ async def _drain_bench(env: BenchEnv, data: dict) -> list[str]:
         await redis.aclose()  # type: ignore[attr-defined]
     drain_rate = max(r[0] for r in rounds)
     copy_rate = max(r[1] for r in rounds)
+    per_round = [d / c for d, c, _ in rounds]
     return [
-        f"floor: plain COPY of the same {DRAIN_CLICKS:,} click rows into the clicks table (rolled back), before each drain,"
-        f" best of {ROUNDS}: {copy_rate:,.0f} rows/s",
+        f"floor: plain COPY of the same {DRAIN_CLICKS:,} click rows into the clicks table (rolled back), just before each"
+        f" drain, {DRAIN_ROUNDS} rounds: {', '.join(f'{c:,.0f}' for _, c, _ in rounds)} rows/s",
         f"drain_once x{DRAIN_LOOPS} loops over {DRAIN_CLICKS:,} clicks (30% message clicks: message_clicks and contacts"
-        f" written too), best of {ROUNDS}: {drain_rate:,.0f} clicks/s = {ratio(drain_rate, copy_rate)} (goal >= 0.50);"
-        f" {stored:,} stored, {firsts:,} first message clicks",
-        "  drain / its own floor, round by round: " + ", ".join(f"{d / c:.2f}" for d, c, _ in rounds)
-        + f" (median {statistics.median(d / c for d, c, _ in rounds):.2f})",
+        f" written too): {', '.join(f'{d:,.0f}' for d, _, _ in rounds)} clicks/s; {stored:,} stored, {firsts:,} first"
+        " message clicks",
+        f"  drain / the COPY of its own round: {', '.join(f'{r:.2f}' for r in per_round)}:"
+        f" median {statistics.median(per_round):.2f}x (goal >= 0.50)",
+        # Best against best mixes rounds: the COPY's best is usually round 1's, into the smallest
+        # table (each round leaves 50k more clicks and the COPY's 50k dead rows behind).
+        f"  best drain / best COPY, across rounds: {ratio(drain_rate, copy_rate)}",
     ]
 
 

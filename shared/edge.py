@@ -105,6 +105,9 @@ LEGACY_BATCH_FIELD = "b"
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
+# The times a click can have: years 1 to 9999, UTC (Python's datetime; PostgreSQL holds more).
+MIN_MICROS = (datetime(1, 1, 1, tzinfo=UTC) - _EPOCH) // _MICROSECOND
+MAX_MICROS = (datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC) - _EPOCH) // _MICROSECOND
 
 
 def micros(at: datetime) -> int:

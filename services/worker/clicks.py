@@ -10,7 +10,10 @@ consumer of group ``shared.edge.CLICK_GROUP``:
    (``jsonb_array_elements``), so Python never decodes a click on the normal path; if an entry is
    malformed that statement fails (inside a savepoint) and the batch is decoded and checked click
    by click in Python instead, dropping only the bad clicks, so nothing can block the stream.
-   (Entries in the legacy format, click objects under field ``b``, always go the checked way.)
+   (Entries in the legacy format, click objects under field ``b``, always go the checked way.
+   Both ways refuse a click of another shape or with a time outside years 1-9999; on value types
+   the fast way is looser, as PostgreSQL's casts are: a number where text is expected is stored
+   as its text. The edge writes well-typed clicks; the checks are for what else could get in.)
    The insert is a plain one, inside a savepoint: a click stored before (a redelivered entry, or
    one the batch holds twice, or one another drainer is storing right now) makes it fail on the
    primary key, and the batch is then stored again with ``ON CONFLICT (id) DO NOTHING``. Only the
@@ -30,7 +33,7 @@ import asyncio
 import logging
 import os
 import socket
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -54,15 +57,20 @@ CLAIM_IDLE_MS = 30_000
 # and decoded every click (used when the fast way fails on a malformed entry, so that one bad
 # click cannot block the stream, and for entries in the legacy format of click objects).
 _INPUT_JSON = """
-    SELECT x->>0 AS id, (x->>3)::bigint AS account_id, x->>1 AS link_id, x->>2 AS offer_id,
+    SELECT CASE WHEN jsonb_array_length(x) = {width} THEN x->>0 END AS id,  -- another shape: NOT NULL fails
+           (x->>3)::bigint AS account_id, x->>1 AS link_id, x->>2 AS offer_id,
            (x->>4)::bigint AS list_id, x->>5 AS message_id,
-           'epoch'::timestamptz + (x->>6)::bigint * interval '1 microsecond' AS clicked_at,
+           -- Exact for any bigint (bigint * interval would go through float8); out of range: NULL.
+           CASE WHEN t.us BETWEEN {min_us} AND {max_us}
+                THEN 'epoch'::timestamptz + (t.us / 1000000) * interval '1 second'
+                                          + (t.us % 1000000) * interval '1 microsecond' END AS clicked_at,
            x->>7 AS ip, x->>8 AS user_agent, x->>9 AS country_code,
            coalesce((x->>10)::boolean, false) AS is_bot,
-           CASE WHEN jsonb_typeof(x->11) = 'object' THEN x->11 ELSE '{}' END AS params
+           CASE WHEN jsonb_typeof(x->11) = 'object' THEN x->11 ELSE '{{}}' END AS params
     FROM unnest($1::bytea[]) AS e(batch),
-         LATERAL jsonb_array_elements(convert_from(e.batch, 'UTF8')::jsonb) AS x
-"""
+         LATERAL jsonb_array_elements(convert_from(e.batch, 'UTF8')::jsonb) AS x,
+         LATERAL (SELECT (x->>6)::bigint AS us) AS t
+""".format(width=len(edge.CLICK_FIELDS), min_us=edge.MIN_MICROS, max_us=edge.MAX_MICROS)
 _INPUT_ARRAYS = """
     SELECT id, account_id, link_id, offer_id, list_id, message_id, clicked_at, ip, user_agent,
            country_code, is_bot, params::jsonb AS params
@@ -185,6 +193,8 @@ def _columns(clicks: list[dict[str, Any]]) -> list[list[Any]]:
 
 
 _TEXT_FIELDS = ("l", "o", "m", "ip", "ua", "cc")
+# What PostgreSQL (or asyncpg, encoding) says of a value it cannot store: the data's fault.
+_BAD_DATA = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, ValueError)
 _BATCH = edge.CLICK_BATCH_FIELD.encode()
 _BIGINT = 2**63
 
@@ -214,8 +224,19 @@ def _without_nul(click: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(query, dict):
         click["q"] = {}
     elif "\\u0000" in orjson.dumps(query).decode():
-        click["q"] = {k.replace("\x00", ""): v.replace("\x00", "") if isinstance(v, str) else v for k, v in query.items()}
+        click["q"] = _strip_nul(query)
     return click
+
+
+def _strip_nul(value: Any) -> Any:
+    """``value`` (decoded JSON) without NUL characters, at any depth, in keys too."""
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, dict):
+        return {_strip_nul(k): _strip_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strip_nul(v) for v in value]
+    return value
 
 
 def _named(entry_id: bytes, fields: dict[bytes, bytes] | None) -> list[Any]:
@@ -227,9 +248,10 @@ def _named(entry_id: bytes, fields: dict[bytes, bytes] | None) -> list[Any]:
         if _BATCH in fields:
             rows = orjson.loads(fields[_BATCH])
             width = len(edge.CLICK_FIELDS)
-            # A row of another shape stays as it is: _valid refuses it, and only it.
+            # A row of another shape becomes None: _valid refuses it, and only it (as the fast way
+            # refuses it, by failing).
             return [
-                dict(zip(edge.CLICK_FIELDS, row)) if isinstance(row, list) and len(row) == width else row
+                dict(zip(edge.CLICK_FIELDS, row)) if isinstance(row, list) and len(row) == width else None
                 for row in (rows if isinstance(rows, list) else [])
             ]
         batch = orjson.loads(fields[edge.LEGACY_BATCH_FIELD.encode()])  # type: ignore[index]
@@ -245,8 +267,12 @@ def _time(click: dict[str, Any]) -> datetime | None:
     try:
         if "us" in click:
             us = click["us"]
-            return edge.from_micros(us) if isinstance(us, int) and not isinstance(us, bool) else None
-        return datetime.fromisoformat(click["at"]) if isinstance(click.get("at"), str) else None
+            if isinstance(us, int) and not isinstance(us, bool) and edge.MIN_MICROS <= us <= edge.MAX_MICROS:
+                return edge.from_micros(us)
+            return None
+        at = datetime.fromisoformat(click["at"]) if isinstance(click.get("at"), str) else None
+        # In UTC it must still be a date (PostgreSQL and asyncpg refuse what is not).
+        return at if at is None or edge.MIN_MICROS <= edge.micros(at.astimezone(UTC)) <= edge.MAX_MICROS else None
     except (ValueError, OverflowError):
         return None
 
@@ -297,7 +323,23 @@ async def store_entries(conn: asyncpg.Connection, entries: list[tuple[bytes, dic
             await _after_store(conn, row)
             return int(row["seen"])
     clicks = _decode(entries)
-    await store(conn, clicks)
+    try:
+        async with conn.transaction():
+            await store(conn, clicks)
+    except _BAD_DATA as exc:
+        # _valid cannot foresee everything PostgreSQL refuses: one click at a time, so that only
+        # the ones it refuses are dropped and the stream never stops on them. (Anything else, a
+        # lost connection, a full disk, is raised: the entries stay pending and are tried again.)
+        log.warning("click batch needs storing click by click (%s)", exc)
+        refused = 0
+        for click in clicks:
+            try:
+                async with conn.transaction():
+                    await store(conn, [click])
+            except _BAD_DATA as exc:
+                refused += 1
+                log.error("dropping click %r that PostgreSQL refuses (%s): %r", click.get("id"), exc, click)
+        return len(clicks) - refused
     return len(clicks)
 
 

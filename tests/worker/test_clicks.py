@@ -147,7 +147,7 @@ async def test_message_id_kept_only_for_an_existing_message_of_the_same_account(
 async def test_malformed_entries_are_dropped_not_stuck(db: asyncpg.Pool, redis: Any, tenant: Tenant) -> None:
     await drain_all(db, redis)
     good = click(tenant, at=T0)
-    nul = dict(click(tenant, at=T0), ua="evil\x00agent", q={"sub1": "a\x00b"})
+    nul = dict(click(tenant, at=T0), ua="evil\x00agent", q={"sub1": "a\x00b", "deep": {"k\x00": ["x\x00"]}})
     await redis.xadd(edge.CLICK_STREAM, {edge.CLICK_BATCH_FIELD: b"not json"})
     await redis.xadd(edge.CLICK_STREAM, {"x": b"[]"})
     await redis.xadd(edge.CLICK_STREAM, {edge.CLICK_BATCH_FIELD: b'[["\xff\xfe"]]'})  # not UTF-8
@@ -157,6 +157,8 @@ async def test_malformed_entries_are_dropped_not_stuck(db: asyncpg.Pool, redis: 
         [*edge.click_from(click(tenant, at=T0))[:6], "yesterday", *edge.click_from(good)[7:]],  # time not an int
         edge.click_from(dict(click(tenant, at=T0), a=2**63)),  # account out of range
         edge.click_from(dict(click(tenant, at=T0), bot="maybe")),
+        [*edge.click_from(click(tenant, at=T0))[:6], edge.MAX_MICROS + 1, *edge.click_from(good)[7:]],  # after 9999
+        [*edge.click_from(click(tenant, at=T0)), "a 13th field"],
         edge.click_from(good),
         edge.click_from(nul),
     ]
@@ -165,8 +167,47 @@ async def test_malformed_entries_are_dropped_not_stuck(db: asyncpg.Pool, redis: 
     stored = await db.fetch("SELECT id, user_agent, params FROM clicks WHERE account_id = $1", tenant.account_id)
     assert sorted(r["id"] for r in stored) == sorted([good["id"], nul["id"]])
     cleaned = next(r for r in stored if r["id"] == nul["id"])
-    assert cleaned["user_agent"] == "evilagent" and cleaned["params"] == {"sub1": "ab"}
+    assert cleaned["user_agent"] == "evilagent" and cleaned["params"] == {"sub1": "ab", "deep": {"k": ["x"]}}
     assert await redis.xlen(edge.CLICK_STREAM) == 0
+
+
+async def test_a_row_of_another_shape_is_dropped_whatever_else_its_batch_holds(
+    db: asyncpg.Pool, redis: Any, tenant: Tenant
+) -> None:
+    """Alone among good rows (where PostgreSQL reads the batch) or beside a malformed entry (where
+    Python checks it), a click of 11 or 13 fields is dropped and the others are stored."""
+    await drain_all(db, redis)
+    short, long = click(tenant, at=T0), click(tenant, at=T0)
+    for neighbour in (None, b"not json"):
+        good = click(tenant, at=T0)
+        rows = [edge.click_from(short)[:11], [*edge.click_from(long), "x"], edge.click_from(good)]
+        await redis.xadd(edge.CLICK_STREAM, {edge.CLICK_BATCH_FIELD: orjson.dumps(rows)})
+        if neighbour is not None:
+            await redis.xadd(edge.CLICK_STREAM, {edge.CLICK_BATCH_FIELD: neighbour})
+        await drain_all(db, redis)
+        stored = {r["id"] for r in await db.fetch("SELECT id FROM clicks WHERE account_id = $1", tenant.account_id)}
+        assert good["id"] in stored and not {short["id"], long["id"]} & stored
+
+
+async def test_a_click_postgresql_refuses_is_dropped_alone_and_the_stream_goes_on(
+    db: asyncpg.Pool, redis: Any, tenant: Tenant
+) -> None:
+    """Whatever PostgreSQL refuses that the checks did not foresee (here a constraint added for the
+    test) costs only that click: the batch is stored click by click, and nothing stays pending."""
+    await drain_all(db, redis)
+    good, refused = click(tenant, at=T0), dict(click(tenant, at=T0), ua="refused-by-test")
+    await db.execute(
+        "ALTER TABLE clicks ADD CONSTRAINT pytest_refuse CHECK (user_agent IS DISTINCT FROM 'refused-by-test') NOT VALID"
+    )
+    try:
+        await xadd(redis, [good, refused])
+        assert await drain_all(db, redis) == 1
+    finally:
+        await db.execute("ALTER TABLE clicks DROP CONSTRAINT pytest_refuse")
+    stored = {r["id"] for r in await db.fetch("SELECT id FROM clicks WHERE account_id = $1", tenant.account_id)}
+    assert stored == {good["id"]}
+    assert await redis.xlen(edge.CLICK_STREAM) == 0
+    assert (await redis.xpending(edge.CLICK_STREAM, edge.CLICK_GROUP))["pending"] == 0
 
 
 async def test_entries_in_the_legacy_format_are_drained(db: asyncpg.Pool, redis: Any, tenant: Tenant) -> None:
@@ -179,7 +220,8 @@ async def test_entries_in_the_legacy_format_are_drained(db: asyncpg.Pool, redis:
     await redis.xadd(edge.CLICK_STREAM, {edge.LEGACY_BATCH_FIELD: b'[{"id": "\xff\xfe"}]'})  # not UTF-8
     bad_time = dict(legacy(click(tenant, at=T0)), at="yesterday")
     bad_type = dict(legacy(click(tenant, at=T0)), l=5)
-    await xadd_legacy(redis, [{"id": 5}, bad_time, legacy(old), bad_type])
+    after_9999 = dict(legacy(click(tenant, at=T0)), at="9999-12-31T23:00:00-05:00")  # 10000-01-01 in UTC
+    await xadd_legacy(redis, [{"id": 5}, bad_time, legacy(old), bad_type, after_9999])
     await xadd(redis, [new])
     await drain_all(db, redis)
     stored = {r["id"]: r for r in await db.fetch("SELECT * FROM clicks WHERE account_id = $1", tenant.account_id)}
