@@ -14,6 +14,10 @@ class MoneyError(ValueError):
     pass
 
 
+class MoneyTooLarge(MoneyError):
+    pass
+
+
 def parse_money(value: object, *, allow_negative: bool = False) -> Decimal:
     """Accept ``24.99`` or ``"24.99"``; reject bools, NaN, exponents-as-strings abuse, negatives.
 
@@ -45,7 +49,7 @@ def parse_money(value: object, *, allow_negative: bool = False) -> Decimal:
         raise MoneyError("amount must be greater than or equal to 0")
     # copy_abs, unlike abs(), is exact: a JSON number such as 1e999999999 must not overflow here.
     if amount.copy_abs() > MAX_MONEY:
-        raise MoneyError("amount is too large")
+        raise MoneyTooLarge(f"amount must be at most {MAX_MONEY}")
     # Amounts are kept to the millionth (NUMERIC(18, 6)). Digits past that are a client's binary
     # float noise (0.1 + 0.2 = 0.30000000000000004), not money: rounded half-even, not refused.
     return amount.quantize(QUANT, rounding=ROUND_HALF_EVEN)

@@ -11,8 +11,19 @@ _SPACED_OFFSET_RE = re.compile(r"^(\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(?::\d{2}(?:[
 _UNIX_MILLIS_FROM = 100_000_000_000
 
 
+# The times a client may give (the upper bound excluded): anything else is a typo or a unit
+# mistake, and at the ends of the calendar converting to UTC, adding a window or grouping by day
+# would overflow.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(2100, 1, 1, tzinfo=UTC)
+
+
 class TimeError(ValueError):
     pass
+
+
+class TimeRangeError(TimeError):
+    """A well-formed time outside [EARLIEST, LATEST)."""
 
 
 def utcnow() -> datetime:
@@ -45,16 +56,29 @@ def parse_timestamp(value: object, *, allow_unix: bool = False) -> datetime:
         raise TimeError(_TIMESTAMP_FORMATS[allow_unix]) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    try:
+        return _in_range(parsed.astimezone(UTC))
+    except OverflowError:  # 0001-01-01T00:00:00+01:00 is before the year 1 in UTC
+        raise _out_of_range() from None
 
 
 def _from_unix(seconds: float) -> datetime:
     if seconds >= _UNIX_MILLIS_FROM:
         seconds /= 1000
     try:
-        return datetime.fromtimestamp(seconds, UTC)
+        return _in_range(datetime.fromtimestamp(seconds, UTC))
     except (OverflowError, OSError, ValueError):
-        raise TimeError("timestamp is out of range") from None
+        raise _out_of_range() from None
+
+
+def _in_range(moment: datetime) -> datetime:
+    if not EARLIEST <= moment < LATEST:
+        raise _out_of_range()
+    return moment
+
+
+def _out_of_range() -> TimeRangeError:
+    return TimeRangeError(f"timestamp must be from {EARLIEST.year} to {LATEST.year - 1} (UTC)")
 
 
 def parse_date(value: str) -> date:

@@ -141,12 +141,14 @@ async def test_sends_codes(api, db, tenant):
         {**good, "to": "nope"}, {k: v for k, v in good.items() if k != "timestamp"}, {**good, "timestamp": "x"},
         {**good, "list_id": 99999999}, {**good, "offer_id": "missing"}, {**good, "message_id": "bad id"},
         {**good, "message_id": taken}, {k: v for k, v in good.items() if k != "list_id"}, good,
+        {**good, "timestamp": "9999-12-31T23:59:59-01:00"}, {**good, "timestamp": "1969-12-31T23:59:59Z"},
     ]
     body = await history(api, tenant, "sends", records)
-    assert (body["success_count"], body["error_count"]) == (1, 8)
+    assert (body["success_count"], body["error_count"]) == (1, 10)
     assert [(e["index"], e["code"]) for e in body["errors"]] == [
         (0, "invalid_phone"), (1, "missing_timestamp"), (2, "invalid_timestamp"), (3, "list_not_found"),
         (4, "offer_not_found"), (5, "validation_error"), (6, "validation_error"), (7, "missing_list_identifier"),
+        (9, "invalid_timestamp"), (10, "invalid_timestamp"),
     ]
 
 

@@ -73,11 +73,27 @@ async def test_offer_defaults_to_the_messages_and_time_to_now(api, db, tenant):
     ({"message_id": "short", "revenue": 1, "attribution_type": "sale"}, "message_not_found"),
     ({"message_id": "MID", "revenue": 1, "attribution_type": "sale", "offer_id": "nope"}, "offer_not_found"),
     ({"message_id": "MID", "revenue": 1, "attribution_type": "sale", "timestamp": "soon"}, "invalid_timestamp"),
+    # The ends of the calendar (a 500 before: the offset overflowed the conversion to UTC).
+    ({"message_id": "MID", "revenue": 1, "attribution_type": "sale", "timestamp": "0001-01-01T00:00:00+01:00"}, "invalid_timestamp"),
+    ({"message_id": "MID", "revenue": 1, "attribution_type": "sale", "timestamp": "9999-12-31T23:59:59-01:00"}, "invalid_timestamp"),
+    ({"message_id": "MID", "revenue": 1, "attribution_type": "sale", "timestamp": "0001-01-01T00:00:00Z"}, "invalid_timestamp"),
 ])
 async def test_errors(api, tenant, body, code):
     mid = await send_message(api, tenant)
     body = {k: (mid if v == "MID" else v) for k, v in body.items()}
     assert_error(await post_revenue(api, tenant, **body), 400, code)
+
+
+async def test_errors_say_what_is_wrong(api, tenant):
+    mid = await send_message(api, tenant)
+    too_much = await post_revenue(api, tenant, message_id=mid, revenue="99999999999999.99", attribution_type="sale")
+    assert_error(too_much, 400, "invalid_revenue")
+    assert "at most 999999999999" in too_much.json()["error"]
+    too_late = await post_revenue(api, tenant, message_id=mid, revenue=1, attribution_type="sale", timestamp="2100-01-01T00:00:00Z")
+    assert_error(too_late, 400, "invalid_timestamp")
+    assert "1970 to 2099" in too_late.json()["error"]
+    last = await post_revenue(api, tenant, message_id=mid, revenue=1, attribution_type="sale", timestamp="2099-12-31T23:59:59Z")
+    assert last.status_code == 201, last.text
 
 
 async def test_other_accounts_message_and_offer_are_not_found(api, db, tenant):

@@ -8,7 +8,7 @@ from shared import ids, jsonio, settings
 from shared.edge import host_of
 from shared.money import MoneyError, parse_money
 from shared.phone import PhoneError, parse_e164
-from shared.timeutil import TimeError, isoformat, parse_timestamp
+from shared.timeutil import TimeError, TimeRangeError, isoformat, parse_timestamp
 
 
 def test_id_formats():
@@ -93,6 +93,14 @@ def test_timestamps_are_utc():
     for bad in ["yesterday", "", "2026-13-01T00:00:00Z", 5, "2026-02-08T14:00:00 2"]:
         with pytest.raises(TimeError):
             parse_timestamp(bad)
+    assert parse_timestamp("1970-01-01T00:00:00Z") == datetime(1970, 1, 1, tzinfo=UTC)
+    assert parse_timestamp(0, allow_unix=True) == datetime(1970, 1, 1, tzinfo=UTC)
+    for out in ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00", "1969-12-31T23:59:59Z", "2100-01-01T00:00:00Z"]:
+        with pytest.raises(TimeRangeError):
+            parse_timestamp(out)
+    for out_unix in [-1, 4_102_444_800, 1e300, "99999999999999999999"]:  # 4102444800: 2100-01-01
+        with pytest.raises(TimeRangeError):
+            parse_timestamp(out_unix, allow_unix=True)
 
 
 def test_host_matching_ignores_case_port_and_scheme():

@@ -20,8 +20,8 @@ from services.gateway.lookups import find_offers
 from shared import ids
 from shared.errors import ApiError, bad_request, validation
 from shared.ids import MESSAGE_ID_RE
-from shared.money import MoneyError, parse_money
-from shared.timeutil import TimeError, parse_timestamp, utcnow
+from shared.money import MAX_MONEY, MoneyError, MoneyTooLarge, parse_money
+from shared.timeutil import TimeError, TimeRangeError, parse_timestamp, utcnow
 
 MAX_RECORDS = 1000
 MAX_ERRORS_SHOWN = 100
@@ -82,6 +82,8 @@ def parse_timestamp_field(record: dict[str, Any], name: str, *, required: bool, 
         return now
     try:
         return parse_timestamp(value)
+    except TimeRangeError as exc:
+        raise bad_request("invalid_timestamp", f"The {name} is out of range: {exc}") from None
     except TimeError:
         raise bad_request("invalid_timestamp", f"The {name} is not a valid ISO 8601 datetime") from None
 
@@ -98,6 +100,8 @@ def parse_revenue(index: int, record: Any, now: datetime, *, with_external_id: b
         raise bad_request("missing_attribution_type", "The attribution_type field is required")
     try:
         amount = parse_money(record["revenue"])
+    except MoneyTooLarge:
+        raise bad_request("invalid_revenue", f"Revenue must be at most {MAX_MONEY}") from None
     except MoneyError:
         raise bad_request("invalid_revenue", "Revenue must be a number greater than or equal to 0") from None
     kind = record["attribution_type"]
