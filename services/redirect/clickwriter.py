@@ -44,6 +44,7 @@ class ClickWriter:
         self._scheduled = False
         self._inflight: set[asyncio.Future[Any]] = set()
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # the serving loop, from the first click
         self.recorded = 0
         self.batches = 0
         self.failed = 0
@@ -57,7 +58,11 @@ class ClickWriter:
         once the click is durably in the stream, failed with ClickNotRecorded otherwise."""
         if self._closed:
             raise ClickNotRecorded("the click writer is closed")
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            # Asked once: asyncio.get_running_loop() makes a getpid() system call every time
+            # (CPython's check against a forked child), about a microsecond per click here.
+            loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._clicks.append(click)
         self._waiters.append(future)
@@ -71,7 +76,7 @@ class ClickWriter:
         if not self._scheduled and len(self._inflight) < self._max_inflight:
             # On the next loop iteration, so every request that is ready now joins this batch.
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._start_batch)
+            (self._loop or asyncio.get_running_loop()).call_soon(self._start_batch)
 
     def _start_batch(self) -> None:
         self._scheduled = False

@@ -39,6 +39,7 @@ class _Protocol(asyncio.Protocol):
         self.reader = hiredis.Reader()
         self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
         self.transport: asyncio.Transport | None = None
+        self.loop = asyncio.get_running_loop()  # made by the loop's create_connection
         self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -141,7 +142,7 @@ class RawRedis:
         protocol = self._protocol
         if protocol is None or protocol.lost or protocol.transport is None:
             return None
-        loop = asyncio.get_running_loop()
+        loop = protocol.loop  # not asyncio.get_running_loop(): a getpid() system call each time
         future: asyncio.Future[Any] = loop.create_future()
         protocol.waiting.append(future)
         protocol.transport.write(_pack(args))
