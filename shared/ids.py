@@ -11,11 +11,26 @@ import uuid
 
 ALPHANUM = string.ascii_letters + string.digits
 
-OFFER_ID_RE = re.compile(r"^[0-9a-f]{24}$")
+OFFER_ID_RE = re.compile(r"^[0-9a-f]{24}\Z")
 REVENUE_ID_RE = OFFER_ID_RE
-LINK_ID_RE = re.compile(r"^[A-Za-z0-9]{6}$")
-MESSAGE_ID_RE = re.compile(r"^[A-Za-z0-9]{8}$")
-CLICK_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+LINK_ID_RE = re.compile(r"^[A-Za-z0-9]{6}\Z")
+MESSAGE_ID_RE = re.compile(r"^[A-Za-z0-9]{8}\Z")  # \Z: $ would let a trailing newline through
+CLICK_ID_RE = re.compile(r"^[0-9a-f]{32}\Z")
+_BIGINT_RE = re.compile(r"[0-9]{1,19}")
+
+
+def bigint(value: object) -> int | None:
+    """A database id (list ids...) given as a JSON integer or as a string of ASCII digits; None
+    when it is neither or does not fit a bigint. (Not ``str.isdigit``: it takes "²" and "٣",
+    which ``int`` then refuses.)"""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if 0 <= value < 2**63 else None
+    if isinstance(value, str) and _BIGINT_RE.fullmatch(value):
+        number = int(value)
+        return number if number < 2**63 else None
+    return None
 
 
 # Byte -> character for bytes below 248 (= 4 * 62, so every character is equally likely); the

@@ -59,7 +59,8 @@ def to_json_number(amount: Decimal) -> Decimal:
     """Normalise for output: ``24.990000`` from NUMERIC prints as ``24.99``; orjson is told to
     emit Decimals as numbers by the JSON helpers."""
     normal = amount.normalize()
-    # normalize() turns 100 into 1E+2; quantize back to a plain exponent >= 0 form.
+    # normalize() turns 100 into 1E+2: back to plain digits (exactly, through int: quantize would
+    # need more than the context's 28 digits of precision for 1E+28).
     if normal.as_tuple().exponent > 0:
-        normal = normal.quantize(Decimal(1))
+        normal = Decimal(int(normal))
     return normal

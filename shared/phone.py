@@ -7,7 +7,7 @@ import re
 import phonenumbers
 from phonenumbers import PhoneNumber
 
-_E164_RE = re.compile(r"^\+[1-9]\d{6,14}$")
+_E164_RE = re.compile(r"^\+[1-9][0-9]{6,14}\Z")  # [0-9], not \d (any script's digits)
 _MESSAGE = "phone number must be in E.164 format, e.g. +14155551234"
 
 

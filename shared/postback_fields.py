@@ -27,7 +27,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
 
 STATUSES = ("pending", "approved", "rejected", "reversed")
 DEFAULT_NETWORK = "default"
-MAX_FIELD = 500
+MAX_FIELD = 500  # bytes, UTF-8
 
 # A move is taken only forwards: a late ``pending`` after ``approved`` is ignored, and ``reversed``
 # is final. ``approved`` and ``rejected`` share a rank, so a network can correct one to the other.
@@ -120,10 +120,12 @@ def normalise(params: dict[str, Any], received_at: datetime) -> Postback:
     errors += _unusable(params)
 
     def bounded(name: str) -> str | None:
+        # In bytes: the fields are index keys, and an index row has a size limit in bytes (500
+        # characters of CJK text are 1500 bytes, and two of them overflowed it: a 500).
         value = pick(params, name)
-        if value is not None and len(value) > MAX_FIELD:
-            errors.append(f"{name}: longer than {MAX_FIELD} characters")
-            return value[:MAX_FIELD]
+        if value is not None and len(value.encode("utf-8", "replace")) > MAX_FIELD:
+            errors.append(f"{name}: longer than {MAX_FIELD} bytes (UTF-8)")
+            return value.encode("utf-8", "replace")[:MAX_FIELD].decode("utf-8", "ignore")
         return value
 
     click_id = bounded("click_id")

@@ -44,7 +44,7 @@ def parse_timestamp(value: object, *, allow_unix: bool = False) -> datetime:
     if not isinstance(value, str) or not value.strip():
         raise TimeError(_TIMESTAMP_FORMATS[allow_unix])
     text = value.strip()
-    if allow_unix and text.replace(".", "", 1).isdigit():
+    if allow_unix and text.isascii() and text.replace(".", "", 1).isdigit():
         return _from_unix(float(text))
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"

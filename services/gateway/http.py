@@ -1,10 +1,11 @@
 """Request parsing and response rendering for the gateway: one place for JSON, limits, pages."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from shared import jsonio
@@ -12,6 +13,7 @@ from shared.errors import ApiError, validation
 
 MAX_BODY = 5_000_000  # "5 MB" (overview): the decimal reading, so no reading of it lets more through
 MAX_PAGE = 1_000_000_000  # keeps (page - 1) * per_page a valid OFFSET
+_PAGE_RE = re.compile(r"[0-9]{1,12}")  # ASCII digits (str.isdigit takes "²", which int refuses)
 
 
 class JSONResponse(Response):
@@ -31,16 +33,25 @@ def _too_large() -> ApiError:
 
 async def read_body(request: Request) -> bytes:
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > MAX_BODY:
+    if declared and declared.isascii() and declared.isdigit() and int(declared) > MAX_BODY:
         raise _too_large()
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise _too_large()
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise _too_large()
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise client_gone() from None
     return b"".join(chunks)
+
+
+def client_gone() -> ApiError:
+    """For a client that hung up before its body arrived: nobody reads the answer, and this is
+    no server error (it was a traceback in the log)."""
+    return ApiError(400, "client_disconnected", "The client disconnected before sending the whole body")
 
 
 async def read_json_object(request: Request) -> dict[str, Any]:
@@ -114,7 +125,7 @@ def page_params(request: Request, *, max_per_page: int = 100) -> Page:
         raw = request.query_params.get(name)
         if raw is None or raw == "":
             return default
-        if not raw.isdigit() or int(raw) < 1:
+        if not _PAGE_RE.fullmatch(raw) or int(raw) < 1:
             raise validation(f"{name} must be a positive integer")
         if int(raw) > MAX_PAGE:
             raise validation(f"{name} may be at most {MAX_PAGE}")

@@ -168,9 +168,9 @@ def parse_send(index: int, record: Any, *, body_required: bool = True) -> SendRe
     raw_list_id = record.get("list_id")
     raw_number = record.get("list_number")
     if raw_list_id is not None:
-        if isinstance(raw_list_id, bool) or not str(raw_list_id).isdigit() or int(str(raw_list_id)) >= 2**63:
+        list_id = ids.bigint(raw_list_id)
+        if list_id is None:
             raise not_found("list_not_found", "The sending list was not found")
-        list_id = int(str(raw_list_id))
     elif raw_number is not None:
         try:
             list_number = parse_e164(raw_number)

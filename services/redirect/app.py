@@ -110,9 +110,16 @@ def _decode_tracker(raw: bytes) -> TrackerLink:
     )
 
 
+# Characters a Location header cannot hold. The gateway refuses them in a destination URL; one
+# that got into Redis anyway (an offer from before that check) is percent-encoded here, once per
+# offer load, rather than failing every click with a broken response.
+_UNSAFE_URL_CHAR = re.compile(r"[\x00-\x20\x7f]")
+
+
 def _decode_offer(raw: bytes) -> Offer:
     entry: edge.OfferEntry = orjson.loads(raw)
-    return Offer(entry["s"] == "active", macros.parse(entry["d"]), entry.get("af"))
+    destination = _UNSAFE_URL_CHAR.sub(lambda m: "%{:02X}".format(ord(m.group())), entry["d"])
+    return Offer(entry["s"] == "active", macros.parse(destination), entry.get("af"))
 
 
 _hostnames: dict[bytes, str] = {}

@@ -81,3 +81,109 @@ async def test_numbers_too_big_to_handle_are_client_errors(api, tenant):
     body = raw_json('{"name": "n", "destination_url": "https://example.com", "payout": %s}' % ("1" * 5000))
     resp = await api.post("/api/v2/offers", headers={**tenant.headers, **body["headers"]}, content=body["content"])
     assert_error(resp, 400, "invalid_json")
+
+
+# Found by fuzzing every endpoint (each was a 500 before).
+
+
+@pytest.mark.parametrize("digits", ["²", "٣", "1" * 5000])  # str.isdigit takes them; int() refuses or balks
+async def test_digits_int_cannot_read_are_client_errors(api, tenant, digits):
+    for path in ("/api/v2/offers", "/api/v2/lists", "/api/v2/postbacks"):
+        for name in ("page", "per_page"):
+            assert_error(await api.get(path, params={name: digits}, headers=tenant.headers), 400, "validation_error")
+    assert_error(await api.get(f"/api/v2/lists/{digits}", headers=tenant.headers), 404, "list_not_found")
+    send = await api.post("/api/v2/send", headers=tenant.headers, json={"to": "+14155551234", "list_id": digits, "body": "x"})
+    assert_error(send, 404, "list_not_found")
+    offer = await make_offer(api, tenant)
+    link = await api.post("/api/v2/links", headers=tenant.headers, json={"offerId": offer["id"], "listId": digits})
+    assert_error(link, 404, "list_not_found")
+    postback = await api.get(f"/postback/{tenant.postback_token}", params={"timestamp": digits, "conversion_id": "d"})
+    assert postback.status_code == 200 and postback.json()["status"] == "accepted"  # stored; unreadable, so failed
+
+
+async def test_a_token_we_never_mint_is_401(api):
+    for path in ("/postback/%00", "/postback/a%00b", "/postback/" + "x" * 300):
+        assert_error(await api.get(path, params={"click_id": "c"}), 401, "unauthorized")
+
+
+async def test_postback_numbers_past_what_postgresql_holds_are_kept_as_text(api, db, tenant):
+    body = raw_json('{"conversion_id": "big", "x": 18446744073709551616, "y": -9223372036854775809, "z": 1e28, "w": 1e-300}')
+    resp = await api.post(f"/postback/{tenant.postback_token}", headers=body["headers"], content=body["content"])
+    assert resp.status_code == 200 and resp.json()["status"] == "accepted"
+    row = await db.fetchrow(
+        "SELECT params->>'x' AS x, params->>'y' AS y, params->>'z' AS z, params->>'w' AS w,"
+        " jsonb_typeof(params->'x') AS x_type, jsonb_typeof(params->'z') AS z_type FROM postbacks WHERE account_id = $1",
+        tenant.account_id,
+    )
+    assert (row["x"], row["y"], row["z"], row["w"]) == ("18446744073709551616", "-9223372036854775809", "1" + "0" * 28, "1E-300")
+    assert (row["x_type"], row["z_type"]) == ("string", "number")  # past what jsonb/orjson hold: the text sent
+
+
+@pytest.mark.parametrize("depth", [40, 300, 900, 5000])
+async def test_a_deeply_nested_postback_body_is_kept_as_text(api, db, tenant, depth):
+    text = '{"conversion_id": "deep", "a": ' + "[" * depth + "]" * depth + "}"
+    resp = await api.post(f"/postback/{tenant.postback_token}", headers={"Content-Type": "application/json"}, content=text.encode())
+    assert resp.status_code == 200 and resp.json()["status"] == "accepted"
+    row = await db.fetchrow("SELECT params, parse_error FROM postbacks WHERE account_id = $1", tenant.account_id)
+    assert row["params"]["_body"] == text and row["parse_error"]
+
+
+async def test_postback_fields_are_bounded_in_bytes(api, db, tenant):
+    """450 CJK characters (1350 bytes) in two key fields overflowed an index row."""
+    cjk = "漢" * 450
+    resp = await api.get(f"/postback/{tenant.postback_token}", params={"conversion_id": cjk, "network": cjk, "payout": "1"})
+    assert resp.status_code == 200 and resp.json()["status"] == "accepted"
+    row = await db.fetchrow("SELECT conversion_key, network, parse_error FROM postbacks WHERE account_id = $1", tenant.account_id)
+    assert len(row["conversion_key"].encode()) <= 500 and len(row["network"].encode()) <= 500
+    assert "longer than 500 bytes" in row["parse_error"]
+    fits = "漢" * 166  # 498 bytes: a value that fits is taken as it is
+    resp = await api.get(f"/postback/{tenant.postback_token}", params={"conversion_id": fits, "network": fits, "payout": "1"})
+    assert resp.status_code == 200 and resp.json()["status"] == "accepted"
+
+
+@pytest.mark.parametrize("url", ["https://x.example/a\u0001b", "https://x.example/a b", "https://x.example/\tb", "https://x.example/a\u007f"])
+async def test_a_destination_a_location_header_cannot_hold_is_refused(api, tenant, url):
+    resp = await api.post("/api/v2/offers", headers=tenant.headers, json={"name": "n", "destination_url": url})
+    assert_error(resp, 400, "validation_error")
+    offer = await make_offer(api, tenant)
+    resp = await api.patch(f"/api/v2/offers/{offer['id']}", headers=tenant.headers, json={"destination_url": url})
+    assert_error(resp, 400, "validation_error")
+
+
+async def test_history_ids_and_phones_take_ascii_only(api, tenant):
+    records = [
+        {"to": "+14155551234", "list_id": tenant.list_id, "timestamp": "2025-10-01T09:00:00Z", "message_id": "Nlabcdef\n"},
+        {"to": "+1٤١٥٥٥٥١٢٣٤", "list_id": tenant.list_id, "timestamp": "2025-10-01T09:00:00Z"},
+    ]
+    resp = await api.post("/api/v2/history/sends", headers=tenant.headers, json={"records": records})
+    assert [(e["index"], e["code"]) for e in resp.json()["errors"]] == [(0, "validation_error"), (1, "invalid_phone")]
+
+
+def test_report_ratios_do_not_overflow():
+    from decimal import Decimal
+
+    from services.gateway.routes.reports import ratio
+
+    assert ratio(Decimal("999999999999000000000"), 1) == Decimal("999999999999000000000.0000000000")
+    assert ratio(Decimal("1"), 3) == Decimal("0.3333333333")
+
+
+async def test_a_client_that_hangs_up_mid_body_is_no_server_error(gateway_app, tenant):
+    """An ASGI disconnect while the body is read: answered as a client error (nobody hears it),
+    not raised as ClientDisconnect into a traceback."""
+    sent: list[dict] = []
+    messages = iter([{"type": "http.request", "body": b'{"na', "more_body": True}, {"type": "http.disconnect"}])
+
+    async def receive():
+        return next(messages)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/api/v2/offers", "raw_path": b"/api/v2/offers", "root_path": "", "query_string": b"",
+             "headers": [(b"host", b"gw"), (b"content-type", b"application/json"), (b"content-length", b"100"),
+                         *[(k.lower().encode(), v.encode()) for k, v in tenant.headers.items()]],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
+    await gateway_app(scope, receive, send)
+    assert sent[0]["status"] == 400

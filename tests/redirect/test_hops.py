@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 from datetime import UTC, datetime, timedelta
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import httpx
+import orjson
 
+from shared import edge as edge_keys
 from shared.settings import Settings
 from tests.helpers import Tenant, make_link, make_offer
 from tests.redirect.conftest import PHONE_UA, Edge, drain, offer_and_link, running_edge
@@ -209,3 +212,16 @@ def test_host_header_parsing_agrees_with_the_edge_contract() -> None:
 
     for raw in ("SMS.Example.com", "sms.example.com:8443", "sms.example.com.", "[2001:DB8::1]:8001", "ct.localhost:8001"):
         assert hostname(raw.encode()) == host_of(raw), raw
+
+
+async def test_an_offer_url_with_control_characters_in_redis_still_redirects(
+    api: httpx.AsyncClient, tenant: Tenant, edge: Edge, redis: Any
+) -> None:
+    """The gateway refuses such URLs now; one already published (an older gateway) is
+    percent-encoded at the edge instead of breaking every click's response (found by fuzzing:
+    the connection closed with no answer, the click already recorded)."""
+    offer, link = await offer_and_link(api, tenant, "https://lp.example/ok?c={click_id}")
+    entry = orjson.loads(await redis.get(edge_keys.offer_key(offer["id"])))
+    await redis.set(edge_keys.offer_key(offer["id"]), orjson.dumps({**entry, "d": "https://lp.example/a\x01b c\x7f?c={click_id}"}))
+    location = await edge.click(link["shortUrl"])
+    assert location.startswith("https://lp.example/a%01b%20c%7F?c=") and len(parse_qs(urlsplit(location).query)["c"][0]) == 32

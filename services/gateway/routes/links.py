@@ -43,9 +43,9 @@ async def create_link(request: Request) -> JSONResponse:
     list_id: int | None = None
     phone: str | None = None
     if list_ref is not None:
-        if isinstance(list_ref, bool) or not str(list_ref).isdigit() or int(str(list_ref)) >= 2**63:
+        list_id = ids.bigint(list_ref)
+        if list_id is None:
             raise not_found("list_not_found", "List not found")
-        list_id = int(list_ref)
     else:
         try:
             phone = parse_e164(phone_ref)

@@ -8,6 +8,7 @@ from starlette.routing import Route
 
 from services.gateway.auth import authenticate
 from services.gateway.http import JSONResponse, page_params
+from shared import ids
 from shared.errors import not_found
 
 _SELECT = (
@@ -35,8 +36,9 @@ async def get_list(request: Request) -> JSONResponse:
     account = await authenticate(request)
     raw = request.path_params["list_id"]
     row = None
-    if raw.isdigit() and int(raw) < 2**63:
-        row = await request.app.state.db.fetchrow(f"{_SELECT} WHERE l.id = $1 AND l.account_id = $2", int(raw), account.id)
+    list_id = ids.bigint(raw)
+    if list_id is not None:
+        row = await request.app.state.db.fetchrow(f"{_SELECT} WHERE l.id = $1 AND l.account_id = $2", list_id, account.id)
     if row is None:
         raise not_found("list_not_found", "List not found")
     # CONTRACT.md §3 gives this answer as the list's fields, as it does for a message's detail;

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
+from decimal import Decimal
 from typing import Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.routing import Route
 
-from services.gateway.http import JSONResponse, read_body
+from services.gateway.http import JSONResponse, client_gone, read_body
 from shared import jsonio
 from shared.errors import ApiError
 from shared.jobs import PROCESS_POSTBACK, window_job
@@ -28,6 +30,13 @@ log = logging.getLogger("trackly.gateway.postbacks")
 BODY_PARAM = "_body"
 _BODY_ERROR = "body: not a JSON object"
 TOKEN_TTL = 30.0  # seconds a token -> account mapping is trusted without asking PostgreSQL
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{1,200}")  # what ids.postback_token mints (url-safe base64)
+# Deeper JSON bodies are kept as text: the params are walked recursively, and stored as jsonb.
+MAX_BODY_DEPTH = 32
+# Numbers kept as numbers in the stored params: integers orjson can write (64-bit) and decimals
+# well within numeric's range; a number past them is kept as the text that was sent.
+_MAX_INT = 2**63
+_MAX_ADJUSTED = 100
 ENQUEUE_TIMEOUT = 2.0
 
 _INSERT = """
@@ -48,6 +57,8 @@ ORDER BY id DESC LIMIT 1
 
 
 async def _account_for(request: Request, token: str) -> int:
+    if not _TOKEN_RE.fullmatch(token):  # not one we mint (a NUL would not even reach the query)
+        raise ApiError(401, "unauthorized", "Unknown postback token")
     cache: dict[str, tuple[int, float]] | None = getattr(request.app.state, "postback_tokens", None)
     if cache is None:
         cache = request.app.state.postback_tokens = {}
@@ -82,7 +93,10 @@ async def _params(request: Request) -> tuple[dict[str, Any], str | None]:
         return params, None
     content_type = request.headers.get("content-type", "").lower()
     if content_type.startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
-        form = await request.form()
+        try:
+            form = await request.form()
+        except ClientDisconnect:
+            raise client_gone() from None
         _multi([(k, v) for k, v in form.multi_items() if isinstance(v, str)], params)
         await form.close()
     elif content_type.startswith("application/json"):
@@ -91,6 +105,9 @@ async def _params(request: Request) -> tuple[dict[str, Any], str | None]:
             data = jsonio.loads(raw)
         except jsonio.JsonError:
             data = None
+        if isinstance(data, dict) and _depth(data) > MAX_BODY_DEPTH:
+            params[BODY_PARAM] = raw.decode("utf-8", "replace")
+            return params, f"body: nested more than {MAX_BODY_DEPTH} levels deep"
         if isinstance(data, dict):
             for key, value in data.items():
                 params.setdefault(str(key), value)
@@ -100,15 +117,31 @@ async def _params(request: Request) -> tuple[dict[str, Any], str | None]:
     return params, None
 
 
+def _depth(value: Any) -> int:
+    """How deeply a decoded JSON value nests (without recursion: it may nest a thousand deep)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def _storable(value: Any) -> Any:
-    """The params as PostgreSQL can store them: no NUL characters, no unpaired surrogates.
-    A network sending either still gets its 200 (CONTRACT.md §5), not a 500."""
+    """The params as PostgreSQL can store them: no NUL characters, no unpaired surrogates, and
+    numbers too large for it as the text that was sent. A network sending any of these still gets
+    its 200 (CONTRACT.md §5), not a 500."""
     if isinstance(value, str):
         if "\x00" in value:
             value = value.replace("\x00", "")
         if not value.isascii():
             value = value.encode("utf-8", "replace").decode("utf-8")
         return value
+    if isinstance(value, int) and not isinstance(value, bool) and not -_MAX_INT <= value < _MAX_INT:
+        return str(value)
+    if isinstance(value, Decimal) and abs(value.adjusted()) > _MAX_ADJUSTED:
+        return str(value)
     if isinstance(value, dict):
         return {_storable(str(k)): _storable(v) for k, v in value.items()}
     if isinstance(value, list):

@@ -5,7 +5,7 @@ Every grouping sums the same events (``attribution_sql.EVENTS``), so totals agre
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, time, timedelta
-from decimal import Decimal
+from decimal import Context, Decimal
 from typing import Any
 
 from starlette.requests import Request
@@ -18,13 +18,16 @@ from shared.errors import validation
 from shared.timeutil import TimeError, parse_date
 
 RATIO_PLACES = Decimal("0.0000000001")
+# Room for any sum of NUMERIC(18, 6) amounts over bigint counts, plus the ten places: the default
+# 28 digits overflowed once revenue per send passed 10^18 (a 500).
+_RATIO_CONTEXT = Context(prec=80)
 
 
 def ratio(numerator: Decimal | int, divisor: Decimal | int) -> Decimal:
     """A plain fraction, 0 where the divisor is 0."""
     if not divisor:
         return Decimal(0)
-    return (Decimal(numerator) / Decimal(divisor)).quantize(RATIO_PLACES)
+    return _RATIO_CONTEXT.divide(Decimal(numerator), Decimal(divisor)).quantize(RATIO_PLACES, context=_RATIO_CONTEXT)
 
 
 def metrics(row: Any) -> dict[str, Any]:
