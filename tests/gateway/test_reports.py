@@ -1,6 +1,7 @@
 """GET /reports/performance: metric definitions, equal totals across groupings, ranges, pages."""
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 
 import pytest
@@ -155,3 +156,26 @@ async def test_report_validation(api, tenant, params):
 
 async def test_report_needs_a_key(api):
     assert_error(await api.get("/api/v2/reports/performance", params={"group_by": "offer"}), 401, "unauthorized")
+
+
+async def test_reports_beyond_their_slots_wait_without_holding_up_other_calls(api, gateway_app, tenant):
+    """Heavy reports must not take every pooled connection: with every report slot taken, a
+    report waits, and other calls still get a connection and answer."""
+    from services.gateway.routes.reports import REPORT_SLOTS, _slots
+
+    class _Req:  # what _slots reads
+        app = gateway_app
+
+    slots = _slots(_Req())  # type: ignore[arg-type]
+    for _ in range(REPORT_SLOTS):
+        await slots.acquire()
+    report = asyncio.ensure_future(api.get("/api/v2/reports/performance", params={"group_by": "offer"}, headers=tenant.headers))
+    try:
+        offers = await asyncio.wait_for(api.get("/api/v2/offers", headers=tenant.headers), 10)
+        assert offers.status_code == 200
+        await asyncio.sleep(0.3)
+        assert not report.done()
+    finally:
+        for _ in range(REPORT_SLOTS):
+            slots.release()
+    assert (await asyncio.wait_for(report, 10)).status_code == 200

@@ -4,6 +4,7 @@ Every grouping sums the same events (``attribution_sql.EVENTS``), so totals agre
 """
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Context, Decimal
 from typing import Any
@@ -44,6 +45,16 @@ def metrics(row: Any) -> dict[str, Any]:
     }
 
 
+REPORT_SLOTS = 3  # of the gateway's 10 pooled connections
+
+
+def _slots(request: Request) -> asyncio.Semaphore:
+    slots: asyncio.Semaphore | None = getattr(request.app.state, "report_slots", None)
+    if slots is None:
+        slots = request.app.state.report_slots = asyncio.Semaphore(REPORT_SLOTS)
+    return slots
+
+
 def _day(request: Request, name: str) -> datetime | None:
     raw = request.query_params.get(name)
     if not raw:
@@ -66,7 +77,9 @@ async def performance(request: Request) -> JSONResponse:
     # The last representable day has no day after it: up to then is all time.
     end_exclusive = end + timedelta(days=1) if end and end.date() < date.max else None
     page = page_params(request)
-    async with request.app.state.db.acquire() as conn:
+    # At most REPORT_SLOTS reports query at once: a burst of heavy reports must not take every
+    # pooled connection from sends, links and postbacks (a fuzzing run saw 20 of them do it).
+    async with _slots(request), request.app.state.db.acquire() as conn:
         rows = await conn.fetch(report_page(group_by), account.id, start, end_exclusive, page.per_page, page.offset)
         totals = await conn.fetchrow(REPORT_TOTALS, account.id, start, end_exclusive)
         total_groups = rows[0]["total_groups"] if rows else None
