@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 
-_DECIMAL_RE = re.compile(r"^-?(\d+(\.\d*)?|\.\d+)$")
+_DECIMAL_RE = re.compile(r"^-?([0-9]+(\.[0-9]*)?|\.[0-9]+)\Z")  # ASCII digits (\d takes any script's)
 # NUMERIC(18, 6) in the schema: far more than any payout, and exact.
 MAX_MONEY = Decimal("999999999999")
 QUANT = Decimal("0.000001")

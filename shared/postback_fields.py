@@ -27,7 +27,11 @@ ALIASES: dict[str, tuple[str, ...]] = {
 
 STATUSES = ("pending", "approved", "rejected", "reversed")
 DEFAULT_NETWORK = "default"
-MAX_FIELD = 500  # bytes, UTF-8
+# In UTF-8 bytes: network and conversion_key (conversion_id, else "click:" + click_id) are index
+# keys together, and an index row holds at most about 2700 bytes. Two values of 500 CJK
+# characters (1500 bytes each) overflowed it: a 500.
+MAX_FIELD = 1500
+MAX_NETWORK = 500
 
 # A move is taken only forwards: a late ``pending`` after ``approved`` is ignored, and ``reversed``
 # is final. ``approved`` and ``rejected`` share a rank, so a network can correct one to the other.
@@ -119,18 +123,16 @@ def normalise(params: dict[str, Any], received_at: datetime) -> Postback:
     errors: list[str] = [] if params else ["no fields: nothing to record as a conversion"]
     errors += _unusable(params)
 
-    def bounded(name: str) -> str | None:
-        # In bytes: the fields are index keys, and an index row has a size limit in bytes (500
-        # characters of CJK text are 1500 bytes, and two of them overflowed it: a 500).
+    def bounded(name: str, limit: int = MAX_FIELD) -> str | None:
         value = pick(params, name)
-        if value is not None and len(value.encode("utf-8", "replace")) > MAX_FIELD:
-            errors.append(f"{name}: longer than {MAX_FIELD} bytes (UTF-8)")
-            return value.encode("utf-8", "replace")[:MAX_FIELD].decode("utf-8", "ignore")
+        if value is not None and len(value.encode("utf-8", "replace")) > limit:
+            errors.append(f"{name}: longer than {limit} bytes (UTF-8)")
+            return value.encode("utf-8", "replace")[:limit].decode("utf-8", "ignore")
         return value
 
     click_id = bounded("click_id")
     conversion_id = bounded("conversion_id")
-    network = bounded("network") or DEFAULT_NETWORK
+    network = bounded("network", MAX_NETWORK) or DEFAULT_NETWORK
     offer_ref = bounded("offer_id")
     currency = bounded("currency")
     if currency is not None:

@@ -110,9 +110,10 @@ def _decode_tracker(raw: bytes) -> TrackerLink:
     )
 
 
-# Characters a Location header cannot hold. The gateway refuses them in a destination URL; one
-# that got into Redis anyway (an offer from before that check) is percent-encoded here, once per
-# offer load, rather than failing every click with a broken response.
+# Characters a Location header cannot hold (control characters), and spaces and tabs, which it
+# should not: percent-encoded, as a browser would, once per offer load. The gateway refuses
+# control characters in a destination URL; one in Redis anyway (an offer from before that check)
+# must not fail every click with a broken response.
 _UNSAFE_URL_CHAR = re.compile(r"[\x00-\x20\x7f]")
 
 

@@ -107,15 +107,17 @@ async def test_a_token_we_never_mint_is_401(api):
 
 
 async def test_postback_numbers_past_what_postgresql_holds_are_kept_as_text(api, db, tenant):
-    body = raw_json('{"conversion_id": "big", "x": 18446744073709551616, "y": -9223372036854775809, "z": 1e28, "w": 1e-300}')
+    body = raw_json('{"conversion_id": "big", "x": 18446744073709551616, "y": -9223372036854775809, "z": 1e28, "w": 1e-300,'
+                    ' "v": 12345678901234567890123456789012.5}')
     resp = await api.post(f"/postback/{tenant.postback_token}", headers=body["headers"], content=body["content"])
     assert resp.status_code == 200 and resp.json()["status"] == "accepted"
     row = await db.fetchrow(
-        "SELECT params->>'x' AS x, params->>'y' AS y, params->>'z' AS z, params->>'w' AS w,"
+        "SELECT params->>'x' AS x, params->>'y' AS y, params->>'z' AS z, params->>'w' AS w, params->>'v' AS v,"
         " jsonb_typeof(params->'x') AS x_type, jsonb_typeof(params->'z') AS z_type FROM postbacks WHERE account_id = $1",
         tenant.account_id,
     )
     assert (row["x"], row["y"], row["z"], row["w"]) == ("18446744073709551616", "-9223372036854775809", "1" + "0" * 28, "1E-300")
+    assert row["v"] == "12345678901234567890123456789012.5"  # 33 digits: as a number it would be rounded to 28
     assert (row["x_type"], row["z_type"]) == ("string", "number")  # past what jsonb/orjson hold: the text sent
 
 
@@ -129,25 +131,37 @@ async def test_a_deeply_nested_postback_body_is_kept_as_text(api, db, tenant, de
 
 
 async def test_postback_fields_are_bounded_in_bytes(api, db, tenant):
-    """450 CJK characters (1350 bytes) in two key fields overflowed an index row."""
+    """450 CJK characters (1350 bytes) in network and conversion_id overflowed an index row."""
     cjk = "漢" * 450
     resp = await api.get(f"/postback/{tenant.postback_token}", params={"conversion_id": cjk, "network": cjk, "payout": "1"})
     assert resp.status_code == 200 and resp.json()["status"] == "accepted"
     row = await db.fetchrow("SELECT conversion_key, network, parse_error FROM postbacks WHERE account_id = $1", tenant.account_id)
-    assert len(row["conversion_key"].encode()) <= 500 and len(row["network"].encode()) <= 500
-    assert "longer than 500 bytes" in row["parse_error"]
-    fits = "漢" * 166  # 498 bytes: a value that fits is taken as it is
-    resp = await api.get(f"/postback/{tenant.postback_token}", params={"conversion_id": fits, "network": fits, "payout": "1"})
-    assert resp.status_code == 200 and resp.json()["status"] == "accepted"
+    assert row["conversion_key"] == cjk and len(row["network"].encode()) <= 500
+    assert row["parse_error"] == "network: longer than 500 bytes (UTF-8)"
+    # The most each takes, together: stored, deduplicated and processed like any other.
+    network, conversion = "漢" * 166, "漢" * 500  # 498 and 1500 bytes
+    for expected in ("accepted", "duplicate"):
+        resp = await api.get(f"/postback/{tenant.postback_token}", params={"conversion_id": conversion, "network": network, "payout": "1"})
+        assert resp.status_code == 200 and resp.json()["status"] == expected
+    assert await db.fetchval(
+        "SELECT parse_error FROM postbacks WHERE account_id = $1 AND network = $2 AND NOT is_duplicate", tenant.account_id, network
+    ) is None
 
 
-@pytest.mark.parametrize("url", ["https://x.example/a\u0001b", "https://x.example/a b", "https://x.example/\tb", "https://x.example/a\u007f"])
+@pytest.mark.parametrize("url", ["https://x.example/a\u0001b", "https://x.example/a\nb", "https://x.example/a\u007f"])
 async def test_a_destination_a_location_header_cannot_hold_is_refused(api, tenant, url):
     resp = await api.post("/api/v2/offers", headers=tenant.headers, json={"name": "n", "destination_url": url})
     assert_error(resp, 400, "validation_error")
     offer = await make_offer(api, tenant)
     resp = await api.patch(f"/api/v2/offers/{offer['id']}", headers=tenant.headers, json={"destination_url": url})
     assert_error(resp, 400, "validation_error")
+
+
+async def test_a_destination_with_a_space_is_taken_as_given(api, tenant):
+    """Pasted affiliate templates have them (aff_sub2=Spring Sale); the redirect encodes them."""
+    url = "https://trk.example/aff_c?offer_id=1&aff_sub={click_id}&aff_sub2=Spring Sale\tx"
+    resp = await api.post("/api/v2/offers", headers=tenant.headers, json={"name": "n", "destination_url": url})
+    assert resp.status_code == 201 and resp.json()["offer"]["destination_url"] == url
 
 
 async def test_history_ids_and_phones_take_ascii_only(api, tenant):

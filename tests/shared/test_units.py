@@ -47,7 +47,7 @@ def test_money_accepts_numbers_and_decimal_strings(raw, expected):
 
 
 @pytest.mark.parametrize("raw", [True, None, "abc", "1e5", "NaN", "-1", Decimal("-0.01"), [], {}, "1" * 20,
-                                 Decimal("1e999999999"), Decimal("-1e999999999")])
+                                 Decimal("1e999999999"), Decimal("-1e999999999"), "٢٤.٩٩", "２４"])
 def test_money_rejects_everything_else(raw):
     with pytest.raises(MoneyError):
         parse_money(raw)

@@ -37,6 +37,7 @@ MAX_BODY_DEPTH = 32
 # well within numeric's range; a number past them is kept as the text that was sent.
 _MAX_INT = 2**63
 _MAX_ADJUSTED = 100
+_MAX_DIGITS = 28
 ENQUEUE_TIMEOUT = 2.0
 
 _INSERT = """
@@ -140,8 +141,8 @@ def _storable(value: Any) -> Any:
         return value
     if isinstance(value, int) and not isinstance(value, bool) and not -_MAX_INT <= value < _MAX_INT:
         return str(value)
-    if isinstance(value, Decimal) and abs(value.adjusted()) > _MAX_ADJUSTED:
-        return str(value)
+    if isinstance(value, Decimal) and (abs(value.adjusted()) > _MAX_ADJUSTED or len(value.as_tuple().digits) > _MAX_DIGITS):
+        return str(value)  # (printing it as a number would round it to the context's 28 digits)
     if isinstance(value, dict):
         return {_storable(str(k)): _storable(v) for k, v in value.items()}
     if isinstance(value, list):
