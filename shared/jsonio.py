@@ -40,5 +40,33 @@ def loads(raw: bytes) -> object:
         raise JsonError(str(exc)) from None
 
 
+# Numbers kept as numbers by ``storable``: integers orjson can write (64-bit) and decimals well
+# within numeric's range and the context's precision; a number past them is kept as the text sent.
+_MAX_INT = 2**63
+_MAX_ADJUSTED = 100
+_MAX_DIGITS = 28
+
+
+def storable(value: object) -> object:
+    """Decoded JSON as PostgreSQL's jsonb can hold it, at any depth: no NUL characters, no
+    unpaired surrogates (in keys too), and numbers too large for it (or for ``dumps``) as the
+    text that was sent."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            value = value.replace("\x00", "")
+        if not value.isascii():
+            value = value.encode("utf-8", "replace").decode("utf-8")
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and not -_MAX_INT <= value < _MAX_INT:
+        return str(value)
+    if isinstance(value, Decimal) and (abs(value.adjusted()) > _MAX_ADJUSTED or len(value.as_tuple().digits) > _MAX_DIGITS):
+        return str(value)  # (printing it as a number would round it to the context's 28 digits)
+    if isinstance(value, dict):
+        return {storable(str(k)): storable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [storable(v) for v in value]
+    return value
+
+
 def ts(moment: datetime | None) -> str | None:
     return isoformat(moment)

@@ -125,9 +125,10 @@ def normalise(params: dict[str, Any], received_at: datetime) -> Postback:
 
     def bounded(name: str, limit: int = MAX_FIELD) -> str | None:
         value = pick(params, name)
-        if value is not None and len(value.encode("utf-8", "replace")) > limit:
+        encoded = value.encode("utf-8", "replace") if value is not None else b""
+        if len(encoded) > limit:
             errors.append(f"{name}: longer than {limit} bytes (UTF-8)")
-            return value.encode("utf-8", "replace")[:limit].decode("utf-8", "ignore")
+            return encoded[:limit].decode("utf-8", "ignore")
         return value
 
     click_id = bounded("click_id")

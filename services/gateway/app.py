@@ -1,6 +1,7 @@
 """The public API: an app factory whose lifespan owns the pools handed to handlers via state."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,7 +20,7 @@ from starlette.routing import Route
 from services.gateway import health
 from services.gateway.http import JSONResponse, error_response
 from services.gateway.metrics import GatewayMetrics, MetricsMiddleware
-from services.gateway.routes import ROUTES
+from services.gateway.routes import ROUTES, reports
 from shared import db
 from shared.errors import ApiError
 from shared.redis_client import create_redis
@@ -72,6 +73,7 @@ def create_app(settings: Settings) -> Starlette:
         app.state.db = await db.create_pool(settings.database_url, max_size=10)
         app.state.redis = create_redis(settings.redis_url)
         app.state.arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
+        app.state.report_slots = asyncio.Semaphore(reports.REPORT_SLOTS)
         try:
             yield
         finally:

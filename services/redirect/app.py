@@ -119,7 +119,7 @@ _UNSAFE_URL_CHAR = re.compile(r"[\x00-\x20\x7f]")
 
 def _decode_offer(raw: bytes) -> Offer:
     entry: edge.OfferEntry = orjson.loads(raw)
-    destination = _UNSAFE_URL_CHAR.sub(lambda m: "%{:02X}".format(ord(m.group())), entry["d"])
+    destination = _UNSAFE_URL_CHAR.sub(lambda m: quote(m.group()), entry["d"])
     return Offer(entry["s"] == "active", macros.parse(destination), entry.get("af"))
 
 

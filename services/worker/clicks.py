@@ -42,7 +42,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from services.worker import attribution
-from shared import edge, loops
+from shared import edge, jsonio, loops
 
 log = logging.getLogger("trackly.worker.clicks")
 
@@ -224,19 +224,8 @@ def _without_nul(click: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(query, dict):
         click["q"] = {}
     elif "\\u0000" in orjson.dumps(query).decode():
-        click["q"] = _strip_nul(query)
+        click["q"] = jsonio.storable(query)
     return click
-
-
-def _strip_nul(value: Any) -> Any:
-    """``value`` (decoded JSON) without NUL characters, at any depth, in keys too."""
-    if isinstance(value, str):
-        return value.replace("\x00", "")
-    if isinstance(value, dict):
-        return {_strip_nul(k): _strip_nul(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_strip_nul(v) for v in value]
-    return value
 
 
 def _named(entry_id: bytes, fields: dict[bytes, bytes] | None) -> list[Any]:

@@ -161,12 +161,9 @@ async def test_report_needs_a_key(api):
 async def test_reports_beyond_their_slots_wait_without_holding_up_other_calls(api, gateway_app, tenant):
     """Heavy reports must not take every pooled connection: with every report slot taken, a
     report waits, and other calls still get a connection and answer."""
-    from services.gateway.routes.reports import REPORT_SLOTS, _slots
+    from services.gateway.routes.reports import REPORT_SLOTS
 
-    class _Req:  # what _slots reads
-        app = gateway_app
-
-    slots = _slots(_Req())  # type: ignore[arg-type]
+    slots = gateway_app.state.report_slots
     for _ in range(REPORT_SLOTS):
         await slots.acquire()
     report = asyncio.ensure_future(api.get("/api/v2/reports/performance", params={"group_by": "offer"}, headers=tenant.headers))

@@ -10,7 +10,6 @@ import asyncio
 import logging
 import re
 import time
-from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -33,11 +32,6 @@ TOKEN_TTL = 30.0  # seconds a token -> account mapping is trusted without asking
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{1,200}")  # what ids.postback_token mints (url-safe base64)
 # Deeper JSON bodies are kept as text: the params are walked recursively, and stored as jsonb.
 MAX_BODY_DEPTH = 32
-# Numbers kept as numbers in the stored params: integers orjson can write (64-bit) and decimals
-# well within numeric's range; a number past them is kept as the text that was sent.
-_MAX_INT = 2**63
-_MAX_ADJUSTED = 100
-_MAX_DIGITS = 28
 ENQUEUE_TIMEOUT = 2.0
 
 _INSERT = """
@@ -129,33 +123,12 @@ def _depth(value: Any) -> int:
     return deepest
 
 
-def _storable(value: Any) -> Any:
-    """The params as PostgreSQL can store them: no NUL characters, no unpaired surrogates, and
-    numbers too large for it as the text that was sent. A network sending any of these still gets
-    its 200 (CONTRACT.md §5), not a 500."""
-    if isinstance(value, str):
-        if "\x00" in value:
-            value = value.replace("\x00", "")
-        if not value.isascii():
-            value = value.encode("utf-8", "replace").decode("utf-8")
-        return value
-    if isinstance(value, int) and not isinstance(value, bool) and not -_MAX_INT <= value < _MAX_INT:
-        return str(value)
-    if isinstance(value, Decimal) and (abs(value.adjusted()) > _MAX_ADJUSTED or len(value.as_tuple().digits) > _MAX_DIGITS):
-        return str(value)  # (printing it as a number would round it to the context's 28 digits)
-    if isinstance(value, dict):
-        return {_storable(str(k)): _storable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_storable(v) for v in value]
-    return value
-
-
 async def receive(request: Request) -> JSONResponse:
     account_id = await _account_for(request, request.path_params["postback_token"])
     if request.method == "HEAD":  # a link checker, not a network: nothing to store
         return JSONResponse({"success": True, "status": "accepted"})
     params, body_error = await _params(request)
-    params = _storable(params)
+    params = jsonio.storable(params)  # a network sending what PostgreSQL cannot hold still gets its 200
     received_at = utcnow()
     pb = normalise(params, received_at)
     if body_error:

@@ -4,7 +4,6 @@ Every grouping sums the same events (``attribution_sql.EVENTS``), so totals agre
 """
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Context, Decimal
 from typing import Any
@@ -45,14 +44,7 @@ def metrics(row: Any) -> dict[str, Any]:
     }
 
 
-REPORT_SLOTS = 3  # of the gateway's 10 pooled connections
-
-
-def _slots(request: Request) -> asyncio.Semaphore:
-    slots: asyncio.Semaphore | None = getattr(request.app.state, "report_slots", None)
-    if slots is None:
-        slots = request.app.state.report_slots = asyncio.Semaphore(REPORT_SLOTS)
-    return slots
+REPORT_SLOTS = 3  # of the gateway's 10 pooled connections (app.state.report_slots)
 
 
 def _day(request: Request, name: str) -> datetime | None:
@@ -79,7 +71,7 @@ async def performance(request: Request) -> JSONResponse:
     page = page_params(request)
     # At most REPORT_SLOTS reports query at once: a burst of heavy reports must not take every
     # pooled connection from sends, links and postbacks (a fuzzing run saw 20 of them do it).
-    async with _slots(request), request.app.state.db.acquire() as conn:
+    async with request.app.state.report_slots, request.app.state.db.acquire() as conn:
         rows = await conn.fetch(report_page(group_by), account.id, start, end_exclusive, page.per_page, page.offset)
         totals = await conn.fetchrow(REPORT_TOTALS, account.id, start, end_exclusive)
         total_groups = rows[0]["total_groups"] if rows else None
