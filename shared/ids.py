@@ -82,6 +82,13 @@ def message_link_code() -> str:
     return _code(7)
 
 
+def message_link_codes(n: int) -> list[str]:
+    """``n`` per-message short codes at once: one read of the random source instead of ``n``."""
+    chars = _alnum(7 * n)
+    codes = [chars[i : i + 7] for i in range(0, 7 * n, 7)]
+    return [message_link_code() if code in RESERVED_CODES else code for code in codes]
+
+
 def tracker_id() -> str:
     return str(uuid.uuid4())
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import string
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -252,14 +252,22 @@ class _Cut:
 
 
 def _cut(body: str, links: dict[str, asyncpg.Record]) -> _Cut:
+    return _cut_at(body, 0, short_urls(body, links), links)
+
+
+def _cut_at(
+    body: str, offset: int, matches: Iterable[tuple[int, int, str, str]], links: dict[str, asyncpg.Record]
+) -> _Cut:
+    """The cut of ``body`` from its ``short_urls`` matches, found in a text where it starts at ``offset``."""
     order: dict[str, int] = {}
     first_offer: str | None = None
     pieces: list[str | int] = []
     pos = 0
-    for _, slash, host, link_id in short_urls(body, links):
+    for _, slash, host, link_id in matches:
         link = links[link_id]
         if link["domain_host"] != host_of(host):
             continue
+        slash -= offset
         first_offer = first_offer or link["offer_id"]
         pieces += [body[pos : slash + 1], order.setdefault(link_id, len(order))]
         pos = slash + 7
@@ -267,14 +275,36 @@ def _cut(body: str, links: dict[str, asyncpg.Record]) -> _Cut:
     return _Cut(tuple(pieces), tuple(order), first_offer)
 
 
-def _rewrite(record: SendRecord, links: dict[str, asyncpg.Record], cuts: dict[str, _Cut]) -> None:
-    """Give each short link of the account in the body its own per-message code, and put the
-    message id in place of ``{{sendId}}``. ``cuts``: the bodies this request has cut, by body (a
-    bulk send often repeats one body: it is cut once, then only filled)."""
-    cut = cuts.get(record.body)
-    if cut is None:
-        cut = cuts[record.body] = _cut(record.body, links)
-    codes = [ids.message_link_code() for _ in cut.links]
+# Bodies are joined with this to be scanned in one pass. It is no part of a short URL, and to
+# SHORT_URL_RE it is what the start and the end of a text are (no character of a scheme, host or
+# link id; not one its lookarounds refuse), so each body's matches in the joined text are exactly
+# its own, at its offset.
+_BODY_SEPARATOR = "\n"
+
+
+def cut_bodies(bodies: Iterable[str], links: dict[str, asyncpg.Record]) -> dict[str, _Cut]:
+    """The cut of each distinct body, by body. One scan of all of them joined: a bulk send's
+    thousand personalised bodies cost one pass, not a thousand (the scan of a body is mostly
+    fixed cost)."""
+    distinct = list(dict.fromkeys(bodies))
+    found = short_urls(_BODY_SEPARATOR.join(distinct), links)
+    match = next(found, None)
+    cuts: dict[str, _Cut] = {}
+    start = 0
+    for body in distinct:
+        end = start + len(body)
+        mine = []
+        while match is not None and match[0] < end:
+            mine.append(match)
+            match = next(found, None)
+        cuts[body] = _cut_at(body, start, mine, links) if mine else _Cut((body,), (), None)
+        start = end + len(_BODY_SEPARATOR)
+    return cuts
+
+
+def _fill(record: SendRecord, links: dict[str, asyncpg.Record], cut: _Cut, codes: list[str]) -> None:
+    """Give each short link of the account in the body its own per-message code (``codes``, one
+    per link of ``cut``), and put the message id in place of ``{{sendId}}``."""
     record.codes = [(links[link_id]["domain_host"], codes[k], link_id) for k, link_id in enumerate(cut.links)]
     body = record.body
     if codes:
@@ -301,14 +331,18 @@ async def insert_messages(
     never overwrite another message's code at the edge.
     """
     now = utcnow()
-    cuts: dict[str, _Cut] = {}
+    cuts = cut_bodies([r.body for r in records], links)
     for attempt in range(INSERT_ATTEMPTS):
         fresh = iter(ids.message_ids(len(records)))
+        codes = ids.message_link_codes(sum(len(cuts[r.body].links) for r in records))
+        used = 0
         for record in records:
             if record.message_id is None or (attempt > 0 and record.generated_id):
                 record.message_id = next(fresh)
                 record.generated_id = True
-            _rewrite(record, links, cuts)
+            cut = cuts[record.body]
+            _fill(record, links, cut, codes[used : used + len(cut.links)])
+            used += len(cut.links)
         try:
             entries = [
                 (host, code, message_code_entry(links[link_id]["tracker_url"], links[link_id]["offer_id"],
