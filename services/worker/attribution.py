@@ -18,7 +18,8 @@ Multi-touch: first click wins. When the named click qualifies, the credit goes t
 contact's first click (over its messages, one first click each) on the same offer whose window
 also holds the conversion; the later click is tracked but not credited (``Clicks.credit``).
 A conversion whose click has not been stored yet waits as ``click_not_found``; the click drainer
-calls ``rematch_for_clicks`` with every new human click, and the sweeper catches the rare race
+calls ``rematch_for_clicks`` with every new click (it also fills a payout or currency the
+postbacks left to the offer, and a bot's click makes ``bot_click``), and the sweeper catches the rare race
 where both committed without seeing each other.
 """
 from __future__ import annotations
@@ -99,7 +100,7 @@ JOIN offers o ON o.account_id = t.account_id AND (o.id = t.ref OR o.external_id 
 ORDER BY t.account_id, t.ref, (o.id = t.ref) DESC, (o.status = 'deleted')
 """
 
-_CONVERSION_COLUMNS = "id, account_id, network, conversion_key, status, payout"
+_CONVERSION_COLUMNS = "id, account_id, network, conversion_key, status, payout, last_postback_id"
 
 _LOCK = f"""
 SELECT {_CONVERSION_COLUMNS} FROM conversions
@@ -112,18 +113,18 @@ FOR UPDATE
 _CREATE = f"""
 INSERT INTO conversions (account_id, network, conversion_key, click_id, status, payout, currency, converted_at,
                          offer_id, attributed, unattributed_reason, message_id, link_id, list_id, creative_id,
-                         schedule_id, contact_phone, clicked_at)
+                         schedule_id, contact_phone, clicked_at, last_postback_id)
 SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::numeric[], $7::text[],
                      $8::timestamptz[], $9::text[], $10::boolean[], $11::text[], $12::text[], $13::text[],
-                     $14::bigint[], $15::text[], $16::text[], $17::text[], $18::timestamptz[])
+                     $14::bigint[], $15::text[], $16::text[], $17::text[], $18::timestamptz[], $19::bigint[])
 ORDER BY 1, 2, 3
 ON CONFLICT (account_id, network, conversion_key) DO NOTHING
 RETURNING {_CONVERSION_COLUMNS}
 """
 
 _MOVE = """
-UPDATE conversions c SET status = t.status, payout = t.payout, updated_at = now()
-FROM unnest($1::bigint[], $2::text[], $3::numeric[]) AS t(id, status, payout)
+UPDATE conversions c SET status = t.status, payout = t.payout, last_postback_id = t.last, updated_at = now()
+FROM unnest($1::bigint[], $2::text[], $3::numeric[], $4::bigint[]) AS t(id, status, payout, last)
 WHERE c.id = t.id
 """
 
@@ -230,16 +231,27 @@ class _State:
     id: int
     status: str
     payout: Decimal
-    moved: bool = False
+    last: int  # the latest postback applied (0: none recorded)
+    touched: bool = False
     ledger: list[tuple[int, str | None, str, Decimal]] = field(default_factory=list)  # postback, from, to, amount
 
     def apply(self, postback_id: int, status: str, payout: Decimal | None) -> None:
+        """Postbacks come in id order within a batch; one older than the latest applied was
+        overtaken by a batch that committed first (it took a later postback of this conversion),
+        and is skipped: the order received decides, not the order of commits."""
+        if postback_id <= self.last:
+            return
+        self.last, self.touched = postback_id, True
         new_payout = self.payout if payout is None else payout
         if not accepts_move(self.status, self.payout, status, new_payout):
             return
         delta = status_value(status, new_payout) - status_value(self.status, self.payout)
         self.ledger.append((postback_id, self.status, status, delta))
-        self.status, self.payout, self.moved = status, new_payout, True
+        self.status, self.payout = status, new_payout
+
+
+def _state(row: Any) -> _State:
+    return _State(row["id"], row["status"], row["payout"], row["last_postback_id"] or 0)
 
 
 async def process_batch(conn: asyncpg.Connection, first_id: int | None = None, limit: int = BATCH_SIZE) -> int:
@@ -271,13 +283,13 @@ async def process_batch(conn: asyncpg.Connection, first_id: int | None = None, l
     async def lock(wanted: list[tuple[int, str, str]]) -> None:
         if wanted:
             for c in await conn.fetch(_LOCK, *map(list, zip(*wanted))):
-                states[(c["account_id"], c["network"], c["conversion_key"])] = _State(c["id"], c["status"], c["payout"])
+                states[(c["account_id"], c["network"], c["conversion_key"])] = _state(c)
 
     await lock(keys)
     fresh = [k for k in keys if k not in states]
     created: set[tuple[int, str, str]] = set()
     if fresh:
-        cols: list[list[Any]] = [[] for _ in range(18)]
+        cols: list[list[Any]] = [[] for _ in range(19)]
         for key in fresh:
             first = groups[key][0]
             verdict = clicks.credit(first["account_id"], first["click_id"], first["converted_at"])
@@ -292,12 +304,12 @@ async def process_batch(conn: asyncpg.Connection, first_id: int | None = None, l
             for col, value in zip(cols, (
                 key[0], key[1], key[2], first["click_id"], first["status"], payout, currency, first["converted_at"],
                 offer_id, verdict.attributed, verdict.reason, message_id, link_id, list_id, creative_id, schedule_id,
-                phone, clicked_at,
+                phone, clicked_at, first["id"],
             )):
                 col.append(value)
         for c in await conn.fetch(_CREATE, *cols):
             key = (c["account_id"], c["network"], c["conversion_key"])
-            state = _State(c["id"], c["status"], c["payout"], moved=False)
+            state = _state(c)
             state.ledger.append((groups[key][0]["id"], None, c["status"], status_value(c["status"], c["payout"])))
             states[key] = state
             created.add(key)
@@ -311,8 +323,8 @@ async def process_batch(conn: asyncpg.Connection, first_id: int | None = None, l
         for r in groups[key][1:] if key in created else groups[key]:
             state.apply(r["id"], r["status"], r["payout"])
         ledger += [(state.id, *entry) for entry in state.ledger]
-        if state.moved:
-            moves.append((state.id, state.status, state.payout))
+        if state.touched:
+            moves.append((state.id, state.status, state.payout, state.last))
     if moves:
         await conn.execute(_MOVE, *map(list, zip(*moves)))
     if ledger:
@@ -331,10 +343,56 @@ async def _attribute(conn: asyncpg.Connection, updates: list[tuple[int, Attribut
     await conn.execute(_ATTRIBUTE, *cols)
 
 
+# For conversions a late click attributes: what their postbacks left to the offer (a payout, a
+# currency none of them gave), with the click's offer. Accepted postbacks of a conversion are
+# found by the index the gateway's dedupe uses.
+_DEFAULTS = """
+SELECT c.id, c.status, c.payout, c.currency, o.payout AS offer_payout, o.currency AS offer_currency,
+       EXISTS (SELECT 1 FROM postbacks p WHERE p.account_id = c.account_id AND p.network = c.network
+               AND p.conversion_key = c.conversion_key AND p.dedupe_key IS NOT NULL AND NOT p.is_duplicate
+               AND p.payout IS NOT NULL) AS payout_given,
+       EXISTS (SELECT 1 FROM postbacks p WHERE p.account_id = c.account_id AND p.network = c.network
+               AND p.conversion_key = c.conversion_key AND p.dedupe_key IS NOT NULL AND NOT p.is_duplicate
+               AND p.currency IS NOT NULL) AS currency_given
+FROM unnest($1::bigint[], $2::text[]) AS t(id, offer_id)
+JOIN conversions c ON c.id = t.id
+LEFT JOIN offers o ON o.id = t.offer_id
+ORDER BY c.id
+"""
+
+
+async def _default_from_click_offers(conn: asyncpg.Connection, attributed: list[tuple[int, Attribution]]) -> None:
+    """A conversion made before its click was stored had no offer to take a missing payout or
+    currency from (0 and USD); now that the click names its offer, it gets what it would have had
+    if the click had come first. A payout change is written to the ledger."""
+    if not attributed:
+        return
+    rows = await conn.fetch(_DEFAULTS, [cid for cid, _ in attributed], [v.columns()[7] for _, v in attributed])
+    changes: list[tuple[int, Decimal, str]] = []
+    ledger: list[tuple[int, None, str, str, Decimal]] = []
+    for r in rows:
+        payout = r["payout"] if r["payout_given"] else (r["offer_payout"] or Decimal(0))
+        currency = r["currency"] if r["currency_given"] else (r["offer_currency"] or "USD")
+        if (payout, currency) == (r["payout"], r["currency"]):
+            continue
+        changes.append((r["id"], payout, currency))
+        delta = status_value(r["status"], payout) - status_value(r["status"], r["payout"])
+        if delta:
+            ledger.append((r["id"], None, r["status"], r["status"], delta))
+    if changes:
+        await conn.execute(
+            "UPDATE conversions c SET payout = t.payout, currency = t.currency, updated_at = now()"
+            " FROM unnest($1::bigint[], $2::numeric[], $3::text[]) AS t(id, payout, currency) WHERE c.id = t.id",
+            *map(list, zip(*changes)),
+        )
+    if ledger:
+        await conn.execute(_LEDGER, *map(list, zip(*ledger)))
+
+
 async def rematch_for_clicks(conn: asyncpg.Connection, click_ids: list[str]) -> int:
-    """Attribute conversions that arrived before their click was drained. Called by the click
-    drainer inside its transaction with the ids of clicks it just stored. Returns how many
-    conversions were attributed."""
+    """Attribute conversions that arrived before their click was drained (or, for a bot's click,
+    say so). Called by the click drainer inside its transaction with the ids of clicks it just
+    stored. Returns how many conversions were attributed."""
     if not click_ids:
         return 0
     waiting = await conn.fetch(
@@ -350,7 +408,9 @@ async def rematch_for_clicks(conn: asyncpg.Connection, click_ids: list[str]) -> 
     # Still not found stays as it is; any other verdict (attributed, expired, ...) is final.
     updates = [(cid, v) for cid, v in updates if v.reason != "click_not_found"]
     await _attribute(conn, updates)
-    return sum(1 for _, v in updates if v.attributed)
+    attributed = [(cid, v) for cid, v in updates if v.attributed]
+    await _default_from_click_offers(conn, attributed)
+    return len(attributed)
 
 
 async def rematch_stored(conn: asyncpg.Connection, limit: int = 1000) -> int:
@@ -359,7 +419,7 @@ async def rematch_stored(conn: asyncpg.Connection, limit: int = 1000) -> int:
     click_ids = await conn.fetch(
         "SELECT DISTINCT c.click_id FROM conversions c JOIN clicks k ON k.id = c.click_id"
         " WHERE NOT c.attributed AND c.unattributed_reason = 'click_not_found' AND c.click_id IS NOT NULL"
-        " AND NOT k.is_bot LIMIT $1",
+        " LIMIT $1",
         limit,
     )
     return await rematch_for_clicks(conn, [r["click_id"] for r in click_ids])

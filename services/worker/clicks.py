@@ -21,7 +21,7 @@ consumer of group ``shared.edge.CLICK_GROUP``:
    earlier click replaces a later one even if batches arrive out of order) and contacts
    (click_count, last_clicked_at). A batch drained twice therefore stores each click once and
    counts nothing twice;
-3. calls ``attribution.rematch_for_clicks`` with the new human clicks, in the same transaction;
+3. calls ``attribution.rematch_for_clicks`` with the new clicks (human and bot), in the same transaction;
 4. acknowledges (and deletes) the entries only after the commit.
 
 A click's claimed message id is kept only if that message exists and belongs to the click's
@@ -123,7 +123,7 @@ contact_counts AS (
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM input) AS seen,
-       (SELECT coalesce(array_agg(id), '{{}}') FROM stored WHERE NOT is_bot) AS new_human,
+       (SELECT coalesce(array_agg(id), '{{}}') FROM stored) AS new_clicks,
        (SELECT count(*) FROM first_clicks) AS first_clicks,
        (SELECT count(*) FROM contact_counts) AS contacts
 """
@@ -285,7 +285,7 @@ def _decode(entries: list[tuple[bytes, dict[bytes, bytes] | None]]) -> list[dict
 
 async def store(conn: asyncpg.Connection, clicks: list[dict[str, Any]]) -> list[str]:
     """Store decoded, validated clicks and their effects in the caller's transaction; the ids of
-    the human clicks that were new."""
+    the clicks that were new."""
     if not clicks:
         return []
     row = await conn.fetchrow(STORE_ARRAYS, *_columns(clicks))
@@ -333,10 +333,11 @@ async def store_entries(conn: asyncpg.Connection, entries: list[tuple[bytes, dic
 
 
 async def _after_store(conn: asyncpg.Connection, row: asyncpg.Record) -> list[str]:
-    new_human = list(row["new_human"])
-    if new_human:
-        await attribution.rematch_for_clicks(conn, new_human)
-    return new_human
+    new_clicks = list(row["new_clicks"])
+    if new_clicks:
+        # Bots' too: a conversion waiting for a bot's click learns it is one (bot_click).
+        await attribution.rematch_for_clicks(conn, new_clicks)
+    return new_clicks
 
 
 async def drain_once(

@@ -440,3 +440,103 @@ async def test_late_postback_attributed_by_the_click_drainer(api, db, redis, ten
     assert conv["attributed"] and (conv["message_id"], conv["creative_id"], conv["offer_id"]) == (mid, "late-cr", offer["id"])
     detail = (await api.get(f"/api/v2/messages/{mid}", headers=tenant.headers)).json()
     assert (detail["clicked"], detail["conversions"], detail["revenue"]) == (True, 1, 9.99)
+
+
+async def _take_alone(db, postback_id):
+    """One batch holding only this postback, committed (as one of several workers would)."""
+    async with db.acquire() as conn, conn.transaction():
+        assert await attribution.process_batch(conn, postback_id, limit=0) == 1
+
+
+async def _unprocessed(db, tenant):
+    return [r["id"] for r in await db.fetch(
+        "SELECT id FROM postbacks WHERE account_id = $1 AND processed_at IS NULL ORDER BY id", tenant.account_id)]
+
+
+async def test_postbacks_apply_in_the_order_received_whichever_batch_commits_first(api, db, tenant):
+    """Two workers' batches can take postbacks of one conversion and commit in either order: the
+    order received decides. approved, rejected, approved, rejected ends rejected even when the last
+    rejection's batch commits before the second approval's; approved payouts 1 then 2 end at 2."""
+    _, mid, click_id = await clicked_message(api, db, tenant)
+    ts = (T0 + timedelta(hours=1)).isoformat()
+    for status in ("approved", "rejected", "approved", "rejected"):
+        await postback(api, tenant, click_id=click_id, conversion_id="flip", status=status, payout="12", timestamp=ts)
+    first, second, third, fourth = await _unprocessed(db, tenant)
+    for pid in (first, second, fourth, third):  # the fourth's batch commits before the third's
+        await _take_alone(db, pid)
+    conv = await conversion(db, tenant, "flip")
+    assert conv["status"] == "rejected" and conv["last_postback_id"] == fourth
+    assert sum(a for *_, a in await ledger(db, conv["id"])) == 0
+
+    for payout in ("1", "2"):
+        await postback(api, tenant, click_id=click_id, conversion_id="raise", payout=payout, timestamp=ts)
+    one, two = await _unprocessed(db, tenant)
+    await _take_alone(db, two)
+    await _take_alone(db, one)
+    conv = await conversion(db, tenant, "raise")
+    assert (conv["status"], conv["payout"]) == ("approved", Decimal(2))
+    assert sum(a for *_, a in await ledger(db, conv["id"])) == Decimal(2)
+    # Every postback was processed, the overtaken ones too.
+    assert await _unprocessed(db, tenant) == []
+    detail = (await api.get(f"/api/v2/messages/{mid}", headers=tenant.headers)).json()
+    assert (detail["conversions"], detail["revenue"]) == (1, 2)
+
+
+async def test_a_click_stored_after_its_postback_gives_what_its_offer_would_have(api, db, tenant, run_worker):
+    """A postback without payout or currency, before its click is stored, has no offer to take
+    them from (0, USD). Once the click lands the conversion ends as if the click had come first:
+    the offer's payout and currency, the difference in the ledger. A payout a postback gave stays."""
+    offer = await make_offer(api, tenant, payout=7, currency="EUR")
+    mid = await send_message(api, tenant, offer_id=offer["id"])
+    click_id = secrets.token_hex(16)
+    ts = (T0 + timedelta(minutes=3)).isoformat()
+    await postback(api, tenant, click_id=click_id, conversion_id="no-payout", timestamp=ts)
+    await postback(api, tenant, click_id=click_id, conversion_id="pending-first", status="pending", timestamp=ts)
+    await postback(api, tenant, click_id=click_id, conversion_id="given", payout="3", timestamp=ts)
+    await run_worker()
+    conv = await conversion(db, tenant, "no-payout")
+    assert (conv["unattributed_reason"], conv["payout"], conv["currency"]) == ("click_not_found", 0, "USD")
+
+    await store_click(db, tenant.account_id, mid, T0, offer_id=offer["id"], click_id=click_id)
+    async with db.acquire() as conn, conn.transaction():
+        assert await attribution.rematch_for_clicks(conn, [click_id]) == 3
+    conv = await conversion(db, tenant, "no-payout")
+    assert conv["attributed"] and (conv["payout"], conv["currency"]) == (Decimal(7), "EUR")
+    assert await ledger(db, conv["id"]) == [(None, "approved", 0), ("approved", "approved", Decimal(7))]
+    given = await conversion(db, tenant, "given")
+    assert (given["payout"], given["currency"]) == (Decimal(3), "EUR")  # its payout stays; no currency was given
+    assert sum(a for *_, a in await ledger(db, given["id"])) == Decimal(3)
+    # pending (no payout) before the click, approved (no payout) after it: the offer's payout.
+    await postback(api, tenant, click_id=click_id, conversion_id="pending-first", status="approved", timestamp=ts)
+    await run_worker()
+    conv = await conversion(db, tenant, "pending-first")
+    assert (conv["status"], conv["payout"]) == ("approved", Decimal(7))
+    assert sum(a for *_, a in await ledger(db, conv["id"])) == Decimal(7)
+    detail = (await api.get(f"/api/v2/messages/{mid}", headers=tenant.headers)).json()
+    assert (detail["conversions"], detail["revenue"]) == (3, 17)
+
+
+async def test_a_bots_click_stored_after_its_postback_makes_it_bot_click(api, db, redis, tenant, run_worker):
+    """Drained by the real drainer (which passes bots' clicks too), and found by the sweeper when
+    the two committed without seeing each other."""
+    import orjson
+
+    from services.worker.clicks import drain_once
+    from shared import edge, ids
+
+    mid = await send_message(api, tenant)
+    drained, raced = ids.click_id(), ids.click_id()
+    ts = (T0 + timedelta(minutes=1)).isoformat()
+    await postback(api, tenant, click_id=drained, conversion_id="bot-drained", timestamp=ts)
+    await postback(api, tenant, click_id=raced, conversion_id="bot-raced", timestamp=ts)
+    await run_worker()
+    click = {"id": drained, "l": "Ab3kX9", "o": None, "a": tenant.account_id, "li": tenant.list_id, "m": mid,
+             "at": T0, "ip": None, "ua": "facebookexternalhit/1.1", "cc": None, "bot": True, "q": {}}
+    await redis.xadd(edge.CLICK_STREAM, {edge.CLICK_BATCH_FIELD: orjson.dumps([edge.click_from(click)])})
+    while await drain_once(db, redis, consumer="pytest-attribution", min_idle_ms=0):
+        pass
+    assert (await conversion(db, tenant, "bot-drained"))["unattributed_reason"] == "bot_click"
+    await store_click(db, tenant.account_id, mid, T0, click_id=raced, is_bot=True)  # no rematch call: the race
+    async with db.acquire() as conn, conn.transaction():
+        await attribution.rematch_stored(conn)
+    assert (await conversion(db, tenant, "bot-raced"))["unattributed_reason"] == "bot_click"
