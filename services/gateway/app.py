@@ -74,6 +74,7 @@ def create_app(settings: Settings) -> Starlette:
         app.state.redis = create_redis(settings.redis_url)
         app.state.arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
         app.state.report_slots = asyncio.Semaphore(reports.REPORT_SLOTS)
+        app.state.window_job = None  # the attribution window whose job this process has enqueued
         try:
             yield
         finally:

@@ -131,6 +131,35 @@ async def test_enqueues_one_job_per_window(api, db, tenant, redis):
     assert len(rows) == 3
 
 
+async def test_a_window_job_is_enqueued_once_per_process(api, db, tenant, gateway_app, monkeypatch):
+    """After this process has enqueued a window's job, the window's other postbacks do not ask arq
+    again; an enqueue that failed is tried again by the window's next postback."""
+    from types import SimpleNamespace
+
+    from services.gateway.routes import postbacks as route
+    from shared.jobs import ATTRIBUTION_WINDOW
+
+    real, calls, failures = gateway_app.state.arq.enqueue_job, [], iter([ConnectionError("a blip")])
+
+    async def enqueue(*args, **kwargs):
+        calls.append(kwargs["_job_id"])
+        if (failure := next(failures, None)) is not None:
+            raise failure
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(gateway_app.state.arq, "enqueue_job", enqueue)
+    now = [time.time() - 10_000]  # windows no other test has used (past: their jobs run at once)
+    monkeypatch.setattr(route, "time", SimpleNamespace(time=lambda: now[0], monotonic=time.monotonic))
+    for n in range(5):
+        resp = await api.get(f"/postback/{tenant.postback_token}", params={"click_id": f"e{n}", "txid": f"e{n}"})
+        assert resp.json()["status"] == "accepted"
+    assert len(calls) == 2 and calls[0] == calls[1]  # failed, then enqueued; the other three asked nothing
+    now[0] += ATTRIBUTION_WINDOW
+    await api.get(f"/postback/{tenant.postback_token}", params={"click_id": "next", "txid": "next"})
+    assert len(calls) == 3 and calls[2] != calls[1]
+    assert len(await stored(db, tenant)) == 6
+
+
 async def test_redis_down_still_200_and_stored(api, db, tenant, gateway_app, monkeypatch):
     async def broken(*args, **kwargs):
         raise ConnectionError("redis is down")
