@@ -252,22 +252,14 @@ class _Cut:
 
 
 def _cut(body: str, links: dict[str, asyncpg.Record]) -> _Cut:
-    return _cut_at(body, 0, short_urls(body, links), links)
-
-
-def _cut_at(
-    body: str, offset: int, matches: Iterable[tuple[int, int, str, str]], links: dict[str, asyncpg.Record]
-) -> _Cut:
-    """The cut of ``body`` from its ``short_urls`` matches, found in a text where it starts at ``offset``."""
     order: dict[str, int] = {}
     first_offer: str | None = None
     pieces: list[str | int] = []
     pos = 0
-    for _, slash, host, link_id in matches:
+    for _, slash, host, link_id in short_urls(body, links):
         link = links[link_id]
         if link["domain_host"] != host_of(host):
             continue
-        slash -= offset
         first_offer = first_offer or link["offer_id"]
         pieces += [body[pos : slash + 1], order.setdefault(link_id, len(order))]
         pos = slash + 7
@@ -275,31 +267,10 @@ def _cut_at(
     return _Cut(tuple(pieces), tuple(order), first_offer)
 
 
-# Bodies are joined with this to be scanned in one pass. It is no part of a short URL, and to
-# SHORT_URL_RE it is what the start and the end of a text are (no character of a scheme, host or
-# link id; not one its lookarounds refuse), so each body's matches in the joined text are exactly
-# its own, at its offset.
-_BODY_SEPARATOR = "\n"
-
-
 def cut_bodies(bodies: Iterable[str], links: dict[str, asyncpg.Record]) -> dict[str, _Cut]:
-    """The cut of each distinct body, by body. One scan of all of them joined: a bulk send's
-    thousand personalised bodies cost one pass, not a thousand (the scan of a body is mostly
-    fixed cost)."""
-    distinct = list(dict.fromkeys(bodies))
-    found = short_urls(_BODY_SEPARATOR.join(distinct), links)
-    match = next(found, None)
-    cuts: dict[str, _Cut] = {}
-    start = 0
-    for body in distinct:
-        end = start + len(body)
-        mine = []
-        while match is not None and match[0] < end:
-            mine.append(match)
-            match = next(found, None)
-        cuts[body] = _cut_at(body, start, mine, links) if mine else _Cut((body,), (), None)
-        start = end + len(_BODY_SEPARATOR)
-    return cuts
+    """The cut of each distinct body, by body: a bulk send often repeats one body (a promotion
+    sent to a whole list), cut once and then only filled; a retry refills the same cuts."""
+    return {body: _cut(body, links) for body in dict.fromkeys(bodies)}
 
 
 def _fill(record: SendRecord, links: dict[str, asyncpg.Record], cut: _Cut, codes: list[str]) -> None:

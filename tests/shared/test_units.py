@@ -17,6 +17,8 @@ def test_id_formats():
     assert ids.MESSAGE_ID_RE.match(ids.message_id())
     assert ids.CLICK_ID_RE.match(ids.click_id())
     assert len(ids.message_link_code()) == 7
+    codes = ids.message_link_codes(1000)
+    assert len(set(codes)) == 1000 and all(len(c) == 7 and c.isalnum() and c.isascii() for c in codes)
     batch = ids.message_ids(1000)
     assert len(set(batch)) == 1000 and all(ids.MESSAGE_ID_RE.match(m) for m in batch)
     key = ids.api_key()
@@ -29,6 +31,8 @@ def test_reserved_paths_are_never_codes(monkeypatch):
     monkeypatch.setattr(ids, "_alnum", lambda n: next(rolls))
     assert ids.link_id() == "Ab3kX9"
     assert ids.message_link_code() == "Zx81Qa7"
+    rolls = iter(["healthzAbcdefgmetrics", "Zx81Qa7", "healthz", "Qq1Ww2e"])
+    assert ids.message_link_codes(3) == ["Zx81Qa7", "Abcdefg", "Qq1Ww2e"]
 
 
 def test_ids_do_not_repeat():
