@@ -29,7 +29,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 
@@ -45,6 +45,10 @@ SWEEP_INTERVAL = 2.0
 SWEEP_AGE = timedelta(seconds=5)
 SWEEP_LIMIT = 5000
 DEADLOCK_RETRIES = 5
+# A batch leaves a conversion's postbacks behind an older one that another batch holds: they are
+# taken again after this pause (that batch is committing), this many times.
+DEFERRED_PAUSE = 0.05
+DEFERRED_RETRIES = 20
 
 # What judging a click needs: the click (k), its message (m) and its offer's window (o).
 _CLICK_COLUMNS = """k.id, k.account_id, k.clicked_at, k.is_bot, k.link_id, m.id AS message_id,
@@ -100,7 +104,20 @@ JOIN offers o ON o.account_id = t.account_id AND (o.id = t.ref OR o.external_id 
 ORDER BY t.account_id, t.ref, (o.id = t.ref) DESC, (o.status = 'deleted')
 """
 
-_CONVERSION_COLUMNS = "id, account_id, network, conversion_key, status, payout, last_postback_id"
+_CONVERSION_COLUMNS = "id, account_id, network, conversion_key, status, payout, payout_given"
+
+# The keys of a batch's conversions that have an older postback waiting outside the batch (another
+# batch holds it, or it was not taken): theirs wait for it, so postbacks move a conversion in the
+# order they were received whichever batch commits first. (Waiting, non-duplicate postbacks all
+# have a dedupe key: the index the gateway's dedupe uses finds them.)
+_BEHIND = """
+SELECT t.account_id, t.network, t.conversion_key
+FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[]) AS t(account_id, network, conversion_key, first_id)
+WHERE EXISTS (
+    SELECT 1 FROM postbacks p
+    WHERE p.account_id = t.account_id AND p.network = t.network AND p.conversion_key = t.conversion_key
+      AND p.dedupe_key IS NOT NULL AND p.id < t.first_id AND p.processed_at IS NULL AND NOT p.is_duplicate)
+"""
 
 _LOCK = f"""
 SELECT {_CONVERSION_COLUMNS} FROM conversions
@@ -113,18 +130,19 @@ FOR UPDATE
 _CREATE = f"""
 INSERT INTO conversions (account_id, network, conversion_key, click_id, status, payout, currency, converted_at,
                          offer_id, attributed, unattributed_reason, message_id, link_id, list_id, creative_id,
-                         schedule_id, contact_phone, clicked_at, last_postback_id)
+                         schedule_id, contact_phone, clicked_at, payout_given, currency_given)
 SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::numeric[], $7::text[],
                      $8::timestamptz[], $9::text[], $10::boolean[], $11::text[], $12::text[], $13::text[],
-                     $14::bigint[], $15::text[], $16::text[], $17::text[], $18::timestamptz[], $19::bigint[])
+                     $14::bigint[], $15::text[], $16::text[], $17::text[], $18::timestamptz[], $19::boolean[],
+                     $20::boolean[])
 ORDER BY 1, 2, 3
 ON CONFLICT (account_id, network, conversion_key) DO NOTHING
 RETURNING {_CONVERSION_COLUMNS}
 """
 
 _MOVE = """
-UPDATE conversions c SET status = t.status, payout = t.payout, last_postback_id = t.last, updated_at = now()
-FROM unnest($1::bigint[], $2::text[], $3::numeric[], $4::bigint[]) AS t(id, status, payout, last)
+UPDATE conversions c SET status = t.status, payout = t.payout, payout_given = t.payout_given, updated_at = now()
+FROM unnest($1::bigint[], $2::text[], $3::numeric[], $4::boolean[]) AS t(id, status, payout, payout_given)
 WHERE c.id = t.id
 """
 
@@ -231,35 +249,51 @@ class _State:
     id: int
     status: str
     payout: Decimal
-    last: int  # the latest postback applied (0: none recorded)
-    touched: bool = False
+    payout_given: bool  # by a postback applied (else the offer's, or 0 while no offer is known)
+    moved: bool = False
     ledger: list[tuple[int, str | None, str, Decimal]] = field(default_factory=list)  # postback, from, to, amount
 
     def apply(self, postback_id: int, status: str, payout: Decimal | None) -> None:
-        """Postbacks come in id order within a batch; one older than the latest applied was
-        overtaken by a batch that committed first (it took a later postback of this conversion),
-        and is skipped: the order received decides, not the order of commits."""
-        if postback_id <= self.last:
-            return
-        self.last, self.touched = postback_id, True
         new_payout = self.payout if payout is None else payout
         if not accepts_move(self.status, self.payout, status, new_payout):
             return
         delta = status_value(status, new_payout) - status_value(self.status, self.payout)
         self.ledger.append((postback_id, self.status, status, delta))
-        self.status, self.payout = status, new_payout
+        self.status, self.payout, self.moved = status, new_payout, True
+        self.payout_given = self.payout_given or payout is not None
 
 
 def _state(row: Any) -> _State:
-    return _State(row["id"], row["status"], row["payout"], row["last_postback_id"] or 0)
+    return _State(row["id"], row["status"], row["payout"], row["payout_given"])
 
 
-async def process_batch(conn: asyncpg.Connection, first_id: int | None = None, limit: int = BATCH_SIZE) -> int:
+class Taken(NamedTuple):
+    processed: int
+    deferred: int  # left waiting for an older postback of their conversion
+
+    @property
+    def total(self) -> int:
+        return self.processed + self.deferred
+
+
+async def process_batch(conn: asyncpg.Connection, first_id: int | None = None, limit: int = BATCH_SIZE) -> Taken:
     """Process up to ``limit`` unprocessed postbacks (``first_id`` among them if it is still waiting)
-    in the caller's transaction. Returns how many postbacks it processed."""
+    in the caller's transaction: all but those of a conversion with an older postback still
+    waiting outside the batch, which are left for later (``_BEHIND``)."""
     rows = await conn.fetch(_TAKE, first_id, limit)
     if not rows:
-        return 0
+        return Taken(0, 0)
+    firsts: dict[tuple[int, str, str], int] = {}
+    for r in rows:
+        firsts.setdefault((r["account_id"], r["network"], r["conversion_key"]), r["id"])
+    behind = {
+        (b["account_id"], b["network"], b["conversion_key"])
+        for b in await conn.fetch(_BEHIND, *map(list, zip(*((*key, first) for key, first in firsts.items()))))
+    }
+    deferred = sum(1 for r in rows if (r["account_id"], r["network"], r["conversion_key"]) in behind)
+    rows = [r for r in rows if (r["account_id"], r["network"], r["conversion_key"]) not in behind]
+    if not rows:
+        return Taken(0, deferred)
     clicks = await fetch_clicks(conn, {r["click_id"] for r in rows if r["click_id"]})
     offer_refs = sorted({(r["account_id"], r["offer_ref"]) for r in rows if r["offer_ref"]})
     offers: dict[tuple[int, str], Any] = {}
@@ -289,13 +323,13 @@ async def process_batch(conn: asyncpg.Connection, first_id: int | None = None, l
     fresh = [k for k in keys if k not in states]
     created: set[tuple[int, str, str]] = set()
     if fresh:
-        cols: list[list[Any]] = [[] for _ in range(19)]
+        cols: list[list[Any]] = [[] for _ in range(20)]
         for key in fresh:
             first = groups[key][0]
             verdict = clicks.credit(first["account_id"], first["click_id"], first["converted_at"])
             named = offers.get((first["account_id"], first["offer_ref"])) if first["offer_ref"] else None
             offer_id = verdict.columns()[7] or (named["id"] if named else None)
-            offer = click_offers.get(offer_id) if verdict.attributed else named
+            offer = (click_offers.get(offer_id) if verdict.attributed else None) or named
             payout = first["payout"]
             if payout is None:
                 payout = (offer["payout"] if offer is not None else None) or Decimal(0)
@@ -304,7 +338,7 @@ async def process_batch(conn: asyncpg.Connection, first_id: int | None = None, l
             for col, value in zip(cols, (
                 key[0], key[1], key[2], first["click_id"], first["status"], payout, currency, first["converted_at"],
                 offer_id, verdict.attributed, verdict.reason, message_id, link_id, list_id, creative_id, schedule_id,
-                phone, clicked_at, first["id"],
+                phone, clicked_at, first["payout"] is not None, first["currency"] is not None,
             )):
                 col.append(value)
         for c in await conn.fetch(_CREATE, *cols):
@@ -323,14 +357,14 @@ async def process_batch(conn: asyncpg.Connection, first_id: int | None = None, l
         for r in groups[key][1:] if key in created else groups[key]:
             state.apply(r["id"], r["status"], r["payout"])
         ledger += [(state.id, *entry) for entry in state.ledger]
-        if state.touched:
-            moves.append((state.id, state.status, state.payout, state.last))
+        if state.moved:
+            moves.append((state.id, state.status, state.payout, state.payout_given))
     if moves:
         await conn.execute(_MOVE, *map(list, zip(*moves)))
     if ledger:
         await conn.execute(_LEDGER, *map(list, zip(*ledger)))
     await conn.execute(_DONE, [r["id"] for r in rows], [None] * len(rows))
-    return len(rows)
+    return Taken(len(rows), deferred)
 
 
 async def _attribute(conn: asyncpg.Connection, updates: list[tuple[int, Attribution]]) -> None:
@@ -343,34 +377,28 @@ async def _attribute(conn: asyncpg.Connection, updates: list[tuple[int, Attribut
     await conn.execute(_ATTRIBUTE, *cols)
 
 
-# For conversions a late click attributes: what their postbacks left to the offer (a payout, a
-# currency none of them gave), with the click's offer. Accepted postbacks of a conversion are
-# found by the index the gateway's dedupe uses.
+# For conversions a late click attributes (after ``_ATTRIBUTE``, so their offer is the click's):
+# the payout and currency their postbacks left to the offer.
 _DEFAULTS = """
-SELECT c.id, c.status, c.payout, c.currency, o.payout AS offer_payout, o.currency AS offer_currency,
-       EXISTS (SELECT 1 FROM postbacks p WHERE p.account_id = c.account_id AND p.network = c.network
-               AND p.conversion_key = c.conversion_key AND p.dedupe_key IS NOT NULL AND NOT p.is_duplicate
-               AND p.payout IS NOT NULL) AS payout_given,
-       EXISTS (SELECT 1 FROM postbacks p WHERE p.account_id = c.account_id AND p.network = c.network
-               AND p.conversion_key = c.conversion_key AND p.dedupe_key IS NOT NULL AND NOT p.is_duplicate
-               AND p.currency IS NOT NULL) AS currency_given
-FROM unnest($1::bigint[], $2::text[]) AS t(id, offer_id)
-JOIN conversions c ON c.id = t.id
-LEFT JOIN offers o ON o.id = t.offer_id
+SELECT c.id, c.status, c.payout, c.currency, c.payout_given, c.currency_given,
+       o.payout AS offer_payout, o.currency AS offer_currency
+FROM conversions c
+LEFT JOIN offers o ON o.id = c.offer_id
+WHERE c.id = ANY($1::bigint[]) AND NOT (c.payout_given AND c.currency_given)
 ORDER BY c.id
 """
 
 
-async def _default_from_click_offers(conn: asyncpg.Connection, attributed: list[tuple[int, Attribution]]) -> None:
-    """A conversion made before its click was stored had no offer to take a missing payout or
-    currency from (0 and USD); now that the click names its offer, it gets what it would have had
-    if the click had come first. A payout change is written to the ledger."""
-    if not attributed:
+async def _default_from_click_offers(conn: asyncpg.Connection, conversion_ids: list[int]) -> None:
+    """A conversion made before its click was stored had no offer to take a payout or currency
+    no postback gave from (0 and USD), unless the postback named one; once the click is in, it
+    gets what it would have had if the click had come first: the click's offer's, else the named
+    one's. A payout change is written to the ledger."""
+    if not conversion_ids:
         return
-    rows = await conn.fetch(_DEFAULTS, [cid for cid, _ in attributed], [v.columns()[7] for _, v in attributed])
     changes: list[tuple[int, Decimal, str]] = []
     ledger: list[tuple[int, None, str, str, Decimal]] = []
-    for r in rows:
+    for r in await conn.fetch(_DEFAULTS, conversion_ids):
         payout = r["payout"] if r["payout_given"] else (r["offer_payout"] or Decimal(0))
         currency = r["currency"] if r["currency_given"] else (r["offer_currency"] or "USD")
         if (payout, currency) == (r["payout"], r["currency"]):
@@ -398,7 +426,7 @@ async def rematch_for_clicks(conn: asyncpg.Connection, click_ids: list[str]) -> 
     waiting = await conn.fetch(
         "SELECT id, account_id, click_id, converted_at FROM conversions"
         " WHERE click_id = ANY($1::text[]) AND NOT attributed AND unattributed_reason = 'click_not_found'"
-        " ORDER BY id FOR UPDATE",
+        " ORDER BY account_id, network, conversion_key FOR UPDATE",  # process_batch's lock order: no deadlock
         list(click_ids),
     )
     if not waiting:
@@ -408,7 +436,7 @@ async def rematch_for_clicks(conn: asyncpg.Connection, click_ids: list[str]) -> 
     # Still not found stays as it is; any other verdict (attributed, expired, ...) is final.
     updates = [(cid, v) for cid, v in updates if v.reason != "click_not_found"]
     await _attribute(conn, updates)
-    attributed = [(cid, v) for cid, v in updates if v.attributed]
+    attributed = [cid for cid, v in updates if v.attributed]
     await _default_from_click_offers(conn, attributed)
     return len(attributed)
 
@@ -417,7 +445,7 @@ async def rematch_stored(conn: asyncpg.Connection, limit: int = 1000) -> int:
     """Conversions still waiting for a click that is stored by now (the postback and the click
     committed at the same moment, each missing the other)."""
     click_ids = await conn.fetch(
-        "SELECT DISTINCT c.click_id FROM conversions c JOIN clicks k ON k.id = c.click_id"
+        "SELECT DISTINCT c.click_id FROM conversions c JOIN clicks k ON k.id = c.click_id AND k.account_id = c.account_id"
         " WHERE NOT c.attributed AND c.unattributed_reason = 'click_not_found' AND c.click_id IS NOT NULL"
         " LIMIT $1",
         limit,
@@ -430,7 +458,7 @@ async def rematch_stored(conn: asyncpg.Connection, limit: int = 1000) -> int:
 POISON_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, asyncpg.ProgramLimitExceededError)
 
 
-async def _run_batch(db: asyncpg.Pool, postback_id: int | None, limit: int) -> int:
+async def _run_batch(db: asyncpg.Pool, postback_id: int | None, limit: int) -> Taken:
     for attempt in range(DEADLOCK_RETRIES):
         try:
             async with db.acquire() as conn, conn.transaction():
@@ -446,21 +474,28 @@ async def _run_batch(db: asyncpg.Pool, postback_id: int | None, limit: int) -> i
 async def process_postback(ctx: dict[str, Any], postback_id: int) -> int:
     """arq job: attribute this postback and whatever else is waiting, a batch at a time, until a
     batch comes back short. The gateway enqueues one such job per ``ATTRIBUTION_WINDOW``; the
-    sweeper enqueues one per postback that waited too long. Returns how many it processed."""
+    sweeper enqueues one per postback that waited too long. Returns how many it processed.
+
+    Postbacks a batch left behind an older one of their conversion (another job's batch holds it)
+    are taken again after a pause, a few times; after that the sweeper sees them waiting."""
     db: asyncpg.Pool = ctx["db"]
     own: int | None = postback_id
-    done = 0
+    done = pauses = 0
     while True:
         try:
             taken = await _run_batch(db, own, BATCH_SIZE)
         except POISON_ERRORS:
             # One bad postback must not sink the batch it lands in: alone, it sinks only itself.
             log.warning("a postback batch failed; processing it one postback at a time", exc_info=True)
-            taken = await _one_at_a_time(db, own)
-        done += taken
+            taken = Taken(await _one_at_a_time(db, own), 0)
+        done += taken.processed
         own = None
-        if taken < BATCH_SIZE:
+        if taken.total >= BATCH_SIZE:
+            continue
+        if not taken.deferred or pauses == DEFERRED_RETRIES:
             return done
+        pauses += 1
+        await asyncio.sleep(DEFERRED_PAUSE)
 
 
 async def _one_at_a_time(db: asyncpg.Pool, own: int | None) -> int:
@@ -471,7 +506,7 @@ async def _one_at_a_time(db: asyncpg.Pool, own: int | None) -> int:
         BATCH_SIZE,
     )
     ids = list(dict.fromkeys([*([own] if own is not None else []), *(r["id"] for r in rows)]))[:BATCH_SIZE]
-    for pid in ids:
+    for pid in sorted(ids):  # in the order received: a conversion's older postbacks first
         try:
             await _run_batch(db, pid, 0)
         except POISON_ERRORS as exc:

@@ -144,7 +144,8 @@ async def test_postback_fields_are_bounded_in_bytes(api, db, tenant):
         resp = await api.get(f"/postback/{tenant.postback_token}", params={"conversion_id": conversion, "network": network, "payout": "1"})
         assert resp.status_code == 200 and resp.json()["status"] == expected
     assert await db.fetchval(
-        "SELECT parse_error FROM postbacks WHERE account_id = $1 AND network = $2 AND NOT is_duplicate", tenant.account_id, network
+        "SELECT parse_error FROM postbacks WHERE account_id = $1 AND network = $2 AND conversion_key = $3 AND NOT is_duplicate",
+        tenant.account_id, network, conversion,  # (the first postback's network was cut to this same network)
     ) is None
 
 

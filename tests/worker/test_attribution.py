@@ -242,7 +242,7 @@ async def test_sweeper_rematches_clicks_stored_meanwhile(api, db, tenant, redis)
     click_id = secrets.token_hex(16)
     await postback(api, tenant, click_id=click_id, conversion_id="raced", timestamp=(T0 + timedelta(hours=1)).isoformat())
     async with db.acquire() as conn, conn.transaction():
-        assert await attribution.process_batch(conn) >= 1
+        assert (await attribution.process_batch(conn)).processed >= 1
     await store_click(db, tenant.account_id, mid, T0, click_id=click_id)  # no rematch call: the race
     async with db.acquire() as conn, conn.transaction():
         await attribution.rematch_stored(conn)
@@ -442,44 +442,72 @@ async def test_late_postback_attributed_by_the_click_drainer(api, db, redis, ten
     assert (detail["clicked"], detail["conversions"], detail["revenue"]) == (True, 1, 9.99)
 
 
-async def _take_alone(db, postback_id):
-    """One batch holding only this postback, committed (as one of several workers would)."""
-    async with db.acquire() as conn, conn.transaction():
-        assert await attribution.process_batch(conn, postback_id, limit=0) == 1
-
-
 async def _unprocessed(db, tenant):
     return [r["id"] for r in await db.fetch(
         "SELECT id FROM postbacks WHERE account_id = $1 AND processed_at IS NULL ORDER BY id", tenant.account_id)]
 
 
-async def test_postbacks_apply_in_the_order_received_whichever_batch_commits_first(api, db, tenant):
-    """Two workers' batches can take postbacks of one conversion and commit in either order: the
-    order received decides. approved, rejected, approved, rejected ends rejected even when the last
-    rejection's batch commits before the second approval's; approved payouts 1 then 2 end at 2."""
+@pytest.mark.parametrize("earlier, older, newer, expected", [
+    # (status, payout) of each postback, in the order received -> the conversion's (status, payout)
+    ([("pending", "10")], ("approved", "10"), ("pending", None), ("approved", 10)),  # a late pending
+    ([("approved", "10")], ("reversed", None), ("approved", "11"), ("reversed", 10)),  # reversed is final
+    ([("pending", None)], ("approved", "10"), ("approved", None), ("approved", 10)),  # no payout: keeps 10
+    ([("approved", "12"), ("rejected", "12")], ("approved", "12"), ("rejected", "12"), ("rejected", 12)),
+    ([], ("pending", "10"), ("approved", None), ("approved", 10)),  # the older one creates it
+])
+async def test_a_conversions_postbacks_wait_for_an_older_one_another_batch_holds(
+    api, db, tenant, earlier, older, newer, expected
+):
+    """Two workers' batches can take postbacks of one conversion at once: the one with the newer
+    postback leaves it until the older one is committed, so the order received decides, whichever
+    batch would have committed first."""
     _, mid, click_id = await clicked_message(api, db, tenant)
     ts = (T0 + timedelta(hours=1)).isoformat()
-    for status in ("approved", "rejected", "approved", "rejected"):
-        await postback(api, tenant, click_id=click_id, conversion_id="flip", status=status, payout="12", timestamp=ts)
-    first, second, third, fourth = await _unprocessed(db, tenant)
-    for pid in (first, second, fourth, third):  # the fourth's batch commits before the third's
-        await _take_alone(db, pid)
-    conv = await conversion(db, tenant, "flip")
-    assert conv["status"] == "rejected" and conv["last_postback_id"] == fourth
-    assert sum(a for *_, a in await ledger(db, conv["id"])) == 0
 
-    for payout in ("1", "2"):
-        await postback(api, tenant, click_id=click_id, conversion_id="raise", payout=payout, timestamp=ts)
-    one, two = await _unprocessed(db, tenant)
-    await _take_alone(db, two)
-    await _take_alone(db, one)
-    conv = await conversion(db, tenant, "raise")
-    assert (conv["status"], conv["payout"]) == ("approved", Decimal(2))
-    assert sum(a for *_, a in await ledger(db, conv["id"])) == Decimal(2)
-    # Every postback was processed, the overtaken ones too.
+    async def send(status, payout, **extra):
+        params = {"click_id": click_id, "conversion_id": "k", "status": status, "timestamp": ts, **extra}
+        await postback(api, tenant, **params, **({} if payout is None else {"payout": payout}))
+
+    for status, payout in earlier:
+        await send(status, payout)
+        async with db.acquire() as conn, conn.transaction():
+            await attribution.process_batch(conn)
+    await send(*older)
+    await send(*newer, click_id="")  # (a later postback may not name the click again)
+    first, second = await _unprocessed(db, tenant)
+    async with db.acquire() as holder, holder.transaction():
+        assert await attribution.process_batch(holder, first, limit=0) == (1, 0)
+        async with db.acquire() as conn, conn.transaction():  # meanwhile, another worker's batch
+            assert await attribution.process_batch(conn, second, limit=0) == (0, 1)
+    assert await _unprocessed(db, tenant) == [second]
+    async with db.acquire() as conn, conn.transaction():
+        assert await attribution.process_batch(conn, second, limit=0) == (1, 0)
+    conv = await conversion(db, tenant, "k")
+    assert (conv["status"], conv["payout"]) == (expected[0], Decimal(expected[1]))
+    assert conv["attributed"] and conv["message_id"] == mid
+    value = expected[1] if expected[0] == "approved" else 0
+    assert sum(a for *_, a in await ledger(db, conv["id"])) == value
+
+
+async def test_a_job_takes_again_what_its_batch_left_behind(api, db, tenant, settings, monkeypatch):
+    """The job whose batch left postbacks behind an older one takes them again once that is done."""
+    _, _, click_id = await clicked_message(api, db, tenant)
+    ts = (T0 + timedelta(hours=1)).isoformat()
+    for status in ("pending", "approved"):
+        await postback(api, tenant, click_id=click_id, conversion_id="again", status=status, payout="3", timestamp=ts)
+    first, second = await _unprocessed(db, tenant)
+    monkeypatch.setattr(attribution, "DEFERRED_PAUSE", 0.2)
+    async with db.acquire() as holder:
+        transaction = holder.transaction()
+        await transaction.start()
+        await attribution.process_batch(holder, first, limit=0)
+        job = asyncio.ensure_future(attribution.process_postback({"db": db}, second))
+        await asyncio.sleep(0.1)
+        assert not job.done()  # pausing: its postback waits for the first
+        await transaction.commit()
+    assert await job == 1
+    assert (await conversion(db, tenant, "again"))["status"] == "approved"
     assert await _unprocessed(db, tenant) == []
-    detail = (await api.get(f"/api/v2/messages/{mid}", headers=tenant.headers)).json()
-    assert (detail["conversions"], detail["revenue"]) == (1, 2)
 
 
 async def test_a_click_stored_after_its_postback_gives_what_its_offer_would_have(api, db, tenant, run_worker):
@@ -514,6 +542,33 @@ async def test_a_click_stored_after_its_postback_gives_what_its_offer_would_have
     assert sum(a for *_, a in await ledger(db, conv["id"])) == Decimal(7)
     detail = (await api.get(f"/api/v2/messages/{mid}", headers=tenant.headers)).json()
     assert (detail["conversions"], detail["revenue"]) == (3, 17)
+
+
+async def test_a_late_click_keeps_what_its_postbacks_gave_or_named(api, db, tenant, run_worker):
+    """A click with no offer of its own leaves the payout of the offer the postback named; a payout
+    a postback gave in a move that was refused was never the conversion's, so the offer's applies."""
+    named = await make_offer(api, tenant, payout=7, currency="EUR", external_id="NET-7")
+    plain = await make_offer(api, tenant, payout=4)
+    no_offer = await send_message(api, tenant)
+    with_offer = await send_message(api, tenant, offer_id=plain["id"])
+    bare, refused = secrets.token_hex(16), secrets.token_hex(16)
+    ts = (T0 + timedelta(minutes=3)).isoformat()
+    await postback(api, tenant, click_id=bare, conversion_id="named", offer_id="NET-7", timestamp=ts)
+    await postback(api, tenant, click_id=refused, conversion_id="refused", timestamp=ts)
+    await run_worker()
+    await postback(api, tenant, click_id=refused, conversion_id="refused", status="pending", payout="5", timestamp=ts)
+    await run_worker()
+    assert ((await conversion(db, tenant, "named"))["payout"], (await conversion(db, tenant, "refused"))["payout"]) == (7, 0)
+    await store_click(db, tenant.account_id, no_offer, T0, click_id=bare)
+    await store_click(db, tenant.account_id, with_offer, T0, offer_id=plain["id"], click_id=refused)
+    async with db.acquire() as conn, conn.transaction():
+        assert await attribution.rematch_for_clicks(conn, [bare, refused]) == 2
+    conv = await conversion(db, tenant, "named")
+    assert conv["attributed"] and (conv["payout"], conv["currency"], conv["offer_id"]) == (7, "EUR", named["id"])
+    assert sum(a for *_, a in await ledger(db, conv["id"])) == 7
+    conv = await conversion(db, tenant, "refused")
+    assert (conv["status"], conv["payout"]) == ("approved", 4)
+    assert sum(a for *_, a in await ledger(db, conv["id"])) == 4
 
 
 async def test_a_bots_click_stored_after_its_postback_makes_it_bot_click(api, db, redis, tenant, run_worker):
