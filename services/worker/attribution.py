@@ -490,8 +490,8 @@ async def process_postback(ctx: dict[str, Any], postback_id: int) -> int:
             taken = Taken(await _one_at_a_time(db, own), 0)
         done += taken.processed
         own = None
-        if taken.total >= BATCH_SIZE:
-            continue
+        if taken.total >= BATCH_SIZE and taken.processed:
+            continue  # a full batch: more may be waiting (one that only left postbacks behind pauses)
         if not taken.deferred or pauses == DEFERRED_RETRIES:
             return done
         pauses += 1
