@@ -595,3 +595,32 @@ async def test_a_bots_click_stored_after_its_postback_makes_it_bot_click(api, db
     async with db.acquire() as conn, conn.transaction():
         await attribution.rematch_stored(conn)
     assert (await conversion(db, tenant, "bot-raced"))["unattributed_reason"] == "bot_click"
+
+
+async def test_the_rematch_locks_conversions_in_the_batches_order(api, db, tenant):
+    """process_batch locks conversions in key order; the rematch must too, or the two deadlock.
+    Two conversions wait for one click, their ids in the other order than their keys: while 'a' is
+    held, the rematch waits for it before it takes 'b'."""
+    mid = await send_message(api, tenant)
+    click_id = secrets.token_hex(16)
+    for key in ("b", "a"):
+        await db.execute(
+            "INSERT INTO conversions (account_id, network, conversion_key, click_id, status, converted_at,"
+            " unattributed_reason) VALUES ($1, 'default', $2, $3, 'approved', $4, 'click_not_found')",
+            tenant.account_id, key, click_id, T0 + timedelta(hours=1),
+        )
+    await store_click(db, tenant.account_id, mid, T0, click_id=click_id)
+    lock = "SELECT 1 FROM conversions WHERE account_id = $1 AND conversion_key = $2 FOR UPDATE"
+
+    async def rematch():
+        async with db.acquire() as conn, conn.transaction():
+            return await attribution.rematch_for_clicks(conn, [click_id])
+
+    async with db.acquire() as holder, holder.transaction():
+        await holder.execute(lock, tenant.account_id, "a")
+        task = asyncio.ensure_future(rematch())
+        await asyncio.sleep(0.5)  # (it is waiting for 'a' by now)
+        assert not task.done()
+        async with db.acquire() as probe, probe.transaction():
+            await probe.execute(lock + " NOWAIT", tenant.account_id, "b")  # free: raises if the rematch took it
+    assert await task == 2
