@@ -106,17 +106,19 @@ ORDER BY t.account_id, t.ref, (o.id = t.ref) DESC, (o.status = 'deleted')
 
 _CONVERSION_COLUMNS = "id, account_id, network, conversion_key, status, payout, payout_given"
 
-# The keys of a batch's conversions that have an older postback waiting outside the batch (another
-# batch holds it, or it was not taken): theirs wait for it, so postbacks move a conversion in the
-# order they were received whichever batch commits first. (Waiting, non-duplicate postbacks all
-# have a dedupe key: the index the gateway's dedupe uses finds them.)
+# The keys of a batch's conversions with a postback waiting outside the batch that is older than
+# the batch's last one of that conversion (another batch holds it, or it was not taken): before
+# the batch's first, or between two of them. Theirs wait for it, so postbacks move a conversion in
+# the order they were received whichever batch commits first. (Waiting, non-duplicate postbacks
+# all have a dedupe key: the index the gateway's dedupe uses finds them.)
 _BEHIND = """
 SELECT t.account_id, t.network, t.conversion_key
-FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[]) AS t(account_id, network, conversion_key, first_id)
+FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[]) AS t(account_id, network, conversion_key, last_id)
 WHERE EXISTS (
     SELECT 1 FROM postbacks p
     WHERE p.account_id = t.account_id AND p.network = t.network AND p.conversion_key = t.conversion_key
-      AND p.dedupe_key IS NOT NULL AND p.id < t.first_id AND p.processed_at IS NULL AND NOT p.is_duplicate)
+      AND p.dedupe_key IS NOT NULL AND p.id < t.last_id AND p.processed_at IS NULL AND NOT p.is_duplicate
+      AND p.id <> ALL($5::bigint[]))
 """
 
 _LOCK = f"""
@@ -283,12 +285,14 @@ async def process_batch(conn: asyncpg.Connection, first_id: int | None = None, l
     rows = await conn.fetch(_TAKE, first_id, limit)
     if not rows:
         return Taken(0, 0)
-    firsts: dict[tuple[int, str, str], int] = {}
-    for r in rows:
-        firsts.setdefault((r["account_id"], r["network"], r["conversion_key"]), r["id"])
+    lasts: dict[tuple[int, str, str], int] = {}
+    for r in rows:  # (in id order)
+        lasts[(r["account_id"], r["network"], r["conversion_key"])] = r["id"]
     behind = {
         (b["account_id"], b["network"], b["conversion_key"])
-        for b in await conn.fetch(_BEHIND, *map(list, zip(*((*key, first) for key, first in firsts.items()))))
+        for b in await conn.fetch(
+            _BEHIND, *map(list, zip(*((*key, last) for key, last in lasts.items()))), [r["id"] for r in rows]
+        )
     }
     deferred = sum(1 for r in rows if (r["account_id"], r["network"], r["conversion_key"]) in behind)
     rows = [r for r in rows if (r["account_id"], r["network"], r["conversion_key"]) not in behind]
@@ -487,7 +491,7 @@ async def process_postback(ctx: dict[str, Any], postback_id: int) -> int:
         except POISON_ERRORS:
             # One bad postback must not sink the batch it lands in: alone, it sinks only itself.
             log.warning("a postback batch failed; processing it one postback at a time", exc_info=True)
-            taken = Taken(await _one_at_a_time(db, own), 0)
+            taken = await _one_at_a_time(db, own)
         done += taken.processed
         own = None
         if taken.total >= BATCH_SIZE and taken.processed:
@@ -498,24 +502,27 @@ async def process_postback(ctx: dict[str, Any], postback_id: int) -> int:
         await asyncio.sleep(DEFERRED_PAUSE)
 
 
-async def _one_at_a_time(db: asyncpg.Pool, own: int | None) -> int:
+async def _one_at_a_time(db: asyncpg.Pool, own: int | None) -> Taken:
     """Process the waiting postbacks (a batch's worth) each in its own transaction, closing those
-    whose own data fails with the error recorded. Returns how many it went through."""
+    whose own data fails with the error recorded."""
     rows = await db.fetch(
         "SELECT id FROM postbacks WHERE processed_at IS NULL AND NOT is_duplicate ORDER BY received_at LIMIT $1",
         BATCH_SIZE,
     )
     ids = list(dict.fromkeys([*([own] if own is not None else []), *(r["id"] for r in rows)]))[:BATCH_SIZE]
+    processed = deferred = 0
     for pid in sorted(ids):  # in the order received: a conversion's older postbacks first
         try:
-            await _run_batch(db, pid, 0)
+            taken = await _run_batch(db, pid, 0)
+            processed, deferred = processed + taken.processed, deferred + taken.deferred
         except POISON_ERRORS as exc:
+            processed += 1
             await db.execute(
                 "UPDATE postbacks SET processed_at = now(), process_error = $2 WHERE id = $1 AND processed_at IS NULL",
                 pid, f"{type(exc).__name__}: {exc}"[:1000],
             )
             log.error("postback %s cannot be processed: %s", pid, exc)
-    return len(ids)
+    return Taken(processed, deferred)
 
 
 async def sweep_once(db: asyncpg.Pool, arq_redis: Any) -> int:

@@ -624,3 +624,25 @@ async def test_the_rematch_locks_conversions_in_the_batches_order(api, db, tenan
         async with db.acquire() as probe, probe.transaction():
             await probe.execute(lock + " NOWAIT", tenant.account_id, "b")  # free: raises if the rematch took it
     assert await task == 2
+
+
+async def test_a_batch_with_a_gap_in_a_conversions_postbacks_waits_for_it(api, db, tenant):
+    """Another job holds the middle one of three postbacks of a conversion (its own, locked): a
+    batch that takes the other two applies neither until the middle one is done."""
+    _, _, click_id = await clicked_message(api, db, tenant)
+    ts = (T0 + timedelta(hours=1)).isoformat()
+    for payout in ("1", "2", "3"):
+        await postback(api, tenant, click_id=click_id, conversion_id="gap", payout=payout, timestamp=ts)
+    first, middle, last = await _unprocessed(db, tenant)
+    async with db.acquire() as holder, holder.transaction():
+        await holder.execute("SELECT 1 FROM postbacks WHERE id = $1 FOR UPDATE", middle)
+        async with db.acquire() as conn, conn.transaction():
+            assert (await attribution.process_batch(conn)).deferred >= 2  # (other tests' waiting postbacks too)
+        assert await _unprocessed(db, tenant) == [first, middle, last]
+        assert await conversion(db, tenant, "gap") is None
+    async with db.acquire() as conn, conn.transaction():
+        await attribution.process_batch(conn)
+    assert await _unprocessed(db, tenant) == []
+    conv = await conversion(db, tenant, "gap")
+    assert (conv["status"], conv["payout"]) == ("approved", Decimal(3))
+    assert [a for *_, a in await ledger(db, conv["id"])] == [1, 1, 1]
