@@ -280,8 +280,8 @@ class Taken(NamedTuple):
 
 async def process_batch(conn: asyncpg.Connection, first_id: int | None = None, limit: int = BATCH_SIZE) -> Taken:
     """Process up to ``limit`` unprocessed postbacks (``first_id`` among them if it is still waiting)
-    in the caller's transaction: all but those of a conversion with an older postback still
-    waiting outside the batch, which are left for later (``_BEHIND``)."""
+    in the caller's transaction: all but those of a conversion with a postback waiting outside the
+    batch that is older than the batch's last one of it, which are left for later (``_BEHIND``)."""
     rows = await conn.fetch(_TAKE, first_id, limit)
     if not rows:
         return Taken(0, 0)
@@ -355,7 +355,7 @@ async def process_batch(conn: asyncpg.Connection, first_id: int | None = None, l
         await lock([k for k in fresh if k not in states])
 
     ledger: list[tuple[int, int, str | None, str, Decimal]] = []
-    moves: list[tuple[int, str, Decimal]] = []
+    moves: list[tuple[int, str, Decimal, bool]] = []
     for key in keys:
         state = states[key]
         for r in groups[key][1:] if key in created else groups[key]:
