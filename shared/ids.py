@@ -71,10 +71,15 @@ def message_id() -> str:
     return _alnum(8)
 
 
+def _many(n: int, width: int) -> list[str]:
+    """``n`` strings of ``width`` uniform characters: one read of the random source, not ``n``."""
+    chars = _alnum(width * n)
+    return [chars[i : i + width] for i in range(0, width * n, width)]
+
+
 def message_ids(n: int) -> list[str]:
-    """``n`` message ids at once: one read of the random source instead of ``n``."""
-    chars = _alnum(8 * n)
-    return [chars[i : i + 8] for i in range(0, 8 * n, 8)]
+    """``n`` message ids at once."""
+    return _many(n, 8)
 
 
 def message_link_code() -> str:
@@ -83,10 +88,8 @@ def message_link_code() -> str:
 
 
 def message_link_codes(n: int) -> list[str]:
-    """``n`` per-message short codes at once: one read of the random source instead of ``n``."""
-    chars = _alnum(7 * n)
-    codes = [chars[i : i + 7] for i in range(0, 7 * n, 7)]
-    return [message_link_code() if code in RESERVED_CODES else code for code in codes]
+    """``n`` per-message short codes at once (a reserved path drawn is drawn again alone)."""
+    return [message_link_code() if code in RESERVED_CODES else code for code in _many(n, 7)]
 
 
 def tracker_id() -> str:

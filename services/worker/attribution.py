@@ -285,19 +285,16 @@ async def process_batch(conn: asyncpg.Connection, first_id: int | None = None, l
     rows = await conn.fetch(_TAKE, first_id, limit)
     if not rows:
         return Taken(0, 0)
-    lasts: dict[tuple[int, str, str], int] = {}
-    for r in rows:  # (in id order)
-        lasts[(r["account_id"], r["network"], r["conversion_key"])] = r["id"]
-    behind = {
-        (b["account_id"], b["network"], b["conversion_key"])
-        for b in await conn.fetch(
-            _BEHIND, *map(list, zip(*((*key, last) for key, last in lasts.items()))), [r["id"] for r in rows]
-        )
-    }
-    deferred = sum(1 for r in rows if (r["account_id"], r["network"], r["conversion_key"]) in behind)
-    rows = [r for r in rows if (r["account_id"], r["network"], r["conversion_key"]) not in behind]
-    if not rows:
+    groups: dict[tuple[int, str, str], list[Any]] = {}  # each conversion's postbacks, in id order
+    for r in rows:
+        groups.setdefault((r["account_id"], r["network"], r["conversion_key"]), []).append(r)
+    behind = await conn.fetch(
+        _BEHIND, *map(list, zip(*((*key, group[-1]["id"]) for key, group in groups.items()))), [r["id"] for r in rows]
+    )
+    deferred = sum(len(groups.pop((b["account_id"], b["network"], b["conversion_key"]))) for b in behind)
+    if not groups:
         return Taken(0, deferred)
+    rows = [r for group in groups.values() for r in group]
     clicks = await fetch_clicks(conn, {r["click_id"] for r in rows if r["click_id"]})
     offer_refs = sorted({(r["account_id"], r["offer_ref"]) for r in rows if r["offer_ref"]})
     offers: dict[tuple[int, str], Any] = {}
@@ -311,9 +308,6 @@ async def process_batch(conn: asyncpg.Connection, first_id: int | None = None, l
         click_offers = {r["id"]: r for r in await conn.fetch(
             "SELECT id, payout, currency FROM offers WHERE id = ANY($1::text[])", click_offer_ids)}
 
-    groups: dict[tuple[int, str, str], list[Any]] = {}
-    for r in rows:
-        groups.setdefault((r["account_id"], r["network"], r["conversion_key"]), []).append(r)
     keys = sorted(groups)
 
     states: dict[tuple[int, str, str], _State] = {}
