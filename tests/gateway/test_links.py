@@ -69,6 +69,19 @@ async def test_error_codes(api, db, tenant):
     assert_error(await post({"offerId": offer["id"], "listId": bare["list_id"]}), 409, "no_domain_configured")
 
 
+async def test_blank_identifiers_count_as_absent(api, tenant):
+    """listId and phoneNumber are each "required if the other is not provided": a blank one is
+    not provided, so the other picks the list, and two blanks are no list identifier at all."""
+    offer = await make_offer(api, tenant)
+    post = lambda body: api.post("/api/v2/links", headers=tenant.headers, json={"offerId": offer["id"], **body})  # noqa: E731
+    by_phone = await post({"listId": "", "phoneNumber": tenant.list_phone})
+    assert by_phone.status_code == 201, by_phone.text
+    by_list = await post({"listId": tenant.list_id, "phoneNumber": "  "})
+    assert by_list.status_code == 201, by_list.text
+    assert_error(await post({"listId": " ", "phoneNumber": ""}), 400, "missing_list_identifier")
+    assert_error(await post({"listId": None, "phoneNumber": None}), 400, "missing_list_identifier")
+
+
 async def test_product_not_enabled(api, db):
     tenant = await make_tenant(db, offer_management=False)
     offer = await make_offer(api, tenant)

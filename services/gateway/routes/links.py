@@ -27,6 +27,15 @@ def _ref(data: dict, *names: str) -> str | None:
     return None
 
 
+def _given(data: dict, *names: str) -> object:
+    """The first of ``names`` given a value: not absent, null or a blank string."""
+    for name in names:
+        value = data.get(name)
+        if value is not None and not (isinstance(value, str) and not value.strip()):
+            return value
+    return None
+
+
 async def create_link(request: Request) -> JSONResponse:
     account = await authenticate(request)
     if not account.offer_management:
@@ -36,8 +45,9 @@ async def create_link(request: Request) -> JSONResponse:
     offer_ref = _ref(data, "offerId", "offer_id") or _ref(data, "externalOfferId", "external_offer_id")
     if offer_ref is None:
         raise bad_request("missing_offer_id", "Provide offerId or externalOfferId")
-    list_ref = data.get("listId", data.get("list_id"))
-    phone_ref = data.get("phoneNumber", data.get("phone_number"))
+    # An empty value is no value: {"listId": "", "phoneNumber": "+1..."} picks the list by phone.
+    list_ref = _given(data, "listId", "list_id")
+    phone_ref = _given(data, "phoneNumber", "phone_number")
     if list_ref is None and phone_ref is None:
         raise bad_request("missing_list_identifier", "Provide listId or phoneNumber")
     list_id: int | None = None
