@@ -121,17 +121,24 @@ def parse_revenue(index: int, record: Any, now: datetime, *, with_external_id: b
     )
 
 
+# A record without offer_id takes the offer "from the message's short link" (spec/revenue.txt): the
+# offer of the first of the account's short links in its body (the per-message code that comes
+# first), else, for a message without one, the offer it was sent with.
+_MESSAGES = """
+SELECT m.id, coalesce(
+    (SELECT l.offer_id FROM message_links ml JOIN links l ON l.id = ml.link_id
+     WHERE ml.message_id = m.id ORDER BY nullif(strpos(m.body, ml.code), 0) NULLS LAST, ml.code LIMIT 1),
+    m.offer_id) AS offer_id
+FROM messages m WHERE m.account_id = $1 AND m.id = ANY($2::text[])
+"""
+
+
 async def resolve_revenue(
     conn: asyncpg.Connection, account_id: int, records: list[RevenueRecord]
 ) -> tuple[list[RevenueRecord], list[tuple[int, ApiError]]]:
     """Messages of this account and offers (internal or external id) for the whole batch."""
     wanted = sorted({r.message_id for r in records if MESSAGE_ID_RE.match(r.message_id)})
-    messages = {
-        row["id"]: row
-        for row in await conn.fetch(
-            "SELECT id, offer_id FROM messages WHERE account_id = $1 AND id = ANY($2::text[])", account_id, wanted
-        )
-    }
+    messages = {row["id"]: row for row in await conn.fetch(_MESSAGES, account_id, wanted)}
     offers = await find_offers(conn, account_id, [r.offer_ref for r in records if r.offer_ref])
     good: list[RevenueRecord] = []
     failed: list[tuple[int, ApiError]] = []
