@@ -41,8 +41,9 @@ def _admin(args: argparse.Namespace) -> int:
     settings, embedded = with_backends(settings_mod.load(), redis=False)
 
     async def go() -> dict:
-        if embedded:
-            await migrate(settings.database_url)
+        # Always: an operator's first command against a new database may be this one (applied
+        # versions are skipped, and concurrent runs wait on the migration lock).
+        await migrate(settings.database_url)
         conn = await db.connect(settings.database_url)
         try:
             if args.admin == "create-account":

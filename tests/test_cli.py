@@ -1,8 +1,11 @@
 """The operator CLI: one JSON object on stdout, or a one-line error on stderr and a non-zero exit."""
 import json
 import os
+import secrets
 import subprocess
 import sys
+from dataclasses import replace
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -31,6 +34,23 @@ async def test_create_account_and_list(settings, db):
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"list_id": json.loads(out.stdout)["list_id"], "phone_number": "+18005551234",
                                       "short_domain": "https://SMS.example.com", "tracker_domain": "https://ct.example.com"}
+
+
+async def test_admin_commands_work_on_a_new_database(settings, db):
+    """The operator's first command against an empty database may be create-account: it brings
+    the schema up to date first, as trackly run does."""
+    name = f"trackly_cli_{secrets.token_hex(4)}"
+    await db.execute(f"CREATE DATABASE {name}")
+    try:
+        fresh = replace(settings, database_url=urlunsplit(urlsplit(settings.database_url)._replace(path=f"/{name}")))
+        out = trackly(fresh, "admin", "create-account", "--name", "First")
+        assert out.returncode == 0, out.stderr
+        account = json.loads(out.stdout)
+        out = trackly(fresh, "admin", "create-list", "--account-id", str(account["account_id"]), "--name", "Main",
+                      "--phone", "+18005551234")
+        assert out.returncode == 0, out.stderr
+    finally:
+        await db.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 async def test_no_offer_management_flag(settings, db):
