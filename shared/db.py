@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import asyncpg
 import orjson
@@ -23,9 +24,39 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
-async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    return await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=60
+class Pool(asyncpg.Pool):
+    """An asyncpg pool whose ``release`` never turns finished work into an error.
+
+    Releasing resets the connection for its next user. If that fails (the server died just after
+    the caller's transaction committed), asyncpg has already terminated the connection, and the pool
+    opens a new one when it is next needed; but the error would still be raised out of
+    ``async with pool.acquire()``, after the commit, and a committed send would be answered as a
+    failure (which a client retries into a duplicate). Here it is logged instead. An exception
+    raised inside the block is not affected: it propagates as it was.
+    """
+
+    async def release(self, connection: Any, *, timeout: float | None = None) -> None:
+        try:
+            await super().release(connection, timeout=timeout)
+        except Exception:  # noqa: BLE001 - the connection is gone either way; the work is not
+            log.error("a connection could not be reset for reuse and was closed", exc_info=True)
+
+
+async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, **options: Any) -> asyncpg.Pool:
+    """``asyncpg.create_pool`` with its own defaults, building ``Pool`` above (``options``:
+    further ``asyncpg.create_pool`` arguments)."""
+    return await Pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        max_queries=50_000,
+        max_inactive_connection_lifetime=300.0,
+        loop=None,
+        connection_class=asyncpg.Connection,
+        record_class=asyncpg.Record,
+        init=_init_connection,
+        command_timeout=60,
+        **options,
     )
 
 

@@ -101,6 +101,8 @@ def create_app(settings: Settings) -> Starlette:
             OSError: _unavailable,
             asyncpg.PostgresConnectionError: _unavailable,
             asyncpg.InterfaceError: _unavailable,
+            # A connection left unusable by a server that died mid-operation ("cannot switch to state").
+            asyncpg.exceptions.InternalClientError: _unavailable,
             Exception: _unexpected,
         },
     )

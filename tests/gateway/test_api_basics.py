@@ -5,6 +5,7 @@ import signal
 import time
 from dataclasses import replace
 
+import asyncpg
 import httpx
 import pytest
 
@@ -133,6 +134,21 @@ async def test_a_redis_that_stops_answering_is_503_not_a_hang(settings, db, tena
         finally:
             private.process.send_signal(signal.SIGCONT)
     assert await db.fetchval("SELECT count(*) FROM links WHERE account_id = $1", tenant.account_id) == 1
+
+
+async def test_a_connection_broken_mid_operation_is_503(api, tenant, monkeypatch):
+    """asyncpg's InternalClientError is what a connection whose server died mid-operation raises
+    (a black-box audit saw it on sends, postbacks and reads): a dependency failure, 503 and retry,
+    not a 500."""
+    from services.gateway import sending
+
+    async def broken(*args, **kwargs):
+        raise asyncpg.exceptions.InternalClientError("cannot switch to state 15; another operation (2) is in progress")
+
+    monkeypatch.setattr(sending, "find_lists", broken)
+    resp = await api.post("/api/v2/send", headers=tenant.headers,
+                          json={"to": "+14155550188", "list_id": tenant.list_id, "body": "hi"})
+    assert_error(resp, 503, "service_unavailable")
 
 
 async def test_readiness_answers_in_time_even_when_a_check_cannot_be_cancelled_quickly():

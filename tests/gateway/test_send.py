@@ -233,3 +233,25 @@ def test_short_urls_finds_exactly_what_the_pattern_matches():
         ports += sum(":" in host for _, _, host, _ in expected)
     # The bodies held short URLs of every form: with and without a scheme, with a port.
     assert found > 10_000 and schemes > 1_000 and ports > 1_000, (found, schemes, ports)
+
+
+async def test_a_committed_send_is_acknowledged_even_if_its_connection_cannot_be_reset(api, db, tenant, gateway_app, settings):
+    """PostgreSQL dying just after a send's commit broke the connection's reset on release: the
+    committed message was answered 500 (a black-box audit), and a retry would have sent it twice."""
+    from shared import db as shared_db
+    from tests.shared.test_db_release import _unresettable
+
+    failing = await shared_db.create_pool(settings.database_url, max_size=2, reset=_unresettable)
+    pool, gateway_app.state.db = gateway_app.state.db, failing
+    try:
+        resp = await api.post("/api/v2/send", headers=tenant.headers,
+                              json={"to": "+14155550188", "list_id": tenant.list_id, "body": "hi"})
+        bulk = await api.post("/api/v2/send/bulk", headers=tenant.headers, json={"messages": [
+            {"to": "+14155550189", "list_id": tenant.list_id, "body": "hi"}]})
+    finally:
+        gateway_app.state.db = pool
+        await shared_db.close_pool(failing)
+    assert resp.status_code == 201, resp.text
+    assert bulk.status_code == 200 and bulk.json()["queued_count"] == 1, bulk.text
+    sent = [resp.json()["message_id"], bulk.json()["messages"][0]["message_id"]]
+    assert await db.fetchval("SELECT count(*) FROM messages WHERE id = ANY($1::text[])", sent) == 2
