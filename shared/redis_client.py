@@ -1,7 +1,13 @@
 """Redis clients built the same way by every service."""
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
+
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+log = logging.getLogger("trackly.redis")
 
 # A Redis that accepts connections but does not answer (stopped, swapping, partitioned) must turn
 # into an error the caller can report (the gateway answers 503 and rolls back), not a request
@@ -16,3 +22,37 @@ def create_redis(url: str, *, max_connections: int = 64) -> aioredis.Redis:
         url, max_connections=max_connections, health_check_interval=30,
         socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=CONNECT_TIMEOUT,
     )
+
+
+def persistence_problem(config: Mapping[str, str]) -> str | None:
+    """What in a Redis server's ``appendonly`` / ``appendfsync`` settings can lose a write it has
+    acknowledged (a click answered 302, a published link), or None with ``appendfsync always``."""
+    if config.get("appendonly") != "yes":
+        return ("appendonly is off: a restart of Redis loses every acknowledged click not yet drained into"
+                " PostgreSQL, and the links published since its last snapshot")
+    fsync = config.get("appendfsync")
+    if fsync == "no":
+        return "appendfsync is 'no': a crash of its machine loses the acknowledged clicks the kernel had not yet written"
+    if fsync == "everysec":
+        return "appendfsync is 'everysec': a crash of its machine loses up to a second of acknowledged clicks"
+    return None
+
+
+async def warn_if_not_durable(redis: aioredis.Redis) -> str | None:
+    """Log (and return) a warning when this Redis does not keep what it acknowledges:
+    clicks are durable only as far as Redis is (the embedded one and deploy/compose.yaml run
+    ``appendfsync always``). Silent when the settings cannot be read (a managed Redis may refuse
+    CONFIG); a Redis that is down is the caller's business."""
+    try:
+        config = await redis.config_get("append*")
+    except RedisError as exc:
+        log.debug("could not read the persistence settings of redis: %s", exc)
+        return None
+    problem = persistence_problem({_text(k): _text(v) for k, v in config.items()})
+    if problem:
+        log.warning("redis does not keep everything it acknowledges: %s", problem)
+    return problem
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

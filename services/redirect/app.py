@@ -36,6 +36,7 @@ from services.redirect.geo import Geo
 from services.redirect.metrics import RedirectMetrics
 from services.redirect.rawredis import RawRedis
 from shared import edge, macros
+from shared.redis_client import warn_if_not_durable
 from shared.settings import Settings
 
 log = logging.getLogger("trackly.redirect")
@@ -243,6 +244,7 @@ class RedirectApp:
         self.client_ip = ClientIP(settings.trusted_proxies)
         self.clock = _Clock()
         self.redis: aioredis.Redis | None = None
+        self.redis_persistence_problem: str | None = None
         self.started = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -258,6 +260,9 @@ class RedirectApp:
             await self.sid.refresh()
         except sid.KeyUnavailable as exc:  # asked again when a message's click needs it
             log.warning("redis unavailable at start (%s); the sid key will be read when needed", exc)
+        else:
+            # A 302 means the click is stored: only as true as Redis keeps what it acknowledges.
+            self.redis_persistence_problem = await warn_if_not_durable(self.redis)
         self.shorts: EdgeCache[ShortLink] = EdgeCache(self.redis, _decode_short, ttl=s.link_cache_ttl, size=size)
         self.trackers: EdgeCache[TrackerLink] = EdgeCache(
             self.redis, _decode_tracker, ttl=s.link_cache_ttl, size=size

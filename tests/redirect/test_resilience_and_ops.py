@@ -102,3 +102,20 @@ async def test_health_readiness_and_metrics(
     after = (await edge.get("http://edge/metrics")).text
     assert _value(after, "trackly_click_stream_length") == 0
     assert _value(after, "trackly_click_stream_pending") == 0
+
+
+async def test_start_notes_a_redis_that_does_not_keep_what_it_acknowledges(settings: Settings, tmp_path: Path) -> None:
+    """A 302 says the click is stored; on a Redis without appendfsync always that is not quite
+    so, and the redirect says it when it starts (a warning in its log)."""
+    private = EmbeddedRedis(tmp_path / "redis")
+    private.start()
+    try:
+        async with running_edge(settings, redis_url=private.url) as e:
+            assert e.app.redis_persistence_problem is None
+        client = create_redis(private.url)
+        await client.config_set("appendonly", "no")
+        await client.aclose()
+        async with running_edge(settings, redis_url=private.url) as e:
+            assert "appendonly is off" in (e.app.redis_persistence_problem or "")
+    finally:
+        private.stop()
