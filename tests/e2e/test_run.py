@@ -169,21 +169,30 @@ def test_a_child_that_dies_is_started_again(stack):
     assert httpx.get(stack["gateway"] + "/readyz").status_code == 200
 
 
-def test_the_embedded_redis_dying_stops_everything(tmp_path):
-    """Without its Redis nothing can work, and restarting the services cannot bring it back: trackly
-    run stops (exit 1) rather than restarting the worker forever."""
+@pytest.mark.parametrize("server", ["Redis", "PostgreSQL"])
+def test_an_embedded_server_dying_stops_everything(tmp_path, server):
+    """Without its Redis or its PostgreSQL nothing can work, and restarting the services cannot
+    bring it back: trackly run stops (exit 1) rather than restarting the worker forever or
+    answering 503 until someone looks; started again, it comes up on the same data."""
     gw, rd = free_ports()
     log = tmp_path / "run.log"
-    proc = _start_run(_run_env(tmp_path, gw, rd))
+    env = _run_env(tmp_path, gw, rd)
+    proc = _start_run(env)
     try:
         assert wait_for(lambda: _answers(f"http://127.0.0.1:{gw}/readyz"), 60), "trackly run did not come up"
         time.sleep(10.5)  # the services have run long enough to be restarted if they die
-        (redis_pid,) = subprocess.run(["pgrep", "-P", str(proc.pid), "redis-server"],
-                                      capture_output=True, text=True).stdout.split()
-        os.kill(int(redis_pid), signal.SIGKILL)
+        if server == "Redis":
+            (pid,) = subprocess.run(["pgrep", "-P", str(proc.pid), "redis-server"],
+                                    capture_output=True, text=True).stdout.split()
+        else:
+            pid = (tmp_path / "pg" / "postmaster.pid").read_text().split()[0]
+        os.kill(int(pid), signal.SIGKILL)
         proc.wait(25)
-        assert proc.returncode == 1 and "the embedded Redis exited; stopping" in log.read_text()
-        assert not (tmp_path / "pg" / "postmaster.pid").exists()
+        assert proc.returncode == 1 and f"the embedded {server} exited; stopping" in log.read_text()
+        if server == "Redis":
+            assert not (tmp_path / "pg" / "postmaster.pid").exists()  # PostgreSQL was stopped
+        proc = _start_run(env)
+        assert wait_for(lambda: _answers(f"http://127.0.0.1:{gw}/readyz"), 60), log.read_text()
     finally:
         _stop(proc)
 
