@@ -139,6 +139,31 @@ STORE_JSON = _STORE.format(input=_INPUT_JSON, skip_stored=_ON_CONFLICT)
 STORE_ARRAYS = _STORE.format(input=_INPUT_ARRAYS, skip_stored=_ON_CONFLICT)
 
 
+# A consumer idle this long is a worker that is gone: a live drain loop reads every second.
+DEAD_CONSUMER_IDLE_MS = 3_600_000
+FORGET_INTERVAL = 600.0
+
+
+async def forget_dead_consumers(redis: aioredis.Redis, idle_ms: int = DEAD_CONSUMER_IDLE_MS) -> list[str]:
+    """Remove from the group the consumers of workers that are gone (every restart leaves its
+    consumers behind). Only one idle for ``idle_ms`` and holding no pending entry: deleting a
+    consumer drops its pending entries, which must be claimed (and stored) first."""
+    try:
+        consumers = await redis.xinfo_consumers(edge.CLICK_STREAM, edge.CLICK_GROUP)
+    except ResponseError:  # no stream or group yet
+        return []
+    gone: list[str] = []
+    for consumer in consumers:
+        name = consumer["name"]
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        if consumer["pending"] == 0 and consumer["idle"] >= idle_ms:
+            await redis.xgroup_delconsumer(edge.CLICK_STREAM, edge.CLICK_GROUP, name)
+            gone.append(name)
+    if gone:
+        log.info("forgot %d click consumers of workers that are gone: %s", len(gone), ", ".join(gone))
+    return gone
+
+
 async def ensure_group(redis: aioredis.Redis) -> None:
     try:
         await redis.xgroup_create(edge.CLICK_STREAM, edge.CLICK_GROUP, id="0", mkstream=True)
@@ -376,12 +401,21 @@ async def run_drainer(ctx: dict[str, Any]) -> None:
         asyncio.create_task(_drain_loop(ctx, f"{ctx.get('click_consumer', DEFAULT_CONSUMER)}-{n}"), name=f"click-drain-{n}")
         for n in range(DRAIN_LOOPS)
     ]
+    redis: aioredis.Redis = ctx["redis_client"]
+    loops.append(asyncio.create_task(_forget_loop(redis), name="click-consumers-forget"))
     try:
         await asyncio.gather(*loops)
     finally:
         for task in loops:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
+
+
+async def _forget_loop(redis: aioredis.Redis) -> None:
+    await loops.repeat(
+        lambda: forget_dead_consumers(redis), log=log, failure="forgetting dead click consumers failed",
+        pause_after_failure=FORGET_INTERVAL, interval=FORGET_INTERVAL,
+    )
 
 
 async def _drain_loop(ctx: dict[str, Any], consumer: str) -> None:

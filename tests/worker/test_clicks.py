@@ -281,3 +281,29 @@ async def test_the_drainer_stops_whenever_it_is_cancelled(settings: Settings, db
         await redis.aclose()
         assert done, f"the drainer did not stop when cancelled after {n} ms"
         assert task.cancelled()
+
+
+async def test_consumers_of_workers_that_are_gone_are_forgotten(db: asyncpg.Pool, redis: Any, tenant: Tenant) -> None:
+    """Every worker restart leaves its consumers in the group: those idle long enough and holding
+    nothing are removed; one still holding an entry stays until the entry is claimed."""
+    from services.worker.clicks import forget_dead_consumers
+
+    await drain_all(db, redis)
+    await ensure_group(redis)
+    await redis.xgroup_createconsumer(edge.CLICK_STREAM, edge.CLICK_GROUP, "gone-empty")  # holds nothing
+    await xadd(redis, [click(tenant, at=T0)])
+    taken = await redis.xreadgroup(edge.CLICK_GROUP, "gone-holding", {edge.CLICK_STREAM: ">"}, count=10)
+    assert taken and taken[0][1]
+
+    def names(consumers: list[dict[str, Any]]) -> set[str]:
+        return {c["name"].decode() if isinstance(c["name"], bytes) else c["name"] for c in consumers}
+
+    assert await forget_dead_consumers(redis) == []  # nobody idle for an hour
+    await asyncio.sleep(0.05)
+    gone = await forget_dead_consumers(redis, idle_ms=10)
+    assert "gone-empty" in gone and "gone-holding" not in gone
+    left = names(await redis.xinfo_consumers(edge.CLICK_STREAM, edge.CLICK_GROUP))
+    assert "gone-holding" in left and "gone-empty" not in left
+    assert await drain_once(db, redis, consumer="rescuer", min_idle_ms=0) >= 1  # claimed and stored
+    await asyncio.sleep(0.05)
+    assert "gone-holding" in await forget_dead_consumers(redis, idle_ms=10)
