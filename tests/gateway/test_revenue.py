@@ -60,18 +60,18 @@ async def test_offer_defaults_to_the_messages_and_time_to_now(api, db, tenant):
 async def test_offer_defaults_to_the_messages_short_link(api, db, tenant):
     """Without offer_id the offer comes "from the message's short link": its first link's offer,
     even when the message was sent with another offer_id."""
-    first, other, given = [await make_offer(api, tenant) for _ in range(3)]
-    links = [(await api.post("/api/v2/links", headers=tenant.headers,
-                             json={"offerId": o["id"], "listId": tenant.list_id})).json()["shortUrl"] for o in (first, other)]
-    mid = await send_message(api, tenant, offer_id=given["id"], body=f"Deal {links[0]} or {links[1]}")
-    resp = await post_revenue(api, tenant, message_id=mid, revenue="3", attribution_type="sale")
-    assert resp.status_code == 201, resp.text
-    assert await db.fetchval("SELECT offer_id FROM revenue WHERE id = $1", resp.json()["revenue_id"]) == first["id"]
-    bulk = await api.post("/api/v2/revenue/bulk", headers=tenant.headers,
-                          json={"records": [{"message_id": mid, "revenue": 1, "attribution_type": "click"}]})
-    assert bulk.json()["success_count"] == 1
-    rows = await db.fetch("SELECT offer_id FROM revenue WHERE message_id = $1", mid)
-    assert [r["offer_id"] for r in rows] == [first["id"]] * 2
+    first, second, given = [await make_offer(api, tenant) for _ in range(3)]
+    urls = [(await api.post("/api/v2/links", headers=tenant.headers,
+                            json={"offerId": o["id"], "listId": tenant.list_id})).json()["shortUrl"] for o in (first, second)]
+    for a, b, expected in ((0, 1, first), (1, 0, second)):  # either order: the link that comes first wins
+        mid = await send_message(api, tenant, offer_id=given["id"], body=f"Deal {urls[a]} or {urls[b]}")
+        resp = await post_revenue(api, tenant, message_id=mid, revenue="3", attribution_type="sale")
+        assert resp.status_code == 201, resp.text
+        bulk = await api.post("/api/v2/revenue/bulk", headers=tenant.headers,
+                              json={"records": [{"message_id": mid, "revenue": 1, "attribution_type": "click"}]})
+        assert bulk.json()["success_count"] == 1
+        rows = await db.fetch("SELECT offer_id FROM revenue WHERE message_id = $1", mid)
+        assert [r["offer_id"] for r in rows] == [expected["id"]] * 2
 
 
 @pytest.mark.parametrize("body, code", [

@@ -32,3 +32,24 @@ async def test_concurrent_migrations_on_a_fresh_database(settings, db):
             await conn.close()
     finally:
         await db.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+async def test_references_to_message_and_link_ids_compare_as_the_ids_do(db):
+    """messages.id and links.id are COLLATE "C": a column that refers to them must be too, or a
+    join on the two cannot use the referring column's index (message detail and the revenue
+    offer lookup scanned clicks, revenue, conversions and message_links whole, per message)."""
+    rows = await db.fetch(
+        "SELECT table_name, column_name, collation_name FROM information_schema.columns"
+        " WHERE table_schema = 'public' AND data_type = 'text' AND column_name IN ('message_id', 'link_id')"
+    )
+    assert {r["table_name"] for r in rows} >= {"clicks", "message_clicks", "message_links", "conversions", "revenue"}
+    assert [(r["table_name"], r["column_name"]) for r in rows if r["collation_name"] != "C"] == []
+
+
+async def test_the_revenue_offer_lookup_uses_the_message_links_index(db):
+    from services.gateway.routes.revenue import _MESSAGES
+
+    async with db.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL enable_seqscan = off")  # tiny test tables: the plan the index allows
+        plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + _MESSAGES, 1, ["abcdefgh"]))
+    assert "Index Cond: (message_id = m.id)" in plan and "Filter: (message_id = m.id)" not in plan, plan
