@@ -38,26 +38,30 @@ class Pool(asyncpg.Pool):
     async def release(self, connection: Any, *, timeout: float | None = None) -> None:
         try:
             await super().release(connection, timeout=timeout)
-        except Exception:  # noqa: BLE001 - the connection is gone either way; the work is not
+        except Exception:
+            # Swallowed only when the pool has the connection back (asyncpg detaches the proxy
+            # once the holder is free): not, say, for a connection of another pool.
+            if getattr(connection, "_con", None) is not None:
+                raise
             log.error("a connection could not be reset for reuse and was closed", exc_info=True)
 
 
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, **options: Any) -> asyncpg.Pool:
     """``asyncpg.create_pool`` with its own defaults, building ``Pool`` above (``options``:
     further ``asyncpg.create_pool`` arguments)."""
-    return await Pool(
-        dsn,
-        min_size=min_size,
-        max_size=max_size,
-        max_queries=50_000,
-        max_inactive_connection_lifetime=300.0,
-        loop=None,
-        connection_class=asyncpg.Connection,
-        record_class=asyncpg.Record,
-        init=_init_connection,
-        command_timeout=60,
+    arguments: dict[str, Any] = {
+        # asyncpg.create_pool's own defaults (asyncpg >= 0.30, as pyproject requires), which the
+        # Pool constructor does not have.
+        "max_queries": 50_000,
+        "max_inactive_connection_lifetime": 300.0,
+        "loop": None,
+        "connection_class": asyncpg.Connection,
+        "record_class": asyncpg.Record,
+        "init": _init_connection,
+        "command_timeout": 60,
         **options,
-    )
+    }
+    return await Pool(dsn, min_size=min_size, max_size=max_size, **arguments)
 
 
 async def connect(dsn: str) -> asyncpg.Connection:

@@ -31,6 +31,11 @@ async def test_release_failure_after_commit_is_not_the_callers_error(settings: S
         with pytest.raises(asyncpg.UndefinedTableError):
             async with failing.acquire() as conn:
                 await conn.execute("SELECT * FROM no_such_table_here")
+        # Only a release that gave the connection back is quiet: a real misuse still raises.
+        stranger = await plain.acquire()
+        with pytest.raises(asyncpg.InterfaceError, match="not a member of this pool"):
+            await failing.release(stranger)
+        await plain.release(stranger)
     finally:
         await plain.execute(f"DROP TABLE IF EXISTS {table}")
         await db.close_pool(failing)
