@@ -144,21 +144,34 @@ DEAD_CONSUMER_IDLE_MS = 3_600_000
 FORGET_INTERVAL = 600.0
 
 
+# Check and delete in one step (a script runs atomically): a consumer that woke up and read
+# entries between an XINFO and a separate DELCONSUMER would have them dropped from the pending list,
+# where nobody could claim them again.
+_FORGET = """
+local gone = {}
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+    local info = {}
+    for i = 1, #consumer, 2 do info[consumer[i]] = consumer[i + 1] end
+    if info['pending'] == 0 and info['idle'] >= tonumber(ARGV[2]) then
+        redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+        table.insert(gone, info['name'])
+    end
+end
+return gone
+"""
+
+
 async def forget_dead_consumers(redis: aioredis.Redis, idle_ms: int = DEAD_CONSUMER_IDLE_MS) -> list[str]:
     """Remove from the group the consumers of workers that are gone (every restart leaves its
     consumers behind). Only one idle for ``idle_ms`` and holding no pending entry: deleting a
     consumer drops its pending entries, which must be claimed (and stored) first."""
     try:
-        consumers = await redis.xinfo_consumers(edge.CLICK_STREAM, edge.CLICK_GROUP)
-    except ResponseError:  # no stream or group yet
-        return []
-    gone: list[str] = []
-    for consumer in consumers:
-        name = consumer["name"]
-        name = name.decode() if isinstance(name, bytes) else str(name)
-        if consumer["pending"] == 0 and consumer["idle"] >= idle_ms:
-            await redis.xgroup_delconsumer(edge.CLICK_STREAM, edge.CLICK_GROUP, name)
-            gone.append(name)
+        names = await redis.eval(_FORGET, 1, edge.CLICK_STREAM, edge.CLICK_GROUP, str(idle_ms))
+    except ResponseError as exc:
+        if "no such key" in str(exc).lower() or "nogroup" in str(exc).lower():
+            return []  # no stream or group yet
+        raise
+    gone = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
     if gone:
         log.info("forgot %d click consumers of workers that are gone: %s", len(gone), ", ".join(gone))
     return gone
