@@ -35,15 +35,20 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def _admin(args: argparse.Namespace) -> int:
     from shared import accounts, db
-    from shared.migrate import migrate
+    from shared.migrate import migrate, pending
     from shared.phone import PhoneError
 
     settings, embedded = with_backends(settings_mod.load(), redis=False)
 
     async def go() -> dict:
-        # Always: an operator's first command against a new database may be this one (applied
-        # versions are skipped, and concurrent runs wait on the migration lock).
-        await migrate(settings.database_url)
+        # An operator's first command against a new database may be this one: it creates the
+        # schema. A database that has one is only read (its role may lack DDL rights, and
+        # upgrading it is `trackly migrate`'s job, a release step); the embedded one is ours.
+        waiting = None if embedded else await pending(settings.database_url)
+        if embedded or waiting is None:
+            await migrate(settings.database_url)
+        elif waiting:
+            raise ValueError(f"the database schema is behind ({', '.join(waiting)} not applied): run `trackly migrate` first")
         conn = await db.connect(settings.database_url)
         try:
             if args.admin == "create-account":

@@ -44,3 +44,16 @@ async def migrate(dsn: str) -> list[str]:
     finally:
         await conn.close()
     return applied
+
+
+async def pending(dsn: str) -> list[str] | None:
+    """Versions not applied yet, read without writing anything; None when the database has no
+    schema at all (``schema_migrations`` does not exist)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        if await conn.fetchval("SELECT to_regclass('schema_migrations')") is None:
+            return None
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+    finally:
+        await conn.close()
+    return [version for version, _ in _migrations() if version not in done]

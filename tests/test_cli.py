@@ -7,6 +7,8 @@ import sys
 from dataclasses import replace
 from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
+
 import pytest
 
 from shared.accounts import hash_api_key
@@ -49,6 +51,17 @@ async def test_admin_commands_work_on_a_new_database(settings, db):
         out = trackly(fresh, "admin", "create-list", "--account-id", str(account["account_id"]), "--name", "Main",
                       "--phone", "+18005551234")
         assert out.returncode == 0, out.stderr
+        # A database with a schema is not upgraded from here (that is `trackly migrate`, a release
+        # step): one that is behind is refused, and nothing is written.
+        conn = await asyncpg.connect(fresh.database_url)
+        try:
+            last = await conn.fetchval("DELETE FROM schema_migrations WHERE version = (SELECT max(version) FROM schema_migrations) RETURNING version")
+            out = trackly(fresh, "admin", "create-account", "--name", "Second")
+            assert out.returncode != 0 and "run `trackly migrate`" in out.stderr and last in out.stderr
+            assert await conn.fetchval("SELECT count(*) FROM accounts") == 1
+            assert await conn.fetchval("SELECT count(*) FROM schema_migrations WHERE version = $1", last) == 0
+        finally:
+            await conn.close()
     finally:
         await db.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
