@@ -23,7 +23,7 @@ from services.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from services.gateway.routes import ROUTES, reports
 from shared import db
 from shared.errors import ApiError
-from shared.redis_client import create_redis
+from shared.redis_client import create_redis, warn_if_not_durable
 from shared.settings import Settings
 
 
@@ -75,6 +75,8 @@ def create_app(settings: Settings) -> Starlette:
         app.state.arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
         app.state.report_slots = asyncio.Semaphore(reports.REPORT_SLOTS)
         app.state.window_job = None  # the attribution window whose job this process has enqueued
+        # Published links (and the attribution jobs) live in Redis: say so if it may lose them.
+        app.state.redis_persistence_problem = await warn_if_not_durable(app.state.redis)
         try:
             yield
         finally:

@@ -104,6 +104,23 @@ async def gateway_on_private_redis(settings, tmp_path):
         private.stop()
 
 
+async def test_start_notes_a_redis_that_does_not_keep_what_it_acknowledges(settings, tmp_path):
+    """Published links and attribution jobs live in Redis: the gateway warns at start when its
+    Redis does not fsync every write, as the redirect does."""
+    private = EmbeddedRedis(tmp_path / "redis")  # appendfsync always, as trackly run's own
+    private.start()
+    try:
+        app = create_app(replace(settings, redis_url=private.url))
+        async with app.router.lifespan_context(app):
+            assert app.state.redis_persistence_problem is None
+            await app.state.redis.config_set("appendfsync", "everysec")
+        app = create_app(replace(settings, redis_url=private.url))
+        async with app.router.lifespan_context(app):
+            assert "everysec" in (app.state.redis_persistence_problem or "")
+    finally:
+        private.stop()
+
+
 async def test_redis_down_is_503_and_nothing_half_written(settings, db, tenant, api, tmp_path):
     """A link is published to Redis before its row commits: with Redis gone the call fails
     cleanly (503, retry) and leaves no link row behind; /readyz says so."""
