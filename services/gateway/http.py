@@ -137,6 +137,11 @@ def page_params(request: Request, *, max_per_page: int = 100) -> Page:
     return Page(number("page", 1), per_page)
 
 
+def present(value: Any) -> bool:
+    """Whether a field was given a value: not absent (None), null or a blank string."""
+    return value is not None and not (isinstance(value, str) and not value.strip())
+
+
 def optional_str(data: dict[str, Any], name: str, *, max_len: int = 2000) -> str | None:
     value = data.get(name)
     if value is None:

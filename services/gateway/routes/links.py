@@ -8,7 +8,7 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from services.gateway.auth import authenticate
-from services.gateway.http import JSONResponse, read_json_object
+from services.gateway.http import JSONResponse, present, read_json_object
 from services.gateway.lookups import LIST_COLUMNS, find_offer
 from services.gateway.publish import publish_link
 from shared import ids
@@ -28,12 +28,8 @@ def _ref(data: dict, *names: str) -> str | None:
 
 
 def _given(data: dict, *names: str) -> object:
-    """The first of ``names`` given a value: not absent, null or a blank string."""
-    for name in names:
-        value = data.get(name)
-        if value is not None and not (isinstance(value, str) and not value.strip()):
-            return value
-    return None
+    """The value of the first of ``names`` that is ``present``, else None."""
+    return next((data[name] for name in names if present(data.get(name))), None)
 
 
 async def create_link(request: Request) -> JSONResponse:

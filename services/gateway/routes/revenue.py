@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from services.gateway.auth import authenticate
-from services.gateway.http import JSONResponse, read_json_object
+from services.gateway.http import JSONResponse, present, read_json_object
 from services.gateway.lookups import find_offers
 from shared import ids
 from shared.errors import ApiError, bad_request, validation
@@ -50,12 +50,8 @@ class RevenueRecord:
     offer_id: str | None = None
 
 
-def _present(value: Any) -> bool:
-    return value is not None and not (isinstance(value, str) and not value.strip())
-
-
 def _ref(value: Any, name: str) -> str | None:
-    if not _present(value):
+    if not present(value):
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise validation(f"{name} must be a string")
@@ -76,7 +72,7 @@ def record_list(data: dict[str, Any]) -> list[Any]:
 
 def parse_timestamp_field(record: dict[str, Any], name: str, *, required: bool, now: datetime) -> datetime:
     value = record.get(name)
-    if not _present(value):
+    if not present(value):
         if required:
             raise bad_request("missing_timestamp", f"The {name} field is required")
         return now
@@ -92,11 +88,11 @@ def parse_revenue(index: int, record: Any, now: datetime, *, with_external_id: b
     """One record on its own, the spec's codes in the spec's order."""
     if not isinstance(record, dict):
         raise validation("each record must be a JSON object")
-    if not _present(record.get("message_id")):
+    if not present(record.get("message_id")):
         raise bad_request("missing_message_id", "The message_id field is required")
-    if not _present(record.get("revenue")):
+    if not present(record.get("revenue")):
         raise bad_request("missing_revenue", "The revenue field is required")
-    if not _present(record.get("attribution_type")):
+    if not present(record.get("attribution_type")):
         raise bad_request("missing_attribution_type", "The attribution_type field is required")
     try:
         amount = parse_money(record["revenue"])
