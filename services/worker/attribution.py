@@ -439,14 +439,22 @@ async def rematch_for_clicks(conn: asyncpg.Connection, click_ids: list[str]) -> 
     return len(attributed)
 
 
+# How far back the sweeper's re-match looks (by the conversion's last write). A click stored after
+# its conversion is re-matched by the drainer itself; only a conversion and its click committed at
+# the same moment need the sweeper, which runs every few seconds: a day covers a long outage of
+# every worker, and bounds the cost of click ids that never arrive (they pile up for good).
+REMATCH_WINDOW = timedelta(days=1)
+
+
 async def rematch_stored(conn: asyncpg.Connection, limit: int = 1000) -> int:
     """Conversions still waiting for a click that is stored by now (the postback and the click
-    committed at the same moment, each missing the other)."""
+    committed at the same moment, each missing the other), written within REMATCH_WINDOW."""
     click_ids = await conn.fetch(
         "SELECT DISTINCT c.click_id FROM conversions c JOIN clicks k ON k.id = c.click_id AND k.account_id = c.account_id"
         " WHERE NOT c.attributed AND c.unattributed_reason = 'click_not_found' AND c.click_id IS NOT NULL"
+        " AND c.updated_at > now() - $2::interval"
         " LIMIT $1",
-        limit,
+        limit, REMATCH_WINDOW,
     )
     return await rematch_for_clicks(conn, [r["click_id"] for r in click_ids])
 

@@ -53,3 +53,16 @@ async def test_the_revenue_offer_lookup_uses_the_message_links_index(db):
         await conn.execute("SET LOCAL enable_seqscan = off")  # tiny test tables: the plan the index allows
         plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + _MESSAGES, 1, ["abcdefgh"]))
     assert "Index Cond: (message_id = m.id)" in plan and "Filter: (message_id = m.id)" not in plan, plan
+
+
+async def test_the_postback_log_finds_a_state_by_its_index(db):
+    """GET /postbacks?state= filters on an expression: an index on that same expression finds a
+    rare state (failed, pending) without walking every postback of every account."""
+    from services.gateway.routes.postback_log import _STATE
+
+    async with db.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL enable_seqscan = off")
+        plan = "\n".join(r[0] for r in await conn.fetch(
+            f"EXPLAIN SELECT p.id FROM postbacks p WHERE p.account_id = $1 AND {_STATE} = $2 ORDER BY p.id DESC LIMIT 10",
+            1, "failed"))
+    assert "postbacks_account_state" in plan, plan

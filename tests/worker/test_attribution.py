@@ -249,6 +249,30 @@ async def test_sweeper_rematches_clicks_stored_meanwhile(api, db, tenant, redis)
     assert (await conversion(db, tenant, "raced"))["attributed"] is True
 
 
+async def test_the_sweepers_rematch_looks_back_a_day_only(api, db, tenant):
+    """Click ids that never arrive pile up for good: the sweeper re-matches only conversions
+    written within REMATCH_WINDOW (the drainer itself re-matches a click stored later), and
+    finds them by an index rather than by reading every waiting conversion of every account."""
+    mid = await send_message(api, tenant)
+    old, recent = secrets.token_hex(16), secrets.token_hex(16)
+    for key, click_id, age in (("old-wait", old, attribution.REMATCH_WINDOW + timedelta(hours=1)), ("new-wait", recent, timedelta(0))):
+        await db.execute(
+            "INSERT INTO conversions (account_id, network, conversion_key, click_id, status, converted_at,"
+            " unattributed_reason, updated_at) VALUES ($1, 'default', $2, $3, 'approved', $4, 'click_not_found', now() - $5::interval)",
+            tenant.account_id, key, click_id, T0 + timedelta(hours=1), age,
+        )
+        await store_click(db, tenant.account_id, mid, T0, click_id=click_id)  # no rematch call: the race
+    async with db.acquire() as conn, conn.transaction():
+        await attribution.rematch_stored(conn)
+        await conn.execute("SET LOCAL enable_seqscan = off")
+        plan = "\n".join(r[0] for r in await conn.fetch(
+            "EXPLAIN SELECT id FROM conversions c WHERE NOT c.attributed AND c.unattributed_reason = 'click_not_found'"
+            " AND c.click_id IS NOT NULL AND c.updated_at > now() - interval '1 day'"))
+    assert (await conversion(db, tenant, "new-wait"))["attributed"] is True
+    assert (await conversion(db, tenant, "old-wait"))["unattributed_reason"] == "click_not_found"
+    assert "conversions_waiting_click" in plan, plan
+
+
 async def test_duplicate_storm_makes_one_conversion(api, db, tenant, run_worker):
     _, _, click_id = await clicked_message(api, db, tenant)
     params = {"click_id": click_id, "conversion_id": "storm", "payout": "10", "timestamp": (T0 + timedelta(hours=1)).isoformat()}
