@@ -63,15 +63,21 @@ _SUMS = "sum(sends)::bigint AS sends, sum(clicks)::bigint AS clicks, sum(convers
 
 
 def report_page(group_by: str) -> str:
-    """Groups in key order (no key last), one page; $4 limit, $5 offset; total_groups on each row."""
+    """Groups in key order (no key last), one page; $4 limit, $5 offset. Each row also carries
+    the number of groups and the totals (total_sends...: the sums over every group, which are the
+    sums over every event), so one pass over the events serves the page and the totals."""
     key = GROUP_KEYS[group_by]
     return (
         f"WITH ev AS ({EVENTS}), g AS (SELECT {key} AS key, {_SUMS} FROM ev GROUP BY 1)"
-        " SELECT *, count(*) OVER () AS total_groups FROM g ORDER BY key NULLS LAST LIMIT $4 OFFSET $5"
+        " SELECT *, count(*) OVER () AS total_groups, (sum(sends) OVER ())::bigint AS total_sends,"
+        " (sum(clicks) OVER ())::bigint AS total_clicks, (sum(conversions) OVER ())::bigint AS total_conversions,"
+        " sum(revenue) OVER () AS total_revenue"
+        " FROM g ORDER BY key NULLS LAST LIMIT $4 OFFSET $5"
     )
 
 
-REPORT_TOTALS = f"WITH ev AS ({EVENTS}) SELECT count(*) AS events, {_SUMS} FROM ev"
+# For a page past the last group (report_page returns no row to carry them).
+REPORT_TOTALS = f"WITH ev AS ({EVENTS}) SELECT {_SUMS} FROM ev"
 
 # A contact's journey across the account's lists, oldest first; at one instant sent < clicked <
 # converted. Converted events are approved postback conversions credited to the contact (revenue:

@@ -73,9 +73,12 @@ async def performance(request: Request) -> JSONResponse:
     # pooled connection from sends, links and postbacks (a fuzzing run saw 20 of them do it).
     async with request.app.state.report_slots, request.app.state.db.acquire() as conn:
         rows = await conn.fetch(report_page(group_by), account.id, start, end_exclusive, page.per_page, page.offset)
-        totals = await conn.fetchrow(REPORT_TOTALS, account.id, start, end_exclusive)
-        total_groups = rows[0]["total_groups"] if rows else None
-        if total_groups is None:
+        if rows:
+            first = rows[0]
+            total_groups = first["total_groups"]
+            totals: Any = {name: first[f"total_{name}"] for name in ("sends", "clicks", "conversions", "revenue")}
+        else:  # no events, or a page past the last group
+            totals = await conn.fetchrow(REPORT_TOTALS, account.id, start, end_exclusive)
             total_groups = await conn.fetchval(
                 f"SELECT count(*) FROM ({report_page(group_by)}) p", account.id, start, end_exclusive, None, 0
             ) if page.offset else 0
