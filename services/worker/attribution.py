@@ -439,24 +439,37 @@ async def rematch_for_clicks(conn: asyncpg.Connection, click_ids: list[str]) -> 
     return len(attributed)
 
 
-# How far back the sweeper's re-match looks (by the conversion's last write). A click stored after
-# its conversion is re-matched by the drainer itself; only a conversion and its click committed at
-# the same moment need the sweeper, which runs every few seconds: a day covers a long outage of
-# every worker, and bounds the cost of click ids that never arrive (they pile up for good).
-REMATCH_WINDOW = timedelta(days=1)
+# How far back the sweeper's re-match looks, by the conversion's creation (the only time a
+# conversion is judged click_not_found). A click stored after its conversion is re-matched by the
+# drainer itself; only a conversion and its click committed at the same moment need the sweeper,
+# which runs every few seconds. A day bounds the cost of click ids that never arrive (they pile up
+# for good); a worker that starts looks back without limit once, for an outage longer than that.
+REMATCH_WINDOW = "1 day"  # a literal in the SQL: the planner estimates it (a parameter it cannot)
 
 
-async def rematch_stored(conn: asyncpg.Connection, limit: int = 1000) -> int:
+async def rematch_stored(conn: asyncpg.Connection, limit: int = 1000, *, window: str | None = REMATCH_WINDOW) -> int:
     """Conversions still waiting for a click that is stored by now (the postback and the click
-    committed at the same moment, each missing the other), written within REMATCH_WINDOW."""
+    committed at the same moment, each missing the other), created within ``window`` (None: ever).
+    Returns how many such clicks it took (each one's conversions are judged again, so a next call
+    moves on): fewer than ``limit`` means none is left."""
+    recent = f" AND c.created_at > now() - interval '{window}'" if window else ""
     click_ids = await conn.fetch(
         "SELECT DISTINCT c.click_id FROM conversions c JOIN clicks k ON k.id = c.click_id AND k.account_id = c.account_id"
         " WHERE NOT c.attributed AND c.unattributed_reason = 'click_not_found' AND c.click_id IS NOT NULL"
-        " AND c.updated_at > now() - $2::interval"
-        " LIMIT $1",
-        limit, REMATCH_WINDOW,
+        f"{recent} LIMIT $1",
+        limit,
     )
-    return await rematch_for_clicks(conn, [r["click_id"] for r in click_ids])
+    await rematch_for_clicks(conn, [r["click_id"] for r in click_ids])
+    return len(click_ids)
+
+
+async def rematch_all(db: asyncpg.Pool, limit: int = 1000) -> None:
+    """``rematch_stored`` without a window, a page per transaction until none is left: what a
+    worker does once when it starts (the sweeper may have been down for longer than the window)."""
+    while True:
+        async with db.acquire() as conn, conn.transaction():
+            if await rematch_stored(conn, limit, window=None) < limit:
+                return
 
 
 # Errors a postback's own data causes: retrying cannot help, so the postback is closed with the
@@ -535,15 +548,22 @@ async def sweep_once(db: asyncpg.Pool, arq_redis: Any) -> int:
         " ORDER BY received_at LIMIT $2",
         SWEEP_AGE, SWEEP_LIMIT,
     )
-    for row in ids:
-        await arq_redis.enqueue_job(PROCESS_POSTBACK, row["id"], _job_id=postback_job_id(row["id"]))
-    async with db.acquire() as conn, conn.transaction():
-        await rematch_stored(conn)
+    try:
+        for row in ids:
+            await arq_redis.enqueue_job(PROCESS_POSTBACK, row["id"], _job_id=postback_job_id(row["id"]))
+    finally:  # Redis down must not stop the re-match (PostgreSQL only) for longer than its window
+        async with db.acquire() as conn, conn.transaction():
+            await rematch_stored(conn)
     return len(ids)
 
 
 async def run_sweeper(ctx: dict[str, Any]) -> None:
-    """Started by the worker: sweep every few seconds; a failure only delays the next sweep."""
+    """Started by the worker: a re-match without a window once, then sweep every few seconds; a
+    failure only delays the next sweep."""
+    try:
+        await rematch_all(ctx["db"])
+    except Exception:  # noqa: BLE001 - the sweeps go on; their window covers the last day
+        log.exception("the start-up re-match failed")
     await loops.repeat(
         lambda: sweep_once(ctx["db"], ctx["redis"]),
         log=log, failure="postback sweep failed; retrying", pause_after_failure=0.0, interval=SWEEP_INTERVAL,

@@ -1,7 +1,9 @@
 -- The sweeper's re-match looks only at conversions still waiting for their click that were
--- written recently (services/worker/attribution.py, REMATCH_WINDOW): it used to read every
+-- created recently (services/worker/attribution.py, REMATCH_WINDOW): it used to read every
 -- such conversion of every account ever, every 2 s (click ids that never arrive pile up).
-CREATE INDEX conversions_waiting_click ON conversions (updated_at)
+-- Keyed on created_at, which no update writes: an index on a column that status moves write
+-- (updated_at) would make every move of every conversion a non-HOT update.
+CREATE INDEX conversions_waiting_click ON conversions (created_at)
     WHERE NOT attributed AND unattributed_reason = 'click_not_found' AND click_id IS NOT NULL;
 
 -- The postback log filtered by state (GET /postbacks?state=): the same expression as

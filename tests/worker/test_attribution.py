@@ -249,16 +249,52 @@ async def test_sweeper_rematches_clicks_stored_meanwhile(api, db, tenant, redis)
     assert (await conversion(db, tenant, "raced"))["attributed"] is True
 
 
+async def test_the_sweeps_rematch_runs_while_redis_is_down(api, db, tenant, settings, tmp_path):
+    """Enqueuing waiting postbacks needs Redis; the re-match needs only PostgreSQL and must not
+    wait for Redis (its window is a day: an outage of Redis would leave conversions behind)."""
+    from arq import create_pool
+    from arq.connections import RedisSettings
+
+    from shared.embedded import EmbeddedRedis
+
+    mid = await send_message(api, tenant)
+    click_id = secrets.token_hex(16)
+    await db.execute(
+        "INSERT INTO postbacks (account_id, received_at, method, params, conversion_key, click_id, status, payout,"
+        " converted_at, dedupe_key) VALUES ($1, now() - interval '1 minute', 'GET', '{}', 'unsent', $2, 'approved', 1,"
+        " $3, 'unsent-key')", tenant.account_id, click_id, T0 + timedelta(hours=1),
+    )
+    await db.execute(
+        "INSERT INTO conversions (account_id, network, conversion_key, click_id, status, converted_at, unattributed_reason)"
+        " VALUES ($1, 'default', 'raced-down', $2, 'approved', $3, 'click_not_found')",
+        tenant.account_id, click_id, T0 + timedelta(hours=1),
+    )
+    await store_click(db, tenant.account_id, mid, T0, click_id=click_id)  # no rematch call: the race
+    private = EmbeddedRedis(tmp_path / "redis")
+    private.start()
+    pool = await create_pool(RedisSettings.from_dsn(private.url))
+    private.stop()  # Redis goes away: enqueuing the waiting postback fails
+    try:
+        with pytest.raises(Exception):  # noqa: B017 - whatever redis-py raises for a server that is gone
+            await attribution.sweep_once(db, pool)
+    finally:
+        await pool.aclose()
+        await db.execute("UPDATE postbacks SET processed_at = now() WHERE conversion_key = 'unsent' AND account_id = $1",
+                         tenant.account_id)  # (not for the next tests' sweeps)
+    assert (await conversion(db, tenant, "raced-down"))["attributed"] is True
+
+
 async def test_the_sweepers_rematch_looks_back_a_day_only(api, db, tenant):
     """Click ids that never arrive pile up for good: the sweeper re-matches only conversions
-    written within REMATCH_WINDOW (the drainer itself re-matches a click stored later), and
-    finds them by an index rather than by reading every waiting conversion of every account."""
+    created within REMATCH_WINDOW (the drainer itself re-matches a click stored later), and finds
+    them by an index rather than by reading every waiting conversion of every account. A worker
+    that starts looks back without limit once (its sweeper may have been down longer)."""
     mid = await send_message(api, tenant)
     old, recent = secrets.token_hex(16), secrets.token_hex(16)
-    for key, click_id, age in (("old-wait", old, attribution.REMATCH_WINDOW + timedelta(hours=1)), ("new-wait", recent, timedelta(0))):
+    for key, click_id, age in (("old-wait", old, timedelta(days=1, hours=1)), ("new-wait", recent, timedelta(0))):
         await db.execute(
             "INSERT INTO conversions (account_id, network, conversion_key, click_id, status, converted_at,"
-            " unattributed_reason, updated_at) VALUES ($1, 'default', $2, $3, 'approved', $4, 'click_not_found', now() - $5::interval)",
+            " unattributed_reason, created_at) VALUES ($1, 'default', $2, $3, 'approved', $4, 'click_not_found', now() - $5::interval)",
             tenant.account_id, key, click_id, T0 + timedelta(hours=1), age,
         )
         await store_click(db, tenant.account_id, mid, T0, click_id=click_id)  # no rematch call: the race
@@ -267,10 +303,12 @@ async def test_the_sweepers_rematch_looks_back_a_day_only(api, db, tenant):
         await conn.execute("SET LOCAL enable_seqscan = off")
         plan = "\n".join(r[0] for r in await conn.fetch(
             "EXPLAIN SELECT id FROM conversions c WHERE NOT c.attributed AND c.unattributed_reason = 'click_not_found'"
-            " AND c.click_id IS NOT NULL AND c.updated_at > now() - interval '1 day'"))
+            f" AND c.click_id IS NOT NULL AND c.created_at > now() - interval '{attribution.REMATCH_WINDOW}'"))
     assert (await conversion(db, tenant, "new-wait"))["attributed"] is True
     assert (await conversion(db, tenant, "old-wait"))["unattributed_reason"] == "click_not_found"
     assert "conversions_waiting_click" in plan, plan
+    await attribution.rematch_all(db, limit=1)  # pages of one: it goes on until none is left
+    assert (await conversion(db, tenant, "old-wait"))["attributed"] is True
 
 
 async def test_duplicate_storm_makes_one_conversion(api, db, tenant, run_worker):
