@@ -76,9 +76,6 @@ def report_page(group_by: str) -> str:
     )
 
 
-# For a page past the last group (report_page returns no row to carry them).
-REPORT_TOTALS = f"WITH ev AS ({EVENTS}) SELECT {_SUMS} FROM ev"
-
 # A contact's journey across the account's lists, oldest first; at one instant sent < clicked <
 # converted. Converted events are approved postback conversions credited to the contact (revenue:
 # their ledger) and revenue records of the contact's messages. $1 account id, $2 phone.

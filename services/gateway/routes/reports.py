@@ -11,7 +11,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.routing import Route
 
-from services.gateway.attribution_sql import GROUP_KEYS, REPORT_TOTALS, report_page
+from services.gateway.attribution_sql import GROUP_KEYS, report_page
 from services.gateway.auth import authenticate
 from services.gateway.http import JSONResponse, page_params
 from shared.errors import validation
@@ -72,16 +72,17 @@ async def performance(request: Request) -> JSONResponse:
     # At most REPORT_SLOTS reports query at once: a burst of heavy reports must not take every
     # pooled connection from sends, links and postbacks (a fuzzing run saw 20 of them do it).
     async with request.app.state.report_slots, request.app.state.db.acquire() as conn:
-        rows = await conn.fetch(report_page(group_by), account.id, start, end_exclusive, page.per_page, page.offset)
-        if rows:
-            first = rows[0]
-            total_groups = first["total_groups"]
-            totals: Any = {name: first[f"total_{name}"] for name in ("sends", "clicks", "conversions", "revenue")}
-        else:  # no events, or a page past the last group
-            totals = await conn.fetchrow(REPORT_TOTALS, account.id, start, end_exclusive)
-            total_groups = await conn.fetchval(
-                f"SELECT count(*) FROM ({report_page(group_by)}) p", account.id, start, end_exclusive, None, 0
-            ) if page.offset else 0
+        query = report_page(group_by)
+        rows = await conn.fetch(query, account.id, start, end_exclusive, page.per_page, page.offset)
+        # Every row carries the group count and the totals; a page past the last group has none,
+        # so the first group is asked for them (no group at all: nothing happened in the range).
+        carrier = rows[0] if rows else None
+        if carrier is None and page.offset:
+            carrier = await conn.fetchrow(query, account.id, start, end_exclusive, 1, 0)
+    totals: dict[str, Any] = {"sends": 0, "clicks": 0, "conversions": 0, "revenue": Decimal(0)}
+    if carrier is not None:
+        totals = {name: carrier[f"total_{name}"] for name in totals}
+    total_groups = carrier["total_groups"] if carrier is not None else 0
 
     def key(value: str | None) -> Any:
         return int(value) if group_by == "list" and value is not None else value
