@@ -19,3 +19,15 @@ async def test_lists_and_contact_count(api, db, tenant):
     # The contract's answer is the list's fields themselves.
     assert {k: detail[k] for k in one} == one
     assert_error(await api.get("/api/v2/lists/abc", headers=tenant.headers), 404, "list_not_found")
+
+
+async def test_contact_count_follows_bulk_sends_to_several_lists(api, db, tenant):
+    extra = await add_list(db, tenant, name="second", short_domain=None)
+    phones = [f"+1415555{i:04d}" for i in range(6)]
+    messages = [{"to": p, "list_id": tenant.list_id, "body": "hi"} for p in phones + phones[:2]]  # repeats in one request
+    messages += [{"to": p, "list_id": extra["list_id"], "body": "hi"} for p in phones[:3]]
+    assert (await api.post("/api/v2/send/bulk", headers=tenant.headers, json={"messages": messages})).json()["queued_count"] == 11
+    messages = [{"to": p, "list_id": extra["list_id"], "body": "again"} for p in phones[2:5]]  # one known, two new
+    assert (await api.post("/api/v2/send/bulk", headers=tenant.headers, json={"messages": messages})).json()["queued_count"] == 3
+    counts = {lst["id"]: lst["contact_count"] for lst in (await api.get("/api/v2/lists", headers=tenant.headers)).json()["lists"]}
+    assert counts == {tenant.list_id: 6, extra["list_id"]: 5}

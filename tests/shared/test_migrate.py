@@ -1,5 +1,8 @@
 """Migrations: applied once, recorded, safe to run twice and concurrently."""
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -13,15 +16,19 @@ async def test_migrations_are_recorded_and_idempotent(settings, db):
     assert await migrate(settings.database_url) == []
 
 
-async def test_concurrent_migrations_on_a_fresh_database(settings, db):
-    name = "trackly_migrate_race"
+@contextlib.asynccontextmanager
+async def _scratch_database(settings, db, name: str) -> AsyncIterator[str]:
+    """A new, empty database beside the test one (its DSN), dropped afterwards."""
     await db.execute(f"DROP DATABASE IF EXISTS {name}")
     await db.execute(f"CREATE DATABASE {name}")
-    dsn = settings.database_url.replace("/postgres?", f"/{name}?") if "/postgres?" in settings.database_url else None
-    if dsn is None:
-        from urllib.parse import urlsplit, urlunsplit
-        dsn = urlunsplit(urlsplit(settings.database_url)._replace(path=f"/{name}"))
     try:
+        yield urlunsplit(urlsplit(settings.database_url)._replace(path=f"/{name}"))
+    finally:
+        await db.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+async def test_concurrent_migrations_on_a_fresh_database(settings, db):
+    async with _scratch_database(settings, db, "trackly_migrate_race") as dsn:
         results = await asyncio.gather(*(migrate(dsn) for _ in range(4)))
         applied = [r for r in results if r]
         assert len(applied) == 1 and applied[0] == [v for v, _ in _migrations()]
@@ -30,8 +37,6 @@ async def test_concurrent_migrations_on_a_fresh_database(settings, db):
             assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == len(_migrations())
         finally:
             await conn.close()
-    finally:
-        await db.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 async def test_references_to_message_and_link_ids_compare_as_the_ids_do(db):
@@ -76,3 +81,24 @@ async def test_the_postback_log_finds_a_state_by_its_index(db):
     finally:
         await db.release(conn)
     assert "postbacks_account_state" in plan and "Filter" not in plan, plan
+
+
+async def test_list_contact_counts_start_from_the_contacts_already_stored(settings, db):
+    """Migration 0010 on a database that has contacts: each list's count starts at its contacts."""
+    async with _scratch_database(settings, db, "trackly_migrate_counts") as dsn:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("CREATE TABLE schema_migrations (version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
+            for version, sql in _migrations():
+                if version >= "0010":
+                    break
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+            await conn.execute(
+                "INSERT INTO contacts (account_id, list_id, phone_number)"
+                " SELECT 1, l, '+1415555' || lpad(i::text, 4, '0') FROM generate_series(1, 2) l, generate_series(1, 3 * l) i")
+            assert "0010_list_contact_counts" in await migrate(dsn)
+            counts = await conn.fetch("SELECT list_id, sum(contacts) AS n FROM list_contact_counts GROUP BY list_id ORDER BY 1")
+            assert [(r["list_id"], r["n"]) for r in counts] == [(1, 3), (2, 6)]
+        finally:
+            await conn.close()

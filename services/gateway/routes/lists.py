@@ -13,7 +13,9 @@ from shared.errors import not_found
 
 _SELECT = (
     "SELECT l.id, l.name, l.phone_number, l.status, l.short_domain, l.tracker_domain,"
-    " (SELECT count(*) FROM contacts c WHERE c.list_id = l.id) AS contact_count FROM lists l"
+    # The sum of the list's count deltas (migration 0010), not a count of its contacts.
+    " (SELECT coalesce(sum(n.contacts), 0)::bigint FROM list_contact_counts n WHERE n.list_id = l.id)"
+    " AS contact_count FROM lists l"
 )
 
 
