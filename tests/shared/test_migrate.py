@@ -102,3 +102,19 @@ async def test_list_contact_counts_start_from_the_contacts_already_stored(settin
             assert [(r["list_id"], r["n"]) for r in counts] == [(1, 3), (2, 6)]
         finally:
             await conn.close()
+
+
+async def test_bulk_written_tables_carry_no_foreign_keys(db):
+    """The tables bulk requests and the click drainer write 1000s of rows into at once check
+    their references in code (README): a foreign key's per-row trigger doubled the revenue insert."""
+    rows = await db.fetch(
+        "SELECT conrelid::regclass::text AS tbl, conname FROM pg_constraint WHERE contype = 'f'"
+        " AND conrelid::regclass::text = ANY($1::text[])",
+        ["messages", "message_links", "contacts", "clicks", "message_clicks", "revenue", "list_contact_counts"],
+    )
+    assert [(r["tbl"], r["conname"]) for r in rows] == []
+
+
+async def test_contacts_leave_room_for_their_click_updates(db):
+    options = await db.fetchval("SELECT reloptions FROM pg_class WHERE oid = 'contacts'::regclass")
+    assert "fillfactor=85" in (options or [])

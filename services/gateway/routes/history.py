@@ -70,6 +70,8 @@ class ClickRecord:
     clicked_at: datetime
     offer_id: str = ""
     click_id: str = ""
+    list_id: int = 0  # the message's list and recipient (its contact), as the request looked it up
+    to_phone: str = ""
 
 
 def _required(record: dict[str, Any], name: str, code: str) -> str:
@@ -99,34 +101,36 @@ def parse_click(index: int, record: Any, now: datetime) -> ClickRecord:
 # edge's); the raw clicks row keeps message click_count in agreement.
 _STORE_CLICKS = """
 WITH input AS (
-    SELECT * FROM unnest($2::text[], $3::text[], $4::text[], $5::timestamptz[])
-        AS t(message_id, click_id, offer_id, clicked_at)
+    SELECT * FROM unnest($2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::bigint[], $7::text[])
+        AS t(message_id, click_id, offer_id, clicked_at, list_id, to_phone)
 ),
 firsts AS (
     INSERT INTO message_clicks (message_id, click_id, account_id, offer_id, clicked_at, source)
     SELECT message_id, click_id, $1, offer_id, clicked_at, 'history' FROM input ORDER BY message_id
     ON CONFLICT (message_id) DO NOTHING
-    RETURNING message_id, click_id, offer_id, clicked_at
+    RETURNING message_id
+),
+stored AS (  -- the firsts, with what the request's lookup read of their messages
+    SELECT i.* FROM input i JOIN firsts f USING (message_id)
 ),
 raw AS (
     INSERT INTO clicks (id, account_id, offer_id, list_id, message_id, clicked_at, source)
-    SELECT f.click_id, $1, f.offer_id, m.list_id, f.message_id, f.clicked_at, 'history'
-    FROM firsts f JOIN messages m ON m.id = f.message_id
+    SELECT click_id, $1, offer_id, list_id, message_id, clicked_at, 'history' FROM stored
     RETURNING 1
 ),
 contact_counts AS (
     INSERT INTO contacts (account_id, list_id, phone_number, click_count, last_clicked_at)
-    SELECT $1, m.list_id, m.to_phone, count(*), max(f.clicked_at)
-    FROM firsts f JOIN messages m ON m.id = f.message_id
-    GROUP BY m.list_id, m.to_phone
-    ORDER BY m.list_id, m.to_phone
+    SELECT $1, list_id, to_phone, count(*), max(clicked_at)
+    FROM stored
+    GROUP BY list_id, to_phone
+    ORDER BY list_id, to_phone
     ON CONFLICT (list_id, phone_number) DO UPDATE
         SET click_count = contacts.click_count + excluded.click_count,
             last_clicked_at = greatest(contacts.last_clicked_at, excluded.last_clicked_at)
     RETURNING 1
 )
-SELECT f.message_id, (SELECT count(*) FROM raw) AS raw_rows, (SELECT count(*) FROM contact_counts) AS contacts
-FROM firsts f
+SELECT message_id, (SELECT count(*) FROM raw) AS raw_rows, (SELECT count(*) FROM contact_counts) AS contacts
+FROM stored
 """
 
 
@@ -135,7 +139,7 @@ async def _store_clicks(conn: asyncpg.Connection, account_id: int, records: list
         rows = await conn.fetch(
             _STORE_CLICKS, account_id,
             [r.message_id for r in records], [r.click_id for r in records], [r.offer_id for r in records],
-            [r.clicked_at for r in records],
+            [r.clicked_at for r in records], [r.list_id for r in records], [r.to_phone for r in records],
         )
     return {r["message_id"] for r in rows}
 
@@ -155,9 +159,10 @@ async def import_clicks(request: Request) -> JSONResponse:
         async with request.app.state.db.acquire() as conn:
             wanted = sorted({r.message_id for r in parsed if MESSAGE_ID_RE.match(r.message_id)})
             messages = {
-                row["id"]
+                row["id"]: row
                 for row in await conn.fetch(
-                    "SELECT id FROM messages WHERE account_id = $1 AND id = ANY($2::text[])", account.id, wanted
+                    "SELECT id, list_id, to_phone FROM messages WHERE account_id = $1 AND id = ANY($2::text[])",
+                    account.id, wanted,
                 )
             }
             offers = await find_offers(conn, account.id, [r.offer_ref for r in parsed])
@@ -173,6 +178,7 @@ async def import_clicks(request: Request) -> JSONResponse:
                 else:
                     seen.add(r.message_id)
                     r.offer_id = offers[r.offer_ref]["id"]
+                    r.list_id, r.to_phone = messages[r.message_id]["list_id"], messages[r.message_id]["to_phone"]
                     r.click_id = "h" + secrets.token_hex(16)
                     good.append(r)
             if good:
