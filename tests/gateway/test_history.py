@@ -182,6 +182,8 @@ async def test_revenue_import(api, db, tenant):
     assert detail["revenue"] == 0.6 and detail["conversions"] == 2
     again = await history(api, tenant, "revenue", records[:2])
     assert again == {"success_count": 0, "error_count": 0, "duplicates_skipped": 2, "errors": []}
+    mixed = await history(api, tenant, "revenue", [records[1], {**records[1], "external_id": "e3"}])
+    assert (mixed["success_count"], mixed["duplicates_skipped"]) == (1, 1)
     # external ids are per account
     other = await make_tenant(db)
     their = await send_message(api, other)

@@ -27,14 +27,17 @@ MAX_RECORDS = 1000
 MAX_ERRORS_SHOWN = 100
 ATTRIBUTION_TYPES = ("sale", "click", "send")
 
-_INSERT = """
+_INSERT_NEW = """
 INSERT INTO revenue (id, account_id, message_id, offer_id, amount, attribution_type, occurred_at, external_id, source)
 SELECT t.id, $1, t.message_id, t.offer_id, t.amount, t.attribution_type, t.occurred_at, t.external_id, $2
 FROM unnest($3::text[], $4::text[], $5::text[], $6::numeric[], $7::text[], $8::timestamptz[], $9::text[])
     AS t(id, message_id, offer_id, amount, attribution_type, occurred_at, external_id)
-ON CONFLICT (account_id, external_id) WHERE external_id IS NOT NULL DO NOTHING
+"""
+# A known external_id is skipped: an import or bulk sent again records nothing twice.
+_INSERT = _INSERT_NEW + """ON CONFLICT (account_id, external_id) WHERE external_id IS NOT NULL DO NOTHING
 RETURNING id
 """
+_INSERT_NEW += "RETURNING id\n"
 
 
 @dataclass
@@ -156,12 +159,16 @@ async def resolve_revenue(
     return good, failed
 
 
-async def insert_revenue(conn: asyncpg.Connection, account_id: int, records: list[RevenueRecord], source: str) -> set[str]:
-    """One statement for the batch; the ids actually inserted (a known external_id is skipped)."""
+async def insert_revenue(
+    conn: asyncpg.Connection, account_id: int, records: list[RevenueRecord], source: str, *, all_new: bool = False
+) -> set[str]:
+    """One statement for the batch; the ids actually inserted (a known external_id is skipped).
+    ``all_new``: insert without ON CONFLICT, which halves the statement's cost (speculative
+    insertion per row) and fails on a known external_id instead of skipping it."""
     if not records:
         return set()
     rows = await conn.fetch(
-        _INSERT, account_id, source,
+        _INSERT_NEW if all_new else _INSERT, account_id, source,
         [r.id for r in records], [r.message_id for r in records], [r.offer_id for r in records],
         [r.amount for r in records], [r.attribution_type for r in records], [r.occurred_at for r in records],
         [r.external_id for r in records],
@@ -176,10 +183,20 @@ def save_error() -> ApiError:
 async def insert_revenue_resilient(
     conn: asyncpg.Connection, account_id: int, records: list[RevenueRecord], source: str
 ) -> tuple[set[str], list[tuple[int, ApiError]]]:
-    """The batch at once; should that fail, record by record, so one bad record sinks only itself."""
+    """The batch at once; should that fail, record by record, so one bad record sinks only itself.
+
+    The batch is first taken to be all new (an import is rarely sent twice): only when an
+    external_id is known already does it go again, skipping the known ones."""
     try:
         async with conn.transaction():
-            return await insert_revenue(conn, account_id, records, source), []
+            return await insert_revenue(conn, account_id, records, source, all_new=True), []
+    except asyncpg.UniqueViolationError as exc:
+        if exc.constraint_name == "revenue_external_id":
+            try:
+                async with conn.transaction():
+                    return await insert_revenue(conn, account_id, records, source), []
+            except asyncpg.PostgresError:
+                pass
     except asyncpg.PostgresError:
         pass
     inserted: set[str] = set()
