@@ -1,11 +1,14 @@
 """POST /send and /send/bulk: validation codes, short-URL rewriting, {{sendId}}, message detail."""
+import asyncio
+
+import asyncpg
 import orjson
 import pytest
 
 from shared import ids
 from shared.edge import short_key
 from tests.gateway.test_api_basics import assert_error
-from tests.helpers import add_list, make_link, make_offer, make_tenant
+from tests.helpers import add_list, make_link, make_offer, make_tenant, random_phone
 
 
 async def send(api, tenant, **body):
@@ -255,3 +258,27 @@ async def test_a_committed_send_is_acknowledged_even_if_its_connection_cannot_be
     assert bulk.status_code == 200 and bulk.json()["queued_count"] == 1, bulk.text
     sent = [resp.json()["message_id"], bulk.json()["messages"][0]["message_id"]]
     assert await db.fetchval("SELECT count(*) FROM messages WHERE id = ANY($1::text[])", sent) == 2
+
+
+async def test_a_send_that_races_another_for_a_new_contact_is_stored_once(api, db, tenant, settings):
+    """Another transaction inserts the recipient's contact, not yet committed, while the send runs:
+    the send's insert waits for it, fails on the contact's key once it commits, and goes again."""
+    phone = random_phone()
+    other = await asyncpg.connect(settings.database_url)
+    try:
+        tx = other.transaction()
+        await tx.start()
+        await other.execute("INSERT INTO contacts (account_id, list_id, phone_number) VALUES ($1, $2, $3)",
+                            tenant.account_id, tenant.list_id, phone)
+        send = asyncio.create_task(api.post("/api/v2/send", headers=tenant.headers,
+                                            json={"to": phone, "list_id": tenant.list_id, "body": "hi"}))
+        await asyncio.sleep(0.3)
+        assert not send.done()
+        await tx.commit()
+        resp = await send
+    finally:
+        await other.close()
+    assert resp.status_code == 201, resp.text
+    assert await db.fetchval("SELECT count(*) FROM messages WHERE account_id = $1 AND to_phone = $2", tenant.account_id, phone) == 1
+    lists = (await api.get("/api/v2/lists", headers=tenant.headers)).json()["lists"]
+    assert [lst["contact_count"] for lst in lists if lst["id"] == tenant.list_id] == [1]
