@@ -46,6 +46,11 @@ class Pool(asyncpg.Pool):
             log.error("a connection could not be reset for reuse and was closed", exc_info=True)
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """What the pool runs on a released connection after asyncpg has rolled back any open
+    transaction: nothing. See ``create_pool``."""
+
+
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, **options: Any) -> asyncpg.Pool:
     """``asyncpg.create_pool`` with its own defaults, building ``Pool`` above (``options``:
     further ``asyncpg.create_pool`` arguments)."""
@@ -59,6 +64,10 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, **opti
         "record_class": asyncpg.Record,
         "init": _init_connection,
         "command_timeout": 60,
+        # asyncpg's default reset sends "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
+        # RESET ALL" on every release: a round trip per request (two for most), for session state
+        # this code never creates (tests/test_architecture.py checks that no SQL sets any).
+        "reset": _keep_session,
         **options,
     }
     return await Pool(dsn, min_size=min_size, max_size=max_size, **arguments)
