@@ -1,13 +1,25 @@
 """Versioned SQL migrations: each ``migrations/NNNN_name.sql`` is applied once, in order, inside a
 transaction, and recorded in ``schema_migrations``. A session-level advisory lock makes concurrent
-runs (several replicas starting at once) safe; ``lock_timeout`` keeps a migration from queueing
-behind long transactions forever.
+runs (several replicas starting at once) safe.
+
+On a live database a migration's lock waits behind long transactions, and every query that needs
+the table queues behind the waiting migration: the whole API stalls while it waits. So a
+migration waits at most ``LOCK_TIMEOUT`` for a lock, then gives up, lets the queue drain for
+``LOCK_RETRY_PAUSE`` and tries again, up to ``LOCK_ATTEMPTS`` times in all.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 from importlib import resources
 
 import asyncpg
+
+log = logging.getLogger("trackly.migrate")
+
+LOCK_TIMEOUT = 2.0  # seconds
+LOCK_RETRY_PAUSE = 1.0
+LOCK_ATTEMPTS = 30
 
 # Arbitrary, fixed: "trackly" in ASCII, as one bigint.
 _LOCK_ID = 0x747261636B6C79
@@ -34,16 +46,29 @@ async def migrate(dsn: str) -> list[str]:
             for version, sql in _migrations():
                 if version in done:
                     continue
-                async with conn.transaction():
-                    await conn.execute("SET LOCAL lock_timeout = '10s'")
-                    await conn.execute(sql)
-                    await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+                await _apply(conn, version, sql)
                 applied.append(version)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
     finally:
         await conn.close()
     return applied
+
+
+async def _apply(conn: asyncpg.Connection, version: str, sql: str) -> None:
+    for attempt in range(1, LOCK_ATTEMPTS + 1):
+        try:
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = '{int(LOCK_TIMEOUT * 1000)}ms'")
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+            return
+        except asyncpg.LockNotAvailableError:
+            if attempt == LOCK_ATTEMPTS:
+                raise
+            log.warning("migration %s waited %.1f s for a lock (attempt %d of %d); trying again",
+                        version, LOCK_TIMEOUT, attempt, LOCK_ATTEMPTS)
+            await asyncio.sleep(LOCK_RETRY_PAUSE)
 
 
 async def pending(dsn: str) -> list[str] | None:

@@ -13,6 +13,7 @@
 -- deploy, an operator's psql), with no cost per row beyond the aggregate. A contact's list_id is
 -- part of its key and never updated; nothing counts such an update.
 CREATE TABLE list_contact_counts (
+    id       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,  -- a replica identity, for logical replication
     list_id  bigint NOT NULL,
     contacts bigint NOT NULL
 );
@@ -42,7 +43,8 @@ END
 $$;
 
 -- The triggers first: creating them locks contacts against writers until this migration
--- commits, so the backfill below and the deltas that follow it count every contact once.
+-- commits, so the backfill below and the deltas that follow it count every contact once. Sends,
+-- the click drainer and history imports wait for the backfill (0.15 s per million contacts).
 CREATE TRIGGER contacts_count_inserted AFTER INSERT ON contacts
     REFERENCING NEW TABLE AS inserted_contacts
     FOR EACH STATEMENT EXECUTE FUNCTION count_inserted_contacts();

@@ -6,6 +6,7 @@ from decimal import Decimal
 
 import pytest
 
+from services.gateway.routes import revenue as revenue_routes
 from shared import ids
 from tests.gateway.test_api_basics import assert_error
 from tests.helpers import make_offer, make_tenant
@@ -182,10 +183,28 @@ async def test_revenue_import(api, db, tenant):
     assert detail["revenue"] == 0.6 and detail["conversions"] == 2
     again = await history(api, tenant, "revenue", records[:2])
     assert again == {"success_count": 0, "error_count": 0, "duplicates_skipped": 2, "errors": []}
-    mixed = await history(api, tenant, "revenue", [records[1], {**records[1], "external_id": "e3"}])
-    assert (mixed["success_count"], mixed["duplicates_skipped"]) == (1, 1)
     # external ids are per account
     other = await make_tenant(db)
     their = await send_message(api, other)
     theirs = await history(api, other, "revenue", [{"message_id": their, "revenue": 1, "attribution_type": "sale", "external_id": "e1"}])
     assert theirs["success_count"] == 1
+
+
+async def test_revenue_import_inserts_as_new_until_an_external_id_is_known(api, tenant, monkeypatch):
+    """The batch goes in once, without ON CONFLICT; a known external_id sends it again with it
+    (not record by record, the path for a batch that fails otherwise)."""
+    calls: list[tuple[int, bool]] = []
+    real = revenue_routes.insert_revenue
+
+    async def spy(conn, account_id, records, source, *, all_new=False):
+        calls.append((len(records), all_new))
+        return await real(conn, account_id, records, source, all_new=all_new)
+
+    monkeypatch.setattr(revenue_routes, "insert_revenue", spy)
+    mid = await send_message(api, tenant)
+    record = {"message_id": mid, "revenue": "1", "attribution_type": "sale"}
+    first = await history(api, tenant, "revenue", [{**record, "external_id": "k1"}, {**record, "external_id": "k2"}])
+    assert (first["success_count"], calls) == (2, [(2, True)])
+    calls.clear()
+    mixed = await history(api, tenant, "revenue", [{**record, "external_id": "k2"}, {**record, "external_id": "k3"}])
+    assert (mixed["success_count"], mixed["duplicates_skipped"], calls) == (1, 1, [(2, True), (2, False)])

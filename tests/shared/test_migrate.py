@@ -5,7 +5,9 @@ from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import pytest
 
+from shared import migrate as migrate_module
 from shared.migrate import _migrations, migrate
 
 
@@ -83,17 +85,71 @@ async def test_the_postback_log_finds_a_state_by_its_index(db):
     assert "postbacks_account_state" in plan and "Filter" not in plan, plan
 
 
+async def _migrate_before(conn: asyncpg.Connection, version: str) -> None:
+    """Apply the migrations before ``version``, as the runner would."""
+    await conn.execute("CREATE TABLE schema_migrations (version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
+    for name, sql in _migrations():
+        if name >= version:
+            break
+        await conn.execute(sql)
+        await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", name)
+
+
+async def test_a_migration_waiting_for_a_lock_gives_way_and_tries_again(settings, db, monkeypatch):
+    """0013 drops revenue's foreign key to messages, which locks messages: while a long read holds
+    messages, the migration keeps giving up its place in the lock queue (reads of accounts, which
+    0012 locked, are not held at all), and it is applied once the read ends."""
+    monkeypatch.setattr(migrate_module, "LOCK_TIMEOUT", 0.2)
+    monkeypatch.setattr(migrate_module, "LOCK_RETRY_PAUSE", 0.1)
+    async with _scratch_database(settings, db, "trackly_migrate_locks") as dsn:
+        setup, reader, other = [await asyncpg.connect(dsn) for _ in range(3)]
+        running: asyncio.Task | None = None
+        try:
+            await _migrate_before(setup, "0013")
+            long_read = reader.transaction()
+            await long_read.start()
+            await reader.fetchval("SELECT count(*) FROM messages")
+            running = asyncio.create_task(migrate(dsn))
+            await asyncio.sleep(1.0)
+            assert not running.done()
+            await asyncio.wait_for(other.fetchval("SELECT count(*) FROM accounts"), 0.5)
+            await asyncio.wait_for(other.fetchval("SELECT count(*) FROM messages"), 0.5)  # between two tries
+            await long_read.rollback()
+            assert await asyncio.wait_for(running, 5) == [v for v, _ in _migrations() if v >= "0013"]
+            fks = await setup.fetchval("SELECT count(*) FROM pg_constraint WHERE conrelid = 'revenue'::regclass AND contype = 'f'")
+            assert fks == 0
+        finally:
+            if running is not None and not running.done():
+                running.cancel()
+                await asyncio.gather(running, return_exceptions=True)
+            for conn in (setup, reader, other):
+                await conn.close()
+
+
+async def test_a_migration_that_never_gets_its_lock_fails_unrecorded(settings, db, monkeypatch):
+    monkeypatch.setattr(migrate_module, "LOCK_TIMEOUT", 0.1)
+    monkeypatch.setattr(migrate_module, "LOCK_RETRY_PAUSE", 0.05)
+    monkeypatch.setattr(migrate_module, "LOCK_ATTEMPTS", 3)
+    async with _scratch_database(settings, db, "trackly_migrate_nolock") as dsn:
+        setup, reader = await asyncpg.connect(dsn), await asyncpg.connect(dsn)
+        try:
+            await _migrate_before(setup, "0013")
+            async with reader.transaction():
+                await reader.fetchval("SELECT count(*) FROM messages")
+                with pytest.raises(asyncpg.LockNotAvailableError):
+                    await migrate(dsn)
+            assert await setup.fetchval("SELECT max(version) FROM schema_migrations") < "0013"
+        finally:
+            await setup.close()
+            await reader.close()
+
+
 async def test_list_contact_counts_start_from_the_contacts_already_stored(settings, db):
     """Migration 0010 on a database that has contacts: each list's count starts at its contacts."""
     async with _scratch_database(settings, db, "trackly_migrate_counts") as dsn:
         conn = await asyncpg.connect(dsn)
         try:
-            await conn.execute("CREATE TABLE schema_migrations (version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
-            for version, sql in _migrations():
-                if version >= "0010":
-                    break
-                await conn.execute(sql)
-                await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+            await _migrate_before(conn, "0010")
             await conn.execute(
                 "INSERT INTO contacts (account_id, list_id, phone_number)"
                 " SELECT 1, l, '+1415555' || lpad(i::text, 4, '0') FROM generate_series(1, 2) l, generate_series(1, 3 * l) i")

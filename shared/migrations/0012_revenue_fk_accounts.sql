@@ -5,7 +5,9 @@
 -- scoped to the account, before it inserts: the account is the caller's, the message is looked up
 -- in it (message_not_found), the offer is the account's (offer_not_found) or the message's. No
 -- code deletes messages, offers (deleted is a status) or accounts.
-ALTER TABLE revenue
-    DROP CONSTRAINT revenue_account_id_fkey,
-    DROP CONSTRAINT revenue_message_id_fkey,
-    DROP CONSTRAINT revenue_offer_id_fkey;
+--
+-- Dropping a foreign key locks the table it points to as well (ACCESS EXCLUSIVE), and every
+-- request reads accounts: one constraint per migration (0012-0014), so none of those locks is
+-- held while the next is waited for, and the runner's short lock_timeout and retries (migrate.py)
+-- keep a long-running reader from stalling every request behind the waiting migration.
+ALTER TABLE revenue DROP CONSTRAINT IF EXISTS revenue_account_id_fkey;
