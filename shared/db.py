@@ -46,6 +46,19 @@ class Pool(asyncpg.Pool):
             log.error("a connection could not be reset for reuse and was closed", exc_info=True)
 
 
+class DatabaseUnavailable(ConnectionError):
+    """The pool could not open a connection (PostgreSQL down, starting, full, or the database
+    missing). A ConnectionError, so an OSError: whoever reports unreachable dependencies (the
+    gateway answers 503 service_unavailable) handles it with the rest."""
+
+
+async def _connect(*args: Any, **kwargs: Any) -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(*args, **kwargs)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
+        raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {type(exc).__name__}: {exc}") from exc
+
+
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """What the pool runs on a released connection after asyncpg has rolled back any open
     transaction: nothing. See ``create_pool``."""
@@ -63,6 +76,7 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, **opti
         "connection_class": asyncpg.Connection,
         "record_class": asyncpg.Record,
         "init": _init_connection,
+        "connect": _connect,
         "command_timeout": 60,
         # asyncpg's default reset sends "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
         # RESET ALL" on every release: a round trip per request (two for most), for session state
@@ -71,6 +85,16 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, **opti
         **options,
     }
     return await Pool(dsn, min_size=min_size, max_size=max_size, **arguments)
+
+
+async def create_pool_when_reachable(dsn: str, *, max_size: int = 10, **options: Any) -> asyncpg.Pool:
+    """``create_pool``, but one that opens its connections on first use when PostgreSQL cannot be
+    reached now: a service that reports its readiness (``/readyz``) starts anyway and reports it."""
+    try:
+        return await create_pool(dsn, max_size=max_size, **options)
+    except OSError as exc:  # DatabaseUnavailable, or refused before asyncpg got to speak
+        log.warning("PostgreSQL unreachable at start (%s); connecting on first use", exc)
+        return await create_pool(dsn, min_size=0, max_size=max_size, **options)
 
 
 async def connect(dsn: str) -> asyncpg.Connection:

@@ -7,8 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
-from arq import create_pool as create_arq_pool
-from arq.connections import RedisSettings
+from arq.connections import ArqRedis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
@@ -70,9 +69,12 @@ def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.settings = settings
-        app.state.db = await db.create_pool(settings.database_url, max_size=10)
+        # Neither pool needs its server to be up now: the gateway starts, /readyz says what is
+        # missing, and requests that need it answer 503 until it is back.
+        app.state.db = await db.create_pool_when_reachable(settings.database_url, max_size=10)
         app.state.redis = create_redis(settings.redis_url)
-        app.state.arq = await create_arq_pool(RedisSettings.from_dsn(settings.redis_url))
+        # arq's client (enqueue_job) on the same connections; arq.create_pool would ping first.
+        app.state.arq = ArqRedis(pool_or_conn=app.state.redis.connection_pool)
         app.state.report_slots = asyncio.Semaphore(reports.REPORT_SLOTS)
         app.state.window_job = None  # the attribution window whose job this process has enqueued
         # Published links (and the attribution jobs) live in Redis: say so if it may lose them.

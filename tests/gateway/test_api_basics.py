@@ -1,9 +1,11 @@
 """Auth, account scoping, the uniform error body, limits and health endpoints."""
 import asyncio
 import contextlib
+import secrets
 import signal
 import time
 from dataclasses import replace
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -12,6 +14,7 @@ import pytest
 from services.gateway.app import create_app
 from shared import redis_client
 from shared.embedded import EmbeddedRedis
+from shared.migrate import migrate
 from tests.helpers import make_offer, make_tenant
 
 
@@ -102,6 +105,36 @@ async def gateway_on_private_redis(settings, tmp_path):
                 yield gateway, private
     finally:
         private.stop()
+
+
+async def test_the_gateway_starts_without_its_dependencies_and_says_so(settings, db, tmp_path):
+    """PostgreSQL (here: a database not created yet) and Redis (not started yet) unreachable at
+    start: the gateway serves /healthz, /readyz says what is missing, a request that needs them
+    answers 503; once they are there, it works without a restart."""
+    name = f"trackly_late_{secrets.token_hex(4)}"
+    late_redis = EmbeddedRedis(tmp_path / "redis")
+    app = create_app(replace(settings, database_url=urlunsplit(urlsplit(settings.database_url)._replace(path=f"/{name}")),
+                             redis_url=late_redis.url))
+    try:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://g") as gateway:
+                assert (await gateway.get("/healthz")).status_code == 200
+                ready = await gateway.get("/readyz")
+                assert ready.status_code == 503, ready.text
+                assert ready.json()["postgres"] == "error: DatabaseUnavailable" and ready.json()["redis"].startswith("error")
+                assert_error(await gateway.get("/api/v2/offers", headers={"X-Api-Key": "trk_x"}), 503, "service_unavailable")
+                await db.execute(f"CREATE DATABASE {name}")
+                await migrate(app.state.settings.database_url)
+                late_redis.start()
+                ready = await gateway.get("/readyz")
+                assert ready.status_code == 200, ready.text
+                tenant = await make_tenant(app.state.db)  # through the gateway's own pool
+                offer = await gateway.post("/api/v2/offers", headers=tenant.headers, json={"name": "n", "destination_url": "https://e.com"})
+                assert offer.status_code == 201, offer.text
+    finally:
+        late_redis.stop()
+        await db.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 async def test_start_notes_a_redis_that_does_not_keep_what_it_acknowledges(settings, tmp_path):
