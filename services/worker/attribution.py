@@ -17,10 +17,13 @@ the start taken to the click's whole second (see ``judge``).
 Multi-touch: first click wins. When the named click qualifies, the credit goes to the same
 contact's first click (over its messages, one first click each) on the same offer whose window
 also holds the conversion; the later click is tracked but not credited (``Clicks.credit``).
+A ``click_id`` that is one of the account's message ids names that message's first human click:
+what a network sends back when the offer's destination passed it ``{{sendId}}`` (``aff_sub``, as in
+spec/links.txt's example) instead of ``{click_id}``.
 A conversion whose click has not been stored yet waits as ``click_not_found``; the click drainer
-calls ``rematch_for_clicks`` with every new click (it also fills a payout or currency the
-postbacks left to the offer, and a bot's click makes ``bot_click``), and the sweeper catches the rare race
-where both committed without seeing each other.
+calls ``rematch_for_clicks`` with every new click and every message that got its first click (it
+also fills a payout or currency the postbacks left to the offer, and a bot's click makes
+``bot_click``), and the sweeper catches the rare race where both committed without seeing each other.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from typing import Any, NamedTuple
 import asyncpg
 
 from shared import loops
+from shared.ids import MESSAGE_ID_RE
 from shared.jobs import PROCESS_POSTBACK, postback_job_id
 from shared.postback_fields import accepts_move, status_value
 
@@ -219,9 +223,10 @@ class Clicks:
         """First click wins (spec: attribution, "Multi-Touch"): the named click must qualify
         (same account, human, window); then the credit goes to the contact's first click on the
         same offer whose window also holds the conversion, the named click if there is none."""
-        verdict = judge(account_id, click_id, converted_at, self.named.get(click_id) if click_id else None)
+        named = self.named.get(click_id) if click_id else None
+        verdict = judge(account_id, click_id, converted_at, named)
         if verdict.attributed:
-            for first in self.earlier.get(click_id or "", ()):
+            for first in self.earlier.get(named["id"], ()):
                 earlier = judge(account_id, first["id"], converted_at, first)
                 if earlier.attributed:
                     return earlier
@@ -229,10 +234,19 @@ class Clicks:
 
 
 async def fetch_clicks(conn: asyncpg.Connection, click_ids: set[str]) -> Clicks:
+    """The clicks ``click_ids`` name, by the name: a click id, or a message id for its message's
+    first human click (``judge`` checks the account either way)."""
     if not click_ids:
         return Clicks()
-    rows = await conn.fetch(_CLICKS, sorted(click_ids), DEFAULT_WINDOW_DAYS)
-    named = {r["id"]: r for r in rows}
+    firsts: dict[str, str] = {}  # message id -> its first click's id
+    message_refs = sorted(ref for ref in click_ids if MESSAGE_ID_RE.match(ref))
+    if message_refs:
+        firsts = {r["message_id"]: r["click_id"] for r in await conn.fetch(
+            "SELECT message_id, click_id FROM message_clicks WHERE message_id = ANY($1::text[])", message_refs)}
+    rows = await conn.fetch(_CLICKS, sorted({*click_ids, *firsts.values()}), DEFAULT_WINDOW_DAYS)
+    by_id = {r["id"]: r for r in rows}
+    named = {ref: by_id[ref] for ref in click_ids if ref in by_id}
+    named.update((message, by_id[click]) for message, click in firsts.items() if click in by_id)
     touched = [r for r in rows if r["message_id"] and r["to_phone"] and r["offer_id"] and not r["is_bot"]]
     earlier: dict[str, list[Any]] = {}
     if touched:
@@ -418,7 +432,8 @@ async def _default_from_click_offers(conn: asyncpg.Connection, conversion_ids: l
 async def rematch_for_clicks(conn: asyncpg.Connection, click_ids: list[str]) -> int:
     """Attribute conversions that arrived before their click was drained (or, for a bot's click,
     say so). Called by the click drainer inside its transaction with the ids of clicks it just
-    stored. Returns how many conversions were attributed."""
+    stored and of the messages whose first click it stored (a conversion may name a message).
+    Returns how many conversions were attributed."""
     if not click_ids:
         return 0
     waiting = await conn.fetch(
@@ -454,9 +469,11 @@ async def rematch_stored(conn: asyncpg.Connection, limit: int = 1000, *, window:
     moves on): fewer than ``limit`` means none is left."""
     recent = f" AND c.created_at > now() - interval '{window}'" if window else ""
     click_ids = await conn.fetch(
-        "SELECT DISTINCT c.click_id FROM conversions c JOIN clicks k ON k.id = c.click_id AND k.account_id = c.account_id"
+        "SELECT DISTINCT c.click_id FROM conversions c"
         " WHERE NOT c.attributed AND c.unattributed_reason = 'click_not_found' AND c.click_id IS NOT NULL"
-        f"{recent} LIMIT $1",
+        f"{recent} AND (EXISTS (SELECT 1 FROM clicks k WHERE k.id = c.click_id AND k.account_id = c.account_id)"
+        " OR EXISTS (SELECT 1 FROM message_clicks mc WHERE mc.message_id = c.click_id AND mc.account_id = c.account_id))"
+        " LIMIT $1",
         limit,
     )
     await rematch_for_clicks(conn, [r["click_id"] for r in click_ids])

@@ -125,6 +125,7 @@ contact_counts AS (
 SELECT (SELECT count(*) FROM input) AS seen,
        (SELECT coalesce(array_agg(id), '{{}}') FROM stored) AS new_clicks,
        (SELECT count(*) FROM first_clicks) AS first_clicks,
+       (SELECT coalesce(array_agg(message_id), '{{}}') FROM first_clicks) AS first_messages,
        (SELECT count(*) FROM contact_counts) AS contacts
 """
 # Clicks are usually new: a plain insert (no check) is about a quarter cheaper than ON CONFLICT's
@@ -373,8 +374,9 @@ async def store_entries(conn: asyncpg.Connection, entries: list[tuple[bytes, dic
 async def _after_store(conn: asyncpg.Connection, row: asyncpg.Record) -> list[str]:
     new_clicks = list(row["new_clicks"])
     if new_clicks:
-        # Bots' too: a conversion waiting for a bot's click learns it is one (bot_click).
-        await attribution.rematch_for_clicks(conn, new_clicks)
+        # Bots' too: a conversion waiting for a bot's click learns it is one (bot_click); and the
+        # messages that got their first click, for a conversion that names its message.
+        await attribution.rematch_for_clicks(conn, new_clicks + list(row["first_messages"]))
     return new_clicks
 
 

@@ -708,3 +708,64 @@ async def test_a_batch_with_a_gap_in_a_conversions_postbacks_waits_for_it(api, d
     conv = await conversion(db, tenant, "gap")
     assert (conv["status"], conv["payout"]) == ("approved", Decimal(3))
     assert [a for *_, a in await ledger(db, conv["id"])] == [1, 1, 1]
+
+
+async def test_a_postback_naming_a_message_credits_its_first_click(api, db, tenant, run_worker):
+    """An offer whose destination passes {{sendId}} (aff_sub={{sendId}}, as spec/links.txt shows)
+    gets the message id back as click_id: the message's first human click is the one named."""
+    from tests.helpers import make_tenant
+
+    offer, mid, first = await clicked_message(api, db, tenant, creative_id="cr-sid")
+    await store_click(db, tenant.account_id, mid, T0 + timedelta(hours=1), offer_id=offer["id"], first=False)  # a later click
+    unclicked = await send_message(api, tenant, offer_id=offer["id"])
+    bot_only = await send_message(api, tenant, offer_id=offer["id"])
+    await store_click(db, tenant.account_id, bot_only, T0, is_bot=True)
+    other = await make_tenant(db)
+    other_offer, theirs, _ = await clicked_message(api, db, other)
+    ts = (T0 + timedelta(hours=2)).isoformat()
+    await postback(api, tenant, aff_sub=mid, conversion_id="by-message", payout="3", timestamp=ts)
+    await postback(api, tenant, aff_sub=unclicked, conversion_id="unclicked", timestamp=ts)
+    await postback(api, tenant, aff_sub=bot_only, conversion_id="bot-only", timestamp=ts)
+    await postback(api, tenant, aff_sub=theirs, conversion_id="theirs", timestamp=ts)
+    await postback(api, tenant, aff_sub=mid, conversion_id="too-early", timestamp=(T0 - timedelta(hours=1)).isoformat())
+    await run_worker()
+    conv = await conversion(db, tenant, "by-message")
+    assert conv["attributed"] and (conv["message_id"], conv["creative_id"], conv["offer_id"]) == (mid, "cr-sid", offer["id"])
+    assert conv["clicked_at"] == T0  # the first click's, not the later one's
+    reasons = {k: (await conversion(db, tenant, k))["unattributed_reason"] for k in ("unclicked", "bot-only", "theirs", "too-early")}
+    assert reasons == {"unclicked": "click_not_found", "bot-only": "click_not_found", "theirs": "click_not_found",
+                       "too-early": "before_click"}
+    detail = (await api.get(f"/api/v2/messages/{mid}", headers=tenant.headers)).json()
+    assert (detail["conversions"], detail["revenue"]) == (1, 3)
+
+
+async def test_a_postback_naming_a_message_before_its_click_is_drained(api, db, redis, tenant, run_worker):
+    """The message's first click arrives after the postback that names the message: the drainer
+    attributes it as it stores the click; the sweeper does when the two raced."""
+    import orjson
+
+    from services.worker.clicks import drain_once
+    from shared import edge, ids
+
+    async def drain_all():
+        while await drain_once(db, redis, consumer="pytest-attribution", min_idle_ms=0):
+            pass
+
+    await drain_all()
+    offer = await make_offer(api, tenant)
+    drained = await send_message(api, tenant, offer_id=offer["id"])
+    raced = await send_message(api, tenant, offer_id=offer["id"])
+    for key, mid in (("drained", drained), ("raced", raced)):
+        await postback(api, tenant, aff_sub=mid, conversion_id=key, timestamp=(T0 + timedelta(minutes=10)).isoformat())
+    await run_worker()
+    assert (await conversion(db, tenant, "drained"))["unattributed_reason"] == "click_not_found"
+    click = {"id": ids.click_id(), "l": "Ab3kX9", "o": offer["id"], "a": tenant.account_id, "li": tenant.list_id,
+             "m": drained, "at": T0, "ip": None, "ua": "Mozilla/5.0", "cc": None, "bot": False, "q": {}}
+    await redis.xadd(edge.CLICK_STREAM, {edge.CLICK_BATCH_FIELD: orjson.dumps([edge.click_from(click)])})
+    await drain_all()
+    conv = await conversion(db, tenant, "drained")
+    assert conv["attributed"] and conv["message_id"] == drained and conv["click_id"] == drained
+    await store_click(db, tenant.account_id, raced, T0, offer_id=offer["id"])  # no rematch call: the race
+    async with db.acquire() as conn, conn.transaction():
+        await attribution.rematch_stored(conn)
+    assert (await conversion(db, tenant, "raced"))["attributed"] is True
