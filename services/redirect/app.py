@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import parse_qsl, quote
+from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
 import orjson
 import redis.asyncio as aioredis
@@ -111,17 +111,36 @@ def _decode_tracker(raw: bytes) -> TrackerLink:
     )
 
 
-# Characters a Location header cannot hold (control characters), and spaces and tabs, which it
-# should not: percent-encoded, as a browser would, once per offer load. The gateway refuses
-# control characters in a destination URL; one in Redis anyway (an offer from before that check)
-# must not fail every click with a broken response.
-_UNSAFE_URL_CHAR = re.compile(r"[\x00-\x20\x7f]")
+# Characters a Location header cannot hold (control characters), and those it should not (spaces,
+# tabs, anything not ASCII): percent-encoded as UTF-8, as a browser would, once per offer load;
+# the macros are left whole for macros.parse (a space inside {{ sendId }} is allowed there). The
+# gateway refuses control characters in a destination URL; one in Redis anyway (an offer from
+# before that check) must not fail every click with a broken response.
+_MACRO_OR_UNSAFE = re.compile(f"({macros.MACRO_RE.pattern})|[\x00-\x20\x7f-\U0010ffff]")
+
+
+def _ascii_host(url: str) -> str:
+    """The URL with a host in another script in its IDNA (punycode) form, as a browser sends it:
+    percent-encoding is for paths and queries, not host names."""
+    split = urlsplit(url)
+    if split.netloc.isascii() or not split.hostname:
+        return url
+    try:
+        host = split.hostname.encode("idna").decode("ascii")
+        port = f":{split.port}" if split.port is not None else ""
+    except (UnicodeError, ValueError):
+        return url  # percent-encoded with the rest
+    userinfo = split.netloc.rpartition("@")[0]
+    return urlunsplit(split._replace(netloc=f"{userinfo}@{host}{port}" if userinfo else f"{host}{port}"))
+
+
+def location_template(url: str) -> str:
+    return _MACRO_OR_UNSAFE.sub(lambda m: m.group(1) or quote(m.group(), safe=""), _ascii_host(url))
 
 
 def _decode_offer(raw: bytes) -> Offer:
     entry: edge.OfferEntry = orjson.loads(raw)
-    destination = _UNSAFE_URL_CHAR.sub(lambda m: quote(m.group()), entry["d"])
-    return Offer(entry["s"] == "active", macros.parse(destination), entry.get("af"))
+    return Offer(entry["s"] == "active", macros.parse(location_template(entry["d"])), entry.get("af"))
 
 
 _hostnames: dict[bytes, str] = {}

@@ -17,7 +17,7 @@ BOT_RE = re.compile(
     r"|duckduckbot|applebot|pinterestbot|redditbot|embedly|skypeuripreview|vkshare|iframely"
     r"|quora link preview|nuzzel|bitlybot|petalbot|semrushbot"
     r"|ahrefsbot|mj12bot|dotbot|headlesschrome|lighthouse|mastodon|google-pagerenderer|googleimageproxy"
-    r"|existence discovery|kakaotalk-scrap|google-read-aloud|googleother"
+    r"|existence discovery|kakaotalk-scrap|google-read-aloud|googleother|google-safety"
     r"|bot\b|bot/|_bot|-bot|crawl|spider|preview|scrape|slurp|fetcher",
     re.IGNORECASE,
 )

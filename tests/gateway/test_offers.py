@@ -26,7 +26,8 @@ async def test_defaults(api, tenant):
 
 
 @pytest.mark.parametrize("patch", [
-    {"name": ""}, {"destination_url": "ftp://x"}, {"destination_url": None}, {"status": "live"},
+    {"name": ""}, {"destination_url": "ftp://x"}, {"destination_url": None}, {"destination_url": "https://"},
+    {"destination_url": "https:///path"}, {"destination_url": "http://e.com:port/"}, {"status": "live"},
     {"payout": -1}, {"payout": "abc"}, {"payout": True}, {"click_window_days": 0}, {"click_window_days": 91},
     {"click_window_days": "7"}, {"currency": "dollars"},
 ])

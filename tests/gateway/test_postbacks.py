@@ -68,6 +68,21 @@ async def test_post_json_body_keeps_numbers_exact(api, db, tenant):
     assert await db.fetchval("SELECT params->>'payout' FROM postbacks WHERE id = $1", row["id"]) == "0.1"  # exact, never a float
 
 
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/octet-stream"])
+async def test_a_body_of_another_declared_type_is_read_or_kept(api, db, tenant, content_type):
+    """Networks mislabel JSON; whatever the body, nothing they sent is lost."""
+    headers = {"content-type": content_type} if content_type else {}
+    token = f"/postback/{tenant.postback_token}"
+    resp = await api.post(token, content=b'{"aff_sub": "j2", "payout": "2.5", "txid": "t9"}', headers=headers)
+    assert resp.json()["status"] == "accepted"
+    resp = await api.post(token + "?click_id=raw", content=b"something else", headers=headers)
+    assert resp.json()["status"] == "accepted"
+    read, kept = sorted(await stored(db, tenant), key=lambda r: r["id"])
+    assert (read["click_id"], read["payout"], read["conversion_key"], read["parse_error"]) == ("j2", Decimal("2.5"), "t9", None)
+    params = await db.fetchval("SELECT params FROM postbacks WHERE id = $1", kept["id"])
+    assert params == {"click_id": "raw", "_body": "something else"} and "nor a JSON object" in kept["parse_error"]
+
+
 @pytest.mark.parametrize("params, error", [
     ({"click_id": "a", "payout": "abc"}, "payout"),
     ({"click_id": "a", "payout": "-1"}, "payout"),

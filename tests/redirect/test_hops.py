@@ -225,3 +225,17 @@ async def test_an_offer_url_with_control_characters_in_redis_still_redirects(
     await redis.set(edge_keys.offer_key(offer["id"]), orjson.dumps({**entry, "d": "https://lp.example/a\x01b c\x7f?c={click_id}"}))
     location = await edge.click(link["shortUrl"])
     assert location.startswith("https://lp.example/a%01b%20c%7F?c=") and len(parse_qs(urlsplit(location).query)["c"][0]) == 32
+
+
+async def test_a_destination_beyond_ascii_is_sent_as_a_browser_would(
+    api: httpx.AsyncClient, tenant: Tenant, edge: Edge
+) -> None:
+    """A Location header is ASCII: a host in another script goes out in its IDNA form, the rest
+    percent-encoded as UTF-8, and the macros are filled (a space inside {{ }} is allowed)."""
+    _, link = await offer_and_link(api, tenant, "https://Bücher.example/été?q=€ 1&c={click_id}&m={{ sendId }}&s={sub1}")
+    location = await edge.click(link["shortUrl"] + "?sub1=ü")
+    assert location.isascii(), location
+    split = urlsplit(location)
+    assert (split.netloc, split.path) == ("xn--bcher-kva.example", "/%C3%A9t%C3%A9")
+    query = parse_qs(split.query)
+    assert query["q"] == ["€ 1"] and len(query["c"][0]) == 32 and query["s"] == ["ü"] and "m" not in query

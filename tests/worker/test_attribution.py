@@ -422,9 +422,11 @@ async def test_networks_are_separate_conversions(api, db, tenant, run_worker):
     ts = (T0 + timedelta(hours=1)).isoformat()
     await postback(api, tenant, click_id=click_id, conversion_id="n", network="tune", timestamp=ts)
     await postback(api, tenant, click_id=click_id, conversion_id="n", network="everflow", timestamp=ts)
+    assert await postback(api, tenant, click_id=click_id, conversion_id="n", network="TUNE", timestamp=ts) == "duplicate"
+    await postback(api, tenant, click_id=click_id, conversion_id="n", network="Tune", status="reversed", timestamp=ts)
     await run_worker()
-    rows = await db.fetch("SELECT network FROM conversions WHERE account_id = $1 ORDER BY network", tenant.account_id)
-    assert [r["network"] for r in rows] == ["everflow", "tune"]
+    rows = await db.fetch("SELECT network, status FROM conversions WHERE account_id = $1 ORDER BY network", tenant.account_id)
+    assert [(r["network"], r["status"]) for r in rows] == [("everflow", "approved"), ("tune", "reversed")]
 
 
 async def test_sweeper_enqueues_stored_postbacks_without_a_job(api, db, tenant, settings, run_worker):

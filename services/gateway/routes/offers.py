@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 from starlette.requests import Request
@@ -38,6 +39,15 @@ def offer_json(row: Any) -> dict[str, Any]:
     }
 
 
+def _host_of(url: str) -> str | None:
+    try:
+        split = urlsplit(url)
+        split.port  # noqa: B018 - raises ValueError for a port that is not a number
+        return split.hostname
+    except ValueError:
+        return None
+
+
 def _clean(data: dict[str, Any], *, partial: bool) -> dict[str, Any]:
     """Validate the offer fields present in ``data``; with ``partial=False`` apply defaults."""
     out: dict[str, Any] = {}
@@ -48,8 +58,8 @@ def _clean(data: dict[str, Any], *, partial: bool) -> dict[str, Any]:
         out["name"] = name
     if "destination_url" in data or not partial:
         url = optional_str(data, "destination_url", max_len=4000)
-        if not url or not url.lower().startswith(("http://", "https://")):
-            raise validation("destination_url must be an http(s) URL")
+        if not url or not url.lower().startswith(("http://", "https://")) or not _host_of(url):
+            raise validation("destination_url must be an http(s) URL with a host")
         if _CONTROL_CHAR.search(url):  # it becomes a Location header, where these cannot go
             raise validation("destination_url must not contain control characters")
         out["destination_url"] = url

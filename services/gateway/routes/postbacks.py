@@ -27,7 +27,7 @@ log = logging.getLogger("trackly.gateway.postbacks")
 
 # Where a JSON body that is not a JSON object is kept, as text, among the params.
 BODY_PARAM = "_body"
-_BODY_ERROR = "body: not a JSON object"
+_BODY_ERROR = "body: neither form fields nor a JSON object"
 TOKEN_TTL = 30.0  # seconds a token -> account mapping is trusted without asking PostgreSQL
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{1,200}")  # what ids.postback_token mints (url-safe base64)
 # Deeper JSON bodies are kept as text: the params are walked recursively, and stored as jsonb.
@@ -81,7 +81,8 @@ def _multi(items: list[tuple[str, str]], into: dict[str, Any]) -> None:
 
 
 async def _params(request: Request) -> tuple[dict[str, Any], str | None]:
-    """The fields sent (query, then form or JSON body), and what was wrong with the body, if anything."""
+    """The fields sent (query, then a form or JSON object body, whatever its declared type), and
+    what was wrong with the body, if anything."""
     params: dict[str, Any] = {}
     _multi(list(request.query_params.multi_items()), params)
     if request.method != "POST":
@@ -94,7 +95,9 @@ async def _params(request: Request) -> tuple[dict[str, Any], str | None]:
             raise client_gone() from None
         _multi([(k, v) for k, v in form.multi_items() if isinstance(v, str)], params)
         await form.close()
-    elif content_type.startswith("application/json"):
+    else:
+        # JSON, and any other body: networks mislabel JSON (text/plain, no type at all), and what
+        # cannot be read as fields is still kept as sent.
         raw = await read_body(request)
         try:
             data = jsonio.loads(raw)
