@@ -1,8 +1,11 @@
 """Factories for tests: accounts, lists, offers and links made through the real code paths."""
 from __future__ import annotations
 
+import asyncio
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 import httpx
@@ -66,3 +69,29 @@ async def make_link(api: httpx.AsyncClient, tenant: Tenant, offer_id: str, **fie
     resp = await api.post("/api/v2/links", json={"offerId": offer_id, "listId": tenant.list_id, **fields}, headers=tenant.headers)
     assert resp.status_code == 201, resp.text
     return resp.json()
+
+
+async def fold_while_writing(
+    dsn: str, db: asyncpg.Pool, write: Callable[[asyncpg.Connection], Awaitable[object]],
+    fold: Callable[[Any], Awaitable[int]],
+) -> None:
+    """The races a fold of a counting table meets: ``write`` runs in a transaction left open while
+    one worker folds (uncommitted), and a second worker's fold starts meanwhile (it waits for the
+    first's deleted rows); then the first fold commits, the second ends, and the write commits."""
+    writer, folder = await asyncpg.connect(dsn), await asyncpg.connect(dsn)
+    try:
+        pending = writer.transaction()
+        await pending.start()
+        await write(writer)
+        folding = folder.transaction()
+        await folding.start()
+        await fold(folder)
+        racing = asyncio.create_task(fold(db))
+        await asyncio.sleep(0.2)
+        assert not racing.done()
+        await folding.commit()
+        await racing
+        await pending.commit()
+    finally:
+        await writer.close()
+        await folder.close()

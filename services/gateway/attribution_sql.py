@@ -62,13 +62,38 @@ _SUMS = "sum(sends)::bigint AS sends, sum(clicks)::bigint AS clicks, sum(convers
         " coalesce(sum(revenue), 0) AS revenue"
 
 
-def report_page(group_by: str) -> str:
+# The same sums from report_rollup (migration 0016: the events summed per account, UTC day and
+# keys, kept by triggers), for every grouping but by message. Days are whole UTC days, as the
+# range's bounds are. A group is there when it has any event ($2, $3 as for EVENTS).
+ROLLUP = """
+SELECT {key} AS key, sum(sends)::bigint AS sends, sum(clicks)::bigint AS clicks,
+       sum(conversions)::bigint AS conversions, sum(revenue) AS revenue
+FROM report_rollup
+WHERE account_id = $1 AND day >= coalesce(($2::timestamptz AT TIME ZONE 'UTC')::date, '-infinity')
+  AND day < coalesce(($3::timestamptz AT TIME ZONE 'UTC')::date, 'infinity')
+GROUP BY 1
+HAVING sum(events) > 0
+"""
+ROLLUP_KEYS = {
+    "offer": "offer",
+    "creative": "creative",
+    "campaign": "campaign",
+    "list": "list::text",
+    "date": "to_char(day, 'YYYY-MM-DD')",
+}
+
+
+def report_page(group_by: str, *, from_events: bool = False) -> str:
     """Groups in key order (no key last), one page; $4 limit, $5 offset. Each row also carries
     the number of groups and the totals (total_sends...: the sums over every group, which are the
-    sums over every event), so one pass over the events serves the page and the totals."""
-    key = GROUP_KEYS[group_by]
+    sums over every event), so one pass serves the page and the totals. Summed from the rollup
+    where it has the grouping, else (by message, or ``from_events``) from the events themselves."""
+    if group_by in ROLLUP_KEYS and not from_events:
+        groups = ROLLUP.format(key=ROLLUP_KEYS[group_by])
+    else:
+        groups = f"WITH ev AS ({EVENTS}) SELECT {GROUP_KEYS[group_by]} AS key, {_SUMS} FROM ev GROUP BY 1"
     return (
-        f"WITH ev AS ({EVENTS}), g AS (SELECT {key} AS key, {_SUMS} FROM ev GROUP BY 1)"
+        f"WITH g AS ({groups})"
         " SELECT *, count(*) OVER () AS total_groups, (sum(sends) OVER ())::bigint AS total_sends,"
         " (sum(clicks) OVER ())::bigint AS total_clicks, (sum(conversions) OVER ())::bigint AS total_conversions,"
         " sum(revenue) OVER () AS total_revenue"

@@ -4,7 +4,7 @@ Jobs (arq): ``process_postback`` (see ``shared/jobs.py``).
 Loops started on start-up, for work that arq's one-job-per-message model would make slow:
 the click drainer (Redis stream -> PostgreSQL in batches) and the postback sweeper (re-enqueues
 stored postbacks whose job was never enqueued, e.g. Redis was down when they arrived), and the
-folding of lists' contact count deltas (``contact_counts.py``).
+folding of the counting tables that triggers keep (``folding.py``).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 from arq import run_worker
 from arq.connections import RedisSettings
 
-from services.worker import attribution, clicks, contact_counts
+from services.worker import attribution, clicks, folding
 from shared import db
 from shared.migrate import migrate
 from shared.redis_client import create_redis
@@ -32,7 +32,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["loops"] = [
         asyncio.create_task(clicks.run_drainer(ctx), name="click-drainer"),
         asyncio.create_task(attribution.run_sweeper(ctx), name="postback-sweeper"),
-        asyncio.create_task(contact_counts.run_compactor(ctx), name="contact-count-compactor"),
+        asyncio.create_task(folding.run_folder(ctx), name="folder"),
     ]
 
 

@@ -4,7 +4,7 @@
 -- It is now kept as deltas: every statement that inserts or deletes contacts appends, per list it
 -- touched, one row with the number of contacts it added (or minus those it removed). A count is
 -- the sum of its list's rows; the worker folds them into one row per list now and then
--- (services/worker/contact_counts.py). Deltas rather than a counter on the list: concurrent
+-- (services/worker/folding.py). Deltas rather than a counter on the list: concurrent
 -- sends to one list would queue on that row's lock until each commits.
 --
 -- Statement-level triggers with transition tables count what a statement really did: rows that

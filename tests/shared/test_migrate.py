@@ -174,3 +174,45 @@ async def test_bulk_written_tables_carry_no_foreign_keys(db):
 async def test_contacts_leave_room_for_their_click_updates(db):
     options = await db.fetchval("SELECT reloptions FROM pg_class WHERE oid = 'contacts'::regclass")
     assert "fillfactor=85" in (options or [])
+
+
+async def test_the_report_rollup_starts_from_the_events_already_stored(settings, db):
+    """Migration 0016 on a database with events of every kind: each rollup report is the events'."""
+    from services.gateway.attribution_sql import ROLLUP_KEYS, report_page
+
+    async with _scratch_database(settings, db, "trackly_migrate_rollup") as dsn:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await _migrate_before(conn, "0016")
+            await conn.execute("""
+                INSERT INTO accounts (id, name, api_key_hash, postback_token) VALUES (1, 'a', 'h', 't');
+                INSERT INTO messages (id, account_id, list_id, to_phone, body, offer_id, creative_id, schedule_id, sent_at)
+                SELECT 'm' || lpad(i::text, 7, '0'), 1, 1 + i % 2, '+1415555' || lpad(i::text, 4, '0'), 'x',
+                       'o' || i % 3, CASE WHEN i % 4 > 0 THEN 'c' || i % 2 END, 's' || i % 5,
+                       timestamptz '2026-03-01 10:00Z' + i * interval '7 hours'
+                FROM generate_series(1, 60) i;
+                INSERT INTO message_clicks (message_id, click_id, account_id, offer_id, clicked_at)
+                SELECT id, 'k' || id, 1, CASE WHEN right(id, 1) = '3' THEN 'o9' END, sent_at + interval '20 hours'
+                FROM messages WHERE right(id, 1) IN ('1', '3', '5');
+                INSERT INTO conversions (account_id, network, conversion_key, click_id, status, payout, converted_at,
+                                         offer_id, attributed, message_id, creative_id, schedule_id, list_id)
+                SELECT 1, 'default', 'v' || m.id, mc.click_id, CASE right(m.id, 1) WHEN '1' THEN 'approved' WHEN '3' THEN 'pending' ELSE 'reversed' END,
+                       2, mc.clicked_at + interval '1 day', m.offer_id, true, m.id, m.creative_id, m.schedule_id, m.list_id
+                FROM message_clicks mc JOIN messages m ON m.id = mc.message_id;
+                INSERT INTO conversion_adjustments (conversion_id, from_status, to_status, amount)
+                SELECT id, NULL, 'approved', 2 FROM conversions;
+                INSERT INTO conversion_adjustments (conversion_id, from_status, to_status, amount)
+                SELECT id, 'approved', 'reversed', -2 FROM conversions WHERE status = 'reversed';
+                INSERT INTO revenue (id, account_id, message_id, offer_id, amount, attribution_type, occurred_at)
+                SELECT md5(id), 1, id, CASE WHEN right(id, 1) = '2' THEN 'o7' END, 1.5, 'sale', sent_at + interval '2 days'
+                FROM messages WHERE right(id, 1) IN ('2', '4');
+            """)
+            assert "0016_report_rollup" in await migrate(dsn)
+            for group_by in ROLLUP_KEYS:
+                rolled, summed = [
+                    [dict(r) for r in await conn.fetch(report_page(group_by, from_events=e), 1, None, None, 1000, 0)]
+                    for e in (False, True)
+                ]
+                assert rolled == summed and len(rolled) > 1, group_by
+        finally:
+            await conn.close()

@@ -3,8 +3,8 @@ import asyncio
 
 import asyncpg
 
-from services.worker.contact_counts import compact
-from tests.helpers import add_list, make_tenant, random_phone
+from services.worker.folding import fold_contact_counts
+from tests.helpers import add_list, fold_while_writing, make_tenant, random_phone
 
 
 async def _counts(db, list_id: int) -> tuple[int, int, int]:
@@ -64,25 +64,12 @@ async def test_folding_keeps_every_count_and_what_is_written_meanwhile(db, setti
     for _ in range(4):
         await _add(db, tenant.account_id, tenant.list_id, [random_phone(), random_phone()])
     assert await _counts(db, tenant.list_id) == (8, 8, 4)
-    writer, folder = await asyncpg.connect(settings.database_url), await asyncpg.connect(settings.database_url)
-    try:
-        # A send not yet committed while one worker folds, and another worker folding at once.
-        pending = writer.transaction()
-        await pending.start()
-        await _add(writer, tenant.account_id, tenant.list_id, [random_phone()])
-        folding = folder.transaction()
-        await folding.start()
-        assert await compact(folder) >= 1  # type: ignore[arg-type]
-        racing = asyncio.create_task(compact(db))  # waits for the first fold's deleted rows
-        await asyncio.sleep(0.2)
-        await folding.commit()
-        await racing
-        await pending.commit()
-    finally:
-        await writer.close()
-        await folder.close()
+    # A send not yet committed while one worker folds, and another worker folding at once.
+    await fold_while_writing(settings.database_url, db,
+                             lambda conn: _add(conn, tenant.account_id, tenant.list_id, [random_phone()]),
+                             fold_contact_counts)
     assert await _counts(db, tenant.list_id) == (9, 9, 2)  # the fold's row and the late send's
-    await compact(db)
+    await fold_contact_counts(db)
     assert await _counts(db, tenant.list_id) == (9, 9, 1)
 
 

@@ -1,0 +1,188 @@
+-- A performance report grouped by offer, creative, campaign, list or date summed every event of the
+-- account in the range (services/gateway/attribution_sql.py, EVENTS): 5-7 s over all time for an
+-- account with 1.6M messages. Those groupings now sum report_rollup: per account, UTC day and
+-- (offer, creative, campaign, list), how many events, sends, clicks, conversions and how much
+-- revenue. (Grouped by message, a report still reads the events: a message is its own group.)
+--
+-- Kept by statement-level triggers with transition tables on every table an event comes from,
+-- each appending its statement's deltas, grouped (so a send of 1000 messages adds a row or a few):
+--   messages                INSERT          a send, at sent_at, under the message's keys
+--   message_clicks          INSERT, UPDATE  a first human click, at clicked_at, under the click's
+--                                           offer (else the message's) and the message's other keys;
+--                                           an earlier click that replaces it moves it
+--   conversions             INSERT, UPDATE  a conversion, at converted_at, under its own keys;
+--                                           counted while approved, worth its ledger; an update
+--                                           takes the old row out and puts the new one in
+--                                           (attribution changes its keys, a status move its count)
+--   conversion_adjustments  INSERT          its amount, under its conversion's keys of the moment
+--   revenue                 INSERT          a record, at occurred_at, under its offer (else the
+--                                           message's) and the message's keys; a sale is a conversion
+-- A conversion's ledger and its keys are written under the conversion's row lock (the worker
+-- locks it FOR UPDATE first), so an adjustment always lands under the keys its conversion has
+-- when it commits, and a change of keys moves the whole ledger. Messages are never updated or
+-- deleted, nor are clicks, adjustments or revenue records deleted: nothing counts that.
+--
+-- events is how many events a row stands for: a group is in a report when it has any (a pending
+-- conversion is an event worth nothing). The worker folds each (account, day)'s new rows into one
+-- per key now and then (services/worker/folding.py); `folded` marks the rows it wrote.
+CREATE TABLE report_rollup (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    account_id  bigint  NOT NULL,
+    day         date    NOT NULL,  -- UTC
+    offer       text,
+    creative    text,
+    campaign    text,
+    list        bigint,
+    events      bigint  NOT NULL,
+    sends       bigint  NOT NULL,
+    clicks      bigint  NOT NULL,
+    conversions bigint  NOT NULL,
+    revenue     numeric NOT NULL,
+    folded      boolean NOT NULL DEFAULT false
+);
+CREATE INDEX report_rollup_account_day ON report_rollup (account_id, day);
+CREATE INDEX report_rollup_unfolded ON report_rollup (account_id, day) WHERE NOT folded;
+
+-- What a trigger hands over: (account, time, keys, measures) rows, added grouped by account, UTC
+-- day and keys, rows that come to nothing dropped.
+CREATE TYPE report_rollup_delta AS (
+    account_id bigint, at timestamptz, offer text, creative text, campaign text, list bigint,
+    events bigint, sends bigint, clicks bigint, conversions bigint, revenue numeric
+);
+
+CREATE FUNCTION report_rollup_add(deltas report_rollup_delta[]) RETURNS void LANGUAGE sql AS $$
+    INSERT INTO report_rollup (account_id, day, offer, creative, campaign, list, events, sends, clicks, conversions, revenue)
+    SELECT account_id, (at AT TIME ZONE 'UTC')::date, offer, creative, campaign, list,
+           sum(events), sum(sends), sum(clicks), sum(conversions), sum(revenue)
+    FROM unnest(deltas)
+    GROUP BY 1, 2, 3, 4, 5, 6
+    HAVING sum(events) <> 0 OR sum(sends) <> 0 OR sum(clicks) <> 0 OR sum(conversions) <> 0 OR sum(revenue) <> 0;
+$$;
+
+-- A send.
+CREATE FUNCTION report_rollup_sends() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM report_rollup_add(ARRAY(SELECT (account_id, sent_at, offer_id, creative_id, schedule_id, list_id, 1, 1, 0, 0, 0)::report_rollup_delta
+        FROM new_messages
+    ));
+    RETURN NULL;
+END
+$$;
+
+-- A message's first human click.
+CREATE FUNCTION report_rollup_new_clicks() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM report_rollup_add(ARRAY(SELECT (n.account_id, n.clicked_at, coalesce(n.offer_id, m.offer_id), m.creative_id, m.schedule_id, m.list_id,
+                1, 0, 1, 0, 0)::report_rollup_delta
+        FROM new_clicks n JOIN messages m ON m.id = n.message_id AND m.account_id = n.account_id
+    ));
+    RETURN NULL;
+END
+$$;
+
+-- A first click replaced by an earlier one: the old out, the new in.
+CREATE FUNCTION report_rollup_moved_clicks() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM report_rollup_add(ARRAY(SELECT (x.account_id, x.clicked_at, coalesce(x.offer_id, m.offer_id), m.creative_id, m.schedule_id, m.list_id,
+                x.sign, 0, x.sign, 0, 0)::report_rollup_delta
+        FROM (SELECT account_id, clicked_at, offer_id, message_id, -1 FROM old_clicks
+              UNION ALL SELECT account_id, clicked_at, offer_id, message_id, 1 FROM new_clicks)
+            AS x(account_id, clicked_at, offer_id, message_id, sign)
+        JOIN messages m ON m.id = x.message_id AND m.account_id = x.account_id
+    ));
+    RETURN NULL;
+END
+$$;
+
+-- A conversion: counted while approved, worth its ledger.
+CREATE FUNCTION report_rollup_new_conversions() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM report_rollup_add(ARRAY(SELECT (n.account_id, n.converted_at, n.offer_id, n.creative_id, n.schedule_id, n.list_id,
+                1, 0, 0, (n.status = 'approved')::int,
+                coalesce((SELECT sum(a.amount) FROM conversion_adjustments a WHERE a.conversion_id = n.id), 0))::report_rollup_delta
+        FROM new_conversions n
+    ));
+    RETURN NULL;
+END
+$$;
+
+-- A conversion changed (attributed, moved): the old row out, the new one in; its ledger moves with its keys.
+CREATE FUNCTION report_rollup_changed_conversions() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM report_rollup_add(ARRAY(SELECT (x.account_id, x.converted_at, x.offer_id, x.creative_id, x.schedule_id, x.list_id,
+                x.sign, 0, 0, x.sign * (x.status = 'approved')::int,
+                x.sign * coalesce((SELECT sum(a.amount) FROM conversion_adjustments a WHERE a.conversion_id = x.id), 0))::report_rollup_delta
+        FROM (SELECT id, account_id, converted_at, offer_id, creative_id, schedule_id, list_id, status, -1
+              FROM old_conversions
+              UNION ALL
+              SELECT id, account_id, converted_at, offer_id, creative_id, schedule_id, list_id, status, 1
+              FROM new_conversions)
+            AS x(id, account_id, converted_at, offer_id, creative_id, schedule_id, list_id, status, sign)
+    ));
+    RETURN NULL;
+END
+$$;
+
+-- A ledger entry: revenue under its conversion's keys.
+CREATE FUNCTION report_rollup_adjustments() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM report_rollup_add(ARRAY(SELECT (c.account_id, c.converted_at, c.offer_id, c.creative_id, c.schedule_id, c.list_id, 0, 0, 0, 0, n.amount)::report_rollup_delta
+        FROM new_adjustments n JOIN conversions c ON c.id = n.conversion_id
+    ));
+    RETURN NULL;
+END
+$$;
+
+-- A revenue record (a sale is a conversion).
+CREATE FUNCTION report_rollup_revenue() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM report_rollup_add(ARRAY(SELECT (n.account_id, n.occurred_at, coalesce(n.offer_id, m.offer_id), m.creative_id, m.schedule_id, m.list_id,
+                1, 0, 0, (n.attribution_type = 'sale')::int, n.amount)::report_rollup_delta
+        FROM new_revenue n JOIN messages m ON m.id = n.message_id
+    ));
+    RETURN NULL;
+END
+$$;
+
+-- The triggers first: creating them locks each table against writers until this migration
+-- commits, so the backfill below and the deltas after it count every event once. Sends, clicks,
+-- postbacks and revenue wait for the backfill (it reads every event once).
+CREATE TRIGGER messages_report_rollup AFTER INSERT ON messages
+    REFERENCING NEW TABLE AS new_messages FOR EACH STATEMENT EXECUTE FUNCTION report_rollup_sends();
+CREATE TRIGGER message_clicks_report_rollup_insert AFTER INSERT ON message_clicks
+    REFERENCING NEW TABLE AS new_clicks FOR EACH STATEMENT EXECUTE FUNCTION report_rollup_new_clicks();
+CREATE TRIGGER message_clicks_report_rollup_update AFTER UPDATE ON message_clicks
+    REFERENCING OLD TABLE AS old_clicks NEW TABLE AS new_clicks
+    FOR EACH STATEMENT EXECUTE FUNCTION report_rollup_moved_clicks();
+CREATE TRIGGER conversions_report_rollup_insert AFTER INSERT ON conversions
+    REFERENCING NEW TABLE AS new_conversions FOR EACH STATEMENT EXECUTE FUNCTION report_rollup_new_conversions();
+CREATE TRIGGER conversions_report_rollup_update AFTER UPDATE ON conversions
+    REFERENCING OLD TABLE AS old_conversions NEW TABLE AS new_conversions
+    FOR EACH STATEMENT EXECUTE FUNCTION report_rollup_changed_conversions();
+CREATE TRIGGER conversion_adjustments_report_rollup AFTER INSERT ON conversion_adjustments
+    REFERENCING NEW TABLE AS new_adjustments FOR EACH STATEMENT EXECUTE FUNCTION report_rollup_adjustments();
+CREATE TRIGGER revenue_report_rollup AFTER INSERT ON revenue
+    REFERENCING NEW TABLE AS new_revenue FOR EACH STATEMENT EXECUTE FUNCTION report_rollup_revenue();
+
+-- Everything stored so far, as the events of attribution_sql.EVENTS, folded.
+INSERT INTO report_rollup (account_id, day, offer, creative, campaign, list, events, sends, clicks, conversions, revenue, folded)
+SELECT account_id, (at AT TIME ZONE 'UTC')::date, offer, creative, campaign, list,
+       count(*), sum(sends), sum(clicks), sum(conversions), sum(revenue), true
+FROM (
+    SELECT m.account_id, m.sent_at, m.offer_id, m.creative_id, m.schedule_id, m.list_id, 1, 0, 0, 0::numeric
+    FROM messages m
+    UNION ALL
+    SELECT mc.account_id, mc.clicked_at, coalesce(mc.offer_id, m.offer_id), m.creative_id, m.schedule_id, m.list_id,
+           0, 1, 0, 0
+    FROM message_clicks mc JOIN messages m ON m.id = mc.message_id AND m.account_id = mc.account_id
+    UNION ALL
+    SELECT c.account_id, c.converted_at, c.offer_id, c.creative_id, c.schedule_id, c.list_id, 0, 0,
+           (c.status = 'approved')::int,
+           coalesce((SELECT sum(a.amount) FROM conversion_adjustments a WHERE a.conversion_id = c.id), 0)
+    FROM conversions c
+    UNION ALL
+    SELECT r.account_id, r.occurred_at, coalesce(r.offer_id, m.offer_id), m.creative_id, m.schedule_id, m.list_id,
+           0, 0, (r.attribution_type = 'sale')::int, r.amount
+    FROM revenue r JOIN messages m ON m.id = r.message_id
+) AS e(account_id, at, offer, creative, campaign, list, sends, clicks, conversions, revenue)
+GROUP BY 1, 2, 3, 4, 5, 6;
