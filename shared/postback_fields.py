@@ -133,7 +133,7 @@ def normalise(params: dict[str, Any], received_at: datetime) -> Postback:
 
     click_id = bounded("click_id")
     conversion_id = bounded("conversion_id")
-    network = (bounded("network", MAX_NETWORK) or DEFAULT_NETWORK).lower()  # "TUNE" is "tune"
+    network = bounded("network", MAX_NETWORK) or DEFAULT_NETWORK
     offer_ref = bounded("offer_id")
     currency = bounded("currency")
     if currency is not None:

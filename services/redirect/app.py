@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
+import idna
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -120,18 +121,21 @@ _MACRO_OR_UNSAFE = re.compile(f"({macros.MACRO_RE.pattern})|[\x00-\x20\x7f-\U001
 
 
 def _ascii_host(url: str) -> str:
-    """The URL with a host in another script in its IDNA (punycode) form, as a browser sends it:
-    percent-encoding is for paths and queries, not host names."""
-    split = urlsplit(url)
-    if split.netloc.isascii() or not split.hostname:
-        return url
+    """The URL with a host in another script in the form a browser sends (IDNA, UTS #46
+    non-transitional, as the WHATWG URL standard has it): percent-encoding is for paths and
+    queries, not host names. Anything it cannot convert is left as it is (then percent-encoded with
+    the rest): an offer already in Redis must never fail its clicks."""
     try:
-        host = split.hostname.encode("idna").decode("ascii")
+        split = urlsplit(url)
+        host = split.hostname
+        if split.netloc.isascii() or not host or "{" in host or ":" in host:  # a macro in the host; IPv6
+            return url
+        ascii_host = idna.encode(host, uts46=True, transitional=False).decode("ascii")
         port = f":{split.port}" if split.port is not None else ""
-    except (UnicodeError, ValueError):
-        return url  # percent-encoded with the rest
+    except (ValueError, idna.IDNAError):  # IDNAError is a UnicodeError; urlsplit and port raise ValueError
+        return url
     userinfo = split.netloc.rpartition("@")[0]
-    return urlunsplit(split._replace(netloc=f"{userinfo}@{host}{port}" if userinfo else f"{host}{port}"))
+    return urlunsplit(split._replace(netloc=f"{userinfo}@{ascii_host}{port}" if userinfo else f"{ascii_host}{port}"))
 
 
 def location_template(url: str) -> str:

@@ -436,18 +436,24 @@ async def rematch_for_clicks(conn: asyncpg.Connection, click_ids: list[str]) -> 
     Returns how many conversions were attributed."""
     if not click_ids:
         return 0
+    # A conversion that names a message and came before its first click is judged again too: the
+    # first click it was judged by may just have been replaced by an earlier one.
     waiting = await conn.fetch(
-        "SELECT id, account_id, click_id, converted_at FROM conversions"
-        " WHERE click_id = ANY($1::text[]) AND NOT attributed AND unattributed_reason = 'click_not_found'"
+        "SELECT id, account_id, click_id, converted_at, unattributed_reason FROM conversions"
+        " WHERE click_id = ANY($1::text[]) AND NOT attributed AND (unattributed_reason = 'click_not_found'"
+        " OR (unattributed_reason = 'before_click' AND click_id ~ '^[A-Za-z0-9]{8}$'))"  # MESSAGE_ID_RE
         " ORDER BY account_id, network, conversion_key FOR UPDATE",  # process_batch's lock order: no deadlock
         list(click_ids),
     )
     if not waiting:
         return 0
     clicks = await fetch_clicks(conn, {w["click_id"] for w in waiting})
-    updates = [(w["id"], clicks.credit(w["account_id"], w["click_id"], w["converted_at"])) for w in waiting]
-    # Still not found stays as it is; any other verdict (attributed, expired, ...) is final.
-    updates = [(cid, v) for cid, v in updates if v.reason != "click_not_found"]
+    # What stays as it was is left alone; any other verdict (attributed, expired, ...) is final
+    # (for a message, until its first click changes).
+    updates = [
+        (w["id"], verdict) for w in waiting
+        if (verdict := clicks.credit(w["account_id"], w["click_id"], w["converted_at"])).reason != w["unattributed_reason"]
+    ]
     await _attribute(conn, updates)
     attributed = [cid for cid, v in updates if v.attributed]
     await _default_from_click_offers(conn, attributed)
@@ -468,11 +474,17 @@ async def rematch_stored(conn: asyncpg.Connection, limit: int = 1000, *, window:
     Returns how many such clicks it took (each one's conversions are judged again, so a next call
     moves on): fewer than ``limit`` means none is left."""
     recent = f" AND c.created_at > now() - interval '{window}'" if window else ""
+    waiting = (
+        "FROM conversions c WHERE NOT c.attributed AND c.unattributed_reason = 'click_not_found'"
+        f" AND c.click_id IS NOT NULL{recent}"
+    )
+    # Two lookups rather than one with OR: each uses its own index (an OR had the planner hash all
+    # of message_clicks once many conversions waited). The second only for ids shaped like a message's.
     click_ids = await conn.fetch(
-        "SELECT DISTINCT c.click_id FROM conversions c"
-        " WHERE NOT c.attributed AND c.unattributed_reason = 'click_not_found' AND c.click_id IS NOT NULL"
-        f"{recent} AND (EXISTS (SELECT 1 FROM clicks k WHERE k.id = c.click_id AND k.account_id = c.account_id)"
-        " OR EXISTS (SELECT 1 FROM message_clicks mc WHERE mc.message_id = c.click_id AND mc.account_id = c.account_id))"
+        f"SELECT c.click_id {waiting}"
+        " AND EXISTS (SELECT 1 FROM clicks k WHERE k.id = c.click_id AND k.account_id = c.account_id)"
+        f" UNION SELECT c.click_id {waiting} AND c.click_id ~ '^[A-Za-z0-9]{{8}}$'"  # MESSAGE_ID_RE
+        " AND EXISTS (SELECT 1 FROM message_clicks mc WHERE mc.message_id = c.click_id AND mc.account_id = c.account_id)"
         " LIMIT $1",
         limit,
     )

@@ -75,12 +75,14 @@ async def test_a_body_of_another_declared_type_is_read_or_kept(api, db, tenant, 
     token = f"/postback/{tenant.postback_token}"
     resp = await api.post(token, content=b'{"aff_sub": "j2", "payout": "2.5", "txid": "t9"}', headers=headers)
     assert resp.json()["status"] == "accepted"
-    resp = await api.post(token + "?click_id=raw", content=b"something else", headers=headers)
+    # The fields in the query, anything in the body: a postback like any other, the body kept.
+    resp = await api.post(token + "?click_id=raw&payout=7&txid=qb", content=b"OK", headers=headers)
     assert resp.json()["status"] == "accepted"
     read, kept = sorted(await stored(db, tenant), key=lambda r: r["id"])
     assert (read["click_id"], read["payout"], read["conversion_key"], read["parse_error"]) == ("j2", Decimal("2.5"), "t9", None)
     params = await db.fetchval("SELECT params FROM postbacks WHERE id = $1", kept["id"])
-    assert params == {"click_id": "raw", "_body": "something else"} and "nor a JSON object" in kept["parse_error"]
+    assert params == {"click_id": "raw", "payout": "7", "txid": "qb", "_body": "OK"}
+    assert (kept["payout"], kept["conversion_key"], kept["parse_error"]) == (Decimal(7), "qb", None)
 
 
 @pytest.mark.parametrize("params, error", [

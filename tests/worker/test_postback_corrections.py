@@ -98,6 +98,6 @@ async def test_postbacks_that_carry_nothing_usable_are_kept_and_never_count(api,
     assert [p["state"] for p in log] == ["failed"] * 3
     by_bool, by_body, empty = log
     assert "payout" in by_bool["error"] and by_bool["params"]["payout"] is True
-    assert "nor a JSON object" in by_body["error"] and by_body["params"]["_body"] == '{"payout": 5'
+    assert "not a JSON object" in by_body["error"] and by_body["params"]["_body"] == '{"payout": 5'
     assert "no fields" in empty["error"] and empty["params"] == {}
     assert await db.fetchval("SELECT count(*) FROM conversions WHERE account_id = $1", tenant.account_id) == 0

@@ -27,7 +27,7 @@ log = logging.getLogger("trackly.gateway.postbacks")
 
 # Where a JSON body that is not a JSON object is kept, as text, among the params.
 BODY_PARAM = "_body"
-_BODY_ERROR = "body: neither form fields nor a JSON object"
+_BODY_ERROR = "body: not a JSON object"
 TOKEN_TTL = 30.0  # seconds a token -> account mapping is trusted without asking PostgreSQL
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{1,200}")  # what ids.postback_token mints (url-safe base64)
 # Deeper JSON bodies are kept as text: the params are walked recursively, and stored as jsonb.
@@ -97,7 +97,9 @@ async def _params(request: Request) -> tuple[dict[str, Any], str | None]:
         await form.close()
     else:
         # JSON, and any other body: networks mislabel JSON (text/plain, no type at all), and what
-        # cannot be read as fields is still kept as sent.
+        # cannot be read as fields is still kept as sent (an error only where JSON was declared:
+        # a network that sends its fields in the query may send anything as the body).
+        declared_json = content_type.startswith("application/json")
         raw = await read_body(request)
         try:
             data = jsonio.loads(raw)
@@ -111,7 +113,7 @@ async def _params(request: Request) -> tuple[dict[str, Any], str | None]:
                 params.setdefault(str(key), value)
         elif raw.strip():
             params[BODY_PARAM] = raw.decode("utf-8", "replace")  # kept as sent: nothing a network sent is lost
-            return params, _BODY_ERROR
+            return params, _BODY_ERROR if declared_json else None
     return params, None
 
 
