@@ -63,8 +63,9 @@ _SUMS = "sum(sends)::bigint AS sends, sum(clicks)::bigint AS clicks, sum(convers
 
 
 # The same sums from report_rollup (migration 0016: the events summed per account, UTC day and
-# keys, kept by triggers), for every grouping but by message. Days are whole UTC days, as the
-# range's bounds are. A group is there when it has any event ($2, $3 as for EVENTS).
+# keys, kept by triggers), for every grouping but by message. A group is there when it has any
+# event. $2 and $3 as for EVENTS, but they must be UTC midnights (the rollup has whole UTC days;
+# reports.py's range is days): another time would be taken to its day.
 ROLLUP = """
 SELECT {key} AS key, sum(sends)::bigint AS sends, sum(clicks)::bigint AS clicks,
        sum(conversions)::bigint AS conversions, sum(revenue) AS revenue

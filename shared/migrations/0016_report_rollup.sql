@@ -17,9 +17,12 @@
 --   conversion_adjustments  INSERT          its amount, under its conversion's keys of the moment
 --   revenue                 INSERT          a record, at occurred_at, under its offer (else the
 --                                           message's) and the message's keys; a sale is a conversion
--- A conversion's ledger and its keys are written under the conversion's row lock (the worker
--- locks it FOR UPDATE first), so an adjustment always lands under the keys its conversion has
--- when it commits, and a change of keys moves the whole ledger. Messages are never updated or
+-- A ledger entry is written in a statement of its own, after the one that creates or changes its
+-- conversion (a conversion's trigger counts the ledger as it stands, an entry's trigger adds the
+-- entry: the same statement doing both would count it twice). A conversion's ledger and its keys
+-- are written under the conversion's row lock (the worker locks it FOR UPDATE first), so an
+-- adjustment always lands under the keys its conversion has when it commits, and a change of keys
+-- moves the whole ledger. Messages are never updated or
 -- deleted, nor are clicks, adjustments or revenue records deleted: nothing counts that.
 --
 -- events is how many events a row stands for: a group is in a report when it has any (a pending
@@ -43,6 +46,11 @@ CREATE TABLE report_rollup (
 CREATE INDEX report_rollup_account_day ON report_rollup (account_id, day);
 CREATE INDEX report_rollup_unfolded ON report_rollup (account_id, day) WHERE NOT folded;
 
+-- The triggers that join a big table (messages, conversions) run their statement with EXECUTE:
+-- planned for each statement's own rows. A plan kept from a connection's first call is sized for
+-- that call's transition table: after a first drain of 30,000 clicks, every later drain on the
+-- connection merge-joined all of messages (230 ms for one click at 1.5M messages).
+--
 -- What a trigger hands over: (account, time, keys, measures) rows, added grouped by account, UTC
 -- day and keys, rows that come to nothing dropped.
 CREATE TYPE report_rollup_delta AS (
@@ -72,10 +80,10 @@ $$;
 -- A message's first human click.
 CREATE FUNCTION report_rollup_new_clicks() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM report_rollup_add(ARRAY(SELECT (n.account_id, n.clicked_at, coalesce(n.offer_id, m.offer_id), m.creative_id, m.schedule_id, m.list_id,
+    EXECUTE $q$SELECT report_rollup_add(ARRAY(SELECT (n.account_id, n.clicked_at, coalesce(n.offer_id, m.offer_id), m.creative_id, m.schedule_id, m.list_id,
                 1, 0, 1, 0, 0)::report_rollup_delta
         FROM new_clicks n JOIN messages m ON m.id = n.message_id AND m.account_id = n.account_id
-    ));
+    ))$q$;
     RETURN NULL;
 END
 $$;
@@ -83,13 +91,13 @@ $$;
 -- A first click replaced by an earlier one: the old out, the new in.
 CREATE FUNCTION report_rollup_moved_clicks() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM report_rollup_add(ARRAY(SELECT (x.account_id, x.clicked_at, coalesce(x.offer_id, m.offer_id), m.creative_id, m.schedule_id, m.list_id,
+    EXECUTE $q$SELECT report_rollup_add(ARRAY(SELECT (x.account_id, x.clicked_at, coalesce(x.offer_id, m.offer_id), m.creative_id, m.schedule_id, m.list_id,
                 x.sign, 0, x.sign, 0, 0)::report_rollup_delta
         FROM (SELECT account_id, clicked_at, offer_id, message_id, -1 FROM old_clicks
               UNION ALL SELECT account_id, clicked_at, offer_id, message_id, 1 FROM new_clicks)
             AS x(account_id, clicked_at, offer_id, message_id, sign)
         JOIN messages m ON m.id = x.message_id AND m.account_id = x.account_id
-    ));
+    ))$q$;
     RETURN NULL;
 END
 $$;
@@ -126,9 +134,9 @@ $$;
 -- A ledger entry: revenue under its conversion's keys.
 CREATE FUNCTION report_rollup_adjustments() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM report_rollup_add(ARRAY(SELECT (c.account_id, c.converted_at, c.offer_id, c.creative_id, c.schedule_id, c.list_id, 0, 0, 0, 0, n.amount)::report_rollup_delta
+    EXECUTE $q$SELECT report_rollup_add(ARRAY(SELECT (c.account_id, c.converted_at, c.offer_id, c.creative_id, c.schedule_id, c.list_id, 0, 0, 0, 0, n.amount)::report_rollup_delta
         FROM new_adjustments n JOIN conversions c ON c.id = n.conversion_id
-    ));
+    ))$q$;
     RETURN NULL;
 END
 $$;
@@ -136,17 +144,19 @@ $$;
 -- A revenue record (a sale is a conversion).
 CREATE FUNCTION report_rollup_revenue() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM report_rollup_add(ARRAY(SELECT (n.account_id, n.occurred_at, coalesce(n.offer_id, m.offer_id), m.creative_id, m.schedule_id, m.list_id,
+    EXECUTE $q$SELECT report_rollup_add(ARRAY(SELECT (n.account_id, n.occurred_at, coalesce(n.offer_id, m.offer_id), m.creative_id, m.schedule_id, m.list_id,
                 1, 0, 0, (n.attribution_type = 'sale')::int, n.amount)::report_rollup_delta
         FROM new_revenue n JOIN messages m ON m.id = n.message_id
-    ));
+    ))$q$;
     RETURN NULL;
 END
 $$;
 
 -- The triggers first: creating them locks each table against writers until this migration
 -- commits, so the backfill below and the deltas after it count every event once. Sends, clicks,
--- postbacks and revenue wait for the backfill (it reads every event once).
+-- postbacks and revenue wait for the backfill: it reads every event once, about 3 s per million
+-- (measured: 4.8 s with 1.5M messages and 150k other events). On a big database, apply it when
+-- a few seconds of waiting writes are acceptable.
 CREATE TRIGGER messages_report_rollup AFTER INSERT ON messages
     REFERENCING NEW TABLE AS new_messages FOR EACH STATEMENT EXECUTE FUNCTION report_rollup_sends();
 CREATE TRIGGER message_clicks_report_rollup_insert AFTER INSERT ON message_clicks

@@ -103,7 +103,8 @@ async def test_the_rollup_gives_the_events_reports(api, db, redis, tenant, run_w
                    timestamp=(DAY0 + timedelta(days=6)).isoformat())
     late = [click(m, m["sent_at"] + timedelta(hours=1)) for m in messages if m not in clicked][:3]
     for n, c in enumerate(late):
-        await postback(api, tenant, click_id=c["id"], conversion_id=f"late{n}", timestamp=conv_at(c))
+        # Paid: when the late click attributes it, a ledger that is not 0 moves with its keys.
+        await postback(api, tenant, click_id=c["id"], conversion_id=f"late{n}", payout="6.5", timestamp=conv_at(c))
     await run_worker()
     for n, c in enumerate(first[15:19]):
         await postback(api, tenant, click_id=c["id"], conversion_id=f"p{n}", status=["approved", "rejected"][n % 2],
@@ -126,6 +127,9 @@ async def test_the_rollup_gives_the_events_reports(api, db, redis, tenant, run_w
 
     conversions = await db.fetch("SELECT status, attributed FROM conversions WHERE account_id = $1", tenant.account_id)
     assert {r["status"] for r in conversions} == {"approved", "pending", "rejected", "reversed"}
+    late_paid = await db.fetch("SELECT c.attributed, (SELECT sum(amount) FROM conversion_adjustments a WHERE a.conversion_id = c.id)"
+                               " AS ledger FROM conversions c WHERE account_id = $1 AND conversion_key LIKE 'late%'", tenant.account_id)
+    assert [(r["attributed"], r["ledger"]) for r in late_paid] == [(True, 6.5)] * 3
     assert sum(r["attributed"] for r in conversions) >= 15
     compared = await _assert_same_reports(db, tenant.account_id)
     assert compared > 50
@@ -137,8 +141,8 @@ async def test_the_rollup_gives_the_events_reports(api, db, redis, tenant, run_w
     # And a report through the API is the rollup's.
     body = (await api.get("/api/v2/reports/performance?group_by=offer", headers=tenant.headers)).json()
     events = await _report(db, tenant.account_id, "offer", None, None, from_events=True)
-    assert [(r["key"], r["sends"], r["clicks"], r["conversions"]) for r in body["rows"]] == [
-        (r["key"], r["sends"], r["clicks"], r["conversions"]) for r in events]
+    assert [(r["key"], r["sends"], r["clicks"], r["conversions"], r["revenue"]) for r in body["rows"]] == [
+        (r["key"], r["sends"], r["clicks"], r["conversions"], float(r["revenue"])) for r in events]
 
 
 async def test_folding_keeps_what_is_written_meanwhile(api, db, tenant, settings):
