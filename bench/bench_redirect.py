@@ -374,6 +374,11 @@ def _http_bench(env: BenchEnv, data: dict) -> list[str]:
         turns = [p.rps / f.rps for p, f in zip(results[name], results["floor"], strict=True)]
         lines.append(f"  {name} hop / floor, turn by turn: {', '.join(f'{t:.2f}' for t in turns)}"
                      f" (median {statistics.median(turns):.2f})")
+        # Each turn's tail against the floor's in the same round: one 6 s turn's p99 can carry a
+        # single stall (an fsync of Redis's AOF on a shared disk), which the best-rps turn may be.
+        tails = [p.p99_ms / f.p99_ms for p, f in zip(results[name], results["floor"], strict=True)]
+        lines.append(f"  {name} hop p99 / floor p99, turn by turn: {', '.join(f'{t:.2f}' for t in tails)}"
+                     f" (median {statistics.median(tails):.2f})")
     # Requests/s on this shared machine move with whatever else runs (turns of one run differ by
     # 2x); the server CPU each request costs moves less (it still does: caches and clock are
     # shared), and 1 / that is the rate of a core of its own. Medians of the turns. The redirect
