@@ -6,6 +6,16 @@ On a live database a migration's lock waits behind long transactions, and every 
 the table queues behind the waiting migration: the whole API stalls while it waits. So a
 migration waits at most ``LOCK_TIMEOUT`` for a lock, then gives up, lets the queue drain for
 ``LOCK_RETRY_PAUSE`` and tries again, up to ``LOCK_ATTEMPTS`` times in all.
+
+A migration that sets up something triggers keep up to date and then fills it from the rows
+already there (the report rollup) has a ``BACKFILL`` line: what comes before it runs as any
+migration does, and exports its snapshot while it holds its locks; what comes after runs on
+another connection, in a transaction that reads that snapshot, after the first has committed. So
+writers wait only for the DDL, not for the backfill, and every row is counted once: the backfill
+sees exactly the rows written before the triggers existed (nothing could write meanwhile, the
+locks were held), the triggers count every later one. The version is recorded with the backfill:
+if that fails, the migration runs again from the start (its first part must be written to, and
+empties what the triggers counted in the meantime).
 """
 from __future__ import annotations
 
@@ -20,6 +30,7 @@ log = logging.getLogger("trackly.migrate")
 LOCK_TIMEOUT = 2.0  # seconds
 LOCK_RETRY_PAUSE = 1.0
 LOCK_ATTEMPTS = 30
+BACKFILL = "-- trackly: backfill from the snapshot above\n"
 
 # Arbitrary, fixed: "trackly" in ASCII, as one bigint.
 _LOCK_ID = 0x747261636B6C79
@@ -46,7 +57,7 @@ async def migrate(dsn: str) -> list[str]:
             for version, sql in _migrations():
                 if version in done:
                     continue
-                await _apply(conn, version, sql)
+                await _apply(dsn, conn, version, sql)
                 applied.append(version)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
@@ -55,20 +66,53 @@ async def migrate(dsn: str) -> list[str]:
     return applied
 
 
-async def _apply(conn: asyncpg.Connection, version: str, sql: str) -> None:
+async def _apply(dsn: str, conn: asyncpg.Connection, version: str, sql: str) -> None:
+    schema, _, backfill = sql.partition(BACKFILL)
     for attempt in range(1, LOCK_ATTEMPTS + 1):
         try:
+            if backfill:
+                await _apply_with_backfill(dsn, conn, version, schema, backfill)
+                return
             async with conn.transaction():
                 await conn.execute(f"SET LOCAL lock_timeout = '{int(LOCK_TIMEOUT * 1000)}ms'")
-                await conn.execute(sql)
+                await conn.execute(schema)
                 await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
             return
-        except asyncpg.LockNotAvailableError:
+        except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError) as exc:
+            # A deadlock: a writer that holds a table this migration locks next, and waits for one
+            # it has locked already. The writer goes on; the migration tries again.
             if attempt == LOCK_ATTEMPTS:
                 raise
-            log.warning("migration %s waited %.1f s for a lock (attempt %d of %d); trying again",
-                        version, LOCK_TIMEOUT, attempt, LOCK_ATTEMPTS)
+            log.warning("migration %s could not take its locks (%s; attempt %d of %d); trying again",
+                        version, type(exc).__name__, attempt, LOCK_ATTEMPTS)
             await asyncio.sleep(LOCK_RETRY_PAUSE)
+
+
+async def before_backfill(version: str) -> None:
+    """Called between the two parts of a migration with a backfill (tests pause or fail there)."""
+
+
+async def _apply_with_backfill(dsn: str, conn: asyncpg.Connection, version: str, schema: str, backfill: str) -> None:
+    reader = await asyncpg.connect(dsn)
+    try:
+        filling = reader.transaction(isolation="repeatable_read")
+        async with conn.transaction():
+            await conn.execute(f"SET LOCAL lock_timeout = '{int(LOCK_TIMEOUT * 1000)}ms'")
+            await conn.execute(schema)
+            snapshot = await conn.fetchval("SELECT pg_export_snapshot()")
+            await filling.start()
+            await reader.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
+        # The triggers are live, the locks released; the backfill reads the rows from before.
+        try:
+            await before_backfill(version)
+            await reader.execute(backfill)
+            await reader.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+        except BaseException:
+            await filling.rollback()
+            raise
+        await filling.commit()
+    finally:
+        await reader.close()
 
 
 async def pending(dsn: str) -> list[str] | None:

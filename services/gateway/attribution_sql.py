@@ -75,6 +75,7 @@ WHERE account_id = $1 AND day >= coalesce(($2::timestamptz AT TIME ZONE 'UTC')::
 GROUP BY 1
 HAVING sum(events) > 0
 """
+ROLLUP_VERSION = "0016_report_rollup"  # recorded once its backfill has committed: the rollup is whole
 ROLLUP_KEYS = {
     "offer": "offer",
     "creative": "creative",

@@ -177,3 +177,21 @@ async def test_reports_beyond_their_slots_wait_without_holding_up_other_calls(ap
         for _ in range(REPORT_SLOTS):
             slots.release()
     assert (await asyncio.wait_for(report, 10)).status_code == 200
+
+
+async def test_reports_read_the_rollup_only_once_its_backfill_has_committed(api, db, tenant, gateway_app):
+    """Migration 0016 records itself with its backfill (shared/migrate.py); until then, a report
+    sums the events. A row only the rollup has shows which one answered."""
+    await db.execute(
+        "INSERT INTO report_rollup (account_id, day, offer, events, sends, clicks, conversions, revenue)"
+        " VALUES ($1, '2026-03-01', 'only-in-the-rollup', 1, 7, 0, 0, 0)", tenant.account_id)
+    gateway_app.state.rollup_ready = False
+    await db.execute("UPDATE schema_migrations SET version = 'pending_0016' WHERE version = '0016_report_rollup'")
+    try:
+        keys = [r["key"] for r in (await api.get("/api/v2/reports/performance?group_by=offer", headers=tenant.headers)).json()["rows"]]
+        assert keys == []
+    finally:
+        await db.execute("UPDATE schema_migrations SET version = '0016_report_rollup' WHERE version = 'pending_0016'")
+    keys = [r["key"] for r in (await api.get("/api/v2/reports/performance?group_by=offer", headers=tenant.headers)).json()["rows"]]
+    assert keys == ["only-in-the-rollup"]
+    await db.execute("DELETE FROM report_rollup WHERE account_id = $1", tenant.account_id)

@@ -178,41 +178,112 @@ async def test_contacts_leave_room_for_their_click_updates(db):
 
 async def test_the_report_rollup_starts_from_the_events_already_stored(settings, db):
     """Migration 0016 on a database with events of every kind: each rollup report is the events'."""
-    from services.gateway.attribution_sql import ROLLUP_KEYS, report_page
-
     async with _scratch_database(settings, db, "trackly_migrate_rollup") as dsn:
         conn = await asyncpg.connect(dsn)
         try:
             await _migrate_before(conn, "0016")
-            await conn.execute("""
-                INSERT INTO accounts (id, name, api_key_hash, postback_token) VALUES (1, 'a', 'h', 't');
-                INSERT INTO messages (id, account_id, list_id, to_phone, body, offer_id, creative_id, schedule_id, sent_at)
-                SELECT 'm' || lpad(i::text, 7, '0'), 1, 1 + i % 2, '+1415555' || lpad(i::text, 4, '0'), 'x',
-                       'o' || i % 3, CASE WHEN i % 4 > 0 THEN 'c' || i % 2 END, 's' || i % 5,
-                       timestamptz '2026-03-01 10:00Z' + i * interval '7 hours'
-                FROM generate_series(1, 60) i;
-                INSERT INTO message_clicks (message_id, click_id, account_id, offer_id, clicked_at)
-                SELECT id, 'k' || id, 1, CASE WHEN right(id, 1) = '3' THEN 'o9' END, sent_at + interval '20 hours'
-                FROM messages WHERE right(id, 1) IN ('1', '3', '5');
-                INSERT INTO conversions (account_id, network, conversion_key, click_id, status, payout, converted_at,
-                                         offer_id, attributed, message_id, creative_id, schedule_id, list_id)
-                SELECT 1, 'default', 'v' || m.id, mc.click_id, CASE right(m.id, 1) WHEN '1' THEN 'approved' WHEN '3' THEN 'pending' ELSE 'reversed' END,
-                       2, mc.clicked_at + interval '1 day', m.offer_id, true, m.id, m.creative_id, m.schedule_id, m.list_id
-                FROM message_clicks mc JOIN messages m ON m.id = mc.message_id;
-                INSERT INTO conversion_adjustments (conversion_id, from_status, to_status, amount)
-                SELECT id, NULL, 'approved', 2 FROM conversions;
-                INSERT INTO conversion_adjustments (conversion_id, from_status, to_status, amount)
-                SELECT id, 'approved', 'reversed', -2 FROM conversions WHERE status = 'reversed';
-                INSERT INTO revenue (id, account_id, message_id, offer_id, amount, attribution_type, occurred_at)
-                SELECT md5(id), 1, id, CASE WHEN right(id, 1) = '2' THEN 'o7' END, 1.5, 'sale', sent_at + interval '2 days'
-                FROM messages WHERE right(id, 1) IN ('2', '4');
-            """)
+            await conn.execute(_EVENTS_OF_EVERY_KIND)
             assert "0016_report_rollup" in await migrate(dsn)
-            for group_by in ROLLUP_KEYS:
-                rolled, summed = [
-                    [dict(r) for r in await conn.fetch(report_page(group_by, from_events=e), 1, None, None, 1000, 0)]
-                    for e in (False, True)
-                ]
-                assert rolled == summed and len(rolled) > 1, group_by
+            await _assert_rollup_is_the_events(conn)
         finally:
             await conn.close()
+
+
+# Account 1's events of every kind, in a database migrated up to before 0016.
+_EVENTS_OF_EVERY_KIND = """
+INSERT INTO accounts (id, name, api_key_hash, postback_token) VALUES (1, 'a', 'h', 't');
+INSERT INTO messages (id, account_id, list_id, to_phone, body, offer_id, creative_id, schedule_id, sent_at)
+SELECT 'm' || lpad(i::text, 7, '0'), 1, 1 + i % 2, '+1415555' || lpad(i::text, 4, '0'), 'x',
+       'o' || i % 3, CASE WHEN i % 4 > 0 THEN 'c' || i % 2 END, 's' || i % 5,
+       timestamptz '2026-03-01 10:00Z' + i * interval '7 hours'
+FROM generate_series(1, 60) i;
+INSERT INTO message_clicks (message_id, click_id, account_id, offer_id, clicked_at)
+SELECT id, 'k' || id, 1, CASE WHEN right(id, 1) = '3' THEN 'o9' END, sent_at + interval '20 hours'
+FROM messages WHERE right(id, 1) IN ('1', '3', '5');
+INSERT INTO conversions (account_id, network, conversion_key, click_id, status, payout, converted_at,
+                         offer_id, attributed, message_id, creative_id, schedule_id, list_id)
+SELECT 1, 'default', 'v' || m.id, mc.click_id, CASE right(m.id, 1) WHEN '1' THEN 'approved' WHEN '3' THEN 'pending' ELSE 'reversed' END,
+       2, mc.clicked_at + interval '1 day', m.offer_id, true, m.id, m.creative_id, m.schedule_id, m.list_id
+FROM message_clicks mc JOIN messages m ON m.id = mc.message_id;
+INSERT INTO conversion_adjustments (conversion_id, from_status, to_status, amount)
+SELECT id, NULL, 'approved', 2 FROM conversions;
+INSERT INTO conversion_adjustments (conversion_id, from_status, to_status, amount)
+SELECT id, 'approved', 'reversed', -2 FROM conversions WHERE status = 'reversed';
+INSERT INTO revenue (id, account_id, message_id, offer_id, amount, attribution_type, occurred_at)
+SELECT md5(id), 1, id, CASE WHEN right(id, 1) = '2' THEN 'o7' END, 1.5, 'sale', sent_at + interval '2 days'
+FROM messages WHERE right(id, 1) IN ('2', '4');
+"""
+
+
+@contextlib.asynccontextmanager
+async def _before_the_rollup(settings, db, name: str) -> AsyncIterator[tuple[str, asyncpg.Connection]]:
+    """(dsn, a connection to it): a scratch database migrated up to before 0016, with events."""
+    async with _scratch_database(settings, db, name) as dsn:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await _migrate_before(conn, "0016")
+            await conn.execute(_EVENTS_OF_EVERY_KIND)
+            yield dsn, conn
+        finally:
+            await conn.close()
+
+
+async def _assert_rollup_is_the_events(conn: asyncpg.Connection) -> None:
+    from services.gateway.attribution_sql import ROLLUP_KEYS, report_page
+
+    for group_by in ROLLUP_KEYS:
+        rolled, summed = [
+            [dict(r) for r in await conn.fetch(report_page(group_by, from_events=e), 1, None, None, 1000, 0)]
+            for e in (False, True)
+        ]
+        assert rolled == summed and len(rolled) > 1, group_by
+
+
+async def _write_events(dsn: str) -> None:
+    """A send and a status move, from another connection, each within a second: nothing holds them."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("SET statement_timeout = '1s'")  # a connection of its own, closed below
+        await conn.execute(
+            "INSERT INTO messages (id, account_id, list_id, to_phone, body, offer_id, sent_at)"
+            " SELECT 'late' || i, 1, 1, '+14155550000', 'x', 'o1', timestamptz '2026-03-02 10:00Z' FROM generate_series(1, 5) i")
+        await conn.execute("UPDATE conversions SET status = 'approved' WHERE status = 'pending'")
+    finally:
+        await conn.close()
+
+
+async def test_writes_go_on_while_the_rollup_is_backfilled_and_count_once(settings, db, monkeypatch):
+    """The backfill runs after the triggers' DDL has committed, on the snapshot taken under its
+    locks: writes made meanwhile are not held, and are counted by the triggers, not again by it;
+    until it commits, the version is not recorded (reports sum the events)."""
+    async with _before_the_rollup(settings, db, "trackly_migrate_backfill") as (dsn, conn):
+
+        async def meanwhile(version: str) -> None:
+            assert not await conn.fetchval("SELECT count(*) FROM schema_migrations WHERE version = $1", version)
+            await _write_events(dsn)
+
+        monkeypatch.setattr(migrate_module, "before_backfill", meanwhile)
+        assert "0016_report_rollup" in await migrate(dsn)
+        assert await conn.fetchval("SELECT count(*) FROM messages WHERE id LIKE 'late%'") == 5
+        await _assert_rollup_is_the_events(conn)
+
+
+async def test_a_backfill_that_fails_is_done_again_from_the_start(settings, db, monkeypatch):
+    async with _before_the_rollup(settings, db, "trackly_migrate_refill") as (dsn, conn):
+
+        async def fail(version: str) -> None:
+            raise RuntimeError("the backfill's connection died")
+
+        monkeypatch.setattr(migrate_module, "before_backfill", fail)
+        with pytest.raises(RuntimeError):
+            await migrate(dsn)
+        assert await conn.fetchval("SELECT max(version) FROM schema_migrations") < "0016"
+        await _write_events(dsn)  # counted by the triggers of the failed attempt
+        assert await conn.fetchval("SELECT count(*) FROM report_rollup") > 0
+        monkeypatch.setattr(migrate_module, "before_backfill", _no_pause)
+        assert "0016_report_rollup" in await migrate(dsn)
+        await _assert_rollup_is_the_events(conn)
+
+
+async def _no_pause(version: str) -> None:
+    pass

@@ -11,7 +11,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.routing import Route
 
-from services.gateway.attribution_sql import GROUP_KEYS, report_page
+from services.gateway.attribution_sql import GROUP_KEYS, ROLLUP_VERSION, report_page
 from services.gateway.auth import authenticate
 from services.gateway.http import JSONResponse, page_params
 from shared.errors import validation
@@ -47,6 +47,17 @@ def metrics(row: Any) -> dict[str, Any]:
 REPORT_SLOTS = 3  # of the gateway's 10 pooled connections (app.state.report_slots)
 
 
+async def _rollup_ready(request: Request, conn: Any) -> bool:
+    """Whether the report rollup is whole: its migration records itself only once its backfill has
+    committed (shared/migrate.py). Until then a report sums the events; once seen, it stays."""
+    state = request.app.state
+    if not getattr(state, "rollup_ready", False):
+        state.rollup_ready = bool(
+            await conn.fetchval("SELECT EXISTS (SELECT 1 FROM schema_migrations WHERE version = $1)", ROLLUP_VERSION)
+        )
+    return bool(state.rollup_ready)
+
+
 def _day(request: Request, name: str) -> datetime | None:
     raw = request.query_params.get(name)
     if not raw:
@@ -72,7 +83,7 @@ async def performance(request: Request) -> JSONResponse:
     # At most REPORT_SLOTS reports query at once: a burst of heavy reports must not take every
     # pooled connection from sends, links and postbacks (a fuzzing run saw 20 of them do it).
     async with request.app.state.report_slots, request.app.state.db.acquire() as conn:
-        query = report_page(group_by)
+        query = report_page(group_by, from_events=not await _rollup_ready(request, conn))
         rows = await conn.fetch(query, account.id, start, end_exclusive, page.per_page, page.offset)
         # Every row carries the group count and the totals; a page past the last group has none,
         # so the first group is asked for them (no group at all: nothing happened in the range).
