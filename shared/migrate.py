@@ -34,6 +34,10 @@ BACKFILL = "-- trackly: backfill from the snapshot above\n"
 
 # Arbitrary, fixed: "trackly" in ASCII, as one bigint.
 _LOCK_ID = 0x747261636B6C79
+# Held by a backfill's transaction until it commits, and taken by the DDL part of every migration
+# with a backfill: a run whose connection (and with it _LOCK_ID) was lost mid-backfill is waited
+# for, and its version then seen, instead of being undone by the next run. "backfill".
+_BACKFILL_LOCK_ID = 0x6261636B66696C6C
 
 
 def _migrations() -> list[tuple[str, str]]:
@@ -60,7 +64,8 @@ async def migrate(dsn: str) -> list[str]:
                 await _apply(dsn, conn, version, sql)
                 applied.append(version)
         finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
+            if not conn.is_closed():  # a connection that died took its lock with it
+                await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
     finally:
         await conn.close()
     return applied
@@ -98,12 +103,21 @@ async def _apply_with_backfill(dsn: str, conn: asyncpg.Connection, version: str,
         filling = reader.transaction(isolation="repeatable_read")
         async with conn.transaction():
             await conn.execute(f"SET LOCAL lock_timeout = '{int(LOCK_TIMEOUT * 1000)}ms'")
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _BACKFILL_LOCK_ID)
+            if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM schema_migrations WHERE version = $1)", version):
+                return  # a run that lost its connection finished it meanwhile
             await conn.execute(schema)
             snapshot = await conn.fetchval("SELECT pg_export_snapshot()")
             await filling.start()
             await reader.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
+            # Granted once this transaction commits and releases it: sent now, so that no other
+            # run can take it in between.
+            handed_over = asyncio.ensure_future(reader.execute("SELECT pg_advisory_xact_lock($1)", _BACKFILL_LOCK_ID))
+            handed_over.add_done_callback(lambda task: task.cancelled() or task.exception())  # raised below if at all
+            await asyncio.sleep(0)  # the request is on its way before the commit below
         # The triggers are live, the locks released; the backfill reads the rows from before.
         try:
+            await handed_over
             await before_backfill(version)
             await reader.execute(backfill)
             await reader.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)

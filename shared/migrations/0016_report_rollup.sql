@@ -28,15 +28,10 @@
 -- events is how many events a row stands for: a group is in a report when it has any (a pending
 -- conversion is an event worth nothing). The worker folds each (account, day)'s new rows into one
 -- per key now and then (services/worker/folding.py); `folded` marks the rows it wrote.
--- From the start again if a backfill failed after this part committed (shared/migrate.py): what the
--- triggers counted meanwhile goes with the table.
-DROP TABLE IF EXISTS report_rollup;
-DROP FUNCTION IF EXISTS report_rollup_sends(), report_rollup_new_clicks(), report_rollup_moved_clicks(),
-    report_rollup_new_conversions(), report_rollup_changed_conversions(), report_rollup_adjustments(),
-    report_rollup_revenue() CASCADE;
-DROP TYPE IF EXISTS report_rollup_delta CASCADE;
-
-CREATE TABLE report_rollup (
+-- Written to run again (shared/migrate.py) if the backfill failed after this part committed: what
+-- the triggers counted meanwhile is emptied below, and the backfill starts over. Replacing rather
+-- than dropping: dropping a trigger would lock its table against readers too.
+CREATE TABLE IF NOT EXISTS report_rollup (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     account_id  bigint  NOT NULL,
     day         date    NOT NULL,  -- UTC
@@ -51,8 +46,8 @@ CREATE TABLE report_rollup (
     revenue     numeric NOT NULL,
     folded      boolean NOT NULL DEFAULT false
 );
-CREATE INDEX report_rollup_account_day ON report_rollup (account_id, day);
-CREATE INDEX report_rollup_unfolded ON report_rollup (account_id, day) WHERE NOT folded;
+CREATE INDEX IF NOT EXISTS report_rollup_account_day ON report_rollup (account_id, day);
+CREATE INDEX IF NOT EXISTS report_rollup_unfolded ON report_rollup (account_id, day) WHERE NOT folded;
 
 -- The triggers that join a big table (messages, conversions) run their statement with EXECUTE:
 -- planned for each statement's own rows. A plan kept from a connection's first call is sized for
@@ -61,12 +56,15 @@ CREATE INDEX report_rollup_unfolded ON report_rollup (account_id, day) WHERE NOT
 --
 -- What a trigger hands over: (account, time, keys, measures) rows, added grouped by account, UTC
 -- day and keys, rows that come to nothing dropped.
-CREATE TYPE report_rollup_delta AS (
-    account_id bigint, at timestamptz, offer text, creative text, campaign text, list bigint,
-    events bigint, sends bigint, clicks bigint, conversions bigint, revenue numeric
-);
+DO $$ BEGIN
+    CREATE TYPE report_rollup_delta AS (
+        account_id bigint, at timestamptz, offer text, creative text, campaign text, list bigint,
+        events bigint, sends bigint, clicks bigint, conversions bigint, revenue numeric
+    );
+EXCEPTION WHEN duplicate_object THEN NULL;  -- a run again
+END $$;
 
-CREATE FUNCTION report_rollup_add(deltas report_rollup_delta[]) RETURNS void LANGUAGE sql AS $$
+CREATE OR REPLACE FUNCTION report_rollup_add(deltas report_rollup_delta[]) RETURNS void LANGUAGE sql AS $$
     INSERT INTO report_rollup (account_id, day, offer, creative, campaign, list, events, sends, clicks, conversions, revenue)
     SELECT account_id, (at AT TIME ZONE 'UTC')::date, offer, creative, campaign, list,
            sum(events), sum(sends), sum(clicks), sum(conversions), sum(revenue)
@@ -76,7 +74,7 @@ CREATE FUNCTION report_rollup_add(deltas report_rollup_delta[]) RETURNS void LAN
 $$;
 
 -- A send.
-CREATE FUNCTION report_rollup_sends() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION report_rollup_sends() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM report_rollup_add(ARRAY(SELECT (account_id, sent_at, offer_id, creative_id, schedule_id, list_id, 1, 1, 0, 0, 0)::report_rollup_delta
         FROM new_messages
@@ -86,7 +84,7 @@ END
 $$;
 
 -- A message's first human click.
-CREATE FUNCTION report_rollup_new_clicks() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION report_rollup_new_clicks() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     EXECUTE $q$SELECT report_rollup_add(ARRAY(SELECT (n.account_id, n.clicked_at, coalesce(n.offer_id, m.offer_id), m.creative_id, m.schedule_id, m.list_id,
                 1, 0, 1, 0, 0)::report_rollup_delta
@@ -97,7 +95,7 @@ END
 $$;
 
 -- A first click replaced by an earlier one: the old out, the new in.
-CREATE FUNCTION report_rollup_moved_clicks() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION report_rollup_moved_clicks() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     EXECUTE $q$SELECT report_rollup_add(ARRAY(SELECT (x.account_id, x.clicked_at, coalesce(x.offer_id, m.offer_id), m.creative_id, m.schedule_id, m.list_id,
                 x.sign, 0, x.sign, 0, 0)::report_rollup_delta
@@ -111,7 +109,7 @@ END
 $$;
 
 -- A conversion: counted while approved, worth its ledger.
-CREATE FUNCTION report_rollup_new_conversions() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION report_rollup_new_conversions() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM report_rollup_add(ARRAY(SELECT (n.account_id, n.converted_at, n.offer_id, n.creative_id, n.schedule_id, n.list_id,
                 1, 0, 0, (n.status = 'approved')::int,
@@ -123,7 +121,7 @@ END
 $$;
 
 -- A conversion changed (attributed, moved): the old row out, the new one in; its ledger moves with its keys.
-CREATE FUNCTION report_rollup_changed_conversions() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION report_rollup_changed_conversions() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM report_rollup_add(ARRAY(SELECT (x.account_id, x.converted_at, x.offer_id, x.creative_id, x.schedule_id, x.list_id,
                 x.sign, 0, 0, x.sign * (x.status = 'approved')::int,
@@ -140,7 +138,7 @@ END
 $$;
 
 -- A ledger entry: revenue under its conversion's keys.
-CREATE FUNCTION report_rollup_adjustments() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION report_rollup_adjustments() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     EXECUTE $q$SELECT report_rollup_add(ARRAY(SELECT (c.account_id, c.converted_at, c.offer_id, c.creative_id, c.schedule_id, c.list_id, 0, 0, 0, 0, n.amount)::report_rollup_delta
         FROM new_adjustments n JOIN conversions c ON c.id = n.conversion_id
@@ -150,7 +148,7 @@ END
 $$;
 
 -- A revenue record (a sale is a conversion).
-CREATE FUNCTION report_rollup_revenue() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION report_rollup_revenue() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     EXECUTE $q$SELECT report_rollup_add(ARRAY(SELECT (n.account_id, n.occurred_at, coalesce(n.offer_id, m.offer_id), m.creative_id, m.schedule_id, m.list_id,
                 1, 0, 0, (n.attribution_type = 'sale')::int, n.amount)::report_rollup_delta
@@ -166,22 +164,24 @@ $$;
 -- write in between), while writers go on and the triggers count theirs. So writers wait for the
 -- DDL only, not for the backfill (about 3 s per million events); reports read the rollup once the
 -- backfill has committed and recorded this version (before that, the events).
-CREATE TRIGGER messages_report_rollup AFTER INSERT ON messages
+CREATE OR REPLACE TRIGGER messages_report_rollup AFTER INSERT ON messages
     REFERENCING NEW TABLE AS new_messages FOR EACH STATEMENT EXECUTE FUNCTION report_rollup_sends();
-CREATE TRIGGER message_clicks_report_rollup_insert AFTER INSERT ON message_clicks
+CREATE OR REPLACE TRIGGER message_clicks_report_rollup_insert AFTER INSERT ON message_clicks
     REFERENCING NEW TABLE AS new_clicks FOR EACH STATEMENT EXECUTE FUNCTION report_rollup_new_clicks();
-CREATE TRIGGER message_clicks_report_rollup_update AFTER UPDATE ON message_clicks
+CREATE OR REPLACE TRIGGER message_clicks_report_rollup_update AFTER UPDATE ON message_clicks
     REFERENCING OLD TABLE AS old_clicks NEW TABLE AS new_clicks
     FOR EACH STATEMENT EXECUTE FUNCTION report_rollup_moved_clicks();
-CREATE TRIGGER conversions_report_rollup_insert AFTER INSERT ON conversions
+CREATE OR REPLACE TRIGGER conversions_report_rollup_insert AFTER INSERT ON conversions
     REFERENCING NEW TABLE AS new_conversions FOR EACH STATEMENT EXECUTE FUNCTION report_rollup_new_conversions();
-CREATE TRIGGER conversions_report_rollup_update AFTER UPDATE ON conversions
+CREATE OR REPLACE TRIGGER conversions_report_rollup_update AFTER UPDATE ON conversions
     REFERENCING OLD TABLE AS old_conversions NEW TABLE AS new_conversions
     FOR EACH STATEMENT EXECUTE FUNCTION report_rollup_changed_conversions();
-CREATE TRIGGER conversion_adjustments_report_rollup AFTER INSERT ON conversion_adjustments
+CREATE OR REPLACE TRIGGER conversion_adjustments_report_rollup AFTER INSERT ON conversion_adjustments
     REFERENCING NEW TABLE AS new_adjustments FOR EACH STATEMENT EXECUTE FUNCTION report_rollup_adjustments();
-CREATE TRIGGER revenue_report_rollup AFTER INSERT ON revenue
+CREATE OR REPLACE TRIGGER revenue_report_rollup AFTER INSERT ON revenue
     REFERENCING NEW TABLE AS new_revenue FOR EACH STATEMENT EXECUTE FUNCTION report_rollup_revenue();
+
+TRUNCATE report_rollup;  -- what triggers of a run whose backfill failed counted
 
 -- trackly: backfill from the snapshot above
 -- Everything stored before the triggers, as the events of attribution_sql.EVENTS, folded.

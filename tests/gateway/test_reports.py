@@ -185,13 +185,15 @@ async def test_reports_read_the_rollup_only_once_its_backfill_has_committed(api,
     await db.execute(
         "INSERT INTO report_rollup (account_id, day, offer, events, sends, clicks, conversions, revenue)"
         " VALUES ($1, '2026-03-01', 'only-in-the-rollup', 1, 7, 0, 0, 0)", tenant.account_id)
-    gateway_app.state.rollup_ready = False
-    await db.execute("UPDATE schema_migrations SET version = 'pending_0016' WHERE version = '0016_report_rollup'")
     try:
+        gateway_app.state.rollup_ready = False
+        await db.execute("UPDATE schema_migrations SET version = 'pending_0016' WHERE version = '0016_report_rollup'")
+        try:
+            keys = [r["key"] for r in (await api.get("/api/v2/reports/performance?group_by=offer", headers=tenant.headers)).json()["rows"]]
+            assert keys == []
+        finally:
+            await db.execute("UPDATE schema_migrations SET version = '0016_report_rollup' WHERE version = 'pending_0016'")
         keys = [r["key"] for r in (await api.get("/api/v2/reports/performance?group_by=offer", headers=tenant.headers)).json()["rows"]]
-        assert keys == []
+        assert keys == ["only-in-the-rollup"]
     finally:
-        await db.execute("UPDATE schema_migrations SET version = '0016_report_rollup' WHERE version = 'pending_0016'")
-    keys = [r["key"] for r in (await api.get("/api/v2/reports/performance?group_by=offer", headers=tenant.headers)).json()["rows"]]
-    assert keys == ["only-in-the-rollup"]
-    await db.execute("DELETE FROM report_rollup WHERE account_id = $1", tenant.account_id)
+        await db.execute("DELETE FROM report_rollup WHERE account_id = $1", tenant.account_id)

@@ -287,3 +287,48 @@ async def test_a_backfill_that_fails_is_done_again_from_the_start(settings, db, 
 
 async def _no_pause(version: str) -> None:
     pass
+
+
+async def test_a_write_in_flight_when_the_migration_starts_is_counted_once(settings, db):
+    """The snapshot is taken once the DDL holds its locks: a revenue record inserted before, and
+    committed while the migration waits for its lock on revenue, is in the backfill."""
+    async with _before_the_rollup(settings, db, "trackly_migrate_inflight") as (dsn, conn):
+        writer = await asyncpg.connect(dsn)
+        try:
+            async with writer.transaction():
+                await writer.execute(
+                    "INSERT INTO revenue (id, account_id, message_id, amount, attribution_type, occurred_at)"
+                    " VALUES ('inflight', 1, 'm0000001', 9.5, 'sale', timestamptz '2026-03-03 08:00Z')")
+                running = asyncio.create_task(migrate(dsn))
+                await asyncio.sleep(0.5)
+                assert not running.done()  # waiting for the writer's lock on revenue
+            assert "0016_report_rollup" in await asyncio.wait_for(running, 10)
+        finally:
+            await writer.close()
+        await _assert_rollup_is_the_events(conn)
+
+
+async def test_a_run_that_lost_its_connection_mid_backfill_is_not_undone(settings, db, monkeypatch):
+    """The first run's connection (and with it the migration lock) dies during its backfill; a
+    second run waits for that backfill, sees its version, and leaves the rollup alone."""
+    async with _before_the_rollup(settings, db, "trackly_migrate_lost") as (dsn, conn):
+        second: asyncio.Task | None = None
+
+        async def lose_the_connection(version: str) -> None:
+            nonlocal second
+            if second is not None:
+                return  # the second run's own backfill, if it ever got there
+            holder = await conn.fetchval(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"
+                " AND classid::bigint * 4294967296 + objid::bigint = $1", migrate_module._LOCK_ID)
+            assert await conn.fetchval("SELECT pg_terminate_backend($1)", holder)
+            second = asyncio.create_task(migrate(dsn))
+            await asyncio.sleep(0.5)
+            assert not second.done()  # waiting for this backfill
+
+        monkeypatch.setattr(migrate_module, "before_backfill", lose_the_connection)
+        assert "0016_report_rollup" in await migrate(dsn)
+        assert second is not None
+        await asyncio.wait_for(second, 10)
+        await _write_events(dsn)
+        await _assert_rollup_is_the_events(conn)
