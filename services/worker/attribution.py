@@ -429,6 +429,10 @@ async def _default_from_click_offers(conn: asyncpg.Connection, conversion_ids: l
         await conn.execute(_LEDGER, *map(list, zip(*ledger)))
 
 
+# A click_id shaped like a message id (shared.ids.MESSAGE_ID_RE), as a PostgreSQL pattern.
+_NAMES_A_MESSAGE = "'^[A-Za-z0-9]{8}$'"
+
+
 async def rematch_for_clicks(conn: asyncpg.Connection, click_ids: list[str]) -> int:
     """Attribute conversions that arrived before their click was drained (or, for a bot's click,
     say so). Called by the click drainer inside its transaction with the ids of clicks it just
@@ -441,7 +445,7 @@ async def rematch_for_clicks(conn: asyncpg.Connection, click_ids: list[str]) -> 
     waiting = await conn.fetch(
         "SELECT id, account_id, click_id, converted_at, unattributed_reason FROM conversions"
         " WHERE click_id = ANY($1::text[]) AND NOT attributed AND (unattributed_reason = 'click_not_found'"
-        " OR (unattributed_reason = 'before_click' AND click_id ~ '^[A-Za-z0-9]{8}$'))"  # MESSAGE_ID_RE
+        f" OR (unattributed_reason = 'before_click' AND click_id ~ {_NAMES_A_MESSAGE}))"
         " ORDER BY account_id, network, conversion_key FOR UPDATE",  # process_batch's lock order: no deadlock
         list(click_ids),
     )
@@ -483,7 +487,7 @@ async def rematch_stored(conn: asyncpg.Connection, limit: int = 1000, *, window:
     click_ids = await conn.fetch(
         f"SELECT c.click_id {waiting}"
         " AND EXISTS (SELECT 1 FROM clicks k WHERE k.id = c.click_id AND k.account_id = c.account_id)"
-        f" UNION SELECT c.click_id {waiting} AND c.click_id ~ '^[A-Za-z0-9]{{8}}$'"  # MESSAGE_ID_RE
+        f" UNION SELECT c.click_id {waiting} AND c.click_id ~ {_NAMES_A_MESSAGE}"
         " AND EXISTS (SELECT 1 FROM message_clicks mc WHERE mc.message_id = c.click_id AND mc.account_id = c.account_id)"
         " LIMIT $1",
         limit,

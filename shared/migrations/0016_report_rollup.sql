@@ -49,111 +49,22 @@ CREATE TABLE IF NOT EXISTS report_rollup (
 CREATE INDEX IF NOT EXISTS report_rollup_account_day ON report_rollup (account_id, day);
 CREATE INDEX IF NOT EXISTS report_rollup_unfolded ON report_rollup (account_id, day) WHERE NOT folded;
 
--- The triggers that join a big table (messages, conversions) run their statement with EXECUTE:
--- planned for each statement's own rows. A plan kept from a connection's first call is sized for
--- that call's transition table: after a first drain of 30,000 clicks, every later drain on the
--- connection merge-joined all of messages (230 ms for one click at 1.5M messages).
---
--- What a trigger hands over: (account, time, keys, measures) rows, added grouped by account, UTC
--- day and keys, rows that come to nothing dropped.
-DO $$ BEGIN
-    CREATE TYPE report_rollup_delta AS (
-        account_id bigint, at timestamptz, offer text, creative text, campaign text, list bigint,
-        events bigint, sends bigint, clicks bigint, conversions bigint, revenue numeric
-    );
-EXCEPTION WHEN duplicate_object THEN NULL;  -- a run again
-END $$;
-
-CREATE OR REPLACE FUNCTION report_rollup_add(deltas report_rollup_delta[]) RETURNS void LANGUAGE sql AS $$
-    INSERT INTO report_rollup (account_id, day, offer, creative, campaign, list, events, sends, clicks, conversions, revenue)
-    SELECT account_id, (at AT TIME ZONE 'UTC')::date, offer, creative, campaign, list,
-           sum(events), sum(sends), sum(clicks), sum(conversions), sum(revenue)
-    FROM unnest(deltas)
-    GROUP BY 1, 2, 3, 4, 5, 6
-    HAVING sum(events) <> 0 OR sum(sends) <> 0 OR sum(clicks) <> 0 OR sum(conversions) <> 0 OR sum(revenue) <> 0;
-$$;
-
--- A send.
-CREATE OR REPLACE FUNCTION report_rollup_sends() RETURNS trigger LANGUAGE plpgsql AS $$
+-- One trigger function for every table: each trigger gives, as its argument, the query of its
+-- statement's deltas, rows of (account, time, keys, events, sends, clicks, conversions, revenue);
+-- they are added grouped by account, UTC day and keys, rows that come to nothing dropped. Run with
+-- EXECUTE, so planned for each statement's own rows: a plan kept from a connection's first call is
+-- sized for that call's transition table (after a first drain of 30,000 clicks, every later drain
+-- on the connection merge-joined all of messages: 230 ms for one click at 1.5M messages).
+CREATE OR REPLACE FUNCTION report_rollup_count() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM report_rollup_add(ARRAY(SELECT (account_id, sent_at, offer_id, creative_id, schedule_id, list_id, 1, 1, 0, 0, 0)::report_rollup_delta
-        FROM new_messages
-    ));
-    RETURN NULL;
-END
-$$;
-
--- A message's first human click.
-CREATE OR REPLACE FUNCTION report_rollup_new_clicks() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    EXECUTE $q$SELECT report_rollup_add(ARRAY(SELECT (n.account_id, n.clicked_at, coalesce(n.offer_id, m.offer_id), m.creative_id, m.schedule_id, m.list_id,
-                1, 0, 1, 0, 0)::report_rollup_delta
-        FROM new_clicks n JOIN messages m ON m.id = n.message_id AND m.account_id = n.account_id
-    ))$q$;
-    RETURN NULL;
-END
-$$;
-
--- A first click replaced by an earlier one: the old out, the new in.
-CREATE OR REPLACE FUNCTION report_rollup_moved_clicks() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    EXECUTE $q$SELECT report_rollup_add(ARRAY(SELECT (x.account_id, x.clicked_at, coalesce(x.offer_id, m.offer_id), m.creative_id, m.schedule_id, m.list_id,
-                x.sign, 0, x.sign, 0, 0)::report_rollup_delta
-        FROM (SELECT account_id, clicked_at, offer_id, message_id, -1 FROM old_clicks
-              UNION ALL SELECT account_id, clicked_at, offer_id, message_id, 1 FROM new_clicks)
-            AS x(account_id, clicked_at, offer_id, message_id, sign)
-        JOIN messages m ON m.id = x.message_id AND m.account_id = x.account_id
-    ))$q$;
-    RETURN NULL;
-END
-$$;
-
--- A conversion: counted while approved, worth its ledger.
-CREATE OR REPLACE FUNCTION report_rollup_new_conversions() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM report_rollup_add(ARRAY(SELECT (n.account_id, n.converted_at, n.offer_id, n.creative_id, n.schedule_id, n.list_id,
-                1, 0, 0, (n.status = 'approved')::int,
-                coalesce((SELECT sum(a.amount) FROM conversion_adjustments a WHERE a.conversion_id = n.id), 0))::report_rollup_delta
-        FROM new_conversions n
-    ));
-    RETURN NULL;
-END
-$$;
-
--- A conversion changed (attributed, moved): the old row out, the new one in; its ledger moves with its keys.
-CREATE OR REPLACE FUNCTION report_rollup_changed_conversions() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM report_rollup_add(ARRAY(SELECT (x.account_id, x.converted_at, x.offer_id, x.creative_id, x.schedule_id, x.list_id,
-                x.sign, 0, 0, x.sign * (x.status = 'approved')::int,
-                x.sign * coalesce((SELECT sum(a.amount) FROM conversion_adjustments a WHERE a.conversion_id = x.id), 0))::report_rollup_delta
-        FROM (SELECT id, account_id, converted_at, offer_id, creative_id, schedule_id, list_id, status, -1
-              FROM old_conversions
-              UNION ALL
-              SELECT id, account_id, converted_at, offer_id, creative_id, schedule_id, list_id, status, 1
-              FROM new_conversions)
-            AS x(id, account_id, converted_at, offer_id, creative_id, schedule_id, list_id, status, sign)
-    ));
-    RETURN NULL;
-END
-$$;
-
--- A ledger entry: revenue under its conversion's keys.
-CREATE OR REPLACE FUNCTION report_rollup_adjustments() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    EXECUTE $q$SELECT report_rollup_add(ARRAY(SELECT (c.account_id, c.converted_at, c.offer_id, c.creative_id, c.schedule_id, c.list_id, 0, 0, 0, 0, n.amount)::report_rollup_delta
-        FROM new_adjustments n JOIN conversions c ON c.id = n.conversion_id
-    ))$q$;
-    RETURN NULL;
-END
-$$;
-
--- A revenue record (a sale is a conversion).
-CREATE OR REPLACE FUNCTION report_rollup_revenue() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    EXECUTE $q$SELECT report_rollup_add(ARRAY(SELECT (n.account_id, n.occurred_at, coalesce(n.offer_id, m.offer_id), m.creative_id, m.schedule_id, m.list_id,
-                1, 0, 0, (n.attribution_type = 'sale')::int, n.amount)::report_rollup_delta
-        FROM new_revenue n JOIN messages m ON m.id = n.message_id
-    ))$q$;
+    EXECUTE format($f$
+        INSERT INTO report_rollup (account_id, day, offer, creative, campaign, list, events, sends, clicks, conversions, revenue)
+        SELECT account_id, (at AT TIME ZONE 'UTC')::date, offer, creative, campaign, list,
+               sum(events), sum(sends), sum(clicks), sum(conversions), sum(revenue)
+        FROM (%s) AS d(account_id, at, offer, creative, campaign, list, events, sends, clicks, conversions, revenue)
+        GROUP BY 1, 2, 3, 4, 5, 6
+        HAVING sum(events) <> 0 OR sum(sends) <> 0 OR sum(clicks) <> 0 OR sum(conversions) <> 0 OR sum(revenue) <> 0
+    $f$, TG_ARGV[0]);
     RETURN NULL;
 END
 $$;
@@ -164,22 +75,73 @@ $$;
 -- write in between), while writers go on and the triggers count theirs. So writers wait for the
 -- DDL only, not for the backfill (about 3 s per million events); reports read the rollup once the
 -- backfill has committed and recorded this version (before that, the events).
+
+-- A send.
 CREATE OR REPLACE TRIGGER messages_report_rollup AFTER INSERT ON messages
-    REFERENCING NEW TABLE AS new_messages FOR EACH STATEMENT EXECUTE FUNCTION report_rollup_sends();
+    REFERENCING NEW TABLE AS new_messages FOR EACH STATEMENT EXECUTE FUNCTION report_rollup_count($q$
+        SELECT account_id, sent_at, offer_id, creative_id, schedule_id, list_id, 1, 1, 0, 0, 0::numeric
+        FROM new_messages
+    $q$);
+
+-- A message's first human click.
 CREATE OR REPLACE TRIGGER message_clicks_report_rollup_insert AFTER INSERT ON message_clicks
-    REFERENCING NEW TABLE AS new_clicks FOR EACH STATEMENT EXECUTE FUNCTION report_rollup_new_clicks();
+    REFERENCING NEW TABLE AS new_clicks FOR EACH STATEMENT EXECUTE FUNCTION report_rollup_count($q$
+        SELECT n.account_id, n.clicked_at, coalesce(n.offer_id, m.offer_id), m.creative_id, m.schedule_id, m.list_id,
+               1, 0, 1, 0, 0::numeric
+        FROM new_clicks n JOIN messages m ON m.id = n.message_id AND m.account_id = n.account_id
+    $q$);
+
+-- A first click replaced by an earlier one: the old out, the new in.
 CREATE OR REPLACE TRIGGER message_clicks_report_rollup_update AFTER UPDATE ON message_clicks
     REFERENCING OLD TABLE AS old_clicks NEW TABLE AS new_clicks
-    FOR EACH STATEMENT EXECUTE FUNCTION report_rollup_moved_clicks();
+    FOR EACH STATEMENT EXECUTE FUNCTION report_rollup_count($q$
+        SELECT x.account_id, x.clicked_at, coalesce(x.offer_id, m.offer_id), m.creative_id, m.schedule_id, m.list_id,
+               x.sign, 0, x.sign, 0, 0::numeric
+        FROM (SELECT account_id, clicked_at, offer_id, message_id, -1 FROM old_clicks
+              UNION ALL SELECT account_id, clicked_at, offer_id, message_id, 1 FROM new_clicks)
+            AS x(account_id, clicked_at, offer_id, message_id, sign)
+        JOIN messages m ON m.id = x.message_id AND m.account_id = x.account_id
+    $q$);
+
+-- A conversion: counted while approved, worth its ledger.
 CREATE OR REPLACE TRIGGER conversions_report_rollup_insert AFTER INSERT ON conversions
-    REFERENCING NEW TABLE AS new_conversions FOR EACH STATEMENT EXECUTE FUNCTION report_rollup_new_conversions();
+    REFERENCING NEW TABLE AS new_conversions FOR EACH STATEMENT EXECUTE FUNCTION report_rollup_count($q$
+        SELECT n.account_id, n.converted_at, n.offer_id, n.creative_id, n.schedule_id, n.list_id,
+               1, 0, 0, (n.status = 'approved')::int,
+               coalesce((SELECT sum(a.amount) FROM conversion_adjustments a WHERE a.conversion_id = n.id), 0)
+        FROM new_conversions n
+    $q$);
+
+-- A conversion changed (attributed, moved): the old row out, the new one in; its ledger moves with
+-- its keys.
 CREATE OR REPLACE TRIGGER conversions_report_rollup_update AFTER UPDATE ON conversions
     REFERENCING OLD TABLE AS old_conversions NEW TABLE AS new_conversions
-    FOR EACH STATEMENT EXECUTE FUNCTION report_rollup_changed_conversions();
+    FOR EACH STATEMENT EXECUTE FUNCTION report_rollup_count($q$
+        SELECT x.account_id, x.converted_at, x.offer_id, x.creative_id, x.schedule_id, x.list_id,
+               x.sign, 0, 0, x.sign * (x.status = 'approved')::int,
+               x.sign * coalesce((SELECT sum(a.amount) FROM conversion_adjustments a WHERE a.conversion_id = x.id), 0)
+        FROM (SELECT id, account_id, converted_at, offer_id, creative_id, schedule_id, list_id, status, -1
+              FROM old_conversions
+              UNION ALL
+              SELECT id, account_id, converted_at, offer_id, creative_id, schedule_id, list_id, status, 1
+              FROM new_conversions)
+            AS x(id, account_id, converted_at, offer_id, creative_id, schedule_id, list_id, status, sign)
+    $q$);
+
+-- A ledger entry: revenue under its conversion's keys.
 CREATE OR REPLACE TRIGGER conversion_adjustments_report_rollup AFTER INSERT ON conversion_adjustments
-    REFERENCING NEW TABLE AS new_adjustments FOR EACH STATEMENT EXECUTE FUNCTION report_rollup_adjustments();
+    REFERENCING NEW TABLE AS new_adjustments FOR EACH STATEMENT EXECUTE FUNCTION report_rollup_count($q$
+        SELECT c.account_id, c.converted_at, c.offer_id, c.creative_id, c.schedule_id, c.list_id, 0, 0, 0, 0, n.amount
+        FROM new_adjustments n JOIN conversions c ON c.id = n.conversion_id
+    $q$);
+
+-- A revenue record (a sale is a conversion).
 CREATE OR REPLACE TRIGGER revenue_report_rollup AFTER INSERT ON revenue
-    REFERENCING NEW TABLE AS new_revenue FOR EACH STATEMENT EXECUTE FUNCTION report_rollup_revenue();
+    REFERENCING NEW TABLE AS new_revenue FOR EACH STATEMENT EXECUTE FUNCTION report_rollup_count($q$
+        SELECT n.account_id, n.occurred_at, coalesce(n.offer_id, m.offer_id), m.creative_id, m.schedule_id, m.list_id,
+               1, 0, 0, (n.attribution_type = 'sale')::int, n.amount
+        FROM new_revenue n JOIN messages m ON m.id = n.message_id
+    $q$);
 
 TRUNCATE report_rollup;  -- what triggers of a run whose backfill failed counted
 

@@ -27,17 +27,15 @@ MAX_RECORDS = 1000
 MAX_ERRORS_SHOWN = 100
 ATTRIBUTION_TYPES = ("sale", "click", "send")
 
-_INSERT_NEW = """
+_INSERT_ROWS = """
 INSERT INTO revenue (id, account_id, message_id, offer_id, amount, attribution_type, occurred_at, external_id, source)
 SELECT t.id, $1, t.message_id, t.offer_id, t.amount, t.attribution_type, t.occurred_at, t.external_id, $2
 FROM unnest($3::text[], $4::text[], $5::text[], $6::numeric[], $7::text[], $8::timestamptz[], $9::text[])
     AS t(id, message_id, offer_id, amount, attribution_type, occurred_at, external_id)
 """
+_INSERT_NEW = _INSERT_ROWS + "RETURNING id"
 # A known external_id is skipped: an import or bulk sent again records nothing twice.
-_INSERT = _INSERT_NEW + """ON CONFLICT (account_id, external_id) WHERE external_id IS NOT NULL DO NOTHING
-RETURNING id
-"""
-_INSERT_NEW += "RETURNING id\n"
+_INSERT = _INSERT_ROWS + "ON CONFLICT (account_id, external_id) WHERE external_id IS NOT NULL DO NOTHING RETURNING id"
 
 
 @dataclass
@@ -187,18 +185,14 @@ async def insert_revenue_resilient(
 
     The batch is first taken to be all new (an import is rarely sent twice): only when an
     external_id is known already does it go again, skipping the known ones."""
-    try:
-        async with conn.transaction():
-            return await insert_revenue(conn, account_id, records, source, all_new=True), []
-    except asyncpg.UniqueViolationError as exc:
-        if exc.constraint_name == "revenue_external_id":
-            try:
-                async with conn.transaction():
-                    return await insert_revenue(conn, account_id, records, source), []
-            except asyncpg.PostgresError:
-                pass
-    except asyncpg.PostgresError:
-        pass
+    for all_new in (True, False):
+        try:
+            async with conn.transaction():
+                return await insert_revenue(conn, account_id, records, source, all_new=all_new), []
+        except asyncpg.PostgresError as exc:
+            if not (all_new and isinstance(exc, asyncpg.UniqueViolationError)
+                    and exc.constraint_name == "revenue_external_id"):
+                break
     inserted: set[str] = set()
     failed: list[tuple[int, ApiError]] = []
     for record in records:
