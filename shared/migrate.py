@@ -30,6 +30,7 @@ log = logging.getLogger("trackly.migrate")
 LOCK_TIMEOUT = 2.0  # seconds
 LOCK_RETRY_PAUSE = 1.0
 LOCK_ATTEMPTS = 30
+CONNECTION_ATTEMPTS = 3
 BACKFILL = "-- trackly: backfill from the snapshot above\n"
 
 # Arbitrary, fixed: "trackly" in ASCII, as one bigint.
@@ -47,28 +48,45 @@ def _migrations() -> list[tuple[str, str]]:
 
 
 async def migrate(dsn: str) -> list[str]:
-    """Bring the schema up to date; returns the versions applied by this call."""
-    conn = await asyncpg.connect(dsn)
+    """Bring the schema up to date; returns the versions applied by this call.
+
+    A run whose connection dies (and with it the migration lock) starts again on a new one, up to
+    ``CONNECTION_ATTEMPTS`` times: the versions recorded meanwhile, by this run's backfill
+    connection or by another run, are skipped; a migration that was cut off was rolled back."""
     applied: list[str] = []
-    try:
-        await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_ID)
+    for attempt in range(1, CONNECTION_ATTEMPTS + 1):
+        conn = await asyncpg.connect(dsn)
         try:
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-            for version, sql in _migrations():
-                if version in done:
-                    continue
-                await _apply(dsn, conn, version, sql)
-                applied.append(version)
+            await _migrate_on(dsn, conn, applied)
+            return applied
+        except Exception:  # noqa: BLE001 - only a lost connection is tried again
+            if not conn.is_closed() or attempt == CONNECTION_ATTEMPTS:
+                raise
+            log.warning("the migration's connection was lost (attempt %d of %d); starting again",
+                        attempt, CONNECTION_ATTEMPTS, exc_info=True)
         finally:
-            if not conn.is_closed():  # a connection that died took its lock with it
-                await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
+            await conn.close()
+    raise AssertionError("unreachable")
+
+
+async def _migrate_on(dsn: str, conn: asyncpg.Connection, applied: list[str]) -> None:
+    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_ID)
+    try:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        for version, sql in _migrations():
+            if version in done:
+                continue
+            await _apply(dsn, conn, version, sql)
+            applied.append(version)
+            if conn.is_closed():  # lost, with the lock, after a backfill had the work done elsewhere
+                raise asyncpg.InterfaceError("the migration's connection is closed")
     finally:
-        await conn.close()
-    return applied
+        if not conn.is_closed():  # a connection that died took its lock with it
+            await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
 
 
 async def _apply(dsn: str, conn: asyncpg.Connection, version: str, sql: str) -> None:

@@ -24,6 +24,8 @@ A conversion whose click has not been stored yet waits as ``click_not_found``; t
 calls ``rematch_for_clicks`` with every new click and every message that got its first click (it
 also fills a payout or currency the postbacks left to the offer, and a bot's click makes
 ``bot_click``), and the sweeper catches the rare race where both committed without seeing each other.
+A first click that /history/clicks stores for a message a waiting conversion names leaves a
+request (``rematch_requests``) that the sweeper re-matches (``rematch_requested``).
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ DEFAULT_WINDOW_DAYS = 90
 SWEEP_INTERVAL = 2.0
 SWEEP_AGE = timedelta(seconds=5)
 SWEEP_LIMIT = 5000
+REMATCH_PAGE = 1000
 DEADLOCK_RETRIES = 5
 # A batch leaves a conversion's postbacks behind an older one that another batch holds: they are
 # taken again after this pause (that batch is committing), this many times.
@@ -496,6 +499,20 @@ async def rematch_stored(conn: asyncpg.Connection, limit: int = 1000, *, window:
     return len(click_ids)
 
 
+async def rematch_requested(conn: asyncpg.Connection, limit: int = REMATCH_PAGE) -> int:
+    """Re-match the conversions of up to ``limit`` requests that /history/clicks left (it stored
+    the first click of a message that a waiting conversion names; migration 0017), deleting them
+    in the caller's transaction: a worker that dies mid-way leaves them for the next sweep.
+    Returns how many requests it took: fewer than ``limit`` means none is left."""
+    rows = await conn.fetch(
+        "DELETE FROM rematch_requests WHERE id IN"
+        " (SELECT id FROM rematch_requests ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) RETURNING click_id",
+        limit,
+    )
+    await rematch_for_clicks(conn, sorted({r["click_id"] for r in rows}))
+    return len(rows)
+
+
 async def rematch_all(db: asyncpg.Pool, limit: int = 1000) -> None:
     """``rematch_stored`` without a window, a page per transaction until none is left: what a
     worker does once when it starts (the sweeper may have been down for longer than the window)."""
@@ -587,6 +604,10 @@ async def sweep_once(db: asyncpg.Pool, arq_redis: Any) -> int:
     finally:  # Redis down must not stop the re-match (PostgreSQL only) for longer than its window
         async with db.acquire() as conn, conn.transaction():
             await rematch_stored(conn)
+        while True:  # a page per transaction
+            async with db.acquire() as conn, conn.transaction():
+                if await rematch_requested(conn) < REMATCH_PAGE:
+                    break
     return len(ids)
 
 

@@ -330,5 +330,30 @@ async def test_a_run_that_lost_its_connection_mid_backfill_is_not_undone(setting
         assert "0016_report_rollup" in await migrate(dsn)
         assert second is not None
         await asyncio.wait_for(second, 10)
+        # The first run went on with the migrations after 0016 on a new connection (the second
+        # run may have applied them first).
+        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == len(_migrations())
         await _write_events(dsn)
         await _assert_rollup_is_the_events(conn)
+
+
+async def test_a_run_whose_connection_dies_mid_migration_starts_again(settings, db, monkeypatch):
+    """The connection (and the lock) dies inside a migration: its transaction is rolled back and
+    the run starts again on a new connection, applying it once."""
+    slow = ("9999_slow", "CREATE TABLE migrate_slow (n int); SELECT pg_sleep(0.5); INSERT INTO migrate_slow VALUES (1);")
+    monkeypatch.setattr(migrate_module, "_migrations", lambda: [*_migrations(), slow])
+    async with _scratch_database(settings, db, "trackly_migrate_dies") as dsn:
+        setup = await asyncpg.connect(dsn)
+        try:
+            await _migrate_before(setup, "9999")
+            running = asyncio.create_task(migrate(dsn))
+            for _ in range(100):
+                pid = await setup.fetchval("SELECT pid FROM pg_stat_activity WHERE query LIKE 'CREATE TABLE migrate_slow%'")
+                if pid is not None:
+                    break
+                await asyncio.sleep(0.02)
+            assert await setup.fetchval("SELECT pg_terminate_backend($1)", pid)
+            assert await asyncio.wait_for(running, 10) == ["9999_slow"]
+            assert await setup.fetchval("SELECT count(*) FROM migrate_slow") == 1
+        finally:
+            await setup.close()

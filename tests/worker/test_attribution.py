@@ -795,3 +795,35 @@ async def test_a_conversion_naming_a_message_is_judged_again_when_an_earlier_cli
     await drain(T0)
     conv = await conversion(db, tenant, "early")
     assert conv["attributed"] and conv["clicked_at"] == T0
+
+
+async def test_a_history_click_for_a_message_an_old_conversion_names(api, db, tenant, settings, run_worker):
+    """A conversion that named a message (aff_sub={{sendId}}) days before the message's click was
+    imported: the import leaves a re-match request, and the sweep attributes it (its own re-match
+    looks back a day only)."""
+    from arq import create_pool
+    from arq.connections import RedisSettings
+
+    offer = await make_offer(api, tenant)
+    named = await send_message(api, tenant, offer_id=offer["id"])
+    unnamed = await send_message(api, tenant, offer_id=offer["id"])
+    await postback(api, tenant, aff_sub=named, conversion_id="imported", payout="7",
+                   timestamp=(T0 + timedelta(hours=1)).isoformat())
+    await run_worker()
+    assert (await conversion(db, tenant, "imported"))["unattributed_reason"] == "click_not_found"
+    await db.execute("UPDATE conversions SET created_at = now() - interval '3 days' WHERE account_id = $1", tenant.account_id)
+    records = [{"message_id": mid, "offer_id": offer["id"], "phone_number": "+14155550100", "timestamp": T0.isoformat()}
+               for mid in (named, unnamed)]
+    resp = await api.post("/api/v2/history/clicks", headers=tenant.headers, json={"records": records})
+    assert resp.json()["success_count"] == 2, resp.text
+    assert await db.fetchval("SELECT array_agg(click_id) FROM rematch_requests WHERE account_id = $1", tenant.account_id) == [named]
+    pool = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+    try:
+        await attribution.sweep_once(db, pool)
+    finally:
+        await pool.aclose()
+    conv = await conversion(db, tenant, "imported")
+    assert conv["attributed"] and conv["message_id"] == named and conv["clicked_at"] == T0
+    assert await db.fetchval("SELECT count(*) FROM rematch_requests WHERE account_id = $1", tenant.account_id) == 0
+    detail = (await api.get(f"/api/v2/messages/{named}", headers=tenant.headers)).json()
+    assert (detail["conversions"], detail["revenue"]) == (1, 7)

@@ -128,8 +128,17 @@ contact_counts AS (
         SET click_count = contacts.click_count + excluded.click_count,
             last_clicked_at = greatest(contacts.last_clicked_at, excluded.last_clicked_at)
     RETURNING 1
+),
+rematch AS (  -- conversions that named one of these messages wait for its first click: see 0017
+    INSERT INTO rematch_requests (account_id, click_id)
+    SELECT DISTINCT $1::bigint, c.click_id
+    FROM conversions c JOIN firsts f ON c.click_id = f.message_id
+    WHERE c.account_id = $1 AND NOT c.attributed AND c.click_id IS NOT NULL
+      AND c.unattributed_reason IN ('click_not_found', 'before_click')
+    RETURNING 1
 )
-SELECT message_id, (SELECT count(*) FROM raw) AS raw_rows, (SELECT count(*) FROM contact_counts) AS contacts
+SELECT message_id, (SELECT count(*) FROM raw) AS raw_rows, (SELECT count(*) FROM contact_counts) AS contacts,
+       (SELECT count(*) FROM rematch) AS rematch_requests
 FROM stored
 """
 
