@@ -34,7 +34,7 @@ async def _assert_same_reports(db, account_id: int) -> int:
     ranges = [(None, None), (day(1), day(3)), (day(0), day(1)), (None, day(2)), (day(2), None),
               (today, today + timedelta(days=1)), (day(40), day(41))]
     compared = 0
-    for group_by in ROLLUP_KEYS:
+    for group_by in [*ROLLUP_KEYS, "message"]:  # by message: the page's groups summed, the totals rolled up
         for start, end in ranges:
             rolled = await _report(db, account_id, group_by, start, end, from_events=False)
             summed = await _report(db, account_id, group_by, start, end, from_events=True)
@@ -42,6 +42,17 @@ async def _assert_same_reports(db, account_id: int) -> int:
             compared += len(rolled)
         paged = await _report(db, account_id, group_by, None, None, from_events=False, limit=2, offset=1)
         assert paged == await _report(db, account_id, group_by, None, None, from_events=True, limit=2, offset=1)
+    # Every page by message, over all time and a range with messages sent before it (their clicks,
+    # conversions and revenue are in it), up to past the last: the group of conversions credited to
+    # no message (the NULL key, last) on a page of its own, with others, and not at all.
+    groups = [await _report(db, account_id, "message", start, end, from_events=True) for start, end in ranges[:2]]
+    assert groups[0][-1]["key"] is None and len(groups[0]) > 20
+    assert any(r["key"] is not None and r["sends"] == 0 for r in groups[1]), "no message sent before the range"
+    for (start, end), every in zip(ranges[:2], groups):
+        for limit in (1, 3, 7):
+            for offset in range(0, len(every) + limit, limit):
+                page = await _report(db, account_id, "message", start, end, from_events=False, limit=limit, offset=offset)
+                assert page == every[offset : offset + limit], (start, end, limit, offset)
     return compared
 
 
