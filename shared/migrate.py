@@ -47,23 +47,29 @@ def _migrations() -> list[tuple[str, str]]:
     return [(f.name.removesuffix(".sql"), f.read_text()) for f in found]
 
 
+class _LostBetweenMigrations(Exception):
+    """The run's connection (and with it the migration lock) was lost while a backfill committed
+    its migration on another connection: the work is done; the rest needs the lock again."""
+
+
 async def migrate(dsn: str) -> list[str]:
     """Bring the schema up to date; returns the versions applied by this call.
 
-    A run whose connection dies (and with it the migration lock) starts again on a new one, up to
-    ``CONNECTION_ATTEMPTS`` times: the versions recorded meanwhile, by this run's backfill
-    connection or by another run, are skipped; a migration that was cut off was rolled back."""
+    A connection lost inside a migration fails the run (the migration was rolled back, nothing is
+    recorded; run it again). One lost while a backfill committed its migration on its own connection
+    (the backfill goes on without it) is replaced, up to ``CONNECTION_ATTEMPTS`` times, and the run
+    goes on with the versions not recorded yet, under the lock again."""
     applied: list[str] = []
     for attempt in range(1, CONNECTION_ATTEMPTS + 1):
         conn = await asyncpg.connect(dsn)
         try:
             await _migrate_on(dsn, conn, applied)
             return applied
-        except Exception:  # noqa: BLE001 - only a lost connection is tried again
-            if not conn.is_closed() or attempt == CONNECTION_ATTEMPTS:
+        except _LostBetweenMigrations:
+            if attempt == CONNECTION_ATTEMPTS:
                 raise
-            log.warning("the migration's connection was lost (attempt %d of %d); starting again",
-                        attempt, CONNECTION_ATTEMPTS, exc_info=True)
+            log.warning("the migration's connection was lost after %s (attempt %d of %d); going on with a new one",
+                        applied[-1], attempt, CONNECTION_ATTEMPTS)
         finally:
             await conn.close()
     raise AssertionError("unreachable")
@@ -82,8 +88,8 @@ async def _migrate_on(dsn: str, conn: asyncpg.Connection, applied: list[str]) ->
                 continue
             await _apply(dsn, conn, version, sql)
             applied.append(version)
-            if conn.is_closed():  # lost, with the lock, after a backfill had the work done elsewhere
-                raise asyncpg.InterfaceError("the migration's connection is closed")
+            if conn.is_closed():  # only a backfill's part can end with this connection gone (see _apply)
+                raise _LostBetweenMigrations(version)
     finally:
         if not conn.is_closed():  # a connection that died took its lock with it
             await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)

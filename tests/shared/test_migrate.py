@@ -1,6 +1,7 @@
 """Migrations: applied once, recorded, safe to run twice and concurrently."""
 import asyncio
 import contextlib
+from datetime import UTC, datetime
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
 
@@ -60,6 +61,33 @@ async def test_the_revenue_offer_lookup_uses_the_message_links_index(db):
         await conn.execute("SET LOCAL enable_seqscan = off")  # tiny test tables: the plan the index allows
         plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + _MESSAGES, 1, ["abcdefgh"]))
     assert "Index Cond: (message_id = m.id)" in plan and "Filter: (message_id = m.id)" not in plan, plan
+
+
+async def test_a_history_click_import_finds_waiting_conversions_by_their_index(db):
+    """/history/clicks looks for conversions waiting for the messages it stored a first click of;
+    message ids are COLLATE "C" and conversions.click_id is not: compared in "C", the lookup could
+    not use conversions_click and read every waiting conversion of every account, per import."""
+    from services.gateway.routes.history import _STORE_CLICKS
+
+    conn = await db.acquire()
+    try:
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            # Whether it can use that index at all: the others led by account_id go, in a
+            # transaction rolled back (which the planner prefers depends on the other tests' data).
+            await conn.execute("DROP INDEX conversions_account_at, conversions_contact")
+            await conn.execute("ALTER TABLE conversions DROP CONSTRAINT conversions_account_id_network_conversion_key_key")
+            await conn.execute("SET LOCAL enable_seqscan = off")
+            await conn.execute("SET LOCAL enable_bitmapscan = off")
+            plan = "\n".join(r[0] for r in await conn.fetch(
+                "EXPLAIN " + _STORE_CLICKS, 1, ["abcdefgh"], ["h0"], [None], [datetime(2026, 1, 1, tzinfo=UTC)], [1], ["+1"]))
+        finally:
+            await tx.rollback()
+    finally:
+        await db.release(conn)
+    lookup = plan.partition("conversions_click")[2].splitlines()
+    assert len(lookup) > 1 and lookup[1].strip().startswith("Index Cond: (click_id = "), plan
 
 
 async def test_the_postback_log_finds_a_state_by_its_index(db):
@@ -337,9 +365,10 @@ async def test_a_run_that_lost_its_connection_mid_backfill_is_not_undone(setting
         await _assert_rollup_is_the_events(conn)
 
 
-async def test_a_run_whose_connection_dies_mid_migration_starts_again(settings, db, monkeypatch):
-    """The connection (and the lock) dies inside a migration: its transaction is rolled back and
-    the run starts again on a new connection, applying it once."""
+async def test_a_run_whose_connection_dies_mid_migration_fails_unrecorded(settings, db, monkeypatch):
+    """The connection (and the lock) dies inside a migration: the run fails, the migration is rolled
+    back and not recorded (an operator's pg_terminate_backend stops it for good), and the next run
+    applies it once."""
     slow = ("9999_slow", "CREATE TABLE migrate_slow (n int); SELECT pg_sleep(0.5); INSERT INTO migrate_slow VALUES (1);")
     monkeypatch.setattr(migrate_module, "_migrations", lambda: [*_migrations(), slow])
     async with _scratch_database(settings, db, "trackly_migrate_dies") as dsn:
@@ -353,7 +382,11 @@ async def test_a_run_whose_connection_dies_mid_migration_starts_again(settings, 
                     break
                 await asyncio.sleep(0.02)
             assert await setup.fetchval("SELECT pg_terminate_backend($1)", pid)
-            assert await asyncio.wait_for(running, 10) == ["9999_slow"]
+            with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError)):
+                await asyncio.wait_for(running, 10)
+            assert await setup.fetchval("SELECT to_regclass('migrate_slow')") is None
+            assert await setup.fetchval("SELECT count(*) FROM schema_migrations WHERE version = '9999_slow'") == 0
+            assert await migrate(dsn) == ["9999_slow"]
             assert await setup.fetchval("SELECT count(*) FROM migrate_slow") == 1
         finally:
             await setup.close()

@@ -132,7 +132,9 @@ contact_counts AS (
 rematch AS (  -- conversions that named one of these messages wait for its first click: see 0017
     INSERT INTO rematch_requests (account_id, click_id)
     SELECT DISTINCT $1::bigint, c.click_id
-    FROM conversions c JOIN firsts f ON c.click_id = f.message_id
+    -- In the click id's collation: message ids are COLLATE "C", and compared in it, the index on
+    -- click_id (default collation) could not be used: every waiting conversion of every account read.
+    FROM conversions c JOIN firsts f ON c.click_id = f.message_id COLLATE "default"
     WHERE c.account_id = $1 AND NOT c.attributed AND c.click_id IS NOT NULL
       AND c.unattributed_reason IN ('click_not_found', 'before_click')
     RETURNING 1
