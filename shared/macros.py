@@ -160,7 +160,10 @@ def fill_facts(template: Template, facts: ClickFacts, query: Mapping[str, str]) 
         else:
             value = query.get(slot)  # type: ignore[arg-type]
         if value:  # every fact and query value is a str
-            if not (value.isalnum() and value.isascii()) and not _unreserved(value):
+            # Left as it is when ASCII and alphanumeric (ids, hex, digits) or otherwise unreserved.
+            # bytes.isalnum is a table lookup per byte; str.isalnum consults the Unicode database
+            # per character (a 32-digit click id: a third of the cost), and for ASCII they agree.
+            if not (value.isascii() and (value.encode().isalnum() or _unreserved(value))):
                 value = quote(value, safe="")
             out += value
         out += literal

@@ -451,7 +451,7 @@ class RedirectApp:
         if tracker is None:
             return await _not_found(send)
         tracker_host, link_id, offer_id, account_id, list_id, offer_key, account_str = tracker
-        if tracker_host != hostname(host):
+        if tracker_host != (_hostnames.get(host) or hostname(host)):  # the memo first: no call
             return await _not_found(send)
         offer = self.offers.fresh(offer_key) or await self.offers.load(offer_key)
         if offer is None or not offer.active:

@@ -111,8 +111,10 @@ class ClickWriter:
             self.recorded += len(clicks)
             self.batches += 1
             for waiter in waiters:
-                if not waiter.done():
+                try:  # one call per click rather than two: only a cancelled request's waiter is done
                     waiter.set_result(None)
+                except asyncio.InvalidStateError:
+                    pass
         if self._clicks:
             self._schedule()
 
