@@ -85,19 +85,19 @@ ROLLUP_KEYS = {
 }
 
 
-# By message, one page without summing every event of the range (4.7-7 s over all time for an
-# account with 1.6M messages; this takes 0.5 s): the groups are the messages with an event in the
-# range, found without their sums: the messages sent in it, the "strays" (messages with another
-# event in it but sent outside it: none over all time, which holds every send) and the NULL group
-# (conversions credited to no message), which sorts last. Only the page's groups are summed, from
-# their own events (EVENTS' arms, each source read by its message index); the totals come from
-# the rollup, which sums the same events. tests/worker/test_report_rollup.py checks every page
-# against EVENTS. $1-$5 as for report_page.
+# By message, one page without summing every event of the range (5-5.6 s over all time for an
+# account with 1.6M messages): the groups are the messages with an event in the range, found
+# without their sums: the messages sent in it, the "strays" (messages with another event in it but
+# sent outside it) and the NULL group (conversions credited to no message), which sorts last. Over
+# all time there are no strays (every send is in it; every event's message is the account's), so
+# the page is read off the messages' primary key in order. Only the page's groups are summed, from
+# their own events (EVENTS' arms, each source read by its message index); the totals come from the
+# rollup, which sums the same events. tests/worker/test_report_rollup.py checks every page against
+# EVENTS. $1-$5 as for report_page.
 _IN_RANGE = "{at} >= coalesce($2::timestamptz, '-infinity') AND {at} < coalesce($3::timestamptz, 'infinity')"
-_MESSAGE_KEYS = f"""
-    SELECT m.id AS key FROM messages m WHERE m.account_id = $1 AND {_IN_RANGE.format(at="m.sent_at")}
-    UNION ALL
-    SELECT DISTINCT m.id FROM (
+_SENT_KEYS = f"SELECT m.id AS key FROM messages m WHERE m.account_id = $1 AND {_IN_RANGE.format(at='m.sent_at')}"
+_STRAYS = f"""strays AS MATERIALIZED (
+    SELECT DISTINCT m.id AS key FROM (
         SELECT mc.message_id AS id FROM message_clicks mc
         WHERE mc.account_id = $1 AND {_IN_RANGE.format(at="mc.clicked_at")}
         UNION ALL
@@ -106,17 +106,18 @@ _MESSAGE_KEYS = f"""
         UNION ALL
         SELECT r.message_id FROM revenue r WHERE r.account_id = $1 AND {_IN_RANGE.format(at="r.occurred_at")}
     ) x JOIN messages m ON m.id = x.id
-    WHERE ($2::timestamptz IS NOT NULL OR $3::timestamptz IS NOT NULL) AND NOT ({_IN_RANGE.format(at="m.sent_at")})
-"""
-BY_MESSAGE = f"""
-WITH counts AS (
-    SELECT (SELECT count(*) FROM ({_MESSAGE_KEYS}) keys) AS messages, EXISTS (
+    WHERE NOT ({_IN_RANGE.format(at="m.sent_at")})
+),"""
+_BY_MESSAGE = f"""
+WITH {{strays}}
+counts AS (
+    SELECT (SELECT count(*) FROM ({_SENT_KEYS}) sent){{count_strays}} AS messages, EXISTS (
         SELECT 1 FROM conversions c
         WHERE c.account_id = $1 AND c.message_id IS NULL AND {_IN_RANGE.format(at="c.converted_at")}
     ) AS unattributed
 ),
 page AS (
-    (SELECT key FROM ({_MESSAGE_KEYS}) keys ORDER BY key LIMIT $4 OFFSET $5)
+    (SELECT key FROM ({_SENT_KEYS}{{union_strays}}) keys ORDER BY key LIMIT $4 OFFSET $5)
     UNION ALL  -- the NULL group, last
     SELECT NULL FROM counts WHERE unattributed AND messages >= $5 AND messages < $5 + $4
 ),
@@ -155,15 +156,20 @@ totals AS (
 SELECT g.*, totals.* FROM (SELECT message AS key, {_SUMS} FROM ev GROUP BY 1) g CROSS JOIN totals
 ORDER BY key NULLS LAST
 """
+BY_MESSAGE_ALL_TIME = _BY_MESSAGE.format(strays="", count_strays="", union_strays="")
+BY_MESSAGE = _BY_MESSAGE.format(
+    strays=_STRAYS, count_strays=" + (SELECT count(*) FROM strays)", union_strays=" UNION ALL SELECT key FROM strays"
+)
 
 
-def report_page(group_by: str, *, from_events: bool = False) -> str:
+def report_page(group_by: str, *, from_events: bool = False, all_time: bool = False) -> str:
     """Groups in key order (no key last), one page; $4 limit, $5 offset. Each row also carries
     the number of groups and the totals (total_sends...: the sums over every group, which are the
     sums over every event), so one pass serves the page and the totals. Summed from the rollup
-    where it has the grouping, else (by message, or ``from_events``) from the events themselves."""
+    where it has the grouping, by message as BY_MESSAGE says, and with ``from_events`` from the
+    events themselves. ``all_time``: $2 and $3 will be NULL (by message, a cheaper query)."""
     if group_by == "message" and not from_events:
-        return BY_MESSAGE
+        return BY_MESSAGE_ALL_TIME if all_time else BY_MESSAGE
     if group_by in ROLLUP_KEYS and not from_events:
         groups = ROLLUP.format(key=ROLLUP_KEYS[group_by])
     else:

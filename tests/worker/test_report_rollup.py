@@ -23,7 +23,8 @@ DAY0 = datetime(2026, 3, 1, 9, 30, tzinfo=UTC)
 
 async def _report(db, account_id: int, group_by: str, start: datetime | None, end: datetime | None,
                   *, from_events: bool, limit: int = 1000, offset: int = 0) -> list[dict[str, Any]]:
-    rows = await db.fetch(report_page(group_by, from_events=from_events), account_id, start, end, limit, offset)
+    query = report_page(group_by, from_events=from_events, all_time=start is None and end is None)
+    rows = await db.fetch(query, account_id, start, end, limit, offset)
     return [dict(r) for r in rows]
 
 
@@ -152,6 +153,14 @@ async def test_the_rollup_gives_the_events_reports(api, db, redis, tenant, run_w
     # And a report through the API is the rollup's.
     body = (await api.get("/api/v2/reports/performance?group_by=offer", headers=tenant.headers)).json()
     events = await _report(db, tenant.account_id, "offer", None, None, from_events=True)
+    assert [(r["key"], r["sends"], r["clicks"], r["conversions"], r["revenue"]) for r in body["rows"]] == [
+        (r["key"], r["sends"], r["clicks"], r["conversions"], float(r["revenue"])) for r in events]
+    # By message over a range with messages sent before it (the API picks the query for a range).
+    body = (await api.get("/api/v2/reports/performance?group_by=message&start=2026-03-02&end=2026-03-03&per_page=100",
+                          headers=tenant.headers)).json()
+    events = await _report(db, tenant.account_id, "message", datetime(2026, 3, 2, tzinfo=UTC),
+                           datetime(2026, 3, 4, tzinfo=UTC), from_events=True)
+    assert any(r["sends"] == 0 and r["key"] is not None for r in events)
     assert [(r["key"], r["sends"], r["clicks"], r["conversions"], r["revenue"]) for r in body["rows"]] == [
         (r["key"], r["sends"], r["clicks"], r["conversions"], float(r["revenue"])) for r in events]
 

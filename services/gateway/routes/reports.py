@@ -83,7 +83,8 @@ async def performance(request: Request) -> JSONResponse:
     # At most REPORT_SLOTS reports query at once: a burst of heavy reports must not take every
     # pooled connection from sends, links and postbacks (a fuzzing run saw 20 of them do it).
     async with request.app.state.report_slots, request.app.state.db.acquire() as conn:
-        query = report_page(group_by, from_events=not await _rollup_ready(request, conn))
+        query = report_page(group_by, from_events=not await _rollup_ready(request, conn),
+                            all_time=start is None and end_exclusive is None)
         rows = await conn.fetch(query, account.id, start, end_exclusive, page.per_page, page.offset)
         # Every row carries the group count and the totals; a page past the last group has none,
         # so the first group is asked for them (no group at all: nothing happened in the range).
