@@ -25,28 +25,40 @@ WHERE m.id = ANY($1::text[])
 # record at occurred_at. Keys come from the message; a conversion carries the offer it was
 # credited to (unattributed ones have no message, campaign, creative or list).
 # $1 account id, $2 start (inclusive) or NULL, $3 end (exclusive) or NULL.
-EVENTS = """
+_IN_RANGE = "{at} >= coalesce($2::timestamptz, '-infinity') AND {at} < coalesce($3::timestamptz, 'infinity')"
+
+
+def _conversion_events(only: str = "") -> str:
+    return f"""
+SELECT c.converted_at AS at, c.offer_id AS offer, c.creative_id AS creative, c.message_id AS message,
+       c.schedule_id AS campaign, c.list_id AS list, 0 AS sends, 0 AS clicks, (c.status = 'approved')::int AS conversions,
+       coalesce((SELECT sum(a.amount) FROM conversion_adjustments a WHERE a.conversion_id = c.id), 0) AS revenue
+FROM conversions c
+WHERE c.account_id = $1 AND {_IN_RANGE.format(at="c.converted_at")}{only}"""
+
+
+def _events(*, sent: str = "", clicked: str = "", converted: str = "", revenue: str = "") -> str:
+    """EVENTS, each source's rows narrowed by the condition given for it (none: every row)."""
+    return f"""
 SELECT m.sent_at AS at, m.offer_id AS offer, m.creative_id AS creative, m.id AS message,
        m.schedule_id AS campaign, m.list_id AS list,
        1 AS sends, 0 AS clicks, 0 AS conversions, 0::numeric AS revenue
 FROM messages m
-WHERE m.account_id = $1 AND m.sent_at >= coalesce($2::timestamptz, '-infinity') AND m.sent_at < coalesce($3::timestamptz, 'infinity')
+WHERE m.account_id = $1 AND {_IN_RANGE.format(at="m.sent_at")}{sent}
 UNION ALL
 SELECT mc.clicked_at, coalesce(mc.offer_id, m.offer_id), m.creative_id, m.id, m.schedule_id, m.list_id, 0, 1, 0, 0
 FROM message_clicks mc JOIN messages m ON m.id = mc.message_id AND m.account_id = mc.account_id
-WHERE mc.account_id = $1 AND mc.clicked_at >= coalesce($2::timestamptz, '-infinity') AND mc.clicked_at < coalesce($3::timestamptz, 'infinity')
-UNION ALL
-SELECT c.converted_at, c.offer_id, c.creative_id, c.message_id, c.schedule_id, c.list_id, 0, 0,
-       (c.status = 'approved')::int,
-       coalesce((SELECT sum(a.amount) FROM conversion_adjustments a WHERE a.conversion_id = c.id), 0)
-FROM conversions c
-WHERE c.account_id = $1 AND c.converted_at >= coalesce($2::timestamptz, '-infinity') AND c.converted_at < coalesce($3::timestamptz, 'infinity')
+WHERE mc.account_id = $1 AND {_IN_RANGE.format(at="mc.clicked_at")}{clicked}
+UNION ALL{_conversion_events(converted)}
 UNION ALL
 SELECT r.occurred_at, coalesce(r.offer_id, m.offer_id), m.creative_id, m.id, m.schedule_id, m.list_id, 0, 0,
        (r.attribution_type = 'sale')::int, r.amount
 FROM revenue r JOIN messages m ON m.id = r.message_id
-WHERE r.account_id = $1 AND r.occurred_at >= coalesce($2::timestamptz, '-infinity') AND r.occurred_at < coalesce($3::timestamptz, 'infinity')
+WHERE r.account_id = $1 AND {_IN_RANGE.format(at="r.occurred_at")}{revenue}
 """
+
+
+EVENTS = _events()
 
 # The group key of each report grouping, as text; date is the event's UTC day.
 GROUP_KEYS = {
@@ -91,10 +103,9 @@ ROLLUP_KEYS = {
 # sent outside it) and the NULL group (conversions credited to no message), which sorts last. Over
 # all time there are no strays (every send is in it; every event's message is the account's), so
 # the page is read off the messages' primary key in order. Only the page's groups are summed, from
-# their own events (EVENTS' arms, each source read by its message index); the totals come from the
+# their own events (EVENTS narrowed to them, each source read by its message index); the totals come from the
 # rollup, which sums the same events. tests/worker/test_report_rollup.py checks every page against
 # EVENTS. $1-$5 as for report_page.
-_IN_RANGE = "{at} >= coalesce($2::timestamptz, '-infinity') AND {at} < coalesce($3::timestamptz, 'infinity')"
 _SENT_KEYS = f"SELECT m.id AS key FROM messages m WHERE m.account_id = $1 AND {_IN_RANGE.format(at='m.sent_at')}"
 _STRAYS = f"""strays AS MATERIALIZED (
     SELECT DISTINCT m.id AS key FROM (
@@ -121,29 +132,13 @@ page AS (
     UNION ALL  -- the NULL group, last
     SELECT NULL FROM counts WHERE unattributed AND messages >= $5 AND messages < $5 + $4
 ),
-ev AS (
-    SELECT m.id AS message, 1 AS sends, 0 AS clicks, 0 AS conversions, 0::numeric AS revenue
-    FROM messages m
-    WHERE m.id IN (SELECT key FROM page) AND m.account_id = $1 AND {_IN_RANGE.format(at="m.sent_at")}
-    UNION ALL
-    SELECT m.id, 0, 1, 0, 0
-    FROM message_clicks mc JOIN messages m ON m.id = mc.message_id AND m.account_id = mc.account_id
-    WHERE mc.message_id IN (SELECT key FROM page) AND mc.account_id = $1 AND {_IN_RANGE.format(at="mc.clicked_at")}
-    UNION ALL
-    SELECT c.message_id, 0, 0, (c.status = 'approved')::int,
-           coalesce((SELECT sum(a.amount) FROM conversion_adjustments a WHERE a.conversion_id = c.id), 0)
-    FROM conversions c
-    WHERE c.message_id IN (SELECT key FROM page) AND c.account_id = $1 AND {_IN_RANGE.format(at="c.converted_at")}
-    UNION ALL
-    SELECT NULL, 0, 0, (c.status = 'approved')::int,
-           coalesce((SELECT sum(a.amount) FROM conversion_adjustments a WHERE a.conversion_id = c.id), 0)
-    FROM conversions c
-    WHERE EXISTS (SELECT 1 FROM page WHERE key IS NULL)
-      AND c.account_id = $1 AND c.message_id IS NULL AND {_IN_RANGE.format(at="c.converted_at")}
-    UNION ALL
-    SELECT m.id, 0, 0, (r.attribution_type = 'sale')::int, r.amount
-    FROM revenue r JOIN messages m ON m.id = r.message_id
-    WHERE r.message_id IN (SELECT key FROM page) AND r.account_id = $1 AND {_IN_RANGE.format(at="r.occurred_at")}
+ev AS ({_events(
+    sent=" AND m.id IN (SELECT key FROM page)", clicked=" AND mc.message_id IN (SELECT key FROM page)",
+    converted=" AND c.message_id IN (SELECT key FROM page)", revenue=" AND r.message_id IN (SELECT key FROM page)",
+)}
+UNION ALL  -- the NULL group's, when the page holds it{_conversion_events(
+    " AND c.message_id IS NULL AND EXISTS (SELECT 1 FROM page WHERE key IS NULL)"
+)}
 ),
 totals AS (
     SELECT (SELECT messages + unattributed::int FROM counts) AS total_groups, sum(sends)::bigint AS total_sends,

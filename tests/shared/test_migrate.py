@@ -63,29 +63,37 @@ async def test_the_revenue_offer_lookup_uses_the_message_links_index(db):
     assert "Index Cond: (message_id = m.id)" in plan and "Filter: (message_id = m.id)" not in plan, plan
 
 
+async def _plan_without_other_indexes(db, statements: list[str], explain: str, *args: object) -> str:
+    """The plan of ``explain`` after ``statements`` (dropping the indexes the planner might prefer)
+    and with sequential scans off, in a transaction rolled back: whether an index serves it at all."""
+    conn = await db.acquire()
+    try:
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            for statement in statements:
+                await conn.execute(statement)
+            await conn.execute("SET LOCAL enable_seqscan = off")
+            return "\n".join(r[0] for r in await conn.fetch(explain, *args))
+        finally:
+            await tx.rollback()
+    finally:
+        await db.release(conn)
+
+
 async def test_a_history_click_import_finds_waiting_conversions_by_their_index(db):
     """/history/clicks looks for conversions waiting for the messages it stored a first click of;
     message ids are COLLATE "C" and conversions.click_id is not: compared in "C", the lookup could
     not use conversions_click and read every waiting conversion of every account, per import."""
     from services.gateway.routes.history import _STORE_CLICKS
 
-    conn = await db.acquire()
-    try:
-        tx = conn.transaction()
-        await tx.start()
-        try:
-            # Whether it can use that index at all: the others led by account_id go, in a
-            # transaction rolled back (which the planner prefers depends on the other tests' data).
-            await conn.execute("DROP INDEX conversions_account_at, conversions_contact")
-            await conn.execute("ALTER TABLE conversions DROP CONSTRAINT conversions_account_id_network_conversion_key_key")
-            await conn.execute("SET LOCAL enable_seqscan = off")
-            await conn.execute("SET LOCAL enable_bitmapscan = off")
-            plan = "\n".join(r[0] for r in await conn.fetch(
-                "EXPLAIN " + _STORE_CLICKS, 1, ["abcdefgh"], ["h0"], [None], [datetime(2026, 1, 1, tzinfo=UTC)], [1], ["+1"]))
-        finally:
-            await tx.rollback()
-    finally:
-        await db.release(conn)
+    # Whether it can use that index at all (which the planner prefers depends on the other tests' data).
+    plan = await _plan_without_other_indexes(
+        db, ["DROP INDEX conversions_account_at, conversions_contact",
+             "ALTER TABLE conversions DROP CONSTRAINT conversions_account_id_network_conversion_key_key",
+             "SET LOCAL enable_bitmapscan = off"],
+        "EXPLAIN " + _STORE_CLICKS, 1, ["abcdefgh"], ["h0"], [None], [datetime(2026, 1, 1, tzinfo=UTC)], [1], ["+1"],
+    )
     lookup = plan.partition("conversions_click")[2].splitlines()
     assert len(lookup) > 1 and lookup[1].strip().startswith("Index Cond: (click_id = "), plan
 
@@ -97,19 +105,10 @@ async def test_the_postback_log_finds_a_state_by_its_index(db):
     in a transaction rolled back, to see that this one serves the expression at all.)"""
     from services.gateway.routes.postback_log import _STATE
 
-    conn = await db.acquire()
-    try:
-        tx = conn.transaction()
-        await tx.start()
-        try:
-            await conn.execute("DROP INDEX postbacks_by_account, postbacks_conversion_latest")
-            await conn.execute("SET LOCAL enable_seqscan = off")
-            plan = "\n".join(r[0] for r in await conn.fetch(
-                f"EXPLAIN SELECT count(*) FROM postbacks p WHERE p.account_id = $1 AND {_STATE} = $2", 1, "failed"))
-        finally:
-            await tx.rollback()
-    finally:
-        await db.release(conn)
+    plan = await _plan_without_other_indexes(
+        db, ["DROP INDEX postbacks_by_account, postbacks_conversion_latest"],
+        f"EXPLAIN SELECT count(*) FROM postbacks p WHERE p.account_id = $1 AND {_STATE} = $2", 1, "failed",
+    )
     assert "postbacks_account_state" in plan and "Filter" not in plan, plan
 
 

@@ -116,7 +116,6 @@ stored AS (  -- the firsts, with what the request's lookup read of their message
 raw AS (
     INSERT INTO clicks (id, account_id, offer_id, list_id, message_id, clicked_at, source)
     SELECT click_id, $1, offer_id, list_id, message_id, clicked_at, 'history' FROM stored
-    RETURNING 1
 ),
 contact_counts AS (
     INSERT INTO contacts (account_id, list_id, phone_number, click_count, last_clicked_at)
@@ -127,7 +126,6 @@ contact_counts AS (
     ON CONFLICT (list_id, phone_number) DO UPDATE
         SET click_count = contacts.click_count + excluded.click_count,
             last_clicked_at = greatest(contacts.last_clicked_at, excluded.last_clicked_at)
-    RETURNING 1
 ),
 rematch AS (  -- conversions that named one of these messages wait for its first click: see 0017
     INSERT INTO rematch_requests (account_id, click_id)
@@ -137,11 +135,8 @@ rematch AS (  -- conversions that named one of these messages wait for its first
     FROM conversions c JOIN firsts f ON c.click_id = f.message_id COLLATE "default"
     WHERE c.account_id = $1 AND NOT c.attributed AND c.click_id IS NOT NULL
       AND c.unattributed_reason IN ('click_not_found', 'before_click')
-    RETURNING 1
 )
-SELECT message_id, (SELECT count(*) FROM raw) AS raw_rows, (SELECT count(*) FROM contact_counts) AS contacts,
-       (SELECT count(*) FROM rematch) AS rematch_requests
-FROM stored
+SELECT message_id FROM stored  -- (each data-modifying CTE runs to completion, read or not)
 """
 
 
