@@ -3,8 +3,13 @@
 Published link data — written by the gateway *before* its PostgreSQL transaction commits, so a
 link answers at the edge as soon as its API call returns:
 
-  ``trk:s:{host}:{code}``   short code on a short domain -> ShortEntry (orjson)
-                            ``code`` is a 6-char link id or a 7-char per-message code.
+  ``trk:s:{host}:{code}``   short code on a short domain (orjson): a 6-char link id ->
+                            ShortEntry; a 7-char per-message code -> MessageCodeEntry, which
+                            names its link's code on the same host for the tracker and offer
+                            (about 120 bytes of Redis memory per message, where a whole
+                            ShortEntry took 200: one is written for every message sent).
+                            Per-message codes written before this format hold a ShortEntry
+                            with ``m`` set; the redirect still reads them.
   ``trk:t:{tracker_id}``    click tracker id -> TrackerEntry (orjson)
   ``trk:o:{offer_id}``      offer as the edge needs it -> OfferEntry (orjson); deleted offers
                             are written with status ``deleted`` rather than removed so that a
@@ -64,13 +69,22 @@ def host_of(url_or_host: str) -> str:
 
 
 class _ShortEntryOptional(TypedDict, total=False):
-    c: str            # the message's creative id, for {creative} (per-message codes that have one)
+    c: str            # the message's creative id (per-message codes of the earlier format)
 
 
 class ShortEntry(_ShortEntryOptional):
     u: str            # click tracker URL, e.g. https://ct.example.com/c/<uuid>
     o: str            # offer id (its status is checked at the edge)
-    m: str | None     # message id for a per-message code, else None
+    m: str | None     # None (a message id in per-message codes of the earlier format)
+
+
+class _MessageCodeEntryOptional(TypedDict, total=False):
+    c: str            # the message's creative id, for {creative} (when it has one)
+
+
+class MessageCodeEntry(_MessageCodeEntryOptional):
+    k: str            # the link's code: its ShortEntry on the same host has the tracker and offer
+    m: str            # message id
 
 
 class TrackerEntry(TypedDict):
@@ -178,9 +192,9 @@ def link_entries(link: Mapping[str, object]) -> list[tuple[str, bytes]]:
     ]
 
 
-def message_code_entry(tracker: str, offer_id: str, message_id: str, creative_id: str | None) -> ShortEntry:
-    """A per-message short code: the link's tracker and offer, the message (and its creative)."""
-    entry = ShortEntry(u=tracker, o=offer_id, m=message_id)
+def message_code_entry(link_id: str, message_id: str, creative_id: str | None) -> MessageCodeEntry:
+    """A per-message short code: its link (by code), the message (and its creative)."""
+    entry = MessageCodeEntry(k=link_id, m=message_id)
     if creative_id:
         entry["c"] = creative_id
     return entry

@@ -20,7 +20,7 @@ CHUNK = 1000
 
 _LINKS = "SELECT id, account_id, offer_id, list_id, domain_host, tracker_id, tracker_url FROM links"
 _MESSAGE_CODES = """
-SELECT ml.code, ml.message_id, l.domain_host, l.tracker_url, l.offer_id, m.creative_id
+SELECT ml.code, ml.message_id, ml.link_id, l.domain_host, m.creative_id
 FROM message_links ml
 JOIN links l ON l.id = ml.link_id
 JOIN messages m ON m.id = ml.message_id AND m.account_id = l.account_id
@@ -49,7 +49,7 @@ async def republish(conn: asyncpg.Connection, redis: Any) -> dict[str, int]:
         async for rows in _chunks(conn, _MESSAGE_CODES):
             await redis.mset({
                 edge.short_key(r["domain_host"], r["code"]): edge.dumps(
-                    edge.message_code_entry(r["tracker_url"], r["offer_id"], r["message_id"], r["creative_id"])
+                    edge.message_code_entry(r["link_id"], r["message_id"], r["creative_id"])
                 )
                 for r in rows
             })

@@ -25,9 +25,9 @@ async def publish_link(
 
 
 async def publish_message_codes(
-    redis: aioredis.Redis, entries: Iterable[tuple[str, str, edge.ShortEntry]]
+    redis: aioredis.Redis, entries: Iterable[tuple[str, str, edge.MessageCodeEntry]]
 ) -> None:
-    """``entries``: (host, code, ShortEntry) for each per-message short URL. One ``MSET`` per
+    """``entries``: (host, code, MessageCodeEntry) for each per-message short URL. One ``MSET`` per
     thousand codes: a bulk send's codes cost one command, not a thousand."""
     chunk: dict[str, bytes] = {}
     for host, code, entry in entries:

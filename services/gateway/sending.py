@@ -218,7 +218,7 @@ async def resolve(
     links: dict[str, asyncpg.Record] = {}
     if candidates:
         rows = await conn.fetch(
-            "SELECT id, domain_host, offer_id, tracker_url FROM links WHERE account_id = $1 AND id = ANY($2::text[])",
+            "SELECT id, domain_host, offer_id FROM links WHERE account_id = $1 AND id = ANY($2::text[])",
             account_id, sorted(candidates),
         )
         links = {r["id"]: r for r in rows}
@@ -317,8 +317,7 @@ async def insert_messages(
             used += len(cut.links)
         try:
             entries = [
-                (host, code, message_code_entry(links[link_id]["tracker_url"], links[link_id]["offer_id"],
-                                                r.message_id or "", r.creative_id))
+                (host, code, message_code_entry(link_id, r.message_id or "", r.creative_id))
                 for r in records
                 for host, code, link_id in r.codes
             ]

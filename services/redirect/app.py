@@ -79,8 +79,11 @@ _EMPTY_BODY = {"type": "http.response.body", "body": b""}
 # stalled the event loop for well over 100 ms (see cache.py).
 #
 # A short link: (tracker URL, offer cache key, message id or None, tracker id, the message's creative
-# as a query parameter to append, e.g. b"creative=cr1", or b"").
+# as a query parameter to append, e.g. b"creative=cr1", or b""). A per-message code (edge.MessageCodeEntry)
+# is a 3-tuple instead: (its link's code on the same host, message id, creative parameter); the rest
+# comes from the link's own entry. Per-message codes of the earlier format are full 5-tuples.
 ShortLink = tuple[bytes, str, "bytes | None", str, bytes]  # unpacked where used
+MessageCode = tuple[str, bytes, bytes]
 # A tracker link: (host, link id, offer id, account id, list id, offer cache key, account id as text).
 TrackerLink = tuple[str, str, str, int, int, str, str]
 
@@ -92,12 +95,14 @@ class Offer:
     affiliate_id: str | None
 
 
-def _decode_short(raw: bytes) -> ShortLink:
-    entry: edge.ShortEntry = orjson.loads(raw)
-    message = entry.get("m")
-    url = entry["u"]
+def _decode_short(raw: bytes) -> ShortLink | MessageCode:
+    entry: edge.ShortEntry | edge.MessageCodeEntry = orjson.loads(raw)
     creative = entry.get("c")
     creative_param = b"creative=" + quote(creative, safe="").encode() if creative else b""
+    if "k" in entry:
+        return entry["k"], entry["m"].encode(), creative_param
+    message = entry.get("m")
+    url = entry["u"]
     return (
         url.encode(), edge.offer_key(entry["o"]), message.encode() if message else None, url.rpartition("/")[2],
         creative_param,
@@ -286,7 +291,7 @@ class RedirectApp:
         else:
             # A 302 means the click is stored: only as true as Redis keeps what it acknowledges.
             self.redis_persistence_problem = await warn_if_not_durable(self.redis)
-        self.shorts: EdgeCache[ShortLink] = EdgeCache(self.redis, _decode_short, ttl=s.link_cache_ttl, size=size)
+        self.shorts: EdgeCache[ShortLink | MessageCode] = EdgeCache(self.redis, _decode_short, ttl=s.link_cache_ttl, size=size)
         self.trackers: EdgeCache[TrackerLink] = EdgeCache(
             self.redis, _decode_tracker, ttl=s.link_cache_ttl, size=size
         )
@@ -399,14 +404,24 @@ class RedirectApp:
             return 302
         key = f"trk:s:{hostname(host)}:{code}"
         # Only a well-formed code is ever loaded into the cache: the pattern is checked on a miss.
-        link = self.shorts.fresh(key)
-        if link is None:
+        entry = self.shorts.fresh(key)
+        if entry is None:
             if not _CODE_RE.fullmatch(code):
                 return await _not_found(send)
-            link = await self.shorts.load(key)
-        if link is None:
+            entry = await self.shorts.load(key)
+        if entry is None:
             return await _not_found(send)
-        tracker_url, offer_key, message_id, tracker_id, creative = link
+        expires = self.shorts.expires(key)
+        if len(entry) == 3:  # a per-message code: the tracker and offer are its link's
+            link_code, message_id, creative = entry  # type: ignore[misc]
+            key = f"trk:s:{hostname(host)}:{link_code}"
+            link = self.shorts.fresh(key) or await self.shorts.load(key)
+            if link is None or len(link) == 3:
+                return await _not_found(send)
+            tracker_url, offer_key, _, tracker_id, _ = link  # type: ignore[misc]
+            expires = min(expires, self.shorts.expires(key))
+        else:
+            tracker_url, offer_key, message_id, tracker_id, creative = entry  # type: ignore[misc]
         offer = self.offers.fresh(offer_key) or await self.offers.load(offer_key)
         if offer is None or not offer.active:
             return await _not_found(send)
@@ -423,8 +438,7 @@ class RedirectApp:
         if len(query) <= MAX_ANSWER_QUERY:
             if len(self._short_answers) >= MAX_ANSWERS:
                 self._short_answers.clear()
-            expires = min(self.shorts.expires(key), self.offers.expires(offer_key))
-            self._short_answers[answer_key] = (expires, headers)
+            self._short_answers[answer_key] = (min(expires, self.offers.expires(offer_key)), headers)
         await send({"type": "http.response.start", "status": 302, "headers": headers})
         await send(_EMPTY_BODY)
         return 302

@@ -69,9 +69,9 @@ async def test_short_urls_are_rewritten_per_message(api, tenant, redis):
         assert len(codes) == 3 and codes[0] == codes[1] != codes[2]  # one code per (message, link)
         assert "?sub1=x" in b
         entry = orjson.loads(await redis.get(short_key("sms.example.com", codes[0])))
-        assert entry == {"u": link["clickTrackerUrl"], "o": offer["id"], "m": mid}
+        assert entry == {"k": link["linkId"], "m": mid}  # the link's own entry has its tracker and offer
         entry2 = orjson.loads(await redis.get(short_key("sms.example.com", codes[2])))
-        assert entry2 == {"u": link2["clickTrackerUrl"], "o": other_offer["id"], "m": mid}
+        assert entry2 == {"k": link2["linkId"], "m": mid}
     assert bodies[0]["body"] != bodies[1]["body"]
 
 
