@@ -34,9 +34,9 @@ Hosts are stored lower-case without a port (CONTRACT.md §4).
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import TypedDict
+from typing import Any, TypedDict
 from urllib.parse import urlsplit
 
 import orjson
@@ -198,6 +198,49 @@ def message_code_entry(link_id: str, message_id: str, creative_id: str | None) -
     if creative_id:
         entry["c"] = creative_id
     return entry
+
+
+# SET each key with its lifetime (PX, milliseconds), a whole chunk in one command: MSET cannot
+# give keys an expiry.
+_SET_EACH_PX = """
+for i, key in ipairs(KEYS) do
+  redis.call('SET', key, ARGV[2 * i - 1], 'PX', ARGV[2 * i])
+end
+"""
+CODES_PER_COMMAND = 1000
+
+
+async def write_message_codes(redis: Any, codes: Iterable[tuple[str, bytes, datetime]], *, days: int = 0) -> int:
+    """Write per-message short codes, given as (key, value, the message's send time), a thousand
+    per command. With ``days`` (settings.message_code_days) each expires that many days after
+    its message's send, and one already past that is not written. Returns how many were written."""
+    written = 0
+    if not days:
+        chunk: dict[str, bytes] = {}
+        for key, value, _ in codes:
+            chunk[key] = value
+            if len(chunk) == CODES_PER_COMMAND:
+                await redis.mset(chunk)
+                written, chunk = written + len(chunk), {}
+        if chunk:
+            await redis.mset(chunk)
+        return written + len(chunk)
+    set_each = redis.register_script(_SET_EACH_PX)
+    lifetime, now = timedelta(days=days), datetime.now(UTC)
+    keys: list[str] = []
+    args: list[bytes | int] = []
+    for key, value, sent_at in codes:
+        left = (sent_at + lifetime - now) // timedelta(milliseconds=1)
+        if left <= 0:
+            continue
+        keys.append(key)
+        args += (value, left)
+        if len(keys) == CODES_PER_COMMAND:
+            await set_each(keys=keys, args=args)
+            written, keys, args = written + len(keys), [], []
+    if keys:
+        await set_each(keys=keys, args=args)
+    return written + len(keys)
 
 
 def tracker_url(tracker_domain: str, tracker: str) -> str:

@@ -20,7 +20,7 @@ CHUNK = 1000
 
 _LINKS = "SELECT id, account_id, offer_id, list_id, domain_host, tracker_id, tracker_url FROM links"
 _MESSAGE_CODES = """
-SELECT ml.code, ml.message_id, ml.link_id, l.domain_host, m.creative_id
+SELECT ml.code, ml.message_id, ml.link_id, l.domain_host, m.creative_id, m.sent_at
 FROM message_links ml
 JOIN links l ON l.id = ml.link_id
 JOIN messages m ON m.id = ml.message_id AND m.account_id = l.account_id
@@ -39,21 +39,20 @@ async def _chunks(conn: asyncpg.Connection, query: str) -> AsyncIterator[list[as
         yield chunk
 
 
-async def republish(conn: asyncpg.Connection, redis: Any) -> dict[str, int]:
-    """Write every edge key again; returns how many links, message codes and offers it wrote."""
+async def republish(conn: asyncpg.Connection, redis: Any, *, code_days: int = 0) -> dict[str, int]:
+    """Write every edge key again; returns how many links, message codes and offers it wrote.
+    ``code_days``: settings.message_code_days (codes past it are not written again)."""
     counts = {"links": 0, "message_codes": 0, "offers": 0}
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         async for rows in _chunks(conn, _LINKS):
             await redis.mset(dict(entry for row in rows for entry in edge.link_entries(row)))
             counts["links"] += len(rows)
         async for rows in _chunks(conn, _MESSAGE_CODES):
-            await redis.mset({
-                edge.short_key(r["domain_host"], r["code"]): edge.dumps(
-                    edge.message_code_entry(r["link_id"], r["message_id"], r["creative_id"])
-                )
+            counts["message_codes"] += await edge.write_message_codes(redis, (
+                (edge.short_key(r["domain_host"], r["code"]),
+                 edge.dumps(edge.message_code_entry(r["link_id"], r["message_id"], r["creative_id"])), r["sent_at"])
                 for r in rows
-            })
-            counts["message_codes"] += len(rows)
+            ), days=code_days)
     started = await conn.fetchval("SELECT clock_timestamp()")
     async with conn.transaction(readonly=True):
         async for rows in _chunks(conn, _OFFERS):

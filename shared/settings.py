@@ -26,6 +26,9 @@ class Settings:
     # How long the redirect trusts a cached link / offer before asking Redis again.
     link_cache_ttl: float = 5.0
     link_cache_size: int = 100_000
+    # Days a message's per-message short URLs keep working at the edge, from its send (0: as long
+    # as Redis keeps them). Each costs Redis memory (shared/edge.py); an operator bounds it here.
+    message_code_days: int = 0
     log_level: str = "info"
 
     @property
@@ -53,6 +56,12 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
         raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
 
 
+def _non_negative(value: int, name: str) -> int:
+    if value < 0:
+        raise SystemExit(f"{name} must be 0 or more, got {value}")
+    return value
+
+
 def load(env: dict[str, str] | None = None) -> Settings:
     env = dict(os.environ if env is None else env)
     # Unset: a proxy on the same host (loopback) is believed, as uvicorn's own default does; set
@@ -77,5 +86,6 @@ def load(env: dict[str, str] | None = None) -> Settings:
         trusted_proxies=proxies,
         link_cache_ttl=float(env.get("TRACKLY_LINK_CACHE_TTL") or 5.0),
         link_cache_size=_int(env, "TRACKLY_LINK_CACHE_SIZE", 100_000),
+        message_code_days=_non_negative(_int(env, "TRACKLY_MESSAGE_CODE_DAYS", 0), "TRACKLY_MESSAGE_CODE_DAYS"),
         log_level=env.get("TRACKLY_LOG_LEVEL", "info"),
     )

@@ -8,6 +8,7 @@ ignores.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 
 import redis.asyncio as aioredis
 
@@ -25,15 +26,11 @@ async def publish_link(
 
 
 async def publish_message_codes(
-    redis: aioredis.Redis, entries: Iterable[tuple[str, str, edge.MessageCodeEntry]]
+    redis: aioredis.Redis, entries: Iterable[tuple[str, str, edge.MessageCodeEntry, datetime]], *, days: int = 0
 ) -> None:
-    """``entries``: (host, code, MessageCodeEntry) for each per-message short URL. One ``MSET`` per
-    thousand codes: a bulk send's codes cost one command, not a thousand."""
-    chunk: dict[str, bytes] = {}
-    for host, code, entry in entries:
-        chunk[edge.short_key(host, code)] = edge.dumps(entry)
-        if len(chunk) == 1000:
-            await redis.mset(chunk)
-            chunk = {}
-    if chunk:
-        await redis.mset(chunk)
+    """``entries``: (host, code, MessageCodeEntry, the message's send time) for each per-message
+    short URL. See ``edge.write_message_codes``."""
+    await edge.write_message_codes(
+        redis, ((edge.short_key(host, code), edge.dumps(entry), sent_at) for host, code, entry, sent_at in entries),
+        days=days,
+    )

@@ -293,6 +293,7 @@ async def insert_messages(
     links: dict[str, asyncpg.Record],
     *,
     source: str = "api",
+    code_days: int = 0,
 ) -> None:
     """Insert the batch in one transaction (retrying fresh ids on the rare collision).
 
@@ -317,13 +318,13 @@ async def insert_messages(
             used += len(cut.links)
         try:
             entries = [
-                (host, code, message_code_entry(link_id, r.message_id or "", r.creative_id))
+                (host, code, message_code_entry(link_id, r.message_id or "", r.creative_id), r.sent_at or now)
                 for r in records
                 for host, code, link_id in r.codes
             ]
             async with conn.transaction():
                 await _insert(conn, account_id, records, now, source, contacts_raced=contacts_raced)
-                await publish_message_codes(redis, entries)
+                await publish_message_codes(redis, entries, days=code_days)
             return
         except asyncpg.UniqueViolationError as exc:
             if attempt == INSERT_ATTEMPTS - 1 or exc.constraint_name not in (

@@ -65,3 +65,56 @@ async def test_cli_republish(api, db, redis, settings, tenant):
     counts = json.loads(out.stdout)
     assert set(counts) == {"links", "message_codes", "offers"} and min(counts.values()) >= 1
     assert all([await redis.get(k) for k in keys])
+
+
+async def test_message_codes_expire_a_set_number_of_days_after_their_send(db, redis, settings, tenant):
+    """TRACKLY_MESSAGE_CODE_DAYS bounds the Redis memory per-message codes take: each code lives that
+    many days from its message's send (a history import of older sends publishes none), and a
+    republish writes back only those still within it, for what they have left. Unset: no expiry."""
+    from dataclasses import replace
+    from datetime import timedelta
+
+    import httpx
+
+    from services.gateway.app import create_app
+    from shared.timeutil import isoformat, utcnow
+
+    day_ms = 86_400_000
+    app = create_app(replace(settings, message_code_days=30))
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://gateway.test"
+    ) as api:
+        link = await make_link(api, tenant, (await make_offer(api, tenant))["id"])
+        body = f"Hi {link['shortUrl']}"
+        sent = await api.post("/api/v2/send", headers=tenant.headers,
+                              json={"to": random_phone(), "list_id": tenant.list_id, "body": body})
+        now = utcnow()
+        imported = await api.post("/api/v2/history/sends", headers=tenant.headers, json={"records": [
+            {"to": random_phone(), "list_id": tenant.list_id, "body": body, "timestamp": isoformat(now - timedelta(days=d))}
+            for d in (10, 40)]})
+        assert imported.json()["success_count"] == 2, imported.text
+    rows = await db.fetch(
+        "SELECT ml.code, m.sent_at FROM message_links ml JOIN messages m ON m.id = ml.message_id"
+        " WHERE m.account_id = $1 ORDER BY m.sent_at DESC", tenant.account_id)
+    keys = [edge.short_key("sms.example.com", r["code"]) for r in rows]
+    assert rows[0]["code"] in (await db.fetchval("SELECT body FROM messages WHERE id = $1", sent.json()["message_id"]))
+
+    async def lifetimes() -> list[int]:
+        return [await redis.pttl(k) for k in keys]
+
+    fresh, older, expired = await lifetimes()
+    assert 30 * day_ms - 60_000 < fresh <= 30 * day_ms
+    assert 20 * day_ms - 60_000 < older <= 20 * day_ms
+    assert expired == -2  # never written
+
+    await redis.delete(*keys)
+    async with db.acquire() as conn:
+        counts = await republish(conn, redis, code_days=30)
+    fresh, older, expired = await lifetimes()
+    assert 30 * day_ms - 60_000 < fresh <= 30 * day_ms and 20 * day_ms - 60_000 < older <= 20 * day_ms
+    assert expired == -2
+
+    async with db.acquire() as conn:
+        unbounded = await republish(conn, redis)
+    assert await lifetimes() == [-1, -1, -1]  # kept
+    assert unbounded["message_codes"] - counts["message_codes"] >= 1

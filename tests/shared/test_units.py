@@ -123,6 +123,9 @@ def test_settings_from_environment():
         settings.load({"TRACKLY_REDIRECT_PORT": "x"})
     with pytest.raises(SystemExit):
         settings.load({"TRACKLY_TRUSTED_PROXIES": "10.0.0.0/33"})
+    assert s.message_code_days == 0 and settings.load({"TRACKLY_MESSAGE_CODE_DAYS": "30"}).message_code_days == 30
+    with pytest.raises(SystemExit):
+        settings.load({"TRACKLY_MESSAGE_CODE_DAYS": "-1"})
 
 
 def test_trusted_proxies_default_to_loopback_and_can_be_none():

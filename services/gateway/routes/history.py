@@ -232,7 +232,7 @@ async def import_sends(request: Request) -> JSONResponse:
             out.fail(index, err)
     if not parsed:
         return out.response()
-    redis = request.app.state.redis
+    redis, code_days = request.app.state.redis, request.app.state.settings.message_code_days
     async with request.app.state.db.acquire() as conn:
         given = sorted({r.message_id for r in parsed if r.message_id})
         existing = {
@@ -256,13 +256,15 @@ async def import_sends(request: Request) -> JSONResponse:
             out.fail(r.index, err)
         if resolved.good:
             try:
-                await insert_messages(conn, redis, account.id, resolved.good, resolved.links, source="history")
+                await insert_messages(conn, redis, account.id, resolved.good, resolved.links, source="history",
+                                      code_days=code_days)
                 out.success += len(resolved.good)
             except asyncpg.PostgresError:
                 # A given id taken meanwhile, or a record the database refused: one at a time.
                 for r in resolved.good:
                     try:
-                        await insert_messages(conn, redis, account.id, [r], resolved.links, source="history")
+                        await insert_messages(conn, redis, account.id, [r], resolved.links, source="history",
+                                              code_days=code_days)
                         out.success += 1
                     except asyncpg.UniqueViolationError:
                         out.duplicates += 1

@@ -23,7 +23,8 @@ async def send(request: Request) -> JSONResponse:
         resolved = await resolve(conn, account.id, [record])
         if resolved.failed:
             raise resolved.failed[0][1]
-        await insert_messages(conn, request.app.state.redis, account.id, resolved.good, resolved.links)
+        await insert_messages(conn, request.app.state.redis, account.id, resolved.good, resolved.links,
+                              code_days=request.app.state.settings.message_code_days)
     return JSONResponse({"success": True, "message_id": record.message_id, "status": "queued"}, status_code=201)
 
 
@@ -60,7 +61,8 @@ async def send_bulk(request: Request) -> JSONResponse:
             for record, err in resolved.failed:
                 fail(record.index, items[record.index], err)
             if resolved.good:
-                await insert_messages(conn, request.app.state.redis, account.id, resolved.good, resolved.links)
+                await insert_messages(conn, request.app.state.redis, account.id, resolved.good, resolved.links,
+                                      code_days=request.app.state.settings.message_code_days)
                 sent = resolved.good
     errors.sort(key=lambda e: e["index"])
     return JSONResponse(
