@@ -9,6 +9,8 @@ import secrets
 import string
 import uuid
 
+from shared.errors import validation
+
 ALPHANUM = string.ascii_letters + string.digits
 
 OFFER_ID_RE = re.compile(r"^[0-9a-f]{24}\Z")
@@ -31,6 +33,14 @@ def bigint(value: object) -> int | None:
         number = int(value)
         return number if number < 2**63 else None
     return None
+
+
+def given_list_id(value: object, name: str) -> int | None:
+    """A list id from a request body: ``bigint`` of a JSON integer or string (None: it names no
+    list, such as -1 or "abc"); any other JSON type (true, 1.5, [..]) is a malformed field."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise validation(f"{name} must be an integer")
+    return bigint(value)
 
 
 # Byte -> character for bytes below 248 (= 4 * 62, so every character is equally likely); the

@@ -142,9 +142,9 @@ class SendRecord:
 
 def _text(record: dict[str, Any], name: str, max_len: int = 200) -> str | None:
     value = record.get(name)
-    if value is None or isinstance(value, bool):
+    if value is None:
         return None
-    if not isinstance(value, (str, int)):
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise validation(f"{name} must be a string")
     text = str(value).strip()
     if len(text) > max_len:
@@ -168,7 +168,7 @@ def parse_send(index: int, record: Any, *, body_required: bool = True) -> SendRe
     raw_list_id = record.get("list_id")
     raw_number = record.get("list_number")
     if raw_list_id is not None:
-        list_id = ids.bigint(raw_list_id)
+        list_id = ids.given_list_id(raw_list_id, "list_id")
         if list_id is None:
             raise not_found("list_not_found", "The sending list was not found")
     elif raw_number is not None:

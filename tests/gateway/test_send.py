@@ -34,6 +34,15 @@ async def test_send_by_list_number_and_detail(api, tenant):
     ({"list_id": None, "list_number": "123"}, 400, "invalid_phone"),
     ({"list_id": 987654321}, 404, "list_not_found"),
     ({"list_id": "abc"}, 404, "list_not_found"),
+    ({"list_id": -1}, 404, "list_not_found"),
+    ({"list_id": 2**70}, 404, "list_not_found"),
+    ({"list_id": True}, 400, "validation_error"),  # a malformed field, not an unknown list
+    ({"list_id": 1.0}, 400, "validation_error"),
+    ({"list_id": [1]}, 400, "validation_error"),
+    ({"offer_id": True}, 400, "validation_error"),  # never dropped in silence
+    ({"creative_id": False}, 400, "validation_error"),
+    ({"schedule_id": True}, 400, "validation_error"),
+    ({"creative_id": 1.5}, 400, "validation_error"),
     ({"body": ""}, 400, "validation_error"),
     ({"body": 5}, 400, "validation_error"),
     ({"offer_id": "nope"}, 404, "offer_not_found"),

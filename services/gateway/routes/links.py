@@ -49,7 +49,7 @@ async def create_link(request: Request) -> JSONResponse:
     list_id: int | None = None
     phone: str | None = None
     if list_ref is not None:
-        list_id = ids.bigint(list_ref)
+        list_id = ids.given_list_id(list_ref, "listId")
         if list_id is None:
             raise not_found("list_not_found", "List not found")
     else:
