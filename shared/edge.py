@@ -6,8 +6,8 @@ link answers at the edge as soon as its API call returns:
   ``trk:s:{host}:{code}``   short code on a short domain (orjson): a 6-char link id ->
                             ShortEntry; a 7-char per-message code -> MessageCodeEntry, which
                             names its link's code on the same host for the tracker and offer
-                            (about 120 bytes of Redis memory per message, where a whole
-                            ShortEntry took 200: one is written for every message sent).
+                            (about 130 bytes of Redis memory per message, where a whole
+                            ShortEntry took 220: one is written for every message sent).
                             Per-message codes written before this format hold a ShortEntry
                             with ``m`` set; the redirect still reads them.
   ``trk:t:{tracker_id}``    click tracker id -> TrackerEntry (orjson)

@@ -173,7 +173,7 @@ async def test_a_per_message_code_is_stored_by_its_link_and_both_formats_redirec
     api: httpx.AsyncClient, tenant: Tenant, edge: Edge, db: asyncpg.Pool, redis: Any
 ) -> None:
     """A per-message code names its link's code (the tracker and offer are read from the link's
-    entry): about 120 bytes of Redis a message instead of 200. A code in the earlier format (the
+    entry): about 130 bytes of Redis a message instead of 220. A code in the earlier format (the
     whole entry) still redirects as its message's, creative included; a code whose link entry is
     gone answers 404."""
     offer, link = await offer_and_link(api, tenant, "https://lp.example/offer?cr={creative}&m={{sendId}}")
