@@ -88,7 +88,9 @@ def cmd_republish(args: argparse.Namespace) -> int:
         conn = await db.connect(settings.database_url)
         redis = create_redis(settings.redis_url)
         try:
-            return await republish(conn, redis, code_days=settings.message_code_days)
+            counts = await republish(conn, redis, code_days=settings.message_code_days)
+            # What the codes were written with: 0 makes every code permanent again.
+            return {**counts, "message_code_days": settings.message_code_days}
         finally:
             await redis.aclose()
             await conn.close()

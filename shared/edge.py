@@ -200,11 +200,16 @@ def message_code_entry(link_id: str, message_id: str, creative_id: str | None) -
     return entry
 
 
-# SET each key with its lifetime (PX, milliseconds), a whole chunk in one command: MSET cannot
-# give keys an expiry.
+# SET each key with what is left of its lifetime (PX, milliseconds), or delete it when nothing is
+# left, a whole chunk in one command: MSET cannot give keys an expiry.
 _SET_EACH_PX = """
 for i, key in ipairs(KEYS) do
-  redis.call('SET', key, ARGV[2 * i - 1], 'PX', ARGV[2 * i])
+  local left = tonumber(ARGV[2 * i])
+  if left > 0 then
+    redis.call('SET', key, ARGV[2 * i - 1], 'PX', left)
+  else
+    redis.call('DEL', key)
+  end
 end
 """
 CODES_PER_COMMAND = 1000
@@ -212,8 +217,10 @@ CODES_PER_COMMAND = 1000
 
 async def write_message_codes(redis: Any, codes: Iterable[tuple[str, bytes, datetime]], *, days: int = 0) -> int:
     """Write per-message short codes, given as (key, value, the message's send time), a thousand
-    per command. With ``days`` (settings.message_code_days) each expires that many days after
-    its message's send, and one already past that is not written. Returns how many were written."""
+    per command. With ``days`` (settings.message_code_days) each expires that many days after its
+    message's send (a send dated in the future counts from now), and one already past that is
+    deleted instead: so a republish applies a new setting to the codes already in Redis. Without,
+    each is kept for good (an expiry it had is removed). Returns how many were written."""
     written = 0
     if not days:
         chunk: dict[str, bytes] = {}
@@ -229,18 +236,18 @@ async def write_message_codes(redis: Any, codes: Iterable[tuple[str, bytes, date
     lifetime, now = timedelta(days=days), datetime.now(UTC)
     keys: list[str] = []
     args: list[bytes | int] = []
+    live = 0
     for key, value, sent_at in codes:
-        left = (sent_at + lifetime - now) // timedelta(milliseconds=1)
-        if left <= 0:
-            continue
+        left = (min(sent_at, now) + lifetime - now) // timedelta(milliseconds=1)
+        live += left > 0
         keys.append(key)
-        args += (value, left)
+        args += (value, max(left, 0))
         if len(keys) == CODES_PER_COMMAND:
             await set_each(keys=keys, args=args)
-            written, keys, args = written + len(keys), [], []
+            keys, args = [], []
     if keys:
         await set_each(keys=keys, args=args)
-    return written + len(keys)
+    return live
 
 
 def tracker_url(tracker_domain: str, tracker: str) -> str:

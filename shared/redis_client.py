@@ -25,26 +25,33 @@ def create_redis(url: str, *, max_connections: int = 64) -> aioredis.Redis:
 
 
 def persistence_problem(config: Mapping[str, str]) -> str | None:
-    """What in a Redis server's ``appendonly`` / ``appendfsync`` settings can lose a write it has
-    acknowledged (a click answered 302, a published link), or None with ``appendfsync always``."""
-    if config.get("appendonly") != "yes":
-        return ("appendonly is off: a restart of Redis loses every acknowledged click not yet drained into"
-                " PostgreSQL, and the links published since its last snapshot")
+    """What in a Redis server's ``appendonly`` / ``appendfsync`` / ``maxmemory`` settings can lose
+    a write it has acknowledged (a click answered 302, a published link), or None with
+    ``appendfsync always`` and no eviction."""
+    problems = []
     fsync = config.get("appendfsync")
-    if fsync == "no":
-        return "appendfsync is 'no': a crash of its machine loses the acknowledged clicks the kernel had not yet written"
-    if fsync == "everysec":
-        return "appendfsync is 'everysec': a crash of its machine loses up to a second of acknowledged clicks"
-    return None
+    if config.get("appendonly") != "yes":
+        problems.append("appendonly is off: a restart of Redis loses every acknowledged click not yet drained into"
+                        " PostgreSQL, and the links published since its last snapshot")
+    elif fsync == "no":
+        problems.append("appendfsync is 'no': a crash of its machine loses the acknowledged clicks the kernel had"
+                        " not yet written")
+    elif fsync == "everysec":
+        problems.append("appendfsync is 'everysec': a crash of its machine loses up to a second of acknowledged clicks")
+    policy = config.get("maxmemory-policy", "noeviction")
+    if config.get("maxmemory", "0") != "0" and policy != "noeviction":
+        problems.append(f"maxmemory-policy is '{policy}': a full Redis evicts keys (published links and per-message"
+                        " codes, clicks not yet drained) instead of refusing writes; use 'noeviction'")
+    return "; ".join(problems) or None
 
 
 async def warn_if_not_durable(redis: aioredis.Redis) -> str | None:
     """Log (and return) a warning when this Redis does not keep what it acknowledges:
     clicks are durable only as far as Redis is (the embedded one and deploy/compose.yaml run
-    ``appendfsync always``). Silent when the settings cannot be read (a managed Redis may refuse
+    ``appendfsync always``, without a memory limit). Silent when the settings cannot be read (a managed Redis may refuse
     CONFIG); a Redis that is down is the caller's business."""
     try:
-        config = await redis.config_get("append*")
+        config = {**await redis.config_get("append*"), **await redis.config_get("maxmemory*")}
     except RedisError as exc:
         log.debug("could not read the persistence settings of redis: %s", exc)
         return None

@@ -27,7 +27,8 @@ class Settings:
     link_cache_ttl: float = 5.0
     link_cache_size: int = 100_000
     # Days a message's per-message short URLs keep working at the edge, from its send (0: as long
-    # as Redis keeps them). Each costs Redis memory (shared/edge.py); an operator bounds it here.
+    # as Redis keeps them; at most 36,500). Each costs Redis memory (shared/edge.py); an operator
+    # bounds it here.
     message_code_days: int = 0
     log_level: str = "info"
 
@@ -56,9 +57,9 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
         raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
 
 
-def _non_negative(value: int, name: str) -> int:
-    if value < 0:
-        raise SystemExit(f"{name} must be 0 or more, got {value}")
+def _between(value: int, name: str, low: int, high: int) -> int:
+    if not low <= value <= high:
+        raise SystemExit(f"{name} must be from {low} to {high}, got {value}")
     return value
 
 
@@ -86,6 +87,6 @@ def load(env: dict[str, str] | None = None) -> Settings:
         trusted_proxies=proxies,
         link_cache_ttl=float(env.get("TRACKLY_LINK_CACHE_TTL") or 5.0),
         link_cache_size=_int(env, "TRACKLY_LINK_CACHE_SIZE", 100_000),
-        message_code_days=_non_negative(_int(env, "TRACKLY_MESSAGE_CODE_DAYS", 0), "TRACKLY_MESSAGE_CODE_DAYS"),
+        message_code_days=_between(_int(env, "TRACKLY_MESSAGE_CODE_DAYS", 0), "TRACKLY_MESSAGE_CODE_DAYS", 0, 36_500),
         log_level=env.get("TRACKLY_LOG_LEVEL", "info"),
     )

@@ -61,6 +61,8 @@ async def test_error_codes(api, db, tenant):
     assert_error(await post({"offerId": "f" * 24, "listId": tenant.list_id}), 404, "offer_not_found")
     assert_error(await post({"offerId": offer["id"], "listId": 999_999_999}), 404, "list_not_found")
     assert_error(await post({"offerId": offer["id"], "listId": True}), 400, "validation_error")
+    assert_error(await post({"offerId": True, "externalOfferId": offer["id"], "listId": tenant.list_id}), 400,
+                 "validation_error")
     assert_error(await post({"offerId": offer["id"], "listId": 4.5}), 400, "validation_error")
     assert_error(await post({"offerId": offer["id"], "phoneNumber": "+18885550000"}), 404, "list_not_found")
     paused = await make_offer(api, tenant, status="paused")

@@ -17,6 +17,10 @@ from shared.redis_client import create_redis, persistence_problem, warn_if_not_d
     ({"appendonly": "yes", "appendfsync": "no"}, "kernel had not yet written"),
     ({"appendonly": "no", "appendfsync": "always"}, "appendonly is off"),
     ({}, "appendonly is off"),
+    ({"appendonly": "yes", "appendfsync": "always", "maxmemory": "0", "maxmemory-policy": "allkeys-lru"}, None),
+    ({"appendonly": "yes", "appendfsync": "always", "maxmemory": "1073741824", "maxmemory-policy": "noeviction"}, None),
+    ({"appendonly": "yes", "appendfsync": "always", "maxmemory": "1073741824", "maxmemory-policy": "volatile-lru"},
+     "maxmemory-policy is 'volatile-lru'"),
 ])
 def test_persistence_problem(config, problem):
     found = persistence_problem(config)
@@ -31,8 +35,12 @@ async def test_warns_about_a_redis_that_does_not_keep_what_it_acknowledges(tmp_p
         with caplog.at_level(logging.WARNING, logger="trackly.redis"):
             assert await warn_if_not_durable(client) is None
             assert not caplog.records
+            await client.config_set("maxmemory", "1gb")
+            assert await warn_if_not_durable(client) is None  # noeviction: refused writes, nothing lost
+            await client.config_set("maxmemory-policy", "volatile-ttl")
             await client.config_set("appendonly", "no")
-            assert "appendonly is off" in (await warn_if_not_durable(client) or "")
+            both = await warn_if_not_durable(client) or ""
+            assert "appendonly is off" in both and "maxmemory-policy is 'volatile-ttl'" in both
             assert "does not keep everything it acknowledges" in caplog.text
     finally:
         await client.aclose()

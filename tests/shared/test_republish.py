@@ -63,14 +63,16 @@ async def test_cli_republish(api, db, redis, settings, tenant):
     out = trackly(settings, "admin", "republish")
     assert out.returncode == 0, out.stderr
     counts = json.loads(out.stdout)
-    assert set(counts) == {"links", "message_codes", "offers"} and min(counts.values()) >= 1
+    assert set(counts) == {"links", "message_codes", "offers", "message_code_days"}
+    assert counts["message_code_days"] == 0 and min(counts.values()) >= 0 < counts["message_codes"]
     assert all([await redis.get(k) for k in keys])
 
 
 async def test_message_codes_expire_a_set_number_of_days_after_their_send(db, redis, settings, tenant):
     """TRACKLY_MESSAGE_CODE_DAYS bounds the Redis memory per-message codes take: each code lives that
-    many days from its message's send (a history import of older sends publishes none), and a
-    republish writes back only those still within it, for what they have left. Unset: no expiry."""
+    many days from its message's send (from now for a send dated ahead; a history import of older
+    sends publishes none). A republish applies the setting to the codes already in Redis: those
+    within it get what they have left, those past it are deleted; with 0 every code is kept."""
     from dataclasses import replace
     from datetime import timedelta
 
@@ -80,6 +82,7 @@ async def test_message_codes_expire_a_set_number_of_days_after_their_send(db, re
     from shared.timeutil import isoformat, utcnow
 
     day_ms = 86_400_000
+    days_ago = (10, 40, -400)  # history sends; the last is dated ahead
     app = create_app(replace(settings, message_code_days=30))
     async with app.router.lifespan_context(app), httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://gateway.test"
@@ -91,30 +94,32 @@ async def test_message_codes_expire_a_set_number_of_days_after_their_send(db, re
         now = utcnow()
         imported = await api.post("/api/v2/history/sends", headers=tenant.headers, json={"records": [
             {"to": random_phone(), "list_id": tenant.list_id, "body": body, "timestamp": isoformat(now - timedelta(days=d))}
-            for d in (10, 40)]})
-        assert imported.json()["success_count"] == 2, imported.text
+            for d in days_ago]})
+        assert imported.json()["success_count"] == 3, imported.text
     rows = await db.fetch(
-        "SELECT ml.code, m.sent_at FROM message_links ml JOIN messages m ON m.id = ml.message_id"
+        "SELECT ml.code, m.id, m.sent_at FROM message_links ml JOIN messages m ON m.id = ml.message_id"
         " WHERE m.account_id = $1 ORDER BY m.sent_at DESC", tenant.account_id)
-    keys = [edge.short_key("sms.example.com", r["code"]) for r in rows]
-    assert rows[0]["code"] in (await db.fetchval("SELECT body FROM messages WHERE id = $1", sent.json()["message_id"]))
+    ahead, fresh, older, expired = [edge.short_key("sms.example.com", r["code"]) for r in rows]
+    assert rows[1]["id"] == sent.json()["message_id"]
 
-    async def lifetimes() -> list[int]:
-        return [await redis.pttl(k) for k in keys]
+    def about(days: int):
+        return lambda ms: days * day_ms - 60_000 < ms <= days * day_ms
 
-    fresh, older, expired = await lifetimes()
-    assert 30 * day_ms - 60_000 < fresh <= 30 * day_ms
-    assert 20 * day_ms - 60_000 < older <= 20 * day_ms
-    assert expired == -2  # never written
+    async def lifetimes(*checks) -> None:
+        for key, check in zip((ahead, fresh, older, expired), checks):
+            assert check(await redis.pttl(key)), (key, await redis.pttl(key))
 
-    await redis.delete(*keys)
+    never = (lambda ms: ms == -2)
+    await lifetimes(about(30), about(30), about(20), never)
+
+    # Published while the setting was off: kept for good, until a republish applies the setting.
+    await redis.set(expired, b'{"k":"x","m":"y"}')
+    await redis.persist(fresh)
     async with db.acquire() as conn:
         counts = await republish(conn, redis, code_days=30)
-    fresh, older, expired = await lifetimes()
-    assert 30 * day_ms - 60_000 < fresh <= 30 * day_ms and 20 * day_ms - 60_000 < older <= 20 * day_ms
-    assert expired == -2
-
+    await lifetimes(about(30), about(30), about(20), never)
     async with db.acquire() as conn:
         unbounded = await republish(conn, redis)
-    assert await lifetimes() == [-1, -1, -1]  # kept
+    kept = (lambda ms: ms == -1)
+    await lifetimes(kept, kept, kept, kept)
     assert unbounded["message_codes"] - counts["message_codes"] >= 1

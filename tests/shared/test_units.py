@@ -124,8 +124,9 @@ def test_settings_from_environment():
     with pytest.raises(SystemExit):
         settings.load({"TRACKLY_TRUSTED_PROXIES": "10.0.0.0/33"})
     assert s.message_code_days == 0 and settings.load({"TRACKLY_MESSAGE_CODE_DAYS": "30"}).message_code_days == 30
-    with pytest.raises(SystemExit):
-        settings.load({"TRACKLY_MESSAGE_CODE_DAYS": "-1"})
+    for bad in ("-1", "36501"):
+        with pytest.raises(SystemExit):
+            settings.load({"TRACKLY_MESSAGE_CODE_DAYS": bad})
 
 
 def test_trusted_proxies_default_to_loopback_and_can_be_none():

@@ -13,7 +13,7 @@ from services.gateway.lookups import LIST_COLUMNS, find_offer
 from services.gateway.publish import publish_link
 from shared import ids
 from shared.edge import host_of, tracker_url
-from shared.errors import ApiError, bad_request, not_found
+from shared.errors import ApiError, bad_request, not_found, validation
 from shared.phone import PhoneError, parse_e164
 
 LINK_ID_ATTEMPTS = 5
@@ -22,7 +22,11 @@ LINK_ID_ATTEMPTS = 5
 def _ref(data: dict, *names: str) -> str | None:
     for name in names:
         value = data.get(name)
-        if value is not None and not isinstance(value, bool) and str(value).strip():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise validation(f"{name} must be a string")
+        if str(value).strip():
             return str(value).strip()
     return None
 
