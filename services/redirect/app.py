@@ -30,7 +30,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from services.redirect import bots, sid
-from services.redirect.cache import EdgeCache, EdgeUnavailable
+from services.redirect.cache import BatchedGets, EdgeCache, EdgeUnavailable
 from services.redirect.client_ip import ClientIP
 from services.redirect.clickwriter import ClickNotRecorded, ClickWriter
 from services.redirect.geo import Geo
@@ -291,13 +291,13 @@ class RedirectApp:
         else:
             # A 302 means the click is stored: only as true as Redis keeps what it acknowledges.
             self.redis_persistence_problem = await warn_if_not_durable(self.redis)
-        self.shorts: EdgeCache[ShortLink | MessageCode] = EdgeCache(self.redis, _decode_short, ttl=s.link_cache_ttl, size=size)
-        self.trackers: EdgeCache[TrackerLink] = EdgeCache(
-            self.redis, _decode_tracker, ttl=s.link_cache_ttl, size=size
-        )
-        self.offers: EdgeCache[Offer] = EdgeCache(
-            self.redis, _decode_offer, ttl=s.link_cache_ttl, size=max(1, size // 4)
-        )
+        # Cache misses are read in batches on a connection of their own (not behind click writes).
+        self.lookup_conn = RawRedis(s.redis_url, timeout=5.0)
+        self.lookups = BatchedGets(self.lookup_conn)
+        get = self.lookups.get
+        self.shorts: EdgeCache[ShortLink | MessageCode] = EdgeCache(get, _decode_short, ttl=s.link_cache_ttl, size=size)
+        self.trackers: EdgeCache[TrackerLink] = EdgeCache(get, _decode_tracker, ttl=s.link_cache_ttl, size=size)
+        self.offers: EdgeCache[Offer] = EdgeCache(get, _decode_offer, ttl=s.link_cache_ttl, size=max(1, size // 4))
         # (Host header, path, query) -> (monotonic expiry, response headers): never outlives the
         # link and offer entries it was built from.
         self._short_answers: dict[tuple[bytes, str, bytes], tuple[float, list[tuple[bytes, bytes]]]] = {}
@@ -312,6 +312,7 @@ class RedirectApp:
             "trackly_redirect_cache_misses", "Link lookups that went to Redis",
             lambda: self.shorts.misses + self.trackers.misses + self.offers.misses,
         )
+        m.counter("trackly_redirect_lookup_batches", "MGETs that read those lookups", lambda: self.lookups.batches)
         m.counter(
             "trackly_redirect_stale_served", "Lookups answered from an expired entry while Redis failed",
             lambda: self.shorts.stale_served + self.trackers.stale_served + self.offers.stale_served,
@@ -326,6 +327,7 @@ class RedirectApp:
         self.started = False
         await self.writer.close()
         await self.stream_conn.close()
+        await self.lookup_conn.close()
         self.geo.close()
         if self.redis is not None:
             await self.redis.aclose()

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
+from services.redirect.rawredis import Executor
 from shared import edge
 
 log = logging.getLogger("trackly.redirect.clicks")
@@ -23,12 +24,6 @@ log = logging.getLogger("trackly.redirect.clicks")
 
 class ClickNotRecorded(Exception):
     pass
-
-
-class Executor(Protocol):
-    async def execute(self, *args: bytes | str) -> Any: ...
-
-    def submit(self, *args: bytes | str) -> asyncio.Future[Any] | None: ...
 
 
 class ClickWriter:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl as ssl_module
-from typing import Any
+from typing import Any, Protocol
 
 import hiredis
 from redis.asyncio.connection import parse_url
@@ -22,6 +22,14 @@ from redis.asyncio.connection import parse_url
 
 class RawRedisError(Exception):
     pass
+
+
+class Executor(Protocol):
+    """What the hot path needs of a connection (``RawRedis``; tests pass others)."""
+
+    async def execute(self, *args: bytes | str) -> Any: ...
+
+    def submit(self, *args: bytes | str) -> asyncio.Future[Any] | None: ...
 
 
 def _pack(args: tuple[bytes | str, ...]) -> bytes:
