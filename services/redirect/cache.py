@@ -40,16 +40,21 @@ class BatchedGets:
 
     def __init__(self, redis: Executor) -> None:
         self._redis = redis
-        self._keys: list[str] = []
+        self._keys: list[bytes] = []
         self._waiters: list[asyncio.Future[bytes | None]] = []
         self._loop = asyncio.get_running_loop()
         self.batches = 0
 
     def get(self, key: str) -> asyncio.Future[bytes | None]:
         future: asyncio.Future[bytes | None] = self._loop.create_future()
+        try:
+            raw_key = key.encode()
+        except UnicodeEncodeError:  # no such key can be in Redis; and it must not fail the batch it would join
+            future.set_result(None)
+            return future
         if not self._keys:
             self._loop.call_soon(self._flush)  # after every request that is ready now has asked
-        self._keys.append(key)
+        self._keys.append(raw_key)
         self._waiters.append(future)
         return future
 
@@ -67,14 +72,26 @@ class BatchedGets:
 
     @staticmethod
     def _finish(reply: asyncio.Future[Any], waiters: list[asyncio.Future[bytes | None]]) -> None:
-        exc = ConnectionError("cancelled") if reply.cancelled() else reply.exception()
+        values: Any = None
+        if reply.cancelled():
+            exc: BaseException | None = ConnectionError("the read was cancelled")
+        else:
+            exc = reply.exception()
+            if exc is None:
+                values = reply.result()
+                if not isinstance(values, list) or len(values) != len(waiters):
+                    exc = ConnectionError(f"MGET of {len(waiters)} keys answered {values!r:.100}")
+            elif not isinstance(exc, (OSError, RedisError, RawRedisError)):
+                # Whatever it was (a key that cannot be sent...), the callers see a failed read:
+                # stale entries or EdgeUnavailable, never an error of their own.
+                exc = ConnectionError(f"{type(exc).__name__}: {exc}")
         for i, waiter in enumerate(waiters):
             if waiter.done():  # its request went away
                 continue
             if exc is not None:
                 waiter.set_exception(exc)
             else:
-                waiter.set_result(reply.result()[i])
+                waiter.set_result(values[i])
 
 
 class EdgeUnavailable(Exception):
@@ -139,7 +156,9 @@ class EdgeCache(Generic[T]):
         try:
             value = await self._fetch(key)
         except BaseException as exc:
-            future.set_exception(exc)
+            # The others waiting on this read were not cancelled themselves: for them it failed.
+            shared = EdgeUnavailable("the read was cancelled") if isinstance(exc, asyncio.CancelledError) else exc
+            future.set_exception(shared)
             future.exception()  # consumed here; waiters still see it raised
             raise
         else:

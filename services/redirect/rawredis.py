@@ -1,4 +1,5 @@
-"""A minimal pipelined Redis connection for the one write on the hot path (XADD of a batch).
+"""A minimal pipelined Redis connection for the redirect's hot-path commands: the click batch's
+``XADD`` and the cache misses' ``MGET`` (each on a connection of its own).
 
 redis-py costs tens of microseconds per command (connection pool, a health check that yields to
 the event loop, response callbacks); at tens of thousands of batches a second that is most of
@@ -7,17 +8,22 @@ transport and returns a future resolved, in order, by ``data_received`` (hiredis
 
 Several commands may be in flight at once. If the connection drops or a reply takes longer than
 ``timeout``, every command in flight fails (their outcome is unknown: the click writer answers
-503, and the worker's idempotent drain absorbs any that did land) and the next call reconnects.
+503, and the worker's idempotent drain absorbs any that did land) and the next call reconnects;
+after a failed connect, calls fail at once for ``RECONNECT_PAUSE`` instead of each trying again.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import ssl as ssl_module
+import time
 from typing import Any, Protocol
 
 import hiredis
 from redis.asyncio.connection import parse_url
+
+
+RECONNECT_PAUSE = 0.25  # seconds calls fail at once after a failed connect
 
 
 class RawRedisError(Exception):
@@ -89,6 +95,8 @@ class RawRedis:
         self._connect_timeout = connect_timeout
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
+        self._closed = False
+        self._failed: tuple[float, str] | None = None  # (until when, why) after a failed connect
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
@@ -115,20 +123,34 @@ class RawRedis:
         protocol = self._protocol
         if protocol is not None and not protocol.lost:
             return protocol
+        if self._closed:
+            raise ConnectionError("redis connection closed")
+        if self._failed is not None and time.monotonic() < self._failed[0]:
+            raise ConnectionError(f"redis unreachable: {self._failed[1]}")  # no connect per call
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._connect())
             try:
-                self._protocol = await self._connecting
+                protocol = await self._connecting
+            except Exception as exc:
+                self._failed = (time.monotonic() + RECONNECT_PAUSE, f"{type(exc).__name__}: {exc}")
+                raise
             finally:
                 self._connecting = None
-            return self._protocol
+            self._failed = None
+            if self._closed:  # closed while connecting
+                if protocol.transport is not None:
+                    protocol.transport.close()
+                raise ConnectionError("redis connection closed")
+            self._protocol = protocol
+            return protocol
         return await asyncio.shield(self._connecting)
 
     async def _send(self, protocol: _Protocol, args: tuple[bytes | str, ...]) -> Any:
         assert protocol.transport is not None
+        command = _pack(args)  # before the reply is awaited: a command that cannot be sent takes no place in line
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         protocol.waiting.append(future)
-        protocol.transport.write(_pack(args))
+        protocol.transport.write(command)
         try:
             return await asyncio.wait_for(asyncio.shield(future), self._timeout)
         except asyncio.TimeoutError:
@@ -150,10 +172,11 @@ class RawRedis:
         protocol = self._protocol
         if protocol is None or protocol.lost or protocol.transport is None:
             return None
+        command = _pack(args)  # before the reply is awaited: a command that cannot be sent takes no place in line
         loop = protocol.loop  # not asyncio.get_running_loop(): a getpid() system call each time
         future: asyncio.Future[Any] = loop.create_future()
         protocol.waiting.append(future)
-        protocol.transport.write(_pack(args))
+        protocol.transport.write(command)
         timer = loop.call_later(self._timeout, self._expire, protocol, future)
         future.add_done_callback(lambda _: timer.cancel())
         return future
@@ -167,6 +190,7 @@ class RawRedis:
                 protocol.transport.close()
 
     async def close(self) -> None:
+        self._closed = True
         protocol, self._protocol = self._protocol, None
         if protocol is not None and protocol.transport is not None:
             protocol.transport.close()

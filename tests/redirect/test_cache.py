@@ -3,10 +3,16 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+from services.redirect import rawredis
 from services.redirect.cache import BatchedGets, EdgeCache, EdgeUnavailable
 from services.redirect.rawredis import RawRedis
+from shared.embedded import EmbeddedRedis
+from shared.redis_client import create_redis
 
 
 async def test_bounded_and_evicts_the_entry_refreshed_longest_ago(redis: Any) -> None:
@@ -39,6 +45,8 @@ async def test_the_misses_of_one_loop_iteration_are_read_with_one_mget(redis: An
         assert lookups.batches == 1 and cache.misses == 50
         assert await asyncio.gather(*(cache.load(k) for k in keys[:3])) == keys[:3]
         assert lookups.batches == 2
+        # A key no Redis can hold (not encodable) is absent, and does not fail the batch it joins.
+        assert await asyncio.gather(cache.load(f"{prefix}:\ud800"), cache.load(keys[6])) == [None, keys[6]]
         assert cache.fresh(keys[5]) == keys[5] and cache.fresh(keys[45]) is None
     finally:
         await conn.close()
@@ -59,3 +67,96 @@ async def test_a_failed_batch_serves_what_is_cached_and_refuses_the_rest() -> No
     results = await asyncio.gather(cache.load("known"), cache.load("unknown"), return_exceptions=True)
     assert results[0] == "stale value" and isinstance(results[1], EdgeUnavailable)
     assert cache.stale_served == 1 and lookups.batches == 1
+
+
+async def test_an_error_reply_serves_what_is_cached_and_refuses_the_rest(tmp_path: Path) -> None:
+    """Redis answers the read with an error (here NOPERM, as LOADING during a restart would): as a
+    failed read, never a 500."""
+    server = EmbeddedRedis(tmp_path / "redis")
+    server.start()
+    admin = create_redis(server.url)
+    try:
+        await admin.execute_command("ACL", "SETUSER", "edge", "on", ">pw", "~allowed:*", "+@all")
+        conn = RawRedis(server.url.replace("unix://", "unix://edge:pw@", 1))
+        lookups = BatchedGets(conn)
+        cache = EdgeCache(lookups.get, bytes.decode, ttl=0.0, size=10)
+        cache._store("denied:known", (0.0, "stale value"))
+        results = await asyncio.gather(cache.load("denied:known"), cache.load("denied:new"), return_exceptions=True)
+        assert results[0] == "stale value" and isinstance(results[1], EdgeUnavailable)
+        await conn.close()
+    finally:
+        await admin.aclose()
+        server.stop()
+
+
+async def test_a_request_that_goes_away_leaves_the_rest_of_its_batch_answered(redis: Any, settings: Any) -> None:
+    prefix = f"test:cache:{secrets.token_hex(4)}"
+    keys = [f"{prefix}:{n}" for n in range(3)]
+    await redis.mset({k: k.encode() for k in keys})
+    conn = RawRedis(settings.redis_url)
+    try:
+        lookups = BatchedGets(conn)
+        cache = EdgeCache(lookups.get, bytes.decode, ttl=5.0, size=10)
+        await cache.load(keys[0])  # connected: the next batch goes out with submit
+        tasks = [asyncio.ensure_future(cache.load(k)) for k in keys[1:]]
+        await asyncio.sleep(0)  # both have asked; the batch is not sent yet
+        tasks[0].cancel()
+        assert await asyncio.wait_for(tasks[1], 5) == keys[2]
+        assert tasks[0].cancelled() and lookups.batches == 2
+    finally:
+        await conn.close()
+        await redis.delete(*keys)
+
+
+async def test_a_shared_read_whose_owner_is_cancelled_fails_as_unavailable_for_the_others(redis: Any, settings: Any) -> None:
+    key = f"test:cache:{secrets.token_hex(4)}"
+    conn = RawRedis(settings.redis_url)
+    try:
+        cache = EdgeCache(BatchedGets(conn).get, bytes.decode, ttl=5.0, size=10)
+        owner = asyncio.ensure_future(cache.load(key))
+        await asyncio.sleep(0)
+        other = asyncio.ensure_future(cache.load(key))
+        await asyncio.sleep(0)
+        owner.cancel()
+        with pytest.raises(EdgeUnavailable):  # not a CancelledError of a request nobody cancelled
+            await asyncio.wait_for(other, 5)
+    finally:
+        await conn.close()
+
+
+async def test_a_read_that_is_never_answered_fails_after_the_timeout(tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path / "redis")
+    server.start()
+    admin = create_redis(server.url)
+    conn = RawRedis(server.url, timeout=0.3)
+    try:
+        cache = EdgeCache(BatchedGets(conn).get, bytes.decode, ttl=0.0, size=10)
+        assert await cache.load("absent") is None  # connected
+        cache._store("known", (0.0, "stale value"))
+        await admin.execute_command("CLIENT", "PAUSE", "1500")
+        results = await asyncio.wait_for(
+            asyncio.gather(cache.load("known"), cache.load("new"), return_exceptions=True), 1.2)
+        assert results[0] == "stale value" and isinstance(results[1], EdgeUnavailable)
+    finally:
+        await conn.close()
+        await admin.aclose()
+        server.stop()
+
+
+async def test_a_failed_connect_is_not_tried_again_for_a_moment_and_a_closed_connection_stays_closed() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conn = RawRedis(f"redis://127.0.0.1:{port}/0", connect_timeout=1.0)
+    with pytest.raises(ConnectionRefusedError):
+        await conn.execute("PING")
+    with pytest.raises(ConnectionError, match="unreachable"):  # no second connect attempt yet
+        await conn.execute("PING")
+    await asyncio.sleep(rawredis.RECONNECT_PAUSE + 0.05)
+    with pytest.raises(ConnectionRefusedError):  # tried again
+        await conn.execute("PING")
+    await conn.close()
+    with pytest.raises(ConnectionError, match="closed"):
+        await conn.execute("PING")

@@ -72,12 +72,10 @@ async def test_cached_links_are_not_tracked_by_the_garbage_collector(redis: Any)
     assert short == (b"http://ct.x/c/t", "trk:o:" + "o" * 24, b"m1", "t", b"")
     assert tracker is not None and tracker[0] == "ct.x" and tracker[3:5] == (3, 4) and tracker[6] == "3"
     gc.collect()
-    for cache in (shorts, trackers):
-        for key in (f"{prefix}:s", f"{prefix}:t"):
-            entry = cache._entries.get(key)
-            if entry is not None:
-                assert type(entry) is tuple and type(entry[1]) is tuple
-                assert not gc.is_tracked(entry[1]) and not gc.is_tracked(entry)
+    for cache, key in ((shorts, f"{prefix}:s"), (trackers, f"{prefix}:t")):
+        entry = cache._entries[key]
+        assert type(entry) is tuple and type(entry[1]) is tuple
+        assert not gc.is_tracked(entry[1]) and not gc.is_tracked(entry)
 
 
 def test_user_agent_memo_matches_decoding_and_bot_detection() -> None:
