@@ -28,6 +28,8 @@ log = logging.getLogger("trackly.redirect.cache")
 
 T = TypeVar("T")
 
+STALE_REPORT_EVERY = 10.0  # seconds between warnings about serving stale entries
+
 Get = Callable[[str], Awaitable["bytes | None"]]
 
 
@@ -128,6 +130,7 @@ class EdgeCache(Generic[T]):
         self._inflight: dict[str, asyncio.Future[T | None]] = {}
         self.misses = 0
         self.stale_served = 0
+        self._stale_reported = (float("-inf"), 0)  # (when, stale_served then): one warning per STALE_REPORT_EVERY
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -177,7 +180,11 @@ class EdgeCache(Generic[T]):
                 raise EdgeUnavailable(str(exc)) from exc
             self._store(key, (time.monotonic() + self._retry_after, slot[1]))
             self.stale_served += 1
-            log.warning("redis unavailable (%s); serving %s from a stale cache entry", exc, key)
+            now = time.monotonic()
+            if now - self._stale_reported[0] >= STALE_REPORT_EVERY:  # an outage must not flood the log
+                log.warning("redis unavailable (%s); served %d lookups from stale cache entries since the last report"
+                            " (%s the latest)", exc, self.stale_served - self._stale_reported[1], key)
+                self._stale_reported = (now, self.stale_served)
             return slot[1]  # type: ignore[no-any-return]
         if raw is None:
             self._entries.pop(key, None)

@@ -160,3 +160,20 @@ async def test_a_failed_connect_is_not_tried_again_for_a_moment_and_a_closed_con
     await conn.close()
     with pytest.raises(ConnectionError, match="closed"):
         await conn.execute("PING")
+
+
+async def test_an_outage_is_reported_not_once_per_stale_lookup(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conn = RawRedis(f"redis://127.0.0.1:{port}/0", connect_timeout=1.0)
+    cache = EdgeCache(BatchedGets(conn).get, bytes.decode, ttl=0.0, size=10)
+    for n in range(5):
+        cache._store(f"k{n}", (0.0, f"v{n}"))
+    with caplog.at_level(logging.WARNING, logger="trackly.redirect.cache"):
+        assert [await cache.load(f"k{n}") for n in range(5)] == [f"v{n}" for n in range(5)]
+    assert cache.stale_served == 5
+    assert len([r for r in caplog.records if r.name == "trackly.redirect.cache"]) == 1
