@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import orjson
@@ -48,13 +49,18 @@ async def test_concurrent_clicks_share_writes_and_are_durable_when_answered(sett
         await redis.delete(STREAM)
 
 
-async def test_a_failed_write_fails_every_click_of_the_batch(tmp_path: Any) -> None:
+async def test_a_failed_write_fails_every_click_of_the_batch(tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
     conn = RawRedis(f"unix://{tmp_path}/nothing-listens-here.sock", connect_timeout=0.5)
     writer = ClickWriter(conn, stream=STREAM)
     try:
-        results = await asyncio.gather(*(writer.write(fake_click(n)) for n in range(5)), return_exceptions=True)
-        assert all(isinstance(r, ClickNotRecorded) for r in results)
-        assert writer.failed == 5 and writer.recorded == 0
+        with caplog.at_level(logging.ERROR, logger="trackly.redirect.clicks"):
+            results = await asyncio.gather(*(writer.write(fake_click(n)) for n in range(5)), return_exceptions=True)
+            assert all(isinstance(r, ClickNotRecorded) for r in results)
+            assert writer.failed == 5 and writer.recorded == 0
+            for n in range(3):  # three more failed batches: an outage is reported once, not per batch
+                with pytest.raises(ClickNotRecorded):
+                    await writer.write(fake_click(10 + n))
+        assert writer.failed == 8 and len([r for r in caplog.records if r.name == "trackly.redirect.clicks"]) == 1
     finally:
         await writer.close()
         await conn.close()
