@@ -23,12 +23,11 @@ from typing import Any, Generic, TypeVar
 from redis.exceptions import RedisError
 
 from services.redirect.rawredis import Executor, RawRedisError
+from shared.logs import Throttled
 
 log = logging.getLogger("trackly.redirect.cache")
 
 T = TypeVar("T")
-
-STALE_REPORT_EVERY = 10.0  # seconds between warnings about serving stale entries
 
 Get = Callable[[str], Awaitable["bytes | None"]]
 
@@ -129,11 +128,17 @@ class EdgeCache(Generic[T]):
         self._size = size
         self._inflight: dict[str, asyncio.Future[T | None]] = {}
         self.misses = 0
-        self.stale_served = 0
-        self._stale_reported = (float("-inf"), 0)  # (when, stale_served then): one warning per STALE_REPORT_EVERY
+        self._report_stale = Throttled(
+            log, logging.WARNING, "redis unavailable (%s); serving lookups from stale cache entries, %s the latest"
+        )
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def stale_served(self) -> int:
+        """Lookups answered from an expired entry because Redis failed."""
+        return self._report_stale.count
 
     def fresh(self, key: str) -> T | None:
         """The cached value if it is still fresh, else None (then call ``load``). No I/O."""
@@ -179,12 +184,7 @@ class EdgeCache(Generic[T]):
             if slot is None:
                 raise EdgeUnavailable(str(exc)) from exc
             self._store(key, (time.monotonic() + self._retry_after, slot[1]))
-            self.stale_served += 1
-            now = time.monotonic()
-            if now - self._stale_reported[0] >= STALE_REPORT_EVERY:  # an outage must not flood the log
-                log.warning("redis unavailable (%s); served %d lookups from stale cache entries since the last report"
-                            " (%s the latest)", exc, self.stale_served - self._stale_reported[1], key)
-                self._stale_reported = (now, self.stale_served)
+            self._report_stale(exc, key)
             return slot[1]  # type: ignore[no-any-return]
         if raw is None:
             self._entries.pop(key, None)

@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 import orjson
 
 from services.redirect.rawredis import Executor
+from shared.logs import Throttled
 from shared import edge
 
 log = logging.getLogger("trackly.redirect.clicks")
-
-
-FAILURE_REPORT_EVERY = 10.0  # seconds between errors about clicks that could not be recorded
 
 
 class ClickNotRecorded(Exception):
@@ -50,7 +47,7 @@ class ClickWriter:
         self.recorded = 0
         self.batches = 0
         self.failed = 0
-        self._failure_reported = (float("-inf"), 0)  # (when, failed then): one report per FAILURE_REPORT_EVERY
+        self._report_failure = Throttled(log, logging.ERROR, "could not record clicks (answered 503), %d in the latest batch: %s")
 
     async def write(self, click: edge.Click) -> None:
         """Returns once the click is durably in the stream; raises ClickNotRecorded otherwise."""
@@ -103,11 +100,7 @@ class ClickWriter:
             exc = reply.exception()
         if exc is not None:
             self.failed += len(clicks)
-            now = time.monotonic()
-            if now - self._failure_reported[0] >= FAILURE_REPORT_EVERY:  # an outage must not flood the log
-                log.error("could not record %d clicks since the last report (answered 503): %s",
-                          self.failed - self._failure_reported[1], exc)
-                self._failure_reported = (now, self.failed)
+            self._report_failure(len(clicks), exc, times=len(clicks))
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_exception(ClickNotRecorded(str(exc)))

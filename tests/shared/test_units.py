@@ -1,4 +1,5 @@
 """Pure helpers: ids, money, phones, time, hosts, settings."""
+import time
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -133,3 +134,20 @@ def test_trusted_proxies_default_to_loopback_and_can_be_none():
     loopback = settings.load({}).trusted_proxies
     assert [str(n) for n in loopback] == ["127.0.0.0/8", "::1/128"]
     assert settings.load({"TRACKLY_TRUSTED_PROXIES": ""}).trusted_proxies == ()
+
+
+def test_a_repeating_failure_is_logged_once_per_period_with_its_count(caplog):
+    import logging
+
+    from shared.logs import Throttled
+
+    logger = logging.getLogger("trackly.test.throttled")
+    report = Throttled(logger, logging.WARNING, "redis down (%s)", every=0.2)
+    with caplog.at_level(logging.WARNING, logger="trackly.test.throttled"):
+        for n in range(5):
+            report(f"try {n}")
+        assert [r.getMessage() for r in caplog.records] == ["redis down (try 0) (1 times since the last report)"]
+        time.sleep(0.25)
+        report("try 5", times=3)
+    assert caplog.records[-1].getMessage() == "redis down (try 5) (7 times since the last report)"
+    assert report.count == 8

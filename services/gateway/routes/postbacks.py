@@ -18,12 +18,15 @@ from starlette.routing import Route
 
 from services.gateway.http import JSONResponse, client_gone, read_body
 from shared import jsonio
+from shared.logs import Throttled
 from shared.errors import ApiError
 from shared.jobs import PROCESS_POSTBACK, window_job
 from shared.postback_fields import normalise
 from shared.timeutil import utcnow
 
 log = logging.getLogger("trackly.gateway.postbacks")
+# Redis down under a storm of postbacks: one line every 10 s, not one per postback.
+_report_enqueue_failure = Throttled(log, logging.WARNING, "could not enqueue postback %s (the latest); the sweeper will")
 
 # Where a JSON body that is not a JSON object is kept, as text, among the params.
 BODY_PARAM = "_body"
@@ -172,7 +175,7 @@ async def receive(request: Request) -> JSONResponse:
                 )
                 state.window_job = job_id
             except Exception:  # stored is what counts; the worker's sweeper enqueues it later
-                log.warning("could not enqueue postback %s; the sweeper will", postback_id, exc_info=True)
+                _report_enqueue_failure(postback_id, exc_info=True)
     return JSONResponse({"success": True, "status": "accepted"})
 
 
