@@ -88,7 +88,9 @@ class _Protocol(asyncio.Protocol):
 
 
 class RawRedis:
-    def __init__(self, url: str, *, timeout: float = 5.0, connect_timeout: float = 2.0) -> None:
+    def __init__(
+        self, url: str, *, timeout: float = 5.0, connect_timeout: float = 2.0, reconnect_pause: float = RECONNECT_PAUSE
+    ) -> None:
         self._options = parse_url(url)
         self._tls = url.startswith("rediss://")
         self._timeout = timeout
@@ -96,6 +98,7 @@ class RawRedis:
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
         self._closed = False
+        self._reconnect_pause = reconnect_pause
         self._failed: tuple[float, str] | None = None  # (until when, why) after a failed connect
 
     async def _connect(self) -> _Protocol:
@@ -132,7 +135,7 @@ class RawRedis:
             try:
                 protocol = await self._connecting
             except Exception as exc:
-                self._failed = (time.monotonic() + RECONNECT_PAUSE, f"{type(exc).__name__}: {exc}")
+                self._failed = (time.monotonic() + self._reconnect_pause, f"{type(exc).__name__}: {exc}")
                 raise
             finally:
                 self._connecting = None

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from services.redirect import rawredis
 from services.redirect.cache import BatchedGets, EdgeCache, EdgeUnavailable
 from services.redirect.rawredis import RawRedis
 from shared.embedded import EmbeddedRedis
@@ -149,12 +148,12 @@ async def test_a_failed_connect_is_not_tried_again_for_a_moment_and_a_closed_con
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    conn = RawRedis(f"redis://127.0.0.1:{port}/0", connect_timeout=1.0)
+    conn = RawRedis(f"redis://127.0.0.1:{port}/0", connect_timeout=1.0, reconnect_pause=1.0)
     with pytest.raises(ConnectionRefusedError):
         await conn.execute("PING")
     with pytest.raises(ConnectionError, match="unreachable"):  # no second connect attempt yet
         await conn.execute("PING")
-    await asyncio.sleep(rawredis.RECONNECT_PAUSE + 0.05)
+    await asyncio.sleep(1.05)
     with pytest.raises(ConnectionRefusedError):  # tried again
         await conn.execute("PING")
     await conn.close()
