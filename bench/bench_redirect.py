@@ -362,6 +362,7 @@ def _http_bench(env: BenchEnv, data: dict) -> list[str]:
                 results[name].append(result)
                 cpu_per_request[name].append((_cpu_seconds(pid) - cpu) / max(result.requests - result.bad, 1))
         after = httpx.get(f"{base}/metrics").text
+    codes.unlink()  # a few MB of Lua in the temporary directory
     floor, short, tracker, message = (max(results[name], key=lambda r: r.rps) for name in urls)
     lines.append(
         f"floor: bare uvicorn ASGI fixed 302 (core {SERVER_CPU}; wrk -t1 -c50 on core {LOAD_CPU}, best of {HTTP_ROUNDS},"
