@@ -17,8 +17,8 @@ from typing import Any
 import orjson
 
 from services.redirect.rawredis import Executor
-from shared.logs import Throttled
 from shared import edge
+from shared.logs import Throttled
 
 log = logging.getLogger("trackly.redirect.clicks")
 
@@ -47,7 +47,9 @@ class ClickWriter:
         self.recorded = 0
         self.batches = 0
         self.failed = 0
-        self._report_failure = Throttled(log, logging.ERROR, "could not record clicks (answered 503), %d in the latest batch: %s")
+        self._report_failure = Throttled(
+            log, logging.ERROR, "could not record clicks (answered 503), %d in the latest batch: %s"
+        )
 
     async def write(self, click: edge.Click) -> None:
         """Returns once the click is durably in the stream; raises ClickNotRecorded otherwise."""
