@@ -221,17 +221,18 @@ async def write_message_codes(redis: Any, codes: Iterable[tuple[str, bytes, date
     message's send (a send dated in the future counts from now), and one already past that is
     deleted instead: so a republish applies a new setting to the codes already in Redis. Without,
     each is kept for good (an expiry it had is removed). Returns how many were written."""
-    written = 0
     if not days:
+        written = 0
         chunk: dict[str, bytes] = {}
         for key, value, _ in codes:
             chunk[key] = value
+            written += 1
             if len(chunk) == CODES_PER_COMMAND:
                 await redis.mset(chunk)
-                written, chunk = written + len(chunk), {}
+                chunk = {}
         if chunk:
             await redis.mset(chunk)
-        return written + len(chunk)
+        return written
     set_each = redis.register_script(_SET_EACH_PX)
     lifetime, now = timedelta(days=days), datetime.now(UTC)
     keys: list[str] = []

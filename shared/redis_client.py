@@ -48,8 +48,8 @@ def persistence_problem(config: Mapping[str, str]) -> str | None:
 async def warn_if_not_durable(redis: aioredis.Redis) -> str | None:
     """Log (and return) a warning when this Redis does not keep what it acknowledges:
     clicks are durable only as far as Redis is (the embedded one and deploy/compose.yaml run
-    ``appendfsync always``, without a memory limit). Silent when the settings cannot be read (a managed Redis may refuse
-    CONFIG); a Redis that is down is the caller's business."""
+    ``appendfsync always``, without eviction). Silent when the settings cannot be read (a managed
+    Redis may refuse CONFIG); a Redis that is down is the caller's business."""
     try:
         config = {**await redis.config_get("append*"), **await redis.config_get("maxmemory*")}
     except RedisError as exc:

@@ -47,18 +47,15 @@ def _network(name: str, raw: str) -> ipaddress.IPv4Network | ipaddress.IPv6Netwo
         raise SystemExit(f"{name} must be a comma-separated list of CIDRs, got {raw!r}") from None
 
 
-def _int(env: dict[str, str], name: str, default: int) -> int:
+def _int(env: dict[str, str], name: str, default: int, *, low: int | None = None, high: int | None = None) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
         raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
-
-
-def _between(value: int, name: str, low: int, high: int) -> int:
-    if not low <= value <= high:
+    if (low is not None and value < low) or (high is not None and value > high):
         raise SystemExit(f"{name} must be from {low} to {high}, got {value}")
     return value
 
@@ -87,6 +84,6 @@ def load(env: dict[str, str] | None = None) -> Settings:
         trusted_proxies=proxies,
         link_cache_ttl=float(env.get("TRACKLY_LINK_CACHE_TTL") or 5.0),
         link_cache_size=_int(env, "TRACKLY_LINK_CACHE_SIZE", 100_000),
-        message_code_days=_between(_int(env, "TRACKLY_MESSAGE_CODE_DAYS", 0), "TRACKLY_MESSAGE_CODE_DAYS", 0, 36_500),
+        message_code_days=_int(env, "TRACKLY_MESSAGE_CODE_DAYS", 0, low=0, high=36_500),
         log_level=env.get("TRACKLY_LOG_LEVEL", "info"),
     )

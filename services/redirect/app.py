@@ -404,7 +404,8 @@ class RedirectApp:
             await send({"type": "http.response.start", "status": 302, "headers": answer[1]})
             await send(_EMPTY_BODY)
             return 302
-        key = f"trk:s:{hostname(host)}:{code}"
+        host_name = hostname(host)
+        key = f"trk:s:{host_name}:{code}"
         # Only a well-formed code is ever loaded into the cache: the pattern is checked on a miss.
         entry = self.shorts.fresh(key)
         if entry is None:
@@ -416,7 +417,7 @@ class RedirectApp:
         expires = self.shorts.expires(key)
         if len(entry) == 3:  # a per-message code: the tracker and offer are its link's
             link_code, message_id, creative = entry  # type: ignore[misc]
-            key = f"trk:s:{hostname(host)}:{link_code}"
+            key = f"trk:s:{host_name}:{link_code}"
             link = self.shorts.fresh(key) or await self.shorts.load(key)
             if link is None or len(link) == 3:
                 return await _not_found(send)

@@ -62,13 +62,7 @@ class BatchedGets:
     def _flush(self) -> None:
         keys, waiters, self._keys, self._waiters = self._keys, self._waiters, [], []
         self.batches += 1
-        try:
-            reply = self._redis.submit("MGET", *keys)
-            if reply is None:  # not connected: connect first
-                reply = asyncio.ensure_future(self._redis.execute("MGET", *keys))
-        except Exception as exc:  # noqa: BLE001 - these lookups must not wait forever
-            reply = self._loop.create_future()
-            reply.set_exception(exc)
+        reply = self._redis.request("MGET", *keys)
         reply.add_done_callback(lambda done: self._finish(done, waiters))
 
     @staticmethod

@@ -46,10 +46,14 @@ class ClickWriter:
         self._loop = asyncio.get_running_loop()
         self.recorded = 0
         self.batches = 0
-        self.failed = 0
         self._report_failure = Throttled(
             log, logging.ERROR, "could not record clicks (answered 503), %d in the latest batch: %s"
         )
+
+    @property
+    def failed(self) -> int:
+        """Clicks refused (their requests answered 503) because the write failed."""
+        return self._report_failure.count
 
     async def write(self, click: edge.Click) -> None:
         """Returns once the click is durably in the stream; raises ClickNotRecorded otherwise."""
@@ -83,12 +87,8 @@ class ClickWriter:
         clicks, waiters = self._clicks[: self._max_batch], self._waiters[: self._max_batch]
         del self._clicks[: self._max_batch], self._waiters[: self._max_batch]
         try:
-            args = ("XADD", self._stream, "*", edge.CLICK_BATCH_FIELD, orjson.dumps(clicks))
-            # Straight onto the connection when it is up (no task per batch); else connect first.
-            reply = self._redis.submit(*args)
-            if reply is None:
-                reply = asyncio.ensure_future(self._redis.execute(*args))
-        except Exception as exc:  # noqa: BLE001 - whatever it was, these requests must not wait forever
+            reply = self._redis.request("XADD", self._stream, "*", edge.CLICK_BATCH_FIELD, orjson.dumps(clicks))
+        except Exception as exc:  # noqa: BLE001 - a batch that cannot be encoded: these requests must not wait forever
             reply = self._loop.create_future()
             reply.set_exception(exc)
         self._inflight.add(reply)
@@ -101,7 +101,6 @@ class ClickWriter:
         else:
             exc = reply.exception()
         if exc is not None:
-            self.failed += len(clicks)
             self._report_failure(len(clicks), exc, times=len(clicks))
             for waiter in waiters:
                 if not waiter.done():

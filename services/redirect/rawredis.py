@@ -31,11 +31,9 @@ class RawRedisError(Exception):
 
 
 class Executor(Protocol):
-    """What the hot path needs of a connection (``RawRedis``; tests pass others)."""
+    """What the hot path needs of a connection (``RawRedis``)."""
 
-    async def execute(self, *args: bytes | str) -> Any: ...
-
-    def submit(self, *args: bytes | str) -> asyncio.Future[Any] | None: ...
+    def request(self, *args: bytes | str) -> asyncio.Future[Any]: ...
 
 
 def _pack(args: tuple[bytes | str, ...]) -> bytes:
@@ -58,6 +56,16 @@ class _Protocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+
+    def send(self, args: tuple[bytes | str, ...]) -> asyncio.Future[Any]:
+        """Write a command; the future its reply (they come in order) resolves. Encoded before it
+        takes a place in line: a command that cannot be sent must not shift the replies."""
+        assert self.transport is not None
+        command = _pack(args)
+        future: asyncio.Future[Any] = self.loop.create_future()  # not get_running_loop(): a getpid() each time
+        self.waiting.append(future)
+        self.transport.write(command)
+        return future
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
@@ -149,18 +157,11 @@ class RawRedis:
         return await asyncio.shield(self._connecting)
 
     async def _send(self, protocol: _Protocol, args: tuple[bytes | str, ...]) -> Any:
-        assert protocol.transport is not None
-        command = _pack(args)  # before the reply is awaited: a command that cannot be sent takes no place in line
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        protocol.waiting.append(future)
-        protocol.transport.write(command)
+        future = protocol.send(args)
         try:
             return await asyncio.wait_for(asyncio.shield(future), self._timeout)
         except asyncio.TimeoutError:
-            # Replies come in order: a late one would be taken for the next command's. Start over.
-            protocol.fail(ConnectionError("redis did not answer in time"))
-            if protocol.transport is not None:
-                protocol.transport.close()
+            self._expire(protocol, future)
             raise ConnectionError("redis did not answer in time") from None
 
     async def execute(self, *args: bytes | str) -> Any:
@@ -175,14 +176,23 @@ class RawRedis:
         protocol = self._protocol
         if protocol is None or protocol.lost or protocol.transport is None:
             return None
-        command = _pack(args)  # before the reply is awaited: a command that cannot be sent takes no place in line
-        loop = protocol.loop  # not asyncio.get_running_loop(): a getpid() system call each time
-        future: asyncio.Future[Any] = loop.create_future()
-        protocol.waiting.append(future)
-        protocol.transport.write(command)
-        timer = loop.call_later(self._timeout, self._expire, protocol, future)
+        future = protocol.send(args)
+        timer = protocol.loop.call_later(self._timeout, self._expire, protocol, future)
         future.add_done_callback(lambda _: timer.cancel())
         return future
+
+    def request(self, *args: bytes | str) -> asyncio.Future[Any]:
+        """The reply's future, whatever happens: the command goes straight onto the connection
+        when it is up (``submit``: no task), else once connected (``execute``); one that cannot
+        even be sent gives a failed future. What the hot path's batches use."""
+        try:
+            reply = self.submit(*args)
+            if reply is None:
+                reply = asyncio.ensure_future(self.execute(*args))
+        except Exception as exc:  # noqa: BLE001 - the callers' requests must not wait forever
+            reply = asyncio.get_running_loop().create_future()
+            reply.set_exception(exc)
+        return reply
 
     @staticmethod
     def _expire(protocol: _Protocol, future: asyncio.Future[Any]) -> None:

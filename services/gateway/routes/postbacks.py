@@ -18,9 +18,9 @@ from starlette.routing import Route
 
 from services.gateway.http import JSONResponse, client_gone, read_body
 from shared import jsonio
-from shared.logs import Throttled
 from shared.errors import ApiError
 from shared.jobs import PROCESS_POSTBACK, window_job
+from shared.logs import Throttled
 from shared.postback_fields import normalise
 from shared.timeutil import utcnow
 
