@@ -14,9 +14,12 @@ the ledger whose sum is a conversion's revenue; nothing is ever deleted.
 Attribution: the click named by ``click_id`` (same account, human) wins if the conversion time is
 within ``[clicked_at, clicked_at + click_window_days]`` of the click's offer (default 90 days),
 the start taken to the click's whole second (see ``judge``).
-Multi-touch: first click wins. When the named click qualifies, the credit goes to the same
-contact's first click (over its messages, one first click each) on the same offer whose window
-also holds the conversion; the later click is tracked but not credited (``Clicks.credit``).
+The credit goes to the named click's message (CONTRACT.md §5, "the click named by ``click_id``"),
+even when the same contact clicked another message on the same offer before: a network hands
+back the click id of the click it saw, and that click's message is the one that earned it. (The
+spec's "Multi-Touch" example, Monday's A over Wednesday's B, does not say which click id the
+network sent; the contract does, so a postback naming A's click credits A, one naming B's, B.)
+Within one message the first click wins: later clicks are raw clicks, not new engagements.
 A ``click_id`` that is one of the account's message ids names that message's first human click:
 what a network sends back when the offer's destination passed it ``{{sendId}}`` (``aff_sub``, as in
 spec/links.txt's example) instead of ``{click_id}``.
@@ -58,33 +61,15 @@ DEFERRED_PAUSE = 0.05
 DEFERRED_RETRIES = 20
 
 # What judging a click needs: the click (k), its message (m) and its offer's window (o).
-_CLICK_COLUMNS = """k.id, k.account_id, k.clicked_at, k.is_bot, k.link_id, m.id AS message_id,
+_CLICKS = """
+SELECT k.id, k.account_id, k.clicked_at, k.is_bot, k.link_id, m.id AS message_id,
        coalesce(k.offer_id, m.offer_id) AS offer_id, coalesce(m.list_id, k.list_id) AS list_id,
        m.creative_id, m.schedule_id, m.to_phone,
-       coalesce(o.click_window_days, $2::int) AS window_days"""
-
-_CLICKS = f"""
-SELECT {_CLICK_COLUMNS}
+       coalesce(o.click_window_days, $2::int) AS window_days
 FROM clicks k
 LEFT JOIN messages m ON m.id = k.message_id AND m.account_id = k.account_id
 LEFT JOIN offers o ON o.id = coalesce(k.offer_id, m.offer_id)
 WHERE k.id = ANY($1::text[])
-"""
-
-# Multi-touch: the contact's earlier first clicks (one per message) on the same offer, oldest
-# first, for each named human click of a message. A click more than the longest window (90 days)
-# before the named one can never hold a conversion that is not before the named click.
-_EARLIER_FIRSTS = f"""
-SELECT n.id AS named_id, {_CLICK_COLUMNS}
-FROM unnest($1::text[], $3::bigint[], $4::text[], $5::text[], $6::timestamptz[])
-    AS n(id, account_id, phone, offer_id, clicked_at)
-JOIN messages m ON m.account_id = n.account_id AND m.to_phone = n.phone
-JOIN message_clicks mc ON mc.message_id = m.id
-JOIN clicks k ON k.id = mc.click_id AND NOT k.is_bot
-LEFT JOIN offers o ON o.id = coalesce(k.offer_id, m.offer_id)
-WHERE mc.clicked_at < n.clicked_at AND mc.clicked_at >= n.clicked_at - interval '90 days'
-  AND coalesce(k.offer_id, m.offer_id) = n.offer_id AND k.id <> n.id
-ORDER BY n.id, mc.clicked_at, k.id
 """
 
 # The job's own postback is waited for if another batch holds it (that batch may roll back, and
@@ -216,24 +201,13 @@ def judge(account_id: int, click_id: str | None, converted_at: datetime, click: 
 
 @dataclass
 class Clicks:
-    """The clicks postbacks name, and for each named click of a message the contact's earlier
-    first clicks on the same offer (oldest first)."""
+    """The clicks postbacks name, by the name (a click id, or a message id)."""
 
     named: dict[str, Any] = field(default_factory=dict)
-    earlier: dict[str, list[Any]] = field(default_factory=dict)
 
     def credit(self, account_id: int, click_id: str | None, converted_at: datetime) -> Attribution:
-        """First click wins (spec: attribution, "Multi-Touch"): the named click must qualify
-        (same account, human, window); then the credit goes to the contact's first click on the
-        same offer whose window also holds the conversion, the named click if there is none."""
-        named = self.named.get(click_id) if click_id else None
-        verdict = judge(account_id, click_id, converted_at, named)
-        if verdict.attributed:
-            for first in self.earlier.get(named["id"], ()):
-                earlier = judge(account_id, first["id"], converted_at, first)
-                if earlier.attributed:
-                    return earlier
-        return verdict
+        """The named click's verdict: it wins if it qualifies (same account, human, window)."""
+        return judge(account_id, click_id, converted_at, self.named.get(click_id) if click_id else None)
 
 
 async def fetch_clicks(conn: asyncpg.Connection, click_ids: set[str]) -> Clicks:
@@ -250,15 +224,7 @@ async def fetch_clicks(conn: asyncpg.Connection, click_ids: set[str]) -> Clicks:
     by_id = {r["id"]: r for r in rows}
     named = {ref: by_id[ref] for ref in click_ids if ref in by_id}
     named.update((message, by_id[click]) for message, click in firsts.items() if click in by_id)
-    touched = [r for r in rows if r["message_id"] and r["to_phone"] and r["offer_id"] and not r["is_bot"]]
-    earlier: dict[str, list[Any]] = {}
-    if touched:
-        for row in await conn.fetch(
-            _EARLIER_FIRSTS, [r["id"] for r in touched], DEFAULT_WINDOW_DAYS, [r["account_id"] for r in touched],
-            [r["to_phone"] for r in touched], [r["offer_id"] for r in touched], [r["clicked_at"] for r in touched],
-        ):
-            earlier.setdefault(row["named_id"], []).append(row)
-    return Clicks(named, earlier)
+    return Clicks(named)
 
 
 @dataclass
