@@ -174,13 +174,20 @@ async def test_history_ids_and_phones_take_ascii_only(api, tenant):
     assert [(e["index"], e["code"]) for e in resp.json()["errors"]] == [(0, "validation_error"), (1, "invalid_phone")]
 
 
-def test_report_ratios_do_not_overflow():
+def test_report_ratios_do_not_overflow_and_read_back_as_the_quotient():
     from decimal import Decimal
 
-    from services.gateway.routes.reports import ratio
+    import orjson
 
-    assert ratio(Decimal("999999999999000000000"), 1) == Decimal("999999999999000000000.0000000000")
-    assert ratio(Decimal("1"), 3) == Decimal("0.3333333333")
+    from services.gateway.routes.reports import ratio
+    from shared.jsonio import dumps
+
+    assert ratio(Decimal("999999999999000000000"), 1) == Decimal("999999999999000000000")
+    assert ratio(Decimal("999999999999999999999999999.999999"), 3) == Decimal("333333333333333333333333333.3")
+    # As JSON, a client reads each ratio back as the double its own division gives.
+    for numerator, divisor in ((1, 3), (2, 3), (7, 9), (5, 7), (Decimal("24.99"), 3), (Decimal("10.01"), 7), (3, 4)):
+        assert orjson.loads(dumps(ratio(numerator, divisor))) == float(numerator) / divisor
+    assert dumps(ratio(0, 5)) == b"0" and dumps(ratio(3, 0)) == b"0" and dumps(ratio(6, 3)) == b"2"
 
 
 async def test_a_client_that_hangs_up_mid_body_is_no_server_error(gateway_app, tenant):

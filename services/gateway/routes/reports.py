@@ -17,17 +17,19 @@ from services.gateway.http import JSONResponse, page_params
 from shared.errors import validation
 from shared.timeutil import TimeError, parse_date
 
-RATIO_PLACES = Decimal("0.0000000001")
-# Room for any sum of NUMERIC(18, 6) amounts over bigint counts, plus the ten places: the default
-# 28 digits overflowed once revenue per send passed 10^18 (a 500).
-_RATIO_CONTEXT = Context(prec=80)
+# A ratio to 28 significant digits, not rounded to a number of places: a client that parses it
+# gets the double nearest the exact quotient, which is what its own ``clicks / sends`` computes
+# (1/3 is 0.3333333333333333333333333333, read back as 1/3; ten places would read back as another
+# number). Division to a precision has no upper bound to overflow (quantizing to ten places
+# needed more than 28 digits once revenue per send passed 10^18: a 500).
+_RATIO_CONTEXT = Context(prec=28)
 
 
 def ratio(numerator: Decimal | int, divisor: Decimal | int) -> Decimal:
     """A plain fraction, 0 where the divisor is 0."""
     if not divisor:
         return Decimal(0)
-    return _RATIO_CONTEXT.divide(Decimal(numerator), Decimal(divisor)).quantize(RATIO_PLACES, context=_RATIO_CONTEXT)
+    return _RATIO_CONTEXT.divide(Decimal(numerator), Decimal(divisor))
 
 
 def metrics(row: Any) -> dict[str, Any]:
