@@ -25,6 +25,18 @@ async def test_defaults(api, tenant):
     assert (offer["status"], offer["currency"], offer["click_window_days"], offer["payout"]) == ("active", "USD", 90, None)
 
 
+async def test_null_optional_fields_take_their_defaults(api, tenant):
+    resp = await api.post("/api/v2/offers", headers=tenant.headers, json={
+        "name": "n", "destination_url": "https://example.com", "status": None, "currency": None,
+        "click_window_days": None, "payout": None, "external_id": None, "affiliate_id": None})
+    assert resp.status_code == 201, resp.text
+    offer = resp.json()["offer"]
+    assert (offer["status"], offer["currency"], offer["click_window_days"], offer["payout"]) == ("active", "USD", 90, None)
+    # An update that names a field with null does not reset it: status and window have no "unset".
+    for patch in ({"status": None}, {"click_window_days": None}):
+        assert_error(await api.patch(f"/api/v2/offers/{offer['id']}", headers=tenant.headers, json=patch), 400, "validation_error")
+
+
 @pytest.mark.parametrize("patch", [
     {"name": ""}, {"destination_url": "ftp://x"}, {"destination_url": None}, {"destination_url": "https://"},
     {"destination_url": "https:///path"}, {"destination_url": "http://e.com:port/"}, {"status": "live"},

@@ -68,7 +68,9 @@ def _clean(data: dict[str, Any], *, partial: bool) -> dict[str, Any]:
     if "affiliate_id" in data:
         out["affiliate_id"] = optional_str(data, "affiliate_id", max_len=200)
     if "status" in data or not partial:
-        status = data.get("status", "active")
+        status = data.get("status")
+        if status is None and not partial:  # absent or null: the default, as for every optional field
+            status = "active"
         if status not in ("active", "paused"):
             raise validation("status must be active or paused")
         out["status"] = status
@@ -85,7 +87,9 @@ def _clean(data: dict[str, Any], *, partial: bool) -> dict[str, Any]:
             raise validation("currency must be a 3-letter ISO 4217 code")
         out["currency"] = currency.upper()
     if "click_window_days" in data or not partial:
-        days = data.get("click_window_days", 90)
+        days = data.get("click_window_days")
+        if days is None and not partial:
+            days = 90
         if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 90:
             raise validation("click_window_days must be an integer from 1 to 90")
         out["click_window_days"] = days
