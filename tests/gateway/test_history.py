@@ -94,6 +94,24 @@ async def test_clicks_codes(api, db, tenant):
     ]
 
 
+async def test_clicks_codes_come_in_the_spec_tables_order(api, tenant):
+    # A record with several faults gets the first of them in spec/history-clicks.txt's table:
+    # missing fields, then message_not_found, offer_not_found, then invalid_timestamp.
+    offer = await make_offer(api, tenant)
+    mid = await send_message(api, tenant)
+    bad_time = {"phone_number": "12", "timestamp": "15/11/2025"}
+    records = [
+        {"message_id": "zzzzzzzz", "offer_id": "nope", **bad_time},
+        {"message_id": mid, "offer_id": "nope", **bad_time},
+        {"message_id": mid, "offer_id": offer["id"], **bad_time},
+        {"message_id": "zzzzzzzz", "offer_id": "nope", "phone_number": PHONE},
+    ]
+    body = await history(api, tenant, "clicks", records)
+    assert [(e["index"], e["code"]) for e in body["errors"]] == [
+        (0, "message_not_found"), (1, "offer_not_found"), (2, "invalid_timestamp"), (3, "missing_timestamp"),
+    ]
+
+
 async def test_errors_capped_at_100_but_counted(api, tenant):
     body = await history(api, tenant, "clicks", [{"offer_id": "x"}] * 250)
     assert body["error_count"] == 250 and len(body["errors"]) == 100 and body["errors"][-1]["index"] == 99

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from services.gateway.auth import authenticate
-from services.gateway.http import JSONResponse, read_json_object
+from services.gateway.http import JSONResponse, present, read_json_object
 from services.gateway.lookups import find_offers
 from services.gateway.routes.revenue import (
     MAX_ERRORS_SHOWN,
@@ -66,8 +66,8 @@ class ClickRecord:
     index: int
     message_id: str
     offer_ref: str
-    phone: str
-    clicked_at: datetime
+    raw: dict[str, Any]  # the record: its timestamps are parsed after the lookups (the spec's order)
+    clicked_at: datetime | None = None
     offer_id: str = ""
     click_id: str = ""
     list_id: int = 0  # the message's list and recipient (its contact), as the request looked it up
@@ -81,20 +81,34 @@ def _required(record: dict[str, Any], name: str, code: str) -> str:
     return str(value).strip()
 
 
-def parse_click(index: int, record: Any, now: datetime) -> ClickRecord:
+def parse_click(index: int, record: Any) -> ClickRecord:
+    """The checks a record passes on its own before its message and offer are looked up: the
+    spec's table puts the missing fields first, then message_not_found and offer_not_found, then
+    invalid_timestamp (``check_click``)."""
     if not isinstance(record, dict):
         raise validation("each record must be a JSON object")
     message_id = _required(record, "message_id", "missing_message_id")
     offer_ref = _required(record, "offer_id", "missing_offer_id")
-    phone_raw = _required(record, "phone_number", "missing_phone_number")
-    clicked_at = parse_timestamp_field(record, "timestamp", required=True, now=now)
-    if record.get("send_timestamp") is not None:
-        parse_timestamp_field(record, "send_timestamp", required=False, now=now)
+    _required(record, "phone_number", "missing_phone_number")
+    if not present(record.get("timestamp")):
+        raise bad_request("missing_timestamp", "The timestamp field is required")
+    return ClickRecord(index, message_id, offer_ref, record)
+
+
+def check_click(record: ClickRecord, now: datetime) -> ApiError | None:
+    """The checks after the lookups (the timestamps, then the phone number's form): the error,
+    or None with ``clicked_at`` set."""
     try:
-        phone = parse_e164(phone_raw)
+        record.clicked_at = parse_timestamp_field(record.raw, "timestamp", required=True, now=now)
+        if record.raw.get("send_timestamp") is not None:
+            parse_timestamp_field(record.raw, "send_timestamp", required=False, now=now)
+    except ApiError as err:
+        return err
+    try:
+        parse_e164(str(record.raw["phone_number"]).strip())
     except PhoneError:
-        raise bad_request("invalid_phone", "phone_number must be an E.164 phone number") from None
-    return ClickRecord(index, message_id, offer_ref, phone, clicked_at)
+        return bad_request("invalid_phone", "phone_number must be an E.164 phone number")
+    return None
 
 
 # Only clicks that became their message's first click are stored (one per message, like the
@@ -158,7 +172,7 @@ async def import_clicks(request: Request) -> JSONResponse:
     parsed: list[ClickRecord] = []
     for index, raw in enumerate(items):
         try:
-            parsed.append(parse_click(index, raw, now))
+            parsed.append(parse_click(index, raw))
         except ApiError as err:
             out.fail(index, err)
     if parsed:
@@ -179,6 +193,8 @@ async def import_clicks(request: Request) -> JSONResponse:
                     out.fail(r.index, not_found("message_not_found", "No message exists with the given message_id"))
                 elif r.offer_ref not in offers:
                     out.fail(r.index, not_found("offer_not_found", "No offer exists with the given offer_id"))
+                elif (err := check_click(r, now)) is not None:
+                    out.fail(r.index, err)
                 elif r.message_id in seen:
                     out.duplicates += 1  # one click per message: the first record of the batch wins
                 else:
