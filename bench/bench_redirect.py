@@ -4,7 +4,8 @@
   (``python -m services.cli redirect``), each pinned to core 0 with the same uvicorn options,
   driven by ``wrk -t1 -c50`` pinned to core 1, in interleaved rounds. Short hop (cached) and
   tracker hop (click durably in the Redis stream before the 302) as ratios of the floor's
-  requests/s and p99. While the tracker hop runs, the stream is trimmed as the drainer would
+  requests/s and p99; with no goal, the two hops of per-message clicks (the short hop of 200k
+  per-message codes, each a cache miss, and the tracker hop with each message's signed sid). While the tracker hop runs, the stream is trimmed as the drainer would
   (see ``_drained_stream``).
 * Drain: ``drain_once`` over 50k clicks (some of them message clicks, so message_clicks and
   contacts are written too) against a plain ``COPY`` of the same rows into the clicks table

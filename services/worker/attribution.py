@@ -19,7 +19,8 @@ even when the same contact clicked another message on the same offer before: a n
 back the click id of the click it saw, and that click's message is the one that earned it. (The
 spec's "Multi-Touch" example, Monday's A over Wednesday's B, does not say which click id the
 network sent; the contract does, so a postback naming A's click credits A, one naming B's, B.)
-Within one message the first click wins: later clicks are raw clicks, not new engagements.
+A later click on a message is a raw click, not a new engagement; a conversion that names it is
+judged by that click (its time, its offer's window) and credits the same message.
 A ``click_id`` that is one of the account's message ids names that message's first human click:
 what a network sends back when the offer's destination passed it ``{{sendId}}`` (``aff_sub``, as in
 spec/links.txt's example) instead of ``{click_id}``.

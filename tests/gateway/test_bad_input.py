@@ -176,6 +176,7 @@ async def test_history_ids_and_phones_take_ascii_only(api, tenant):
 
 def test_report_ratios_do_not_overflow_and_read_back_as_the_quotient():
     from decimal import Decimal
+    from fractions import Fraction
 
     import orjson
 
@@ -184,9 +185,12 @@ def test_report_ratios_do_not_overflow_and_read_back_as_the_quotient():
 
     assert ratio(Decimal("999999999999000000000"), 1) == Decimal("999999999999000000000")
     assert ratio(Decimal("999999999999999999999999999.999999"), 3) == Decimal("333333333333333333333333333.3")
-    # As JSON, a client reads each ratio back as the double its own division gives.
-    for numerator, divisor in ((1, 3), (2, 3), (7, 9), (5, 7), (Decimal("24.99"), 3), (Decimal("10.01"), 7), (3, 4)):
-        assert orjson.loads(dumps(ratio(numerator, divisor))) == float(numerator) / divisor
+    # As JSON, a ratio of counts reads back as the double the client's own division gives, and
+    # one of money as the double nearest the exact quotient.
+    for numerator, divisor in ((1, 3), (2, 3), (7, 9), (5, 7), (3, 4), (10**15 + 1, 3)):
+        assert orjson.loads(dumps(ratio(numerator, divisor))) == numerator / divisor
+    for amount, divisor in ((Decimal("0.05"), 7), (Decimal("0.03"), 9), (Decimal("24.99"), 3), (Decimal("-10.01"), 7)):
+        assert orjson.loads(dumps(ratio(amount, divisor))) == float(Fraction(amount) / divisor)
     assert dumps(ratio(0, 5)) == b"0" and dumps(ratio(3, 0)) == b"0" and dumps(ratio(6, 3)) == b"2"
 
 

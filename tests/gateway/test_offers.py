@@ -33,7 +33,7 @@ async def test_null_optional_fields_take_their_defaults(api, tenant):
     offer = resp.json()["offer"]
     assert (offer["status"], offer["currency"], offer["click_window_days"], offer["payout"]) == ("active", "USD", 90, None)
     # An update that names a field with null does not reset it: status and window have no "unset".
-    for patch in ({"status": None}, {"click_window_days": None}):
+    for patch in ({"status": None}, {"click_window_days": None}, {"currency": None}, {"currency": ""}):
         assert_error(await api.patch(f"/api/v2/offers/{offer['id']}", headers=tenant.headers, json=patch), 400, "validation_error")
 
 

@@ -102,7 +102,8 @@ async def test_the_named_click_wins_over_the_contacts_earlier_click(api, db, ten
     assert named_b["attributed"] and named_b["message_id"] == b and named_b["click_id"] == b_click
     assert named_b["clicked_at"] == T0 + timedelta(days=2)
     assert (await conversion(db, tenant, "names-a"))["message_id"] == a
-    assert (await conversion(db, tenant, "names-a-again"))["message_id"] == a
+    again = await conversion(db, tenant, "names-a-again")  # judged by the click it names
+    assert again["message_id"] == a and again["click_id"] == later_a and again["clicked_at"] == T0 + timedelta(days=3)
     for mid, conversions, revenue in ((a, 2, 6), (b, 1, 20)):
         detail = (await api.get(f"/api/v2/messages/{mid}", headers=tenant.headers)).json()
         assert (detail["conversions"], detail["revenue"]) == (conversions, revenue)
@@ -207,6 +208,22 @@ async def test_late_postback_attributes_once_the_click_is_stored(api, db, tenant
     conv = await conversion(db, tenant, "late")
     assert conv["attributed"] and conv["message_id"] == mid and conv["offer_id"] == offer["id"]
     assert conv["clicked_at"] == T0
+
+
+async def test_late_click_credits_its_own_message_over_the_contacts_earlier_click(api, db, tenant, run_worker):
+    # The conversion names B's click before the drainer has stored it; the contact clicked A (same
+    # offer) earlier. Once B's click lands, the credit is B's, as for a click already stored.
+    offer, a, _ = await clicked_message(api, db, tenant, at=T0)
+    b = await send_message(api, tenant, offer_id=offer["id"])
+    b_click = secrets.token_hex(16)
+    await postback(api, tenant, click_id=b_click, conversion_id="late-b", timestamp=(T0 + timedelta(days=4)).isoformat())
+    await run_worker()
+    assert (await conversion(db, tenant, "late-b"))["unattributed_reason"] == "click_not_found"
+    await store_click(db, tenant.account_id, b, T0 + timedelta(days=2), offer_id=offer["id"], click_id=b_click)
+    async with db.acquire() as conn, conn.transaction():
+        assert await attribution.rematch_for_clicks(conn, [b_click]) == 1
+    conv = await conversion(db, tenant, "late-b")
+    assert conv["attributed"] and conv["message_id"] == b and conv["clicked_at"] == T0 + timedelta(days=2)
 
 
 async def test_late_click_still_judged_by_the_window(api, db, tenant):

@@ -82,7 +82,9 @@ def _clean(data: dict[str, Any], *, partial: bool) -> dict[str, Any]:
     elif "payout" in data:
         out["payout"] = None
     if "currency" in data or not partial:
-        currency = data.get("currency") or "USD"
+        currency = data.get("currency")
+        if not currency and not partial:  # absent, null or "": the default
+            currency = "USD"
         if not isinstance(currency, str) or not _CURRENCY_RE.match(currency.upper()):
             raise validation("currency must be a 3-letter ISO 4217 code")
         out["currency"] = currency.upper()

@@ -18,10 +18,12 @@ from shared.errors import validation
 from shared.timeutil import TimeError, parse_date
 
 # A ratio to 28 significant digits, not rounded to a number of places: a client that parses it
-# gets the double nearest the exact quotient, which is what its own ``clicks / sends`` computes
-# (1/3 is 0.3333333333333333333333333333, read back as 1/3; ten places would read back as another
-# number). Division to a precision has no upper bound to overflow (quantizing to ten places
-# needed more than 28 digits once revenue per send passed 10^18: a 500).
+# gets the double nearest the exact quotient. For ctr and conversion_rate (counts over counts)
+# that is what its own ``clicks / sends`` computes (1/3 is 0.3333333333333333333333333333, read
+# back as 1/3; ten places read back as another number); epc and revenue_per_send are the exact
+# quotient of exact money, which a client dividing a binary float can miss by its last bit.
+# Division to a precision has no upper bound to overflow (quantizing to ten places needed more
+# than 28 digits once revenue per send passed 10^18: a 500).
 _RATIO_CONTEXT = Context(prec=28)
 
 
