@@ -17,8 +17,8 @@ the start taken to the click's whole second (see ``judge``).
 The credit goes to the named click's message (CONTRACT.md §5, "the click named by ``click_id``"),
 even when the same contact clicked another message on the same offer before: a network hands
 back the click id of the click it saw, and that click's message is the one that earned it. (The
-spec's "Multi-Touch" example, Monday's A over Wednesday's B, does not say which click id the
-network sent; the contract does, so a postback naming A's click credits A, one naming B's, B.)
+spec's "Multi-Touch" example, Monday's A over Wednesday's B, reads the other way when the network
+names B's click; where spec and contract disagree, the contract fixes behaviour.)
 A later click on a message is a raw click, not a new engagement; a conversion that names it is
 judged by that click (its time, its offer's window) and credits the same message.
 A ``click_id`` that is one of the account's message ids names that message's first human click:
