@@ -147,17 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("run", help="everything, for a laptop").set_defaults(func=cmd_run)
 
     admin = sub.add_parser("admin", help="operator commands").add_subparsers(dest="admin", required=True)
-    account = admin.add_parser("create-account")
+    account = admin.add_parser(
+        "create-account", help="a new account: prints its id, API key and postback token (the key only this once)"
+    )
     account.add_argument("--name", required=True)
-    account.add_argument("--no-offer-management", action="store_true")
+    account.add_argument("--no-offer-management", action="store_true", help="without the Offer Management product (POST /links answers 403)")
     account.set_defaults(func=_admin)
-    lst = admin.add_parser("create-list")
+    lst = admin.add_parser("create-list", help="a sending list (phone number) of an account, with its link domains")
     lst.add_argument("--account-id", type=int, required=True)
     lst.add_argument("--name", required=True)
-    lst.add_argument("--phone", required=True)
-    lst.add_argument("--short-domain")
-    lst.add_argument("--tracker-domain")
-    lst.add_argument("--inactive", action="store_true")
+    lst.add_argument("--phone", required=True, help="the list's number, E.164 (+18005551234)")
+    lst.add_argument("--short-domain", help="origin of its short links, e.g. https://sms.example.com")
+    lst.add_argument("--tracker-domain", help="origin of its click tracker (default: TRACKLY_DEFAULT_TRACKER_DOMAIN)")
+    lst.add_argument("--inactive", action="store_true", help="created inactive: sends and links refuse it")
     lst.set_defaults(func=_admin)
     admin.add_parser(
         "republish", help="write every link, message code and offer to the edge's Redis again (after it lost its data)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -113,6 +114,37 @@ def test_send_click_convert_over_http(stack):
     with httpx.Client(base_url=stack["gateway"] + "/api/v2", headers={"X-Api-Key": account["api_key"]}) as api, \
             httpx.Client(base_url=stack["redirect"]) as edge:
         flow(stack, account, lst, api, edge)
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_the_readmes_tour_runs_as_written(stack):
+    """The README's tour, run by bash against this stack: only its ports, the CLI's path and the
+    pause before the worker is asked are changed. Needs curl, as the tour does."""
+    if shutil.which("curl") is None or shutil.which("bash") is None:
+        pytest.skip("the tour is a bash script that uses curl")
+    text = README.read_text()
+    start = text.index("## A tour")
+    script = text[text.index("```sh", start) + len("```sh"):]
+    script = script[: script.index("```")]
+    gw, rd = urlsplit(stack["gateway"]).port, urlsplit(stack["redirect"]).port
+    script = (script.replace("localhost:8000", f"localhost:{gw}").replace("localhost:8001", f"localhost:{rd}")
+              .replace(".venv/bin/trackly", f"{sys.executable} -m services.cli").replace("sleep 2", "sleep 6"))
+    env = dict(stack["env"], PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    out = subprocess.run(["bash", "-c", "set -euo pipefail\n" + script], env=env, cwd=README.parent,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    destination = urlsplit(lines[0])
+    assert (destination.netloc, sorted(parse_qs(destination.query))) == ("shop.example.com", ["cid", "msg"])
+    assert json.loads(lines[1]) == {"success": True, "status": "accepted"}
+    message = json.loads(lines[2])
+    assert (message["clicked"], message["click_count"], message["conversions"], message["revenue"]) == (True, 1, 1, 24.99)
+    assert message["message_id"] == parse_qs(destination.query)["msg"][0]
+    report = json.loads(lines[3])
+    totals = {name: report["totals"][name] for name in ("sends", "clicks", "conversions", "revenue")}
+    assert report["group_by"] == "offer" and totals == {"sends": 1, "clicks": 1, "conversions": 1, "revenue": 24.99}
 
 
 def flow(stack, account, lst, api, edge):
