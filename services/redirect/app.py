@@ -50,7 +50,8 @@ SEND_ID_PARAM = "sid"
 MAX_QUERY_PARAMS = 32
 MAX_VALUE_CHARS = 1000
 MAX_UA_CHARS = 1000
-# Short-hop answers remembered (see _short_hop): at most this many, for queries up to this long.
+# Short-hop answers remembered (see _short_hop; links' own codes only): at most this many, for
+# queries up to this long.
 MAX_ANSWERS = 10_000
 MAX_ANSWER_QUERY = 256
 
@@ -438,7 +439,9 @@ class RedirectApp:
         elif query:
             location += b"?" + _safe_query(query)
         headers = [(b"location", location), _NO_STORE, _EMPTY]
-        if len(query) <= MAX_ANSWER_QUERY:
+        # Remembered for a link's own code, not a message's: a per-message URL is mostly tapped
+        # once, and its answers would only fill the table (and clear the links' out of it).
+        if message_id is None and len(query) <= MAX_ANSWER_QUERY:
             if len(self._short_answers) >= MAX_ANSWERS:
                 self._short_answers.clear()
             self._short_answers[answer_key] = (min(expires, self.offers.expires(offer_key)), headers)

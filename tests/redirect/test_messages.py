@@ -32,6 +32,22 @@ async def send(api: httpx.AsyncClient, tenant: Tenant, db: asyncpg.Pool, body: s
     return message_id, match.group(0)
 
 
+async def test_only_links_own_codes_have_their_answers_remembered(
+    api: httpx.AsyncClient, tenant: Tenant, edge: Edge, db: asyncpg.Pool
+) -> None:
+    # A per-message URL is mostly tapped once: remembering its answer would only crowd out (and,
+    # at the table's bound, clear) the answers of the links' own codes, which are tapped again.
+    _, link = await offer_and_link(api, tenant, "https://lp.example/offer?c={click_id}")
+    assert (await edge.get(link["shortUrl"])).status_code == 302
+    remembered = dict(edge.app._short_answers)
+    assert len(remembered) == 1
+    for _ in range(3):
+        _, short_url = await send(api, tenant, db, f"Deal: {link['shortUrl']}")
+        for _ in range(2):  # a repeat is answered the same, from the caches
+            assert parse_qs(urlsplit((await edge.get(short_url)).headers["location"]).query)["sid"]
+    assert edge.app._short_answers == remembered
+
+
 async def test_send_body_link_carries_the_message_to_the_click(
     api: httpx.AsyncClient, tenant: Tenant, edge: Edge, db: asyncpg.Pool, redis: object
 ) -> None:
