@@ -13,6 +13,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
+from shared.logs import Throttled
+
 
 def cancel_requested() -> bool:
     task = asyncio.current_task()
@@ -28,7 +30,13 @@ async def repeat(
     interval: float = 0.0,
 ) -> NoReturn:
     """Await ``step()`` forever (after ``interval`` seconds each time, if given); a failure is
-    logged as ``failure`` and only delays the next turn. Ends only by cancellation."""
+    logged as ``failure`` and only delays the next turn. Ends only by cancellation.
+
+    The first failure of a run of them is logged with its traceback; the ones after it (an
+    outage: the same error every ``pause_after_failure``) one line at a time, at most one every
+    ten seconds, each counting the failures it stands for."""
+    again = Throttled(log, logging.ERROR, failure + " again (%s)")
+    failing = False
     while True:
         if cancel_requested():
             raise asyncio.CancelledError
@@ -36,8 +44,13 @@ async def repeat(
             await asyncio.sleep(interval)
         try:
             await step()
-        except Exception:
+            failing = False
+        except Exception as exc:
             if cancel_requested():
                 raise asyncio.CancelledError from None
-            log.exception(failure)
+            if failing:
+                again(f"{type(exc).__name__}: {exc}")
+            else:
+                log.exception(failure)
+                failing = True
             await asyncio.sleep(pause_after_failure)

@@ -9,14 +9,20 @@ folding of the counting tables that triggers keep (``folding.py``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
+import time
 from typing import Any
 
-from arq import run_worker
+import asyncpg
+from arq import Worker
 from arq.connections import RedisSettings
+from redis.exceptions import RedisError
 
 from services.worker import attribution, clicks, folding
 from shared import db
+from shared.logs import Throttled
 from shared.migrate import migrate
 from shared.redis_client import create_redis
 from shared.runtime import exit_on_sigterm, with_backends
@@ -34,6 +40,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         asyncio.create_task(attribution.run_sweeper(ctx), name="postback-sweeper"),
         asyncio.create_task(folding.run_folder(ctx), name="folder"),
     ]
+    ctx["up"] = True  # (run_until_stopped: a failure from here on is no failed start)
 
 
 # How long shutdown waits for its loops to stop; they stop at once unless something is badly wrong,
@@ -43,7 +50,8 @@ LOOP_STOP_TIMEOUT = 4.0
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    tasks: list[asyncio.Task[None]] = ctx.get("loops", [])
+    """Stop the loops, close the pools; a second call finds nothing left to do."""
+    tasks: list[asyncio.Task[None]] = ctx.pop("loops", [])
     for task in tasks:
         task.cancel()
     if tasks:
@@ -54,9 +62,54 @@ async def shutdown(ctx: dict[str, Any]) -> None:
             if task.done() and not task.cancelled() and task.exception() is not None:
                 log.error("background loop %s had failed", task.get_name(), exc_info=task.exception())
     if "redis_client" in ctx:
-        await ctx["redis_client"].aclose()
+        await ctx.pop("redis_client").aclose()
     if "db" in ctx:
-        await db.close_pool(ctx["db"])
+        await db.close_pool(ctx.pop("db"))
+
+
+# Redis failing under arq's poll loop: a refused connection, a reset, a timeout, "loading the
+# dataset" after a restart. A RedisError or an OSError.
+REDIS_DOWN = (RedisError, OSError)
+# A start that failed for want of a server (PostgreSQL refusing, or still starting, included).
+START_FAILURES = (*REDIS_DOWN, asyncpg.CannotConnectNowError)
+# How long the poll loop waits after a failed poll; how long between attempts to start at all.
+POLL_RETRY_PAUSE = 1.0
+START_RETRY_PAUSES = (1, 2, 4, 8, 15, 30)
+
+
+class TracklyWorker(Worker):
+    """arq's worker, riding out a Redis outage instead of exiting with it.
+
+    arq lets an error of its poll loop end ``main`` (and the process): a worker on its own, with
+    no supervisor to start it again, stayed down after a two-second Redis restart, and the clicks
+    and postbacks it drains waited (safe in Redis and PostgreSQL) until someone noticed. Here a
+    failed poll is logged (throttled) and tried again a second later; the background loops
+    (clicks, sweeper, folding) already retry on their own. Jobs a failed poll did not start stay
+    queued in Redis and are taken by a later poll."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._report_poll_failure = Throttled(log, logging.ERROR, "redis unavailable to the job poller (%s); polling again")
+
+    async def close(self) -> None:
+        """arq's close, which first deletes its health key: with Redis down that raised, and the
+        worker's own shutdown (its loops, its pools) never ran."""
+        try:
+            await super().close()
+        except REDIS_DOWN as exc:
+            log.warning("redis unavailable while the worker stops (%s: %s)", type(exc).__name__, exc)
+            await shutdown(self.ctx)
+            pool, self._pool = self._pool, None
+            if pool is not None:
+                with contextlib.suppress(*REDIS_DOWN):
+                    await pool.close(close_connection_pool=True)
+
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+        except REDIS_DOWN as exc:
+            self._report_poll_failure(f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(POLL_RETRY_PAUSE)
 
 
 def worker_settings(settings: Settings) -> dict[str, Any]:
@@ -81,8 +134,36 @@ def serve(settings: Settings) -> int:
     try:
         if embedded is not None:
             asyncio.run(migrate(settings.database_url))
-        run_worker(worker_settings(settings))  # arq takes the settings as a dict too
+        run_until_stopped(settings)
     finally:
         if embedded is not None:
             embedded.stop()
     return 0
+
+
+def run_until_stopped(settings: Settings) -> None:
+    """Run the worker until a signal stops it. One that cannot start because Redis (or
+    PostgreSQL) is not there yet (arq gives up after a few tries) is started again, after 1, 2,
+    4... up to 30 s: a worker that comes up before its Redis, or during a Redis restart, waits for
+    it instead of exiting."""
+    attempt = 0
+    while True:
+        worker = TracklyWorker(**worker_settings(settings))
+        started = time.monotonic()
+        try:
+            worker.run()
+            return
+        except START_FAILURES as exc:
+            if worker.ctx.get("up"):
+                raise  # it was up and running: not a start that failed
+            reason = f"{type(exc).__name__}: {exc}"
+        # arq gave the loop its own SIGINT/SIGTERM handlers; with the loop stopped they would only
+        # note a signal, never act on it: back to ours, so a stop during the pause stops at once.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            worker.loop.remove_signal_handler(signum)
+        exit_on_sigterm()
+        attempt = 0 if time.monotonic() - started > 60 else attempt
+        pause = START_RETRY_PAUSES[min(attempt, len(START_RETRY_PAUSES) - 1)]
+        attempt += 1
+        log.error("the worker could not start (%s); trying again in %d s", reason, pause)
+        time.sleep(pause)

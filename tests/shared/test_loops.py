@@ -51,7 +51,34 @@ async def test_failures_are_logged_and_retried(caplog: pytest.LogCaptureFixture)
     while calls < 3:
         await asyncio.sleep(0.01)
     assert await _stops(task)
-    assert [r.message for r in caplog.records if r.name == "test.loops"] == ["step failed", "step failed"]
+    records = [r for r in caplog.records if r.name == "test.loops"]
+    assert [r.message for r in records] == ["step failed", "step failed again (RuntimeError: boom) (1 times since the last report)"]
+    assert records[0].exc_info is not None and records[1].exc_info is None
+
+
+async def test_an_outage_logs_its_first_failure_in_full_and_then_a_line_in_a_while(caplog: pytest.LogCaptureFixture) -> None:
+    # 40 failures in a row (Redis down), a success, then a failure again: the second run of
+    # failures starts with its traceback again.
+    calls = 0
+
+    async def step() -> None:
+        nonlocal calls
+        calls += 1
+        if calls <= 40 or calls == 42:
+            raise ConnectionError("Connection refused")
+        if calls > 42:
+            await asyncio.sleep(10)
+
+    task = asyncio.create_task(repeat(step, log=log, failure="step failed", pause_after_failure=0.001))
+    while calls < 43:
+        await asyncio.sleep(0.01)
+    assert await _stops(task)
+    records = [r for r in caplog.records if r.name == "test.loops"]
+    assert [(r.message, r.exc_info is not None) for r in records] == [
+        ("step failed", True),
+        ("step failed again (ConnectionError: Connection refused) (1 times since the last report)", False),
+        ("step failed", True),
+    ]
 
 
 async def test_interval_waits_between_turns() -> None:

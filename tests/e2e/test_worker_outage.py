@@ -1,0 +1,65 @@
+"""`trackly worker` on its own (no `trackly run` to start it again) through Redis outages."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from arq import create_pool
+from arq.connections import RedisSettings
+
+from shared.embedded import EmbeddedRedis
+from shared.process import die_with_parent
+
+
+async def _a_job_runs(redis_url: str, timeout: float = 40) -> bool:
+    """A job enqueued now is run by the worker (a postback id that names nothing: it returns)."""
+    pool = await create_pool(RedisSettings.from_dsn(redis_url))
+    try:
+        job = await pool.enqueue_job("process_postback", 0)
+        assert job is not None
+        return await job.result(timeout=timeout) is not None
+    finally:
+        await pool.aclose()
+
+
+def test_a_worker_waits_for_redis_and_rides_out_its_restart(tmp_path: Path, settings) -> None:
+    redis = EmbeddedRedis(tmp_path / "redis")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKLY_")}
+    env.update(TRACKLY_DATABASE_URL=settings.database_url, TRACKLY_REDIS_URL=redis.url,
+               TRACKLY_DATA_DIR=str(tmp_path / "data"), TRACKLY_LOG_LEVEL="info")
+    log = tmp_path / "worker.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "worker"], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent())
+    try:
+        # Started before its Redis: arq gives up after a few tries, and the worker tries again.
+        deadline = time.monotonic() + 30
+        while "the worker could not start" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1)
+        assert proc.poll() is None, log.read_text()
+        redis.start()
+        assert asyncio.run(_a_job_runs(redis.url)), log.read_text()
+        # Redis stops (a restart, an outage) while the worker polls: it stays up and carries on.
+        redis.stop()
+        time.sleep(3)
+        assert proc.poll() is None, log.read_text()
+        redis.start()
+        assert asyncio.run(_a_job_runs(redis.url)), log.read_text()
+        text = log.read_text()
+        assert "the worker could not start" in text and "redis unavailable to the job poller" in text, text
+        # And a stop is still a stop, with Redis up or down.
+        redis.stop()
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) in (0, 143), log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        redis.stop()
