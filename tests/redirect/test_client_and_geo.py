@@ -56,6 +56,15 @@ async def test_forwarded_for_through_the_edge(
         trusted = q(await edge.click(link["shortUrl"], headers={"x-forwarded-for": "9.9.9.9, 198.51.100.23"}))
     async with running_edge(settings, client_ip="192.0.2.50", trusted_proxies=proxies) as edge:
         untrusted = q(await edge.click(link["shortUrl"], headers={"x-forwarded-for": "198.51.100.23"}))
+    async with running_edge(settings, client_ip="10.0.0.9", trusted_proxies=proxies) as edge:
+        # One header per hop, as proxies may write it: read as one list, in order.
+        lines = httpx.Headers([("x-forwarded-for", "9.9.9.9"), ("x-forwarded-for", "198.51.100.77"),
+                               ("x-forwarded-for", "10.0.0.3")])
+        tracker = (await edge.get(link["shortUrl"])).headers["location"]
+        answer = await edge.get(tracker, headers=lines)
+        assert answer.status_code == 302 and answer.request.headers.get_list("x-forwarded-for") == lines.get_list("x-forwarded-for")
+        several = q(answer.headers["location"])
+    assert several["ip"] == "198.51.100.77"
     assert trusted["ip"] == "198.51.100.23"
     assert untrusted["ip"] == "192.0.2.50"
     await drain(db, redis)
