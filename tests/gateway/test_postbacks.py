@@ -59,6 +59,35 @@ async def test_post_multipart_and_query_together(api, db, tenant):
     assert (row["network"], row["click_id"], row["payout"], row["conversion_key"]) == ("everflow", "t1", Decimal("1.5"), "ev")
 
 
+async def test_form_bodies_are_held_to_the_5_mb_limit(api, db, tenant):
+    # Starlette's form parser alone would take a thousand fields of 1 MB each.
+    big = {f"f{i}": "x" * 1_000_000 for i in range(6)}
+    for files in (None, {"x": (None, "1")}):  # urlencoded, then multipart
+        resp = await api.post(f"/postback/{tenant.postback_token}?click_id=c1", data=big, files=files)
+        assert_error(resp, 413, "payload_too_large")
+    assert await stored(db, tenant) == []
+
+
+async def test_an_unreadable_or_oversized_form_is_stored_not_refused(api, db, tenant):
+    # A multipart body without its boundary, one whose part passes the parser's 1 MB, and an
+    # urlencoded body of 3000 fields: each postback is kept (its query fields too) and answered 200.
+    token = tenant.postback_token
+    bodies = [
+        ({"content-type": "multipart/form-data"}, b"click_id=nope"),
+        ({"content-type": "multipart/form-data; boundary=b"},
+         b'--b\r\nContent-Disposition: form-data; name="big"\r\n\r\n' + b"x" * 1_100_000 + b"\r\n--b--\r\n"),
+        ({"content-type": "application/x-www-form-urlencoded"}, "&".join(f"k{i}=v" for i in range(3000)).encode()),
+    ]
+    for n, (headers, body) in enumerate(bodies):
+        resp = await api.post(f"/postback/{token}?click_id=c{n}&conversion_id=k{n}&payout=5", content=body, headers=headers)
+        assert resp.status_code == 200 and resp.json()["status"] == "accepted", resp.text
+    rows = await stored(db, tenant)
+    assert [(r["click_id"], r["conversion_key"]) for r in rows] == [("c0", "k0"), ("c1", "k1"), ("c2", "k2")]
+    assert [r["parse_error"] is not None for r in rows] == [True, True, False]
+    assert rows[0]["parse_error"].startswith("body: not a readable multipart form") and rows[0]["params"]["_body"] == "click_id=nope"
+    assert len(rows[2]["params"]) == 3003  # every field kept
+
+
 async def test_post_json_body_keeps_numbers_exact(api, db, tenant):
     resp = await api.post(f"/postback/{tenant.postback_token}", content=b'{"aff_sub": "j1", "payout": 0.10}',
                           headers={"content-type": "application/json"})

@@ -10,13 +10,16 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
-from starlette.requests import ClientDisconnect, Request
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
 from starlette.routing import Route
 
-from services.gateway.http import JSONResponse, client_gone, read_body
+from services.gateway.http import JSONResponse, read_body
 from shared import jsonio
 from shared.errors import ApiError
 from shared.jobs import PROCESS_POSTBACK, window_job
@@ -91,11 +94,19 @@ async def _params(request: Request) -> tuple[dict[str, Any], str | None]:
     if request.method != "POST":
         return params, None
     content_type = request.headers.get("content-type", "").lower()
-    if content_type.startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
+    if content_type.startswith("application/x-www-form-urlencoded"):
+        # Read (within the 5 MB limit) and parsed here: Starlette's form parser has no overall
+        # limit (a thousand 1 MB fields), and refuses with a 400 a body it cannot read, which
+        # would lose the postback's query fields too.
+        raw = await read_body(request)
+        _multi(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True, errors="replace"), params)
+    elif content_type.startswith("multipart/form-data"):
+        raw = await read_body(request)
         try:
-            form = await request.form()
-        except ClientDisconnect:
-            raise client_gone() from None
+            form = await MultiPartParser(request.headers, _chunks(raw)).parse()
+        except MultiPartException as exc:  # no boundary, a part over 1 MB, over 1000 fields, ...
+            params[BODY_PARAM] = raw.decode("utf-8", "replace")  # kept as sent
+            return params, f"body: not a readable multipart form ({exc.message})"
         _multi([(k, v) for k, v in form.multi_items() if isinstance(v, str)], params)
         await form.close()
     else:
@@ -118,6 +129,10 @@ async def _params(request: Request) -> tuple[dict[str, Any], str | None]:
             params[BODY_PARAM] = raw.decode("utf-8", "replace")  # kept as sent: nothing a network sent is lost
             return params, _BODY_ERROR if declared_json else None
     return params, None
+
+
+async def _chunks(raw: bytes) -> AsyncIterator[bytes]:
+    yield raw
 
 
 def _depth(value: Any) -> int:
