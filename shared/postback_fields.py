@@ -93,8 +93,15 @@ def first_value(value: Any) -> str | None:
     return text or None
 
 
-def pick(params: dict[str, Any], name: str) -> str | None:
-    lowered = {str(k).lower(): v for k, v in params.items()}
+def lowered(params: dict[str, Any]) -> dict[str, Any]:
+    """The fields by lower-cased name (of two names that differ only in case, the later wins):
+    made once per postback, not once per field looked up (a postback of 400k keys held the
+    gateway for a second doing it ten times)."""
+    return {str(k).lower(): v for k, v in params.items()}
+
+
+def pick(lowered: dict[str, Any], name: str) -> str | None:
+    """The first alias of ``name`` with a value, from ``lowered(params)``."""
     for alias in ALIASES[name]:
         value = first_value(lowered.get(alias))
         if value is not None:
@@ -102,10 +109,9 @@ def pick(params: dict[str, Any], name: str) -> str | None:
     return None
 
 
-def _unusable(params: dict[str, Any]) -> list[str]:
+def _unusable(lowered: dict[str, Any]) -> list[str]:
     """Fields sent as a JSON true/false, object or empty array: neither a string nor a number, so
     not a value (``pick`` treats them as absent, and ``payout: true`` must not pass as no payout)."""
-    lowered = {str(k).lower(): v for k, v in params.items()}
     errors = []
     for name, aliases in ALIASES.items():
         for alias in aliases:
@@ -121,10 +127,11 @@ def _unusable(params: dict[str, Any]) -> list[str]:
 
 def normalise(params: dict[str, Any], received_at: datetime) -> Postback:
     errors: list[str] = [] if params else ["no fields: nothing to record as a conversion"]
-    errors += _unusable(params)
+    fields = lowered(params)
+    errors += _unusable(fields)
 
     def bounded(name: str, limit: int = MAX_FIELD) -> str | None:
-        value = pick(params, name)
+        value = pick(fields, name)
         encoded = value.encode("utf-8", "replace") if value is not None else b""
         if len(encoded) > limit:
             errors.append(f"{name}: longer than {limit} bytes (UTF-8)")
@@ -146,7 +153,7 @@ def normalise(params: dict[str, Any], received_at: datetime) -> Postback:
         status = None
 
     payout: Decimal | None = None
-    payout_raw = pick(params, "payout")
+    payout_raw = pick(fields, "payout")
     if payout_raw is not None:
         try:
             payout = parse_money(payout_raw, allow_negative=True)
@@ -162,7 +169,7 @@ def normalise(params: dict[str, Any], received_at: datetime) -> Postback:
                 payout = None
 
     converted_at = received_at
-    ts_raw = pick(params, "timestamp")
+    ts_raw = pick(fields, "timestamp")
     if ts_raw is not None:
         try:
             converted_at = parse_timestamp(ts_raw, allow_unix=True)
