@@ -42,10 +42,18 @@ async def test_null_optional_fields_take_their_defaults(api, tenant):
     {"destination_url": "https:///path"}, {"destination_url": "http://e.com:port/"}, {"status": "live"},
     {"payout": -1}, {"payout": "abc"}, {"payout": True}, {"click_window_days": 0}, {"click_window_days": 91},
     {"click_window_days": "7"}, {"currency": "dollars"},
+    # A macro in the host would let a visitor choose where the tracker sends them.
+    {"destination_url": "https://{sub1}"}, {"destination_url": "https://shop.example.com{sub1}/landing"},
+    {"destination_url": "http://{user_agent}/x"}, {"destination_url": "https://{sub1}@shop.example.com/"},
 ])
 async def test_invalid_fields_are_validation_errors(api, tenant, patch):
     body = {"name": "x", "destination_url": "https://example.com", **patch}
     assert_error(await api.post("/api/v2/offers", headers=tenant.headers, json=body), 400, "validation_error")
+
+
+async def test_macros_in_path_query_and_fragment_are_accepted(api, tenant):
+    for url in ("https://shop.example.com/{sub1}/x?c={click_id}&m={{sendId}}#{sub2}", "https://shop.example.com?c={click_id}"):
+        assert (await make_offer(api, tenant, destination_url=url))["destination_url"] == url
 
 
 async def test_payout_is_exact(api, tenant, db):

@@ -62,6 +62,11 @@ def _clean(data: dict[str, Any], *, partial: bool) -> dict[str, Any]:
             raise validation("destination_url must be an http(s) URL with a host")
         if _CONTROL_CHAR.search(url):  # it becomes a Location header, where these cannot go
             raise validation("destination_url must not contain control characters")
+        netloc = urlsplit(url).netloc
+        if "{" in netloc or "}" in netloc:
+            # A macro in the host is filled from what the visitor sends ({sub1}=.evil.net): the
+            # tracker domain would redirect anyone anywhere. Macros belong in the path and query.
+            raise validation("destination_url must not put a macro in its host")
         out["destination_url"] = url
     if "external_id" in data:
         out["external_id"] = optional_str(data, "external_id", max_len=200)
