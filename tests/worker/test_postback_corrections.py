@@ -69,6 +69,12 @@ async def test_the_postback_log_shows_what_each_postback_became(api, db, tenant,
 
     failed = (await api.get("/api/v2/postbacks", params={"state": "failed", "per_page": 1}, headers=tenant.headers)).json()
     assert [p["id"] for p in failed["postbacks"]] == [bad["id"]] and failed["pagination"]["total"] == 1
+    # A postback too big to list (stored whole) is listed as a note of its size.
+    huge = {"click_id": "big", "note": "x" * 200_000}
+    assert (await api.post(f"/postback/{tenant.postback_token}", json=huge)).json()["status"] == "accepted"
+    [big] = (await api.get("/api/v2/postbacks", params={"per_page": 1}, headers=tenant.headers)).json()["postbacks"]
+    assert big["click_id"] == "big" and list(big["params"]) == ["_omitted"] and "too long to list" in big["params"]["_omitted"]
+    assert len(await db.fetchval("SELECT params->>'note' FROM postbacks WHERE id = $1", big["id"])) == 200_000
     bad_state = await api.get("/api/v2/postbacks", params={"state": "lost"}, headers=tenant.headers)
     assert bad_state.status_code == 400 and bad_state.json()["code"] == "validation_error"
     assert (await api.get("/api/v2/postbacks")).status_code == 401

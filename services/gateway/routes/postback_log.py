@@ -23,9 +23,20 @@ _STATE = (
 )
 STATES = ("duplicate", "failed", "pending", "processed")
 
+# A postback's params are listed when they are at most this long as JSON; bigger ones are stored
+# whole but listed as a note of their size: a page of 100 postbacks of ~5 MB each was a third of
+# a gigabyte in one answer (any holder of the postback token can send them). The stored
+# (compressed) size is checked first, so most big ones are never decompressed to be measured.
+MAX_LISTED_PARAMS = 64 * 1024
+_LISTED_PARAMS = (
+    f"CASE WHEN pg_column_size(p.params) > {MAX_LISTED_PARAMS} THEN NULL"
+    f" WHEN octet_length(p.params::text) > {MAX_LISTED_PARAMS} THEN NULL ELSE p.params END"
+)
+
 # The postback, and the conversion it belongs to (several postbacks move one conversion).
 _SELECT = (
-    "SELECT p.id, p.received_at, p.method, p.params, p.network, p.conversion_key, p.click_id, p.status, p.payout,"
+    f"SELECT p.id, p.received_at, p.method, pg_column_size(p.params) AS params_size, {_LISTED_PARAMS} AS params,"
+    " p.network, p.conversion_key, p.click_id, p.status, p.payout,"
     " p.currency, p.offer_ref, p.converted_at, p.parse_error, p.is_duplicate, p.processed_at, p.process_error,"
     f" c.offer_id AS conversion_offer_id, c.attributed, c.unattributed_reason, {_STATE} AS state"
     " FROM postbacks p LEFT JOIN conversions c"
@@ -43,7 +54,9 @@ def postback_json(row: Any) -> dict[str, Any]:
         "received_at": isoformat(row["received_at"]),
         "method": row["method"],
         "network": row["network"],
-        "params": row["params"],  # exactly what was sent
+        # exactly what was sent, unless too big to list
+        "params": row["params"] if row["params"] is not None else {
+            "_omitted": f"more than {MAX_LISTED_PARAMS} bytes as JSON ({row['params_size']} stored): too long to list"},
         "click_id": row["click_id"],
         "conversion_id": row["conversion_key"] if parsed else None,
         "status": row["status"] if parsed else None,
