@@ -104,6 +104,20 @@ class TracklyWorker(Worker):
                 with contextlib.suppress(*REDIS_DOWN):
                     await pool.close(close_connection_pool=True)
 
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        """arq's, one job at a time, giving the job's slot back when Redis fails between taking
+        it and starting the job: arq gives a slot back only on a WATCH conflict, so each outage
+        that landed there took one of the worker's ``max_jobs`` slots for good (a worker that
+        outlived 50 of them would start no job). Any error escaping a single job's start comes
+        after its slot was taken (and before a task would own it)."""
+        for job_id in job_ids:
+            try:
+                await super().start_jobs([job_id])
+            except REDIS_DOWN:
+                self.job_counter -= 1
+                self.sem.release()
+                raise
+
     async def _poll_iteration(self) -> None:
         try:
             await super()._poll_iteration()
@@ -145,10 +159,12 @@ def run_until_stopped(settings: Settings) -> None:
     """Run the worker until a signal stops it. One that cannot start because Redis (or
     PostgreSQL) is not there yet (arq gives up after a few tries) is started again, after 1, 2,
     4... up to 30 s: a worker that comes up before its Redis, or during a Redis restart, waits for
-    it instead of exiting."""
+    it instead of exiting. A SIGINT or SIGTERM at any moment stops it."""
     attempt = 0
+    stop: list[int] = []
     while True:
         worker = TracklyWorker(**worker_settings(settings))
+        worker.on_stop = stop.append  # arq's handlers call it: a signal while a failed start closes
         started = time.monotonic()
         try:
             worker.run()
@@ -157,13 +173,31 @@ def run_until_stopped(settings: Settings) -> None:
             if worker.ctx.get("up"):
                 raise  # it was up and running: not a start that failed
             reason = f"{type(exc).__name__}: {exc}"
-        # arq gave the loop its own SIGINT/SIGTERM handlers; with the loop stopped they would only
-        # note a signal, never act on it: back to ours, so a stop during the pause stops at once.
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            worker.loop.remove_signal_handler(signum)
-        exit_on_sigterm()
+        if stop:
+            return
         attempt = 0 if time.monotonic() - started > 60 else attempt
         pause = START_RETRY_PAUSES[min(attempt, len(START_RETRY_PAUSES) - 1)]
         attempt += 1
         log.error("the worker could not start (%s); trying again in %d s", reason, pause)
-        time.sleep(pause)
+        if _pause_unless_stopped(worker.loop, pause):
+            return
+
+
+def _pause_unless_stopped(loop: asyncio.AbstractEventLoop, seconds: float) -> bool:
+    """Sleep on the worker's loop with SIGINT/SIGTERM handlers of our own (in place of arq's,
+    which only cancel a run that is over): a signal during the pause, or one that arrived since
+    the run ended and waits in the loop's signal pipe, ends it. True if a signal did."""
+    sleeper = loop.create_task(asyncio.sleep(seconds))
+    signalled: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        signalled.append(signum)
+        sleeper.cancel()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        loop.run_until_complete(sleeper)
+    except asyncio.CancelledError:
+        pass
+    return bool(signalled)

@@ -63,3 +63,27 @@ def test_a_worker_waits_for_redis_and_rides_out_its_restart(tmp_path: Path, sett
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         redis.stop()
+
+
+def test_a_worker_waiting_for_redis_stops_on_a_signal(tmp_path: Path, settings) -> None:
+    redis = EmbeddedRedis(tmp_path / "redis")  # never started
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKLY_")}
+    env.update(TRACKLY_DATABASE_URL=settings.database_url, TRACKLY_REDIS_URL=redis.url,
+               TRACKLY_DATA_DIR=str(tmp_path / "data"))
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        log = tmp_path / f"worker-{signum}.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "services.cli", "worker"], env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent())
+        try:
+            deadline = time.monotonic() + 30
+            while "the worker could not start" not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert proc.poll() is None, log.read_text()
+            proc.send_signal(signum)  # during its pause before trying again
+            assert proc.wait(10) == 0, log.read_text()
+            assert "Traceback" not in log.read_text()
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

@@ -38,6 +38,8 @@ TOKEN_TTL = 30.0  # seconds a token -> account mapping is trusted without asking
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{1,200}")  # what ids.postback_token mints (url-safe base64)
 # Deeper JSON bodies are kept as text: the params are walked recursively, and stored as jsonb.
 MAX_BODY_DEPTH = 32
+# Fields of a form body, as the multipart parser allows (a network sends a few dozen at most).
+MAX_FORM_FIELDS = 1000
 ENQUEUE_TIMEOUT = 2.0
 
 _INSERT = """
@@ -77,13 +79,16 @@ async def _account_for(request: Request, token: str) -> int:
 
 
 def _multi(items: list[tuple[str, str]], into: dict[str, Any]) -> None:
-    """Keep every value as sent: a repeated field becomes a list, in order."""
+    """Keep every value as sent: a repeated field becomes a list, in order (appended to in place:
+    copying it for each repeat took time quadratic in the repeats)."""
     for key, value in items:
-        if key in into:
-            current = into[key]
-            into[key] = [*current, value] if isinstance(current, list) else [current, value]
-        else:
+        current = into.get(key)
+        if current is None:
             into[key] = value
+        elif isinstance(current, list):
+            current.append(value)
+        else:
+            into[key] = [current, value]
 
 
 async def _params(request: Request) -> tuple[dict[str, Any], str | None]:
@@ -99,7 +104,13 @@ async def _params(request: Request) -> tuple[dict[str, Any], str | None]:
         # limit (a thousand 1 MB fields), and refuses with a 400 a body it cannot read, which
         # would lose the postback's query fields too.
         raw = await read_body(request)
-        _multi(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True, errors="replace"), params)
+        try:
+            fields = parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True, errors="replace",
+                               max_num_fields=MAX_FORM_FIELDS)
+        except ValueError:  # more fields than that
+            params[BODY_PARAM] = raw.decode("utf-8", "replace")  # kept as sent
+            return params, f"body: more than {MAX_FORM_FIELDS} form fields"
+        _multi(fields, params)
     elif content_type.startswith("multipart/form-data"):
         raw = await read_body(request)
         try:
