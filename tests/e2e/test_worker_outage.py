@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from arq import create_pool
@@ -27,63 +29,66 @@ async def _a_job_runs(redis_url: str, timeout: float = 40) -> bool:
         await pool.aclose()
 
 
-def test_a_worker_waits_for_redis_and_rides_out_its_restart(tmp_path: Path, settings) -> None:
-    redis = EmbeddedRedis(tmp_path / "redis")
+@contextlib.contextmanager
+def _worker(settings, redis: EmbeddedRedis, log: Path) -> Iterator[subprocess.Popen]:
+    """`trackly worker` as its own process on ``redis``, its output in ``log``; killed if still
+    running at the end."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKLY_")}
     env.update(TRACKLY_DATABASE_URL=settings.database_url, TRACKLY_REDIS_URL=redis.url,
-               TRACKLY_DATA_DIR=str(tmp_path / "data"), TRACKLY_LOG_LEVEL="info")
-    log = tmp_path / "worker.log"
+               TRACKLY_DATA_DIR=str(log.parent / "data"), TRACKLY_LOG_LEVEL="info")
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "services.cli", "worker"], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent())
     try:
-        # Started before its Redis: arq gives up after a few tries, and the worker tries again.
-        deadline = time.monotonic() + 30
-        while "the worker could not start" not in log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        time.sleep(1)
-        assert proc.poll() is None, log.read_text()
-        redis.start()
-        assert asyncio.run(_a_job_runs(redis.url)), log.read_text()
-        # Redis stops (a restart, an outage) while the worker polls: it stays up and carries on.
-        redis.stop()
-        time.sleep(3)
-        assert proc.poll() is None, log.read_text()
-        redis.start()
-        assert asyncio.run(_a_job_runs(redis.url)), log.read_text()
-        text = log.read_text()
-        assert "the worker could not start" in text and "redis unavailable to the job poller" in text, text
-        # And a stop is still a stop, with Redis up or down.
-        redis.stop()
-        time.sleep(1.5)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) in (0, 143), log.read_text()
+        yield proc
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def _wait_for_a_failed_start(log: Path) -> None:
+    """Until arq has given up once and the worker says it will try again."""
+    deadline = time.monotonic() + 30
+    while "the worker could not start" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def test_a_worker_waits_for_redis_and_rides_out_its_restart(tmp_path: Path, settings) -> None:
+    redis = EmbeddedRedis(tmp_path / "redis")
+    log = tmp_path / "worker.log"
+    try:
+        with _worker(settings, redis, log) as proc:
+            # Started before its Redis: arq gives up after a few tries, and the worker tries again.
+            _wait_for_a_failed_start(log)
+            time.sleep(1)
+            assert proc.poll() is None, log.read_text()
+            redis.start()
+            assert asyncio.run(_a_job_runs(redis.url)), log.read_text()
+            # Redis stops (a restart, an outage) while the worker polls: it stays up and carries on.
+            redis.stop()
+            time.sleep(3)
+            assert proc.poll() is None, log.read_text()
+            redis.start()
+            assert asyncio.run(_a_job_runs(redis.url)), log.read_text()
+            text = log.read_text()
+            assert "the worker could not start" in text and "redis unavailable to the job poller" in text, text
+            # And a stop is still a stop, with Redis up or down.
+            redis.stop()
+            time.sleep(1.5)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) in (0, 143), log.read_text()
+    finally:
         redis.stop()
 
 
 def test_a_worker_waiting_for_redis_stops_on_a_signal(tmp_path: Path, settings) -> None:
     redis = EmbeddedRedis(tmp_path / "redis")  # never started
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKLY_")}
-    env.update(TRACKLY_DATABASE_URL=settings.database_url, TRACKLY_REDIS_URL=redis.url,
-               TRACKLY_DATA_DIR=str(tmp_path / "data"))
     for signum in (signal.SIGINT, signal.SIGTERM):
         log = tmp_path / f"worker-{signum}.log"
-        with open(log, "w") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "services.cli", "worker"], env=env, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent())
-        try:
-            deadline = time.monotonic() + 30
-            while "the worker could not start" not in log.read_text() and time.monotonic() < deadline:
-                time.sleep(0.1)
+        with _worker(settings, redis, log) as proc:
+            _wait_for_a_failed_start(log)
             assert proc.poll() is None, log.read_text()
             proc.send_signal(signum)  # during its pause before trying again
             assert proc.wait(10) == 0, log.read_text()
             assert "Traceback" not in log.read_text()
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import asyncpg
 from starlette.requests import Request
@@ -39,13 +39,14 @@ def offer_json(row: Any) -> dict[str, Any]:
     }
 
 
-def _host_of(url: str) -> str | None:
+def _split_with_host(url: str) -> SplitResult | None:
+    """The URL split, if it has a host (and a port that is a number, if any)."""
     try:
         split = urlsplit(url)
         split.port  # noqa: B018 - raises ValueError for a port that is not a number
-        return split.hostname
     except ValueError:
         return None
+    return split if split.hostname else None
 
 
 def _clean(data: dict[str, Any], *, partial: bool) -> dict[str, Any]:
@@ -58,12 +59,12 @@ def _clean(data: dict[str, Any], *, partial: bool) -> dict[str, Any]:
         out["name"] = name
     if "destination_url" in data or not partial:
         url = optional_str(data, "destination_url", max_len=4000)
-        if not url or not url.lower().startswith(("http://", "https://")) or not _host_of(url):
+        split = _split_with_host(url) if url and url.lower().startswith(("http://", "https://")) else None
+        if split is None:
             raise validation("destination_url must be an http(s) URL with a host")
         if _CONTROL_CHAR.search(url):  # it becomes a Location header, where these cannot go
             raise validation("destination_url must not contain control characters")
-        netloc = urlsplit(url).netloc
-        if "{" in netloc or "}" in netloc:
+        if "{" in split.netloc or "}" in split.netloc:
             # A macro in the host is filled from what the visitor sends ({sub1}=.evil.net): the
             # tracker domain would redirect anyone anywhere. Macros belong in the path and query.
             raise validation("destination_url must not put a macro in its host")

@@ -98,48 +98,48 @@ async def _params(request: Request) -> tuple[dict[str, Any], str | None]:
     _multi(list(request.query_params.multi_items()), params)
     if request.method != "POST":
         return params, None
+    raw = await read_body(request)  # whatever the type, within the 5 MB limit
     content_type = request.headers.get("content-type", "").lower()
     if content_type.startswith("application/x-www-form-urlencoded"):
-        # Read (within the 5 MB limit) and parsed here: Starlette's form parser has no overall
-        # limit (a thousand 1 MB fields), and refuses with a 400 a body it cannot read, which
-        # would lose the postback's query fields too.
-        raw = await read_body(request)
+        # Parsed here, not by Starlette's form parser: that one has no overall limit (a thousand
+        # 1 MB fields), and refuses with a 400 a body it cannot read, which would lose the
+        # postback's query fields too.
         try:
             fields = parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True, errors="replace",
                                max_num_fields=MAX_FORM_FIELDS)
         except ValueError:  # more fields than that
-            params[BODY_PARAM] = raw.decode("utf-8", "replace")  # kept as sent
-            return params, f"body: more than {MAX_FORM_FIELDS} form fields"
+            return _kept_as_sent(params, raw, f"body: more than {MAX_FORM_FIELDS} form fields")
         _multi(fields, params)
     elif content_type.startswith("multipart/form-data"):
-        raw = await read_body(request)
         try:
             form = await MultiPartParser(request.headers, _chunks(raw)).parse()
         except MultiPartException as exc:  # no boundary, a part over 1 MB, over 1000 fields, ...
-            params[BODY_PARAM] = raw.decode("utf-8", "replace")  # kept as sent
-            return params, f"body: not a readable multipart form ({exc.message})"
+            return _kept_as_sent(params, raw, f"body: not a readable multipart form ({exc.message})")
         _multi([(k, v) for k, v in form.multi_items() if isinstance(v, str)], params)
         await form.close()
     else:
         # JSON, and any other body: networks mislabel JSON (text/plain, no type at all), and what
         # cannot be read as fields is still kept as sent (an error only where JSON was declared:
         # a network that sends its fields in the query may send anything as the body).
-        declared_json = content_type.startswith("application/json")
-        raw = await read_body(request)
         try:
             data = jsonio.loads(raw)
         except jsonio.JsonError:
             data = None
         if isinstance(data, dict) and _depth(data) > MAX_BODY_DEPTH:
-            params[BODY_PARAM] = raw.decode("utf-8", "replace")
-            return params, f"body: nested more than {MAX_BODY_DEPTH} levels deep"
+            return _kept_as_sent(params, raw, f"body: nested more than {MAX_BODY_DEPTH} levels deep")
         if isinstance(data, dict):
             for key, value in data.items():
                 params.setdefault(str(key), value)
         elif raw.strip():
-            params[BODY_PARAM] = raw.decode("utf-8", "replace")  # kept as sent: nothing a network sent is lost
-            return params, _BODY_ERROR if declared_json else None
+            return _kept_as_sent(params, raw, _BODY_ERROR if content_type.startswith("application/json") else None)
     return params, None
+
+
+def _kept_as_sent(params: dict[str, Any], raw: bytes, error: str | None) -> tuple[dict[str, Any], str | None]:
+    """A body that could not be read as fields, kept among them as text (nothing a network sent
+    is lost), and what was wrong with it."""
+    params[BODY_PARAM] = raw.decode("utf-8", "replace")
+    return params, error
 
 
 async def _chunks(raw: bytes) -> AsyncIterator[bytes]:
