@@ -11,14 +11,37 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 from shared.logs import Throttled
+
+T = TypeVar("T")
 
 
 def cancel_requested() -> bool:
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+class _Failures:
+    """The first failure of a run of them is logged with its traceback; the ones after it (an
+    outage: the same error again and again) one line at a time, at most one every ten seconds,
+    each counting the failures it stands for."""
+
+    def __init__(self, log: logging.Logger, failure: str) -> None:
+        self._log = log
+        self._failure = failure
+        self._again = Throttled(log, logging.ERROR, failure + " again (%s)")
+        self.failing = False
+
+    def __call__(self, exc: Exception) -> None:
+        if cancel_requested():
+            raise asyncio.CancelledError from None
+        if self.failing:
+            self._again(f"{type(exc).__name__}: {exc}")
+        else:
+            self._log.exception(self._failure)
+            self.failing = True
 
 
 async def repeat(
@@ -30,13 +53,9 @@ async def repeat(
     interval: float = 0.0,
 ) -> NoReturn:
     """Await ``step()`` forever (after ``interval`` seconds each time, if given); a failure is
-    logged as ``failure`` and only delays the next turn. Ends only by cancellation.
-
-    The first failure of a run of them is logged with its traceback; the ones after it (an
-    outage: the same error every ``pause_after_failure``) one line at a time, at most one every
-    ten seconds, each counting the failures it stands for."""
-    again = Throttled(log, logging.ERROR, failure + " again (%s)")
-    failing = False
+    logged as ``failure`` (see ``_Failures``) and only delays the next turn. Ends only by
+    cancellation."""
+    failures = _Failures(log, failure)
     while True:
         if cancel_requested():
             raise asyncio.CancelledError
@@ -44,13 +63,23 @@ async def repeat(
             await asyncio.sleep(interval)
         try:
             await step()
-            failing = False
+            failures.failing = False
         except Exception as exc:
-            if cancel_requested():
-                raise asyncio.CancelledError from None
-            if failing:
-                again(f"{type(exc).__name__}: {exc}")
-            else:
-                log.exception(failure)
-                failing = True
+            failures(exc)
+            await asyncio.sleep(pause_after_failure)
+
+
+async def until_done(
+    step: Callable[[], Awaitable[T]], *, log: logging.Logger, failure: str, pause_after_failure: float
+) -> T:
+    """Await ``step()`` until it succeeds once and return what it returned; a failure is logged
+    as ``repeat`` logs it. Ends early only by cancellation."""
+    failures = _Failures(log, failure)
+    while True:
+        if cancel_requested():
+            raise asyncio.CancelledError
+        try:
+            return await step()
+        except Exception as exc:
+            failures(exc)
             await asyncio.sleep(pause_after_failure)

@@ -4,8 +4,9 @@ The redirect appends group-committed batches of clicks to ``shared.edge.CLICK_ST
 consumer of group ``shared.edge.CLICK_GROUP``:
 
 1. takes its own unacknowledged entries first (a transaction that failed last time), else claims
-   entries another consumer left pending for longer than ``min_idle_ms`` (a dead worker), else
-   reads new ones;
+   the entries of a consumer whose worker is gone (its heartbeat key, refreshed every second by a
+   live worker, has expired: a few seconds after a ``kill -9``), else those another consumer has
+   left pending for longer than ``min_idle_ms`` (a worker alive but stuck), else reads new ones;
 2. stores them in ONE transaction and ONE statement. PostgreSQL parses the entries' JSON itself
    (``jsonb_array_elements``), so Python never decodes a click on the normal path; if an entry is
    malformed that statement fails (inside a savepoint) and the batch is decoded and checked click
@@ -30,6 +31,7 @@ account. Clicks of an account that does not exist are dropped (a stale edge key)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -51,6 +53,14 @@ DEFAULT_COUNT = 100  # stream entries per transaction; each entry is a batch of 
 # Concurrent drain loops per worker: one decodes while another's transaction runs in PostgreSQL.
 DRAIN_LOOPS = 2
 CLAIM_IDLE_MS = 30_000
+# Each drain loop's consumer has a heartbeat key (HEARTBEAT_PREFIX + name) that its worker sets
+# every HEARTBEAT_INTERVAL seconds to expire after HEARTBEAT_TTL_MS. A consumer holding entries
+# without one is a worker that is gone (or one from before heartbeats): its entries are claimed
+# once they have been idle for RESCUE_IDLE_MS (so that two rescuers do not both take them).
+HEARTBEAT_PREFIX = "trk:drainer:"
+HEARTBEAT_INTERVAL = 1.0
+HEARTBEAT_TTL_MS = 5_000
+RESCUE_IDLE_MS = 500
 
 # The input rows, two ways. Fast: PostgreSQL parses the stream entries' JSON itself (no decoding
 # in Python); each click is an array in the order of edge.CLICK_FIELDS. Checked: Python validated
@@ -194,6 +204,44 @@ def _entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
     return [(entry_id, fields) for entry_id, fields in reply[0][1] if entry_id is not None]
 
 
+async def _rescue(redis: aioredis.Redis, consumer: str, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Claim up to ``count`` entries of one consumer that holds some and has no heartbeat."""
+    stream, group = edge.CLICK_STREAM, edge.CLICK_GROUP
+    holding = [
+        name for info in await redis.xinfo_consumers(stream, group)
+        if info["pending"] and (name := _text(info["name"])) != consumer
+    ]
+    if not holding:
+        return []
+    beats = await redis.mget([HEARTBEAT_PREFIX + name for name in holding])
+    for name, beat in zip(holding, beats):
+        if beat is not None:
+            continue
+        pending = await redis.xpending_range(stream, group, min="-", max="+", count=count, consumername=name)
+        if not pending:
+            continue
+        claimed = await redis.xclaim(
+            stream, group, consumer, min_idle_time=RESCUE_IDLE_MS, message_ids=[p["message_id"] for p in pending]
+        )
+        entries = [(entry_id, fields) for entry_id, fields in claimed if entry_id is not None]
+        if entries:
+            log.warning("claimed %d click batches of consumer %s, whose worker is gone", len(entries), name)
+            return entries
+    return []
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def beat(redis: aioredis.Redis, consumers: list[str]) -> None:
+    """Say that these consumers' worker is alive, for the next HEARTBEAT_TTL_MS."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for name in consumers:
+            pipe.set(HEARTBEAT_PREFIX + name, b"1", px=HEARTBEAT_TTL_MS)
+        await pipe.execute()
+
+
 async def _take(
     redis: aioredis.Redis, consumer: str, count: int, min_idle_ms: int, block_ms: int | None
 ) -> list[tuple[bytes, dict[bytes, bytes]]]:
@@ -203,12 +251,16 @@ async def _take(
     entries = _entries(mine)
     if entries:
         return entries
-    # 2. A dead consumer's.
+    # 2. Those of a consumer whose worker is gone.
+    entries = await _rescue(redis, consumer, count)
+    if entries:
+        return entries
+    # 3. Those a consumer has held for too long (its worker alive but stuck).
     claimed = await redis.xautoclaim(stream, group, consumer, min_idle_time=min_idle_ms, start_id="0-0", count=count)
     entries = [(entry_id, fields) for entry_id, fields in claimed[1] if entry_id is not None]
     if entries:
         return entries
-    # 3. New ones.
+    # 4. New ones.
     fresh = await redis.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms)
     return _entries(fresh)
 
@@ -411,19 +463,35 @@ async def drain_once(
 
 
 async def run_drainer(ctx: dict[str, Any]) -> None:
-    """Started by the worker: ``DRAIN_LOOPS`` loops drain forever, each as its own consumer."""
-    loops = [
-        asyncio.create_task(_drain_loop(ctx, f"{ctx.get('click_consumer', DEFAULT_CONSUMER)}-{n}"), name=f"click-drain-{n}")
-        for n in range(DRAIN_LOOPS)
-    ]
+    """Started by the worker: ``DRAIN_LOOPS`` loops drain forever, each as its own consumer, with
+    their heartbeat (the first one set before they read anything: another worker must not take
+    their entries for a dead consumer's)."""
+    consumers = [f"{ctx.get('click_consumer', DEFAULT_CONSUMER)}-{n}" for n in range(DRAIN_LOOPS)]
     redis: aioredis.Redis = ctx["redis_client"]
-    loops.append(asyncio.create_task(_forget_loop(redis), name="click-consumers-forget"))
+    await loops.until_done(
+        lambda: beat(redis, consumers), log=log, failure="the drainer's first heartbeat failed; retrying",
+        pause_after_failure=1.0,
+    )
+    tasks = [asyncio.create_task(_heartbeat_loop(redis, consumers), name="click-drain-heartbeat")]
+    tasks += [asyncio.create_task(_drain_loop(ctx, name), name=f"click-drain-{n}") for n, name in enumerate(consumers)]
+    tasks.append(asyncio.create_task(_forget_loop(redis), name="click-consumers-forget"))
     try:
-        await asyncio.gather(*loops)
+        await asyncio.gather(*tasks)
     finally:
-        for task in loops:
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*loops, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        # Stopped: what these consumers still hold (a transaction cut short) is for the next worker
+        # to claim at once, not after the heartbeat expires.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(redis.delete(*(HEARTBEAT_PREFIX + name for name in consumers)), 1.0)
+
+
+async def _heartbeat_loop(redis: aioredis.Redis, consumers: list[str]) -> None:
+    await loops.repeat(
+        lambda: beat(redis, consumers), log=log, failure="the drainer's heartbeat failed",
+        pause_after_failure=HEARTBEAT_INTERVAL, interval=HEARTBEAT_INTERVAL,
+    )
 
 
 async def _forget_loop(redis: aioredis.Redis) -> None:

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -11,13 +14,17 @@ import httpx
 import orjson
 import pytest
 
-from services.worker.clicks import drain_once, ensure_group, run_drainer, store
+from services.worker.clicks import (
+    HEARTBEAT_PREFIX, HEARTBEAT_TTL_MS, RESCUE_IDLE_MS, beat, drain_once, ensure_group, run_drainer, store,
+)
+from shared.process import die_with_parent
 from shared import edge, ids
 from shared.redis_client import create_redis
 from shared.settings import Settings
 from tests.helpers import Tenant, make_tenant, random_phone
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+REPO = Path(__file__).resolve().parents[2]
 
 
 async def drain_all(db: asyncpg.Pool, redis: Any, consumer: str = "pytest") -> int:
@@ -236,17 +243,95 @@ async def test_entries_of_a_dead_consumer_are_claimed(db: asyncpg.Pool, redis: A
     await ensure_group(redis)
     c = click(tenant, at=T0)
     await xadd(redis, [c])
-    # A consumer reads the entry and dies before storing it.
+    # A consumer whose worker is alive (its heartbeat is there) reads the entry and gets stuck.
+    await beat(redis, ["ghost"])
     taken = await redis.xreadgroup(edge.CLICK_GROUP, "ghost", {edge.CLICK_STREAM: ">"}, count=10)
     assert taken and taken[0][1]
     # Not yet idle long enough: left alone.
     assert await drain_once(db, redis, consumer="rescuer", min_idle_ms=60_000) == 0
     assert await db.fetchval("SELECT count(*) FROM clicks WHERE id = $1", c["id"]) == 0
-    # Idle past the limit: claimed and stored.
+    # Idle past the limit: claimed and stored, heartbeat or not.
     assert await drain_once(db, redis, consumer="rescuer", min_idle_ms=0) >= 1
     assert await db.fetchval("SELECT count(*) FROM clicks WHERE id = $1", c["id"]) == 1
     pending = await redis.xpending(edge.CLICK_STREAM, edge.CLICK_GROUP)
     assert pending["pending"] == 0
+
+
+async def test_entries_of_a_consumer_without_a_heartbeat_are_claimed_at_once(
+    db: asyncpg.Pool, redis: Any, tenant: Tenant
+) -> None:
+    """A worker that is gone stops beating: what its consumer holds is claimed as soon as the
+    heartbeat has expired, not after CLAIM_IDLE_MS."""
+    await drain_all(db, redis)
+    await ensure_group(redis)
+    await beat(redis, ["gone"])
+    c = click(tenant, at=T0)
+    await xadd(redis, [c])
+    assert (await redis.xreadgroup(edge.CLICK_GROUP, "gone", {edge.CLICK_STREAM: ">"}, count=10))[0][1]
+    await asyncio.sleep(RESCUE_IDLE_MS / 1000 + 0.1)
+    assert await drain_once(db, redis, consumer="heir", min_idle_ms=60_000) == 0  # still beating
+    await redis.delete(HEARTBEAT_PREFIX + "gone")  # as when its TTL runs out
+    assert await drain_once(db, redis, consumer="heir", min_idle_ms=60_000) >= 1
+    assert await db.fetchval("SELECT count(*) FROM clicks WHERE id = $1", c["id"]) == 1
+    assert (await redis.xpending(edge.CLICK_STREAM, edge.CLICK_GROUP))["pending"] == 0
+
+
+DRAINER = """
+import asyncio, sys
+from services.worker.clicks import run_drainer
+from shared import db
+from shared.redis_client import create_redis
+
+async def main():
+    pool = await db.create_pool(sys.argv[1], max_size=2)
+    await run_drainer({"db": pool, "redis_client": create_redis(sys.argv[2]), "click_consumer": "doomed"})
+
+asyncio.run(main())
+"""
+
+
+async def test_a_killed_workers_clicks_are_stored_within_seconds(
+    db: asyncpg.Pool, redis: Any, tenant: Tenant, settings: Settings
+) -> None:
+    """A real drainer process, killed with -9 while its consumer holds an entry: another drainer
+    stores the entry once the dead one's heartbeat has expired (a few seconds), well before the
+    CLAIM_IDLE_MS that would otherwise free it."""
+    await drain_all(db, redis)
+    await ensure_group(redis)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", DRAINER, settings.database_url or "", settings.redis_url or "",
+        cwd=REPO, preexec_fn=die_with_parent(),
+    )
+    doomed = "doomed-0"
+    try:
+        for _ in range(200):
+            if await redis.exists(HEARTBEAT_PREFIX + doomed):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the drainer never beat")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+    assert await redis.exists(HEARTBEAT_PREFIX + doomed)  # a kill -9 leaves the key to expire
+    # What it had read when it died (read here in its name: the timing of a real kill is luck).
+    c = click(tenant, at=T0)
+    await xadd(redis, [c])
+    assert (await redis.xreadgroup(edge.CLICK_GROUP, doomed, {edge.CLICK_STREAM: ">"}, count=10))[0][1]
+    heir = asyncio.create_task(run_drainer({"db": db, "redis_client": redis, "click_consumer": "heir"}))
+    try:
+        started = asyncio.get_running_loop().time()
+        while not await db.fetchval("SELECT count(*) FROM clicks WHERE id = $1", c["id"]):
+            assert asyncio.get_running_loop().time() - started < HEARTBEAT_TTL_MS / 1000 + 5, "not claimed in time"
+            await asyncio.sleep(0.1)
+        assert not await redis.exists(HEARTBEAT_PREFIX + doomed)
+    finally:
+        heir.cancel()
+        await asyncio.gather(heir, return_exceptions=True)
+    # Stopped, the heir takes its heartbeat with it: what it held is free for the next at once.
+    assert not await redis.exists(HEARTBEAT_PREFIX + "heir-0", HEARTBEAT_PREFIX + "heir-1")
 
 
 async def test_a_failed_transaction_is_retried_from_the_pending_list(
