@@ -37,6 +37,7 @@ from services.redirect.geo import Geo
 from services.redirect.metrics import RedirectMetrics
 from services.redirect.rawredis import RawRedis
 from shared import edge, macros
+from shared.logs import Throttled
 from shared.redis_client import warn_if_not_durable
 from shared.settings import Settings
 
@@ -148,9 +149,31 @@ def location_template(url: str) -> str:
     return _MACRO_OR_UNSAFE.sub(lambda m: m.group(1) or quote(m.group(), safe=""), _ascii_host(url))
 
 
+_macro_in_host = Throttled(
+    log, logging.WARNING,
+    "an offer's destination puts a macro in its host (published before the gateway refused that):"
+    " its links answer 404 until its destination_url is fixed: %.200s",
+)
+
+
+def _host_takes_a_macro(url: str) -> bool:
+    """Whether a visitor's value could end up in the URL's host (``https://shop{sub1}/``, or a
+    macro before the host): such a destination would send anyone anywhere from our domain."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "{" in scheme:
+        return True
+    end = min((i for i in (rest.find(c) for c in "/?#\\") if i >= 0), default=len(rest))
+    return "{" in rest[:end] or "}" in rest[:end]
+
+
 def _decode_offer(raw: bytes) -> Offer:
     entry: edge.OfferEntry = orjson.loads(raw)
-    return Offer(entry["s"] == "active", macros.parse(location_template(entry["d"])), entry.get("af"))
+    url = entry["d"]
+    active = entry["s"] == "active"
+    if active and _host_takes_a_macro(url):
+        _macro_in_host(url)
+        active = False
+    return Offer(active, macros.parse(location_template(url)), entry.get("af"))
 
 
 _hostnames: dict[bytes, str] = {}

@@ -256,3 +256,39 @@ def test_location_templates(template: str, location: str) -> None:
     from services.redirect.app import location_template
 
     assert location_template(template) == location
+
+
+async def test_an_offer_with_a_macro_in_its_host_in_redis_answers_404(
+    api: httpx.AsyncClient, tenant: Tenant, settings: Settings, redis: Any
+) -> None:
+    """The gateway refuses a macro in the destination's host (it would let any visitor bounce
+    through our domain to a host of their choosing); an offer published before that check is
+    refused at the edge instead of being followed."""
+    offer, link = await offer_and_link(api, tenant, "https://lp.example/ok?c={click_id}")
+    ttl = 0.05
+    async with running_edge(settings, link_cache_ttl=ttl) as edge:
+        tracker = (await edge.get(link["shortUrl"])).headers["location"]
+        assert (await edge.get(tracker + "?sub1=.evil.example")).status_code == 302
+        entry = orjson.loads(await redis.get(edge_keys.offer_key(offer["id"])))
+        await redis.set(edge_keys.offer_key(offer["id"]), orjson.dumps({**entry, "d": "https://lp.example{sub1}/?c={click_id}"}))
+        await asyncio.sleep(ttl * 3)
+        assert (await edge.get(link["shortUrl"])).status_code == 404
+        assert (await edge.get(tracker + "?sub1=.evil.example")).status_code == 404
+
+
+@pytest.mark.parametrize("url, takes", [
+    ("https://lp.example/?c={click_id}&s={sub1}", False),
+    ("https://lp.example:8443/{sub1}/x#{sub2}", False),
+    ("https://lp.example{sub1}/", True),
+    ("https://{sub1}.lp.example/", True),
+    ("https://u{sub1}@lp.example/", True),
+    ("https://lp.example{sub1}", True),
+    ("https://lp.example{sub1}?a=1", True),
+    ("https://lp.example}\\{sub1}", True),
+    ("{sub1}://lp.example/", True),
+    ("https:{sub1}", True),
+])
+def test_which_destinations_put_a_macro_in_the_host(url: str, takes: bool) -> None:
+    from services.redirect.app import _host_takes_a_macro
+
+    assert _host_takes_a_macro(url) is takes
