@@ -55,7 +55,10 @@ def client_gone() -> ApiError:
 
 
 async def read_json_object(request: Request) -> dict[str, Any]:
-    raw = await read_body(request)
+    return parse_json_object(await read_body(request))
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         raise ApiError(400, "invalid_json", "Request body must be a JSON object")
     try:

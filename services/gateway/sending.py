@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import string
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -294,8 +294,11 @@ async def insert_messages(
     *,
     source: str = "api",
     code_days: int = 0,
+    also: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
 ) -> None:
-    """Insert the batch in one transaction (retrying fresh ids on the rare collision).
+    """Insert the batch in one transaction (retrying fresh ids on the rare collision); ``also``,
+    if given, runs in that transaction once the rows are in (their ids final), before the codes
+    are published.
 
     Per-message short codes are published to Redis after the rows are in and before the commit:
     a message whose send was acknowledged has working links, and a code (or message id) that
@@ -324,6 +327,8 @@ async def insert_messages(
             ]
             async with conn.transaction():
                 await _insert(conn, account_id, records, now, source, contacts_raced=contacts_raced)
+                if also is not None:
+                    await also(conn)
                 await publish_message_codes(redis, entries, days=code_days)
             return
         except asyncpg.UniqueViolationError as exc:

@@ -1,31 +1,38 @@
 """POST /send, POST /send/bulk, GET /messages/{id}."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import asyncpg
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route
 
 from services.gateway.attribution_sql import MESSAGE_OUTCOMES
+from services.gateway import idempotency
 from services.gateway.auth import authenticate
-from services.gateway.http import JSONResponse, read_json_object
-from services.gateway.sending import SendRecord, insert_messages, parse_send, resolve
+from services.gateway.http import JSONResponse, parse_json_object, read_body
+from services.gateway.sending import Resolved, SendRecord, insert_messages, parse_send, resolve
 from shared.errors import ApiError, not_found, validation
 from shared.ids import MESSAGE_ID_RE
 
 MAX_BULK = 1000
 
 
-async def send(request: Request) -> JSONResponse:
+async def send(request: Request) -> Response:
     account = await authenticate(request)
-    record = parse_send(0, await read_json_object(request))
+    raw = await read_body(request)
+    key = idempotency.requested(request, account.id, raw)
+    record = parse_send(0, parse_json_object(raw))
     async with request.app.state.db.acquire() as conn:
+        if key is not None and (replayed := await key.replay(conn)) is not None:
+            return replayed
         resolved = await resolve(conn, account.id, [record])
         if resolved.failed:
             raise resolved.failed[0][1]
-        await insert_messages(conn, request.app.state.redis, account.id, resolved.good, resolved.links,
-                              code_days=request.app.state.settings.message_code_days)
-    return JSONResponse({"success": True, "message_id": record.message_id, "status": "queued"}, status_code=201)
+        return await _store(request, conn, account.id, resolved, key, lambda: JSONResponse(
+            {"success": True, "message_id": record.message_id, "status": "queued"}, status_code=201))
 
 
 def bulk_items(data: dict[str, Any], key: str) -> list[Any]:
@@ -37,9 +44,11 @@ def bulk_items(data: dict[str, Any], key: str) -> list[Any]:
     return items
 
 
-async def send_bulk(request: Request) -> JSONResponse:
+async def send_bulk(request: Request) -> Response:
     account = await authenticate(request)
-    items = bulk_items(await read_json_object(request), "messages")
+    raw = await read_body(request)
+    key = idempotency.requested(request, account.id, raw)
+    items = bulk_items(parse_json_object(raw), "messages")
     parsed: list[SendRecord] = []
     errors: list[dict[str, Any]] = []
 
@@ -49,31 +58,64 @@ async def send_bulk(request: Request) -> JSONResponse:
             to = str(to) if isinstance(to, int) and not isinstance(to, bool) else None
         errors.append({"index": index, "to": to, "code": err.code, "error": err.message})
 
-    for index, raw in enumerate(items):
+    def answer(sent: list[SendRecord]) -> JSONResponse:
+        errors.sort(key=lambda e: e["index"])
+        return JSONResponse(
+            {
+                "success": True,
+                "queued_count": len(sent),
+                "error_count": len(errors),
+                "errors": errors,
+                "messages": [
+                    {"index": r.index, "to": r.to, "message_id": r.message_id} for r in sorted(sent, key=lambda r: r.index)
+                ],
+            }
+        )
+
+    for index, item in enumerate(items):
         try:
-            parsed.append(parse_send(index, raw))
+            parsed.append(parse_send(index, item))
         except ApiError as err:
-            fail(index, raw, err)
-    sent: list[SendRecord] = []
-    if parsed:
-        async with request.app.state.db.acquire() as conn:
-            resolved = await resolve(conn, account.id, parsed)
-            for record, err in resolved.failed:
-                fail(record.index, items[record.index], err)
-            if resolved.good:
-                await insert_messages(conn, request.app.state.redis, account.id, resolved.good, resolved.links,
-                                      code_days=request.app.state.settings.message_code_days)
-                sent = resolved.good
-    errors.sort(key=lambda e: e["index"])
-    return JSONResponse(
-        {
-            "success": True,
-            "queued_count": len(sent),
-            "error_count": len(errors),
-            "errors": errors,
-            "messages": [{"index": r.index, "to": r.to, "message_id": r.message_id} for r in sorted(sent, key=lambda r: r.index)],
-        }
-    )
+            fail(index, item, err)
+    if not parsed:
+        return answer([])
+    async with request.app.state.db.acquire() as conn:
+        if key is not None and (replayed := await key.replay(conn)) is not None:
+            return replayed
+        resolved = await resolve(conn, account.id, parsed)
+        for record, err in resolved.failed:
+            fail(record.index, items[record.index], err)
+        if not resolved.good:
+            return answer([])
+        return await _store(request, conn, account.id, resolved, key, lambda: answer(resolved.good))
+
+
+async def _store(
+    request: Request, conn: asyncpg.Connection, account_id: int, resolved: Resolved,
+    key: idempotency.IdempotencyKey | None, answer: Callable[[], Response],
+) -> Response:
+    """Insert the resolved messages and return ``answer()``, made once their ids are final. With
+    an Idempotency-Key the answer is remembered in the messages' transaction; if a request with
+    the same key committed first, its answer is returned instead (and nothing is stored)."""
+    response: Response | None = None
+
+    async def remember(conn: asyncpg.Connection) -> None:
+        nonlocal response
+        assert key is not None
+        response = answer()
+        await key.remember(conn, response)
+
+    try:
+        await insert_messages(conn, request.app.state.redis, account_id, resolved.good, resolved.links,
+                              code_days=request.app.state.settings.message_code_days,
+                              also=remember if key is not None else None)
+    except idempotency.Raced:
+        assert key is not None
+        replayed = await key.replay(conn)
+        if replayed is None:  # (the twin's row was committed: only a purge in between could do this)
+            raise
+        return replayed
+    return response or answer()
 
 
 async def get_message(request: Request) -> JSONResponse:

@@ -1,0 +1,126 @@
+"""Idempotency-Key on POST /send and /send/bulk: a retry is answered as the first request was,
+and nothing is stored twice."""
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+import asyncpg
+import httpx
+
+from services.worker.expiry import expire_once
+from shared.idempotency import KEEP
+from tests.gateway.test_api_basics import assert_error
+from tests.helpers import Tenant, make_link, make_offer, make_tenant, random_phone
+
+
+def keyed(tenant: Tenant, key: str) -> dict[str, str]:
+    return {**tenant.headers, "Idempotency-Key": key}
+
+
+async def stored(db: asyncpg.Pool, tenant: Tenant, phone: str) -> int:
+    return await db.fetchval("SELECT count(*) FROM messages WHERE account_id = $1 AND to_phone = $2", tenant.account_id, phone)
+
+
+async def test_a_retried_send_is_answered_not_repeated(api: httpx.AsyncClient, tenant: Tenant, db: asyncpg.Pool) -> None:
+    offer = await make_offer(api, tenant)
+    link = await make_link(api, tenant, offer["id"])
+    phone, key = random_phone(), secrets.token_hex(8)
+    body = {"to": phone, "list_id": tenant.list_id, "body": f"Deal {link['shortUrl']}"}
+    first = await api.post("/api/v2/send", headers=keyed(tenant, key), json=body)
+    assert first.status_code == 201, first.text
+    assert "idempotent-replayed" not in first.headers
+    again = await api.post("/api/v2/send", headers=keyed(tenant, key), json=body)
+    assert (again.status_code, again.json(), again.headers["idempotent-replayed"]) == (201, first.json(), "true")
+    assert await stored(db, tenant, phone) == 1
+    # Without the key, or with another, it is a new send.
+    assert (await api.post("/api/v2/send", headers=tenant.headers, json=body)).status_code == 201
+    other = await api.post("/api/v2/send", headers=keyed(tenant, key + "x"), json=body)
+    assert other.status_code == 201 and other.json()["message_id"] != first.json()["message_id"]
+    assert await stored(db, tenant, phone) == 3
+
+
+async def test_a_key_is_the_accounts_own(api: httpx.AsyncClient, tenant: Tenant, db: asyncpg.Pool) -> None:
+    other = await make_tenant(db)
+    key, phone = secrets.token_hex(8), random_phone()
+    mine = await api.post("/api/v2/send", headers=keyed(tenant, key), json={"to": phone, "list_id": tenant.list_id, "body": "a"})
+    theirs = await api.post("/api/v2/send", headers=keyed(other, key), json={"to": phone, "list_id": other.list_id, "body": "a"})
+    assert mine.status_code == theirs.status_code == 201
+    assert mine.json()["message_id"] != theirs.json()["message_id"]
+    assert "idempotent-replayed" not in theirs.headers
+
+
+async def test_the_same_key_with_another_request_is_refused(api: httpx.AsyncClient, tenant: Tenant, db: asyncpg.Pool) -> None:
+    key, phone = secrets.token_hex(8), random_phone()
+    body = {"to": phone, "list_id": tenant.list_id, "body": "a"}
+    assert (await api.post("/api/v2/send", headers=keyed(tenant, key), json=body)).status_code == 201
+    changed = await api.post("/api/v2/send", headers=keyed(tenant, key), json={**body, "body": "b"})
+    assert_error(changed, 422, "idempotency_key_reused")
+    elsewhere = await api.post("/api/v2/send/bulk", headers=keyed(tenant, key), json={"messages": [body]})
+    assert_error(elsewhere, 422, "idempotency_key_reused")
+    assert await stored(db, tenant, phone) == 1
+
+
+async def test_a_malformed_key_is_refused(api: httpx.AsyncClient, tenant: Tenant, db: asyncpg.Pool) -> None:
+    phone = random_phone()
+    for key in ("", "has space", "x" * 256, "é"):
+        resp = await api.post(
+            "/api/v2/send", headers=keyed(tenant, key) if key.isascii() else {**tenant.headers, "Idempotency-Key": key.encode()},
+            json={"to": phone, "list_id": tenant.list_id, "body": "a"},
+        )
+        assert_error(resp, 400, "validation_error")
+    assert await stored(db, tenant, phone) == 0
+
+
+async def test_a_bulk_send_is_answered_once_and_a_refusal_is_not_remembered(
+    api: httpx.AsyncClient, tenant: Tenant, db: asyncpg.Pool
+) -> None:
+    key = secrets.token_hex(8)
+    phones = [random_phone() for _ in range(3)]
+    body = {"messages": [{"to": p, "list_id": tenant.list_id, "body": f"m{i}"} for i, p in enumerate(phones)]
+            + [{"to": "+1invalid", "list_id": tenant.list_id, "body": "x"}]}
+    first = await api.post("/api/v2/send/bulk", headers=keyed(tenant, key), json=body)
+    assert first.status_code == 200 and first.json()["queued_count"] == 3 and first.json()["error_count"] == 1
+    again = await api.post("/api/v2/send/bulk", headers=keyed(tenant, key), json=body)
+    assert (again.json(), again.headers["idempotent-replayed"]) == (first.json(), "true")
+    assert [await stored(db, tenant, p) for p in phones] == [1, 1, 1]
+    # Every record refused: nothing stored, nothing remembered; the same key with a good request sends.
+    key = secrets.token_hex(8)
+    refused = await api.post("/api/v2/send/bulk", headers=keyed(tenant, key),
+                             json={"messages": [{"to": "+1invalid", "list_id": tenant.list_id, "body": "x"}]})
+    assert refused.json()["queued_count"] == 0
+    phone = random_phone()
+    fixed = await api.post("/api/v2/send/bulk", headers=keyed(tenant, key),
+                           json={"messages": [{"to": phone, "list_id": tenant.list_id, "body": "x"}]})
+    assert fixed.json()["queued_count"] == 1 and "idempotent-replayed" not in fixed.headers
+
+
+async def test_concurrent_requests_with_one_key_store_one_send(
+    api: httpx.AsyncClient, tenant: Tenant, db: asyncpg.Pool
+) -> None:
+    key, phone = secrets.token_hex(8), random_phone()
+    body = {"messages": [{"to": phone, "list_id": tenant.list_id, "body": "once"}]}
+    answers = await asyncio.gather(*(api.post("/api/v2/send/bulk", headers=keyed(tenant, key), json=body) for _ in range(10)))
+    assert {a.status_code for a in answers} == {200}
+    assert len({a.content for a in answers}) == 1
+    assert sum("idempotent-replayed" not in a.headers for a in answers) == 1
+    assert await stored(db, tenant, phone) == 1
+
+
+async def test_keys_are_forgotten_after_a_day(api: httpx.AsyncClient, tenant: Tenant, db: asyncpg.Pool) -> None:
+    key, phone = secrets.token_hex(8), random_phone()
+    body = {"to": phone, "list_id": tenant.list_id, "body": "a"}
+    first = await api.post("/api/v2/send", headers=keyed(tenant, key), json=body)
+    await db.execute("UPDATE idempotency_keys SET created_at = now() - $3::interval - interval '1 second'"
+                     " WHERE account_id = $1 AND key = $2", tenant.account_id, key, KEEP)
+    # Past KEEP the key is a new request, before and after the worker has deleted it.
+    late = await api.post("/api/v2/send", headers=keyed(tenant, key), json=body)
+    assert late.status_code == 201 and late.json()["message_id"] != first.json()["message_id"]
+    assert "idempotent-replayed" not in late.headers
+    assert await stored(db, tenant, phone) == 2
+    await db.execute("UPDATE idempotency_keys SET created_at = now() - $3::interval - interval '1 second'"
+                     " WHERE account_id = $1 AND key = $2", tenant.account_id, key, KEEP)
+    assert await expire_once(db) >= 1
+    assert await db.fetchval("SELECT count(*) FROM idempotency_keys WHERE account_id = $1", tenant.account_id) == 0
+    assert (await api.post("/api/v2/send", headers=keyed(tenant, key), json=body)).status_code == 201
+    assert await stored(db, tenant, phone) == 3
