@@ -1,7 +1,9 @@
 """POST /api/v2/links: every field and error code of spec/links.txt, and the edge keys it publishes."""
+import asyncio
 import uuid
 
 import orjson
+import pytest
 
 from shared.edge import offer_key, short_key, tracker_key
 from tests.gateway.test_api_basics import assert_error
@@ -114,3 +116,51 @@ async def test_one_collision_is_retried(api, tenant, gateway_app):
     finally:
         del gateway_app.state.link_id_factory
     assert resp.status_code == 201 and resp.json()["linkId"] == "Zz9Yy8"
+
+
+@pytest.mark.parametrize("change", ["delete", "pause", "edit"])
+async def test_an_offer_change_while_a_link_is_made_is_what_the_edge_keeps(api, tenant, redis, monkeypatch, change):
+    """A link is made from the offer as it read it; if the offer was deleted, paused or edited
+    (and published) after that read, the link must not publish the old offer over the new one:
+    the deleted offer's links would have stayed live at the edge (found by code review). The
+    read is held open here so that the change falls between it and the link's publish."""
+    import services.gateway.routes.links as links_module
+
+    offer = await make_offer(api, tenant, destination_url="https://lp.example/old")
+    read, go_on = asyncio.Event(), asyncio.Event()
+    real = links_module.find_offer
+
+    async def held(*args, **kwargs):
+        row = await real(*args, **kwargs)
+        read.set()
+        await go_on.wait()
+        return row
+
+    monkeypatch.setattr(links_module, "find_offer", held)
+    making = asyncio.create_task(
+        api.post("/api/v2/links", headers=tenant.headers, json={"offerId": offer["id"], "listId": tenant.list_id})
+    )
+    await read.wait()
+    if change == "delete":
+        changed = await api.delete(f"/api/v2/offers/{offer['id']}", headers=tenant.headers)
+    else:
+        patch = {"status": "paused"} if change == "pause" else {"destination_url": "https://lp.example/new"}
+        changed = await api.patch(f"/api/v2/offers/{offer['id']}", headers=tenant.headers, json=patch)
+    assert changed.status_code == 200, changed.text
+    go_on.set()
+    made = await making
+    edge_offer = orjson.loads(await redis.get(offer_key(offer["id"])))
+    if change == "edit":
+        assert made.status_code == 201 and made.json()["destinationUrl"] == "https://lp.example/new"
+        assert (edge_offer["s"], edge_offer["d"]) == ("active", "https://lp.example/new")
+    else:
+        assert_error(made, 404, "offer_not_found")
+        assert edge_offer["s"] == ("deleted" if change == "delete" else "paused")
+
+
+async def test_a_patch_that_changes_nothing_publishes_the_offer_as_it_is(api, tenant, redis):
+    offer = await make_offer(api, tenant)
+    await redis.delete(offer_key(offer["id"]))  # (lost: a Redis restored from an old snapshot)
+    resp = await api.patch(f"/api/v2/offers/{offer['id']}", headers=tenant.headers, json={})
+    assert resp.status_code == 200 and resp.json()["offer"]["status"] == "active"
+    assert orjson.loads(await redis.get(offer_key(offer["id"])))["s"] == "active"

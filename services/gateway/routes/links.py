@@ -9,7 +9,7 @@ from starlette.routing import Route
 
 from services.gateway.auth import authenticate
 from services.gateway.http import JSONResponse, present, read_json_object
-from services.gateway.lookups import LIST_COLUMNS, find_offer
+from services.gateway.lookups import LIST_COLUMNS, OFFER_COLUMNS, find_offer
 from services.gateway.publish import publish_link
 from shared import ids
 from shared.edge import host_of, tracker_url
@@ -85,6 +85,14 @@ async def create_link(request: Request) -> JSONResponse:
             tracker = ids.tracker_id()
             try:
                 async with conn.transaction():
+                    # The offer again, locked until the commit: a pause, edit or delete that
+                    # committed since it was read is seen (404, or its latest row published), and
+                    # one that comes now waits, so its own publish lands after this one's.
+                    offer = await conn.fetchrow(
+                        f"SELECT {OFFER_COLUMNS} FROM offers WHERE id = $1 FOR SHARE", offer["id"]
+                    )
+                    if offer is None or offer["status"] != "active":
+                        raise not_found("offer_not_found", "No active offer matches that id")
                     link = await conn.fetchrow(
                         "INSERT INTO links (id, account_id, offer_id, list_id, domain, domain_host, tracker_id, tracker_url)"
                         " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"

@@ -189,8 +189,11 @@ async def update_offer(request: Request) -> JSONResponse:
                 )
             except asyncpg.UniqueViolationError:
                 raise _duplicate_external_id() from None
-        else:
-            row = await _fetch(request, account.id, request.path_params["offer_id"])
+        else:  # nothing to change: the edge gets the row as it is, locked so no change overtakes it
+            row = await conn.fetchrow(
+                f"SELECT {OFFER_COLUMNS} FROM offers WHERE id = $1 AND account_id = $2 AND status <> 'deleted' FOR SHARE",
+                request.path_params["offer_id"], account.id,
+            )
         if row is None:
             raise not_found("offer_not_found", "Offer not found")
         await publish_offer(request.app.state.redis, row)
