@@ -68,19 +68,23 @@ class Postback:
         return "; ".join(self.errors) or None
 
     def dedupe_key(self, after: int) -> str | None:
-        """The same (network, conversion key, status, payout) sent again after the same latest
-        accepted postback ``after`` (0: none yet) of that conversion is the same postback.
+        """The same (network, conversion key, status, payout, click id) sent again after the same
+        latest accepted postback ``after`` (0: none yet) of that conversion is the same postback.
         Concurrent retries share this key, so exactly one is accepted; a correction back to an
         earlier state (approved -> rejected -> approved) follows a newer postback and is new.
         A postback that could not be parsed has none: it is kept, never deduplicated."""
         if self.errors:
             return None
         payout = "" if self.payout is None else str(to_json_number(self.payout))
-        return "\x1f".join((self.network, self.conversion_key, self.status or "", payout, f"after:{after}"))
+        return "\x1f".join(
+            (self.network, self.conversion_key, self.status or "", payout, self.click_id or "", f"after:{after}")
+        )
 
-    def repeats(self, status: str | None, payout: Decimal | None) -> bool:
-        """Whether this postback says what the latest accepted one for its conversion said."""
-        return self.status == status and self.payout == payout
+    def repeats(self, status: str | None, payout: Decimal | None, click_id: str | None) -> bool:
+        """Whether this postback says what the latest accepted one for its conversion said. One
+        that names a click the latest did not is news (a network that learned the click id late:
+        the worker attributes the conversion by it); one that names none repeats any."""
+        return self.status == status and self.payout == payout and (self.click_id is None or self.click_id == click_id)
 
 
 def first_value(value: Any) -> str | None:

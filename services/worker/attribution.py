@@ -97,7 +97,7 @@ JOIN offers o ON o.account_id = t.account_id AND (o.id = t.ref OR o.external_id 
 ORDER BY t.account_id, t.ref, (o.id = t.ref) DESC, (o.status = 'deleted')
 """
 
-_CONVERSION_COLUMNS = "id, account_id, network, conversion_key, status, payout, payout_given"
+_CONVERSION_COLUMNS = "id, account_id, network, conversion_key, status, payout, payout_given, click_id, converted_at"
 
 # The keys of a batch's conversions with a postback waiting outside the batch that is older than
 # the batch's last one of that conversion (another batch holds it, or it was not taken): before
@@ -236,6 +236,8 @@ class _State:
     status: str
     payout: Decimal
     payout_given: bool  # by a postback applied (else the offer's, or 0 while no offer is known)
+    click_id: str | None
+    converted_at: datetime
     moved: bool = False
     ledger: list[tuple[int, str | None, str, Decimal]] = field(default_factory=list)  # postback, from, to, amount
 
@@ -250,7 +252,7 @@ class _State:
 
 
 def _state(row: Any) -> _State:
-    return _State(row["id"], row["status"], row["payout"], row["payout_given"])
+    return _State(row["id"], row["status"], row["payout"], row["payout_given"], row["click_id"], row["converted_at"])
 
 
 class Taken(NamedTuple):
@@ -345,6 +347,23 @@ async def process_batch(conn: asyncpg.Connection, first_id: int | None = None, l
         await conn.execute(_MOVE, *map(list, zip(*moves)))
     if ledger:
         await conn.execute(_LEDGER, *map(list, zip(*ledger)))
+    # A conversion whose postbacks named no click takes the first click a later one names, and is
+    # judged by it (a network that learned the click id late, as with a manual approval).
+    late: list[tuple[int, str, Attribution]] = []
+    for key in keys:
+        state = states[key]
+        if state.click_id is None:
+            named = next((r["click_id"] for r in groups[key] if r["click_id"]), None)
+            if named is not None:
+                late.append((state.id, named, clicks.credit(key[0], named, state.converted_at)))
+    if late:
+        await conn.execute(
+            "UPDATE conversions c SET click_id = t.click_id, updated_at = now()"
+            " FROM unnest($1::bigint[], $2::text[]) AS t(id, click_id) WHERE c.id = t.id",
+            [i for i, _, _ in late], [named for _, named, _ in late],
+        )
+        await _attribute(conn, [(i, verdict) for i, _, verdict in late])
+        await _default_from_click_offers(conn, [i for i, _, verdict in late if verdict.attributed])
     await conn.execute(_DONE, [r["id"] for r in rows], [None] * len(rows))
     return Taken(len(rows), deferred)
 

@@ -831,3 +831,45 @@ async def test_a_history_click_for_a_message_an_old_conversion_names(api, db, te
     assert await db.fetchval("SELECT count(*) FROM rematch_requests WHERE account_id = $1", tenant.account_id) == 0
     detail = (await api.get(f"/api/v2/messages/{named}", headers=tenant.headers)).json()
     assert (detail["conversions"], detail["revenue"]) == (1, 7)
+
+
+@pytest.mark.parametrize("first_status", ["pending", "approved"])
+async def test_a_click_id_that_comes_with_a_later_postback_attributes_the_conversion(
+    api, db, tenant, run_worker, first_status
+):
+    """A network that learns the click id late (a manual approval, say): the first postback
+    names no click, a later one does. That one is news, not a duplicate, and the conversion is
+    judged by its click (found by code review: it stayed no_click_id forever)."""
+    offer, mid, click_id = await clicked_message(api, db, tenant)
+    ts = (T0 + timedelta(hours=2)).isoformat()
+    assert await postback(api, tenant, conversion_id="late-cid", status=first_status, timestamp=ts) == "accepted"
+    await run_worker()
+    conv = await conversion(db, tenant, "late-cid")
+    assert (conv["attributed"], conv["unattributed_reason"]) == (False, "no_click_id")
+    assert await postback(api, tenant, conversion_id="late-cid", click_id=click_id, status="approved", timestamp=ts) == "accepted"
+    # Sent again, and again without the click id: repeats.
+    assert await postback(api, tenant, conversion_id="late-cid", click_id=click_id, status="approved", timestamp=ts) == "duplicate"
+    assert await postback(api, tenant, conversion_id="late-cid", status="approved", timestamp=ts) == "duplicate"
+    await run_worker()
+    conv = await conversion(db, tenant, "late-cid")
+    assert (conv["attributed"], conv["click_id"], conv["message_id"], conv["offer_id"]) == (True, click_id, mid, offer["id"])
+    # The payout no postback gave is the click's offer's (5), as if the click id had come first.
+    assert (conv["status"], conv["payout"]) == ("approved", Decimal(5))
+    assert sum(amount for _, _, amount in await ledger(db, conv["id"])) == Decimal(5)
+    detail = (await api.get(f"/api/v2/messages/{mid}", headers=tenant.headers)).json()
+    assert (detail["conversions"], detail["revenue"]) == (1, 5)
+    report = (await api.get("/api/v2/reports/performance?group_by=offer", headers=tenant.headers)).json()
+    assert report["totals"]["conversions"] == 1 and report["totals"]["revenue"] == 5
+
+
+async def test_a_click_id_that_comes_first_in_a_batch_after_a_click_less_one(api, db, tenant, run_worker):
+    """Both postbacks in one batch: the conversion is made from the first (no click), and the
+    second's click id still attributes it."""
+    _, mid, click_id = await clicked_message(api, db, tenant)
+    ts = (T0 + timedelta(hours=2)).isoformat()
+    assert await postback(api, tenant, conversion_id="one-batch", status="pending", payout="3", timestamp=ts) == "accepted"
+    assert await postback(api, tenant, conversion_id="one-batch", click_id=click_id, status="approved", payout="3",
+                          timestamp=ts) == "accepted"
+    await run_worker()
+    conv = await conversion(db, tenant, "one-batch")
+    assert (conv["attributed"], conv["message_id"], conv["status"], conv["payout"]) == (True, mid, "approved", Decimal(3))
