@@ -79,7 +79,11 @@ async def until_done(
         if cancel_requested():
             raise asyncio.CancelledError
         try:
-            return await step()
+            result = await step()
         except Exception as exc:
             failures(exc)
             await asyncio.sleep(pause_after_failure)
+            continue
+        if cancel_requested():  # a cancel the step swallowed (redis-py can) still ends it
+            raise asyncio.CancelledError
+        return result

@@ -31,7 +31,6 @@ account. Clicks of an account that does not exist are dropped (a stale edge key)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -480,11 +479,8 @@ async def run_drainer(ctx: dict[str, Any]) -> None:
     finally:
         for task in tasks:
             task.cancel()
+        # (The heartbeat is left to expire: a Redis call here could hold up the worker's stop.)
         await asyncio.gather(*tasks, return_exceptions=True)
-        # Stopped: what these consumers still hold (a transaction cut short) is for the next worker
-        # to claim at once, not after the heartbeat expires.
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(redis.delete(*(HEARTBEAT_PREFIX + name for name in consumers)), 1.0)
 
 
 async def _heartbeat_loop(redis: aioredis.Redis, consumers: list[str]) -> None:

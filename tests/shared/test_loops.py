@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from shared.loops import repeat
+from shared.loops import repeat, until_done
 
 log = logging.getLogger("test.loops")
 
@@ -92,3 +92,39 @@ async def test_interval_waits_between_turns() -> None:
         await asyncio.sleep(0.01)
     assert await _stops(task)
     assert all(b - a >= 0.045 for a, b in zip(times, times[1:]))
+
+
+@pytest.mark.parametrize("swallow", ["into_error", "silently"])
+async def test_until_done_stops_even_when_its_step_swallows_the_cancellation(swallow: str) -> None:
+    """A step that swallows the cancel and returns (as if the reply had come) must not let
+    ``until_done`` return: its caller would go on as if never cancelled (the click drainer's first
+    heartbeat did, and the worker's stop waited for it)."""
+    entered = asyncio.Event()
+
+    async def step() -> str:
+        entered.set()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            if swallow == "into_error":
+                raise ConnectionError("Connection closed by server.") from None
+        return "reply"
+
+    task = asyncio.create_task(until_done(step, log=log, failure="step failed", pause_after_failure=0.01))
+    await entered.wait()
+    assert await _stops(task)
+
+
+async def test_until_done_retries_and_returns_what_the_step_returned(caplog: pytest.LogCaptureFixture) -> None:
+    calls = 0
+
+    async def step() -> int:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise RuntimeError("boom")
+        return calls
+
+    assert await until_done(step, log=log, failure="step failed", pause_after_failure=0.001) == 3
+    assert [r.message for r in caplog.records if r.name == "test.loops"] == [
+        "step failed", "step failed again (RuntimeError: boom) (1 times since the last report)"]
