@@ -8,6 +8,7 @@ _DECIMAL_RE = re.compile(r"^-?([0-9]+(\.[0-9]*)?|\.[0-9]+)\Z")  # ASCII digits (
 # NUMERIC(18, 6) in the schema: far more than any payout, and exact.
 MAX_MONEY = Decimal("999999999999")
 QUANT = Decimal("0.000001")
+CURRENCY_RE = re.compile(r"[A-Z]{3}")  # an ISO 4217 code's form (fullmatch, after upper-casing)
 
 
 class MoneyError(ValueError):

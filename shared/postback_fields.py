@@ -11,7 +11,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from shared.money import MoneyError, parse_money, to_json_number
+from shared.money import CURRENCY_RE, MoneyError, parse_money, to_json_number
 from shared.timeutil import TimeError, parse_timestamp
 
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -148,7 +148,11 @@ def normalise(params: dict[str, Any], received_at: datetime) -> Postback:
     offer_ref = bounded("offer_id")
     currency = bounded("currency")
     if currency is not None:
-        currency = currency.upper()
+        if CURRENCY_RE.fullmatch(currency.upper()):
+            currency = currency.upper()
+        else:  # not summed with real ones under a made-up code: kept for the operator instead
+            errors.append(f"currency: {currency!r} is not a 3-letter ISO 4217 code")
+            currency = None
 
     status_raw = bounded("status")
     status: str | None = "approved" if status_raw is None else status_raw.lower()

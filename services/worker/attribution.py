@@ -97,7 +97,10 @@ JOIN offers o ON o.account_id = t.account_id AND (o.id = t.ref OR o.external_id 
 ORDER BY t.account_id, t.ref, (o.id = t.ref) DESC, (o.status = 'deleted')
 """
 
-_CONVERSION_COLUMNS = "id, account_id, network, conversion_key, status, payout, payout_given, click_id, converted_at"
+_CONVERSION_COLUMNS = (
+    "id, account_id, network, conversion_key, status, payout, payout_given, currency, currency_given, click_id,"
+    " converted_at"
+)
 
 # The keys of a batch's conversions with a postback waiting outside the batch that is older than
 # the batch's last one of that conversion (another batch holds it, or it was not taken): before
@@ -136,8 +139,10 @@ RETURNING {_CONVERSION_COLUMNS}
 """
 
 _MOVE = """
-UPDATE conversions c SET status = t.status, payout = t.payout, payout_given = t.payout_given, updated_at = now()
-FROM unnest($1::bigint[], $2::text[], $3::numeric[], $4::boolean[]) AS t(id, status, payout, payout_given)
+UPDATE conversions c SET status = t.status, payout = t.payout, payout_given = t.payout_given, currency = t.currency,
+    currency_given = t.currency_given, updated_at = now()
+FROM unnest($1::bigint[], $2::text[], $3::numeric[], $4::boolean[], $5::text[], $6::boolean[])
+    AS t(id, status, payout, payout_given, currency, currency_given)
 WHERE c.id = t.id
 """
 
@@ -236,12 +241,16 @@ class _State:
     status: str
     payout: Decimal
     payout_given: bool  # by a postback applied (else the offer's, or 0 while no offer is known)
+    currency: str
+    currency_given: bool  # likewise (else the offer's, or USD)
     click_id: str | None
     converted_at: datetime
     moved: bool = False
     ledger: list[tuple[int, str | None, str, Decimal]] = field(default_factory=list)  # postback, from, to, amount
 
-    def apply(self, postback_id: int, status: str, payout: Decimal | None) -> None:
+    def apply(self, postback_id: int, status: str, payout: Decimal | None, currency: str | None) -> None:
+        """A postback's move, if the status machine takes it. Its currency, if it names one,
+        is the conversion's from then on (the payout it gives is in that currency)."""
         new_payout = self.payout if payout is None else payout
         if not accepts_move(self.status, self.payout, status, new_payout):
             return
@@ -249,10 +258,13 @@ class _State:
         self.ledger.append((postback_id, self.status, status, delta))
         self.status, self.payout, self.moved = status, new_payout, True
         self.payout_given = self.payout_given or payout is not None
+        if currency is not None:
+            self.currency, self.currency_given = currency, True
 
 
 def _state(row: Any) -> _State:
-    return _State(row["id"], row["status"], row["payout"], row["payout_given"], row["click_id"], row["converted_at"])
+    return _State(row["id"], row["status"], row["payout"], row["payout_given"], row["currency"], row["currency_given"],
+                  row["click_id"], row["converted_at"])
 
 
 class Taken(NamedTuple):
@@ -335,14 +347,14 @@ async def process_batch(conn: asyncpg.Connection, first_id: int | None = None, l
         await lock([k for k in fresh if k not in states])
 
     ledger: list[tuple[int, int, str | None, str, Decimal]] = []
-    moves: list[tuple[int, str, Decimal, bool]] = []
+    moves: list[tuple[int, str, Decimal, bool, str, bool]] = []
     for key in keys:
         state = states[key]
         for r in groups[key][1:] if key in created else groups[key]:
-            state.apply(r["id"], r["status"], r["payout"])
+            state.apply(r["id"], r["status"], r["payout"], r["currency"])
         ledger += [(state.id, *entry) for entry in state.ledger]
         if state.moved:
-            moves.append((state.id, state.status, state.payout, state.payout_given))
+            moves.append((state.id, state.status, state.payout, state.payout_given, state.currency, state.currency_given))
     if moves:
         await conn.execute(_MOVE, *map(list, zip(*moves)))
     if ledger:

@@ -107,3 +107,33 @@ async def test_postbacks_that_carry_nothing_usable_are_kept_and_never_count(api,
     assert "not a JSON object" in by_body["error"] and by_body["params"]["_body"] == '{"payout": 5'
     assert "no fields" in empty["error"] and empty["params"] == {}
     assert await db.fetchval("SELECT count(*) FROM conversions WHERE account_id = $1", tenant.account_id) == 0
+
+
+async def test_a_move_that_names_a_currency_moves_the_currency_with_the_payout(api, db, tenant, run_worker):
+    """pending 10 EUR, then approved 12 USD: the conversion is 12 USD, not 12 EUR (found by code
+    review). A later move that names no currency keeps it."""
+    _, _, click_id = await clicked_message(api, db, tenant)
+    common = {"click_id": click_id, "txid": "fx", "timestamp": (T0 + timedelta(hours=1)).isoformat()}
+    await postback(api, tenant, status="pending", payout="10", currency="EUR", **common)
+    await run_worker()
+    assert ((await conversion(db, tenant, "fx"))["currency"]) == "EUR"
+    await postback(api, tenant, status="approved", payout="12", currency="usd", **common)
+    await run_worker()
+    conv = await conversion(db, tenant, "fx")
+    assert (conv["status"], conv["payout"], conv["currency"], conv["currency_given"]) == ("approved", Decimal(12), "USD", True)
+    await postback(api, tenant, status="approved", payout="13", **common)
+    await run_worker()
+    conv = await conversion(db, tenant, "fx")
+    assert (conv["payout"], conv["currency"]) == (Decimal(13), "USD")
+
+
+async def test_a_currency_that_is_no_code_is_kept_for_the_operator_not_summed(api, db, tenant, run_worker):
+    _, mid, click_id = await clicked_message(api, db, tenant)
+    assert await postback(api, tenant, status="approved", payout="5", currency="usd dollars", click_id=click_id,
+                          txid="junk") == "accepted"
+    await run_worker()
+    assert await conversion(db, tenant, "junk") is None
+    stored = await db.fetchrow("SELECT parse_error, params FROM postbacks WHERE account_id = $1", tenant.account_id)
+    assert "currency" in stored["parse_error"] and stored["params"]["currency"] == "usd dollars"
+    detail = (await api.get(f"/api/v2/messages/{mid}", headers=tenant.headers)).json()
+    assert (detail["conversions"], detail["revenue"]) == (0, 0)

@@ -15,9 +15,8 @@ from services.gateway.lookups import OFFER_COLUMNS
 from services.gateway.publish import publish_offer
 from shared import ids
 from shared.errors import ApiError, not_found, validation
-from shared.money import MoneyError, parse_money
+from shared.money import CURRENCY_RE, MoneyError, parse_money
 
-_CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
 # (A space or a tab is taken as given: the redirect percent-encodes them in the Location.)
 _CONTROL_CHAR = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _FIELDS = ("name", "destination_url", "external_id", "status", "payout", "currency", "click_window_days", "affiliate_id")
@@ -91,7 +90,7 @@ def _clean(data: dict[str, Any], *, partial: bool) -> dict[str, Any]:
         currency = data.get("currency")
         if not currency and not partial:  # absent, null or "": the default
             currency = "USD"
-        if not isinstance(currency, str) or not _CURRENCY_RE.match(currency.upper()):
+        if not isinstance(currency, str) or not CURRENCY_RE.fullmatch(currency.upper()):
             raise validation("currency must be a 3-letter ISO 4217 code")
         out["currency"] = currency.upper()
     if "click_window_days" in data or not partial:
