@@ -90,11 +90,19 @@ WHERE id IN (SELECT id FROM own UNION ALL SELECT id FROM rest)
 ORDER BY id
 """
 
+# Each ref as an internal id, else as a live offer's external id, else a deleted one's. Two joins
+# that each use an index (the primary key; offers_account_external_id), not one join on
+# "id = ref OR external_id = ref", which could use neither.
 _OFFERS = """
-SELECT DISTINCT ON (t.account_id, t.ref) t.account_id, t.ref, o.id, o.payout, o.currency
-FROM unnest($1::bigint[], $2::text[]) AS t(account_id, ref)
-JOIN offers o ON o.account_id = t.account_id AND (o.id = t.ref OR o.external_id = t.ref)
-ORDER BY t.account_id, t.ref, (o.id = t.ref) DESC, (o.status = 'deleted')
+WITH refs AS (SELECT * FROM unnest($1::bigint[], $2::text[]) AS t(account_id, ref))
+SELECT DISTINCT ON (account_id, ref) account_id, ref, id, payout, currency FROM (
+    SELECT r.account_id, r.ref, o.id, o.payout, o.currency, 0 AS rank
+    FROM refs r JOIN offers o ON o.id = r.ref AND o.account_id = r.account_id
+    UNION ALL
+    SELECT r.account_id, r.ref, o.id, o.payout, o.currency, CASE WHEN o.status = 'deleted' THEN 2 ELSE 1 END
+    FROM refs r JOIN offers o ON o.account_id = r.account_id AND o.external_id = r.ref
+) found
+ORDER BY account_id, ref, rank
 """
 
 _CONVERSION_COLUMNS = (

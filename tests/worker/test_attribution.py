@@ -873,3 +873,20 @@ async def test_a_click_id_that_comes_first_in_a_batch_after_a_click_less_one(api
     await run_worker()
     conv = await conversion(db, tenant, "one-batch")
     assert (conv["attributed"], conv["message_id"], conv["status"], conv["payout"]) == (True, mid, "approved", Decimal(3))
+
+
+async def test_a_postbacks_offer_id_resolves_as_id_then_live_then_deleted_external_id(api, db, tenant, run_worker):
+    """offer_id is the internal id, else a live offer's external id, else a deleted offer's (a
+    conversion may name an offer deleted since): the worker's lookup, by index (migration 0020)."""
+    gone = await make_offer(api, tenant, external_id="NET-1")
+    assert (await api.delete(f"/api/v2/offers/{gone['id']}", headers=tenant.headers)).status_code == 200
+    live = await make_offer(api, tenant, external_id="NET-1")  # the same external id, reused
+    only_gone = await make_offer(api, tenant, external_id="NET-2")
+    assert (await api.delete(f"/api/v2/offers/{only_gone['id']}", headers=tenant.headers)).status_code == 200
+    shadow = await make_offer(api, tenant, external_id=live["id"])  # an external id that is another's id
+    for key, ref in (("r-live", "NET-1"), ("r-gone", "NET-2"), ("r-id", live["id"]), ("r-none", "NET-3")):
+        assert await postback(api, tenant, conversion_id=key, offer_id=ref, payout="1") == "accepted"
+    await run_worker()
+    found = {key: (await conversion(db, tenant, key))["offer_id"] for key in ("r-live", "r-gone", "r-id", "r-none")}
+    assert found == {"r-live": live["id"], "r-gone": only_gone["id"], "r-id": live["id"], "r-none": None}
+    assert shadow["id"] not in found.values()
