@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -19,19 +20,26 @@ async def _stops(task: asyncio.Task[None]) -> bool:
     return bool(done) and task.cancelled()
 
 
-@pytest.mark.parametrize("swallow", ["into_error", "silently"])
-async def test_a_step_that_swallows_the_cancellation_still_stops_the_loop(swallow: str) -> None:
-    entered = asyncio.Event()
+def swallowing_step(swallow: str, entered: asyncio.Event) -> Callable[[], Awaitable[str]]:
+    """A step that turns a cancel into an error, or swallows it and returns as if the reply had
+    come, as redis-py can."""
 
-    async def step() -> None:
+    async def step() -> str:
         entered.set()
         try:
             await asyncio.sleep(10)
         except asyncio.CancelledError:
             if swallow == "into_error":
                 raise ConnectionError("Connection closed by server.") from None
-            return  # as if the reply had come
+        return "reply"
 
+    return step
+
+
+@pytest.mark.parametrize("swallow", ["into_error", "silently"])
+async def test_a_step_that_swallows_the_cancellation_still_stops_the_loop(swallow: str) -> None:
+    entered = asyncio.Event()
+    step = swallowing_step(swallow, entered)
     task = asyncio.create_task(repeat(step, log=log, failure="step failed", pause_after_failure=0.01))
     await entered.wait()
     assert await _stops(task)
@@ -100,16 +108,7 @@ async def test_until_done_stops_even_when_its_step_swallows_the_cancellation(swa
     ``until_done`` return: its caller would go on as if never cancelled (the click drainer's first
     heartbeat did, and the worker's stop waited for it)."""
     entered = asyncio.Event()
-
-    async def step() -> str:
-        entered.set()
-        try:
-            await asyncio.sleep(10)
-        except asyncio.CancelledError:
-            if swallow == "into_error":
-                raise ConnectionError("Connection closed by server.") from None
-        return "reply"
-
+    step = swallowing_step(swallow, entered)
     task = asyncio.create_task(until_done(step, log=log, failure="step failed", pause_after_failure=0.01))
     await entered.wait()
     assert await _stops(task)
