@@ -1,9 +1,10 @@
-"""``Idempotency-Key`` on POST /send and /send/bulk: a retried request is answered, not repeated.
+"""``Idempotency-Key`` on POST /send, /send/bulk, /revenue and /revenue/bulk: a retried request
+is answered, not repeated.
 
 A client that sends the header gets, for a second request with the same key (same account,
 within ``shared.idempotency.KEEP``), the answer the first one got, with ``Idempotent-Replayed:
 true``, and nothing is stored twice: the answer is written in the same transaction as the
-messages, so a request either stored both or neither (a gateway that crashed before the commit
+messages (or revenue), so a request either stored both or neither (a gateway that crashed before the commit
 left no key: the retry sends). The same key with another request (method, path or body) is
 ``422 idempotency_key_reused``. Two requests with one key at once: the second waits for the
 first's transaction on the key's row, then answers as the first did.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import asyncpg
@@ -85,3 +87,23 @@ def requested(request: Request, account_id: int, body: bytes) -> IdempotencyKey 
         digest.update(len(part).to_bytes(4, "big") + part)
     digest.update(body)
     return IdempotencyKey(account_id, key, digest.digest())
+
+
+async def answer_once(
+    conn: asyncpg.Connection, key: IdempotencyKey | None, work: Callable[[], Awaitable[Response]]
+) -> Response:
+    """``work()``: its writes and the answer it returns, in one transaction with the answer
+    remembered under ``key``; or, if a request with the same key committed first, that request's
+    answer (and nothing of this one's is kept). Without a key, just ``work()``."""
+    if key is None:
+        return await work()
+    try:
+        async with conn.transaction():
+            response = await work()
+            await key.remember(conn, response)
+            return response
+    except Raced:
+        replayed = await key.replay(conn)
+        if replayed is None:  # (the twin's row was committed: only a purge in between could do this)
+            raise
+        return replayed

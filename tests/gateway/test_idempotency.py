@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from decimal import Decimal
 
 import asyncpg
 import httpx
@@ -124,3 +125,32 @@ async def test_keys_are_forgotten_after_a_day(api: httpx.AsyncClient, tenant: Te
     assert await db.fetchval("SELECT count(*) FROM idempotency_keys WHERE account_id = $1", tenant.account_id) == 0
     assert (await api.post("/api/v2/send", headers=keyed(tenant, key), json=body)).status_code == 201
     assert await stored(db, tenant, phone) == 3
+
+
+async def revenue_rows(db: asyncpg.Pool, message_id: str) -> int:
+    return await db.fetchval("SELECT count(*) FROM revenue WHERE message_id = $1", message_id)
+
+
+async def test_a_retried_revenue_record_is_answered_not_counted_twice(
+    api: httpx.AsyncClient, tenant: Tenant, db: asyncpg.Pool
+) -> None:
+    sent = await api.post("/api/v2/send", headers=tenant.headers, json={"to": random_phone(), "list_id": tenant.list_id, "body": "a"})
+    message_id = sent.json()["message_id"]
+    key = secrets.token_hex(8)
+    body = {"message_id": message_id, "revenue": "24.99", "attribution_type": "sale"}
+    first = await api.post("/api/v2/revenue", headers=keyed(tenant, key), json=body)
+    assert first.status_code == 201, first.text
+    again = await api.post("/api/v2/revenue", headers=keyed(tenant, key), json=body)
+    assert (again.status_code, again.json(), again.headers["idempotent-replayed"]) == (201, first.json(), "true")
+    assert_error(await api.post("/api/v2/revenue", headers=keyed(tenant, key), json={**body, "revenue": 1}),
+                 422, "idempotency_key_reused")
+    bulk_key = secrets.token_hex(8)
+    bulk = {"records": [body, {**body, "revenue": "1.01"}, {**body, "message_id": "zzzzzzzz"}]}
+    answers = await asyncio.gather(*(api.post("/api/v2/revenue/bulk", headers=keyed(tenant, bulk_key), json=bulk)
+                                     for _ in range(5)))
+    assert {a.status_code for a in answers} == {200} and len({a.content for a in answers}) == 1
+    assert answers[0].json()["success_count"] == 2 and answers[0].json()["error_count"] == 1
+    assert sum("idempotent-replayed" not in a.headers for a in answers) == 1
+    assert await revenue_rows(db, message_id) == 3
+    detail = (await api.get(f"/api/v2/messages/{message_id}", headers=tenant.headers)).json()
+    assert Decimal(str(detail["revenue"])) == Decimal("50.99")

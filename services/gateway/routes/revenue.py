@@ -12,10 +12,12 @@ from typing import Any
 
 import asyncpg
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route
 
+from services.gateway import idempotency
 from services.gateway.auth import authenticate
-from services.gateway.http import JSONResponse, present, read_json_object
+from services.gateway.http import JSONResponse, parse_json_object, present, read_body
 from services.gateway.lookups import find_offers
 from shared import ids
 from shared.errors import ApiError, bad_request, validation
@@ -208,39 +210,61 @@ def error_items(failed: list[tuple[int, ApiError]]) -> list[dict[str, Any]]:
     return [{"index": index, "code": err.code, "error": err.message} for index, err in sorted(failed, key=lambda f: f[0])]
 
 
-async def create(request: Request) -> JSONResponse:
+async def create(request: Request) -> Response:
     account = await authenticate(request)
-    record = parse_revenue(0, await read_json_object(request), utcnow())
+    raw = await read_body(request)
+    key = idempotency.requested(request, account.id, raw)
+    record = parse_revenue(0, parse_json_object(raw), utcnow())
     async with request.app.state.db.acquire() as conn:
+        if key is not None and (replayed := await key.replay(conn)) is not None:
+            return replayed
         good, failed = await resolve_revenue(conn, account.id, [record])
         if failed:
             raise failed[0][1]
-        await insert_revenue(conn, account.id, good, "api")
-    return JSONResponse(
-        {"success": True, "revenue_id": record.id, "message_id": record.message_id, "revenue": record.amount},
-        status_code=201,
-    )
+
+        async def store() -> Response:
+            await insert_revenue(conn, account.id, good, "api")
+            return JSONResponse(
+                {"success": True, "revenue_id": record.id, "message_id": record.message_id, "revenue": record.amount},
+                status_code=201,
+            )
+
+        return await idempotency.answer_once(conn, key, store)
 
 
-async def create_bulk(request: Request) -> JSONResponse:
+async def create_bulk(request: Request) -> Response:
     account = await authenticate(request)
-    items = record_list(await read_json_object(request))
+    raw = await read_body(request)
+    key = idempotency.requested(request, account.id, raw)
+    items = record_list(parse_json_object(raw))
     now = utcnow()
     parsed: list[RevenueRecord] = []
     failed: list[tuple[int, ApiError]] = []
-    for index, raw in enumerate(items):
+    for index, item in enumerate(items):
         try:
-            parsed.append(parse_revenue(index, raw, now))
+            parsed.append(parse_revenue(index, item, now))
         except ApiError as err:
             failed.append((index, err))
-    inserted: set[str] = set()
-    if parsed:
-        async with request.app.state.db.acquire() as conn:
-            good, unresolved = await resolve_revenue(conn, account.id, parsed)
-            failed += unresolved
+
+    def answer(inserted: set[str]) -> JSONResponse:
+        return JSONResponse({"success_count": len(inserted), "error_count": len(failed), "errors": error_items(failed)})
+
+    if not parsed:
+        return answer(set())
+    async with request.app.state.db.acquire() as conn:
+        if key is not None and (replayed := await key.replay(conn)) is not None:
+            return replayed
+        good, unresolved = await resolve_revenue(conn, account.id, parsed)
+        failed += unresolved
+        if not good:
+            return answer(set())
+
+        async def store() -> Response:
             inserted, unsaved = await insert_revenue_resilient(conn, account.id, good, "api")
-            failed += unsaved
-    return JSONResponse({"success_count": len(inserted), "error_count": len(failed), "errors": error_items(failed)})
+            failed.extend(unsaved)
+            return answer(inserted)
+
+        return await idempotency.answer_once(conn, key, store)
 
 
 ROUTES = [
