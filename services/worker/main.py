@@ -76,6 +76,8 @@ REDIS_DOWN = (RedisError, OSError)
 START_FAILURES = (*REDIS_DOWN, asyncpg.CannotConnectNowError)
 # How long the poll loop waits after a failed poll; how long between attempts to start at all.
 POLL_RETRY_PAUSE = 1.0
+# How long a stopping worker waits for each of arq's Redis calls (then the shutdown goes on).
+REDIS_CLOSE_TIMEOUT = 3.0
 START_RETRY_PAUSES = (1, 2, 4, 8, 15, 30)
 
 
@@ -94,17 +96,24 @@ class TracklyWorker(Worker):
         self._report_poll_failure = Throttled(log, logging.ERROR, "redis unavailable to the job poller (%s); polling again")
 
     async def close(self) -> None:
-        """arq's close, which first deletes its health key: with Redis down that raised, and the
-        worker's own shutdown (its loops, its pools) never ran."""
+        """arq's close (arq 0.28), with its two Redis calls bounded and allowed to fail: with
+        Redis down, deleting the health key raised and the worker's own shutdown (its loops, its
+        pools) never ran; with Redis hung (it takes connections and answers nothing), arq's
+        commands, which have no socket timeout, waited forever and the worker never exited."""
+        if not self._handle_signals:
+            self.handle_sig(signal.SIGUSR1)
+        if not self._pool:
+            return
+        await asyncio.gather(*self.tasks.values())
         try:
-            await super().close()
-        except REDIS_DOWN as exc:
+            await asyncio.wait_for(self.pool.delete(self.health_check_key), REDIS_CLOSE_TIMEOUT)
+        except (*REDIS_DOWN, asyncio.TimeoutError) as exc:
             log.warning("redis unavailable while the worker stops (%s: %s)", type(exc).__name__, exc)
-            await shutdown(self.ctx)
-            pool, self._pool = self._pool, None
-            if pool is not None:
-                with contextlib.suppress(*REDIS_DOWN):
-                    await pool.close(close_connection_pool=True)
+        if self.on_shutdown:
+            await self.on_shutdown(self.ctx)
+        pool, self._pool = self._pool, None
+        with contextlib.suppress(*REDIS_DOWN, asyncio.TimeoutError):
+            await asyncio.wait_for(pool.close(close_connection_pool=True), REDIS_CLOSE_TIMEOUT)
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """arq's, one job at a time, giving the job's slot back when Redis fails between taking

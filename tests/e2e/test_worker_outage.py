@@ -92,3 +92,26 @@ def test_a_worker_waiting_for_redis_stops_on_a_signal(tmp_path: Path, settings) 
             proc.send_signal(signum)  # during its pause before trying again
             assert proc.wait(10) == 0, log.read_text()
             assert "Traceback" not in log.read_text()
+
+
+def test_a_worker_stops_on_a_signal_while_its_redis_hangs(tmp_path: Path, settings) -> None:
+    """A Redis that takes connections but answers nothing (stopped with SIGSTOP: a frozen VM, a
+    partition): arq's own commands have no socket timeout, and its close waited on one forever."""
+    redis = EmbeddedRedis(tmp_path / "redis")
+    redis.start()
+    log = tmp_path / "worker.log"
+    try:
+        with _worker(settings, redis, log) as proc:
+            assert asyncio.run(_a_job_runs(redis.url)), log.read_text()
+            assert redis.process is not None
+            os.kill(redis.process.pid, signal.SIGSTOP)
+            try:
+                time.sleep(1)
+                proc.send_signal(signal.SIGTERM)
+                started = time.monotonic()
+                assert proc.wait(30) in (0, 143), log.read_text()
+                assert time.monotonic() - started < 20, log.read_text()  # trackly run's stop limit
+            finally:
+                os.kill(redis.process.pid, signal.SIGCONT)
+    finally:
+        redis.stop()
