@@ -58,7 +58,28 @@ async def read_json_object(request: Request) -> dict[str, Any]:
     return parse_json_object(await read_body(request))
 
 
-def parse_json_object(raw: bytes) -> dict[str, Any]:
+_UNSTORABLE = "strings must not contain NUL characters or unpaired surrogates"
+
+
+class Unstorable:
+    """Stands in for a bulk record holding text PostgreSQL cannot store, so that it fails alone
+    (``refuse_unstorable``) instead of sinking the whole request."""
+
+    __slots__ = ()
+
+
+UNSTORABLE_RECORD = Unstorable()
+
+
+def refuse_unstorable(record: object) -> None:
+    if record is UNSTORABLE_RECORD:
+        raise validation(_UNSTORABLE)
+
+
+def parse_json_object(raw: bytes, *, records: str | None = None) -> dict[str, Any]:
+    """The body as a JSON object. Text PostgreSQL cannot store is refused (400), except inside
+    the array ``records`` names (a bulk request's): there each record holding some is replaced
+    by ``UNSTORABLE_RECORD``."""
     if not raw.strip():
         raise ApiError(400, "invalid_json", "Request body must be a JSON object")
     try:
@@ -72,7 +93,10 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     # with 0xED), so a body with none of these skips the walk over every string. (A UTF-16 or
     # UTF-32 body, which json also reads, has NUL bytes.)
     if (b"\\u" in raw or b"\x00" in raw or b"\xed" in raw) and not storable_text(data):
-        raise validation("strings must not contain NUL characters or unpaired surrogates")
+        items = data.get(records) if records is not None else None
+        if not isinstance(items, list) or not storable_text({k: v for k, v in data.items() if k != records}):
+            raise validation(_UNSTORABLE)
+        data[records] = [item if storable_text(item) else UNSTORABLE_RECORD for item in items]  # type: ignore[index]
     return data
 
 

@@ -1,5 +1,5 @@
-"""``Idempotency-Key`` on POST /send, /send/bulk, /revenue and /revenue/bulk: a retried request
-is answered, not repeated.
+"""``Idempotency-Key`` on POST /send, /send/bulk, /revenue, /revenue/bulk and /history/*: a
+retried request is answered, not repeated.
 
 A client that sends the header gets, for a second request with the same key (same account,
 within ``shared.idempotency.KEEP``), the answer the first one got, with ``Idempotent-Replayed:

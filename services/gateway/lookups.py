@@ -22,21 +22,24 @@ async def find_offer(conn: asyncpg.Connection | asyncpg.Pool, account_id: int, r
 
 
 async def find_offers(
-    conn: asyncpg.Connection | asyncpg.Pool, account_id: int, refs: Iterable[str]
+    conn: asyncpg.Connection | asyncpg.Pool, account_id: int, refs: Iterable[str], *, include_deleted: bool = False
 ) -> dict[str, asyncpg.Record]:
-    """Many refs at once; the result maps each ref that resolved (internal id wins)."""
+    """Many refs at once; the result maps each ref that resolved: an internal id wins, then a live
+    offer's external id. ``include_deleted``: deleted offers resolve too, after live ones (what
+    happened in the past may name an offer deleted since: revenue, history imports)."""
     wanted = sorted(set(refs))
     if not wanted:
         return {}
     rows = await conn.fetch(
         f"SELECT {OFFER_COLUMNS} FROM offers"
-        " WHERE account_id = $1 AND status <> 'deleted' AND (id = ANY($2::text[]) OR external_id = ANY($2::text[]))",
-        account_id, wanted,
+        " WHERE account_id = $1 AND ($3 OR status <> 'deleted') AND (id = ANY($2::text[]) OR external_id = ANY($2::text[]))"
+        " ORDER BY status = 'deleted' DESC",  # live ones last: they overwrite a deleted one's external id
+        account_id, wanted, include_deleted,
     )
     found: dict[str, asyncpg.Record] = {}
     for row in rows:
         if row["external_id"] in wanted:
-            found.setdefault(row["external_id"], row)
+            found[row["external_id"]] = row
     for row in rows:
         found[row["id"]] = row
     return found

@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 
+from services.gateway.http import refuse_unstorable
 from services.gateway.lookups import find_lists, find_offers
 from services.gateway.publish import publish_message_codes
 from shared import ids
@@ -154,6 +155,7 @@ def _text(record: dict[str, Any], name: str, max_len: int = 200) -> str | None:
 
 def parse_send(index: int, record: Any, *, body_required: bool = True) -> SendRecord:
     """Check one record on its own (no database). Raises ApiError with the spec's code."""
+    refuse_unstorable(record)
     if not isinstance(record, dict):
         raise validation("each message must be a JSON object")
     to_raw = record.get("to")

@@ -213,3 +213,45 @@ async def test_a_client_that_hangs_up_mid_body_is_no_server_error(gateway_app, t
              "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
     await gateway_app(scope, receive, send)
     assert sent[0]["status"] == 400
+
+
+@pytest.mark.parametrize("escape", ["\\u0000", "\\ud800"])
+async def test_text_postgresql_cannot_store_fails_only_its_own_bulk_record(api, db, tenant, escape):
+    """One record of a bulk request with a NUL or a lone surrogate fails alone (validation_error);
+    the others are stored. Outside the records it is still the whole request's 400."""
+    import json
+    import secrets
+
+    message = (await api.post("/api/v2/send", headers=tenant.headers,
+                              json={"to": "+14155551234", "list_id": tenant.list_id, "body": "hi"})).json()["message_id"]
+    offer = await make_offer(api, tenant)
+    bad = "x%sy" % escape
+    cases = {
+        "/api/v2/send/bulk": ("messages", {"to": "+14155551234", "list_id": tenant.list_id, "body": "ok"},
+                              {"to": "+14155551234", "list_id": tenant.list_id, "body": bad}),
+        "/api/v2/revenue/bulk": ("records", {"message_id": message, "revenue": 1, "attribution_type": "sale"},
+                                 {"message_id": message, "revenue": 1, "attribution_type": "sale", "offer_id": bad}),
+        "/api/v2/history/sends": ("records", {"to": "+14155551234", "list_id": tenant.list_id, "body": "ok",
+                                              "timestamp": "2026-01-01T00:00:00Z"},
+                                  {"to": "+14155551234", "list_id": tenant.list_id, "body": bad,
+                                   "timestamp": "2026-01-01T00:00:00Z"}),
+        "/api/v2/history/revenue": ("records", {"message_id": message, "revenue": 1, "attribution_type": "sale",
+                                                "external_id": secrets.token_hex(4)},
+                                    {"message_id": message, "revenue": 1, "attribution_type": "sale", "external_id": bad}),
+        "/api/v2/history/clicks": ("records", {"message_id": message, "offer_id": offer["id"], "phone_number": "+14155551234",
+                                               "timestamp": "2026-01-01T00:00:00Z"},
+                                   {"message_id": message, "offer_id": offer["id"], "phone_number": bad,
+                                    "timestamp": "2026-01-01T00:00:00Z"}),
+    }
+    for url, (field, good, unstorable) in cases.items():
+        text = json.dumps({field: [unstorable, good]}).replace("\\\\u", "\\u")  # the escape as JSON, not as text
+        resp = await api.post(url, headers={**tenant.headers, "Content-Type": "application/json"}, content=text.encode())
+        assert resp.status_code == 200, (url, resp.text)
+        answer = resp.json()
+        stored = answer.get("queued_count", answer.get("success_count"))
+        assert stored == 1 and answer["error_count"] == 1, (url, answer)
+        assert answer["errors"][0]["index"] == 0 and answer["errors"][0]["code"] == "validation_error", (url, answer)
+        # Outside the records: the whole request is refused.
+        text = json.dumps({field: [good], "note": bad}).replace("\\\\u", "\\u")
+        resp = await api.post(url, headers={**tenant.headers, "Content-Type": "application/json"}, content=text.encode())
+        assert_error(resp, 400, "validation_error")

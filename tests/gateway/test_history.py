@@ -226,3 +226,43 @@ async def test_revenue_import_inserts_as_new_until_an_external_id_is_known(api, 
     calls.clear()
     mixed = await history(api, tenant, "revenue", [{**record, "external_id": "k2"}, {**record, "external_id": "k3"}])
     assert (mixed["success_count"], mixed["duplicates_skipped"], calls) == (1, 1, [(2, True), (2, False)])
+
+
+async def test_a_failing_send_record_does_not_take_its_message_id_from_a_good_one(api, db, tenant):
+    """The same message_id twice, the first record failing (an unknown list): the second is the
+    message (found by code review: both were lost, one as a duplicate)."""
+    message_id = ids.message_id()
+    answer = await history(api, tenant, "sends", [
+        {"message_id": message_id, "to": PHONE, "list_id": 987654321, "timestamp": "2026-01-01T00:00:00Z"},
+        {"message_id": message_id, "to": PHONE, "list_id": tenant.list_id, "timestamp": "2026-01-01T00:00:00Z"},
+        {"message_id": message_id, "to": PHONE, "list_id": tenant.list_id, "timestamp": "2026-01-02T00:00:00Z"},
+    ])
+    assert (answer["success_count"], answer["error_count"], answer["duplicates_skipped"]) == (1, 1, 1)
+    assert answer["errors"][0]["index"] == 0 and answer["errors"][0]["code"] == "list_not_found"
+    row = await db.fetchrow("SELECT account_id, sent_at FROM messages WHERE id = $1", message_id)
+    assert (row["account_id"], row["sent_at"]) == (tenant.account_id, datetime(2026, 1, 1, tzinfo=UTC))
+
+
+async def test_history_and_revenue_may_name_an_offer_deleted_since(api, db, tenant):
+    """What happened in the past may name an offer deleted since (as a postback may): a click or
+    revenue record for it is imported; a live offer with the same external id is preferred."""
+    gone = await make_offer(api, tenant, external_id="OLD-1")
+    assert (await api.delete(f"/api/v2/offers/{gone['id']}", headers=tenant.headers)).status_code == 200
+    message_id = await send_message(api, tenant)
+    click = await history(api, tenant, "clicks", [
+        {"message_id": message_id, "offer_id": gone["id"], "phone_number": PHONE, "timestamp": "2026-01-01T00:00:00Z"}])
+    assert click["success_count"] == 1, click
+    assert await db.fetchval("SELECT offer_id FROM message_clicks WHERE message_id = $1", message_id) == gone["id"]
+    revenue = await api.post("/api/v2/revenue", headers=tenant.headers,
+                             json={"message_id": message_id, "revenue": 2, "attribution_type": "sale", "offer_id": "OLD-1"})
+    assert revenue.status_code == 201, revenue.text
+    live = await make_offer(api, tenant, external_id="OLD-1")
+    again = await api.post("/api/v2/revenue", headers=tenant.headers,
+                           json={"message_id": message_id, "revenue": 3, "attribution_type": "sale", "offer_id": "OLD-1"})
+    offers = [r["offer_id"] for r in await db.fetch(
+        "SELECT offer_id FROM revenue WHERE message_id = $1 ORDER BY amount", message_id)]
+    assert offers == [gone["id"], live["id"]] and again.status_code == 201
+    # A send still refuses a deleted offer.
+    resp = await api.post("/api/v2/send", headers=tenant.headers,
+                          json={"to": PHONE, "list_id": tenant.list_id, "body": "x", "offer_id": gone["id"]})
+    assert_error(resp, 404, "offer_not_found")

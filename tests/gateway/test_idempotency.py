@@ -154,3 +154,27 @@ async def test_a_retried_revenue_record_is_answered_not_counted_twice(
     assert await revenue_rows(db, message_id) == 3
     detail = (await api.get(f"/api/v2/messages/{message_id}", headers=tenant.headers)).json()
     assert Decimal(str(detail["revenue"])) == Decimal("50.99")
+
+
+async def test_history_imports_take_an_idempotency_key(api: httpx.AsyncClient, tenant: Tenant, db: asyncpg.Pool) -> None:
+    phone = random_phone()
+    sends = {"records": [{"to": phone, "list_id": tenant.list_id, "timestamp": "2026-01-01T00:00:00Z"}]}
+    key = secrets.token_hex(8)
+    first = await api.post("/api/v2/history/sends", headers=keyed(tenant, key), json=sends)
+    again = await api.post("/api/v2/history/sends", headers=keyed(tenant, key), json=sends)
+    assert first.json()["success_count"] == 1 and again.json() == first.json()
+    assert again.headers["idempotent-replayed"] == "true" and await stored(db, tenant, phone) == 1
+    message_id = await db.fetchval("SELECT id FROM messages WHERE account_id = $1 AND to_phone = $2", tenant.account_id, phone)
+    revenue = {"records": [{"message_id": message_id, "revenue": "5", "attribution_type": "sale"}]}  # no external_id
+    key = secrets.token_hex(8)
+    for _ in range(2):
+        assert (await api.post("/api/v2/history/revenue", headers=keyed(tenant, key), json=revenue)).json()["success_count"] == 1
+    assert await revenue_rows(db, message_id) == 1
+    offer = await make_offer(api, tenant)
+    clicks = {"records": [{"message_id": message_id, "offer_id": offer["id"], "phone_number": phone,
+                           "timestamp": "2026-01-01T01:00:00Z"}]}
+    key = secrets.token_hex(8)
+    first = await api.post("/api/v2/history/clicks", headers=keyed(tenant, key), json=clicks)
+    again = await api.post("/api/v2/history/clicks", headers=keyed(tenant, key), json=clicks)
+    assert first.json()["success_count"] == 1 and again.json() == first.json()  # not a duplicate the second time
+    assert again.headers["idempotent-replayed"] == "true"

@@ -13,10 +13,12 @@ from typing import Any
 
 import asyncpg
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route
 
+from services.gateway import idempotency
 from services.gateway.auth import authenticate
-from services.gateway.http import JSONResponse, present, read_json_object
+from services.gateway.http import JSONResponse, parse_json_object, present, read_body, refuse_unstorable
 from services.gateway.lookups import find_offers
 from services.gateway.routes.revenue import (
     MAX_ERRORS_SHOWN,
@@ -29,6 +31,7 @@ from services.gateway.routes.revenue import (
     save_error,
 )
 from services.gateway.sending import SendRecord, insert_messages, parse_send, resolve
+from shared.accounts import Account
 from shared.errors import ApiError, bad_request, not_found, validation
 from shared.ids import MESSAGE_ID_RE
 from shared.phone import PhoneError, parse_e164
@@ -85,6 +88,7 @@ def parse_click(index: int, record: Any) -> ClickRecord:
     """The checks a record passes on its own before its message and offer are looked up: the
     spec's table puts the missing fields first, then message_not_found and offer_not_found, then
     invalid_timestamp (``check_click``)."""
+    refuse_unstorable(record)
     if not isinstance(record, dict):
         raise validation("each record must be a JSON object")
     message_id = _required(record, "message_id", "missing_message_id")
@@ -164,9 +168,8 @@ async def _store_clicks(conn: asyncpg.Connection, account_id: int, records: list
     return {r["message_id"] for r in rows}
 
 
-async def import_clicks(request: Request) -> JSONResponse:
-    account = await authenticate(request)
-    items = record_list(await read_json_object(request))
+async def import_clicks(request: Request) -> Response:
+    account, key, items = await _records(request)
     now = utcnow()
     out = Outcome()
     parsed: list[ClickRecord] = []
@@ -175,49 +178,65 @@ async def import_clicks(request: Request) -> JSONResponse:
             parsed.append(parse_click(index, raw))
         except ApiError as err:
             out.fail(index, err)
-    if parsed:
-        async with request.app.state.db.acquire() as conn:
-            wanted = sorted({r.message_id for r in parsed if MESSAGE_ID_RE.match(r.message_id)})
-            messages = {
-                row["id"]: row
-                for row in await conn.fetch(
-                    "SELECT id, list_id, to_phone FROM messages WHERE account_id = $1 AND id = ANY($2::text[])",
-                    account.id, wanted,
-                )
-            }
-            offers = await find_offers(conn, account.id, [r.offer_ref for r in parsed])
-            good: list[ClickRecord] = []
-            seen: set[str] = set()
-            for r in parsed:
-                if r.message_id not in messages:
-                    out.fail(r.index, not_found("message_not_found", "No message exists with the given message_id"))
-                elif r.offer_ref not in offers:
-                    out.fail(r.index, not_found("offer_not_found", "No offer exists with the given offer_id"))
-                elif (err := check_click(r, now)) is not None:
-                    out.fail(r.index, err)
-                elif r.message_id in seen:
-                    out.duplicates += 1  # one click per message: the first record of the batch wins
-                else:
-                    seen.add(r.message_id)
-                    r.offer_id = offers[r.offer_ref]["id"]
-                    r.list_id, r.to_phone = messages[r.message_id]["list_id"], messages[r.message_id]["to_phone"]
-                    r.click_id = "h" + secrets.token_hex(16)
-                    good.append(r)
-            if good:
-                try:
-                    stored = await _store_clicks(conn, account.id, good)
+    if not parsed:
+        return out.response()
+    async with request.app.state.db.acquire() as conn:
+        if key is not None and (replayed := await key.replay(conn)) is not None:
+            return replayed
+        wanted = sorted({r.message_id for r in parsed if MESSAGE_ID_RE.match(r.message_id)})
+        messages = {
+            row["id"]: row
+            for row in await conn.fetch(
+                "SELECT id, list_id, to_phone FROM messages WHERE account_id = $1 AND id = ANY($2::text[])",
+                account.id, wanted,
+            )
+        }
+        offers = await find_offers(conn, account.id, [r.offer_ref for r in parsed], include_deleted=True)
+        good: list[ClickRecord] = []
+        seen: set[str] = set()
+        for r in parsed:
+            if r.message_id not in messages:
+                out.fail(r.index, not_found("message_not_found", "No message exists with the given message_id"))
+            elif r.offer_ref not in offers:
+                out.fail(r.index, not_found("offer_not_found", "No offer exists with the given offer_id"))
+            elif (err := check_click(r, now)) is not None:
+                out.fail(r.index, err)
+            elif r.message_id in seen:
+                out.duplicates += 1  # one click per message: the first record of the batch wins
+            else:
+                seen.add(r.message_id)
+                r.offer_id = offers[r.offer_ref]["id"]
+                r.list_id, r.to_phone = messages[r.message_id]["list_id"], messages[r.message_id]["to_phone"]
+                r.click_id = "h" + secrets.token_hex(16)
+                good.append(r)
+        if not good:
+            return out.response()
+
+        async def store() -> Response:
+            try:
+                stored = await _store_clicks(conn, account.id, good)
+                out.success += len(stored)
+                out.duplicates += len(good) - len(stored)
+            except asyncpg.PostgresError:
+                for r in good:
+                    try:
+                        stored = await _store_clicks(conn, account.id, [r])
+                    except asyncpg.PostgresError:
+                        out.fail(r.index, save_error())
+                        continue
                     out.success += len(stored)
-                    out.duplicates += len(good) - len(stored)
-                except asyncpg.PostgresError:
-                    for r in good:
-                        try:
-                            stored = await _store_clicks(conn, account.id, [r])
-                        except asyncpg.PostgresError:
-                            out.fail(r.index, save_error())
-                            continue
-                        out.success += len(stored)
-                        out.duplicates += 1 - len(stored)
-    return out.response()
+                    out.duplicates += 1 - len(stored)
+            return out.response()
+
+        return await idempotency.answer_once(conn, key, store)
+
+
+async def _records(request: Request) -> tuple[Account, idempotency.IdempotencyKey | None, list[Any]]:
+    """The account, the Idempotency-Key if one was sent, and the request's records."""
+    account = await authenticate(request)
+    raw = await read_body(request)
+    key = idempotency.requested(request, account.id, raw)
+    return account, key, record_list(parse_json_object(raw, records="records"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,9 +254,8 @@ def parse_history_send(index: int, record: Any, now: datetime) -> SendRecord:
     return parsed
 
 
-async def import_sends(request: Request) -> JSONResponse:
-    account = await authenticate(request)
-    items = record_list(await read_json_object(request))
+async def import_sends(request: Request) -> Response:
+    account, key, items = await _records(request)
     now = utcnow()
     out = Outcome()
     parsed: list[SendRecord] = []
@@ -250,34 +268,46 @@ async def import_sends(request: Request) -> JSONResponse:
         return out.response()
     redis, code_days = request.app.state.redis, request.app.state.settings.message_code_days
     async with request.app.state.db.acquire() as conn:
+        if key is not None and (replayed := await key.replay(conn)) is not None:
+            return replayed
         given = sorted({r.message_id for r in parsed if r.message_id})
         existing = {
             row["id"]: row["account_id"]
             for row in await conn.fetch("SELECT id, account_id FROM messages WHERE id = ANY($1::text[])", given)
         }
-        fresh: list[SendRecord] = []
-        seen: set[str] = set()
+        candidates: list[SendRecord] = []
         for r in parsed:
-            if r.message_id is None:
-                fresh.append(r)
-            elif r.message_id in seen or existing.get(r.message_id) == account.id:
+            if r.message_id is not None and existing.get(r.message_id) == account.id:
                 out.duplicates += 1
-            elif r.message_id in existing:
+            elif r.message_id is not None and r.message_id in existing:
                 out.fail(r.index, validation("message_id is already in use"))
             else:
-                seen.add(r.message_id)
-                fresh.append(r)
-        resolved = await resolve(conn, account.id, fresh, allow_inactive_list=True)
+                candidates.append(r)
+        resolved = await resolve(conn, account.id, candidates, allow_inactive_list=True)
         for r, err in resolved.failed:
             out.fail(r.index, err)
-        if resolved.good:
+        # A message id given twice: the first record that passed its checks is the message (one
+        # that failed does not take the id from a good one after it).
+        fresh: list[SendRecord] = []
+        seen: set[str] = set()
+        for r in sorted(resolved.good, key=lambda r: r.index):
+            if r.message_id is not None and r.message_id in seen:
+                out.duplicates += 1
+                continue
+            if r.message_id is not None:
+                seen.add(r.message_id)
+            fresh.append(r)
+        if not fresh:
+            return out.response()
+
+        async def store() -> Response:
             try:
-                await insert_messages(conn, redis, account.id, resolved.good, resolved.links, source="history",
+                await insert_messages(conn, redis, account.id, fresh, resolved.links, source="history",
                                       code_days=code_days)
-                out.success += len(resolved.good)
+                out.success += len(fresh)
             except asyncpg.PostgresError:
                 # A given id taken meanwhile, or a record the database refused: one at a time.
-                for r in resolved.good:
+                for r in fresh:
                     try:
                         await insert_messages(conn, redis, account.id, [r], resolved.links, source="history",
                                               code_days=code_days)
@@ -286,15 +316,16 @@ async def import_sends(request: Request) -> JSONResponse:
                         out.duplicates += 1
                     except asyncpg.PostgresError:
                         out.fail(r.index, save_error())
-    return out.response()
+            return out.response()
+
+        return await idempotency.answer_once(conn, key, store)
 
 
 # ---------------------------------------------------------------------------------------------
 # /history/revenue
 
-async def import_revenue(request: Request) -> JSONResponse:
-    account = await authenticate(request)
-    items = record_list(await read_json_object(request))
+async def import_revenue(request: Request) -> Response:
+    account, key, items = await _records(request)
     now = utcnow()
     out = Outcome()
     parsed: list[RevenueRecord] = []
@@ -303,26 +334,35 @@ async def import_revenue(request: Request) -> JSONResponse:
             parsed.append(parse_revenue(index, raw, now, with_external_id=True))
         except ApiError as err:
             out.fail(index, err)
-    if parsed:
-        async with request.app.state.db.acquire() as conn:
-            good, failed = await resolve_revenue(conn, account.id, parsed)
-            for index, err in failed:
-                out.fail(index, err)
-            unique: list[RevenueRecord] = []
-            seen: set[str] = set()
-            for r in good:
-                if r.external_id is not None and r.external_id in seen:
-                    out.duplicates += 1
-                    continue
-                if r.external_id is not None:
-                    seen.add(r.external_id)
-                unique.append(r)
+    if not parsed:
+        return out.response()
+    async with request.app.state.db.acquire() as conn:
+        if key is not None and (replayed := await key.replay(conn)) is not None:
+            return replayed
+        good, failed = await resolve_revenue(conn, account.id, parsed)
+        for index, err in failed:
+            out.fail(index, err)
+        unique: list[RevenueRecord] = []
+        seen: set[str] = set()
+        for r in good:
+            if r.external_id is not None and r.external_id in seen:
+                out.duplicates += 1
+                continue
+            if r.external_id is not None:
+                seen.add(r.external_id)
+            unique.append(r)
+        if not unique:
+            return out.response()
+
+        async def store() -> Response:
             inserted, unsaved = await insert_revenue_resilient(conn, account.id, unique, "history")
             for index, err in unsaved:
                 out.fail(index, err)
             out.success += len(inserted)
             out.duplicates += len(unique) - len(inserted) - len(unsaved)
-    return out.response()
+            return out.response()
+
+        return await idempotency.answer_once(conn, key, store)
 
 
 ROUTES = [

@@ -48,7 +48,7 @@ async def send_bulk(request: Request) -> Response:
     account = await authenticate(request)
     raw = await read_body(request)
     key = idempotency.requested(request, account.id, raw)
-    items = bulk_items(parse_json_object(raw), "messages")
+    items = bulk_items(parse_json_object(raw, records="messages"), "messages")
     parsed: list[SendRecord] = []
     errors: list[dict[str, Any]] = []
 

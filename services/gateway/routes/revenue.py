@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from services.gateway import idempotency
 from services.gateway.auth import authenticate
-from services.gateway.http import JSONResponse, parse_json_object, present, read_body
+from services.gateway.http import JSONResponse, parse_json_object, present, read_body, refuse_unstorable
 from services.gateway.lookups import find_offers
 from shared import ids
 from shared.errors import ApiError, bad_request, validation
@@ -89,6 +89,7 @@ def parse_timestamp_field(record: dict[str, Any], name: str, *, required: bool, 
 
 def parse_revenue(index: int, record: Any, now: datetime, *, with_external_id: bool = False) -> RevenueRecord:
     """One record on its own, the spec's codes in the spec's order."""
+    refuse_unstorable(record)
     if not isinstance(record, dict):
         raise validation("each record must be a JSON object")
     if not present(record.get("message_id")):
@@ -138,7 +139,7 @@ async def resolve_revenue(
     """Messages of this account and offers (internal or external id) for the whole batch."""
     wanted = sorted({r.message_id for r in records if MESSAGE_ID_RE.match(r.message_id)})
     messages = {row["id"]: row for row in await conn.fetch(_MESSAGES, account_id, wanted)}
-    offers = await find_offers(conn, account_id, [r.offer_ref for r in records if r.offer_ref])
+    offers = await find_offers(conn, account_id, [r.offer_ref for r in records if r.offer_ref], include_deleted=True)
     good: list[RevenueRecord] = []
     failed: list[tuple[int, ApiError]] = []
     for r in records:
@@ -236,7 +237,7 @@ async def create_bulk(request: Request) -> Response:
     account = await authenticate(request)
     raw = await read_body(request)
     key = idempotency.requested(request, account.id, raw)
-    items = record_list(parse_json_object(raw))
+    items = record_list(parse_json_object(raw, records="records"))
     now = utcnow()
     parsed: list[RevenueRecord] = []
     failed: list[tuple[int, ApiError]] = []
