@@ -179,16 +179,30 @@ def _decode_offer(raw: bytes) -> Offer:
 _hostnames: dict[bytes, str] = {}
 
 
+# A Host header longer than any host name (253 characters) and a port: the edge answers 404 and
+# remembers nothing of it (uvicorn with httptools bounds no header: a 5 MB Host header, kept as a
+# key here and in the short-hop answers, cost 5 MB each).
+MAX_HOST_HEADER = 270
+
+
 def hostname(raw: bytes) -> str:
-    """Host header -> lower-case hostname without port (as ``shared.edge.host_of``, but cheaper)."""
+    """Host header -> lower-case hostname without port (as ``shared.edge.host_of``, but cheaper);
+    "" (no link's) for one too long or with a port that is not a number."""
     known = _hostnames.get(raw)
     if known is not None:
         return known
+    if len(raw) > MAX_HOST_HEADER:
+        return ""
     host = raw.decode("latin-1").lower()
     if host.startswith("["):
-        host = host[1 : host.find("]")]
+        end = host.find("]")
+        host, port = host[1:end], host[end + 1 :]
+        port = port[1:] if port.startswith(":") else ("" if not port else "x")
     else:
-        host = host.partition(":")[0].rstrip(".")
+        host, _, port = host.partition(":")
+        host = host.rstrip(".")
+    if port and not port.isdigit():  # ("sms.example.com:<junk>" is not sms.example.com)
+        host = ""
     if len(_hostnames) >= 1000:
         _hostnames.clear()
     _hostnames[raw] = host
@@ -417,7 +431,7 @@ class RedirectApp:
             if name == b"host":
                 host = value
                 break
-        if host is None:
+        if host is None or len(host) > MAX_HOST_HEADER:
             return await _not_found(send)
         query: bytes = scope["query_string"]
         # The answer itself, while the link and offer it was built from are fresh: a repeat of a

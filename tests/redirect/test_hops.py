@@ -211,8 +211,11 @@ def test_host_header_parsing_agrees_with_the_edge_contract() -> None:
     from services.redirect.app import hostname
     from shared.edge import host_of
 
-    for raw in ("SMS.Example.com", "sms.example.com:8443", "sms.example.com.", "[2001:DB8::1]:8001", "ct.localhost:8001"):
+    for raw in ("SMS.Example.com", "sms.example.com:8443", "sms.example.com.", "[2001:DB8::1]:8001", "ct.localhost:8001",
+                "[::1]", "sms.example.com:"):
         assert hostname(raw.encode()) == host_of(raw), raw
+    for raw in ("sms.example.com:junk", "[::1]junk", "[::1]:x", "a" * 300):  # no link's host
+        assert hostname(raw.encode()) == "", raw
 
 
 async def test_an_offer_url_with_control_characters_in_redis_still_redirects(
@@ -292,3 +295,26 @@ def test_which_destinations_put_a_macro_in_the_host(url: str, takes: bool) -> No
     from services.redirect.app import _host_takes_a_macro
 
     assert _host_takes_a_macro(url) is takes
+
+
+async def test_a_host_header_no_host_name_could_fill_is_404_and_not_remembered(
+    api: httpx.AsyncClient, tenant: Tenant, edge: Edge
+) -> None:
+    """uvicorn bounds no header: a 5 MB Host header was kept as a key (the host memo and, with a
+    junk "port" still matching the link, the short-hop answers), 5 MB a request (found by review)."""
+    from services.redirect import app as redirect_app
+
+    _, link = await offer_and_link(api, tenant, "https://lp.example/x")
+    path = "/" + link["linkId"]
+    tracker = (await edge.get(link["shortUrl"])).headers["location"]
+    tracker_path = urlsplit(tracker).path
+    answers = len(edge.app._short_answers)
+    for host in ("sms.example.com:" + "9" * 300, "sms.example.com" + " " * 300, "x" * 100_000):
+        assert (await edge.get(f"http://sms.example.com{path}", headers={"host": host})).status_code == 404
+        assert (await edge.get(f"http://ct.localhost:8001{tracker_path}", headers={"host": host})).status_code == 404
+        assert host.encode() not in redirect_app._hostnames
+    for host in ("sms.example.com:junk", "sms.example.com:80x", "sms.example.com:"):
+        expected = 302 if host.endswith(":") else 404
+        assert (await edge.get(f"http://sms.example.com{path}", headers={"host": host})).status_code == expected, host
+    assert len(edge.app._short_answers) <= answers + 1
+    assert (await edge.get(f"http://sms.example.com{path}", headers={"host": "SMS.example.com:8443"})).status_code == 302
