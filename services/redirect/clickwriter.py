@@ -7,6 +7,12 @@ those returns. Under load a batch holds as many clicks as arrived during a Redis
 its fsync with ``appendfsync always``), so the cost per click falls as load rises, and a click is
 durable before its 302 is sent. If the write fails, every request of the batch gets
 ``ClickNotRecorded`` (the app answers 503): a 302 is never sent for a click that is not stored.
+
+A Redis that hangs (takes the command, answers nothing) fails a batch only after the connection's
+timeout, while clicks keep arriving: when a batch fails on a timeout, the clicks queued behind it
+fail too (they would wait out the same timeout, one batch at a time), and past ``max_queued``
+waiting clicks a new one is refused at once. Either way the wait for a 503 and the memory held
+stay bounded, however long the hang.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from services.redirect.rawredis import Executor
+from services.redirect.rawredis import Executor, RedisTimeout
 from shared import edge
 from shared.logs import Throttled
 
@@ -29,12 +35,14 @@ class ClickNotRecorded(Exception):
 
 class ClickWriter:
     def __init__(
-        self, redis: Executor, *, max_batch: int = 2000, max_inflight: int = 2, stream: str = edge.CLICK_STREAM
+        self, redis: Executor, *, max_batch: int = 2000, max_inflight: int = 2, max_queued: int = 20_000,
+        stream: str = edge.CLICK_STREAM,
     ) -> None:
         self._redis = redis
         self._stream = stream
         self._max_batch = max_batch
         self._max_inflight = max_inflight
+        self._max_queued = max_queued
         self._clicks: list[edge.Click] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._scheduled = False
@@ -64,6 +72,9 @@ class ClickWriter:
         once the click is durably in the stream, failed with ClickNotRecorded otherwise."""
         if self._closed:
             raise ClickNotRecorded("the click writer is closed")
+        if len(self._clicks) >= self._max_queued:
+            self._report_failure(1, "too many clicks waiting for redis")
+            raise ClickNotRecorded("too many clicks waiting for redis")
         loop = self._loop
         future: asyncio.Future[None] = loop.create_future()
         self._clicks.append(click)
@@ -101,6 +112,9 @@ class ClickWriter:
         else:
             exc = reply.exception()
         if exc is not None:
+            if isinstance(exc, RedisTimeout):  # the queue would wait out the same hang: fail it now
+                clicks, waiters = clicks + self._clicks, waiters + self._waiters
+                self._clicks, self._waiters = [], []
             self._report_failure(len(clicks), exc, times=len(clicks))
             for waiter in waiters:
                 if not waiter.done():

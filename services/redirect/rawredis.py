@@ -30,6 +30,10 @@ class RawRedisError(Exception):
     pass
 
 
+class RedisTimeout(ConnectionError):
+    """Redis took the command and did not answer in time (a hung server, a partition)."""
+
+
 class Executor(Protocol):
     """What the hot path needs of a connection (``RawRedis``)."""
 
@@ -124,6 +128,11 @@ class RawRedis:
                 await self._send(protocol, ("AUTH", *auth))
             if opts.get("db"):
                 await self._send(protocol, ("SELECT", str(opts["db"])))
+            if not opts.get("password") and not opts.get("db"):
+                # Nothing above waited for an answer: a hung server (it takes connections and
+                # answers nothing) must fail the connect, so that calls fail fast for a while
+                # instead of each waiting out its timeout on the new connection.
+                await self._send(protocol, ("PING",))
         except BaseException:
             if protocol.transport is not None:
                 protocol.transport.close()
@@ -162,7 +171,7 @@ class RawRedis:
             return await asyncio.wait_for(asyncio.shield(future), self._timeout)
         except asyncio.TimeoutError:
             self._expire(protocol, future)
-            raise ConnectionError("redis did not answer in time") from None
+            raise RedisTimeout("redis did not answer in time") from None
 
     async def execute(self, *args: bytes | str) -> Any:
         protocol = self._protocol
@@ -198,7 +207,7 @@ class RawRedis:
     def _expire(protocol: _Protocol, future: asyncio.Future[Any]) -> None:
         if not future.done():
             # Replies come in order: a late one would be taken for the next command's. Start over.
-            protocol.fail(ConnectionError("redis did not answer in time"))
+            protocol.fail(RedisTimeout("redis did not answer in time"))
             if protocol.transport is not None:
                 protocol.transport.close()
 

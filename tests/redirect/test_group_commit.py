@@ -126,3 +126,84 @@ async def test_a_batch_that_cannot_be_sent_fails_its_requests_instead_of_leaving
         await writer.close()
         await conn.close()
         await redis.delete(STREAM)
+
+
+class _HungRedis:
+    """A server that takes connections and commands and answers only the first ``answered``
+    commands of each connection with +PONG: a Redis that hangs (SIGSTOP, a partition)."""
+
+    def __init__(self, answered: int = 0) -> None:
+        self.answered = answered
+        self.server: asyncio.base_events.Server | None = None
+
+    async def __aenter__(self) -> str:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            left = self.answered
+            try:
+                while data := await reader.read(65536):
+                    for _ in range(min(left, data.count(b"*"))):
+                        writer.write(b"+PONG\r\n")
+                        left -= 1
+            finally:
+                writer.close()
+
+        self.server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+async def test_a_hung_redis_fails_the_connect_and_calls_fail_fast_meanwhile() -> None:
+    """Without AUTH or SELECT nothing on connect waited for an answer: a hung Redis took the TCP
+    connection, and every call waited out its timeout on it (found by the redirect review)."""
+    async with _HungRedis() as url:
+        conn = RawRedis(url, timeout=0.2, reconnect_pause=5)
+        try:
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(ConnectionError):
+                await conn.execute("PING")
+            assert asyncio.get_running_loop().time() - started < 1
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(ConnectionError):  # within the pause: at once, no connect
+                await conn.execute("PING")
+            assert asyncio.get_running_loop().time() - started < 0.05
+        finally:
+            await conn.close()
+
+
+async def test_clicks_queued_behind_a_hung_redis_fail_within_a_timeout_and_the_queue_is_bounded() -> None:
+    """A hang after the connection was up: only two batches are in flight, each failing after the
+    timeout, while clicks keep coming. The queue behind a timed-out batch fails with it, and past
+    max_queued a click is refused at once: a 503 never waits much past the timeout, and the
+    memory held is bounded (a 60 s hang at 2,000 clicks/s held ~72k requests before)."""
+    timeout = 0.2
+    async with _HungRedis(answered=1) as url:  # the connect's PING, then nothing
+        conn = RawRedis(url, timeout=timeout)
+        writer = ClickWriter(conn, stream=STREAM, max_batch=10, max_queued=300)
+        waits: list[float] = []
+        outcomes: list[BaseException | None] = []
+        loop = asyncio.get_running_loop()
+
+        async def one(n: int) -> None:
+            started = loop.time()
+            try:
+                await writer.write(fake_click(n))
+                outcomes.append(None)
+            except ClickNotRecorded as exc:
+                outcomes.append(exc)
+            waits.append(loop.time() - started)
+
+        try:
+            tasks = []
+            for n in range(150):  # 1.5 s of 100 clicks every 10 ms: 7.5 timeouts
+                tasks += [asyncio.create_task(one(n * 100 + i)) for i in range(100)]
+                await asyncio.sleep(0.01)
+                assert len(writer._clicks) <= 300
+            await asyncio.gather(*tasks)
+        finally:
+            await writer.close()
+            await conn.close()
+    assert len(outcomes) == 15_000 and all(isinstance(o, ClickNotRecorded) for o in outcomes)
+    assert max(waits) < 3 * timeout + 0.3, max(waits)
