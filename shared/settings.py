@@ -47,6 +47,24 @@ def _network(name: str, raw: str) -> ipaddress.IPv4Network | ipaddress.IPv6Netwo
         raise SystemExit(f"{name} must be a comma-separated list of CIDRs, got {raw!r}") from None
 
 
+# CONTRACT.md §4: a paused or deleted offer answers 404 within 15 s; the edge's cache must not
+# outlive that (services/redirect/cache.py also stops serving stale entries in time).
+MAX_LINK_CACHE_TTL = 10.0
+
+
+def _seconds(env: dict[str, str], name: str, default: float, *, high: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SystemExit(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not 0 <= value <= high:  # (NaN is neither)
+        raise SystemExit(f"{name} must be from 0 to {high:g} seconds, got {raw}")
+    return value
+
+
 def _int(env: dict[str, str], name: str, default: int, *, low: int | None = None, high: int | None = None) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -82,7 +100,7 @@ def load(env: dict[str, str] | None = None) -> Settings:
         geoip_db=Path(geoip) if geoip else None,
         default_tracker_domain=(env.get("TRACKLY_DEFAULT_TRACKER_DOMAIN") or "http://ct.localhost:8001").rstrip("/"),
         trusted_proxies=proxies,
-        link_cache_ttl=float(env.get("TRACKLY_LINK_CACHE_TTL") or 5.0),
+        link_cache_ttl=_seconds(env, "TRACKLY_LINK_CACHE_TTL", 5.0, high=MAX_LINK_CACHE_TTL),
         link_cache_size=_int(env, "TRACKLY_LINK_CACHE_SIZE", 100_000),
         message_code_days=_int(env, "TRACKLY_MESSAGE_CODE_DAYS", 0, low=0, high=36_500),
         log_level=env.get("TRACKLY_LOG_LEVEL", "info"),

@@ -6,7 +6,9 @@
   within one TTL.
 * If Redis fails during a refresh, the expired entry is served as it was (and Redis is asked again
   after ``retry_after``): a Redis blip must not turn working links into errors. Only a key never
-  seen before fails, with ``EdgeUnavailable``.
+  seen before fails, with ``EdgeUnavailable``, and so does an entry Redis last confirmed more
+  than ``MAX_STALE_AGE`` ago: a paused or deleted offer must stop answering within 15 s
+  (CONTRACT.md §4) even while this edge cannot read Redis and the gateway could write it.
 * Concurrent misses for one key share a single Redis read, and the misses of one event loop
   iteration go to Redis as one ``MGET`` (``BatchedGets``): a per-message short URL is mostly
   clicked once, so its lookup is a miss, and real SMS traffic is mostly such lookups.
@@ -28,6 +30,10 @@ from shared.logs import Throttled
 log = logging.getLogger("trackly.redirect.cache")
 
 T = TypeVar("T")
+
+# How long after Redis last confirmed an entry it may still be served while Redis fails (then the
+# edge answers 503): under CONTRACT.md §4's 15 s for a paused offer to stop answering.
+MAX_STALE_AGE = 14.0
 
 Get = Callable[[str], Awaitable["bytes | None"]]
 
@@ -102,12 +108,14 @@ class EdgeCache(Generic[T]):
         ttl: float,
         size: int,
         retry_after: float = 1.0,
+        max_stale: float = MAX_STALE_AGE,
     ) -> None:
         self._get = get  # a key's raw value in Redis, None if it has none (BatchedGets.get)
         self._decode = decode
         self._ttl = ttl
         self._retry_after = min(retry_after, ttl) if ttl > 0 else retry_after
-        # key -> (expires_at (monotonic), value). A tuple, not a list, and values are tuples too
+        self._max_stale = max_stale
+        # key -> (expires_at (monotonic), value, when Redis last confirmed it). A tuple, not a list, and values are tuples too
         # (NamedTuples of str/bytes/int): the garbage collector untracks such tuples, so a full
         # collection does not walk every cached link (with 200k cached links a walk that stalls
         # every request for tens of milliseconds).
@@ -118,7 +126,7 @@ class EdgeCache(Generic[T]):
         # is the one refreshed longest ago: what is evicted when the cache is full. That is
         # least-recently-used to within one TTL. Not a plain dict: taking its first entry walks
         # past every slot deleted before it, so at 100k entries each eviction cost ~20-30 us.
-        self._entries: OrderedDict[str, tuple[float, Any]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[float, Any, float]] = OrderedDict()
         self._size = size
         self._inflight: dict[str, asyncio.Future[T | None]] = {}
         self.misses = 0
@@ -175,19 +183,21 @@ class EdgeCache(Generic[T]):
             raw = await self._get(key)
         except (RedisError, RawRedisError, OSError) as exc:
             slot = self._entries.get(key)
-            if slot is None:
+            now = time.monotonic()
+            if slot is None or now - slot[2] > self._max_stale:
                 raise EdgeUnavailable(str(exc)) from exc
-            self._store(key, (time.monotonic() + self._retry_after, slot[1]))
+            self._store(key, (now + self._retry_after, slot[1], slot[2]))
             self._report_stale(exc, key)
             return slot[1]  # type: ignore[no-any-return]
         if raw is None:
             self._entries.pop(key, None)
             return None
         value = self._decode(raw)
-        self._store(key, (time.monotonic() + self._ttl, value))
+        now = time.monotonic()
+        self._store(key, (now + self._ttl, value, now))
         return value
 
-    def _store(self, key: str, slot: tuple[float, Any]) -> None:
+    def _store(self, key: str, slot: tuple[float, Any, float]) -> None:
         entries = self._entries
         entries[key] = slot
         entries.move_to_end(key)  # the most recently refreshed

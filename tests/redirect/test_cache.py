@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ async def test_a_failed_batch_serves_what_is_cached_and_refuses_the_rest() -> No
     conn = RawRedis(f"redis://127.0.0.1:{port}/0", connect_timeout=1.0)
     lookups = BatchedGets(conn)
     cache = EdgeCache(lookups.get, bytes.decode, ttl=0.0, size=10)
-    cache._store("known", (0.0, "stale value"))  # expired: a lookup asks Redis first
+    cache._store("known", (0.0, "stale value", time.monotonic()))  # expired: a lookup asks Redis first
     results = await asyncio.gather(cache.load("known"), cache.load("unknown"), return_exceptions=True)
     assert results[0] == "stale value" and isinstance(results[1], EdgeUnavailable)
     assert cache.stale_served == 1 and lookups.batches == 1
@@ -79,7 +80,7 @@ async def test_an_error_reply_serves_what_is_cached_and_refuses_the_rest(tmp_pat
         conn = RawRedis(server.url.replace("unix://", "unix://edge:pw@", 1))
         lookups = BatchedGets(conn)
         cache = EdgeCache(lookups.get, bytes.decode, ttl=0.0, size=10)
-        cache._store("denied:known", (0.0, "stale value"))
+        cache._store("denied:known", (0.0, "stale value", time.monotonic()))
         results = await asyncio.gather(cache.load("denied:known"), cache.load("denied:new"), return_exceptions=True)
         assert results[0] == "stale value" and isinstance(results[1], EdgeUnavailable)
         await conn.close()
@@ -131,7 +132,7 @@ async def test_a_read_that_is_never_answered_fails_after_the_timeout(tmp_path: P
     try:
         cache = EdgeCache(BatchedGets(conn).get, bytes.decode, ttl=0.0, size=10)
         assert await cache.load("absent") is None  # connected
-        cache._store("known", (0.0, "stale value"))
+        cache._store("known", (0.0, "stale value", time.monotonic()))
         await admin.execute_command("CLIENT", "PAUSE", "4000")
         results = await asyncio.wait_for(
             asyncio.gather(cache.load("known"), cache.load("new"), return_exceptions=True), 3)
@@ -171,8 +172,34 @@ async def test_an_outage_is_reported_not_once_per_stale_lookup(caplog: pytest.Lo
     conn = RawRedis(f"redis://127.0.0.1:{port}/0", connect_timeout=1.0)
     cache = EdgeCache(BatchedGets(conn).get, bytes.decode, ttl=0.0, size=10)
     for n in range(5):
-        cache._store(f"k{n}", (0.0, f"v{n}"))
+        cache._store(f"k{n}", (0.0, f"v{n}", time.monotonic()))
     with caplog.at_level(logging.WARNING, logger="trackly.redirect.cache"):
         assert [await cache.load(f"k{n}") for n in range(5)] == [f"v{n}" for n in range(5)]
     assert cache.stale_served == 5
     assert len([r for r in caplog.records if r.name == "trackly.redirect.cache"]) == 1
+
+
+async def test_an_entry_redis_has_not_confirmed_for_too_long_is_not_served() -> None:
+    """A stale entry is served while Redis fails, but not forever: a paused offer must stop
+    answering within 15 s (CONTRACT.md §4) even if only this edge cannot read Redis (found by the
+    redirect review: it kept redirecting 75 s after the pause)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    up = True
+
+    async def get(key: str) -> bytes | None:
+        if not up:
+            raise RedisConnectionError("partitioned")
+        return b"active"
+
+    cache = EdgeCache(get, bytes.decode, ttl=0.0, size=10, retry_after=0.0, max_stale=0.3)
+    assert await cache.load("offer") == "active"
+    up = False
+    assert await cache.load("offer") == "active"  # stale, served
+    await asyncio.sleep(0.35)
+    with pytest.raises(EdgeUnavailable):
+        await cache.load("offer")
+    up = True
+    assert await cache.load("offer") == "active"  # confirmed again: served again
+    up = False
+    assert await cache.load("offer") == "active"

@@ -128,6 +128,11 @@ def test_settings_from_environment():
     for bad in ("-1", "36501"):
         with pytest.raises(SystemExit):
             settings.load({"TRACKLY_MESSAGE_CODE_DAYS": bad})
+    # The edge's cache must not outlive CONTRACT.md §4's 15 s for a paused offer.
+    assert s.link_cache_ttl == 5.0 and settings.load({"TRACKLY_LINK_CACHE_TTL": "0.5"}).link_cache_ttl == 0.5
+    for bad in ("inf", "nan", "11", "-1", "x"):
+        with pytest.raises(SystemExit):
+            settings.load({"TRACKLY_LINK_CACHE_TTL": bad})
 
 
 def test_trusted_proxies_default_to_loopback_and_can_be_none():
