@@ -318,3 +318,12 @@ async def test_a_host_header_no_host_name_could_fill_is_404_and_not_remembered(
         assert (await edge.get(f"http://sms.example.com{path}", headers={"host": host})).status_code == expected, host
     assert len(edge.app._short_answers) <= answers + 1
     assert (await edge.get(f"http://sms.example.com{path}", headers={"host": "SMS.example.com:8443"})).status_code == 302
+
+
+async def test_a_dot_segment_in_a_query_value_does_not_move_the_destination_path(
+    api: httpx.AsyncClient, tenant: Tenant, edge: Edge
+) -> None:
+    _, link = await offer_and_link(api, tenant, "https://shop.example/offers/{sub1}/landing?c={click_id}")
+    for sub1 in ("..", "%2e%2e", "%2E.", "."):
+        location = await edge.click(link["shortUrl"] + f"?sub1={sub1}")
+        assert urlsplit(location).path == "/offers//landing", (sub1, location)

@@ -116,3 +116,15 @@ def test_non_ascii_letters_and_digits_are_percent_encoded(value: str) -> None:
     template = macros.parse("https://lp.example/?s={sub1}")
     facts = macros.ClickFacts("c" * 32, None, "o" * 24, "7", None, None, "2026-11-23T01:02:03Z", None, None)
     assert macros.fill_facts(template, facts, {"sub1": value}) == f"https://lp.example/?s={expected}"
+
+
+@pytest.mark.parametrize("value", [".", ".."])
+def test_a_dot_segment_value_is_filled_as_empty(value: str) -> None:
+    """/offers/{sub1}/landing with sub1=".." sent the visitor to /offers/../landing, i.e.
+    elsewhere on the advertiser's host (percent-encoding would not help: browsers read %2E as a
+    dot in a path). Found by the redirect review. Other values with dots are left as they are."""
+    template = macros.parse("https://shop.example/offers/{sub1}/landing?s={sub2}")
+    facts = macros.ClickFacts("c" * 32, None, "o" * 24, "7", None, None, "2026-11-23T01:02:03Z", None, None)
+    assert macros.fill_facts(template, facts, {"sub1": value, "sub2": value}) == "https://shop.example/offers//landing?s="
+    assert macros.render(template.raw, values(query={"sub1": value, "sub2": value})) == "https://shop.example/offers//landing?s="
+    assert macros.fill_facts(template, facts, {"sub1": "...", "sub2": "a.b"}) == "https://shop.example/offers/.../landing?s=a.b"
