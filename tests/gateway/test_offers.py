@@ -1,6 +1,7 @@
 """Offers CRUD, validation, external ids, pagination, and what the edge sees."""
 from decimal import Decimal
 
+import httpx
 import orjson
 import pytest
 
@@ -93,3 +94,38 @@ async def test_pagination(api, tenant):
         assert_error(await api.get(f"/api/v2/offers?{bad}", headers=tenant.headers), 400, "validation_error")
     capped = (await api.get("/api/v2/offers?per_page=1000", headers=tenant.headers)).json()  # above the maximum
     assert capped["pagination"] == {"page": 1, "per_page": 100, "total": 5, "total_pages": 1} and len(capped["offers"]) == 5
+
+
+async def test_a_change_whose_commit_fails_leaves_the_edge_as_postgresql_is(api, gateway_app, tenant, db, redis):
+    """A change is published to the edge just before its commit; if the commit then fails, the
+    edge must not stay ahead of PostgreSQL (found by the redirect review): the committed row is
+    published again. The commit is made to fail by a deferred constraint trigger on this offer."""
+    import secrets
+
+    marker = f"fail-at-commit-{secrets.token_hex(4)}"
+    offer = await make_offer(api, tenant, external_id=marker)
+    await db.execute(f"""
+        CREATE FUNCTION {marker.replace('-', '_')}() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.external_id = '{marker}' AND NEW.status <> 'active' THEN
+                RAISE EXCEPTION 'refused at commit';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE CONSTRAINT TRIGGER {marker.replace('-', '_')} AFTER UPDATE ON offers
+            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {marker.replace('-', '_')}();
+    """)
+    transport = httpx.ASGITransport(app=gateway_app, raise_app_exceptions=False)  # a 500, as a client sees it
+    client = httpx.AsyncClient(transport=transport, base_url="http://gateway.test")
+    try:
+        for change in ("pause", "delete"):
+            if change == "pause":
+                resp = await client.patch(f"/api/v2/offers/{offer['id']}", headers=tenant.headers, json={"status": "paused"})
+            else:
+                resp = await client.delete(f"/api/v2/offers/{offer['id']}", headers=tenant.headers)
+            assert resp.status_code == 500, resp.text
+            assert await db.fetchval("SELECT status FROM offers WHERE id = $1", offer["id"]) == "active"
+            assert orjson.loads(await redis.get(offer_key(offer["id"])))["s"] == "active", change
+    finally:
+        await client.aclose()
+        await db.execute(f"DROP TRIGGER {marker.replace('-', '_')} ON offers; DROP FUNCTION {marker.replace('-', '_')}()")

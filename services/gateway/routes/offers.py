@@ -1,7 +1,10 @@
 """Offers CRUD. Every change is republished to the edge so the redirect sees pauses and deletes."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
@@ -170,13 +173,34 @@ async def get_offer(request: Request) -> JSONResponse:
     return JSONResponse({"success": True, "offer": offer_json(row)})
 
 
+@contextlib.asynccontextmanager
+async def _edge_kept_with_postgresql(request: Request, account_id: int, offer_id: str) -> AsyncIterator[None]:
+    """A change is published to the edge just before its commit (so an acknowledged pause is at
+    the edge). If the request fails after that (the commit, or a publish whose reply was lost),
+    the edge may be ahead of PostgreSQL: the row as committed is published again, best effort."""
+    try:
+        yield
+    except Exception:
+        with contextlib.suppress(Exception):
+            row = await request.app.state.db.fetchrow(
+                f"SELECT {OFFER_COLUMNS} FROM offers WHERE id = $1 AND account_id = $2", offer_id, account_id
+            )
+            if row is not None:
+                await asyncio.wait_for(publish_offer(request.app.state.redis, row), REPUBLISH_TIMEOUT)
+        raise
+
+
+REPUBLISH_TIMEOUT = 2.0
+
+
 async def update_offer(request: Request) -> JSONResponse:
     account = await authenticate(request)
     data = await read_json_object(request)
     await _fetch(request, account.id, _offer_id(request))
     fields = _clean(data, partial=True)
     db = request.app.state.db
-    async with db.acquire() as conn, conn.transaction():
+    async with _edge_kept_with_postgresql(request, account.id, request.path_params["offer_id"]), \
+            db.acquire() as conn, conn.transaction():
         if fields:
             names = list(fields)
             assignments = ", ".join(f"{name} = ${i + 3}" for i, name in enumerate(names))
@@ -204,7 +228,7 @@ async def delete_offer(request: Request) -> JSONResponse:
     account = await authenticate(request)
     offer_id = _offer_id(request)
     db = request.app.state.db
-    async with db.acquire() as conn, conn.transaction():
+    async with _edge_kept_with_postgresql(request, account.id, offer_id), db.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
             "UPDATE offers SET status = 'deleted', updated_at = now()"
             f" WHERE id = $1 AND account_id = $2 AND status <> 'deleted' RETURNING {OFFER_COLUMNS}",
