@@ -10,7 +10,11 @@ left no key: the retry sends). The same key with another request (method, path o
 first's transaction on the key's row, then answers as the first did.
 
 Only answers that stored something are remembered: a refused request (400, or a bulk request
-whose every record failed) stored nothing, and its retry is simply checked again.
+whose every record failed its checks) stored nothing, and its retry is simply checked again. A
+bulk request with a key is all or nothing against database failures: if a record could not be
+saved (``save_error``, not a bad record), nothing of it is kept and it answers 500 ``save_error``,
+so that the retry with the same key stores it whole (remembering the partial answer would have
+replayed the failure for a day).
 (draft-ietf-httpapi-idempotency-key-header; Stripe's API behaves the same way.)
 """
 from __future__ import annotations
@@ -24,12 +28,24 @@ import asyncpg
 from starlette.requests import Request
 from starlette.responses import Response
 
+from services.gateway.http import error_response
 from shared.errors import ApiError, validation
 from shared.idempotency import KEEP
 
 HEADER = "idempotency-key"
 REPLAYED = "Idempotent-Replayed"
 _KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")  # printable ASCII, no spaces: as Stripe's keys and UUIDs
+
+
+class _Unsaved(Exception):
+    """The work's answer says a record could not be saved: its transaction must roll back."""
+
+
+def unsaved(response: Response) -> Response:
+    """Mark a bulk answer in which a record could not be saved (``answer_once`` with a key then
+    keeps nothing of the request)."""
+    response.unsaved = True  # type: ignore[attr-defined]
+    return response
 
 
 class Raced(Exception):
@@ -100,8 +116,15 @@ async def answer_once(
     try:
         async with conn.transaction():
             response = await work()
+            if getattr(response, "unsaved", False):
+                raise _Unsaved
             await key.remember(conn, response)
             return response
+    except _Unsaved:
+        return error_response(ApiError(
+            500, "save_error",
+            "Some records could not be saved, so none was kept; retry the request with the same Idempotency-Key",
+        ))
     except Raced:
         replayed = await key.replay(conn)
         if replayed is None:  # (the twin's row was committed: only a purge in between could do this)

@@ -178,3 +178,38 @@ async def test_history_imports_take_an_idempotency_key(api: httpx.AsyncClient, t
     again = await api.post("/api/v2/history/clicks", headers=keyed(tenant, key), json=clicks)
     assert first.json()["success_count"] == 1 and again.json() == first.json()  # not a duplicate the second time
     assert again.headers["idempotent-replayed"] == "true"
+
+
+async def test_a_keyed_bulk_request_that_could_not_save_a_record_keeps_nothing_and_its_retry_stores(
+    api: httpx.AsyncClient, tenant: Tenant, db: asyncpg.Pool
+) -> None:
+    """A database failure (here a trigger refusing this account's revenue) under a key: nothing is
+    kept and the answer is 500 save_error, so the retry with the same key stores the request
+    whole. Remembering the partial answer replayed the failure for a day (found by review)."""
+    sent = await api.post("/api/v2/send", headers=tenant.headers, json={"to": random_phone(), "list_id": tenant.list_id, "body": "a"})
+    message_id = sent.json()["message_id"]
+    name = f"refuse_revenue_{tenant.account_id}"
+    await db.execute(f"""
+        CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.account_id = {tenant.account_id} THEN RAISE EXCEPTION 'refused'; END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER {name} BEFORE INSERT ON revenue FOR EACH ROW EXECUTE FUNCTION {name}();
+    """)
+    body = {"records": [{"message_id": message_id, "revenue": "2", "attribution_type": "sale"}]}
+    key = secrets.token_hex(8)
+    try:
+        for url in ("/api/v2/revenue/bulk", "/api/v2/history/revenue"):
+            assert_error(await api.post(url, headers=keyed(tenant, key + url), json=body), 500, "save_error")
+        # Without a key: the per-record answer, as before.
+        plain = await api.post("/api/v2/revenue/bulk", headers=tenant.headers, json=body)
+        assert plain.status_code == 200 and plain.json()["errors"][0]["code"] == "save_error"
+    finally:
+        await db.execute(f"DROP TRIGGER {name} ON revenue; DROP FUNCTION {name}()")
+    assert await db.fetchval("SELECT count(*) FROM idempotency_keys WHERE account_id = $1 AND key LIKE $2",
+                             tenant.account_id, key + "%") == 0
+    for url in ("/api/v2/revenue/bulk", "/api/v2/history/revenue"):
+        retry = await api.post(url, headers=keyed(tenant, key + url), json=body)
+        assert retry.status_code == 200 and retry.json()["success_count"] == 1, retry.text
+    assert await revenue_rows(db, message_id) == 2

@@ -51,7 +51,7 @@ class Outcome:
 
     def response(self) -> JSONResponse:
         failed = sorted(self.failed or [], key=lambda f: f[0])
-        return JSONResponse(
+        response = JSONResponse(
             {
                 "success_count": self.success,
                 "error_count": len(failed),
@@ -59,6 +59,9 @@ class Outcome:
                 "errors": [{"index": i, "code": e.code, "error": e.message} for i, e in failed[:MAX_ERRORS_SHOWN]],
             }
         )
+        if any(e.code == "save_error" for _, e in failed):  # a database failure, not a bad record
+            idempotency.unsaved(response)
+        return response
 
 
 # ---------------------------------------------------------------------------------------------

@@ -263,7 +263,7 @@ async def create_bulk(request: Request) -> Response:
         async def store() -> Response:
             inserted, unsaved = await insert_revenue_resilient(conn, account.id, good, "api")
             failed.extend(unsaved)
-            return answer(inserted)
+            return idempotency.unsaved(answer(inserted)) if unsaved else answer(inserted)
 
         return await idempotency.answer_once(conn, key, store)
 
