@@ -68,7 +68,7 @@ class Postback:
         return "; ".join(self.errors) or None
 
     def dedupe_key(self, after: int) -> str | None:
-        """The same (network, conversion key, status, payout, click id) sent again after the same
+        """The same (network, conversion key, status, payout, click id, currency) sent again after the same
         latest accepted postback ``after`` (0: none yet) of that conversion is the same postback.
         Concurrent retries share this key, so exactly one is accepted; a correction back to an
         earlier state (approved -> rejected -> approved) follows a newer postback and is new.
@@ -76,15 +76,21 @@ class Postback:
         if self.errors:
             return None
         payout = "" if self.payout is None else str(to_json_number(self.payout))
-        return "\x1f".join(
-            (self.network, self.conversion_key, self.status or "", payout, self.click_id or "", f"after:{after}")
-        )
+        return "\x1f".join((
+            self.network, self.conversion_key, self.status or "", payout, self.click_id or "", self.currency or "",
+            f"after:{after}",
+        ))
 
-    def repeats(self, status: str | None, payout: Decimal | None, click_id: str | None) -> bool:
+    def repeats(self, status: str | None, payout: Decimal | None, click_id: str | None, currency: str | None) -> bool:
         """Whether this postback says what the latest accepted one for its conversion said. One
-        that names a click the latest did not is news (a network that learned the click id late:
-        the worker attributes the conversion by it); one that names none repeats any."""
-        return self.status == status and self.payout == payout and (self.click_id is None or self.click_id == click_id)
+        that names a click or a currency the latest did not is news (a network that learned the
+        click id late: the worker attributes the conversion by it; a currency corrected); one
+        that names none repeats any."""
+        return (
+            self.status == status and self.payout == payout
+            and (self.click_id is None or self.click_id == click_id)
+            and (self.currency is None or self.currency == currency)
+        )
 
 
 def first_value(value: Any) -> str | None:

@@ -261,6 +261,8 @@ class _State:
         is the conversion's from then on (the payout it gives is in that currency)."""
         new_payout = self.payout if payout is None else payout
         if not accepts_move(self.status, self.payout, status, new_payout):
+            if status == self.status and new_payout == self.payout and currency not in (None, self.currency):
+                self.currency, self.currency_given, self.moved = currency, True, True  # a correction: no amount moves
             return
         delta = status_value(status, new_payout) - status_value(self.status, self.payout)
         self.ledger.append((postback_id, self.status, status, delta))

@@ -137,3 +137,16 @@ async def test_a_currency_that_is_no_code_is_kept_for_the_operator_not_summed(ap
     assert "currency" in stored["parse_error"] and stored["params"]["currency"] == "usd dollars"
     detail = (await api.get(f"/api/v2/messages/{mid}", headers=tenant.headers)).json()
     assert (detail["conversions"], detail["revenue"]) == (0, 0)
+
+
+async def test_a_postback_that_only_corrects_the_currency_is_applied(api, db, tenant, run_worker):
+    """Same status and payout, another currency: news, not a duplicate (found by review)."""
+    _, _, click_id = await clicked_message(api, db, tenant)
+    common = {"click_id": click_id, "txid": "fx-only", "payout": "10", "timestamp": (T0 + timedelta(hours=1)).isoformat()}
+    assert await postback(api, tenant, status="pending", currency="EUR", **common) == "accepted"
+    assert await postback(api, tenant, status="pending", currency="USD", **common) == "accepted"
+    assert await postback(api, tenant, status="pending", currency="usd", **common) == "duplicate"
+    assert await postback(api, tenant, status="pending", **common) == "duplicate"  # no currency: repeats any
+    await run_worker()
+    conv = await conversion(db, tenant, "fx-only")
+    assert (conv["status"], conv["payout"], conv["currency"]) == ("pending", Decimal(10), "USD")

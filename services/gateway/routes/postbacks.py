@@ -53,7 +53,7 @@ RETURNING id
 
 # The latest accepted postback of a conversion: a repeat of it is a duplicate.
 _LATEST = """
-SELECT id, status, payout, click_id FROM postbacks
+SELECT id, status, payout, click_id, currency FROM postbacks
 WHERE account_id = $1 AND network = $2 AND conversion_key = $3 AND dedupe_key IS NOT NULL
 ORDER BY id DESC LIMIT 1
 """
@@ -181,7 +181,7 @@ async def receive(request: Request) -> JSONResponse:
         postback_id = await db.fetchval(_INSERT, *values, None, False, *closed)
     else:
         latest = await db.fetchrow(_LATEST, account_id, pb.network, pb.conversion_key)
-        if latest is None or not pb.repeats(latest["status"], latest["payout"], latest["click_id"]):
+        if latest is None or not pb.repeats(latest["status"], latest["payout"], latest["click_id"], latest["currency"]):
             postback_id = await db.fetchval(_INSERT, *values, pb.dedupe_key(latest["id"] if latest else 0), False, *closed)
     if postback_id is None:
         await db.execute(_INSERT, *values, None, True, received_at, None)
