@@ -37,3 +37,40 @@ async def test_a_failed_start_of_a_job_gives_its_slot_back(settings, redis) -> N
         pool.pipeline = pipeline
         await pool.delete(worker.queue_name)
         await pool.aclose()
+
+
+async def test_a_stop_does_not_wait_forever_for_a_job_that_cannot_finish(settings) -> None:
+    """On a stop arq cancels the jobs, and a cancelled job then records its outcome through arq's
+    pool, which waits forever on a hung Redis (found by review): the close goes on after a bound,
+    and the worker's own shutdown still runs."""
+    from services.worker.main import REDIS_CLOSE_TIMEOUT
+
+    worker = TracklyWorker(**{**worker_settings(settings), "handle_signals": False})
+    pool = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+    worker._pool = pool
+    released = asyncio.Event()
+
+    async def stuck_job() -> None:  # as arq's run_job in asyncio.shield(finish_job(...)) on a hung Redis
+        while not released.is_set():
+            try:
+                await released.wait()
+            except asyncio.CancelledError:
+                continue
+
+    worker.tasks["stuck"] = asyncio.create_task(stuck_job())
+    shut_down: list[bool] = []
+    worker.on_shutdown = lambda ctx: _record(shut_down)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        await asyncio.wait_for(worker.close(), REDIS_CLOSE_TIMEOUT * 3)
+        assert loop.time() - started < REDIS_CLOSE_TIMEOUT * 2 and shut_down == [True]
+    finally:
+        released.set()
+        await worker.tasks["stuck"]
+        if worker._pool is not None:
+            await pool.aclose()
+
+
+async def _record(shut_down: list[bool]) -> None:
+    shut_down.append(True)
