@@ -180,14 +180,23 @@ async def _edge_kept_with_postgresql(request: Request, account_id: int, offer_id
     the edge may be ahead of PostgreSQL: the row as committed is published again, best effort."""
     try:
         yield
+    except ApiError:  # refused before anything was published (not found, duplicate external id)
+        raise
     except Exception:
         with contextlib.suppress(Exception):
-            row = await request.app.state.db.fetchrow(
-                f"SELECT {OFFER_COLUMNS} FROM offers WHERE id = $1 AND account_id = $2", offer_id, account_id
-            )
-            if row is not None:
-                await asyncio.wait_for(publish_offer(request.app.state.redis, row), REPUBLISH_TIMEOUT)
+            await asyncio.wait_for(_republish(request, account_id, offer_id), REPUBLISH_TIMEOUT)
         raise
+
+
+async def _republish(request: Request, account_id: int, offer_id: str) -> None:
+    """The committed row to the edge, read FOR SHARE and published before this transaction ends,
+    as every change does: a change that commits meanwhile publishes after this, not before."""
+    async with request.app.state.db.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            f"SELECT {OFFER_COLUMNS} FROM offers WHERE id = $1 AND account_id = $2 FOR SHARE", offer_id, account_id
+        )
+        if row is not None:
+            await publish_offer(request.app.state.redis, row)
 
 
 REPUBLISH_TIMEOUT = 2.0
