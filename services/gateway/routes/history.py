@@ -9,7 +9,8 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import asyncpg
 from starlette.requests import Request
@@ -38,6 +39,9 @@ from shared.phone import PhoneError, parse_e164
 from shared.timeutil import utcnow
 
 
+R = TypeVar("R")
+
+
 @dataclass
 class Outcome:
     success: int = 0
@@ -48,6 +52,30 @@ class Outcome:
         if self.failed is None:
             self.failed = []
         self.failed.append((index, err))
+
+    def first_of_each(self, records: list[R], key: Callable[[R], str | None]) -> list[R]:
+        """The records in order, a later one with the same (not None) ``key`` counted a duplicate."""
+        kept: list[R] = []
+        seen: set[str] = set()
+        for record in records:
+            k = key(record)
+            if k is not None:
+                if k in seen:
+                    self.duplicates += 1
+                    continue
+                seen.add(k)
+            kept.append(record)
+        return kept
+
+    def parse_each(self, items: list[Any], parse: Callable[[int, Any], R]) -> list[R]:
+        """``parse(index, record)`` of each record; a record it refuses is failed here."""
+        parsed: list[R] = []
+        for index, raw in enumerate(items):
+            try:
+                parsed.append(parse(index, raw))
+            except ApiError as err:
+                self.fail(index, err)
+        return parsed
 
     def response(self) -> JSONResponse:
         failed = sorted(self.failed or [], key=lambda f: f[0])
@@ -175,12 +203,7 @@ async def import_clicks(request: Request) -> Response:
     account, key, items = await _records(request)
     now = utcnow()
     out = Outcome()
-    parsed: list[ClickRecord] = []
-    for index, raw in enumerate(items):
-        try:
-            parsed.append(parse_click(index, raw))
-        except ApiError as err:
-            out.fail(index, err)
+    parsed = out.parse_each(items, parse_click)
     if not parsed:
         return out.response()
     async with request.app.state.db.acquire() as conn:
@@ -261,12 +284,7 @@ async def import_sends(request: Request) -> Response:
     account, key, items = await _records(request)
     now = utcnow()
     out = Outcome()
-    parsed: list[SendRecord] = []
-    for index, raw in enumerate(items):
-        try:
-            parsed.append(parse_history_send(index, raw, now))
-        except ApiError as err:
-            out.fail(index, err)
+    parsed = out.parse_each(items, lambda index, raw: parse_history_send(index, raw, now))
     if not parsed:
         return out.response()
     redis, code_days = request.app.state.redis, request.app.state.settings.message_code_days
@@ -291,15 +309,7 @@ async def import_sends(request: Request) -> Response:
             out.fail(r.index, err)
         # A message id given twice: the first record that passed its checks is the message (one
         # that failed does not take the id from a good one after it).
-        fresh: list[SendRecord] = []
-        seen: set[str] = set()
-        for r in sorted(resolved.good, key=lambda r: r.index):
-            if r.message_id is not None and r.message_id in seen:
-                out.duplicates += 1
-                continue
-            if r.message_id is not None:
-                seen.add(r.message_id)
-            fresh.append(r)
+        fresh = out.first_of_each(sorted(resolved.good, key=lambda r: r.index), lambda r: r.message_id)
         if not fresh:
             return out.response()
 
@@ -331,12 +341,7 @@ async def import_revenue(request: Request) -> Response:
     account, key, items = await _records(request)
     now = utcnow()
     out = Outcome()
-    parsed: list[RevenueRecord] = []
-    for index, raw in enumerate(items):
-        try:
-            parsed.append(parse_revenue(index, raw, now, with_external_id=True))
-        except ApiError as err:
-            out.fail(index, err)
+    parsed = out.parse_each(items, lambda index, raw: parse_revenue(index, raw, now, with_external_id=True))
     if not parsed:
         return out.response()
     async with request.app.state.db.acquire() as conn:
@@ -345,15 +350,7 @@ async def import_revenue(request: Request) -> Response:
         good, failed = await resolve_revenue(conn, account.id, parsed)
         for index, err in failed:
             out.fail(index, err)
-        unique: list[RevenueRecord] = []
-        seen: set[str] = set()
-        for r in good:
-            if r.external_id is not None and r.external_id in seen:
-                out.duplicates += 1
-                continue
-            if r.external_id is not None:
-                seen.add(r.external_id)
-            unique.append(r)
+        unique = out.first_of_each(good, lambda r: r.external_id)
         if not unique:
             return out.response()
 
