@@ -371,21 +371,30 @@ async def process_batch(conn: asyncpg.Connection, first_id: int | None = None, l
         await conn.execute(_LEDGER, *map(list, zip(*ledger)))
     # A conversion whose postbacks named no click takes the first click a later one names, and is
     # judged by it (a network that learned the click id late, as with a manual approval).
-    late: list[tuple[int, str, Attribution]] = []
+    late: list[tuple[int, str, Attribution, int]] = []  # conversion, click id, verdict, account
     for key in keys:
         state = states[key]
         if state.click_id is None:
             named = next((r["click_id"] for r in groups[key] if r["click_id"]), None)
             if named is not None:
-                late.append((state.id, named, clicks.credit(key[0], named, state.converted_at)))
+                late.append((state.id, named, clicks.credit(key[0], named, state.converted_at), key[0]))
     if late:
         await conn.execute(
             "UPDATE conversions c SET click_id = t.click_id, updated_at = now()"
             " FROM unnest($1::bigint[], $2::text[]) AS t(id, click_id) WHERE c.id = t.id",
-            [i for i, _, _ in late], [named for _, named, _ in late],
+            [i for i, _, _, _ in late], [named for _, named, _, _ in late],
         )
-        await _attribute(conn, [(i, verdict) for i, _, verdict in late])
-        await _default_from_click_offers(conn, [i for i, _, verdict in late if verdict.attributed])
+        await _attribute(conn, [(i, verdict) for i, _, verdict, _ in late])
+        await _default_from_click_offers(conn, [i for i, _, verdict, _ in late if verdict.attributed])
+        # A click not stored yet may be being stored right now, by a drainer that cannot see this
+        # conversion's new click id; the sweeper's own re-match looks back a day only, and such a
+        # conversion is often older: leave the sweeper a request (as /history/clicks does).
+        waiting = sorted({(account, named) for _, named, verdict, account in late if verdict.reason == "click_not_found"})
+        if waiting:
+            await conn.execute(
+                "INSERT INTO rematch_requests (account_id, click_id) SELECT * FROM unnest($1::bigint[], $2::text[])",
+                [a for a, _ in waiting], [c for _, c in waiting],
+            )
     await conn.execute(_DONE, [r["id"] for r in rows], [None] * len(rows))
     return Taken(len(rows), deferred)
 

@@ -890,3 +890,30 @@ async def test_a_postbacks_offer_id_resolves_as_id_then_live_then_deleted_extern
     found = {key: (await conversion(db, tenant, key))["offer_id"] for key in ("r-live", "r-gone", "r-id", "r-none")}
     assert found == {"r-live": live["id"], "r-gone": only_gone["id"], "r-id": live["id"], "r-none": None}
     assert shadow["id"] not in found.values()
+
+
+async def test_a_late_click_id_on_an_old_conversion_is_matched_when_its_click_lands_unseen(api, db, tenant, run_worker):
+    """The late click id's click is stored at the same moment by a drainer that cannot see it
+    (here: stored directly, as if that drainer's transaction missed the conversion). The sweeper's
+    own re-match looks back a day only and the conversion is older: the request the worker left
+    matches it (found by review)."""
+    offer = await make_offer(api, tenant, payout=5)
+    mid = await send_message(api, tenant, offer_id=offer["id"])
+    ts = (T0 + timedelta(hours=2)).isoformat()
+    assert await postback(api, tenant, conversion_id="old-late", status="pending", timestamp=ts) == "accepted"
+    await run_worker()
+    await db.execute("UPDATE conversions SET created_at = now() - interval '3 days' WHERE account_id = $1",
+                     tenant.account_id)
+    click_id = secrets.token_hex(16)
+    assert await postback(api, tenant, conversion_id="old-late", click_id=click_id, status="approved",
+                          timestamp=ts) == "accepted"
+    await run_worker()
+    assert (await conversion(db, tenant, "old-late"))["unattributed_reason"] == "click_not_found"
+    await store_click(db, tenant.account_id, mid, T0, offer_id=offer["id"], click_id=click_id)
+    async with db.acquire() as conn, conn.transaction():
+        await attribution.rematch_stored(conn)  # the sweeper's windowed re-match: too old for it
+    assert not (await conversion(db, tenant, "old-late"))["attributed"]
+    async with db.acquire() as conn, conn.transaction():
+        await attribution.rematch_requested(conn)
+    conv = await conversion(db, tenant, "old-late")
+    assert (conv["attributed"], conv["message_id"]) == (True, mid)
