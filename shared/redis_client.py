@@ -55,11 +55,12 @@ async def warn_if_not_durable(redis: aioredis.Redis) -> str | None:
     except RedisError as exc:
         log.debug("could not read the persistence settings of redis: %s", exc)
         return None
-    problem = persistence_problem({_text(k): _text(v) for k, v in config.items()})
+    problem = persistence_problem({text(k): text(v) for k, v in config.items()})
     if problem:
         log.warning("redis does not keep everything it acknowledges: %s", problem)
     return problem
 
 
-def _text(value: object) -> str:
+def text(value: object) -> str:
+    """A reply value as text (redis-py answers bytes unless told to decode)."""
     return value.decode() if isinstance(value, bytes) else str(value)

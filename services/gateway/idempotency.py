@@ -75,6 +75,14 @@ class IdempotencyKey:
         return Response(row["response"], status_code=row["status"], media_type="application/json",
                          headers={REPLAYED: "true"})
 
+    async def winners_answer(self, conn: asyncpg.Connection) -> Response:
+        """After ``Raced`` (this request's transaction rolled back): the answer of the request
+        with the same key that committed first."""
+        replayed = await self.replay(conn)
+        if replayed is None:  # (its row was committed: only a purge in between could do this)
+            raise Raced
+        return replayed
+
     async def remember(self, conn: asyncpg.Connection, response: Response) -> None:
         """Store the answer, in the caller's transaction; Raced if a request with this key
         committed first (a key past KEEP that was not yet purged is taken over)."""
@@ -126,7 +134,9 @@ async def answer_once(
             "Some records could not be saved, so none was kept; retry the request with the same Idempotency-Key",
         ))
     except Raced:
-        replayed = await key.replay(conn)
-        if replayed is None:  # (the twin's row was committed: only a purge in between could do this)
-            raise
-        return replayed
+        return await key.winners_answer(conn)
+
+
+async def replayed(conn: asyncpg.Connection, key: IdempotencyKey | None) -> Response | None:
+    """The answer remembered under the request's key, if it sent one and it was answered before."""
+    return None if key is None else await key.replay(conn)

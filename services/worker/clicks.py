@@ -44,6 +44,7 @@ from redis.exceptions import ResponseError
 
 from services.worker import attribution
 from shared import edge, jsonio, loops
+from shared.redis_client import text
 
 log = logging.getLogger("trackly.worker.clicks")
 
@@ -181,7 +182,7 @@ async def forget_dead_consumers(redis: aioredis.Redis, idle_ms: int = DEAD_CONSU
         if "no such key" in str(exc).lower() or "nogroup" in str(exc).lower():
             return []  # no stream or group yet
         raise
-    gone = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    gone = [text(n) for n in names]
     if gone:
         log.info("forgot %d click consumers of workers that are gone: %s", len(gone), ", ".join(gone))
     return gone
@@ -208,7 +209,7 @@ async def _rescue(redis: aioredis.Redis, consumer: str, count: int) -> list[tupl
     stream, group = edge.CLICK_STREAM, edge.CLICK_GROUP
     holding = [
         name for info in await redis.xinfo_consumers(stream, group)
-        if info["pending"] and (name := _text(info["name"])) != consumer
+        if info["pending"] and (name := text(info["name"])) != consumer
     ]
     if not holding:
         return []
@@ -227,10 +228,6 @@ async def _rescue(redis: aioredis.Redis, consumer: str, count: int) -> list[tupl
             log.warning("claimed %d click batches of consumer %s, whose worker is gone", len(entries), name)
             return entries
     return []
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 async def beat(redis: aioredis.Redis, consumers: list[str]) -> None:

@@ -207,7 +207,7 @@ async def import_clicks(request: Request) -> Response:
     if not parsed:
         return out.response()
     async with request.app.state.db.acquire() as conn:
-        if key is not None and (replayed := await key.replay(conn)) is not None:
+        if (replayed := await idempotency.replayed(conn, key)) is not None:
             return replayed
         wanted = sorted({r.message_id for r in parsed if MESSAGE_ID_RE.match(r.message_id)})
         messages = {
@@ -289,7 +289,7 @@ async def import_sends(request: Request) -> Response:
         return out.response()
     redis, code_days = request.app.state.redis, request.app.state.settings.message_code_days
     async with request.app.state.db.acquire() as conn:
-        if key is not None and (replayed := await key.replay(conn)) is not None:
+        if (replayed := await idempotency.replayed(conn, key)) is not None:
             return replayed
         given = sorted({r.message_id for r in parsed if r.message_id})
         existing = {
@@ -345,7 +345,7 @@ async def import_revenue(request: Request) -> Response:
     if not parsed:
         return out.response()
     async with request.app.state.db.acquire() as conn:
-        if key is not None and (replayed := await key.replay(conn)) is not None:
+        if (replayed := await idempotency.replayed(conn, key)) is not None:
             return replayed
         good, failed = await resolve_revenue(conn, account.id, parsed)
         for index, err in failed:

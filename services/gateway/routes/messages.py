@@ -26,7 +26,7 @@ async def send(request: Request) -> Response:
     key = idempotency.requested(request, account.id, raw)
     record = parse_send(0, parse_json_object(raw))
     async with request.app.state.db.acquire() as conn:
-        if key is not None and (replayed := await key.replay(conn)) is not None:
+        if (replayed := await idempotency.replayed(conn, key)) is not None:
             return replayed
         resolved = await resolve(conn, account.id, [record])
         if resolved.failed:
@@ -80,7 +80,7 @@ async def send_bulk(request: Request) -> Response:
     if not parsed:
         return answer([])
     async with request.app.state.db.acquire() as conn:
-        if key is not None and (replayed := await key.replay(conn)) is not None:
+        if (replayed := await idempotency.replayed(conn, key)) is not None:
             return replayed
         resolved = await resolve(conn, account.id, parsed)
         for record, err in resolved.failed:
@@ -111,10 +111,7 @@ async def _store(
                               also=remember if key is not None else None)
     except idempotency.Raced:
         assert key is not None
-        replayed = await key.replay(conn)
-        if replayed is None:  # (the twin's row was committed: only a purge in between could do this)
-            raise
-        return replayed
+        return await key.winners_answer(conn)
     return response or answer()
 
 

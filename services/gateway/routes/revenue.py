@@ -217,7 +217,7 @@ async def create(request: Request) -> Response:
     key = idempotency.requested(request, account.id, raw)
     record = parse_revenue(0, parse_json_object(raw), utcnow())
     async with request.app.state.db.acquire() as conn:
-        if key is not None and (replayed := await key.replay(conn)) is not None:
+        if (replayed := await idempotency.replayed(conn, key)) is not None:
             return replayed
         good, failed = await resolve_revenue(conn, account.id, [record])
         if failed:
@@ -253,7 +253,7 @@ async def create_bulk(request: Request) -> Response:
     if not parsed:
         return answer(set())
     async with request.app.state.db.acquire() as conn:
-        if key is not None and (replayed := await key.replay(conn)) is not None:
+        if (replayed := await idempotency.replayed(conn, key)) is not None:
             return replayed
         good, unresolved = await resolve_revenue(conn, account.id, parsed)
         failed += unresolved
