@@ -5,6 +5,7 @@ import logging
 from collections.abc import Mapping
 
 import redis.asyncio as aioredis
+from redis.connection import HiredisRespSerializer
 from redis.exceptions import RedisError
 
 log = logging.getLogger("trackly.redis")
@@ -17,11 +18,34 @@ SOCKET_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 2.0
 
 
+class _HiredisPacking:
+    """Commands packed by hiredis, in C, as redis-py's synchronous connections do (its
+    ``HiredisRespSerializer``): its asyncio connections pack in Python, re-joining the buffer per
+    argument, which took ~3 ms of CPU for the ``MSET`` of a 1000-message send's codes."""
+
+    _serializer = HiredisRespSerializer()
+
+    def pack_command(self, *args: object) -> list[bytes]:
+        return self._serializer.pack(*args)
+
+
+_packing_classes: dict[type, type] = {}
+
+
+def _hiredis_packing(cls: type) -> type:
+    if cls not in _packing_classes:
+        _packing_classes[cls] = type(cls.__name__, (_HiredisPacking, cls), {})
+    return _packing_classes[cls]
+
+
 def create_redis(url: str, *, max_connections: int = 64) -> aioredis.Redis:
-    return aioredis.Redis.from_url(
+    client = aioredis.Redis.from_url(
         url, max_connections=max_connections, health_check_interval=30,
         socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=CONNECT_TIMEOUT,
     )
+    pool = client.connection_pool  # (its class comes from the URL's scheme: TCP, TLS or a unix socket)
+    pool.connection_class = _hiredis_packing(pool.connection_class)
+    return client
 
 
 def persistence_problem(config: Mapping[str, str]) -> str | None:
