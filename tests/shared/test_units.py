@@ -22,6 +22,9 @@ def test_id_formats():
     assert len(set(codes)) == 1000 and all(len(c) == 7 and c.isalnum() and c.isascii() for c in codes)
     batch = ids.message_ids(1000)
     assert len(set(batch)) == 1000 and all(ids.MESSAGE_ID_RE.match(m) for m in batch)
+    clicks, hexes = ids.click_ids(1000), ids.hex24s(1000)
+    assert len(set(clicks)) == 1000 and all(ids.CLICK_ID_RE.fullmatch(c) for c in clicks)
+    assert len(set(hexes)) == 1000 and all(ids.OFFER_ID_RE.fullmatch(h) for h in hexes)
     key = ids.api_key()
     assert key.startswith("trk_") and len(key) == 36 and all(c in "0123456789abcdef" for c in key[4:])
     assert len(ids.postback_token()) >= 32

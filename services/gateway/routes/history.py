@@ -6,7 +6,6 @@ answer is ``{success_count, error_count, duplicates_skipped, errors}``, errors c
 """
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from services.gateway.routes.revenue import (
 from services.gateway.sending import SendRecord, insert_messages, parse_send, resolve
 from shared.accounts import Account
 from shared.errors import ApiError, bad_request, not_found, validation
+from shared import ids
 from shared.ids import MESSAGE_ID_RE
 from shared.phone import PhoneError, parse_e164
 from shared.timeutil import utcnow
@@ -233,10 +233,11 @@ async def import_clicks(request: Request) -> Response:
                 seen.add(r.message_id)
                 r.offer_id = offers[r.offer_ref]["id"]
                 r.list_id, r.to_phone = messages[r.message_id]["list_id"], messages[r.message_id]["to_phone"]
-                r.click_id = "h" + secrets.token_hex(16)
                 good.append(r)
         if not good:
             return out.response()
+        for r, click_id in zip(good, ids.click_ids(len(good))):
+            r.click_id = "h" + click_id
 
         async def store() -> Response:
             try:

@@ -155,8 +155,9 @@ async def resolve_revenue(
             r.offer_id = offer["id"]
         else:
             r.offer_id = message["offer_id"]
-        r.id = ids.hex24()
         good.append(r)
+    for r, revenue_id in zip(good, ids.hex24s(len(good))):
+        r.id = revenue_id
     return good, failed
 
 
