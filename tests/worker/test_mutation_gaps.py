@@ -86,22 +86,6 @@ async def test_a_reversed_conversion_takes_no_later_payout(api, db, tenant, run_
     assert await ledger(db, conv["id"]) == [(None, "approved", Decimal(10)), ("approved", "reversed", Decimal(-10))]
 
 
-async def test_clicks_of_an_account_that_does_not_exist_are_dropped(db, redis, tenant):
-    """A stale edge key: its clicks are not stored; the batch's other clicks are, and the stream
-    moves on."""
-    from tests.worker.test_clicks import click, drain_all, xadd
-
-    await drain_all(db, redis)
-    good = click(tenant, at=T0)
-    missing = await db.fetchval("SELECT coalesce(max(id), 0) + 1000 FROM accounts")
-    stale = dict(click(tenant, at=T0), a=missing)
-    await xadd(redis, [good, stale])
-    await drain_all(db, redis)
-    stored = {r["id"] for r in await db.fetch("SELECT id FROM clicks WHERE id = ANY($1::text[])", [good["id"], stale["id"]])}
-    assert stored == {good["id"]}
-    assert await redis.xlen(edge.CLICK_STREAM) == 0
-
-
 async def test_a_job_goes_on_past_a_full_batch(api, db, tenant, monkeypatch):
     """A job takes batch after batch until one comes back short: nothing waits for the sweeper."""
     _, _, click_id = await clicked_message(api, db, tenant)

@@ -22,7 +22,6 @@ from services.gateway.http import JSONResponse, parse_json_object, present, read
 from services.gateway.lookups import find_offers
 from services.gateway.routes.revenue import (
     MAX_ERRORS_SHOWN,
-    RevenueRecord,
     insert_revenue_resilient,
     parse_revenue,
     parse_timestamp_field,
