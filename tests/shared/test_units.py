@@ -125,6 +125,11 @@ def test_settings_from_environment():
     assert len(s.trusted_proxies) == 2 and s.embedded
     with pytest.raises(SystemExit):
         settings.load({"TRACKLY_REDIRECT_PORT": "x"})
+    for name in ("TRACKLY_GATEWAY_PORT", "TRACKLY_REDIRECT_PORT"):  # refused at start, not at bind time
+        assert settings.load({name: "65535"}) and settings.load({name: "1"})
+        for bad in ("0", "-1", "65536", "99999"):
+            with pytest.raises(SystemExit, match=name):
+                settings.load({name: bad})
     with pytest.raises(SystemExit):
         settings.load({"TRACKLY_TRUSTED_PROXIES": "10.0.0.0/33"})
     assert s.message_code_days == 0 and settings.load({"TRACKLY_MESSAGE_CODE_DAYS": "30"}).message_code_days == 30
