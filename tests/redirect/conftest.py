@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -12,6 +13,9 @@ import pytest
 
 from services.redirect.app import RedirectApp, create_app
 from services.worker.clicks import drain_once
+from shared import edge as edge_keys
+from shared.embedded import EmbeddedRedis
+from shared.redis_client import create_redis
 from shared.settings import Settings
 from tests.helpers import Tenant, make_link, make_offer
 
@@ -70,3 +74,28 @@ async def offer_and_link(api: httpx.AsyncClient, tenant: Tenant, destination: st
     o = await make_offer(api, tenant, destination_url=destination, **offer)
     link = await make_link(api, tenant, o["id"])
     return o, link
+
+
+@contextlib.asynccontextmanager
+async def spare_redis_with_link(redis: Any, link: dict, offer_id: str, path: Path) -> AsyncIterator[EmbeddedRedis]:
+    """A Redis of the test's own (to stop when it likes) holding a copy of the link's edge keys:
+    its short code, tracker and offer. Stopped afterwards, if the test has not."""
+    spare = EmbeddedRedis(path)
+    spare.start()
+    try:
+        client = create_redis(spare.url)
+        try:
+            tracker_id = link["clickTrackerUrl"].rsplit("/", 1)[1]
+            for key in (
+                edge_keys.short_key("sms.example.com", link["linkId"]),
+                edge_keys.tracker_key(tracker_id),
+                edge_keys.offer_key(offer_id),
+            ):
+                value = await redis.get(key)
+                assert value is not None, key
+                await client.set(key, value)
+        finally:
+            await client.aclose()
+        yield spare
+    finally:
+        spare.stop()

@@ -17,12 +17,9 @@ from services.redirect import app as app_mod
 from services.redirect import cache as cache_mod
 from services.redirect.cache import EdgeCache, EdgeUnavailable
 from services.redirect.client_ip import ClientIP
-from shared import edge as edge_keys
-from shared.embedded import EmbeddedRedis
-from shared.redis_client import create_redis
 from shared.settings import Settings
 from tests.helpers import Tenant
-from tests.redirect.conftest import PHONE_UA, Edge, offer_and_link, running_edge
+from tests.redirect.conftest import PHONE_UA, Edge, offer_and_link, running_edge, spare_redis_with_link
 
 
 class ShiftedClock:
@@ -59,18 +56,6 @@ class FlakyRedis:
         return self.values.get(key)
 
 
-async def _copy_link_keys(source: Any, target: Any, link: dict, offer_id: str) -> None:
-    tracker_id = link["clickTrackerUrl"].rsplit("/", 1)[1]
-    for key in (
-        edge_keys.short_key("sms.example.com", link["linkId"]),
-        edge_keys.tracker_key(tracker_id),
-        edge_keys.offer_key(offer_id),
-    ):
-        value = await source.get(key)
-        assert value is not None, key
-        await target.set(key, value)
-
-
 async def test_a_busy_partitioned_edge_stops_redirecting_15_s_after_redis_last_confirmed_the_link(
     api: httpx.AsyncClient, tenant: Tenant, settings: Settings, redis: Any, tmp_path: Path, clock: ShiftedClock
 ) -> None:
@@ -78,14 +63,7 @@ async def test_a_busy_partitioned_edge_stops_redirecting_15_s_after_redis_last_c
     however often they are served meanwhile: else a paused offer would redirect for as long as
     the edge stays partitioned and its link keeps being clicked. Default TTL and stale limits."""
     offer, link = await offer_and_link(api, tenant, "https://lp.example/land?s={sub1}")
-    spare = EmbeddedRedis(tmp_path / "spare-redis")
-    spare.start()
-    try:
-        client = create_redis(spare.url)
-        try:
-            await _copy_link_keys(redis, client, link, offer["id"])
-        finally:
-            await client.aclose()
+    async with spare_redis_with_link(redis, link, offer["id"], tmp_path / "spare-redis") as spare:
         async with running_edge(settings, redis_url=spare.url) as edge:
             assert edge.app.settings.link_cache_ttl <= 5.0
             tracker = (await edge.get(link["shortUrl"] + "?sub1=a")).headers["location"]
@@ -101,8 +79,6 @@ async def test_a_busy_partitioned_edge_stops_redirecting_15_s_after_redis_last_c
             assert short.status_code == 503, short.headers.get("location")
             head = await edge.head(tracker)
             assert head.status_code == 503, head.headers.get("location")
-    finally:
-        spare.stop()
 
 
 async def test_after_a_stale_answer_redis_is_asked_again_within_a_second(clock: ShiftedClock) -> None:

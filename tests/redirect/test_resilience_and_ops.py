@@ -8,38 +8,18 @@ from pathlib import Path
 import asyncpg
 import httpx
 
-from shared import edge as edge_keys
 from shared.embedded import EmbeddedRedis
 from shared.redis_client import create_redis
 from shared.settings import Settings
 from tests.helpers import Tenant
-from tests.redirect.conftest import Edge, drain, offer_and_link, running_edge
-
-
-async def _copy_link_keys(source: object, target: object, link: dict, offer_id: str) -> None:
-    tracker_id = link["clickTrackerUrl"].rsplit("/", 1)[1]
-    for key in (
-        edge_keys.short_key("sms.example.com", link["linkId"]),
-        edge_keys.tracker_key(tracker_id),
-        edge_keys.offer_key(offer_id),
-    ):
-        value = await source.get(key)  # type: ignore[attr-defined]
-        assert value is not None, key
-        await target.set(key, value)  # type: ignore[attr-defined]
+from tests.redirect.conftest import Edge, drain, offer_and_link, running_edge, spare_redis_with_link
 
 
 async def test_cached_links_keep_redirecting_while_redis_is_down(
     api: httpx.AsyncClient, tenant: Tenant, settings: Settings, redis: object, tmp_path: Path
 ) -> None:
     offer, link = await offer_and_link(api, tenant, "https://lp.example/land?s={sub1}")
-    spare = EmbeddedRedis(tmp_path / "spare-redis")
-    spare.start()
-    try:
-        client = create_redis(spare.url)
-        try:
-            await _copy_link_keys(redis, client, link, offer["id"])
-        finally:
-            await client.aclose()
+    async with spare_redis_with_link(redis, link, offer["id"], tmp_path / "spare-redis") as spare:
         ttl = 0.05
         async with running_edge(settings, redis_url=spare.url, link_cache_ttl=ttl) as edge:
             tracker = (await edge.get(link["shortUrl"] + "?sub1=a")).headers["location"]
@@ -66,8 +46,6 @@ async def test_cached_links_keep_redirecting_while_redis_is_down(
             metrics = (await edge.get("http://edge/metrics")).text
             assert _value(metrics, "trackly_redirect_stale_served_total") >= 1
             assert _value(metrics, "trackly_redirect_clicks_failed_total") == 1
-    finally:
-        spare.stop()
 
 
 def _value(text: str, name: str, labels: str = "") -> float:
