@@ -95,3 +95,12 @@ async def fold_while_writing(
     finally:
         await writer.close()
         await folder.close()
+
+
+def services_up(gateway_port: int, redirect_port: int) -> bool:
+    """Whether a ``trackly run`` on these ports answers: the gateway ready, the redirect alive."""
+    try:
+        return httpx.get(f"http://127.0.0.1:{gateway_port}/readyz").status_code == 200 and \
+            httpx.get(f"http://127.0.0.1:{redirect_port}/healthz").status_code == 200
+    except httpx.TransportError:
+        return False

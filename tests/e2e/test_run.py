@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from shared.process import die_with_parent
+from tests.helpers import services_up
 
 
 def free_port() -> int:
@@ -53,13 +54,7 @@ def stack(tmp_path_factory):
     env = _run_env(data, gw, rd, TRACKLY_DEFAULT_TRACKER_DOMAIN=f"http://ct.localhost:{rd}")
     proc = _start_run(env)
     deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{gw}/readyz").status_code == 200 and \
-               httpx.get(f"http://127.0.0.1:{rd}/healthz").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
+    while not services_up(gw, rd):
         if proc.poll() is not None or time.monotonic() > deadline:
             _stop(proc)
             raise AssertionError("trackly run did not come up:\n" + (data / "run.log").read_text())

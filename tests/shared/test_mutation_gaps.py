@@ -14,7 +14,6 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 
-import httpx
 import pytest
 
 from shared import ids, settings
@@ -23,7 +22,7 @@ from shared.money import MoneyError, MoneyTooLarge, parse_money, to_json_number
 from shared.phone import PhoneError, parse_e164
 from shared.process import die_with_parent
 from shared.timeutil import TimeError, parse_date, parse_timestamp
-from tests.helpers import random_phone
+from tests.helpers import random_phone, services_up
 from tests.test_cli import trackly
 
 REPO = Path(__file__).resolve().parents[2]
@@ -243,13 +242,7 @@ def test_trackly_run_stops_everything_on_sigterm(settings):
     children: list[int] = []
     try:
         deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{gw}/readyz").status_code == 200 and \
-                        httpx.get(f"http://127.0.0.1:{rd}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
+        while not services_up(gw, rd):
             assert proc.poll() is None and time.monotonic() < deadline, "trackly run did not come up"
             time.sleep(0.2)
         children = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
