@@ -1,6 +1,7 @@
 """Redis clients built the same way by every service."""
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 
@@ -29,13 +30,9 @@ class _HiredisPacking:
         return self._serializer.pack(*args)
 
 
-_packing_classes: dict[type, type] = {}
-
-
+@functools.cache
 def _hiredis_packing(cls: type) -> type:
-    if cls not in _packing_classes:
-        _packing_classes[cls] = type(cls.__name__, (_HiredisPacking, cls), {})
-    return _packing_classes[cls]
+    return type(cls.__name__, (_HiredisPacking, cls), {})
 
 
 def create_redis(url: str, *, max_connections: int = 64) -> aioredis.Redis:
