@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,3 +105,17 @@ def services_up(gateway_port: int, redirect_port: int) -> bool:
             httpx.get(f"http://127.0.0.1:{redirect_port}/healthz").status_code == 200
     except httpx.TransportError:
         return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def free_ports() -> tuple[int, int]:
+    """Two free ports, distinct (two free_port() calls can hand out the same one)."""
+    with socket.socket() as a, socket.socket() as b:
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        return int(a.getsockname()[1]), int(b.getsockname()[1])

@@ -17,21 +17,7 @@ import httpx
 import pytest
 
 from shared.process import die_with_parent
-from tests.helpers import services_up
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_ports() -> tuple[int, int]:
-    """Two free ports, distinct (two free_port() calls can hand out the same one)."""
-    with socket.socket() as a, socket.socket() as b:
-        a.bind(("127.0.0.1", 0))
-        b.bind(("127.0.0.1", 0))
-        return a.getsockname()[1], b.getsockname()[1]
+from tests.helpers import free_port, free_ports, services_up
 
 
 def _run_env(data: Path, gw: int, rd: int, **extra: str) -> dict[str, str]:
@@ -311,3 +297,35 @@ def _answers(url: str) -> bool:
         return httpx.get(url).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_trackly_run_stops_everything_on_sigterm(settings, tmp_path):
+    """A process manager stops `trackly run` with SIGTERM (the e2e tests use Ctrl-C): exit 0,
+    within 20 s, every service it started gone."""
+    gw, rd = free_ports()
+    proc = _start_run(_run_env(tmp_path, gw, rd, TRACKLY_DATABASE_URL=settings.database_url,
+                               TRACKLY_REDIS_URL=settings.redis_url))
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not services_up(gw, rd):
+            assert proc.poll() is None and time.monotonic() < deadline, "trackly run did not come up"
+            time.sleep(0.2)
+        children = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                   text=True).stdout.split()]
+        assert len(children) == 3  # worker, redirect, gateway (no embedded servers: the URLs are set)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(25) == 0
+        assert time.monotonic() - started < 20
+        deadline = time.monotonic() + 2
+        while [p for p in children if _running(p)] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [p for p in children if _running(p)] == []
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for pid in children:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -10,13 +10,10 @@ from urllib.parse import quote
 
 from shared import ids
 from tests.gateway.test_api_basics import assert_error
+from tests.gateway.test_idempotency import keyed
 from tests.gateway.test_reports import build_history, report
 from tests.helpers import make_offer, random_phone
 from tests.worker.conftest import burst_worker
-
-
-def keyed(tenant, key):
-    return {**tenant.headers, "Idempotency-Key": key}
 
 
 async def test_an_unparseable_postback_in_between_does_not_make_a_retry_new(api, db, tenant):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,18 +17,12 @@ import pytest
 
 from shared.process import die_with_parent
 from shared.settings import Settings
-from tests.helpers import Tenant
+from tests.helpers import Tenant, free_port
 from tests.redirect.conftest import PHONE_UA, drain, offer_and_link
 
 REPO = Path(__file__).resolve().parents[2]
 ANSWERED_BEFORE_KILL = 400
 CONCURRENCY = 32
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

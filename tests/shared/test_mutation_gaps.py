@@ -1,15 +1,15 @@
 """Behaviour the rest of the suite left unpinned (found by mutation testing): configuration
 defaults and empty variables, money and time boundaries, ids, the operator CLI and the supervisor's
-stop (the click drainer's are in tests/worker/test_drain_gaps.py)."""
+stop (the click drainer's are in tests/worker/test_drain_gaps.py, `trackly run` on SIGTERM in
+tests/e2e/test_run.py)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -22,10 +22,8 @@ from shared.money import MoneyError, MoneyTooLarge, parse_money, to_json_number
 from shared.phone import PhoneError, parse_e164
 from shared.process import die_with_parent
 from shared.timeutil import TimeError, parse_date, parse_timestamp
-from tests.helpers import random_phone, services_up
+from tests.helpers import free_port, random_phone
 from tests.test_cli import trackly
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 # --- settings (CONTRACT.md §1) -----------------------------------------------------------------
@@ -151,8 +149,8 @@ def test_admin_output_is_exactly_one_json_object(settings):
 
 def test_an_unexpected_failure_is_still_one_line(settings):
     """A server the CLI cannot reach: not a traceback, one line and a non-zero exit."""
-    dead = f"postgresql://postgres@127.0.0.1:{_free_port()}/postgres"
-    out = trackly(settings.__class__(**{**settings.__dict__, "database_url": dead}), "admin", "create-account", "--name", "X")
+    dead = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    out = trackly(replace(settings, database_url=dead), "admin", "create-account", "--name", "X")
     assert out.returncode != 0 and out.stdout == ""
     assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("error:"), out.stderr
 
@@ -165,27 +163,13 @@ def test_migrate_twice_prints_what_it_applied_and_exits_0(settings):
 
 
 def test_republish_failure_is_one_line(settings):
-    dead = f"postgresql://postgres@127.0.0.1:{_free_port()}/postgres"
-    out = trackly(settings.__class__(**{**settings.__dict__, "database_url": dead}), "admin", "republish")
+    dead = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    out = trackly(replace(settings, database_url=dead), "admin", "republish")
     assert out.returncode != 0 and out.stdout == ""
     assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("error:"), out.stderr
 
 
 # --- the supervisor behind `trackly run` --------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_children_are_asked_to_stop_before_they_are_killed():
@@ -226,40 +210,3 @@ def test_a_child_that_ignores_sigterm_is_killed_in_time_for_the_20_s_contract():
             stubborn.kill()
             stubborn.wait()
         stubborn.stdout.close()
-
-
-def test_trackly_run_stops_everything_on_sigterm(settings):
-    """A process manager stops `trackly run` with SIGTERM (the e2e tests use Ctrl-C): exit 0,
-    within 20 s, every service it started gone."""
-    gw, rd = _free_port(), _free_port()
-    while rd == gw:
-        rd = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKLY_")}
-    env.update(TRACKLY_DATABASE_URL=settings.database_url, TRACKLY_REDIS_URL=settings.redis_url,
-               TRACKLY_GATEWAY_PORT=str(gw), TRACKLY_REDIRECT_PORT=str(rd))
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run"], cwd=REPO, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent())
-    children: list[int] = []
-    try:
-        deadline = time.monotonic() + 60
-        while not services_up(gw, rd):
-            assert proc.poll() is None and time.monotonic() < deadline, "trackly run did not come up"
-            time.sleep(0.2)
-        children = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                                   text=True).stdout.split()]
-        assert len(children) == 3  # worker, redirect, gateway (no embedded servers: the URLs are set)
-        started = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(25) == 0
-        assert time.monotonic() - started < 20
-        deadline = time.monotonic() + 2
-        while [p for p in children if _alive(p)] and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert [p for p in children if _alive(p)] == []
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        for pid in children:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
