@@ -7,8 +7,10 @@ from typing import Any
 
 import asyncpg
 import httpx
+import orjson
 import pytest
 
+from services.worker.clicks import STORE_JSON_FRESH
 from shared import edge, ids
 from tests.helpers import Tenant, random_phone
 from tests.worker.test_clicks import T0, click, contact_clicks, drain_all, message, xadd
@@ -83,3 +85,26 @@ async def test_a_later_click_never_replaces_the_first(
     row = await db.fetchrow("SELECT click_id, clicked_at FROM message_clicks WHERE message_id = $1", mid)
     assert (row["click_id"], row["clicked_at"]) == (first["id"], T0)
     assert await db.fetchval("SELECT count(*) FROM clicks WHERE message_id = $1", mid) == 2  # kept as a raw click
+
+
+async def test_a_batch_reads_each_clicked_message_by_its_key_whatever_the_table_size(db: asyncpg.Pool, tenant: Tenant) -> None:
+    """The drain's statement (and the rollup trigger it fires) probes the messages of the clicks
+    it stores one by one: with a join, the planner read the whole messages table per batch until
+    it held a few hundred thousand rows. 6000 messages with fresh statistics, a batch of 2000
+    clicks of which 1000 name a message: no scan of messages, every first click stored."""
+    mids = [f"dx{i:06d}" for i in range(6000)]
+    async with db.acquire() as conn:
+        await conn.copy_records_to_table(
+            "messages", columns=("id", "account_id", "list_id", "to_phone", "body", "sent_at"),
+            records=[(m, tenant.account_id, tenant.list_id, f"+1416{i:07d}", "x", T0) for i, m in enumerate(mids)],
+        )
+        await conn.execute("ANALYZE messages")
+        clicks = [edge.click_from(click(tenant, at=T0 + timedelta(seconds=i), message_id=mids[i] if i % 2 else None))
+                  for i in range(2000)]
+        async with conn.transaction():
+            row = await conn.fetchrow(STORE_JSON_FRESH, [orjson.dumps(clicks[i : i + 100]) for i in range(0, 2000, 100)])
+            scans = await conn.fetchval("SELECT seq_scan FROM pg_stat_xact_user_tables WHERE relname = 'messages'")
+        assert (row["seen"], row["first_clicks"], scans) == (2000, 1000, 0)
+        assert await conn.fetchval(
+            "SELECT count(*) FROM message_clicks WHERE message_id LIKE 'dx%' AND account_id = $1", tenant.account_id
+        ) == 1000
