@@ -5,6 +5,7 @@ import asyncpg
 import orjson
 import pytest
 
+from services.gateway.sending import insert_messages, parse_send, resolve
 from shared import ids
 from shared.edge import short_key
 from tests.gateway.test_api_basics import assert_error
@@ -291,3 +292,24 @@ async def test_a_send_that_races_another_for_a_new_contact_is_stored_once(api, d
     assert await db.fetchval("SELECT count(*) FROM messages WHERE account_id = $1 AND to_phone = $2", tenant.account_id, phone) == 1
     lists = (await api.get("/api/v2/lists", headers=tenant.headers)).json()["lists"]
     assert [lst["contact_count"] for lst in lists if lst["id"] == tenant.list_id] == [1]
+
+
+async def test_a_send_probes_each_recipient_by_key_whatever_the_number_of_contacts(db, redis, tenant):
+    """A bulk send looks up whether each recipient is a contact already by its key: as an
+    anti-join, the planner read every contact of every account per send until the table held a
+    few hundred thousand. 6000 contacts with fresh statistics, a send of 1000 of which half are
+    new: no scan of contacts, and exactly the new ones added."""
+    known = [f"+1415{i:07d}" for i in range(6000)]
+    async with db.acquire() as conn:
+        await conn.copy_records_to_table("contacts", columns=("account_id", "list_id", "phone_number"),
+                                         records=[(tenant.account_id, tenant.list_id, p) for p in known])
+        await conn.execute("ANALYZE contacts")
+        records = [parse_send(i, {"to": known[i] if i % 2 else f"+1628{i:07d}", "list_id": tenant.list_id, "body": "hi"})
+                   for i in range(1000)]
+        resolved = await resolve(conn, tenant.account_id, records)
+        assert len(resolved.good) == 1000
+        async with conn.transaction():
+            await insert_messages(conn, redis, tenant.account_id, resolved.good, resolved.links)
+            scans = await conn.fetchval("SELECT seq_scan FROM pg_stat_xact_user_tables WHERE relname = 'contacts'")
+        assert scans == 0
+        assert await conn.fetchval("SELECT count(*) FROM contacts WHERE list_id = $1", tenant.list_id) == 6500
