@@ -119,3 +119,23 @@ def free_ports() -> tuple[int, int]:
         a.bind(("127.0.0.1", 0))
         b.bind(("127.0.0.1", 0))
         return int(a.getsockname()[1]), int(b.getsockname()[1])
+
+
+async def table_reads(conn: asyncpg.Connection, run: Callable[[], Awaitable[Any]], *tables: str) -> tuple[Any, dict[str, tuple[int, int]]]:
+    """``run()``'s result and, per table, the sequential scans and index-fetched rows it made
+    (triggers included). A backend's counts wait up to a second to be reported and earlier
+    statements on the same connection are in them too: counted before and after, in one
+    transaction (nothing is reported in the middle of one)."""
+
+    async def counts() -> dict[str, tuple[int, int]]:
+        rows = await conn.fetch(
+            "SELECT relname, seq_scan, idx_tup_fetch FROM pg_stat_xact_user_tables WHERE relname = ANY($1::text[])",
+            list(tables),
+        )
+        return {r["relname"]: (r["seq_scan"], r["idx_tup_fetch"]) for r in rows}
+
+    async with conn.transaction():
+        before = await counts()
+        result = await run()
+        after = await counts()
+    return result, {t: (after[t][0] - before[t][0], after[t][1] - before[t][1]) for t in tables}

@@ -145,6 +145,20 @@ def check_click(record: ClickRecord, now: datetime) -> ApiError | None:
     return None
 
 
+# The batch's messages (of the account; any account's), each read by its key (LATERAL with LIMIT,
+# never flattened into a join): with "id = ANY($1)" the planner read the whole messages table for
+# a batch (8 ms at 77,000 messages, growing with them), with "account_id = $1 AND id = ANY($2)"
+# every message of the account.
+ACCOUNT_MESSAGES = """
+SELECT m.* FROM unnest($2::text[]) AS w(id)
+CROSS JOIN LATERAL (SELECT id, list_id, to_phone FROM messages WHERE id = w.id AND account_id = $1 LIMIT 1) m
+"""
+MESSAGE_OWNERS = """
+SELECT m.* FROM unnest($1::text[]) AS w(id)
+CROSS JOIN LATERAL (SELECT id, account_id FROM messages WHERE id = w.id LIMIT 1) m
+"""
+
+
 # Only clicks that became their message's first click are stored (one per message, like the
 # edge's); the raw clicks row keeps message click_count in agreement.
 _STORE_CLICKS = """
@@ -209,13 +223,7 @@ async def import_clicks(request: Request) -> Response:
         if (replayed := await idempotency.replayed(conn, key)) is not None:
             return replayed
         wanted = sorted({r.message_id for r in parsed if MESSAGE_ID_RE.match(r.message_id)})
-        messages = {
-            row["id"]: row
-            for row in await conn.fetch(
-                "SELECT id, list_id, to_phone FROM messages WHERE account_id = $1 AND id = ANY($2::text[])",
-                account.id, wanted,
-            )
-        }
+        messages = {row["id"]: row for row in await conn.fetch(ACCOUNT_MESSAGES, account.id, wanted)}
         offers = await find_offers(conn, account.id, [r.offer_ref for r in parsed], include_deleted=True)
         good: list[ClickRecord] = []
         seen: set[str] = set()
@@ -292,10 +300,7 @@ async def import_sends(request: Request) -> Response:
         if (replayed := await idempotency.replayed(conn, key)) is not None:
             return replayed
         given = sorted({r.message_id for r in parsed if r.message_id})
-        existing = {
-            row["id"]: row["account_id"]
-            for row in await conn.fetch("SELECT id, account_id FROM messages WHERE id = ANY($1::text[])", given)
-        }
+        existing = {row["id"]: row["account_id"] for row in await conn.fetch(MESSAGE_OWNERS, given)}
         candidates: list[SendRecord] = []
         for r in parsed:
             if r.message_id is not None and existing.get(r.message_id) == account.id:
