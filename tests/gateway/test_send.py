@@ -312,3 +312,31 @@ async def test_a_send_probes_each_recipient_by_key_whatever_the_number_of_contac
             conn, lambda: insert_messages(conn, redis, tenant.account_id, resolved.good, resolved.links), "contacts")
         assert reads["contacts"][0] == 0
         assert await conn.fetchval("SELECT count(*) FROM contacts WHERE list_id = $1", tenant.list_id) == 6500
+
+
+async def test_concurrent_sends_to_the_same_new_recipients_both_succeed(db, redis, settings, tenant):
+    """A send that meets contacts another send is inserting waits for it, fails on contacts_pkey
+    once that commits, and goes again skipping them: both sends stored, each contact once."""
+    phones = [random_phone() for _ in range(5)]
+    first, second = await asyncpg.connect(settings.database_url), await asyncpg.connect(settings.database_url)
+
+    async def send_all(conn: asyncpg.Connection) -> None:
+        records = [parse_send(i, {"to": p, "list_id": tenant.list_id, "body": "hi"}) for i, p in enumerate(phones)]
+        resolved = await resolve(conn, tenant.account_id, records)
+        await insert_messages(conn, redis, tenant.account_id, resolved.good, resolved.links)
+
+    try:
+        held = first.transaction()
+        await held.start()
+        await send_all(first)
+        waiting = asyncio.create_task(send_all(second))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()  # on the first send's uncommitted contacts
+        await held.commit()
+        await waiting
+    finally:
+        await first.close()
+        await second.close()
+    assert await db.fetchval("SELECT count(*) FROM messages WHERE to_phone = ANY($1::text[])", phones) == 10
+    assert await db.fetchval(
+        "SELECT count(*) FROM contacts WHERE list_id = $1 AND phone_number = ANY($2::text[])", tenant.list_id, phones) == 5
