@@ -5,7 +5,11 @@
 -- against 1-2 ms for the probes, and the cost grew with the table, not with the statement. Each
 -- lookup is now a LATERAL subquery with LIMIT 1 (the key is unique, so it changes no result; a
 -- subquery with a LIMIT is never flattened into a join), so a trigger reads one index entry per
--- row of its own statement, whatever the size of the table.
+-- row of its own statement, whatever the size of the table. The subquery has the key alone: a
+-- message's account is compared outside it (no condition is pushed into a subquery with a LIMIT).
+-- Inside, the planner may read the account's messages through their own index instead, all of
+-- them per row, when statistics call the account small: the gateway's lookups of the same shape
+-- did, 0.8 s per 1000 rows for an account of 6,500 messages analyzed when it had none.
 
 CREATE OR REPLACE TRIGGER message_clicks_report_rollup_insert AFTER INSERT ON message_clicks
     REFERENCING NEW TABLE AS new_clicks FOR EACH STATEMENT EXECUTE FUNCTION report_rollup_count($q$
@@ -13,9 +17,10 @@ CREATE OR REPLACE TRIGGER message_clicks_report_rollup_insert AFTER INSERT ON me
                1, 0, 1, 0, 0::numeric
         FROM new_clicks n
         CROSS JOIN LATERAL (
-            SELECT offer_id, creative_id, schedule_id, list_id FROM messages
-            WHERE id = n.message_id AND account_id = n.account_id LIMIT 1
+            SELECT offer_id, creative_id, schedule_id, list_id, account_id FROM messages
+            WHERE id = n.message_id LIMIT 1
         ) m
+        WHERE m.account_id = n.account_id
     $q$);
 
 CREATE OR REPLACE TRIGGER message_clicks_report_rollup_update AFTER UPDATE ON message_clicks
@@ -27,9 +32,10 @@ CREATE OR REPLACE TRIGGER message_clicks_report_rollup_update AFTER UPDATE ON me
               UNION ALL SELECT account_id, clicked_at, offer_id, message_id, 1 FROM new_clicks)
             AS x(account_id, clicked_at, offer_id, message_id, sign)
         CROSS JOIN LATERAL (
-            SELECT offer_id, creative_id, schedule_id, list_id FROM messages
-            WHERE id = x.message_id AND account_id = x.account_id LIMIT 1
+            SELECT offer_id, creative_id, schedule_id, list_id, account_id FROM messages
+            WHERE id = x.message_id LIMIT 1
         ) m
+        WHERE m.account_id = x.account_id
     $q$);
 
 CREATE OR REPLACE TRIGGER conversion_adjustments_report_rollup AFTER INSERT ON conversion_adjustments

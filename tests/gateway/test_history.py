@@ -271,9 +271,12 @@ async def test_history_and_revenue_may_name_an_offer_deleted_since(api, db, tena
 
 @pytest.mark.parametrize("query", ["account_messages", "message_owners", "revenue_messages"])
 async def test_a_batch_reads_its_messages_by_key_whatever_their_number(db, tenant, query):
-    """The imports and /revenue read the messages a batch names one key probe each. 8000
-    messages of this account and 40,000 of another with fresh statistics, 1000 named (and one
-    that does not exist): no scan of messages, no more rows read than named, the right rows.
+    """The imports and /revenue read the messages a batch names one key probe each. 40,000
+    messages of another account, analyzed, then 8000 of this account (a new account growing
+    fast: statistics still call it empty), 1000 named (and one that does not exist): no scan of
+    messages, no more rows read than named, the right rows. With the account's condition inside
+    the probe's LIMIT subquery, PostgreSQL read the account's messages through their own index
+    per probe here (0.8 s per 1000 at 300,000 messages).
     With the former ``id = ANY($1)``, /history/sends' owner check scanned the whole table here
     on PostgreSQL 15 (this machine's server; the embedded 18 plans it by index at this size);
     the two lookups scoped to the account planned well here before too, and depend on the
@@ -282,13 +285,14 @@ async def test_a_batch_reads_its_messages_by_key_whatever_their_number(db, tenan
     other = await make_tenant(db)
     mids = [f"h{query[0]}{i:06d}" for i in range(8000)]
     async with db.acquire() as conn:
-        for owner, ids_ in ((tenant, mids), (other, [f"o{query[0]}{i:06d}" for i in range(40_000)])):
+        for owner, ids_ in ((other, [f"o{query[0]}{i:06d}" for i in range(40_000)]), (tenant, mids)):
             await conn.copy_records_to_table(
                 "messages", columns=("id", "account_id", "list_id", "to_phone", "body", "offer_id", "sent_at"),
                 records=[(m, owner.account_id, owner.list_id, f"+1415{i:07d}", "x", "of1", datetime.now(UTC))
                          for i, m in enumerate(ids_)],
             )
-        await conn.execute("ANALYZE messages")
+            if owner is other:  # this account's messages come after: statistics that call it small
+                await conn.execute("ANALYZE messages")
         wanted = sorted(mids[::8] + [f"h{query[0]}none0"])
         sql, args = {
             "account_messages": (history_routes.ACCOUNT_MESSAGES, (tenant.account_id, wanted)),

@@ -148,10 +148,13 @@ def check_click(record: ClickRecord, now: datetime) -> ApiError | None:
 # The batch's messages (of the account; any account's), each read by its key (LATERAL with LIMIT,
 # never flattened into a join): with "id = ANY($1)" the planner read the whole messages table for
 # a batch (8 ms at 77,000 messages, growing with them), with "account_id = $1 AND id = ANY($2)"
-# every message of the account.
+# every message of the account. The account is checked outside the LIMIT (no condition is pushed
+# into a subquery with one): inside, an account that statistics still call small was read through
+# its own index, every message of it per probe (0.8 s for 1000 at 6,500 messages).
 ACCOUNT_MESSAGES = """
-SELECT m.* FROM unnest($2::text[]) AS w(id)
-CROSS JOIN LATERAL (SELECT id, list_id, to_phone FROM messages WHERE id = w.id AND account_id = $1 LIMIT 1) m
+SELECT m.id, m.list_id, m.to_phone FROM unnest($2::text[]) AS w(id)
+CROSS JOIN LATERAL (SELECT id, list_id, to_phone, account_id FROM messages WHERE id = w.id LIMIT 1) m
+WHERE m.account_id = $1
 """
 MESSAGE_OWNERS = """
 SELECT m.* FROM unnest($1::text[]) AS w(id)

@@ -127,6 +127,7 @@ def parse_revenue(index: int, record: Any, now: datetime, *, with_external_id: b
 # its links, is read by its key (LATERAL with LIMIT, never flattened into a join): with
 # "account_id = $1 AND id = ANY($2)" the planner read every message of the account to find a
 # batch's 1000 (12,000 rows at 77,000 messages), and it may hash the links table per message.
+# The account is checked outside the LIMIT, on purpose: see history.ACCOUNT_MESSAGES.
 _MESSAGES = """
 SELECT m.id, coalesce(
     (SELECT l.offer_id FROM message_links ml
@@ -134,7 +135,8 @@ SELECT m.id, coalesce(
      WHERE ml.message_id = m.id ORDER BY nullif(strpos(m.body, ml.code), 0) NULLS LAST, ml.code LIMIT 1),
     m.offer_id) AS offer_id
 FROM unnest($2::text[]) AS w(id)
-CROSS JOIN LATERAL (SELECT id, body, offer_id FROM messages WHERE id = w.id AND account_id = $1 LIMIT 1) m
+CROSS JOIN LATERAL (SELECT id, body, offer_id, account_id FROM messages WHERE id = w.id LIMIT 1) m
+WHERE m.account_id = $1
 """
 
 
