@@ -61,20 +61,30 @@ DEADLOCK_RETRIES = 5
 DEFERRED_PAUSE = 0.05
 DEFERRED_RETRIES = 20
 
-# What judging a click needs: the click (k), its message (m) and its offer's window (o).
+# What judging a click needs: the click (k), its message (m) and its offer's window (o). Each
+# click and its message is one primary key probe (LATERAL with LIMIT, never flattened into a
+# join): "k.id = ANY" and a join let the planner read the whole clicks and messages tables per
+# batch until they held a few hundred thousand rows.
 _CLICKS = """
 SELECT k.id, k.account_id, k.clicked_at, k.is_bot, k.link_id, m.id AS message_id,
        coalesce(k.offer_id, m.offer_id) AS offer_id, coalesce(m.list_id, k.list_id) AS list_id,
        m.creative_id, m.schedule_id, m.to_phone,
        coalesce(o.click_window_days, $2::int) AS window_days
-FROM clicks k
-LEFT JOIN messages m ON m.id = k.message_id AND m.account_id = k.account_id
+FROM (SELECT DISTINCT id FROM unnest($1::text[]) AS r(id)) r
+CROSS JOIN LATERAL (
+    SELECT id, account_id, clicked_at, is_bot, link_id, offer_id, list_id, message_id FROM clicks
+    WHERE id = r.id LIMIT 1
+) k
+LEFT JOIN LATERAL (
+    SELECT id, offer_id, list_id, creative_id, schedule_id, to_phone FROM messages
+    WHERE id = k.message_id AND account_id = k.account_id LIMIT 1
+) m ON true
 LEFT JOIN offers o ON o.id = coalesce(k.offer_id, m.offer_id)
-WHERE k.id = ANY($1::text[])
 """
 
 # The job's own postback is waited for if another batch holds it (that batch may roll back, and
-# then nobody else would take it); the rest are only those nobody holds.
+# then nobody else would take it); the rest are only those nobody holds. Their rows are read by
+# primary key probes (LATERAL with LIMIT): "id IN (...)" let the planner hash the whole table.
 _TAKE = """
 WITH own AS (
     SELECT id FROM postbacks WHERE id = $1 AND processed_at IS NULL AND NOT is_duplicate
@@ -84,10 +94,14 @@ WITH own AS (
     ORDER BY received_at LIMIT $2
     FOR UPDATE SKIP LOCKED
 )
-SELECT id, account_id, network, conversion_key, click_id, status, payout, currency, offer_ref, converted_at
-FROM postbacks
-WHERE id IN (SELECT id FROM own UNION ALL SELECT id FROM rest)
-ORDER BY id
+SELECT p.id, p.account_id, p.network, p.conversion_key, p.click_id, p.status, p.payout, p.currency, p.offer_ref,
+       p.converted_at
+FROM (SELECT id FROM own UNION ALL SELECT id FROM rest) t
+CROSS JOIN LATERAL (
+    SELECT id, account_id, network, conversion_key, click_id, status, payout, currency, offer_ref, converted_at
+    FROM postbacks WHERE id = t.id LIMIT 1
+) p
+ORDER BY p.id
 """
 
 # Each ref as an internal id, else as a live offer's external id, else a deleted one's. Two joins
@@ -114,23 +128,35 @@ _CONVERSION_COLUMNS = (
 # the batch's last one of that conversion (another batch holds it, or it was not taken): before
 # the batch's first, or between two of them. Theirs wait for it, so postbacks move a conversion in
 # the order they were received whichever batch commits first. (Waiting, non-duplicate postbacks
-# all have a dedupe key: the index the gateway's dedupe uses finds them.)
+# all have a dedupe key: the index the gateway's dedupe uses finds them, one probe per conversion:
+# LATERAL with LIMIT, as EXISTS let the planner read every waiting postback per batch.)
 _BEHIND = """
 SELECT t.account_id, t.network, t.conversion_key
 FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[]) AS t(account_id, network, conversion_key, last_id)
-WHERE EXISTS (
+CROSS JOIN LATERAL (
     SELECT 1 FROM postbacks p
     WHERE p.account_id = t.account_id AND p.network = t.network AND p.conversion_key = t.conversion_key
       AND p.dedupe_key IS NOT NULL AND p.id < t.last_id AND p.processed_at IS NULL AND NOT p.is_duplicate
-      AND p.id <> ALL($5::bigint[]))
+      AND p.id <> ALL($5::bigint[])
+    LIMIT 1
+) p
 """
 
+# One probe of the unique key per conversion (LATERAL with LIMIT: "IN (unnest)" let the planner
+# read the whole table per batch), each locking its row as it is read: the keys are sorted first,
+# so the rows are locked in key order all the same (a nested loop keeps its outer side's order).
 _LOCK = f"""
-SELECT {_CONVERSION_COLUMNS} FROM conversions
-WHERE (account_id, network, conversion_key) IN (
-    SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[]))
-ORDER BY account_id, network, conversion_key
-FOR UPDATE
+SELECT c.* FROM (
+    SELECT DISTINCT * FROM unnest($1::bigint[], $2::text[], $3::text[]) AS u(account_id, network, conversion_key)
+    ORDER BY account_id, network, conversion_key
+) t
+CROSS JOIN LATERAL (
+    SELECT {_CONVERSION_COLUMNS} FROM conversions
+    WHERE account_id = t.account_id AND network = t.network AND conversion_key = t.conversion_key
+    LIMIT 1
+    FOR UPDATE
+) c
+ORDER BY t.account_id, t.network, t.conversion_key
 """
 
 _CREATE = f"""
@@ -146,12 +172,17 @@ ON CONFLICT (account_id, network, conversion_key) DO NOTHING
 RETURNING {_CONVERSION_COLUMNS}
 """
 
+# The UPDATEs of a batch's rows by id also say "id = ANY(ARRAY(SELECT unnest(ids)))", so that the
+# primary key is scanned for those ids whatever the size of the table. With the join alone the
+# planner read the whole table per batch until it held a few hundred thousand rows, and with
+# "id = ANY(ids)" it still did (it hashes a constant array, which makes a seq scan's check cheap);
+# an array from a subquery it cannot see into, and counts as a few ids.
 _MOVE = """
 UPDATE conversions c SET status = t.status, payout = t.payout, payout_given = t.payout_given, currency = t.currency,
     currency_given = t.currency_given, updated_at = now()
 FROM unnest($1::bigint[], $2::text[], $3::numeric[], $4::boolean[], $5::text[], $6::boolean[])
     AS t(id, status, payout, payout_given, currency, currency_given)
-WHERE c.id = t.id
+WHERE c.id = t.id AND c.id = ANY(ARRAY(SELECT unnest($1::bigint[])))
 """
 
 _LEDGER = """
@@ -162,7 +193,7 @@ SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::num
 _DONE = """
 UPDATE postbacks p SET processed_at = now(), process_error = t.error
 FROM unnest($1::bigint[], $2::text[]) AS t(id, error)
-WHERE p.id = t.id
+WHERE p.id = t.id AND p.id = ANY(ARRAY(SELECT unnest($1::bigint[])))
 """
 
 _ATTRIBUTE = """
@@ -174,7 +205,7 @@ FROM unnest($1::bigint[], $2::boolean[], $3::text[], $4::text[], $5::text[], $6:
             $9::text[], $10::timestamptz[], $11::text[])
     AS t(id, attributed, reason, message_id, link_id, list_id, creative_id, schedule_id, contact_phone, clicked_at,
          offer_id)
-WHERE c.id = t.id
+WHERE c.id = t.id AND c.id = ANY(ARRAY(SELECT unnest($1::bigint[])))
 """
 
 
@@ -233,7 +264,9 @@ async def fetch_clicks(conn: asyncpg.Connection, click_ids: set[str]) -> Clicks:
     message_refs = sorted(ref for ref in click_ids if MESSAGE_ID_RE.match(ref))
     if message_refs:
         firsts = {r["message_id"]: r["click_id"] for r in await conn.fetch(
-            "SELECT message_id, click_id FROM message_clicks WHERE message_id = ANY($1::text[])", message_refs)}
+            # (The ids as for _MOVE: a constant array had the planner read all of message_clicks.)
+            "SELECT message_id, click_id FROM message_clicks"
+            " WHERE message_id = ANY(ARRAY(SELECT unnest($1::text[])))", message_refs)}
     rows = await conn.fetch(_CLICKS, sorted({*click_ids, *firsts.values()}), DEFAULT_WINDOW_DAYS)
     by_id = {r["id"]: r for r in rows}
     named = {ref: by_id[ref] for ref in click_ids if ref in by_id}
@@ -381,7 +414,8 @@ async def process_batch(conn: asyncpg.Connection, first_id: int | None = None, l
     if late:
         await conn.execute(
             "UPDATE conversions c SET click_id = t.click_id, updated_at = now()"
-            " FROM unnest($1::bigint[], $2::text[]) AS t(id, click_id) WHERE c.id = t.id",
+            " FROM unnest($1::bigint[], $2::text[]) AS t(id, click_id)"
+            " WHERE c.id = t.id AND c.id = ANY(ARRAY(SELECT unnest($1::bigint[])))",
             [i for i, _, _, _ in late], [named for _, named, _, _ in late],
         )
         await _attribute(conn, [(i, verdict) for i, _, verdict, _ in late])
@@ -410,13 +444,13 @@ async def _attribute(conn: asyncpg.Connection, updates: list[tuple[int, Attribut
 
 
 # For conversions a late click attributes (after ``_ATTRIBUTE``, so their offer is the click's):
-# the payout and currency their postbacks left to the offer.
+# the payout and currency their postbacks left to the offer (their ids as for ``_MOVE``).
 _DEFAULTS = """
 SELECT c.id, c.status, c.payout, c.currency, c.payout_given, c.currency_given,
        o.payout AS offer_payout, o.currency AS offer_currency
 FROM conversions c
 LEFT JOIN offers o ON o.id = c.offer_id
-WHERE c.id = ANY($1::bigint[]) AND NOT (c.payout_given AND c.currency_given)
+WHERE c.id = ANY(ARRAY(SELECT unnest($1::bigint[]))) AND NOT (c.payout_given AND c.currency_given)
 ORDER BY c.id
 """
 
@@ -442,7 +476,8 @@ async def _default_from_click_offers(conn: asyncpg.Connection, conversion_ids: l
     if changes:
         await conn.execute(
             "UPDATE conversions c SET payout = t.payout, currency = t.currency, updated_at = now()"
-            " FROM unnest($1::bigint[], $2::numeric[], $3::text[]) AS t(id, payout, currency) WHERE c.id = t.id",
+            " FROM unnest($1::bigint[], $2::numeric[], $3::text[]) AS t(id, payout, currency)"
+            " WHERE c.id = t.id AND c.id = ANY(ARRAY(SELECT unnest($1::bigint[])))",
             *map(list, zip(*changes)),
         )
     if ledger:
@@ -461,10 +496,12 @@ async def rematch_for_clicks(conn: asyncpg.Connection, click_ids: list[str]) -> 
     if not click_ids:
         return 0
     # A conversion that names a message and came before its first click is judged again too: the
-    # first click it was judged by may just have been replaced by an earlier one.
+    # first click it was judged by may just have been replaced by an earlier one. (The click ids
+    # as for _MOVE: a constant array had the planner read all the conversions per drained batch.)
     waiting = await conn.fetch(
         "SELECT id, account_id, click_id, converted_at, unattributed_reason FROM conversions"
-        " WHERE click_id = ANY($1::text[]) AND NOT attributed AND (unattributed_reason = 'click_not_found'"
+        " WHERE click_id = ANY(ARRAY(SELECT unnest($1::text[])))"
+        " AND NOT attributed AND (unattributed_reason = 'click_not_found'"
         f" OR (unattributed_reason = 'before_click' AND click_id ~ {_NAMES_A_MESSAGE}))"
         " ORDER BY account_id, network, conversion_key FOR UPDATE",  # process_batch's lock order: no deadlock
         list(click_ids),
@@ -499,16 +536,21 @@ async def rematch_stored(conn: asyncpg.Connection, limit: int = 1000, *, window:
     moves on): fewer than ``limit`` means none is left."""
     recent = f" AND c.created_at > now() - interval '{window}'" if window else ""
     waiting = (
-        "FROM conversions c WHERE NOT c.attributed AND c.unattributed_reason = 'click_not_found'"
+        "WHERE NOT c.attributed AND c.unattributed_reason = 'click_not_found'"
         f" AND c.click_id IS NOT NULL{recent}"
     )
     # Two lookups rather than one with OR: each uses its own index (an OR had the planner hash all
     # of message_clicks once many conversions waited). The second only for ids shaped like a message's.
+    # Each is one probe per waiting conversion (LATERAL with LIMIT): with EXISTS the planner hashed
+    # all of clicks and message_clicks once a few thousand conversions waited.
     click_ids = await conn.fetch(
-        f"SELECT c.click_id {waiting}"
-        " AND EXISTS (SELECT 1 FROM clicks k WHERE k.id = c.click_id AND k.account_id = c.account_id)"
-        f" UNION SELECT c.click_id {waiting} AND c.click_id ~ {_NAMES_A_MESSAGE}"
-        " AND EXISTS (SELECT 1 FROM message_clicks mc WHERE mc.message_id = c.click_id AND mc.account_id = c.account_id)"
+        "SELECT c.click_id FROM conversions c CROSS JOIN LATERAL"
+        " (SELECT 1 FROM clicks k WHERE k.id = c.click_id AND k.account_id = c.account_id LIMIT 1) k"
+        f" {waiting}"
+        " UNION SELECT c.click_id FROM conversions c CROSS JOIN LATERAL"
+        " (SELECT 1 FROM message_clicks mc WHERE mc.message_id = c.click_id AND mc.account_id = c.account_id"
+        " LIMIT 1) mc"
+        f" {waiting} AND c.click_id ~ {_NAMES_A_MESSAGE}"
         " LIMIT $1",
         limit,
     )
