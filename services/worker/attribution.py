@@ -64,7 +64,10 @@ DEFERRED_RETRIES = 20
 # What judging a click needs: the click (k), its message (m) and its offer's window (o). Each
 # click and its message is one primary key probe (LATERAL with LIMIT, never flattened into a
 # join): "k.id = ANY" and a join let the planner read the whole clicks and messages tables per
-# batch until they held a few hundred thousand rows.
+# batch until they held a few hundred thousand rows. A probe holds the key alone, other conditions
+# (the message's account) outside it: nothing is pushed into a subquery with a LIMIT, and inside
+# the planner may read an account that statistics call small through its own index, all of it
+# per probe (the gateway's lookups did: 0.8 s per 1000).
 _CLICKS = """
 SELECT k.id, k.account_id, k.clicked_at, k.is_bot, k.link_id, m.id AS message_id,
        coalesce(k.offer_id, m.offer_id) AS offer_id, coalesce(m.list_id, k.list_id) AS list_id,
@@ -76,9 +79,9 @@ CROSS JOIN LATERAL (
     WHERE id = r.id LIMIT 1
 ) k
 LEFT JOIN LATERAL (
-    SELECT id, offer_id, list_id, creative_id, schedule_id, to_phone FROM messages
-    WHERE id = k.message_id AND account_id = k.account_id LIMIT 1
-) m ON true
+    SELECT id, offer_id, list_id, creative_id, schedule_id, to_phone, account_id FROM messages
+    WHERE id = k.message_id LIMIT 1
+) m ON m.account_id = k.account_id
 LEFT JOIN offers o ON o.id = coalesce(k.offer_id, m.offer_id)
 """
 
@@ -542,15 +545,15 @@ async def rematch_stored(conn: asyncpg.Connection, limit: int = 1000, *, window:
     # Two lookups rather than one with OR: each uses its own index (an OR had the planner hash all
     # of message_clicks once many conversions waited). The second only for ids shaped like a message's.
     # Each is one probe per waiting conversion (LATERAL with LIMIT): with EXISTS the planner hashed
-    # all of clicks and message_clicks once a few thousand conversions waited.
+    # all of clicks and message_clicks once a few thousand conversions waited. The account is
+    # compared outside the probe, which holds the key alone (see _CLICKS).
     click_ids = await conn.fetch(
         "SELECT c.click_id FROM conversions c CROSS JOIN LATERAL"
-        " (SELECT 1 FROM clicks k WHERE k.id = c.click_id AND k.account_id = c.account_id LIMIT 1) k"
-        f" {waiting}"
+        " (SELECT account_id FROM clicks k WHERE k.id = c.click_id LIMIT 1) k"
+        f" {waiting} AND k.account_id = c.account_id"
         " UNION SELECT c.click_id FROM conversions c CROSS JOIN LATERAL"
-        " (SELECT 1 FROM message_clicks mc WHERE mc.message_id = c.click_id AND mc.account_id = c.account_id"
-        " LIMIT 1) mc"
-        f" {waiting} AND c.click_id ~ {_NAMES_A_MESSAGE}"
+        " (SELECT account_id FROM message_clicks mc WHERE mc.message_id = c.click_id LIMIT 1) mc"
+        f" {waiting} AND mc.account_id = c.account_id AND c.click_id ~ {_NAMES_A_MESSAGE}"
         " LIMIT $1",
         limit,
     )

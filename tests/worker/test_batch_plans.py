@@ -15,7 +15,7 @@ from decimal import Decimal
 import asyncpg
 
 from services.worker import attribution
-from tests.helpers import Tenant
+from tests.helpers import Tenant, table_reads
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 N = 6000
@@ -67,17 +67,6 @@ async def _analyze(conn: asyncpg.Connection) -> None:
         await conn.execute(f"ANALYZE {table}")
 
 
-async def _seq_scans(conn: asyncpg.Connection) -> dict[str, int]:
-    """Seq scans of the big tables so far. (PostgreSQL 15's pg_stat_xact_* also count what earlier
-    transactions of the connection did in the last second, until it reports them: take a difference.)"""
-    return {r["relname"]: r["seq_scan"] for r in await conn.fetch(
-        "SELECT relname, seq_scan FROM pg_stat_xact_user_tables WHERE relname = ANY($1::text[])", list(BIG))}
-
-
-def _minus(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
-    return {table: after.get(table, 0) - before.get(table, 0) for table in BIG}
-
-
 async def test_a_postback_batch_reads_each_row_by_its_key_whatever_the_table_size(db: asyncpg.Pool, tenant: Tenant) -> None:
     """process_batch over 1000 postbacks: 300 that approve old conversions (half of them name a
     click they had not: a late click, judged and given the click's offer's payout), 300 new
@@ -108,9 +97,7 @@ async def test_a_postback_batch_reads_each_row_by_its_key_whatever_the_table_siz
         tx = conn.transaction()
         await tx.start()
         try:
-            before = await _seq_scans(conn)
-            taken = await attribution.process_batch(conn, None, len(batch))
-            scans = _minus(await _seq_scans(conn), before)
+            taken, reads = await table_reads(conn, lambda: attribution.process_batch(conn, None, len(batch)), *BIG)
             rows = await conn.fetch(
                 "SELECT conversion_key, status, attributed, unattributed_reason, message_id, creative_id, payout,"
                 " currency FROM conversions WHERE account_id = $1 AND conversion_key = ANY($2::text[])",
@@ -120,7 +107,7 @@ async def test_a_postback_batch_reads_each_row_by_its_key_whatever_the_table_siz
                 "SELECT count(*) FROM postbacks WHERE account_id = $1 AND processed_at IS NULL", tenant.account_id)
         finally:
             await tx.rollback()
-    assert scans == dict.fromkeys(BIG, 0)
+    assert {table: scans for table, (scans, _) in reads.items()} == dict.fromkeys(BIG, 0)
     assert taken == (len(batch), 0) and waiting == 0
     by_key = {r["conversion_key"]: r for r in rows}
     assert len(by_key) == len(batch)
@@ -154,16 +141,14 @@ async def test_the_rematch_reads_each_row_by_its_key_whatever_the_table_size(db:
         await tx.start()
         try:
             # Other tests' waiting conversions may come first: a page big enough for every one.
-            before = await _seq_scans(conn)
-            found = await attribution.rematch_stored(conn, 100_000)
-            scans = _minus(await _seq_scans(conn), before)
+            found, reads = await table_reads(conn, lambda: attribution.rematch_stored(conn, 100_000), *BIG)
             rows = await conn.fetch(
                 "SELECT conversion_key, attributed, message_id, payout, currency FROM conversions"
                 " WHERE account_id = $1 AND conversion_key LIKE 'brwait%'", tenant.account_id,
             )
         finally:
             await tx.rollback()
-    assert scans == dict.fromkeys(BIG, 0)
+    assert {table: scans for table, (scans, _) in reads.items()} == dict.fromkeys(BIG, 0)
     assert found >= 1000
     attributed = {r["conversion_key"]: r for r in rows if r["attributed"]}
     assert sorted(attributed) == sorted(f"brwait{i}" for i in range(1000))
@@ -188,13 +173,10 @@ async def test_a_batch_looks_for_older_waiting_postbacks_of_its_own_conversions_
         await conn.fetch(insert, tenant.account_id, T0, [f"bwb{i}" for i in range(10)], "older")  # older, outside the batch
         batch = await conn.fetch(insert, tenant.account_id, T0, [f"bwb{i}" for i in range(1000)], "batch")
         await _analyze(conn)
-        read = "SELECT seq_tup_read + coalesce(idx_tup_fetch, 0) FROM pg_stat_xact_user_tables WHERE relname = 'postbacks'"
-        async with conn.transaction():
-            before = await conn.fetchval(read)
-            behind = await conn.fetch(
-                attribution._BEHIND, [tenant.account_id] * len(batch), ["tune"] * len(batch),
-                [r["conversion_key"] for r in batch], [r["id"] for r in batch], [r["id"] for r in batch],
-            )
-            fetched = await conn.fetchval(read) - before
+        behind, reads = await table_reads(conn, lambda: conn.fetch(
+            attribution._BEHIND, [tenant.account_id] * len(batch), ["tune"] * len(batch),
+            [r["conversion_key"] for r in batch], [r["id"] for r in batch], [r["id"] for r in batch],
+        ), "postbacks")
     assert sorted(r["conversion_key"] for r in behind) == sorted(f"bwb{i}" for i in range(10))
-    assert fetched < 100
+    scans, fetched = reads["postbacks"]
+    assert scans == 0 and fetched < 100
