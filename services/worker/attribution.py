@@ -175,17 +175,23 @@ ON CONFLICT (account_id, network, conversion_key) DO NOTHING
 RETURNING {_CONVERSION_COLUMNS}
 """
 
-# The UPDATEs of a batch's rows by id also say "id = ANY(ARRAY(SELECT unnest(ids)))", so that the
-# primary key is scanned for those ids whatever the size of the table. With the join alone the
-# planner read the whole table per batch until it held a few hundred thousand rows, and with
-# "id = ANY(ids)" it still did (it hashes a constant array, which makes a seq scan's check cheap);
-# an array from a subquery it cannot see into, and counts as a few ids.
-_MOVE = """
+# "col = {_each_of(...)}": a batch's keys as an array the planner cannot see into, so that it reads
+# the table's index for them whatever the size of the table. With a join on unnest alone it read
+# the whole table per batch until it held a few hundred thousand rows, and with "col = ANY($1)"
+# it still did (it hashes a constant array, which makes a seq scan's check cheap); an array from a
+# subquery it counts as a few keys. The UPDATEs of a batch's rows by id say it besides the join.
+def _each_of(param: str, sql_type: str) -> str:
+    return f"ANY(ARRAY(SELECT unnest({param}::{sql_type}[])))"
+
+
+_IDS = _each_of("$1", "bigint")
+
+_MOVE = f"""
 UPDATE conversions c SET status = t.status, payout = t.payout, payout_given = t.payout_given, currency = t.currency,
     currency_given = t.currency_given, updated_at = now()
 FROM unnest($1::bigint[], $2::text[], $3::numeric[], $4::boolean[], $5::text[], $6::boolean[])
     AS t(id, status, payout, payout_given, currency, currency_given)
-WHERE c.id = t.id AND c.id = ANY(ARRAY(SELECT unnest($1::bigint[])))
+WHERE c.id = t.id AND c.id = {_IDS}
 """
 
 _LEDGER = """
@@ -193,13 +199,13 @@ INSERT INTO conversion_adjustments (conversion_id, postback_id, from_status, to_
 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::numeric[])
 """
 
-_DONE = """
+_DONE = f"""
 UPDATE postbacks p SET processed_at = now(), process_error = t.error
 FROM unnest($1::bigint[], $2::text[]) AS t(id, error)
-WHERE p.id = t.id AND p.id = ANY(ARRAY(SELECT unnest($1::bigint[])))
+WHERE p.id = t.id AND p.id = {_IDS}
 """
 
-_ATTRIBUTE = """
+_ATTRIBUTE = f"""
 UPDATE conversions c SET
     attributed = t.attributed, unattributed_reason = t.reason, message_id = t.message_id, link_id = t.link_id,
     list_id = t.list_id, creative_id = t.creative_id, schedule_id = t.schedule_id, contact_phone = t.contact_phone,
@@ -208,7 +214,7 @@ FROM unnest($1::bigint[], $2::boolean[], $3::text[], $4::text[], $5::text[], $6:
             $9::text[], $10::timestamptz[], $11::text[])
     AS t(id, attributed, reason, message_id, link_id, list_id, creative_id, schedule_id, contact_phone, clicked_at,
          offer_id)
-WHERE c.id = t.id AND c.id = ANY(ARRAY(SELECT unnest($1::bigint[])))
+WHERE c.id = t.id AND c.id = {_IDS}
 """
 
 
@@ -267,9 +273,9 @@ async def fetch_clicks(conn: asyncpg.Connection, click_ids: set[str]) -> Clicks:
     message_refs = sorted(ref for ref in click_ids if MESSAGE_ID_RE.match(ref))
     if message_refs:
         firsts = {r["message_id"]: r["click_id"] for r in await conn.fetch(
-            # (The ids as for _MOVE: a constant array had the planner read all of message_clicks.)
-            "SELECT message_id, click_id FROM message_clicks"
-            " WHERE message_id = ANY(ARRAY(SELECT unnest($1::text[])))", message_refs)}
+            # (A constant array had the planner read all of message_clicks.)
+            f"SELECT message_id, click_id FROM message_clicks WHERE message_id = {_each_of('$1', 'text')}",
+            message_refs)}
     rows = await conn.fetch(_CLICKS, sorted({*click_ids, *firsts.values()}), DEFAULT_WINDOW_DAYS)
     by_id = {r["id"]: r for r in rows}
     named = {ref: by_id[ref] for ref in click_ids if ref in by_id}
@@ -417,8 +423,7 @@ async def process_batch(conn: asyncpg.Connection, first_id: int | None = None, l
     if late:
         await conn.execute(
             "UPDATE conversions c SET click_id = t.click_id, updated_at = now()"
-            " FROM unnest($1::bigint[], $2::text[]) AS t(id, click_id)"
-            " WHERE c.id = t.id AND c.id = ANY(ARRAY(SELECT unnest($1::bigint[])))",
+            f" FROM unnest($1::bigint[], $2::text[]) AS t(id, click_id) WHERE c.id = t.id AND c.id = {_IDS}",
             [i for i, _, _, _ in late], [named for _, named, _, _ in late],
         )
         await _attribute(conn, [(i, verdict) for i, _, verdict, _ in late])
@@ -447,13 +452,13 @@ async def _attribute(conn: asyncpg.Connection, updates: list[tuple[int, Attribut
 
 
 # For conversions a late click attributes (after ``_ATTRIBUTE``, so their offer is the click's):
-# the payout and currency their postbacks left to the offer (their ids as for ``_MOVE``).
-_DEFAULTS = """
+# the payout and currency their postbacks left to the offer.
+_DEFAULTS = f"""
 SELECT c.id, c.status, c.payout, c.currency, c.payout_given, c.currency_given,
        o.payout AS offer_payout, o.currency AS offer_currency
 FROM conversions c
 LEFT JOIN offers o ON o.id = c.offer_id
-WHERE c.id = ANY(ARRAY(SELECT unnest($1::bigint[]))) AND NOT (c.payout_given AND c.currency_given)
+WHERE c.id = {_IDS} AND NOT (c.payout_given AND c.currency_given)
 ORDER BY c.id
 """
 
@@ -480,7 +485,7 @@ async def _default_from_click_offers(conn: asyncpg.Connection, conversion_ids: l
         await conn.execute(
             "UPDATE conversions c SET payout = t.payout, currency = t.currency, updated_at = now()"
             " FROM unnest($1::bigint[], $2::numeric[], $3::text[]) AS t(id, payout, currency)"
-            " WHERE c.id = t.id AND c.id = ANY(ARRAY(SELECT unnest($1::bigint[])))",
+            f" WHERE c.id = t.id AND c.id = {_IDS}",
             *map(list, zip(*changes)),
         )
     if ledger:
@@ -499,11 +504,11 @@ async def rematch_for_clicks(conn: asyncpg.Connection, click_ids: list[str]) -> 
     if not click_ids:
         return 0
     # A conversion that names a message and came before its first click is judged again too: the
-    # first click it was judged by may just have been replaced by an earlier one. (The click ids
-    # as for _MOVE: a constant array had the planner read all the conversions per drained batch.)
+    # first click it was judged by may just have been replaced by an earlier one. (A constant
+    # array had the planner read all the conversions per drained batch.)
     waiting = await conn.fetch(
         "SELECT id, account_id, click_id, converted_at, unattributed_reason FROM conversions"
-        " WHERE click_id = ANY(ARRAY(SELECT unnest($1::text[])))"
+        f" WHERE click_id = {_each_of('$1', 'text')}"
         " AND NOT attributed AND (unattributed_reason = 'click_not_found'"
         f" OR (unattributed_reason = 'before_click' AND click_id ~ {_NAMES_A_MESSAGE}))"
         " ORDER BY account_id, network, conversion_key FOR UPDATE",  # process_batch's lock order: no deadlock
