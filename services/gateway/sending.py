@@ -5,12 +5,13 @@ validated on their own, then every lookup and insert is done for the whole batch
 """
 from __future__ import annotations
 
+import asyncio
 import re
 import string
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -18,7 +19,7 @@ from services.gateway.http import refuse_unstorable
 from services.gateway.lookups import find_lists, find_offers
 from services.gateway.publish import publish_message_codes
 from shared import ids
-from shared.edge import host_of, message_code_entry
+from shared.edge import MessageCodeEntry, host_of, message_code_entry
 from shared.errors import ApiError, bad_request, not_found, validation
 from shared.phone import PhoneError, parse_e164
 from shared.timeutil import utcnow
@@ -119,6 +120,7 @@ def short_urls(body: str, wanted: Collection[str]) -> Iterator[tuple[int, int, s
 SEND_ID_MACRO = "{{sendId}}"
 MAX_BODY_CHARS = 10_000
 INSERT_ATTEMPTS = 3
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -306,29 +308,39 @@ async def insert_messages(
     a message whose send was acknowledged has working links, and a code (or message id) that
     collides with a stored one fails on its primary key before anything is published, so it can
     never overwrite another message's code at the edge.
+
+    The contacts statement goes first and runs in PostgreSQL while this process cuts and fills
+    the bodies (see ``_overlapped``): the two took about as long each, one after the other.
     """
     now = utcnow()
-    cuts = cut_bodies([r.body for r in records], links)
+    cuts: dict[str, _Cut] | None = None
     contacts_raced = False
     for attempt in range(INSERT_ATTEMPTS):
-        fresh = iter(ids.message_ids(len(records)))
-        codes = ids.message_link_codes(sum(len(cuts[r.body].links) for r in records))
-        used = 0
-        for record in records:
-            if record.message_id is None or (attempt > 0 and record.generated_id):
-                record.message_id = next(fresh)
-                record.generated_id = True
-            cut = cuts[record.body]
-            _fill(record, links, cut, codes[used : used + len(cut.links)])
-            used += len(cut.links)
-        try:
-            entries = [
+
+        def prepare() -> list[tuple[str, str, MessageCodeEntry, datetime]]:
+            nonlocal cuts
+            if cuts is None:
+                cuts = cut_bodies([r.body for r in records], links)
+            fresh = iter(ids.message_ids(len(records)))
+            codes = ids.message_link_codes(sum(len(cuts[r.body].links) for r in records))
+            used = 0
+            for record in records:
+                if record.message_id is None or (attempt > 0 and record.generated_id):
+                    record.message_id = next(fresh)
+                    record.generated_id = True
+                cut = cuts[record.body]
+                _fill(record, links, cut, codes[used : used + len(cut.links)])
+                used += len(cut.links)
+            return [
                 (host, code, message_code_entry(link_id, r.message_id or "", r.creative_id), r.sent_at or now)
                 for r in records
                 for host, code, link_id in r.codes
             ]
+
+        try:
             async with conn.transaction():
-                await _insert(conn, account_id, records, now, source, contacts_raced=contacts_raced)
+                entries = await _overlapped(_insert_contacts(conn, account_id, records, raced=contacts_raced), prepare)
+                await _insert(conn, account_id, records, now, source)
                 if also is not None:
                     await also(conn)
                 await publish_message_codes(redis, entries, days=code_days)
@@ -343,12 +355,53 @@ async def insert_messages(
     raise AssertionError("unreachable")
 
 
-async def _insert(
-    conn: asyncpg.Connection, account_id: int, records: list[SendRecord], now: datetime, source: str,
-    *, contacts_raced: bool = False,
+async def _overlapped(statement: Awaitable[Any], work: Callable[[], _T]) -> _T:
+    """Run ``work()`` (CPU in this process) while PostgreSQL runs ``statement`` on its own core,
+    and return what ``work`` returned once both are done. The statement is given one turn of the
+    event loop first, in which asyncpg puts it on the wire (a cached prepared statement is sent at
+    once; a first use waits for its Parse there, and overlaps nothing). If ``work`` fails, its
+    error is raised once the statement has finished: the connection is never handed back (or
+    rolled back) with a statement in flight."""
+    task = asyncio.ensure_future(statement)
+    try:
+        await asyncio.sleep(0)
+        result = work()
+    except BaseException:
+        await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()  # (retrieved: the error raised is work's)
+        raise
+    await task
+    return result
+
+
+async def _insert_contacts(
+    conn: asyncpg.Connection, account_id: int, records: list[SendRecord], *, raced: bool
 ) -> None:
-    # COPY for the plain inserts (fresh ids; a collision aborts the transaction and is retried),
-    # unnest for the contacts insert, which needs ON CONFLICT.
+    # The contacts a send reaches for the first time (a list's contact_count counts them). What a
+    # contact received is read from messages, so a repeat contact costs an index probe, no write.
+    # The probe is a LATERAL subquery with a LIMIT (never flattened into a join): as a NOT EXISTS
+    # anti-join, the planner hashed every contact of every account for each send until the table
+    # held a few hundred thousand. Without ON CONFLICT (its speculative insertion costs a third
+    # more per new contact): a contact that a concurrent send inserted after this statement's
+    # snapshot fails the transaction on contacts_pkey, and insert_messages goes again with ON
+    # CONFLICT DO NOTHING (``raced``).
+    await conn.execute(
+        "INSERT INTO contacts (account_id, list_id, phone_number)"
+        " SELECT DISTINCT $1::bigint, t.list_id, t.phone FROM unnest($2::bigint[], $3::text[]) AS t(list_id, phone)"
+        " LEFT JOIN LATERAL (SELECT true AS known FROM contacts c"
+        "                    WHERE c.list_id = t.list_id AND c.phone_number = t.phone LIMIT 1) k ON true"
+        " WHERE k.known IS NULL"
+        " ORDER BY 2, 3"
+        + (" ON CONFLICT (list_id, phone_number) DO NOTHING" if raced else ""),
+        account_id, [r.list_row["id"] for r in records], [r.to for r in records],
+    )
+
+
+async def _insert(
+    conn: asyncpg.Connection, account_id: int, records: list[SendRecord], now: datetime, source: str
+) -> None:
+    # COPY for the plain inserts (fresh ids; a collision aborts the transaction and is retried).
     await conn.copy_records_to_table(
         "messages",
         columns=("id", "account_id", "list_id", "to_phone", "body", "offer_id", "creative_id", "schedule_id", "sent_at", "source"),
@@ -361,21 +414,3 @@ async def _insert(
     codes = [(code, r.message_id, link_id) for r in records for _, code, link_id in r.codes]
     if codes:
         await conn.copy_records_to_table("message_links", columns=("code", "message_id", "link_id"), records=codes)
-    # The contacts a send reaches for the first time (a list's contact_count counts them). What a
-    # contact received is read from messages, so a repeat contact costs an index probe, no write.
-    # The probe is a LATERAL subquery with a LIMIT (never flattened into a join): as a NOT EXISTS
-    # anti-join, the planner hashed every contact of every account for each send until the table
-    # held a few hundred thousand. Without ON CONFLICT (its speculative insertion costs a third
-    # more per new contact): a contact that a concurrent send inserted after this statement's
-    # snapshot fails the transaction on contacts_pkey, and insert_messages goes again with ON
-    # CONFLICT DO NOTHING.
-    await conn.execute(
-        "INSERT INTO contacts (account_id, list_id, phone_number)"
-        " SELECT DISTINCT $1::bigint, t.list_id, t.phone FROM unnest($2::bigint[], $3::text[]) AS t(list_id, phone)"
-        " LEFT JOIN LATERAL (SELECT true AS known FROM contacts c"
-        "                    WHERE c.list_id = t.list_id AND c.phone_number = t.phone LIMIT 1) k ON true"
-        " WHERE k.known IS NULL"
-        " ORDER BY 2, 3"
-        + (" ON CONFLICT (list_id, phone_number) DO NOTHING" if contacts_raced else ""),
-        account_id, [r.list_row["id"] for r in records], [r.to for r in records],
-    )

@@ -1,11 +1,13 @@
 """POST /send and /send/bulk: validation codes, short-URL rewriting, {{sendId}}, message detail."""
 import asyncio
+import time
+from datetime import UTC, datetime
 
 import asyncpg
 import orjson
 import pytest
 
-from services.gateway.sending import insert_messages, parse_send, resolve
+from services.gateway.sending import _overlapped, insert_messages, parse_send, resolve
 from shared import ids
 from shared.edge import short_key
 from tests.gateway.test_api_basics import assert_error
@@ -340,3 +342,38 @@ async def test_concurrent_sends_to_the_same_new_recipients_both_succeed(db, redi
     assert await db.fetchval("SELECT count(*) FROM messages WHERE to_phone = ANY($1::text[])", phones) == 10
     assert await db.fetchval(
         "SELECT count(*) FROM contacts WHERE list_id = $1 AND phone_number = ANY($2::text[])", tenant.list_id, phones) == 5
+
+
+async def test_the_contacts_statement_runs_in_postgresql_while_the_bodies_are_cut(db):
+    """``_overlapped`` puts the statement on the wire before ``work`` holds the event loop: the
+    server starts it before ``work`` ends (sent only after, it could not start before)."""
+    async with db.acquire() as conn:
+        await conn.execute("CREATE TEMP TABLE overlap_probe (started timestamptz)")
+        statement = "INSERT INTO overlap_probe SELECT statement_timestamp() FROM pg_sleep(0.05)"
+        await conn.execute(statement)  # prepared and cached, as the contacts statement is on a pooled connection
+        await conn.execute("TRUNCATE overlap_probe")
+        ended = []
+
+        def work() -> str:
+            time.sleep(0.2)  # CPU held, as cutting a thousand bodies holds it
+            ended.append(datetime.now(UTC))
+            return "cut"
+
+        assert await _overlapped(conn.execute(statement), work) == "cut"
+        started = await conn.fetchval("SELECT started FROM overlap_probe")
+        assert started < ended[0]
+        await conn.execute("DROP TABLE overlap_probe")
+
+
+async def test_overlapped_raises_the_statements_error_and_waits_for_it_when_work_fails(db):
+    async with db.acquire() as conn:
+        with pytest.raises(asyncpg.DivisionByZeroError):
+            await _overlapped(conn.execute("SELECT 1 / 0"), lambda: "cut")
+
+        def failing_work() -> str:
+            raise ValueError("a bug in the cutting")
+
+        with pytest.raises(ValueError, match="a bug"):
+            await _overlapped(conn.execute("SELECT pg_sleep(0.05)"), failing_work)
+        # The statement was waited for: the connection takes the next one at once.
+        assert await conn.fetchval("SELECT 2") == 2
