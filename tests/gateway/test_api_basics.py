@@ -1,6 +1,7 @@
 """Auth, account scoping, the uniform error body, limits and health endpoints."""
 import asyncio
 import contextlib
+import gc
 import secrets
 import signal
 import time
@@ -222,3 +223,13 @@ async def test_readiness_answers_in_time_even_when_a_check_cannot_be_cancelled_q
         raise ConnectionRefusedError
 
     assert await _probe(failing()) == "error: ConnectionRefusedError"
+
+
+async def test_the_gateway_keeps_what_it_starts_with_out_of_the_collectors_sight(settings):
+    """A full collection during a request walks that request's objects, not every module, route
+    and pool object of the process (it stalled every request in flight for ~25 ms)."""
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        assert gc.get_freeze_count() > 10_000
