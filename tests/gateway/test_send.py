@@ -349,8 +349,10 @@ async def test_the_contacts_statement_runs_in_postgresql_while_the_bodies_are_cu
     server starts it before ``work`` ends (sent only after, it could not start before)."""
     async with db.acquire() as conn:
         await conn.execute("CREATE TEMP TABLE overlap_probe (started timestamptz)")
-        statement = "INSERT INTO overlap_probe SELECT statement_timestamp() FROM pg_sleep(0.05)"
-        await conn.execute(statement)  # prepared and cached, as the contacts statement is on a pooled connection
+        # With an argument, as the contacts statement: asyncpg prepares it once and then sends it
+        # at once from its statement cache (a statement without arguments would skip that path).
+        statement = "INSERT INTO overlap_probe SELECT statement_timestamp() FROM pg_sleep($1)"
+        await conn.execute(statement, 0.05)
         await conn.execute("TRUNCATE overlap_probe")
         ended = []
 
@@ -359,7 +361,7 @@ async def test_the_contacts_statement_runs_in_postgresql_while_the_bodies_are_cu
             ended.append(datetime.now(UTC))
             return "cut"
 
-        assert await _overlapped(conn.execute(statement), work) == "cut"
+        assert await _overlapped(conn.execute(statement, 0.05), work) == "cut"
         started = await conn.fetchval("SELECT started FROM overlap_probe")
         assert started < ended[0]
         await conn.execute("DROP TABLE overlap_probe")
