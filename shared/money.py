@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import re
-from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from collections.abc import Iterable
+from decimal import Context, Decimal, InvalidOperation
 
 _DECIMAL_RE = re.compile(r"^-?([0-9]+(\.[0-9]*)?|\.[0-9]+)\Z")  # ASCII digits (\d takes any script's)
-# NUMERIC(18, 6) in the schema: far more than any payout, and exact.
-MAX_MONEY = Decimal("999999999999")
-QUANT = Decimal("0.000001")
+# An amount is stored exactly as given (NUMERIC without a scale), within these bounds: less than a
+# trillion, and at most MAX_PLACES digits after the point (a client's binary float noise, such as
+# 0.1 + 0.2 = 0.30000000000000004, is 17 places; nothing real comes near 30).
+MONEY_LIMIT = Decimal(10) ** 12
+MAX_PLACES = 30
+# Arithmetic on amounts (a ledger's difference, a sum) in Python: Python's default context rounds
+# every result to 28 digits, and one amount may have 42 (12 + 30). 100 digits hold any sum of them.
+MONEY = Context(prec=100)
 CURRENCY_RE = re.compile(r"[A-Z]{3}")  # an ISO 4217 code's form (fullmatch, after upper-casing)
 
 
@@ -16,6 +22,10 @@ class MoneyError(ValueError):
 
 
 class MoneyTooLarge(MoneyError):
+    pass
+
+
+class MoneyTooPrecise(MoneyError):
     pass
 
 
@@ -49,17 +59,37 @@ def parse_money(value: object, *, allow_negative: bool = False) -> Decimal:
     if amount < 0 and not allow_negative:
         raise MoneyError("amount must be greater than or equal to 0")
     # copy_abs, unlike abs(), is exact: a JSON number such as 1e999999999 must not overflow here.
-    if amount.copy_abs() > MAX_MONEY:
-        raise MoneyTooLarge(f"amount must be at most {MAX_MONEY}")
-    # Amounts are kept to the millionth (NUMERIC(18, 6)). Digits past that are a client's binary
-    # float noise (0.1 + 0.2 = 0.30000000000000004), not money: rounded half-even, not refused.
-    return amount.quantize(QUANT, rounding=ROUND_HALF_EVEN)
+    if amount.copy_abs() >= MONEY_LIMIT:
+        raise MoneyTooLarge(f"amount must be less than {MONEY_LIMIT}")
+    if decimal_places(amount) > MAX_PLACES:
+        raise MoneyTooPrecise(f"amount must have at most {MAX_PLACES} decimal places")
+    return amount  # exactly what was sent: never rounded
+
+
+def decimal_places(amount: Decimal) -> int:
+    """Digits after the point, trailing zeros not counted (``1.50`` has 1), without rounding."""
+    _, digits, exponent = amount.as_tuple()
+    assert isinstance(exponent, int)  # finite
+    zeros = 0
+    for digit in reversed(digits):
+        if digit:
+            break
+        zeros += 1
+    return max(0, -(exponent + zeros)) if zeros < len(digits) else 0
+
+
+def money_sum(amounts: Iterable[Decimal]) -> Decimal:
+    """The exact sum (``sum`` would round it to Python's default 28 digits)."""
+    total = Decimal(0)
+    for amount in amounts:
+        total = MONEY.add(total, amount)
+    return total
 
 
 def to_json_number(amount: Decimal) -> Decimal:
     """Normalise for output: ``24.990000`` from NUMERIC prints as ``24.99``; orjson is told to
     emit Decimals as numbers by the JSON helpers."""
-    normal = amount.normalize()
+    normal = amount.normalize(MONEY)  # (the default context would round past 28 digits)
     # normalize() turns 100 into 1E+2: back to plain digits (exactly, through int: quantize would
     # need more than the context's 28 digits of precision for 1E+28).
     if normal.as_tuple().exponent > 0:

@@ -177,7 +177,7 @@ def normalise(params: dict[str, Any], received_at: datetime) -> Postback:
             if payout < 0 and status == "reversed":
                 # Networks often report a reversal as the negative of the payout; the ledger
                 # reverses the approved value either way, so keep the magnitude.
-                payout = -payout
+                payout = payout.copy_negate()  # exact (unary minus rounds to the context's 28 digits)
             elif payout < 0:
                 errors.append("payout: amount must be greater than or equal to 0")
                 payout = None

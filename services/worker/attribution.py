@@ -45,6 +45,7 @@ import asyncpg
 from shared import loops
 from shared.ids import MESSAGE_ID_RE
 from shared.jobs import PROCESS_POSTBACK, postback_job_id
+from shared.money import MONEY
 from shared.postback_fields import accepts_move, status_value
 
 log = logging.getLogger("trackly.worker.attribution")
@@ -306,7 +307,7 @@ class _State:
             if status == self.status and new_payout == self.payout and currency not in (None, self.currency):
                 self.currency, self.currency_given, self.moved = currency, True, True  # a correction: no amount moves
             return
-        delta = status_value(status, new_payout) - status_value(self.status, self.payout)
+        delta = MONEY.subtract(status_value(status, new_payout), status_value(self.status, self.payout))  # exact
         self.ledger.append((postback_id, self.status, status, delta))
         self.status, self.payout, self.moved = status, new_payout, True
         self.payout_given = self.payout_given or payout is not None
@@ -478,7 +479,7 @@ async def _default_from_click_offers(conn: asyncpg.Connection, conversion_ids: l
         if (payout, currency) == (r["payout"], r["currency"]):
             continue
         changes.append((r["id"], payout, currency))
-        delta = status_value(r["status"], payout) - status_value(r["status"], r["payout"])
+        delta = MONEY.subtract(status_value(r["status"], payout), status_value(r["status"], r["payout"]))  # exact
         if delta:
             ledger.append((r["id"], None, r["status"], r["status"], delta))
     if changes:

@@ -1,6 +1,7 @@
 """GET /contacts/{phone}/journey: events oldest first, ties sent < clicked < converted, scoping."""
 from __future__ import annotations
 
+from decimal import Decimal
 from urllib.parse import quote
 
 from shared import ids
@@ -59,6 +60,19 @@ async def test_same_instant_orders_sent_clicked_converted(api, db, settings, ten
     assert [e["type"] for e in body["events"]] == ["sent", "clicked", "converted", "converted"]
     assert {e["at"] for e in body["events"]} == {at}
     assert (body["conversions"], body["total_revenue"]) == (2, 5)
+
+
+async def test_journey_total_is_the_exact_sum(api, tenant):
+    # Two amounts of 42 digits: their sum (43) is what Python's default 28-digit context would round.
+    phone = "+12025550555"
+    resp = await api.post("/api/v2/send", headers=tenant.headers, json={"to": phone, "list_id": tenant.list_id, "body": "x"})
+    mid = resp.json()["message_id"]
+    for amount in ("999999999999.123456789012345678901234567891", "999999999999.000000000000000000000000000009"):
+        resp = await api.post("/api/v2/revenue", headers=tenant.headers, content=(
+            f'{{"message_id": "{mid}", "revenue": {amount}, "attribution_type": "sale"}}').encode())
+        assert resp.status_code == 201, resp.text
+    body = (await journey(api, tenant, phone)).json(parse_float=Decimal)
+    assert body["total_revenue"] == Decimal("1999999999998.1234567890123456789012345679")  # (…567900, trailing zeros dropped)
 
 
 async def test_journey_errors_and_scoping(api, db, tenant):

@@ -67,13 +67,13 @@ async def test_links_with_another_accounts_list_are_not_found(api, db, tenant):
 
 
 async def test_revenue_up_to_the_money_ceiling_and_not_past_it(api, db, tenant):
-    """NUMERIC(18, 6): up to 999999999999 is stored exactly; more is invalid_revenue, never a 500."""
+    """Less than 10^12 is stored exactly; 10^12 and more is invalid_revenue, never a 500."""
     mid = await _send(api, tenant)
     ok = await api.post("/api/v2/revenue", headers=tenant.headers,
-                        json={"message_id": mid, "revenue": "999999999999", "attribution_type": "sale"})
+                        json={"message_id": mid, "revenue": "999999999999.999999", "attribution_type": "sale"})
     assert ok.status_code == 201, ok.text
-    assert await db.fetchval("SELECT amount FROM revenue WHERE id = $1", ok.json()["revenue_id"]) == Decimal("999999999999")
-    for too_big in ("1000000000000", 1000000000000, "999999999999.5"):
+    assert await db.fetchval("SELECT amount FROM revenue WHERE id = $1", ok.json()["revenue_id"]) == Decimal("999999999999.999999")
+    for too_big in ("1000000000000", 1000000000000, "1000000000000.5"):
         resp = await api.post("/api/v2/revenue", headers=tenant.headers,
                               json={"message_id": mid, "revenue": too_big, "attribution_type": "sale"})
         assert_error(resp, 400, "invalid_revenue")

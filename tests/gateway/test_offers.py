@@ -21,6 +21,15 @@ async def test_create_offer_returns_every_field(api, tenant):
     assert (offer["status"], offer["currency"], offer["click_window_days"], offer["affiliate_id"]) == ("active", "EUR", 14, "aff9")
 
 
+async def test_payout_is_kept_exactly(api, tenant):
+    resp = await api.post("/api/v2/offers", headers=tenant.headers, content=(
+        b'{"name": "Exact", "destination_url": "https://example.com/", "payout": 1.123456789012345678901234567891}'))
+    assert resp.status_code == 201, resp.text
+    offer_id = resp.json()["offer"]["id"]
+    fetched = await api.get(f"/api/v2/offers/{offer_id}", headers=tenant.headers)
+    assert b'"payout":1.123456789012345678901234567891' in fetched.content
+
+
 async def test_defaults(api, tenant):
     offer = await make_offer(api, tenant)
     assert (offer["status"], offer["currency"], offer["click_window_days"], offer["payout"]) == ("active", "USD", 90, None)

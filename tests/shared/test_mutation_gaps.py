@@ -63,9 +63,9 @@ def test_link_cache_ttl_bounds_are_inclusive():
 # --- money, time, phones, ids ------------------------------------------------------------------
 
 
-def test_money_limit_is_inclusive_and_exact():
-    assert parse_money("999999999999") == Decimal("999999999999")
-    for too_large in ("1000000000000", Decimal("999999999999.000001")):
+def test_money_limit_is_exclusive_and_exact():
+    assert parse_money("999999999999.999999") == Decimal("999999999999.999999")
+    for too_large in ("1000000000000", Decimal("1000000000000.000001"), Decimal("1E+12")):
         with pytest.raises(MoneyTooLarge):
             parse_money(too_large)
 

@@ -7,7 +7,7 @@ import pytest
 
 from shared import ids, jsonio, settings
 from shared.edge import host_of
-from shared.money import MoneyError, parse_money
+from shared.money import MoneyError, MoneyTooPrecise, money_sum, parse_money, to_json_number
 from shared.phone import PhoneError, parse_e164
 from shared.timeutil import TimeError, TimeRangeError, isoformat, parse_timestamp
 
@@ -47,11 +47,28 @@ def test_ids_do_not_repeat():
 @pytest.mark.parametrize("raw, expected", [
     (Decimal("24.99"), Decimal("24.99")), ("24.99", Decimal("24.99")), (25, Decimal(25)),
     (" 0.10 ", Decimal("0.10")), ("0", Decimal(0)), (0.1, Decimal("0.1")),
-    # Past the millionth: a client's binary float noise, rounded half-even rather than refused.
-    (Decimal("0.30000000000000004"), Decimal("0.3")), ("1.0000005", Decimal("1.000000")), ("1.0000015", Decimal("1.000002")),
+    # Exactly as sent, past the millionth too: a client's binary float noise is what it sent.
+    (Decimal("0.30000000000000004"), Decimal("0.30000000000000004")), ("1.0000005", Decimal("1.0000005")),
+    ("999999999999.123456789012345678901234567891", Decimal("999999999999.123456789012345678901234567891")),
+    (Decimal("1E-30"), Decimal("1E-30")), ("0." + "0" * 29 + "1" + "0" * 50, Decimal("1E-30")),
 ])
 def test_money_accepts_numbers_and_decimal_strings(raw, expected):
-    assert parse_money(raw) == expected
+    amount = parse_money(raw)
+    assert amount == expected and str(to_json_number(amount)) == str(to_json_number(expected))
+
+
+@pytest.mark.parametrize("raw", ["0." + "0" * 30 + "1", Decimal("1E-31"), Decimal("0.1234567890123456789012345678901")])
+def test_money_refuses_more_than_30_places(raw):
+    with pytest.raises(MoneyTooPrecise):
+        parse_money(raw)
+
+
+def test_money_output_and_sums_are_not_rounded_to_28_digits():
+    amount = Decimal("999999999999.123456789012345678901234567891")  # 42 digits
+    assert str(to_json_number(amount)) == "999999999999.123456789012345678901234567891"
+    assert str(to_json_number(Decimal("24.990000"))) == "24.99"
+    assert money_sum([amount, amount, Decimal("0.000000000000000000000000000009")]) == Decimal(
+        "1999999999998.246913578024691357802469135791")
 
 
 @pytest.mark.parametrize("raw", [True, None, "abc", "1e5", "NaN", "-1", Decimal("-0.01"), [], {}, "1" * 20,

@@ -390,6 +390,26 @@ async def test_status_machine_and_reversal(api, db, tenant, run_worker):
     assert (await conversion(db, tenant, "sm"))["status"] == "reversed"
 
 
+async def test_payouts_are_exact_through_the_ledger(api, db, tenant, run_worker):
+    # 42 digits: what Python's default 28-digit context would round in a difference or a negation.
+    large, tiny = "999999999999.123456789012345678901234567891", "0.000000000000000000000000000001"
+    _, mid, click_id = await clicked_message(api, db, tenant)
+    common = {"click_id": click_id, "txid": "exact", "timestamp": (T0 + timedelta(hours=1)).isoformat()}
+    # Approved, corrected down and back up, then reversed as the negative of its payout.
+    for status, payout in (("approved", large), ("approved", tiny), ("approved", large), ("reversed", "-" + large)):
+        await postback(api, tenant, status=status, payout=payout, **common)
+        await run_worker()
+    conv = await conversion(db, tenant, "exact")
+    assert conv["status"] == "reversed" and conv["payout"] == Decimal(large)
+    assert await ledger(db, conv["id"]) == [
+        (None, "approved", Decimal(large)),
+        ("approved", "approved", Decimal("-999999999999.123456789012345678901234567890")),
+        ("approved", "approved", Decimal("999999999999.123456789012345678901234567890")),
+        ("approved", "reversed", Decimal("-999999999999.123456789012345678901234567891")),
+    ]
+    assert await db.fetchval("SELECT sum(amount) FROM conversion_adjustments WHERE conversion_id = $1", conv["id"]) == 0
+
+
 async def test_pending_then_approved_in_one_batch_and_rejected(api, db, tenant, run_worker):
     _, _, click_id = await clicked_message(api, db, tenant)
     ts = (T0 + timedelta(hours=1)).isoformat()

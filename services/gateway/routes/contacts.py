@@ -1,7 +1,6 @@
 """GET /contacts/{phone}/journey: what one contact received, clicked and converted on, in order."""
 from __future__ import annotations
 
-from decimal import Decimal
 from typing import Any
 
 from starlette.requests import Request
@@ -11,6 +10,7 @@ from services.gateway.attribution_sql import JOURNEY
 from services.gateway.auth import authenticate
 from services.gateway.http import JSONResponse
 from shared.errors import bad_request, not_found
+from shared.money import money_sum
 from shared.phone import PhoneError, parse_e164
 
 
@@ -42,7 +42,7 @@ async def journey(request: Request) -> JSONResponse:
             "messages_received": sum(1 for r in rows if r["type"] == "sent"),
             "clicks": sum(1 for r in rows if r["type"] == "clicked"),
             "conversions": sum(r["conversions"] for r in rows),
-            "total_revenue": sum((r["revenue"] for r in rows if r["revenue"] is not None), Decimal(0)),
+            "total_revenue": money_sum(r["revenue"] for r in rows if r["revenue"] is not None),
             "events": [_event(r) for r in rows],
         }
     )

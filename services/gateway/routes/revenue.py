@@ -22,7 +22,7 @@ from services.gateway.lookups import find_offers
 from shared import ids
 from shared.errors import ApiError, bad_request, validation
 from shared.ids import MESSAGE_ID_RE
-from shared.money import MAX_MONEY, MoneyError, MoneyTooLarge, parse_money
+from shared.money import MoneyError, parse_money
 from shared.timeutil import TimeError, TimeRangeError, parse_timestamp, utcnow
 
 MAX_RECORDS = 1000
@@ -100,10 +100,8 @@ def parse_revenue(index: int, record: Any, now: datetime, *, with_external_id: b
         raise bad_request("missing_attribution_type", "The attribution_type field is required")
     try:
         amount = parse_money(record["revenue"])
-    except MoneyTooLarge:
-        raise bad_request("invalid_revenue", f"Revenue must be at most {MAX_MONEY}") from None
-    except MoneyError:
-        raise bad_request("invalid_revenue", "Revenue must be a number greater than or equal to 0") from None
+    except MoneyError as exc:
+        raise bad_request("invalid_revenue", f"Revenue must be a number greater than or equal to 0 ({exc})") from None
     kind = record["attribution_type"]
     if not isinstance(kind, str) or kind.strip().lower() not in ATTRIBUTION_TYPES:
         raise bad_request("invalid_attribution_type", "Must be one of: sale, click, or send")
