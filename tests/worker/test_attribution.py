@@ -640,6 +640,21 @@ async def test_a_click_stored_after_its_postback_gives_what_its_offer_would_have
     assert (detail["conversions"], detail["revenue"]) == (3, 17)
 
 
+async def test_a_late_click_gives_its_offers_payout_exactly(api, db, tenant, run_worker):
+    large = "999999999999.123456789012345678901234567891"  # 42 digits: Python's default context keeps 28
+    offer = await make_offer(api, tenant, payout=large)
+    mid = await send_message(api, tenant, offer_id=offer["id"])
+    click_id = secrets.token_hex(16)
+    await postback(api, tenant, click_id=click_id, conversion_id="late", timestamp=(T0 + timedelta(minutes=3)).isoformat())
+    await run_worker()
+    await store_click(db, tenant.account_id, mid, T0, offer_id=offer["id"], click_id=click_id)
+    async with db.acquire() as conn, conn.transaction():
+        assert await attribution.rematch_for_clicks(conn, [click_id]) == 1
+    conv = await conversion(db, tenant, "late")
+    assert conv["attributed"] and conv["payout"] == Decimal(large)
+    assert await ledger(db, conv["id"]) == [(None, "approved", 0), ("approved", "approved", Decimal(large))]
+
+
 async def test_a_late_click_keeps_what_its_postbacks_gave_or_named(api, db, tenant, run_worker):
     """A click with no offer of its own leaves the payout of the offer the postback named; a payout
     a postback gave in a move that was refused was never the conversion's, so the offer's applies."""
