@@ -61,8 +61,15 @@ def parse_money(value: object, *, allow_negative: bool = False) -> Decimal:
     # copy_abs, unlike abs(), is exact: a JSON number such as 1e999999999 must not overflow here.
     if amount.copy_abs() >= MONEY_LIMIT:
         raise MoneyTooLarge(f"amount must be less than {MONEY_LIMIT}")
-    if decimal_places(amount) > MAX_PLACES:
+    places = decimal_places(amount)
+    if places > MAX_PLACES:
         raise MoneyTooPrecise(f"amount must have at most {MAX_PLACES} decimal places")
+    exponent = amount.as_tuple().exponent
+    if exponent < -MAX_PLACES or exponent > 0:
+        # Its value fits, its form may not: 1.000... with 20,000 zeros, 0e-20000 or 0e999999999
+        # is 1 or 0, but PostgreSQL's numeric holds at most 16,383 places (asyncpg refuses to
+        # send more) and such a huge exponent. Only zeros go: the value is unchanged.
+        amount = amount.quantize(Decimal(1).scaleb(-places), context=MONEY)
     return amount  # exactly what was sent: never rounded
 
 

@@ -63,6 +63,15 @@ def test_money_refuses_more_than_30_places(raw):
         parse_money(raw)
 
 
+@pytest.mark.parametrize("raw, expected", [
+    ("1." + "0" * 16400, "1"), (Decimal("0E-20000"), "0"), (Decimal("0E+999999999"), "0"), (Decimal("2.5E+3"), "2500"),
+    (Decimal("12.340000000000000000000000000000000"), "12.34"), (Decimal("1.50"), "1.50"),
+])
+def test_money_in_a_form_postgresql_can_hold(raw, expected):
+    # The value as sent; the form within numeric's bounds (at most 30 places, no exponent).
+    assert str(parse_money(raw)) == expected
+
+
 def test_money_output_and_sums_are_not_rounded_to_28_digits():
     amount = Decimal("999999999999.123456789012345678901234567891")  # 42 digits
     assert str(to_json_number(amount)) == "999999999999.123456789012345678901234567891"
