@@ -209,15 +209,17 @@ class Resolved:
 
 
 async def resolve(
-    conn: asyncpg.Connection, account_id: int, records: list[SendRecord], *, allow_inactive_list: bool = False
+    conn: asyncpg.Connection, account_id: int, records: list[SendRecord], *, past: bool = False
 ) -> Resolved:
-    """Look up lists, offers and short links for the whole batch; split into good and failed."""
+    """Look up lists, offers and short links for the whole batch; split into good and failed.
+    ``past``: the records say what happened before (/history/sends), so a list inactive now and an
+    offer deleted since are theirs all the same, as for the clicks and revenue of history imports."""
     by_id, by_phone = await find_lists(
         conn, account_id,
         ids=[r.list_id for r in records if r.list_id is not None],
         phones=[r.list_number for r in records if r.list_number],
     )
-    offers = await find_offers(conn, account_id, [r.offer_ref for r in records if r.offer_ref])
+    offers = await find_offers(conn, account_id, [r.offer_ref for r in records if r.offer_ref], include_deleted=past)
     candidates = {m.group(1) for r in records for m in LINK_ID_CANDIDATE_RE.finditer(r.body)}
     links: dict[str, asyncpg.Record] = {}
     if candidates:
@@ -230,7 +232,7 @@ async def resolve(
     failed: list[tuple[SendRecord, ApiError]] = []
     for record in records:
         lst = by_id.get(record.list_id) if record.list_id is not None else by_phone.get(record.list_number or "")
-        if lst is None or (lst["status"] != "active" and not allow_inactive_list):
+        if lst is None or (lst["status"] != "active" and not past):
             failed.append((record, not_found("list_not_found", "The sending list was not found or is not active")))
             continue
         if record.offer_ref is not None:

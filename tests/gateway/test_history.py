@@ -1,6 +1,7 @@
 """POST /history/sends, /history/clicks, /history/revenue: codes, duplicates, caps, partial success."""
 from __future__ import annotations
 
+import secrets
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -10,7 +11,7 @@ from services.gateway.routes import history as history_routes
 from services.gateway.routes import revenue as revenue_routes
 from shared import ids
 from tests.gateway.test_api_basics import assert_error
-from tests.helpers import make_offer, make_tenant, table_reads
+from tests.helpers import make_offer, make_tenant, random_phone, table_reads
 
 PHONE = "+12025559876"
 
@@ -302,3 +303,24 @@ async def test_a_batch_reads_its_messages_by_key_whatever_their_number(db, tenan
         rows, reads = await table_reads(conn, lambda: conn.fetch(sql, *args), "messages")
     assert sorted(r["id"] for r in rows) == mids[::8]
     assert reads == {"messages": (0, 1000)}
+
+
+async def test_history_sends_accept_an_offer_deleted_since(api, db, tenant):
+    # What happened in the past may name an offer deleted since, as /history/clicks and
+    # /history/revenue accept: else a retired offer's sends (and so their clicks and revenue)
+    # could not be imported at all. /send refuses it (test_send).
+    offer = await make_offer(api, tenant, external_id=f"old-{secrets.token_hex(3)}")
+    assert (await api.delete(f"/api/v2/offers/{offer['id']}", headers=tenant.headers)).status_code == 200
+    mid = secrets.token_hex(4)
+    resp = await api.post("/api/v2/history/sends", headers=tenant.headers, json={"records": [
+        {"message_id": mid, "to": random_phone(), "list_id": tenant.list_id, "body": "old",
+         "offer_id": offer["external_id"], "timestamp": "2025-11-15T14:30:00Z"},
+    ]})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["success_count"] == 1, resp.json()
+    assert await db.fetchval("SELECT offer_id FROM messages WHERE id = $1", mid) == offer["id"]
+    clicks = await api.post("/api/v2/history/clicks", headers=tenant.headers, json={"records": [
+        {"message_id": mid, "offer_id": offer["external_id"], "phone_number": "+12025559876",
+         "timestamp": "2025-11-15T14:35:22Z"},
+    ]})
+    assert clicks.json()["success_count"] == 1, clicks.json()

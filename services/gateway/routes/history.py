@@ -312,7 +312,7 @@ async def import_sends(request: Request) -> Response:
                 out.fail(r.index, validation("message_id is already in use"))
             else:
                 candidates.append(r)
-        resolved = await resolve(conn, account.id, candidates, allow_inactive_list=True)
+        resolved = await resolve(conn, account.id, candidates, past=True)
         for r, err in resolved.failed:
             out.fail(r.index, err)
         # A message id given twice: the first record that passed its checks is the message (one
