@@ -304,8 +304,13 @@ class _State:
         is the conversion's from then on (the payout it gives is in that currency)."""
         new_payout = self.payout if payout is None else payout
         if not accepts_move(self.status, self.payout, status, new_payout):
-            if status == self.status and new_payout == self.payout and currency not in (None, self.currency):
-                self.currency, self.currency_given, self.moved = currency, True, True  # a correction: no amount moves
+            if status == self.status and new_payout == self.payout:
+                # No amount moves, but what the postback states is the network's word from now on,
+                # not a default a click stored later may replace (its offer's payout or currency).
+                if payout is not None and not self.payout_given:
+                    self.payout_given = self.moved = True
+                if currency is not None and (currency != self.currency or not self.currency_given):
+                    self.currency, self.currency_given, self.moved = currency, True, True
             return
         delta = MONEY.subtract(status_value(status, new_payout), status_value(self.status, self.payout))  # exact
         self.ledger.append((postback_id, self.status, status, delta))
@@ -371,11 +376,16 @@ async def process_batch(conn: asyncpg.Connection, first_id: int | None = None, l
     await lock(keys)
     fresh = [k for k in keys if k not in states]
     created: set[tuple[int, str, str]] = set()
+    # Conversions judged by a click that may change in a transaction that cannot see them (see
+    # the end): (account, click id).
+    recheck: set[tuple[int, str]] = set()
     if fresh:
         cols: list[list[Any]] = [[] for _ in range(20)]
         for key in fresh:
             first = groups[key][0]
             verdict = clicks.credit(first["account_id"], first["click_id"], first["converted_at"])
+            if _may_change(first["click_id"], verdict):
+                recheck.add((first["account_id"], first["click_id"]))
             named = offers.get((first["account_id"], first["offer_ref"])) if first["offer_ref"] else None
             offer_id = verdict.columns()[7] or (named["id"] if named else None)
             offer = (click_offers.get(offer_id) if verdict.attributed else None) or named
@@ -429,17 +439,30 @@ async def process_batch(conn: asyncpg.Connection, first_id: int | None = None, l
         )
         await _attribute(conn, [(i, verdict) for i, _, verdict, _ in late])
         await _default_from_click_offers(conn, [i for i, _, verdict, _ in late if verdict.attributed])
-        # A click not stored yet may be being stored right now, by a drainer that cannot see this
-        # conversion's new click id; the sweeper's own re-match looks back a day only, and such a
-        # conversion is often older: leave the sweeper a request (as /history/clicks does).
-        waiting = sorted({(account, named) for _, named, verdict, account in late if verdict.reason == "click_not_found"})
-        if waiting:
-            await conn.execute(
-                "INSERT INTO rematch_requests (account_id, click_id) SELECT * FROM unnest($1::bigint[], $2::text[])",
-                [a for a, _ in waiting], [c for _, c in waiting],
-            )
+        # A late click id's click may not be stored yet: the sweeper's re-match looks back a day
+        # only, and such a conversion is often older.
+        recheck.update((account, named) for _, named, verdict, account in late
+                       if verdict.reason == "click_not_found" or _may_change(named, verdict))
+    # A click not stored yet (or, for a message, an earlier first click) may be being stored right
+    # now, by a drainer whose re-match cannot see these conversions: leave the sweeper a request
+    # (as /history/clicks does).
+    if recheck:
+        waiting = sorted(recheck)
+        await conn.execute(
+            "INSERT INTO rematch_requests (account_id, click_id) SELECT * FROM unnest($1::bigint[], $2::text[])",
+            [a for a, _ in waiting], [c for _, c in waiting],
+        )
     await conn.execute(_DONE, [r["id"] for r in rows], [None] * len(rows))
     return Taken(len(rows), deferred)
+
+
+def _may_change(click_id: str | None, verdict: Attribution) -> bool:
+    """Whether a verdict of before_click may change once a click being stored meanwhile commits:
+    a message's first click can be replaced by an earlier one (a click's own time never changes).
+    (click_not_found at creation is the sweeper's re-match's, which looks for exactly that.)"""
+    if click_id is None:
+        return False
+    return verdict.reason == "before_click" and MESSAGE_ID_RE.match(click_id) is not None
 
 
 async def _attribute(conn: asyncpg.Connection, updates: list[tuple[int, Attribution]]) -> None:
@@ -504,26 +527,37 @@ async def rematch_for_clicks(conn: asyncpg.Connection, click_ids: list[str]) -> 
     Returns how many conversions were attributed."""
     if not click_ids:
         return 0
-    # A conversion that names a message and came before its first click is judged again too: the
-    # first click it was judged by may just have been replaced by an earlier one. (A constant
-    # array had the planner read all the conversions per drained batch.)
+    # A conversion that names a message is judged again too, whatever its verdict was (before the
+    # click, or credited by a click): the first click it was judged by may just have been replaced
+    # by an earlier one. (A constant array had the planner read all the conversions per drained batch.)
+    # Two probes (the waiting ones by click id, the credited ones by message: an attributed
+    # conversion that names a message is that message's), then one lock of them all in
+    # process_batch's order (no deadlock); one OR of the two had the planner scan every conversion.
     waiting = await conn.fetch(
-        "SELECT id, account_id, click_id, converted_at, unattributed_reason FROM conversions"
-        f" WHERE click_id = {_each_of('$1', 'text')}"
-        " AND NOT attributed AND (unattributed_reason = 'click_not_found'"
-        f" OR (unattributed_reason = 'before_click' AND click_id ~ {_NAMES_A_MESSAGE}))"
-        " ORDER BY account_id, network, conversion_key FOR UPDATE",  # process_batch's lock order: no deadlock
-        list(click_ids),
+        "SELECT id, account_id, click_id, converted_at, attributed, unattributed_reason, clicked_at FROM conversions"
+        " WHERE id = ANY(ARRAY("
+        f"  SELECT id FROM conversions WHERE click_id = {_each_of('$1', 'text')}"
+        "   AND NOT attributed AND (unattributed_reason = 'click_not_found'"
+        f"   OR (unattributed_reason = 'before_click' AND click_id ~ {_NAMES_A_MESSAGE}))"
+        f"  UNION ALL SELECT id FROM conversions WHERE message_id = {_each_of('$2', 'text')}"
+        "   AND click_id = message_id AND attributed))"
+        " ORDER BY account_id, network, conversion_key FOR UPDATE",
+        list(click_ids), [c for c in click_ids if MESSAGE_ID_RE.match(c)],
     )
     if not waiting:
         return 0
     clicks = await fetch_clicks(conn, {w["click_id"] for w in waiting})
     # What stays as it was is left alone; any other verdict (attributed, expired, ...) is final
     # (for a message, until its first click changes).
-    updates = [
-        (w["id"], verdict) for w in waiting
-        if (verdict := clicks.credit(w["account_id"], w["click_id"], w["converted_at"])).reason != w["unattributed_reason"]
-    ]
+    updates = []
+    for w in waiting:
+        verdict = clicks.credit(w["account_id"], w["click_id"], w["converted_at"])
+        if w["attributed"]:
+            unchanged = verdict.attributed and verdict.columns()[6] == w["clicked_at"]  # by the same first click
+        else:
+            unchanged = verdict.reason == w["unattributed_reason"]
+        if not unchanged:
+            updates.append((w["id"], verdict))
     await _attribute(conn, updates)
     attributed = [cid for cid, v in updates if v.attributed]
     await _default_from_click_offers(conn, attributed)

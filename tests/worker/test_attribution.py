@@ -655,6 +655,33 @@ async def test_a_late_click_gives_its_offers_payout_exactly(api, db, tenant, run
     assert await ledger(db, conv["id"]) == [(None, "approved", 0), ("approved", "approved", Decimal(large))]
 
 
+async def test_a_payout_or_currency_a_later_postback_states_survives_a_late_click(api, db, tenant, run_worker):
+    """The first postback names no payout or currency, before its click is stored: the conversion
+    takes the named offer's (5 EUR) as defaults. A second postback states 5 and EUR in so many
+    words, which moves nothing; they are the network's word from then on. When the click, on an
+    offer paying 7 USD, lands, the conversion keeps 5 EUR (it took 7 USD, and the ledger +2)."""
+    clicked = await make_offer(api, tenant, payout=7, currency="USD")
+    named = await make_offer(api, tenant, payout=5, currency="EUR")
+    mid = await send_message(api, tenant, offer_id=clicked["id"])
+    click_id = secrets.token_hex(16)
+    ts = (T0 + timedelta(minutes=3)).isoformat()
+    await postback(api, tenant, click_id=click_id, conversion_id="stated", offer_id=named["id"], timestamp=ts)
+    await run_worker()
+    assert await postback(api, tenant, click_id=click_id, conversion_id="stated", payout="5", currency="EUR",
+                          timestamp=ts) == "accepted"
+    await run_worker()
+    conv = await conversion(db, tenant, "stated")
+    assert (conv["payout"], conv["currency"], conv["unattributed_reason"]) == (Decimal(5), "EUR", "click_not_found")
+    assert (conv["payout_given"], conv["currency_given"]) == (True, True)
+
+    await store_click(db, tenant.account_id, mid, T0, offer_id=clicked["id"], click_id=click_id)
+    async with db.acquire() as conn, conn.transaction():
+        await attribution.rematch_for_clicks(conn, [click_id])
+    conv = await conversion(db, tenant, "stated")
+    assert conv["attributed"] and (conv["payout"], conv["currency"]) == (Decimal(5), "EUR")
+    assert await db.fetchval("SELECT sum(amount) FROM conversion_adjustments WHERE conversion_id = $1", conv["id"]) == 5
+
+
 async def test_a_late_click_keeps_what_its_postbacks_gave_or_named(api, db, tenant, run_worker):
     """A click with no offer of its own leaves the payout of the offer the postback named; a payout
     a postback gave in a move that was refused was never the conversion's, so the offer's applies."""

@@ -1,0 +1,87 @@
+"""A conversion that names a message (aff_sub={{sendId}}) while the message's clicks are still being
+drained, out of order: it is judged again once the earlier first click is in."""
+from __future__ import annotations
+
+from datetime import timedelta
+
+import asyncpg
+import orjson
+
+from services.worker import attribution
+from services.worker.clicks import drain_once
+from shared import edge, ids
+from tests.helpers import make_offer
+from tests.worker.test_attribution import T0, conversion, postback, send_message
+
+
+async def _drain_click(db, redis, tenant, message_id: str, offer_id: str, at) -> str:
+    """One human click of the message, through the stream and the drainer (which re-matches)."""
+    click = {"id": ids.click_id(), "l": "Ab3kX9", "o": offer_id, "a": tenant.account_id, "li": tenant.list_id,
+             "m": message_id, "at": at, "ip": None, "ua": "Mozilla/5.0", "cc": None, "bot": False, "q": {}}
+    await redis.xadd(edge.CLICK_STREAM, {edge.CLICK_BATCH_FIELD: orjson.dumps([edge.click_from(click)])})
+    while await drain_once(db, redis, consumer="pytest-races", min_idle_ms=0):
+        pass
+    return click["id"]
+
+
+async def test_a_before_click_verdict_racing_an_earlier_first_click_is_judged_again(api, db, redis, tenant, settings):
+    # The message's first click so far is at 14:00; the conversion, at 13:00, is judged
+    # before_click. While that batch is open the drainer stores the real first click, 12:00; its
+    # re-match cannot see the uncommitted conversion. Both commit: the sweeper judges it again.
+    offer = await make_offer(api, tenant)
+    mid = await send_message(api, tenant, offer_id=offer["id"])
+    await _drain_click(db, redis, tenant, mid, offer["id"], T0 + timedelta(hours=2))
+    await postback(api, tenant, aff_sub=mid, conversion_id="raced", timestamp=(T0 + timedelta(hours=1)).isoformat())
+    pid = await db.fetchval("SELECT id FROM postbacks WHERE account_id = $1 AND conversion_key = 'raced'", tenant.account_id)
+
+    batch = await asyncpg.connect(settings.database_url)
+    try:
+        transaction = batch.transaction()
+        await transaction.start()
+        assert await attribution.process_batch(batch, pid, limit=0) == (1, 0)  # before_click, not committed
+        await _drain_click(db, redis, tenant, mid, offer["id"], T0)
+        await transaction.commit()
+    finally:
+        await batch.close()
+    assert (await conversion(db, tenant, "raced"))["unattributed_reason"] == "before_click"
+
+    async with db.acquire() as conn, conn.transaction():  # what the sweeper does each turn
+        await attribution.rematch_requested(conn)
+    conv = await conversion(db, tenant, "raced")
+    assert (conv["attributed"], conv["unattributed_reason"], conv["clicked_at"]) == (True, None, T0)
+
+
+async def test_a_conversion_credited_by_a_first_click_follows_an_earlier_one_drained_later(
+    api, db, redis, tenant, run_worker
+):
+    # The 14:00 click on offer X was drained first and the conversion (15:00) credited by it; then
+    # the real first click, 12:00 on offer Y, is drained: it becomes the message's first click (the
+    # report's click moves to offer Y), and the conversion follows it (offer Y's payout too).
+    x = await make_offer(api, tenant, payout=3)
+    y = await make_offer(api, tenant, payout=4)
+    mid = await send_message(api, tenant, offer_id=x["id"])
+    await _drain_click(db, redis, tenant, mid, x["id"], T0 + timedelta(hours=2))
+    await postback(api, tenant, aff_sub=mid, conversion_id="named", timestamp=(T0 + timedelta(hours=3)).isoformat())
+    await run_worker()
+    conv = await conversion(db, tenant, "named")
+    assert (conv["attributed"], conv["offer_id"], conv["payout"]) == (True, x["id"], 3)
+    first = await _drain_click(db, redis, tenant, mid, y["id"], T0)
+    assert await db.fetchval("SELECT click_id FROM message_clicks WHERE message_id = $1", mid) == first
+    conv = await conversion(db, tenant, "named")
+    assert (conv["attributed"], conv["offer_id"], conv["clicked_at"], conv["payout"]) == (True, y["id"], T0, 4)
+    assert await db.fetchval("SELECT sum(amount) FROM conversion_adjustments WHERE conversion_id = $1", conv["id"]) == 4
+    report = (await api.get("/api/v2/reports/performance?group_by=offer", headers=tenant.headers)).json()
+    rows = {r["key"]: (r["clicks"], r["conversions"], r["revenue"]) for r in report["rows"]}
+    assert rows[y["id"]] == (1, 1, 4) and rows.get(x["id"], (0, 0, 0))[1:] == (0, 0)
+
+
+async def test_a_credited_conversion_whose_earlier_first_click_is_past_its_window_expires(api, db, redis, tenant, run_worker):
+    offer = await make_offer(api, tenant, click_window_days=1)
+    mid = await send_message(api, tenant, offer_id=offer["id"])
+    await _drain_click(db, redis, tenant, mid, offer["id"], T0 + timedelta(days=2))
+    await postback(api, tenant, aff_sub=mid, conversion_id="window", timestamp=(T0 + timedelta(days=2, hours=1)).isoformat())
+    await run_worker()
+    assert (await conversion(db, tenant, "window"))["attributed"] is True
+    await _drain_click(db, redis, tenant, mid, offer["id"], T0)  # the first click: two days before
+    conv = await conversion(db, tenant, "window")
+    assert (conv["attributed"], conv["unattributed_reason"], conv["message_id"]) == (False, "expired", None)
