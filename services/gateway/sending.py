@@ -169,8 +169,10 @@ def parse_send(index: int, record: Any, *, body_required: bool = True) -> SendRe
         raise bad_request("invalid_phone", "Invalid recipient phone number format") from None
     list_id: int | None = None
     list_number: str | None = None
-    raw_list_id = record.get("list_id")
-    raw_number = record.get("list_number")
+    # A blank value is no value, as for /links: {"list_id": "", "list_number": "+1..."} picks by number.
+    raw_list_id, raw_number = (
+        None if isinstance(raw, str) and not raw.strip() else raw for raw in (record.get("list_id"), record.get("list_number"))
+    )
     if raw_list_id is not None:
         list_id = ids.given_list_id(raw_list_id, "list_id")
         if list_id is None:

@@ -34,6 +34,7 @@ async def test_send_by_list_number_and_detail(api, tenant):
     ({"to": "+1invalid"}, 400, "invalid_phone"),
     ({"to": None}, 400, "invalid_phone"),
     ({"list_id": None}, 400, "missing_list_identifier"),
+    ({"list_id": "", "list_number": " "}, 400, "missing_list_identifier"),
     ({"list_id": None, "list_number": "123"}, 400, "invalid_phone"),
     ({"list_id": 987654321}, 404, "list_not_found"),
     ({"list_id": "abc"}, 404, "list_not_found"),
@@ -52,6 +53,15 @@ async def test_send_by_list_number_and_detail(api, tenant):
 ])
 async def test_send_errors(api, tenant, body, status, code):
     assert_error(await send(api, tenant, **body), status, code)
+
+
+async def test_a_blank_list_id_is_no_list_id(api, tenant):
+    # As for /links: the list is the one the other field names.
+    resp = await api.post("/api/v2/send", headers=tenant.headers,
+                          json={"to": "+14155551234", "list_id": "", "list_number": tenant.list_phone, "body": "Hi"})
+    assert resp.status_code == 201, resp.text
+    msg = (await api.get(f"/api/v2/messages/{resp.json()['message_id']}", headers=tenant.headers)).json()
+    assert msg["list_id"] == tenant.list_id
 
 
 async def test_inactive_list_is_not_found(api, db, tenant):
