@@ -713,17 +713,26 @@ async def sweep_once(db: asyncpg.Pool, arq_redis: Any) -> int:
     return len(ids)
 
 
+# How long a failed start-up re-match (a deadlock, a statement timeout) waits before it goes again.
+REMATCH_ALL_RETRY = 30.0
+
+
 async def run_sweeper(ctx: dict[str, Any]) -> None:
-    """Started by the worker: a re-match without a window once, then sweep every few seconds; a
-    failure only delays the next sweep."""
+    """Started by the worker: a re-match without a window until it succeeds once (beside the
+    sweeps, which it must not hold up), and a sweep every few seconds; a failure only delays the
+    next sweep or attempt."""
+    once = asyncio.ensure_future(loops.until_done(
+        lambda: rematch_all(ctx["db"]), log=log, failure="the start-up re-match failed; trying again",
+        pause_after_failure=REMATCH_ALL_RETRY,
+    ))
     try:
-        await rematch_all(ctx["db"])
-    except Exception:  # noqa: BLE001 - the sweeps go on; their window covers the last day
-        log.exception("the start-up re-match failed")
-    await loops.repeat(
-        lambda: sweep_once(ctx["db"], ctx["redis"]),
-        log=log, failure="postback sweep failed; retrying", pause_after_failure=0.0, interval=SWEEP_INTERVAL,
-    )
+        await loops.repeat(
+            lambda: sweep_once(ctx["db"], ctx["redis"]),
+            log=log, failure="postback sweep failed; retrying", pause_after_failure=0.0, interval=SWEEP_INTERVAL,
+        )
+    finally:
+        once.cancel()
+        await asyncio.gather(once, return_exceptions=True)
 
 
 FUNCTIONS: list[Any] = [process_postback]

@@ -315,6 +315,45 @@ async def test_the_sweepers_rematch_looks_back_a_day_only(api, db, tenant):
     assert (await conversion(db, tenant, "old-wait"))["attributed"] is True
 
 
+async def test_the_start_up_rematch_is_tried_again_until_it_succeeds(api, db, tenant, monkeypatch):
+    # A conversion older than the sweeps' day, whose click is stored: only the start-up re-match
+    # (without a window) finds it. Its first attempt fails (a deadlock, a statement timeout).
+    mid = await send_message(api, tenant)
+    click_id = secrets.token_hex(16)
+    await db.execute(
+        "INSERT INTO conversions (account_id, network, conversion_key, click_id, status, converted_at,"
+        " unattributed_reason, created_at) VALUES ($1, 'default', 'startup-wait', $2, 'approved', $3,"
+        " 'click_not_found', now() - interval '3 days')",
+        tenant.account_id, click_id, T0 + timedelta(hours=1),
+    )
+    await store_click(db, tenant.account_id, mid, T0, click_id=click_id)
+    real, attempts = attribution.rematch_all, []
+
+    async def failing_once(pool, *args, **kwargs):
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise RuntimeError("deadlock detected")
+        await real(pool, *args, **kwargs)
+
+    async def no_sweep(*_):
+        return 0
+
+    monkeypatch.setattr(attribution, "rematch_all", failing_once)
+    monkeypatch.setattr(attribution, "sweep_once", no_sweep)
+    monkeypatch.setattr(attribution, "REMATCH_ALL_RETRY", 0.05)
+    sweeper = asyncio.ensure_future(attribution.run_sweeper({"db": db, "redis": None}))
+    try:
+        for _ in range(100):
+            if (await conversion(db, tenant, "startup-wait"))["attributed"]:
+                break
+            await asyncio.sleep(0.05)
+        assert (await conversion(db, tenant, "startup-wait"))["attributed"] is True
+        assert len(attempts) == 2
+    finally:
+        sweeper.cancel()
+        await asyncio.gather(sweeper, return_exceptions=True)
+
+
 async def test_duplicate_storm_makes_one_conversion(api, db, tenant, run_worker):
     _, _, click_id = await clicked_message(api, db, tenant)
     params = {"click_id": click_id, "conversion_id": "storm", "payout": "10", "timestamp": (T0 + timedelta(hours=1)).isoformat()}
