@@ -187,6 +187,48 @@ async def test_list_contact_counts_start_from_the_contacts_already_stored(settin
             await conn.close()
 
 
+async def test_money_goes_exact_without_reading_its_tables_under_the_exclusive_lock(settings, db):
+    """0022 drops the money columns' scale on a database with revenue and offers stored: no table
+    is read under its ACCESS EXCLUSIVE lock (a type change checks the column's CHECK constraints
+    again, a read of every row: they are dropped and put back NOT VALID); 0023 validates them."""
+    async with _scratch_database(settings, db, "trackly_migrate_money") as dsn:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await _migrate_before(conn, "0022")
+            account = await conn.fetchval(
+                "INSERT INTO accounts (name, api_key_hash, postback_token) VALUES ('a', 'h', 't') RETURNING id")
+            await conn.execute(
+                "INSERT INTO revenue (id, account_id, message_id, amount, attribution_type, occurred_at)"
+                " SELECT md5(g::text), $1, 'm' || g, 1.25, 'sale', $2 FROM generate_series(1, 5000) g",
+                account, datetime(2026, 1, 1, tzinfo=UTC))
+            await conn.execute(
+                "INSERT INTO offers (id, account_id, name, destination_url, payout)"
+                " SELECT substr(md5(g::text), 1, 24), $1, 'o', 'https://example.com/', 2 FROM generate_series(1, 100) g",
+                account)
+            sql = dict(_migrations())["0022_money_exact"]
+            async with conn.transaction():
+                scans = "SELECT sum(seq_scan) FROM pg_stat_xact_user_tables WHERE relname IN ('revenue', 'offers')"
+                before = await conn.fetchval(scans)
+                await conn.execute(sql)
+                assert await conn.fetchval(scans) == before
+                await conn.execute("INSERT INTO schema_migrations (version) VALUES ('0022_money_exact')")
+            with pytest.raises(asyncpg.CheckViolationError):  # not valid yet, and enforced all the same
+                await conn.execute("UPDATE revenue SET amount = -1 WHERE id = md5('1')")
+            assert await migrate(dsn) == ["0023_money_checks_validated"]
+            validated = await conn.fetch(
+                "SELECT conname, convalidated FROM pg_constraint WHERE conname IN ('revenue_amount_check', 'offers_payout_check')")
+            assert sorted((r["conname"], r["convalidated"]) for r in validated) == [
+                ("offers_payout_check", True), ("revenue_amount_check", True)]
+            types = await conn.fetch(
+                "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attname IN ('amount', 'payout')"
+                " AND attrelid IN ('revenue'::regclass, 'offers'::regclass, 'conversions'::regclass,"
+                " 'conversion_adjustments'::regclass, 'postbacks'::regclass)")
+            assert [r[0] for r in types] == ["numeric"] * 5
+            assert await conn.fetchval("SELECT sum(amount) FROM revenue") == 6250
+        finally:
+            await conn.close()
+
+
 async def test_bulk_written_tables_carry_no_foreign_keys(db):
     """The tables bulk requests and the click drainer write 1000s of rows into at once check
     their references in code (README): a foreign key's per-row trigger doubled the revenue insert."""
