@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared.accounts import normalise_domain
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -74,8 +76,29 @@ def _int(env: dict[str, str], name: str, default: int, *, low: int | None = None
     except ValueError:
         raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
     if (low is not None and value < low) or (high is not None and value > high):
-        raise SystemExit(f"{name} must be from {low} to {high}, got {value}")
+        bounds = f"at least {low}" if high is None else f"at most {high}" if low is None else f"from {low} to {high}"
+        raise SystemExit(f"{name} must be {bounds}, got {value}")
     return value
+
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+
+
+def _log_level(env: dict[str, str]) -> str:
+    raw = env.get("TRACKLY_LOG_LEVEL") or "info"
+    if raw.lower() not in LOG_LEVELS:  # (uvicorn would fail later, with a traceback)
+        raise SystemExit(f"TRACKLY_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {raw!r}")
+    return raw.lower()
+
+
+def _origin(env: dict[str, str], name: str, default: str) -> str:
+    """An http(s) origin, as the operator CLI takes a list's domains (``ct.example.com`` is
+    ``https://ct.example.com``): with a path, a query or no scheme, the tracker URLs of every list
+    without a tracker domain of its own would not be URLs the redirect serves."""
+    try:
+        return normalise_domain(env.get(name) or default, name) or default
+    except ValueError as exc:
+        raise SystemExit(f"{exc}, got {env.get(name)!r}") from None
 
 
 def load(env: dict[str, str] | None = None) -> Settings:
@@ -98,10 +121,10 @@ def load(env: dict[str, str] | None = None) -> Settings:
         redirect_port=_int(env, "TRACKLY_REDIRECT_PORT", 8001, low=1, high=65535),
         data_dir=Path(env.get("TRACKLY_DATA_DIR") or ".trackly"),
         geoip_db=Path(geoip) if geoip else None,
-        default_tracker_domain=(env.get("TRACKLY_DEFAULT_TRACKER_DOMAIN") or "http://ct.localhost:8001").rstrip("/"),
+        default_tracker_domain=_origin(env, "TRACKLY_DEFAULT_TRACKER_DOMAIN", "http://ct.localhost:8001"),
         trusted_proxies=proxies,
         link_cache_ttl=_seconds(env, "TRACKLY_LINK_CACHE_TTL", 5.0, high=MAX_LINK_CACHE_TTL),
-        link_cache_size=_int(env, "TRACKLY_LINK_CACHE_SIZE", 100_000),
+        link_cache_size=_int(env, "TRACKLY_LINK_CACHE_SIZE", 100_000, low=1),
         message_code_days=_int(env, "TRACKLY_MESSAGE_CODE_DAYS", 0, low=0, high=36_500),
-        log_level=env.get("TRACKLY_LOG_LEVEL", "info"),
+        log_level=_log_level(env),
     )

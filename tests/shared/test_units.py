@@ -169,6 +169,23 @@ def test_settings_from_environment():
             settings.load({"TRACKLY_LINK_CACHE_TTL": bad})
 
 
+def test_settings_refuse_what_the_services_could_not_use():
+    # The platform's tracker domain is an origin, as a list's (--tracker-domain): a bare host is
+    # https; a path, a query or another scheme would make tracker URLs the redirect cannot serve.
+    assert settings.load({"TRACKLY_DEFAULT_TRACKER_DOMAIN": "ct.example.com"}).default_tracker_domain == "https://ct.example.com"
+    assert settings.load({}).default_tracker_domain == "http://ct.localhost:8001"
+    for bad in ("https://ct.example.com/track?x=1", "ftp://ct.example.com", "https://ct.example.com/c"):
+        with pytest.raises(SystemExit, match="TRACKLY_DEFAULT_TRACKER_DOMAIN"):
+            settings.load({"TRACKLY_DEFAULT_TRACKER_DOMAIN": bad})
+    # uvicorn's levels (it failed with a traceback at start); any case.
+    assert settings.load({"TRACKLY_LOG_LEVEL": "WARNING"}).log_level == "warning"
+    with pytest.raises(SystemExit, match="TRACKLY_LOG_LEVEL"):
+        settings.load({"TRACKLY_LOG_LEVEL": "verbose"})
+    for bad in ("0", "-5"):  # (was taken as 1)
+        with pytest.raises(SystemExit, match="TRACKLY_LINK_CACHE_SIZE must be at least 1"):
+            settings.load({"TRACKLY_LINK_CACHE_SIZE": bad})
+
+
 def test_trusted_proxies_default_to_loopback_and_can_be_none():
     loopback = settings.load({}).trusted_proxies
     assert [str(n) for n in loopback] == ["127.0.0.0/8", "::1/128"]
