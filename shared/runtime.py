@@ -40,11 +40,14 @@ def _exit(signum: int, frame: FrameType | None) -> None:
 
 
 def exit_on_sigterm() -> None:
-    """Let SIGTERM end a uvicorn service through ``SystemExit``, so that its ``finally`` runs.
+    """Let SIGTERM (and SIGHUP: the terminal closed) end a process through ``SystemExit``, so that
+    its ``finally`` runs.
 
     uvicorn shuts down gracefully on SIGTERM, then restores the handler it found and raises the
     signal again. With the default handler the process dies right there, before the ``finally``
-    that stops its embedded PostgreSQL and Redis: they were left running. Call first, before
-    ``with_backends`` starts them (a SIGTERM while they start stops them too); exits with 143
-    (128 + SIGTERM), as a process killed by it reports."""
+    that stops its embedded PostgreSQL and Redis: they were left running (the embedded PostgreSQL
+    is a daemon: nothing else stops it). The same for ``trackly migrate`` and ``trackly admin``.
+    Call first, before ``with_backends`` starts them (a signal while they start stops them too);
+    exits with 128 + the signal's number, as a process killed by it reports."""
     signal.signal(signal.SIGTERM, _exit)
+    signal.signal(signal.SIGHUP, _exit)

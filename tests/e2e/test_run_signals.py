@@ -1,0 +1,130 @@
+"""Signals that end `trackly run` (and the one-shot commands) at any moment leave nothing running:
+while it migrates, on SIGHUP (the terminal closed), and `trackly migrate` on SIGTERM."""
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from shared.migrate import migrate
+from shared.process import die_with_parent
+from tests.helpers import free_ports, services_up
+
+
+def _env(data: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKLY_")}
+    env.update(TRACKLY_DATA_DIR=str(data), **extra)
+    return env
+
+
+def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "services.cli", *args], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent())
+
+
+def _postmaster_running(data: Path) -> bool:
+    pid_file = data / "pg" / "postmaster.pid"
+    try:
+        pid = int(pid_file.read_text().split()[0])
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, ValueError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _clean_up(proc: subprocess.Popen, data: Path) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    if _postmaster_running(data):  # what a failure left: a fast shutdown of that server
+        os.kill(int((data / "pg" / "postmaster.pid").read_text().split()[0]), signal.SIGINT)
+        time.sleep(2)
+
+
+def test_sigterm_while_a_migration_waits_for_its_lock_stops_within_20_seconds(settings, tmp_path):
+    # A release's migration waits for a table lock (a long read holds offers); the operator gives
+    # up and stops trackly run. It used to go on migrating (about 90 s of attempts), then start
+    # the services, and only then stop.
+    name = f"trackly_signals_{secrets.token_hex(4)}"
+    dsn = urlunsplit(urlsplit(settings.database_url)._replace(path=f"/{name}"))
+    loop = asyncio.new_event_loop()
+
+    async def setup() -> asyncpg.Connection:
+        admin = await asyncpg.connect(settings.database_url)
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        await admin.close()
+        await migrate(dsn)
+        holder = await asyncpg.connect(dsn)
+        # The last migration is pending again, as after an upgrade; it needs offers' exclusive lock.
+        await holder.execute("DELETE FROM schema_migrations WHERE version = '0022_money_exact'")
+        await holder.execute("BEGIN")
+        await holder.execute("SELECT count(*) FROM offers")  # held until this transaction ends
+        return holder
+
+    async def teardown(holder: asyncpg.Connection) -> None:
+        await holder.close()
+        admin = await asyncpg.connect(settings.database_url)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+    holder = loop.run_until_complete(setup())
+    gw, rd = free_ports()
+    proc = _start(["run"], _env(tmp_path, TRACKLY_DATABASE_URL=dsn, TRACKLY_REDIS_URL=settings.redis_url or "",
+                                TRACKLY_GATEWAY_PORT=str(gw), TRACKLY_REDIRECT_PORT=str(rd)))
+    try:
+        time.sleep(4)  # migrating: waiting for the lock, giving way, trying again
+        assert proc.poll() is None
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 128 + signal.SIGTERM
+        assert time.monotonic() - started < 20
+        assert not services_up(gw, rd)
+    finally:
+        _clean_up(proc, tmp_path)
+        loop.run_until_complete(teardown(holder))
+        loop.close()
+
+
+def test_sigterm_to_trackly_migrate_stops_the_embedded_postgresql_it_started(tmp_path):
+    proc = _start(["migrate"], _env(tmp_path))
+    try:
+        deadline = time.monotonic() + 60
+        while not _postmaster_running(tmp_path):  # its server is up; the schema is being created
+            assert proc.poll() is None and time.monotonic() < deadline, "trackly migrate did not start PostgreSQL"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(25)
+        deadline = time.monotonic() + 10
+        while _postmaster_running(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _postmaster_running(tmp_path), "the embedded PostgreSQL outlived trackly migrate"
+    finally:
+        _clean_up(proc, tmp_path)
+
+
+def test_sighup_stops_everything_trackly_run_started(tmp_path):
+    # Closing the terminal trackly run was started from sends it SIGHUP. Its services went (they
+    # die with it) but the embedded PostgreSQL, a daemon, was left running.
+    gw, rd = free_ports()
+    proc = _start(["run"], _env(tmp_path, TRACKLY_GATEWAY_PORT=str(gw), TRACKLY_REDIRECT_PORT=str(rd)))
+    try:
+        deadline = time.monotonic() + 60
+        while not services_up(gw, rd):
+            assert proc.poll() is None and time.monotonic() < deadline, "trackly run did not come up"
+            time.sleep(0.2)
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) >= 3
+        proc.send_signal(signal.SIGHUP)
+        proc.wait(20)
+        assert [pid for pid in children if Path(f"/proc/{pid}").exists()] == []
+        assert not _postmaster_running(tmp_path)
+    finally:
+        _clean_up(proc, tmp_path)
