@@ -9,16 +9,17 @@ from shared.embedded import Embedded
 from shared.settings import Settings
 
 
-def with_backends(settings: Settings, *, redis: bool = True) -> tuple[Settings, Embedded | None]:
+def with_backends(settings: Settings, *, redis: bool = True, db: bool = True) -> tuple[Settings, Embedded | None]:
     """Settings with the URLs filled in; starts embedded servers for whichever is unset.
 
     ``redis=False`` is for commands that only need PostgreSQL (migrate, admin): they must not
     start a second embedded Redis on the socket of one that ``trackly run`` already serves.
+    ``db=False`` is for the redirect, which never touches PostgreSQL.
     PostgreSQL is safe to "start" twice: pgserver attaches to a running server of the same
     data directory and only the last process using it stops it.
     The caller owns the returned ``Embedded`` (if any) and must ``stop()`` it.
     """
-    need_db = settings.database_url is None
+    need_db = db and settings.database_url is None
     need_redis = redis and settings.redis_url is None
     if not (need_db or need_redis):
         return settings, None

@@ -49,6 +49,9 @@ Scope = dict[str, Any]
 # the tracker (see sid.py).
 SEND_ID_PARAM = "sid"
 MAX_QUERY_PARAMS = 32
+# Pairs of a query read at most (repeats and sid among them), in a query longer than _LONG_QUERY.
+_QUERY_PAIRS = 4 * MAX_QUERY_PARAMS
+_LONG_QUERY = 4096
 MAX_VALUE_CHARS = 1000
 MAX_UA_CHARS = 1000
 # Short-hop answers remembered (see _short_hop; links' own codes only): at most this many, for
@@ -237,6 +240,10 @@ def _query_values(query: bytes) -> tuple[dict[str, str], str | None]:
     if not query:
         return values, None
     text = query.decode("utf-8", "replace")
+    if len(text) > _LONG_QUERY and text.count("&") >= _QUERY_PAIRS:
+        # Only the first pairs are read (a query of a million pairs must not become a list of
+        # them all: uvicorn bounds no request line); the short hop puts sid first.
+        text = "&".join(text.split("&", _QUERY_PAIRS)[:_QUERY_PAIRS])
     if "%" in text or "+" in text or ";" in text:
         pairs = parse_qsl(text, keep_blank_values=True)
     else:  # nothing to decode: a plain split is a few times faster

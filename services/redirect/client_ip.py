@@ -6,6 +6,8 @@ from collections.abc import Iterable
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+MAX_HOPS = 32  # proxies of ours a request may have passed, at most
+
 
 class ClientIP:
     def __init__(self, trusted: Iterable[Network]) -> None:
@@ -21,6 +23,10 @@ class ClientIP:
             except ValueError:
                 known = False
             else:
+                # ::ffff:10.0.0.5 is 10.0.0.5 (a dual-stack proxy writes IPv4 hops so): an IPv6
+                # address is never "in" an IPv4 network.
+                if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                    ip = ip.ipv4_mapped
                 known = any(ip in net for net in self._trusted)
             if len(self._memo) >= 10_000:
                 self._memo.clear()
@@ -34,15 +40,18 @@ class ClientIP:
         # Walk from the nearest hop back: the first address not ours is the client. Anything left
         # of it was written by the client and cannot be believed.
         client = peer
-        for part in reversed(forwarded_for.decode("latin-1").split(",")):
+        # The nearest MAX_HOPS hops at most: the rest stays one string (a header of a million
+        # commas must not become a million strings), which is no address.
+        for part in reversed(forwarded_for.decode("latin-1").rsplit(",", MAX_HOPS)):
             candidate = part.strip()
             if candidate.startswith("[") and "]" in candidate:
                 candidate = candidate[1:candidate.index("]")]
             try:
-                ipaddress.ip_address(candidate)
+                ip = ipaddress.ip_address(candidate)
             except ValueError:
                 break
-            client = candidate
+            mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+            client = str(mapped) if mapped is not None else candidate
             if not self.is_trusted(candidate):
                 break
         return client

@@ -9,10 +9,9 @@ from shared.settings import Settings
 
 
 def serve(settings: Settings) -> int:
-    # The redirect never touches PostgreSQL, but with_backends resolves both URLs the same way for
-    # every service (and starts the embedded servers when none are configured).
+    # The redirect never touches PostgreSQL: only an embedded Redis is started, when none is configured.
     exit_on_sigterm()
-    settings, embedded = with_backends(settings)
+    settings, embedded = with_backends(settings, db=False)
     try:
         uvicorn.run(
             create_app(settings),

@@ -206,10 +206,14 @@ class RawRedis:
     @staticmethod
     def _expire(protocol: _Protocol, future: asyncio.Future[Any]) -> None:
         if not future.done():
-            # Replies come in order: a late one would be taken for the next command's. Start over.
+            # Replies come in order: a late one would be taken for the next command's. Start over,
+            # at once: close() would keep the connection (and take new commands) until its unsent
+            # data was flushed, and a Redis that came back would then run commands whose callers
+            # were told they failed (a click answered 503, stored all the same).
+            protocol.lost = True
             protocol.fail(RedisTimeout("redis did not answer in time"))
             if protocol.transport is not None:
-                protocol.transport.close()
+                protocol.transport.abort()
 
     async def close(self) -> None:
         self._closed = True
