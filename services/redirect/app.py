@@ -588,6 +588,9 @@ class RedirectApp:
             )
         except Exception as exc:  # noqa: BLE001 - the group may not exist yet; Redis may be down
             log.debug("stream gauges unavailable: %s", exc)
+            # Not the last values read, which would say all is well: no value (a scrape sees them go).
+            gauges.pop("trackly_click_stream_length", None)
+            gauges.pop("trackly_click_stream_pending", None)
 
 
 async def _respond(send: Any, status: int, body: bytes, content_type: tuple[bytes, bytes]) -> int:

@@ -8,6 +8,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 
+from shared import edge as edge_contract
 from shared.embedded import EmbeddedRedis
 from shared.redis_client import create_redis
 from shared.settings import Settings
@@ -80,6 +81,23 @@ async def test_health_readiness_and_metrics(
     after = (await edge.get("http://edge/metrics")).text
     assert _value(after, "trackly_click_stream_length") == 0
     assert _value(after, "trackly_click_stream_pending") == 0
+
+
+async def test_the_stream_gauges_go_while_redis_cannot_be_read(settings: Settings, tmp_path: Path) -> None:
+    """Their last values would say the stream is drained while nobody can tell."""
+    private = EmbeddedRedis(tmp_path / "redis")
+    private.start()
+    try:
+        async with running_edge(settings, redis_url=private.url) as e:
+            client = create_redis(private.url)
+            await client.xgroup_create(edge_contract.CLICK_STREAM, edge_contract.CLICK_GROUP, id="0", mkstream=True)
+            await client.aclose()
+            assert "trackly_click_stream_length" in (await e.get("http://edge/metrics")).text
+            private.stop()
+            text = (await e.get("http://edge/metrics")).text
+            assert "trackly_click_stream_length" not in text and "trackly_click_stream_pending" not in text
+    finally:
+        private.stop()
 
 
 async def test_start_notes_a_redis_that_does_not_keep_what_it_acknowledges(settings: Settings, tmp_path: Path) -> None:
