@@ -41,6 +41,7 @@ _HOST_CHARS = string.ascii_letters + string.digits + ".-"
 # Above this many "/" in a body, short_urls lets SHORT_URL_RE scan it (an SMS with a link or two
 # has up to about six).
 MANY_SLASHES = 16
+FEW_LINKS = 8  # a batch's links, at most, looked for in each body one by one
 
 
 def _run_start(body: str, end: int, chars: str) -> int:
@@ -85,8 +86,13 @@ def short_urls(body: str, wanted: Collection[str]) -> Iterator[tuple[int, int, s
     before a ":port"), preceded by a scheme or by no "/" or "@". As in the pattern's left-to-right
     scan, a match may not start in text an earlier match took (a link id can be the start of a
     scheme glued to it: ``/Ab3kX9https://...``)."""
-    if not any(link_id in body for link_id in wanted):
-        return  # (most bodies name one link of a few)
+    if len(wanted) <= FEW_LINKS:
+        if not any(link_id in body for link_id in wanted):
+            return  # (most bodies name one link of a few)
+    elif not any(m.group(1) in wanted for m in LINK_ID_CANDIDATE_RE.finditer(body)):
+        # A batch naming many links (a link per recipient): a look per link in every body would
+        # cost links x length (a second for 1000 bodies of 4800 characters).
+        return
     if body.count("/") > MANY_SLASHES:
         # Many candidates (each costs a few microseconds here): the pattern's own scan is cheaper.
         for match in SHORT_URL_RE.finditer(body):
@@ -117,7 +123,8 @@ def short_urls(body: str, wanted: Collection[str]) -> Iterator[tuple[int, int, s
                 yield start, slash, body[host_start:slash], candidate.group(1)
 
 
-SEND_ID_MACRO = "{{sendId}}"
+# ``{{sendId}}`` in a body, as the destination's macros are read (shared.macros): any case, blanks inside the braces.
+SEND_ID_RE = re.compile(r"\{\{\s*sendid\s*\}\}", re.IGNORECASE | re.ASCII)
 MAX_BODY_CHARS = 10_000
 INSERT_ATTEMPTS = 3
 _T = TypeVar("_T")
@@ -288,7 +295,7 @@ def _fill(record: SendRecord, links: dict[str, asyncpg.Record], cut: _Cut, codes
     body = record.body
     if codes:
         body = "".join([piece if type(piece) is str else codes[piece] for piece in cut.pieces])  # type: ignore[index]
-    record.final_body = body.replace(SEND_ID_MACRO, record.message_id or "")
+    record.final_body = SEND_ID_RE.sub(record.message_id or "", body) if "{{" in body else body
     if record.offer_id is None:
         record.offer_id = cut.first_offer
 
