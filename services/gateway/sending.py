@@ -33,10 +33,12 @@ from shared.timeutil import utcnow
 # This pattern is the definition; ``short_urls`` finds exactly its matches several times faster
 # (the test suite checks the two against each other on random text).
 SHORT_URL_RE = re.compile(
-    r"(?:([hH][tT][tT][pP][sS]?://)|(?<![A-Za-z0-9.\-/@]))([A-Za-z0-9.-]+(?::[0-9]+)?)/([A-Za-z0-9]{6})(?![A-Za-z0-9])"
+    r"(?:([hH][tT][tT][pP][sS]?://)|(?<![A-Za-z0-9.\-/@]))([A-Za-z0-9.-]+(?::[0-9]+)?)/([A-Za-z0-9]{6,7})(?![A-Za-z0-9])"
 )
-# What could be a link id in a body: cheap to find (anchored on "/"), a superset of SHORT_URL_RE's.
-LINK_ID_CANDIDATE_RE = re.compile(r"/([A-Za-z0-9]{6})(?![A-Za-z0-9])")
+# What could be a link id (6 characters) or a per-message code (7: a message's URL pasted into
+# another body is that link's too) in a body: cheap to find (anchored on "/"), a superset of
+# SHORT_URL_RE's.
+LINK_ID_CANDIDATE_RE = re.compile(r"/([A-Za-z0-9]{6,7})(?![A-Za-z0-9])")
 _HOST_CHARS = string.ascii_letters + string.digits + ".-"
 # Above this many "/" in a body, short_urls lets SHORT_URL_RE scan it (an SMS with a link or two
 # has up to about six).
@@ -118,7 +120,7 @@ def short_urls(body: str, wanted: Collection[str]) -> Iterator[tuple[int, int, s
             if host_start < slash:
                 start = _url_start(body, host_start, taken)
         if start >= 0:
-            taken = slash + 7
+            taken = candidate.end()
             if candidate.group(1) in wanted:
                 yield start, slash, body[host_start:slash], candidate.group(1)
 
@@ -214,7 +216,7 @@ def parse_send(index: int, record: Any, *, body_required: bool = True) -> SendRe
 class Resolved:
     good: list[SendRecord]
     failed: list[tuple[SendRecord, ApiError]]
-    links: dict[str, asyncpg.Record]  # the account's short links named in the bodies, by id
+    links: dict[str, asyncpg.Record]  # the account's short links named in the bodies, by id (and by per-message code)
 
 
 async def resolve(
@@ -231,12 +233,24 @@ async def resolve(
     offers = await find_offers(conn, account_id, [r.offer_ref for r in records if r.offer_ref], include_deleted=past)
     candidates = {m.group(1) for r in records for m in LINK_ID_CANDIDATE_RE.finditer(r.body)}
     links: dict[str, asyncpg.Record] = {}
-    if candidates:
+    link_ids = sorted(c for c in candidates if len(c) == 6)
+    if link_ids:
         rows = await conn.fetch(
             "SELECT id, domain_host, offer_id FROM links WHERE account_id = $1 AND id = ANY($2::text[])",
-            account_id, sorted(candidates),
+            account_id, link_ids,
         )
         links = {r["id"]: r for r in rows}
+    codes = sorted(c for c in candidates if len(c) == 7)
+    if codes:
+        # A message's own URL pasted into this body (a test sent to oneself, a body read back):
+        # it stands for its link, and gets this message's code like the link's URL would.
+        for r in await conn.fetch(
+            "SELECT ml.code, l.id, l.domain_host, l.offer_id FROM message_links ml JOIN links l ON l.id = ml.link_id"
+            " WHERE ml.code = ANY($2::text[]) AND l.account_id = $1",
+            account_id, codes,
+        ):
+            links[r["code"]] = r
+            links.setdefault(r["id"], r)
     good: list[SendRecord] = []
     failed: list[tuple[SendRecord, ApiError]] = []
     for record in records:
@@ -271,13 +285,13 @@ def _cut(body: str, links: dict[str, asyncpg.Record]) -> _Cut:
     first_offer: str | None = None
     pieces: list[str | int] = []
     pos = 0
-    for _, slash, host, link_id in short_urls(body, links):
-        link = links[link_id]
+    for _, slash, host, found in short_urls(body, links):
+        link = links[found]  # (a per-message code's row is its link's)
         if link["domain_host"] != host_of(host):
             continue
         first_offer = first_offer or link["offer_id"]
-        pieces += [body[pos : slash + 1], order.setdefault(link_id, len(order))]
-        pos = slash + 7
+        pieces += [body[pos : slash + 1], order.setdefault(link["id"], len(order))]
+        pos = slash + 1 + len(found)
     pieces.append(body[pos:])
     return _Cut(tuple(pieces), tuple(order), first_offer)
 

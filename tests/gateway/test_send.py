@@ -230,6 +230,7 @@ async def test_a_colliding_code_never_overwrites_another_messages_code_at_the_ed
     "A https://sms.example.com/Ab3kX9?sub1=x and again https://sms.example.com/Ab3kX9. B sms.example.com/Zz9Yy8",
     "foreign https://other.example.com/Ab3kX9 glued{{sendId}}https://sms.example.com/Ab3kX9{{sendId}}",
     "Clickhttps://SMS.Example.com/Zz9Yy8 xsms.example.com/Ab3kX9 sms.example.com/Ab3kX9x {{sendId}}{{sendId}}",
+    "pasted https://sms.example.com/Pq7Rs8t and its link sms.example.com/Ab3kX9 {{sendId}}",
     "no links at all",
     "",
 ])
@@ -238,8 +239,9 @@ def test_a_repeated_body_is_filled_exactly_as_the_first_time(body):
     gives the same message for the same codes, with the message id in place of {{sendId}}."""
     from services.gateway import sending
 
-    links = {"Ab3kX9": {"domain_host": "sms.example.com", "offer_id": "o1"},
-             "Zz9Yy8": {"domain_host": "sms.example.com", "offer_id": "o2"}}
+    links = {"Ab3kX9": {"id": "Ab3kX9", "domain_host": "sms.example.com", "offer_id": "o1"},
+             "Zz9Yy8": {"id": "Zz9Yy8", "domain_host": "sms.example.com", "offer_id": "o2"},
+             "Pq7Rs8t": {"id": "Ab3kX9", "domain_host": "sms.example.com", "offer_id": "o1"}}  # a message's code
     cut = sending.cut_bodies([body, body], links)[body]  # type: ignore[arg-type]
     outcomes = []
     for _ in range(3):
@@ -249,6 +251,21 @@ def test_a_repeated_body_is_filled_exactly_as_the_first_time(body):
         outcomes.append((record.final_body, record.codes, record.offer_id))
     assert outcomes[0] == outcomes[1] == outcomes[2]
     assert "{{sendId}}" not in outcomes[0][0] and (body.count("{{sendId}}") == 0 or "Mid12345" in outcomes[0][0])
+
+
+def test_a_pasted_per_message_url_stands_for_its_link():
+    from services.gateway import sending
+
+    links = {"Ab3kX9": {"id": "Ab3kX9", "domain_host": "sms.example.com", "offer_id": "o1"},
+             "Pq7Rs8t": {"id": "Ab3kX9", "domain_host": "sms.example.com", "offer_id": "o1"}}
+    body = "A https://sms.example.com/Pq7Rs8t. B sms.example.com/Ab3kX9 C sms.example.com/Pq7Rs8tx"
+    cut = sending.cut_bodies([body], links)[body]  # type: ignore[arg-type]
+    assert cut.links == ("Ab3kX9",) and cut.first_offer == "o1"
+    record = sending.SendRecord(index=0, to="+14155551234", list_id=1, list_number=None, body=body,
+                                offer_ref=None, creative_id=None, schedule_id=None, message_id="Mid12345")
+    sending._fill(record, links, cut, ["New0001"])  # type: ignore[arg-type]
+    assert record.final_body == "A https://sms.example.com/New0001. B sms.example.com/New0001 C sms.example.com/Pq7Rs8tx"
+    assert record.codes == [("sms.example.com", "New0001", "Ab3kX9")]
 
 
 # What random bodies are made of: every part of a short URL with its near misses, and characters
@@ -276,7 +293,7 @@ def test_short_urls_finds_exactly_what_the_pattern_matches():
     from services.gateway.sending import SHORT_URL_RE, short_urls
 
     rng = random.Random(20261123)
-    wanted = {"Ab3kX9", "Zz9Yy8"}
+    wanted = {"Ab3kX9", "Zz9Yy8", "Ab3kX9x"}  # two link ids and a per-message code
     found, schemes, ports = 0, 0, 0
     for _ in range(30_000):
         body = _random_body(rng)

@@ -216,3 +216,34 @@ async def test_a_per_message_code_is_stored_by_its_link_and_both_formats_redirec
     orphan = "0rphan1"
     await redis.set(edge_mod.short_key("sms.example.com", orphan), orjson.dumps({"k": "Gone00", "m": message_id}))
     assert (await edge.get(f"https://sms.example.com/{orphan}")).status_code == 404
+
+
+async def test_a_per_message_url_pasted_into_another_message_becomes_that_messages(api, tenant, edge, db, redis):
+    # A marketer sends a test to their own phone, then pastes the URL it got into the campaign (or
+    # re-sends a body read back from GET /messages): the 7-character per-message URL stands for its
+    # link, and the new message gets its own code. It used to keep the old message's code: its
+    # clicks, and its {{sendId}}, were the old message's.
+    offer, link = await offer_and_link(api, tenant, "https://lp.example/o?m={{sendId}}&c={click_id}")
+
+    async def sent(body: str) -> tuple[str, dict]:
+        resp = await api.post("/api/v2/send", headers=tenant.headers, json={"to": random_phone(), "list_id": tenant.list_id, "body": body})
+        assert resp.status_code == 201, resp.text
+        mid = resp.json()["message_id"]
+        return mid, (await api.get(f"/api/v2/messages/{mid}", headers=tenant.headers)).json()
+
+    first, first_msg = await sent(f"Deal: {link['shortUrl']} reply STOP")
+    second, second_msg = await sent(first_msg["body"] + " " + first_msg["body"].split()[1])  # pasted twice
+    assert second_msg["body"] != first_msg["body"] and second_msg["offer_id"] == offer["id"]
+    codes = re.findall(r"sms\.example\.com/([A-Za-z0-9]{7})\b", second_msg["body"])
+    assert len(codes) == 2 and codes[0] == codes[1]  # one link: one code, as for a link named twice
+    await drain(db, redis)
+    destination = parse_qs(urlsplit(await edge.click(f"https://sms.example.com/{codes[0]}")).query)
+    assert destination["m"] == [second]
+    await drain(db, redis)
+    detail = {m: (await api.get(f"/api/v2/messages/{m}", headers=tenant.headers)).json() for m in (first, second)}
+    assert (detail[second]["clicked"], detail[first]["clicked"]) == (True, False)
+    # Another account's per-message URL is left as it is.
+    other = await make_tenant(db)
+    resp = await api.post("/api/v2/send", headers=other.headers, json={"to": random_phone(), "list_id": other.list_id, "body": first_msg["body"]})
+    other_body = (await api.get(f"/api/v2/messages/{resp.json()['message_id']}", headers=other.headers)).json()["body"]
+    assert other_body == first_msg["body"]
