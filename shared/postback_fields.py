@@ -5,6 +5,8 @@ Both sides agree on the status machine defined here.
 """
 from __future__ import annotations
 
+import hashlib
+
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -72,14 +74,18 @@ class Postback:
         latest accepted postback ``after`` (0: none yet) of that conversion is the same postback.
         Concurrent retries share this key, so exactly one is accepted; a correction back to an
         earlier state (approved -> rejected -> approved) follows a newer postback and is new.
-        A postback that could not be parsed has none: it is kept, never deduplicated."""
+        A postback that could not be parsed has none: it is kept, never deduplicated.
+        A digest of them: the fields joined could pass the 2704 bytes a btree index entry may hold
+        (two ids of 1400 characters did), and the insert failed (a 500, nothing stored, every
+        retry the same)."""
         if self.errors:
             return None
         payout = "" if self.payout is None else str(to_json_number(self.payout))
-        return "\x1f".join((
+        joined = "\x1f".join((
             self.network, self.conversion_key, self.status or "", payout, self.click_id or "", self.currency or "",
             f"after:{after}",
         ))
+        return hashlib.sha256(joined.encode("utf-8", "surrogatepass")).hexdigest()
 
     def repeats(self, status: str | None, payout: Decimal | None, click_id: str | None, currency: str | None) -> bool:
         """Whether this postback says what the latest accepted one for its conversion said. One

@@ -244,3 +244,43 @@ def test_status_moves():
     assert not accepts_move("reversed", d(1), "approved", d(1))
     assert not accepts_move("approved", d(1), "approved", d(1))
     assert accepts_move("approved", d(1), "approved", d(2))
+
+
+def _incompressible(n: int) -> str:
+    import secrets
+    import string
+
+    return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(n))
+
+
+@pytest.mark.parametrize("params", [
+    {"click_id": 1500, "conversion_id": 1500, "network": 500},
+    {"click_id": 1400, "conversion_id": 1400},
+])
+async def test_long_but_allowed_ids_are_stored_and_answered_200(api, db, tenant, params):
+    # The fields of the deduplication key, joined, passed what a btree index entry may hold: the
+    # insert failed, the postback was answered 500 and not stored, and so was every retry.
+    sent = {name: _incompressible(n) for name, n in params.items()}
+    resp = await api.get(f"/postback/{tenant.postback_token}", params={**sent, "payout": "1"})
+    assert resp.status_code == 200, resp.text
+    assert resp.json() == {"success": True, "status": "accepted"}
+    again = await api.get(f"/postback/{tenant.postback_token}", params={**sent, "payout": "1"})
+    assert again.json() == {"success": True, "status": "duplicate"}
+    assert await db.fetchval("SELECT count(*) FROM postbacks WHERE account_id = $1", tenant.account_id) == 2
+
+
+async def test_a_body_field_also_in_the_query_is_kept_in_the_stored_postback(api, db, tenant):
+    # The query's value is the one read (as for a form); the body's was dropped from the record.
+    resp = await api.post(f"/postback/{tenant.postback_token}?click_id=q1",
+                          content=b'{"click_id": "b1", "payout": "2"}', headers={"content-type": "application/json"})
+    assert resp.json()["status"] == "accepted"
+    row = await db.fetchrow("SELECT params, click_id FROM postbacks WHERE account_id = $1", tenant.account_id)
+    assert row["click_id"] == "q1" and row["params"]["click_id"] == ["q1", "b1"]
+
+
+async def test_a_multipart_part_sent_as_a_file_is_a_field(api, db, tenant):
+    resp = await api.post(f"/postback/{tenant.postback_token}", data={"click_id": "m1"},
+                          files={"payout": ("payout.txt", b"3", "text/plain")})
+    assert resp.json()["status"] == "accepted"
+    row = await db.fetchrow("SELECT params, payout FROM postbacks WHERE account_id = $1", tenant.account_id)
+    assert row["payout"] == 3 and row["params"]["payout"] == "3"

@@ -115,7 +115,9 @@ async def _params(request: Request) -> tuple[dict[str, Any], str | None]:
             form = await MultiPartParser(request.headers, _chunks(raw)).parse()
         except MultiPartException as exc:  # no boundary, a part over 1 MB, over 1000 fields, ...
             return _kept_as_sent(params, raw, f"body: not a readable multipart form ({exc.message})")
-        _multi([(k, v) for k, v in form.multi_items() if isinstance(v, str)], params)
+        # A part sent as a file is a field all the same (its text): dropped, its payout was lost.
+        _multi([(k, v if isinstance(v, str) else (await v.read()).decode("utf-8", "replace"))
+                for k, v in form.multi_items()], params)
         await form.close()
     else:
         # JSON, and any other body: networks mislabel JSON (text/plain, no type at all), and what
@@ -128,8 +130,9 @@ async def _params(request: Request) -> tuple[dict[str, Any], str | None]:
         if isinstance(data, dict) and _depth(data) > MAX_BODY_DEPTH:
             return _kept_as_sent(params, raw, f"body: nested more than {MAX_BODY_DEPTH} levels deep")
         if isinstance(data, dict):
-            for key, value in data.items():
-                params.setdefault(str(key), value)
+            # As for a form: a field also in the query keeps both values, the query's first (it
+            # is the one read); the body's was dropped from the postback as stored.
+            _multi([(str(key), value) for key, value in data.items()], params)
         elif raw.strip():
             return _kept_as_sent(params, raw, _BODY_ERROR if content_type.startswith("application/json") else None)
     return params, None
