@@ -79,6 +79,11 @@ def _url_start(body: str, host_start: int, after: int) -> int:
     return start if start >= after else -1
 
 
+def _link_growth(body: str) -> int:
+    """How many characters rewriting could add to ``body`` at most: one per 6-character id."""
+    return sum(len(m.group(1)) == 6 for m in LINK_ID_CANDIDATE_RE.finditer(body))
+
+
 def short_urls(body: str, wanted: Collection[str]) -> Iterator[tuple[int, int, str, str]]:
     """(start, position of the "/" before the link id, host[:port], link id) of each match of
     SHORT_URL_RE in ``body`` whose link id is in ``wanted``, in order.
@@ -200,6 +205,11 @@ def parse_send(index: int, record: Any, *, body_required: bool = True) -> SendRe
         raise validation("body is required and must be a non-empty string")
     if len(body) > MAX_BODY_CHARS:
         raise validation(f"body may be at most {MAX_BODY_CHARS} characters")
+    if len(body) + body.count("/") > MAX_BODY_CHARS and len(body) + _link_growth(body) > MAX_BODY_CHARS:
+        # The body as sent, once rewritten: each short link's 6-character id becomes a 7-character
+        # code. (At most: a path of six letters that is no link of the account counts too.)
+        raise validation(f"body may be at most {MAX_BODY_CHARS} characters once its short links are rewritten"
+                         " (each takes one more character)")
     return SendRecord(
         index=index,
         to=to,

@@ -7,7 +7,7 @@ import asyncpg
 import orjson
 import pytest
 
-from services.gateway.sending import _overlapped, insert_messages, parse_send, resolve, short_urls
+from services.gateway.sending import MAX_BODY_CHARS, _overlapped, insert_messages, parse_send, resolve, short_urls
 from shared import ids
 from shared.edge import short_key
 from tests.gateway.test_api_basics import assert_error
@@ -251,6 +251,21 @@ def test_a_repeated_body_is_filled_exactly_as_the_first_time(body):
         outcomes.append((record.final_body, record.codes, record.offer_id))
     assert outcomes[0] == outcomes[1] == outcomes[2]
     assert "{{sendId}}" not in outcomes[0][0] and (body.count("{{sendId}}") == 0 or "Mid12345" in outcomes[0][0])
+
+
+async def test_a_body_that_rewriting_would_take_past_the_limit_is_refused(api, tenant):
+    # Each rewritten link takes one more character: a body of 10,000 with a link was stored as
+    # 10,001 (and refused when sent again as read back).
+    link = await make_link(api, tenant, (await make_offer(api, tenant))["id"])
+    head = f"Deal {link['shortUrl']} "
+    over = await send(api, tenant, body=head + "x" * (MAX_BODY_CHARS - len(head)))
+    assert_error(over, 400, "validation_error")
+    assert "once its short links are rewritten" in over.json()["error"]
+    fits = await send(api, tenant, body=head + "x" * (MAX_BODY_CHARS - len(head) - 1))
+    assert fits.status_code == 201, fits.text
+    stored = (await api.get(f"/api/v2/messages/{fits.json()['message_id']}", headers=tenant.headers)).json()["body"]
+    assert len(stored) == MAX_BODY_CHARS
+    assert (await send(api, tenant, body="x" * MAX_BODY_CHARS)).status_code == 201  # no link: the whole limit
 
 
 def test_a_pasted_per_message_url_stands_for_its_link():
