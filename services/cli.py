@@ -23,7 +23,6 @@ def _fail(message: str) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     from shared.migrate import migrate
 
-    exit_on_sigterm()  # a SIGTERM must not leave the embedded PostgreSQL running
     settings, embedded = with_backends(settings_mod.load(), redis=False)
     try:
         applied = asyncio.run(migrate(settings.database_url))
@@ -39,7 +38,6 @@ def _admin(args: argparse.Namespace) -> int:
     from shared.migrate import migrate, pending
     from shared.phone import PhoneError
 
-    exit_on_sigterm()  # a SIGTERM must not leave the embedded PostgreSQL running
     settings, embedded = with_backends(settings_mod.load(), redis=False)
 
     async def go() -> dict:
@@ -84,7 +82,6 @@ def cmd_republish(args: argparse.Namespace) -> int:
     from shared.redis_client import create_redis
     from shared.republish import republish
 
-    exit_on_sigterm()  # a SIGTERM must not leave the embedded PostgreSQL running
     settings, embedded = with_backends(settings_mod.load())
 
     async def go() -> dict[str, int]:
@@ -178,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse prints its own one-line usage error
         return int(exc.code or 0)
+    # Every command may start the embedded servers (with_backends): a SIGTERM or SIGHUP must end it
+    # through its finally, which stops them (`trackly run` then puts its own handlers in place).
+    exit_on_sigterm()
     return int(args.func(args) or 0)
 
 

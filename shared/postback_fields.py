@@ -6,7 +6,6 @@ Both sides agree on the status machine defined here.
 from __future__ import annotations
 
 import hashlib
-
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime

@@ -25,7 +25,7 @@ FROM message_links ml
 JOIN links l ON l.id = ml.link_id
 JOIN messages m ON m.id = ml.message_id AND m.account_id = l.account_id
 """
-_OFFERS = "SELECT id, account_id, status, destination_url, affiliate_id FROM offers"
+_OFFERS = f"SELECT {edge.OFFER_ENTRY_COLUMNS} FROM offers"
 
 
 async def _chunks(conn: asyncpg.Connection, query: str) -> AsyncIterator[list[asyncpg.Record]]:

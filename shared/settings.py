@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.accounts import normalise_domain
+from shared.domains import normalise_domain
 
 
 @dataclass(frozen=True)

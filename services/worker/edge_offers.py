@@ -27,9 +27,8 @@ log = logging.getLogger("trackly.worker.edge_offers")
 CHECK_INTERVAL = 5.0
 CHUNK = 1000
 
-_COLUMNS = "id, account_id, status, destination_url, affiliate_id"
-_PAGE = f"SELECT {_COLUMNS} FROM offers WHERE id > $1 ORDER BY id LIMIT $2"
-_LOCKED = f"SELECT {_COLUMNS} FROM offers WHERE id = ANY($1::text[]) ORDER BY id FOR SHARE"
+_PAGE = f"SELECT {edge.OFFER_ENTRY_COLUMNS} FROM offers WHERE id > $1 ORDER BY id LIMIT $2"
+_LOCKED = f"SELECT {edge.OFFER_ENTRY_COLUMNS} FROM offers WHERE id = ANY($1::text[]) ORDER BY id FOR SHARE"
 
 
 def _differs(row: asyncpg.Record, held: bytes | None) -> bool:
