@@ -44,6 +44,11 @@ import orjson
 CLICK_STREAM = "trk:clicks"
 CLICK_GROUP = "drain"
 SID_KEY = "trk:edge:sid-key"
+# Set by the worker once it has written every edge key from PostgreSQL into this Redis process
+# (``done:<run_id>``, see services/worker/edge_offers.py): a Redis without it, or with another
+# process's run id (restarted: empty, or from a snapshot older than the latest publishes; or
+# replaced), is filled again, without an operator.
+EDGE_MARK = "trk:edge:complete"
 
 
 def short_key(host: str, code: str) -> str:

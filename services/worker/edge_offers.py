@@ -10,22 +10,49 @@ died). So every ``CHECK_INTERVAL`` seconds each offer's edge entry is compared w
 row, and one that differs is published again from the row read ``FOR SHARE``, as the gateway
 publishes a change: a change in flight (published, not yet committed) is waited for, so this never
 undoes it. A paused offer then stops answering within ``CHECK_INTERVAL`` plus the edge's cache
-TTL, inside CONTRACT.md §4's 15 s. It also brings back offers a Redis that lost its data no longer
-has (links and message codes need ``trackly republish``).
+TTL, inside CONTRACT.md §4's 15 s.
+
+Before each check, ``ensure_complete`` looks for ``edge.EDGE_MARK`` naming the Redis process's run
+id: a Redis without it, or with another run id, was restarted (empty, or from a snapshot that lacks
+what was published after it), replaced, or never filled, and every short link and message code it
+lacks would answer 404 at the edge until an operator ran ``trackly admin republish``. The worker
+runs that republish itself (one worker at a time): 200k links and 1M message codes took 7.5 s
+(12 s with TRACKLY_MESSAGE_CODE_DAYS); a restart that lost nothing costs the same pass, harmlessly.
 """
 from __future__ import annotations
 
 import logging
+import secrets
 from typing import Any
 
 import asyncpg
+from redis.exceptions import ResponseError
 
 from shared import edge, loops
+from shared.republish import republish
 
 log = logging.getLogger("trackly.worker.edge_offers")
 
 CHECK_INTERVAL = 5.0
 CHUNK = 1000
+
+# One worker republishes at a time; a lock held longer than this is taken to be a dead worker's.
+REPUBLISH_LOCK = "trk:edge:republishing"
+REPUBLISH_LOCK_MS = 15 * 60 * 1000
+# The mark is set to "pending:<token>" before the pass and to "done" after it only if it still
+# holds that token: a Redis emptied again during the pass lost the pending mark with everything
+# else, and is filled again at the next check.
+_MARK_DONE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    redis.call('SET', KEYS[1], ARGV[2])
+    return 1
+end
+return 0
+"""
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 _PAGE = f"SELECT {edge.OFFER_ENTRY_COLUMNS} FROM offers WHERE id > $1 ORDER BY id LIMIT $2"
 _LOCKED = f"SELECT {edge.OFFER_ENTRY_COLUMNS} FROM offers WHERE id = ANY($1::text[]) ORDER BY id FOR SHARE"
@@ -68,9 +95,47 @@ async def check_offers(db: asyncpg.Pool, redis: Any) -> int:
             return published
 
 
+async def _run_id(redis: Any) -> str:
+    """The Redis process's run id (a new one at every restart); "" where INFO is not allowed."""
+    try:
+        return str((await redis.info("server")).get("run_id", ""))
+    except ResponseError:
+        return ""
+
+
+async def ensure_complete(db: asyncpg.Pool, redis: Any, *, code_days: int = 0) -> dict[str, int] | None:
+    """If Redis does not hold ``edge.EDGE_MARK`` (it lost its data, or was never filled), write every
+    edge key again from PostgreSQL (``shared.republish``); returns its counts, None if nothing was
+    to do (or another worker is at it)."""
+    done = f"done:{await _run_id(redis)}".encode()
+    if await redis.get(edge.EDGE_MARK) == done:
+        return None
+    token = secrets.token_hex(16)
+    if not await redis.set(REPUBLISH_LOCK, token, nx=True, px=REPUBLISH_LOCK_MS):
+        return None
+    try:
+        pending = f"pending:{token}"
+        await redis.set(edge.EDGE_MARK, pending)
+        log.warning("the edge's Redis lacks %s (it lost its data, or was never filled): publishing every "
+                    "link, message code and offer again", edge.EDGE_MARK)
+        async with db.acquire() as conn:
+            counts = await republish(conn, redis, code_days=code_days)
+        if await redis.eval(_MARK_DONE, 1, edge.EDGE_MARK, pending, done):
+            log.warning("published the edge again: %s", counts)
+        return counts
+    finally:
+        await redis.eval(_UNLOCK, 1, REPUBLISH_LOCK, token)
+
+
+async def check_edge(ctx: dict[str, Any]) -> None:
+    """One turn of the worker's check: the whole edge if Redis lost it, then every offer."""
+    await ensure_complete(ctx["db"], ctx["redis_client"], code_days=ctx["settings"].message_code_days)
+    await check_offers(ctx["db"], ctx["redis_client"])
+
+
 async def run_offer_check(ctx: dict[str, Any]) -> None:
-    """Started by the worker: ``check_offers`` every ``CHECK_INTERVAL`` seconds until cancelled."""
+    """Started by the worker: ``check_edge`` every ``CHECK_INTERVAL`` seconds until cancelled."""
     await loops.repeat(
-        lambda: check_offers(ctx["db"], ctx["redis_client"]), log=log, failure="checking the edge's offers failed",
+        lambda: check_edge(ctx), log=log, failure="checking the edge failed",
         pause_after_failure=CHECK_INTERVAL, interval=CHECK_INTERVAL,
     )

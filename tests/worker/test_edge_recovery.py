@@ -1,0 +1,60 @@
+"""A Redis that lost its data (restarted empty: no persistence, a new node, a failover to an empty
+replica) is given the edge back by the worker, without an operator: until then every short link
+and message code answers 404 at the edge (README: "`trackly admin republish` rebuilds the edge's
+Redis from PostgreSQL ... if Redis lost its data"; nothing ran it)."""
+from __future__ import annotations
+
+import asyncio
+
+from services.worker import edge_offers
+from shared import edge
+from tests.helpers import make_link, make_offer
+from tests.redirect.conftest import running_edge
+
+EDGE_MARK = edge.EDGE_MARK  # what the worker leaves in a Redis whose edge keys it has all written
+
+
+async def _lose_everything(redis, keys: list[str]) -> None:
+    """What a Redis restarted empty holds of this test's keys (the run's Redis is shared: the
+    whole database is not flushed)."""
+    await redis.delete(EDGE_MARK, *keys)
+
+
+async def test_the_worker_gives_an_emptied_redis_its_links_back(api, db, redis, settings, tenant):
+    offer = await make_offer(api, tenant)
+    link = await make_link(api, tenant, offer["id"])
+    row = await db.fetchrow("SELECT * FROM links WHERE id = $1", link["linkId"])
+    keys = [key for key, _ in edge.link_entries(row)] + [edge.offer_key(offer["id"])]
+    published = await redis.mget(keys)
+    assert all(published)
+    ctx = {"db": db, "redis_client": redis, "settings": settings}
+
+    await _lose_everything(redis, keys)
+    async with running_edge(settings) as edge_app:
+        assert (await edge_app.get(link["shortUrl"])).status_code == 404  # the edge lost it
+        # The worker's periodic check (every edge_offers.CHECK_INTERVAL s), a few turns.
+        for _ in range(3):
+            await edge_offers.check_edge(ctx)
+        assert await redis.mget(keys) == published
+        # And only once: a Redis that keeps its data is left alone.
+        assert await edge_offers.ensure_complete(db, redis) is None
+
+        await asyncio.sleep(settings.link_cache_ttl + 0.1)  # the edge's cached miss expires
+        assert (await edge_app.get(link["shortUrl"])).status_code == 302
+
+
+async def test_a_redis_restarted_from_an_older_snapshot_gets_what_it_lacks(api, db, redis, settings, tenant):
+    """A restart from an RDB snapshot keeps the mark of the pass before it, but not the links
+    published since the snapshot: the mark names the Redis process (its run id), so it counts as
+    a Redis that lost data."""
+    offer = await make_offer(api, tenant)
+    ctx = {"db": db, "redis_client": redis, "settings": settings}
+    await edge_offers.check_edge(ctx)  # the edge complete, as of this process
+    link = await make_link(api, tenant, offer["id"])  # published after the snapshot
+    row = await db.fetchrow("SELECT * FROM links WHERE id = $1", link["linkId"])
+    keys = [key for key, _ in edge.link_entries(row)]
+    published = await redis.mget(keys)
+    await redis.delete(*keys)
+    await redis.set(EDGE_MARK, b"done:" + b"0" * 40)  # the snapshot's, from the process before the restart
+    await edge_offers.check_edge(ctx)
+    assert await redis.mget(keys) == published
