@@ -40,6 +40,18 @@ def loads(raw: bytes) -> object:
         raise JsonError(str(exc)) from None
 
 
+def _stored_int(text: str) -> int | Decimal:
+    # Integers orjson can write stay ints; a longer one (PostgreSQL prints a stored 1E+100 as 101
+    # digits) is a Decimal, which ``dumps`` prints as the same digits.
+    return int(text) if len(text) < 19 else Decimal(text)
+
+
+def loads_stored(text: str) -> object:
+    """JSON that PostgreSQL stored (a jsonb column read as text), its numbers exactly as stored:
+    ``dumps`` writes them back as the same numbers (orjson.loads reads them as binary floats)."""
+    return json.loads(text, parse_float=Decimal, parse_int=_stored_int)
+
+
 # Numbers kept as numbers by ``storable``: integers orjson can write (64-bit) and decimals well
 # within numeric's range and the context's precision; a number past them is kept as the text sent.
 _MAX_INT = 2**63

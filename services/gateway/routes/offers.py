@@ -91,7 +91,9 @@ def _clean(data: dict[str, Any], *, partial: bool) -> dict[str, Any]:
         out["payout"] = None
     if "currency" in data or not partial:
         currency = data.get("currency")
-        if not currency and not partial:  # absent, null or "": the default
+        # Absent, null or "": the default. (Not any falsy value: false, 0, [] or {} is no currency
+        # code, and was stored as USD.)
+        if (currency is None or currency == "") and not partial:
             currency = "USD"
         if not isinstance(currency, str) or not CURRENCY_RE.fullmatch(currency.upper()):
             raise validation("currency must be a 3-letter ISO 4217 code")

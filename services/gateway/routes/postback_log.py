@@ -13,6 +13,7 @@ from starlette.routing import Route
 
 from services.gateway.auth import authenticate
 from services.gateway.http import JSONResponse, page_params
+from shared import jsonio
 from shared.errors import validation
 from shared.timeutil import isoformat
 
@@ -35,7 +36,9 @@ _LISTED_PARAMS = (
 
 # The postback, and the conversion it belongs to (several postbacks move one conversion).
 _SELECT = (
-    f"SELECT p.id, p.received_at, p.method, pg_column_size(p.params) AS params_size, {_LISTED_PARAMS} AS params,"
+    # As text, read back with exact numbers (jsonio.loads_stored): the pool's jsonb codec (orjson)
+    # reads every number as a binary float, and 24.990000000000000001 was listed as 24.99.
+    f"SELECT p.id, p.received_at, p.method, pg_column_size(p.params) AS params_size, ({_LISTED_PARAMS})::text AS params,"
     " p.network, p.conversion_key, p.click_id, p.status, p.payout,"
     " p.currency, p.offer_ref, p.converted_at, p.parse_error, p.is_duplicate, p.processed_at, p.process_error,"
     f" c.offer_id AS conversion_offer_id, c.attributed, c.unattributed_reason, {_STATE} AS state"
@@ -55,7 +58,7 @@ def postback_json(row: Any) -> dict[str, Any]:
         "method": row["method"],
         "network": row["network"],
         # exactly what was sent, unless too big to list
-        "params": row["params"] if row["params"] is not None else {
+        "params": jsonio.loads_stored(row["params"]) if row["params"] is not None else {
             "_omitted": f"more than {MAX_LISTED_PARAMS} bytes as JSON ({row['params_size']} stored): too long to list"},
         "click_id": row["click_id"],
         "conversion_id": row["conversion_key"] if parsed else None,
