@@ -1,6 +1,7 @@
 """POST /history/sends, /history/clicks, /history/revenue: codes, duplicates, caps, partial success."""
 from __future__ import annotations
 
+import asyncio
 import secrets
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -324,3 +325,37 @@ async def test_history_sends_accept_an_offer_deleted_since(api, db, tenant):
          "timestamp": "2025-11-15T14:35:22Z"},
     ]})
     assert clicks.json()["success_count"] == 1, clicks.json()
+
+
+async def test_a_sends_id_taken_by_another_account_meanwhile_is_an_error_not_a_duplicate(api, db, tenant):
+    """Another account's send takes a message id while this import of it runs (after the owner
+    check, before the insert): the record is refused as "already in use", as it is when the id
+    was taken before, not counted a duplicate of this account's (found by fuzzing, with 10
+    concurrent imports). The other account's insert is held open so the import's waits on it."""
+    other = await make_tenant(db)
+    message_id = ids.message_id()
+    async with db.acquire() as conn:
+        transaction = conn.transaction()
+        await transaction.start()
+        try:
+            await conn.execute(
+                "INSERT INTO messages (id, account_id, list_id, to_phone, body, sent_at) VALUES ($1, $2, $3, $4, '', now())",
+                message_id, other.account_id, other.list_id, PHONE,
+            )
+            answer = asyncio.ensure_future(history(api, tenant, "sends", [
+                {"message_id": message_id, "to": PHONE, "list_id": tenant.list_id, "timestamp": "2026-01-01T00:00:00Z"},
+                {"to": PHONE, "list_id": tenant.list_id, "timestamp": "2026-01-01T00:00:00Z"},
+            ]))
+            for _ in range(200):  # until the import's insert waits on the uncommitted id
+                if await db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"):
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("the import never waited on the other account's insert")
+        finally:
+            await transaction.commit()
+    body = await answer
+    assert (body["success_count"], body["duplicates_skipped"]) == (1, 0), body
+    assert [(e["index"], e["code"], e["error"]) for e in body["errors"]] == [
+        (0, "validation_error", "message_id is already in use")]
+    assert await db.fetchval("SELECT account_id FROM messages WHERE id = $1", message_id) == other.account_id

@@ -156,6 +156,7 @@ SELECT m.id, m.list_id, m.to_phone FROM unnest($2::text[]) AS w(id)
 CROSS JOIN LATERAL (SELECT id, list_id, to_phone, account_id FROM messages WHERE id = w.id LIMIT 1) m
 WHERE m.account_id = $1
 """
+MESSAGE_OWNER = "SELECT account_id FROM messages WHERE id = $1"
 MESSAGE_OWNERS = """
 SELECT m.* FROM unnest($1::text[]) AS w(id)
 CROSS JOIN LATERAL (SELECT id, account_id FROM messages WHERE id = w.id LIMIT 1) m
@@ -334,7 +335,15 @@ async def import_sends(request: Request) -> Response:
                                               code_days=code_days)
                         out.success += 1
                     except asyncpg.UniqueViolationError:
-                        out.duplicates += 1
+                        # Its id was taken meanwhile: by this account (an import of it at the same
+                        # time) a duplicate; by another, as when it was taken before the check.
+                        owner = r.message_id and await conn.fetchval(MESSAGE_OWNER, r.message_id)
+                        if owner == account.id:
+                            out.duplicates += 1
+                        elif owner:
+                            out.fail(r.index, validation("message_id is already in use"))
+                        else:
+                            out.fail(r.index, save_error())
                     except asyncpg.PostgresError:
                         out.fail(r.index, save_error())
             return out.response()
