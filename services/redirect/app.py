@@ -54,6 +54,8 @@ _QUERY_PAIRS = 4 * MAX_QUERY_PARAMS
 _LONG_QUERY = 4096
 MAX_VALUE_CHARS = 1000
 MAX_UA_CHARS = 1000
+# The most of a query a click keeps (MAX_QUERY_PARAMS names of up to 100 characters and values).
+_HELD_QUERY = MAX_QUERY_PARAMS * (100 + MAX_VALUE_CHARS)
 # Short-hop answers remembered (see _short_hop; links' own codes only): at most this many, for
 # queries up to this long.
 MAX_ANSWERS = 10_000
@@ -525,7 +527,8 @@ class RedirectApp:
         if offer is None or not offer.active:
             return await _not_found(send)
 
-        query, send_id = _query_values(scope["query_string"])
+        raw_query: bytes = scope["query_string"]
+        query, send_id = _query_values(raw_query)
         if send_id is not None:
             send_id = await self.sid.message_of(send_id, tracker_id)
         click_id = next_click_id()
@@ -547,7 +550,10 @@ class RedirectApp:
             click: edge.Click = (
                 click_id, link_id, offer_id, account_id, list_id, send_id, us, ip, ua, country, bot, query
             )
-            await self.writer.submit(click)
+            # About what the click holds beyond a bare one (its query as kept, its user agent): the
+            # writer bounds what waits in memory while Redis hangs by it.
+            held = min(len(raw_query), _HELD_QUERY) + (len(ua) if ua else 0)
+            await self.writer.submit(click, held)
         await send(
             {
                 "type": "http.response.start",

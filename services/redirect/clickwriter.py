@@ -11,8 +11,9 @@ durable before its 302 is sent. If the write fails, every request of the batch g
 A Redis that hangs (takes the command, answers nothing) fails a batch only after the connection's
 timeout, while clicks keep arriving: when a batch fails on a timeout, the clicks queued behind it
 fail too (they would wait out the same timeout, one batch at a time), and past ``max_queued``
-waiting clicks a new one is refused at once. Either way the wait for a 503 and the memory held
-stay bounded, however long the hang.
+waiting clicks, or past ``max_queued_bytes`` of them (as ``submit`` is told their sizes: a click
+can carry 32 query values of 1000 characters), a new one is refused at once. Either way the wait
+for a 503 and the memory held stay bounded, however long the hang.
 """
 from __future__ import annotations
 
@@ -36,13 +37,16 @@ class ClickNotRecorded(Exception):
 class ClickWriter:
     def __init__(
         self, redis: Executor, *, max_batch: int = 2000, max_inflight: int = 2, max_queued: int = 20_000,
-        stream: str = edge.CLICK_STREAM,
+        max_queued_bytes: int = 64 << 20, stream: str = edge.CLICK_STREAM,
     ) -> None:
         self._redis = redis
         self._stream = stream
         self._max_batch = max_batch
         self._max_inflight = max_inflight
         self._max_queued = max_queued
+        self._max_queued_bytes = max_queued_bytes
+        self._queued_bytes = 0
+        self._sizes: list[int] = []  # per queued click, as submitted
         self._clicks: list[edge.Click] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._scheduled = False
@@ -67,18 +71,21 @@ class ClickWriter:
         """Returns once the click is durably in the stream; raises ClickNotRecorded otherwise."""
         await self.submit(click)
 
-    def submit(self, click: edge.Click) -> asyncio.Future[None]:
+    def submit(self, click: edge.Click, size: int = 0) -> asyncio.Future[None]:
         """``write`` without its coroutine (the hot path awaits this directly): a future resolved
-        once the click is durably in the stream, failed with ClickNotRecorded otherwise."""
+        once the click is durably in the stream, failed with ClickNotRecorded otherwise. ``size``:
+        about how many bytes the click holds beyond a bare one (its query and user agent)."""
         if self._closed:
             raise ClickNotRecorded("the click writer is closed")
-        if len(self._clicks) >= self._max_queued:
+        if len(self._clicks) >= self._max_queued or self._queued_bytes + size > self._max_queued_bytes:
             self._report_failure(1, "too many clicks waiting for redis")
             raise ClickNotRecorded("too many clicks waiting for redis")
         loop = self._loop
         future: asyncio.Future[None] = loop.create_future()
         self._clicks.append(click)
         self._waiters.append(future)
+        self._sizes.append(size)
+        self._queued_bytes += size
         if not self._scheduled and len(self._inflight) < self._max_inflight:
             # On the next loop iteration, so every request that is ready now joins this batch.
             self._scheduled = True
@@ -96,7 +103,8 @@ class ClickWriter:
         if not self._clicks:
             return
         clicks, waiters = self._clicks[: self._max_batch], self._waiters[: self._max_batch]
-        del self._clicks[: self._max_batch], self._waiters[: self._max_batch]
+        self._queued_bytes -= sum(self._sizes[: self._max_batch])
+        del self._clicks[: self._max_batch], self._waiters[: self._max_batch], self._sizes[: self._max_batch]
         try:
             reply = self._redis.request("XADD", self._stream, "*", edge.CLICK_BATCH_FIELD, orjson.dumps(clicks))
         except Exception as exc:  # noqa: BLE001 - a batch that cannot be encoded: these requests must not wait forever
@@ -114,7 +122,7 @@ class ClickWriter:
         if exc is not None:
             if isinstance(exc, RedisTimeout):  # the queue would wait out the same hang: fail it now
                 clicks, waiters = clicks + self._clicks, waiters + self._waiters
-                self._clicks, self._waiters = [], []
+                self._clicks, self._waiters, self._sizes, self._queued_bytes = [], [], [], 0
             self._report_failure(len(clicks), exc, times=len(clicks))
             for waiter in waiters:
                 if not waiter.done():

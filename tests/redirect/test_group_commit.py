@@ -207,3 +207,38 @@ async def test_clicks_queued_behind_a_hung_redis_fail_within_a_timeout_and_the_q
             await conn.close()
     assert len(outcomes) == 15_000 and all(isinstance(o, ClickNotRecorded) for o in outcomes)
     assert max(waits) < 3 * timeout + 0.3, max(waits)
+
+
+async def test_big_clicks_waiting_on_a_hung_redis_are_bounded_by_bytes(api: Any, tenant: Any, settings: Settings) -> None:
+    """Clicks of 32 query values of 1000 characters (~35 KB each as kept) behind a hung Redis:
+    past the writer's byte bound a click is refused at once (503), not queued up to max_queued
+    (20,000 of them: 700 MB) until the timeout fails them all."""
+    from tests.redirect.conftest import offer_and_link, running_edge
+
+    _, link = await offer_and_link(api, tenant, "https://shop.example/?c={click_id}")
+    query = "&".join(f"p{i}={'v' * 1000}" for i in range(32))
+    async with running_edge(settings) as edge_app, _HungRedis(answered=1) as url:
+        tracker = (await edge_app.get(link["shortUrl"])).headers["location"]
+        real_writer = edge_app.app.writer
+        # With Redis answering, what a batch took is no longer counted as waiting.
+        assert [(await edge_app.get(f"{tracker}?{query}")).status_code for _ in range(3)] == [302] * 3
+        assert real_writer._queued_bytes == 0 and real_writer.recorded >= 3
+        conn = RawRedis(url, timeout=1.0)
+        edge_app.app.writer = ClickWriter(conn, stream=STREAM, max_batch=1, max_inflight=1, max_queued_bytes=200_000)
+        loop = asyncio.get_running_loop()
+
+        async def click() -> tuple[int, float]:
+            started = loop.time()
+            resp = await edge_app.get(f"{tracker}?{query}")
+            return resp.status_code, loop.time() - started
+
+        try:
+            answers = await asyncio.gather(*(click() for _ in range(40)))
+        finally:
+            await edge_app.app.writer.close()
+            edge_app.app.writer = real_writer
+            await conn.close()
+    assert {status for status, _ in answers} == {503}
+    at_once = [took for _, took in answers if took < 0.5]
+    # One in flight, five of ~35 KB within 200 KB queued behind it: the other 34 refused at once.
+    assert len(at_once) >= 30, sorted(took for _, took in answers)
