@@ -6,6 +6,7 @@ import asyncio
 import uvicorn
 
 from services.gateway.app import create_app
+from shared.http_limits import BoundedHttpToolsProtocol
 from shared.migrate import migrate
 from shared.runtime import exit_on_sigterm, with_backends
 from shared.settings import Settings
@@ -22,6 +23,7 @@ def serve(settings: Settings) -> int:
             create_app(settings),
             host=settings.gateway_host,
             port=settings.gateway_port,
+            http=BoundedHttpToolsProtocol,  # httptools, with the request head bounded (http_limits.py)
             log_level=settings.log_level,
             access_log=False,
             server_header=False,  # no "server: uvicorn": what runs here is nobody's business (and one header less per answer)

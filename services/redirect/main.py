@@ -4,6 +4,7 @@ from __future__ import annotations
 import uvicorn
 
 from services.redirect.app import create_app
+from shared.http_limits import BoundedHttpToolsProtocol
 from shared.runtime import exit_on_sigterm, with_backends
 from shared.settings import Settings
 
@@ -18,7 +19,7 @@ def serve(settings: Settings) -> int:
             host=settings.redirect_host,
             port=settings.redirect_port,
             loop="uvloop",
-            http="httptools",
+            http=BoundedHttpToolsProtocol,  # httptools, with the request head bounded (http_limits.py)
             lifespan="on",
             log_level=settings.log_level,
             access_log=False,
