@@ -53,6 +53,8 @@ def _admin(args: argparse.Namespace) -> int:
         try:
             if args.admin == "create-account":
                 return await accounts.create_account(conn, args.name, offer_management=not args.no_offer_management)
+            if args.admin == "rotate-api-key":
+                return await accounts.rotate_api_key(conn, args.account_id)
             return await accounts.create_list(
                 conn,
                 account_id=args.account_id,
@@ -161,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--tracker-domain", help="origin of its click tracker (default: TRACKLY_DEFAULT_TRACKER_DOMAIN)")
     lst.add_argument("--inactive", action="store_true", help="created inactive: sends and links refuse it")
     lst.set_defaults(func=_admin)
+    rotate = admin.add_parser(
+        "rotate-api-key", help="a new API key for an account (printed this once); the old one stops working at once"
+    )
+    rotate.add_argument("--account-id", type=int, required=True)
+    rotate.set_defaults(func=_admin)
     admin.add_parser(
         "republish", help="write every link, message code and offer to the edge's Redis again (after it lost its data)"
     ).set_defaults(func=cmd_republish)

@@ -36,6 +36,18 @@ async def create_account(conn: asyncpg.Connection, name: str, *, offer_managemen
     return {"account_id": account_id, "api_key": key, "postback_token": token}
 
 
+async def rotate_api_key(conn: asyncpg.Connection, account_id: int) -> dict:
+    """A new API key for the account; the one it replaces stops working at once (every request
+    looks its key up: nothing caches it)."""
+    key = ids.api_key()
+    found = 0 < account_id < 2**63 and await conn.fetchval(
+        "UPDATE accounts SET api_key_hash = $2 WHERE id = $1 RETURNING id", account_id, hash_api_key(key)
+    )
+    if not found:
+        raise ValueError(f"account {account_id} does not exist")
+    return {"account_id": account_id, "api_key": key}
+
+
 async def create_list(
     conn: asyncpg.Connection,
     *,

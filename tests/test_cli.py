@@ -128,3 +128,20 @@ def test_urls_are_printed_without_their_password():
     assert _without_password("redis://u:a@b@cache/0?password=c") == "redis://u:***@cache/0?password=***"
     assert _without_password("postgresql:///t?sslpassword=k3y&pass%77ord=s3cret&passwords_are=fine") == (
         "postgresql:///t?sslpassword=***&pass%77ord=***&passwords_are=fine")
+
+
+async def test_rotate_api_key(settings, db, api):
+    account = json.loads(trackly(settings, "admin", "create-account", "--name", "Rotating").stdout)
+    old = {"X-Api-Key": account["api_key"]}
+    assert (await api.get("/api/v2/lists", headers=old)).status_code == 200
+    out = trackly(settings, "admin", "rotate-api-key", "--account-id", str(account["account_id"]))
+    assert out.returncode == 0, out.stderr
+    rotated = json.loads(out.stdout)
+    assert rotated["account_id"] == account["account_id"] and rotated["api_key"].startswith("trk_")
+    assert rotated["api_key"] != account["api_key"]
+    assert (await api.get("/api/v2/lists", headers=old)).status_code == 401  # the old key, at once
+    assert (await api.get("/api/v2/lists", headers={"X-Api-Key": rotated["api_key"]})).status_code == 200
+    assert await db.fetchval("SELECT postback_token FROM accounts WHERE id = $1", account["account_id"]) == account["postback_token"]
+    for bad in ("999999999", "0"):
+        out = trackly(settings, "admin", "rotate-api-key", "--account-id", bad)
+        assert out.returncode != 0 and out.stdout == "" and len(out.stderr.strip().splitlines()) == 1, out
