@@ -60,13 +60,13 @@ WHERE r.account_id = $1 AND {_IN_RANGE.format(at="r.occurred_at")}{revenue}
 
 EVENTS = _events()
 
-# The group key of each report grouping, as text; date is the event's UTC day.
+# The group key of each report grouping; date is the event's UTC day (text).
 GROUP_KEYS = {
     "offer": "offer",
     "creative": "creative",
     "message": "message",
     "campaign": "campaign",
-    "list": "list::text",
+    "list": "list",  # a number: ordered as one (as text, list 10 came before 9)
     "date": "to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
 }
 
@@ -92,7 +92,7 @@ ROLLUP_KEYS = {
     "offer": "offer",
     "creative": "creative",
     "campaign": "campaign",
-    "list": "list::text",
+    "list": "list",
     "date": "to_char(day, 'YYYY-MM-DD')",
 }
 

@@ -457,12 +457,15 @@ async def process_batch(conn: asyncpg.Connection, first_id: int | None = None, l
 
 
 def _may_change(click_id: str | None, verdict: Attribution) -> bool:
-    """Whether a verdict of before_click may change once a click being stored meanwhile commits:
-    a message's first click can be replaced by an earlier one (a click's own time never changes).
+    """Whether a verdict may change once a click being stored meanwhile commits: a message's first
+    click can be replaced by an earlier one (a click's own time never changes), which makes a
+    before_click conversion credited, and moves a credited one to the earlier click (its time, its
+    offer, its payout default; or expired). The drainer's re-match cannot see a conversion this
+    batch has not committed, so both leave the sweeper a request.
     (click_not_found at creation is the sweeper's re-match's, which looks for exactly that.)"""
     if click_id is None:
         return False
-    return verdict.reason == "before_click" and MESSAGE_ID_RE.match(click_id) is not None
+    return (verdict.attributed or verdict.reason == "before_click") and MESSAGE_ID_RE.match(click_id) is not None
 
 
 async def _attribute(conn: asyncpg.Connection, updates: list[tuple[int, Attribution]]) -> None:
