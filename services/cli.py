@@ -55,6 +55,8 @@ def _admin(args: argparse.Namespace) -> int:
                 return await accounts.create_account(conn, args.name, offer_management=not args.no_offer_management)
             if args.admin == "rotate-api-key":
                 return await accounts.rotate_api_key(conn, args.account_id)
+            if args.admin == "rotate-postback-token":
+                return await accounts.rotate_postback_token(conn, args.account_id, grace_hours=args.grace_hours)
             return await accounts.create_list(
                 conn,
                 account_id=args.account_id,
@@ -168,6 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rotate.add_argument("--account-id", type=int, required=True)
     rotate.set_defaults(func=_admin)
+    rotate_token = admin.add_parser(
+        "rotate-postback-token",
+        help="a new postback token for an account; the old one keeps working for --grace-hours (default 72)",
+    )
+    rotate_token.add_argument("--account-id", type=int, required=True)
+    rotate_token.add_argument(
+        "--grace-hours", type=float, default=72.0,
+        help="how long the replaced token still works while networks move to the new one (0: it stops now)",
+    )
+    rotate_token.set_defaults(func=_admin)
     admin.add_parser(
         "republish", help="write every link, message code and offer to the edge's Redis again (after it lost its data)"
     ).set_defaults(func=cmd_republish)

@@ -9,6 +9,7 @@ import asyncpg
 from shared import ids
 from shared.domains import normalise_domain
 from shared.phone import parse_e164
+from shared.timeutil import isoformat
 
 
 def hash_api_key(key: str) -> bytes:
@@ -46,6 +47,28 @@ async def rotate_api_key(conn: asyncpg.Connection, account_id: int) -> dict:
     if not found:
         raise ValueError(f"account {account_id} does not exist")
     return {"account_id": account_id, "api_key": key}
+
+
+async def rotate_postback_token(conn: asyncpg.Connection, account_id: int, *, grace_hours: float) -> dict:
+    """A new postback token for the account. The one it replaces keeps working for ``grace_hours``
+    (0: it stops at once, as for a token that leaked; a gateway trusts a token it looked up for
+    up to 30 s more), while the networks' postback URLs are changed to the new one. A token
+    replaced earlier and still in its grace period stops working now."""
+    if not 0 <= grace_hours <= 24 * 365:
+        raise ValueError("--grace-hours must be between 0 and 8760")
+    token = ids.postback_token()
+    row = 0 < account_id < 2**63 and await conn.fetchrow(
+        "UPDATE accounts SET previous_postback_token = postback_token, postback_token = $2,"
+        " previous_postback_token_until = now() + make_interval(secs => $3)"
+        " WHERE id = $1 RETURNING previous_postback_token_until",
+        account_id, token, grace_hours * 3600,
+    )
+    if not row:
+        raise ValueError(f"account {account_id} does not exist")
+    return {
+        "account_id": account_id, "postback_token": token,
+        "previous_token_valid_until": isoformat(row["previous_postback_token_until"]),
+    }
 
 
 async def create_list(

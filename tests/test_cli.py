@@ -5,6 +5,7 @@ import secrets
 import subprocess
 import sys
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -144,4 +145,37 @@ async def test_rotate_api_key(settings, db, api):
     assert await db.fetchval("SELECT postback_token FROM accounts WHERE id = $1", account["account_id"]) == account["postback_token"]
     for bad in ("999999999", "0"):
         out = trackly(settings, "admin", "rotate-api-key", "--account-id", bad)
+        assert out.returncode != 0 and out.stdout == "" and len(out.stderr.strip().splitlines()) == 1, out
+
+
+async def test_rotate_postback_token(settings, db, api, gateway_app):
+    """The replaced token works through its grace period (networks move to the new URL one by
+    one), then not; with --grace-hours 0 it stops at once (a leaked token)."""
+    account = json.loads(trackly(settings, "admin", "create-account", "--name", "Rotating tokens").stdout)
+    first = account["postback_token"]
+
+    async def answers(token: str) -> int:
+        gateway_app.state.postback_tokens = {}  # what a gateway trusts without asking lasts 30 s; not that here
+        return (await api.get(f"/postback/{token}", params={"click_id": "x", "conversion_id": token[:8]})).status_code
+
+    out = trackly(settings, "admin", "rotate-postback-token", "--account-id", str(account["account_id"]))
+    assert out.returncode == 0, out.stderr
+    rotated = json.loads(out.stdout)
+    second = rotated["postback_token"]
+    assert set(rotated) == {"account_id", "postback_token", "previous_token_valid_until"} and second != first
+    until = datetime.fromisoformat(rotated["previous_token_valid_until"])
+    assert timedelta(hours=71) < until - datetime.now(UTC) <= timedelta(hours=72)
+    assert (await answers(first), await answers(second)) == (200, 200)
+    stored = await db.fetch("SELECT account_id FROM postbacks WHERE account_id = $1", account["account_id"])
+    assert len(stored) == 2  # both stored as the account's
+
+    await db.execute("UPDATE accounts SET previous_postback_token_until = now() - interval '1 second' WHERE id = $1",
+                     account["account_id"])
+    assert (await answers(first), await answers(second)) == (401, 200)  # its grace period is over
+
+    out = trackly(settings, "admin", "rotate-postback-token", "--account-id", str(account["account_id"]), "--grace-hours", "0")
+    third = json.loads(out.stdout)["postback_token"]
+    assert (await answers(first), await answers(second), await answers(third)) == (401, 401, 200)
+    for bad in (["--account-id", "999999999"], ["--account-id", "1", "--grace-hours", "-1"]):
+        out = trackly(settings, "admin", "rotate-postback-token", *bad)
         assert out.returncode != 0 and out.stdout == "" and len(out.stderr.strip().splitlines()) == 1, out

@@ -214,7 +214,7 @@ async def test_money_goes_exact_without_reading_its_tables_under_the_exclusive_l
                 await conn.execute("INSERT INTO schema_migrations (version) VALUES ('0022_money_exact')")
             with pytest.raises(asyncpg.CheckViolationError):  # not valid yet, and enforced all the same
                 await conn.execute("UPDATE revenue SET amount = -1 WHERE id = md5('1')")
-            assert await migrate(dsn) == ["0023_money_checks_validated"]
+            assert (await migrate(dsn))[0] == "0023_money_checks_validated"
             validated = await conn.fetch(
                 "SELECT conname, convalidated FROM pg_constraint WHERE conname IN ('revenue_amount_check', 'offers_payout_check')")
             assert sorted((r["conname"], r["convalidated"]) for r in validated) == [

@@ -34,6 +34,13 @@ _report_enqueue_failure = Throttled(log, logging.WARNING, "could not enqueue pos
 # Where a JSON body that is not a JSON object is kept, as text, among the params.
 BODY_PARAM = "_body"
 _BODY_ERROR = "body: not a JSON object"
+# The current token, or the one it replaced while its grace period lasts (accounts.rotate_postback_token).
+_ACCOUNT_OF_TOKEN = """
+SELECT id FROM accounts WHERE postback_token = $1
+UNION ALL
+SELECT id FROM accounts WHERE previous_postback_token = $1 AND previous_postback_token_until > now()
+LIMIT 1
+"""
 TOKEN_TTL = 30.0  # seconds a token -> account mapping is trusted without asking PostgreSQL
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{1,200}")  # what ids.postback_token mints (url-safe base64)
 # Deeper JSON bodies are kept as text: the params are walked recursively, and stored as jsonb.
@@ -69,7 +76,7 @@ async def _account_for(request: Request, token: str) -> int:
     hit = cache.get(token)
     if hit is not None and hit[1] > now:
         return hit[0]
-    account_id = await request.app.state.db.fetchval("SELECT id FROM accounts WHERE postback_token = $1", token)
+    account_id = await request.app.state.db.fetchval(_ACCOUNT_OF_TOKEN, token)
     if account_id is None:
         raise ApiError(401, "unauthorized", "Unknown postback token")
     if len(cache) > 10_000:
