@@ -130,8 +130,9 @@ def short_urls(body: str, wanted: Collection[str]) -> Iterator[tuple[int, int, s
                 yield start, slash, body[host_start:slash], candidate.group(1)
 
 
-# ``{{sendId}}`` in a body, as the destination's macros are read (shared.macros): any case, blanks inside the braces.
-SEND_ID_RE = re.compile(r"\{\{\s*sendid\s*\}\}", re.IGNORECASE | re.ASCII)
+# ``{{sendId}}`` in a body, as the destination's macros are read (shared.macros): any case, blanks inside the braces
+# (any Unicode blank, as ``\s`` in shared.macros.MACRO_RE), the letters ASCII only (no IGNORECASE, which takes "ı").
+SEND_ID_RE = re.compile(r"\{\{\s*[sS][eE][nN][dD][iI][dD]\s*\}\}")
 MAX_BODY_CHARS = 10_000
 INSERT_ATTEMPTS = 3
 _T = TypeVar("_T")

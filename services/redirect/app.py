@@ -167,6 +167,8 @@ def _host_takes_a_macro(url: str) -> bool:
     scheme, sep, rest = url.partition("://")
     if not sep or "{" in scheme:
         return True
+    # Browsers skip any further "/" and "\\" before the host ("https:///x/" is https://x/).
+    rest = rest.lstrip("/\\")
     end = min((i for i in (rest.find(c) for c in "/?#\\") if i >= 0), default=len(rest))
     return "{" in rest[:end] or "}" in rest[:end]
 
