@@ -30,23 +30,30 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     """``HttpToolsProtocol`` that refuses a request whose head exceeds ``max_head_bytes``.
 
     A read in which a head ends (uvicorn makes a new request cycle for it) costs an attribute read
-    and a comparison more: the redirect's hot path. Only reads that end no head are counted."""
+    and a comparison more: the redirect's hot path. A read that carries body bytes (counted as
+    httptools hands them over, ``on_body``) resets the count; every other read is counted: a head,
+    a chunked body's trailers, and a next head after a body the app answered without reading
+    (uvicorn then leaves that cycle's ``more_body`` True for good, so it cannot tell)."""
 
     max_head_bytes = MAX_HEAD_BYTES
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head_bytes = 0  # bytes received since the last head ended (or the connection began)
+        self._body_bytes = 0  # body bytes httptools handed over on this connection
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        super().on_body(body)
 
     def data_received(self, data: bytes) -> None:
-        cycle = self.cycle
-        in_body = cycle is not None and cycle.more_body
+        cycle, body_before = self.cycle, self._body_bytes
         super().data_received(data)
         if self.cycle is not cycle:  # a head ended in this read (a next one begun in it: at most a read's worth)
             if self._head_bytes:
                 self._head_bytes = 0
-        elif in_body or (cycle is not None and cycle.more_body):
-            self._head_bytes = 0  # a body's bytes, bounded by the app (a chunk with a body's end too)
+        elif self._body_bytes != body_before:
+            self._head_bytes = 0  # a body's bytes, bounded by the app (and what follows them in this read)
         else:
             self._head_bytes += len(data)
             if self._head_bytes > self.max_head_bytes and not self.transport.is_closing():

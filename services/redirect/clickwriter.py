@@ -12,7 +12,8 @@ A Redis that hangs (takes the command, answers nothing) fails a batch only after
 timeout, while clicks keep arriving: when a batch fails on a timeout, the clicks queued behind it
 fail too (they would wait out the same timeout, one batch at a time), and past ``max_queued``
 waiting clicks, or past ``max_queued_bytes`` of them (as ``submit`` is told their sizes: a click
-can carry 32 query values of 1000 characters), a new one is refused at once. Either way the wait
+can carry 32 query values of 1000 characters; counted twice, for the click and its encoded XADD,
+until its batch is answered or failed), a new one is refused at once. Either way the wait
 for a 503 and the memory held stay bounded, however long the hang.
 """
 from __future__ import annotations
@@ -77,6 +78,7 @@ class ClickWriter:
         about how many bytes the click holds beyond a bare one (its query and user agent)."""
         if self._closed:
             raise ClickNotRecorded("the click writer is closed")
+        size += size  # the click, and its encoded XADD once its batch is in flight
         if len(self._clicks) >= self._max_queued or self._queued_bytes + size > self._max_queued_bytes:
             self._report_failure(1, "too many clicks waiting for redis")
             raise ClickNotRecorded("too many clicks waiting for redis")
@@ -103,7 +105,9 @@ class ClickWriter:
         if not self._clicks:
             return
         clicks, waiters = self._clicks[: self._max_batch], self._waiters[: self._max_batch]
-        self._queued_bytes -= sum(self._sizes[: self._max_batch])
+        # A batch in flight still holds its clicks, and its encoded XADD besides (submit counted
+        # both), until Redis answers or the timeout fails it: counted until then (_finish).
+        held = sum(self._sizes[: self._max_batch])
         del self._clicks[: self._max_batch], self._waiters[: self._max_batch], self._sizes[: self._max_batch]
         try:
             reply = self._redis.request("XADD", self._stream, "*", edge.CLICK_BATCH_FIELD, orjson.dumps(clicks))
@@ -111,10 +115,13 @@ class ClickWriter:
             reply = self._loop.create_future()
             reply.set_exception(exc)
         self._inflight.add(reply)
-        reply.add_done_callback(lambda done: self._finish(done, clicks, waiters))
+        reply.add_done_callback(lambda done: self._finish(done, clicks, waiters, held))
 
-    def _finish(self, reply: asyncio.Future[Any], clicks: list[edge.Click], waiters: list[asyncio.Future[None]]) -> None:
+    def _finish(
+        self, reply: asyncio.Future[Any], clicks: list[edge.Click], waiters: list[asyncio.Future[None]], held: int = 0,
+    ) -> None:
         self._inflight.discard(reply)
+        self._queued_bytes -= held
         if reply.cancelled():
             exc: BaseException | None = ClickNotRecorded("cancelled")
         else:
@@ -122,7 +129,8 @@ class ClickWriter:
         if exc is not None:
             if isinstance(exc, RedisTimeout):  # the queue would wait out the same hang: fail it now
                 clicks, waiters = clicks + self._clicks, waiters + self._waiters
-                self._clicks, self._waiters, self._sizes, self._queued_bytes = [], [], [], 0
+                self._queued_bytes -= sum(self._sizes)  # a batch still in flight stays counted
+                self._clicks, self._waiters, self._sizes = [], [], []
             self._report_failure(len(clicks), exc, times=len(clicks))
             for waiter in waiters:
                 if not waiter.done():

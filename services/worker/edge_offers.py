@@ -129,8 +129,10 @@ async def ensure_complete(db: asyncpg.Pool, redis: Any, *, code_days: int = 0) -
 
 async def check_edge(ctx: dict[str, Any]) -> None:
     """One turn of the worker's check: the whole edge if Redis lost it, then every offer."""
-    await ensure_complete(ctx["db"], ctx["redis_client"], code_days=ctx["settings"].message_code_days)
-    await check_offers(ctx["db"], ctx["redis_client"])
+    try:
+        await ensure_complete(ctx["db"], ctx["redis_client"], code_days=ctx["settings"].message_code_days)
+    finally:  # a republish that keeps failing must not hold up the offers' own check (CONTRACT §4)
+        await check_offers(ctx["db"], ctx["redis_client"])
 
 
 async def run_offer_check(ctx: dict[str, Any]) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from services.worker import edge_offers
 from shared import edge
 from tests.helpers import make_link, make_offer
@@ -58,3 +60,23 @@ async def test_a_redis_restarted_from_an_older_snapshot_gets_what_it_lacks(api, 
     await redis.set(EDGE_MARK, b"done:" + b"0" * 40)  # the snapshot's, from the process before the restart
     await edge_offers.check_edge(ctx)
     assert await redis.mget(keys) == published
+
+
+async def test_a_failing_republish_does_not_stop_the_offer_check(api, db, redis, settings, tenant, monkeypatch):
+    """A republish that keeps failing (a statement timeout, a Redis error mid-pass) must not hold up
+    the offer check after it: a pause whose publish failed would never reach the edge (CONTRACT §4's
+    15 s) for as long as it failed (found by review)."""
+    offer = await make_offer(api, tenant)
+    key = edge.offer_key(offer["id"])
+    published = await redis.get(key)
+    await redis.set(key, b'{"stale":true}')  # a publish that failed
+    await redis.delete(edge.EDGE_MARK)  # and Redis restarted
+
+    async def failing(*args, **kwargs):
+        raise TimeoutError("canceling statement due to statement timeout")
+
+    monkeypatch.setattr(edge_offers, "republish", failing)
+    ctx = {"db": db, "redis_client": redis, "settings": settings}
+    with pytest.raises(TimeoutError):
+        await edge_offers.check_edge(ctx)
+    assert await redis.get(key) == published
