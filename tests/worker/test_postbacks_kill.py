@@ -11,6 +11,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -45,7 +46,7 @@ async def _stop(proc: asyncio.subprocess.Process, sig: int) -> None:
 
 
 async def test_kill_9_of_a_worker_mid_postbacks_moves_every_conversion_once(
-    api: httpx.AsyncClient, db: asyncpg.Pool, tenant: Tenant, settings: Settings
+    api: httpx.AsyncClient, db: asyncpg.Pool, redis: Any, tenant: Tenant, settings: Settings
 ) -> None:
     offer = await make_offer(api, tenant, payout=7)
     t0 = datetime.now(UTC) - timedelta(hours=1)
@@ -102,6 +103,11 @@ async def test_kill_9_of_a_worker_mid_postbacks_moves_every_conversion_once(
         await _stop(first, signal.SIGKILL)
         if second is not None:
             await _stop(second, signal.SIGTERM)
+        # The killed worker's job stays marked in progress until arq's timeout (about 70 s): no
+        # worker of the run's later tests could take it, and each would wait for the queue to empty.
+        # Its postbacks are the second worker's (the sweeper's); the job itself would change nothing.
+        async for key in redis.scan_iter(match="arq:in-progress:*"):
+            await redis.delete(key)
 
     assert await db.fetchval("SELECT count(*) FROM conversions WHERE account_id = $1", tenant.account_id) == CONVERSIONS
     # No postback wrote two ledger entries; each conversion's ledger is what it is worth.
