@@ -39,11 +39,11 @@ async def _echo_app(scope: dict, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def _serve(http: Any) -> tuple[uvicorn.Server, asyncio.Task, int]:
+async def _serve(http: Any, app: Any = _echo_app) -> tuple[uvicorn.Server, asyncio.Task, int]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(_echo_app, http=http, lifespan="off", log_level="critical"))
+    server = uvicorn.Server(uvicorn.Config(app, http=http, lifespan="off", log_level="critical"))
     task = asyncio.ensure_future(server.serve(sockets=[sock]))
     while not server.started:
         await asyncio.sleep(0.01)

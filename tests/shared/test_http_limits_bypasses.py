@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from typing import Any
 
 import pytest
-import uvicorn
 
 from services.redirect import main as redirect_main
-from tests.shared.test_http_limits import _http_protocol_of
+from tests.shared.test_http_limits import _http_protocol_of, _serve
 
 
 async def _answer_at_once(scope: dict, receive: Any, send: Any) -> None:
@@ -18,17 +16,6 @@ async def _answer_at_once(scope: dict, receive: Any, send: Any) -> None:
         return
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
     await send({"type": "http.response.body", "body": b"ok"})
-
-
-async def _serve(http: Any) -> tuple[uvicorn.Server, asyncio.Task, int]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(_answer_at_once, http=http, lifespan="off", log_level="critical"))
-    task = asyncio.ensure_future(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.01)
-    return server, task, port
 
 
 def _rss_mb() -> float:
@@ -55,7 +42,7 @@ async def test_a_head_after_a_body_the_app_did_not_read_is_still_bounded(monkeyp
     once the response is complete), so every later read on the connection counts as 'body' and the
     next head is never counted."""
     http = _http_protocol_of(redirect_main, monkeypatch, settings)
-    server, task, port = await _serve(http)
+    server, task, port = await _serve(http, _answer_at_once)
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n")
@@ -84,7 +71,7 @@ async def test_chunked_trailers_are_bounded_as_a_head_is(monkeypatch, settings):
     """A chunked body's trailer section is header fields too (httptools accumulates a field's
     value in memory until it ends); read while the body is 'in progress', it is never counted."""
     http = _http_protocol_of(redirect_main, monkeypatch, settings)
-    server, task, port = await _serve(http)
+    server, task, port = await _serve(http, _answer_at_once)
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nz\r\n0\r\nX-Trailer: ")
