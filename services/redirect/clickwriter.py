@@ -118,7 +118,7 @@ class ClickWriter:
         reply.add_done_callback(lambda done: self._finish(done, clicks, waiters, held))
 
     def _finish(
-        self, reply: asyncio.Future[Any], clicks: list[edge.Click], waiters: list[asyncio.Future[None]], held: int = 0,
+        self, reply: asyncio.Future[Any], clicks: list[edge.Click], waiters: list[asyncio.Future[None]], held: int,
     ) -> None:
         self._inflight.discard(reply)
         self._queued_bytes -= held
