@@ -6,9 +6,17 @@ are copied from one consistent snapshot, a thousand keys per ``MSET``. Offers do
 must reach the edge) and the gateway publishes a change just before committing it, so a read of
 the older row could overwrite it: offers go last, from a fresh read, and those changed since
 shortly before that read are read and written once more afterwards.
+
+The gateway publishes a link or a message's codes before its transaction commits. One that
+published before Redis lost its data and commits after the snapshot would be in neither, so the
+pass first waits for every transaction that had written when it began (as ``CREATE INDEX
+CONCURRENTLY`` waits), up to ``WRITERS_WAIT`` seconds.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,7 +24,12 @@ import asyncpg
 
 from shared import edge
 
+log = logging.getLogger("trackly.republish")
+
 CHUNK = 1000
+# The longest the pass waits for transactions in progress when it begins (a gateway's takes
+# milliseconds; one left open by hand is waited for this long, then named in a warning).
+WRITERS_WAIT = 60.0
 
 _LINKS = "SELECT id, account_id, offer_id, list_id, domain_host, tracker_id, tracker_url FROM links"
 _MESSAGE_CODES = """
@@ -39,10 +52,37 @@ async def _chunks(conn: asyncpg.Connection, query: str) -> AsyncIterator[list[as
         yield chunk
 
 
-async def republish(conn: asyncpg.Connection, redis: Any, *, code_days: int = 0) -> dict[str, int]:
+async def _wait_for_writers(conn: asyncpg.Connection, timeout: float) -> None:
+    """Return once every transaction that had written (holds a transaction id) now has ended, or
+    after ``timeout`` seconds."""
+    # Each transaction holds a lock on its own transaction id until it ends. (pg_current_snapshot()
+    # would not do: its list leaves out the newest ones, at or past its xmax.)
+    query = (
+        "SELECT transactionid::text FROM pg_locks WHERE locktype = 'transactionid' AND mode = 'ExclusiveLock'"
+        " AND pid <> pg_backend_pid()"
+    )
+    writers = [r[0] for r in await conn.fetch(query)]
+    deadline = time.monotonic() + timeout
+    while writers:
+        left = [r[0] for r in await conn.fetch(query + " AND transactionid::text = ANY($1::text[])", writers)]
+        if not left:
+            return
+        writers = left
+        if time.monotonic() >= deadline:
+            log.warning("republishing without waiting longer for %d transactions open for over %.0f s (ids %s):"
+                        " a link or message they published before Redis lost its data may still be missing",
+                        len(left), timeout, ", ".join(left[:10]))
+            return
+        await asyncio.sleep(0.05)
+
+
+async def republish(
+    conn: asyncpg.Connection, redis: Any, *, code_days: int = 0, writers_wait: float = WRITERS_WAIT
+) -> dict[str, int]:
     """Write every edge key again; returns how many links, message codes and offers it wrote.
     ``code_days``: settings.message_code_days (codes past it are not written again)."""
     counts = {"links": 0, "message_codes": 0, "offers": 0}
+    await _wait_for_writers(conn, writers_wait)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         async for rows in _chunks(conn, _LINKS):
             await redis.mset(dict(entry for row in rows for entry in edge.link_entries(row)))

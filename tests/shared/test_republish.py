@@ -123,3 +123,46 @@ async def test_message_codes_expire_a_set_number_of_days_after_their_send(db, re
     kept = (lambda ms: ms == -1)
     await lifetimes(kept, kept, kept, kept)
     assert unbounded["message_codes"] - counts["message_codes"] >= 1
+
+
+async def test_republish_waits_for_a_link_published_before_the_loss_and_committed_after(api, db, redis, tenant):
+    """The gateway publishes a link before its transaction commits. Redis loses the key in between,
+    and the pass (the worker's, once it sees the loss) starts before that commit: it must wait for
+    the transaction rather than miss the link from its snapshot."""
+    import asyncio
+
+    from services.gateway.publish import publish_link
+
+    offer = await db.fetchrow("SELECT * FROM offers WHERE id = $1", (await make_offer(api, tenant))["id"])
+    async with db.acquire() as writer, db.acquire() as conn:
+        tx = writer.transaction()
+        await tx.start()
+        link = await writer.fetchrow(
+            "INSERT INTO links (id, account_id, offer_id, list_id, domain, domain_host, tracker_id, tracker_url)"
+            " VALUES ('Wt8kQ2', $1, $2, $3, 'https://sms.example.com', 'sms.example.com', $4, $5) RETURNING *",
+            tenant.account_id, offer["id"], tenant.list_id, "7f0c4e2a-1b3d-4c5e-8f9a-0b1c2d3e4f50",
+            "https://ct.example.com/c/7f0c4e2a-1b3d-4c5e-8f9a-0b1c2d3e4f50",
+        )
+        await publish_link(redis, link=link, offer=offer)
+        keys = [edge.short_key("sms.example.com", "Wt8kQ2"), edge.tracker_key(link["tracker_id"])]
+        await redis.delete(*keys)  # Redis loses its data
+        running = asyncio.ensure_future(republish(conn, redis, writers_wait=30))
+        await asyncio.sleep(0.5)
+        waited = not running.done()
+        await tx.commit()
+        await running
+    assert all([await redis.get(k) for k in keys])
+    assert waited
+
+
+async def test_republish_waits_only_so_long_for_a_transaction_left_open(db, redis, caplog):
+    async with db.acquire() as idle, db.acquire() as conn:
+        tx = idle.transaction()
+        await tx.start()
+        await idle.fetchval("SELECT pg_current_xact_id()")  # it has written (holds a transaction id)
+        try:
+            counts = await republish(conn, redis, writers_wait=0.3)
+        finally:
+            await tx.rollback()
+    assert counts["offers"] >= 0
+    assert "without waiting longer for 1 transactions" in caplog.text
