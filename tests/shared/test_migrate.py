@@ -431,3 +431,53 @@ async def test_a_run_whose_connection_dies_mid_migration_fails_unrecorded(settin
             assert await setup.fetchval("SELECT count(*) FROM migrate_slow") == 1
         finally:
             await setup.close()
+
+
+async def test_a_conversion_waiting_for_its_click_across_0007_gets_its_offers_payout_when_it_lands(settings, db):
+    """Before 0007 nothing recorded whether a postback gave the payout (the worker looked at the
+    conversion's postbacks when its click landed). A conversion that waited for its click across
+    the upgrade, made from a postback that gave no payout or currency (so 0, USD), gets its click's
+    offer's once the click lands, as on a database that had 0007 all along; one whose postback
+    gave a payout keeps it, one whose only payout came in a move the status machine refused (a
+    pending after its approval) does not."""
+    from services.worker import attribution
+
+    async with _scratch_database(settings, db, "trackly_migrate_given") as dsn:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await _migrate_before(conn, "0007")
+            # As the worker before 0007 wrote them: two postbacks, their conversions still waiting.
+            await conn.execute("""
+                INSERT INTO accounts (id, name, api_key_hash, postback_token) VALUES (1, 'a', 'h', 't');
+                INSERT INTO lists (id, account_id, name, phone_number) VALUES (1, 1, 'l', '+14155550000');
+                INSERT INTO offers (id, account_id, name, destination_url, payout, currency)
+                VALUES ('offer7', 1, 'o', 'https://example.com/', 7, 'EUR');
+                INSERT INTO messages (id, account_id, list_id, to_phone, offer_id, sent_at)
+                VALUES ('msg00001', 1, 1, '+14155550001', 'offer7', timestamptz '2026-03-01 10:00Z');
+                INSERT INTO postbacks (account_id, method, params, conversion_key, click_id, status, payout,
+                                       currency, converted_at, dedupe_key, processed_at)
+                VALUES (1, 'GET', '{}', 'silent', 'k1', 'approved', NULL, NULL, timestamptz '2026-03-01 10:05Z', 'd1', now()),
+                       (1, 'GET', '{}', 'given', 'k1', 'approved', 3, 'USD', timestamptz '2026-03-01 10:05Z', 'd2', now()),
+                       (1, 'GET', '{}', 'refused', 'k1', 'approved', NULL, NULL, timestamptz '2026-03-01 10:05Z', 'd3', now()),
+                       (1, 'GET', '{}', 'refused', 'k1', 'pending', 5, NULL, timestamptz '2026-03-01 10:05Z', 'd4', now());
+                INSERT INTO conversions (account_id, network, conversion_key, click_id, status, payout, currency,
+                                         converted_at, attributed, unattributed_reason)
+                VALUES (1, 'default', 'silent', 'k1', 'approved', 0, 'USD', timestamptz '2026-03-01 10:05Z', false, 'click_not_found'),
+                       (1, 'default', 'given', 'k1', 'approved', 3, 'USD', timestamptz '2026-03-01 10:05Z', false, 'click_not_found'),
+                       (1, 'default', 'refused', 'k1', 'approved', 0, 'USD', timestamptz '2026-03-01 10:05Z', false, 'click_not_found');
+                INSERT INTO conversion_adjustments (conversion_id, postback_id, to_status, amount)
+                SELECT c.id, p.id, 'approved', c.payout FROM conversions c
+                JOIN postbacks p ON p.conversion_key = c.conversion_key AND p.status = 'approved';
+            """)
+            assert "0007_conversion_given" in await migrate(dsn)
+            await conn.execute(
+                "INSERT INTO clicks (id, account_id, message_id, offer_id, list_id, clicked_at)"
+                " VALUES ('k1', 1, 'msg00001', 'offer7', 1, timestamptz '2026-03-01 10:01Z')")
+            async with conn.transaction():
+                assert await attribution.rematch_for_clicks(conn, ["k1"]) == 3
+            rows = await conn.fetch(
+                "SELECT conversion_key, payout, currency, (SELECT sum(amount) FROM conversion_adjustments a"
+                " WHERE a.conversion_id = c.id) AS ledger FROM conversions c ORDER BY conversion_key")
+            assert [tuple(r) for r in rows] == [("given", 3, "USD", 3), ("refused", 7, "EUR", 7), ("silent", 7, "EUR", 7)]
+        finally:
+            await conn.close()
