@@ -481,3 +481,22 @@ async def test_a_conversion_waiting_for_its_click_across_0007_gets_its_offers_pa
             assert [tuple(r) for r in rows] == [("given", 3, "USD", 3), ("refused", 7, "EUR", 7), ("silent", 7, "EUR", 7)]
         finally:
             await conn.close()
+
+
+async def test_0021_applies_where_0016_gave_each_trigger_a_function_of_its_own(settings, db, monkeypatch):
+    """0016 as first released gave each rollup trigger a function of its own (report_rollup_sends,
+    report_rollup_new_clicks...) and had no report_rollup_count, which 0021's triggers call: on a
+    database migrated then, 0021 failed (function does not exist) and no later migration could be
+    applied. (Here the function is renamed away, its triggers keep it, as such a database has them.)"""
+    async with _before_the_rollup(settings, db, "trackly_migrate_first_rollup") as (dsn, conn):
+        every = _migrations()
+        monkeypatch.setattr(migrate_module, "_migrations", lambda: [m for m in every if m[0] < "0021"])
+        assert (await migrate(dsn))[-1] == "0020_offers_by_external_id"
+        await conn.execute("ALTER FUNCTION report_rollup_count() RENAME TO report_rollup_sends")
+        monkeypatch.setattr(migrate_module, "_migrations", lambda: every)
+        assert "0021_rollup_triggers_per_row_lookups" in await migrate(dsn)
+        await conn.execute(
+            "INSERT INTO message_clicks (message_id, click_id, account_id, clicked_at)"
+            " VALUES ('m0000002', 'late', 1, timestamptz '2026-03-04 08:00Z')")
+        await _write_events(dsn)
+        await _assert_rollup_is_the_events(conn)
