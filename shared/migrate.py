@@ -158,9 +158,15 @@ async def pending(dsn: str) -> list[str] | None:
     schema at all (``schema_migrations`` does not exist)."""
     conn = await asyncpg.connect(dsn)
     try:
-        if await conn.fetchval("SELECT to_regclass('schema_migrations')") is None:
-            return None
-        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        return await pending_on(conn)
     finally:
         await conn.close()
+
+
+async def pending_on(conn: asyncpg.Connection, *, none_if_empty: bool = True) -> list[str] | None:
+    """``pending`` on a connection the caller has (a pooled one); with ``none_if_empty=False``,
+    every version when the database has no schema."""
+    if await conn.fetchval("SELECT to_regclass('schema_migrations')") is None:
+        return None if none_if_empty else [version for version, _ in _migrations()]
+    done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
     return [version for version, _ in _migrations() if version not in done]

@@ -1,4 +1,4 @@
-"""Liveness, readiness (PostgreSQL and Redis answer) and Prometheus metrics."""
+"""Liveness, readiness (PostgreSQL and Redis answer, the schema is this code's) and Prometheus metrics."""
 from __future__ import annotations
 
 import asyncio
@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
 from services.gateway.http import JSONResponse
+from shared import migrate
 
 
 async def healthz(request: Request) -> Response:
@@ -29,7 +30,28 @@ async def _probe(check: Awaitable[object], timeout: float = 2.0) -> str:
     if not done:
         return "error: TimeoutError"
     exc = task.exception()
-    return "ok" if exc is None else f"error: {type(exc).__name__}"
+    if exc is None:
+        return "ok"
+    return f"behind: {exc}" if isinstance(exc, SchemaBehind) else f"error: {type(exc).__name__}"
+
+
+async def _schema_current(request: Request) -> None:
+    """Raises SchemaBehind while the database lacks a migration this code has: a gateway of a new
+    release deployed before ``trackly migrate`` ran would answer 500s on what the migration adds.
+    Once current, it stays so (nothing undoes a migration): not asked again."""
+    state = request.app.state
+    if getattr(state, "schema_current", False):
+        return
+    async with state.db.acquire() as conn:
+        missing = await migrate.pending_on(conn, none_if_empty=False)
+    if missing:
+        raise SchemaBehind(f"{len(missing)} not applied ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}):"
+                           " run trackly migrate")
+    state.schema_current = True
+
+
+class SchemaBehind(Exception):
+    pass
 
 
 async def readyz(request: Request) -> Response:
@@ -37,6 +59,8 @@ async def readyz(request: Request) -> Response:
         _probe(request.app.state.db.fetchval("SELECT 1")), _probe(request.app.state.redis.ping())
     )
     checks = {"postgres": postgres, "redis": redis}
+    if postgres == "ok":
+        checks["schema"] = await _probe(_schema_current(request))
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse({"status": "ready" if ready else "unavailable", **checks}, status_code=200 if ready else 503)
 

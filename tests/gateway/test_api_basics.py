@@ -93,6 +93,37 @@ async def test_health_endpoints(api):
 
 
 
+async def test_readiness_waits_for_the_schema_of_this_release(settings, db):
+    """A gateway of a new release started on a database without its latest migration (deployed
+    before ``trackly migrate`` ran) is not ready, and says what is missing; once applied, it is."""
+    from shared.migrate import _migrations
+
+    name = f"trackly_behind_{secrets.token_hex(4)}"
+    await db.execute(f"CREATE DATABASE {name}")
+    dsn = urlunsplit(urlsplit(settings.database_url)._replace(path=f"/{name}"))
+    try:
+        await migrate(dsn)
+        latest = _migrations()[-1][0]
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("DELETE FROM schema_migrations WHERE version = $1", latest)
+            app = create_app(replace(settings, database_url=dsn))
+            async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://g"
+            ) as gateway:
+                ready = await gateway.get("/readyz")
+                assert ready.status_code == 503, ready.text
+                assert ready.json() == {"status": "unavailable", "postgres": "ok", "redis": "ok",
+                                        "schema": f"behind: 1 not applied ({latest}): run trackly migrate"}
+                await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", latest)
+                ready = await gateway.get("/readyz")
+                assert ready.status_code == 200 and ready.json()["schema"] == "ok", ready.text
+        finally:
+            await conn.close()
+    finally:
+        await db.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 @contextlib.asynccontextmanager
 async def gateway_on_private_redis(settings, tmp_path):
     """(a gateway client, its Redis): a gateway whose Redis the test may stop."""
