@@ -20,6 +20,7 @@ empties what the triggers counted in the meantime).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from importlib import resources
 
@@ -82,9 +83,15 @@ async def _migrate_on(dsn: str, conn: asyncpg.Connection, applied: list[str]) ->
             "CREATE TABLE IF NOT EXISTS schema_migrations ("
             " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
         )
-        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        if not await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.columns"
+            " WHERE table_schema = current_schema() AND table_name = 'schema_migrations' AND column_name = 'checksum')"
+        ):
+            await conn.execute("ALTER TABLE schema_migrations ADD COLUMN checksum text")
+        done = {r["version"]: r["checksum"] for r in await conn.fetch("SELECT version, checksum FROM schema_migrations")}
         for version, sql in _migrations():
             if version in done:
+                await _check_unchanged(conn, version, sql, done[version])
                 continue
             await _apply(dsn, conn, version, sql)
             applied.append(version)
@@ -93,6 +100,21 @@ async def _migrate_on(dsn: str, conn: asyncpg.Connection, applied: list[str]) ->
     finally:
         if not conn.is_closed():  # a connection that died took its lock with it
             await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
+
+
+def checksum(sql: str) -> str:
+    return hashlib.sha256(sql.encode()).hexdigest()
+
+
+async def _check_unchanged(conn: asyncpg.Connection, version: str, sql: str, recorded: str | None) -> None:
+    """An applied migration's file must stay as it was applied: a database migrated before an edit
+    never runs the edit (another built since does), and the two differ from then on, silently.
+    Said loudly; recorded for the versions applied before checksums were."""
+    if recorded is None:
+        await conn.execute("UPDATE schema_migrations SET checksum = $2 WHERE version = $1", version, checksum(sql))
+    elif recorded != checksum(sql):
+        log.warning("migration %s was changed after this database applied it: the change is not in this database"
+                    " (write a new migration instead of editing an applied one)", version)
 
 
 async def _apply(dsn: str, conn: asyncpg.Connection, version: str, sql: str) -> None:
@@ -105,7 +127,7 @@ async def _apply(dsn: str, conn: asyncpg.Connection, version: str, sql: str) -> 
             async with conn.transaction():
                 await conn.execute(f"SET LOCAL lock_timeout = '{int(LOCK_TIMEOUT * 1000)}ms'")
                 await conn.execute(schema)
-                await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+                await conn.execute("INSERT INTO schema_migrations (version, checksum) VALUES ($1, $2)", version, checksum(sql))
             return
         except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError) as exc:
             # A deadlock: a writer that holds a table this migration locks next, and waits for one
@@ -144,7 +166,9 @@ async def _apply_with_backfill(dsn: str, conn: asyncpg.Connection, version: str,
             await handed_over
             await before_backfill(version)
             await reader.execute(backfill)
-            await reader.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+            await reader.execute(
+                "INSERT INTO schema_migrations (version, checksum) VALUES ($1, $2)", version, checksum(schema + BACKFILL + backfill)
+            )
         except BaseException:
             await filling.rollback()
             raise

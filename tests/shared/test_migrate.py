@@ -500,3 +500,30 @@ async def test_0021_applies_where_0016_gave_each_trigger_a_function_of_its_own(s
             " VALUES ('m0000002', 'late', 1, timestamptz '2026-03-04 08:00Z')")
         await _write_events(dsn)
         await _assert_rollup_is_the_events(conn)
+
+
+async def test_an_applied_migration_edited_since_is_reported(settings, db, monkeypatch, caplog):
+    """Each version's checksum is recorded; a file changed after the database applied it (the
+    change will never run there) is reported at every run. Versions applied before checksums were
+    recorded get theirs at the next run."""
+    async with _scratch_database(settings, db, "trackly_migrate_checksums") as dsn:
+        await migrate(dsn)
+        conn = await asyncpg.connect(dsn)
+        try:
+            rows = await conn.fetch("SELECT version, checksum FROM schema_migrations ORDER BY version")
+            assert [(r["version"], r["checksum"]) for r in rows] == [
+                (version, migrate_module.checksum(sql)) for version, sql in _migrations()]
+            await conn.execute("UPDATE schema_migrations SET checksum = NULL WHERE version = '0003_postback_latest'")
+            assert await migrate(dsn) == [] and "changed after" not in caplog.text
+            assert await conn.fetchval(
+                "SELECT checksum FROM schema_migrations WHERE version = '0003_postback_latest'"
+            ) == migrate_module.checksum(dict(_migrations())["0003_postback_latest"])
+
+            every = _migrations()
+            edited = [(v, sql + "\nCREATE TABLE edited_after (id int);" if v == "0002_attribution" else sql) for v, sql in every]
+            monkeypatch.setattr(migrate_module, "_migrations", lambda: edited)
+            assert await migrate(dsn) == []
+            assert "migration 0002_attribution was changed after this database applied it" in caplog.text
+            assert await conn.fetchval("SELECT to_regclass('edited_after')") is None
+        finally:
+            await conn.close()
