@@ -177,12 +177,20 @@ async def _apply_with_backfill(dsn: str, conn: asyncpg.Connection, version: str,
         await reader.close()
 
 
-async def pending(dsn: str) -> list[str] | None:
+class SchemaBehind(Exception):
+    """The database lacks migrations this code has (``trackly migrate`` has not run yet)."""
+
+    def __init__(self, missing: list[str]) -> None:
+        more = ", ..." if len(missing) > 3 else ""
+        super().__init__(f"{len(missing)} not applied ({', '.join(missing[:3])}{more}): run trackly migrate")
+
+
+async def pending(dsn: str, *, none_if_empty: bool = True) -> list[str] | None:
     """Versions not applied yet, read without writing anything; None when the database has no
     schema at all (``schema_migrations`` does not exist)."""
     conn = await asyncpg.connect(dsn)
     try:
-        return await pending_on(conn)
+        return await pending_on(conn, none_if_empty=none_if_empty)
     finally:
         await conn.close()
 

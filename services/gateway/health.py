@@ -32,11 +32,11 @@ async def _probe(check: Awaitable[object], timeout: float = 2.0) -> str:
     exc = task.exception()
     if exc is None:
         return "ok"
-    return f"behind: {exc}" if isinstance(exc, SchemaBehind) else f"error: {type(exc).__name__}"
+    return f"behind: {exc}" if isinstance(exc, migrate.SchemaBehind) else f"error: {type(exc).__name__}"
 
 
 async def _schema_current(request: Request) -> None:
-    """Raises SchemaBehind while the database lacks a migration this code has: a gateway of a new
+    """Raises ``SchemaBehind`` while the database lacks a migration this code has: a gateway of a new
     release deployed before ``trackly migrate`` ran would answer 500s on what the migration adds.
     Once current, it stays so (nothing undoes a migration): not asked again."""
     state = request.app.state
@@ -45,13 +45,8 @@ async def _schema_current(request: Request) -> None:
     async with state.db.acquire() as conn:
         missing = await migrate.pending_on(conn, none_if_empty=False)
     if missing:
-        raise SchemaBehind(f"{len(missing)} not applied ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}):"
-                           " run trackly migrate")
+        raise migrate.SchemaBehind(missing)
     state.schema_current = True
-
-
-class SchemaBehind(Exception):
-    pass
 
 
 async def readyz(request: Request) -> Response:

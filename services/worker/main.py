@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 from services.worker import attribution, clicks, edge_offers, expiry, folding
 from shared import db
 from shared.logs import Throttled
-from shared.migrate import migrate
+from shared.migrate import SchemaBehind, migrate, pending
 from shared.redis_client import create_redis
 from shared.runtime import exit_on_sigterm, with_backends
 from shared.settings import Settings
@@ -35,6 +35,11 @@ log = logging.getLogger("trackly.worker")
 
 async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
+    # A worker of a new release started before `trackly migrate` ran would fail its jobs on what
+    # the migrations add: it waits for them, as for a server that is not there yet.
+    missing = await pending(settings.database_url, none_if_empty=False)
+    if missing:
+        raise SchemaBehind(missing)
     ctx["db"] = await db.create_pool(settings.database_url, max_size=8)
     ctx["redis_client"] = create_redis(settings.redis_url)
     ctx["loops"] = [
@@ -74,8 +79,9 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 # Redis failing under arq's poll loop: a refused connection, a reset, a timeout, "loading the
 # dataset" after a restart. A RedisError or an OSError.
 REDIS_DOWN = (RedisError, OSError)
-# A start that failed for want of a server (PostgreSQL refusing, or still starting, included).
-START_FAILURES = (*REDIS_DOWN, asyncpg.CannotConnectNowError)
+# A start that failed for want of a server (PostgreSQL refusing, or still starting, included), or
+# of the migrations of its release.
+START_FAILURES = (*REDIS_DOWN, asyncpg.CannotConnectNowError, SchemaBehind)
 # How long the poll loop waits after a failed poll; how long between attempts to start at all.
 POLL_RETRY_PAUSE = 1.0
 # How long a stopping worker waits for each of arq's Redis calls (then the shutdown goes on).

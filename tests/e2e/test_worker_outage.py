@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from arq import create_pool
 from arq.connections import RedisSettings
 
@@ -115,3 +116,49 @@ def test_a_worker_stops_on_a_signal_while_its_redis_hangs(tmp_path: Path, settin
                 os.kill(redis.process.pid, signal.SIGCONT)
     finally:
         redis.stop()
+
+
+def test_a_worker_of_a_newer_release_waits_for_its_migrations(tmp_path: Path, settings) -> None:
+    """Started on a database that lacks one of its migrations (deployed before `trackly migrate`
+    ran), the worker runs no job and says why; once the migration is in, it starts by itself."""
+    import secrets
+    from dataclasses import replace
+    from urllib.parse import urlsplit, urlunsplit
+
+    import asyncpg
+
+    from shared.migrate import _migrations, migrate
+
+    name = f"trackly_worker_behind_{secrets.token_hex(4)}"
+    dsn = urlunsplit(urlsplit(settings.database_url)._replace(path=f"/{name}"))
+    admin_dsn = settings.database_url
+    latest = _migrations()[-1][0]
+
+    async def sql(url: str, statement: str, *args) -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(statement, *args)
+        finally:
+            await conn.close()
+
+    asyncio.run(sql(admin_dsn, f"CREATE DATABASE {name}"))
+    redis = EmbeddedRedis(tmp_path / "redis")
+    log = tmp_path / "worker.log"
+    try:
+        asyncio.run(migrate(dsn))
+        asyncio.run(sql(dsn, "DELETE FROM schema_migrations WHERE version = $1", latest))
+        redis.start()
+        with _worker(replace(settings, database_url=dsn), redis, log) as proc:
+            _wait_for_a_failed_start(log)
+            text = log.read_text()
+            assert f"SchemaBehind: 1 not applied ({latest}): run trackly migrate" in text, text
+            with pytest.raises(asyncio.TimeoutError):  # no job runs meanwhile
+                asyncio.run(_a_job_runs(redis.url, timeout=1.5))
+            assert proc.poll() is None, log.read_text()
+            asyncio.run(sql(dsn, "INSERT INTO schema_migrations (version) VALUES ($1)", latest))
+            assert asyncio.run(_a_job_runs(redis.url)), log.read_text()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) in (0, 143), log.read_text()
+    finally:
+        redis.stop()
+        asyncio.run(sql(admin_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
