@@ -29,7 +29,9 @@ calls ``rematch_for_clicks`` with every new click and every message that got its
 also fills a payout or currency the postbacks left to the offer, and a bot's click makes
 ``bot_click``), and the sweeper catches the rare race where both committed without seeing each other.
 A first click that /history/clicks stores for a message a waiting conversion names leaves a
-request (``rematch_requests``) that the sweeper re-matches (``rematch_requested``).
+request (``rematch_requests``) that the sweeper re-matches (``rematch_requested``); so does a batch
+whose verdict a click being drained meanwhile may change (``_may_change``), and the sweeper waits
+for such a drain to commit before it re-matches.
 """
 from __future__ import annotations
 
@@ -606,7 +608,8 @@ async def rematch_stored(conn: asyncpg.Connection, limit: int = 1000, *, window:
 
 async def rematch_requested(conn: asyncpg.Connection, limit: int = REMATCH_PAGE) -> int:
     """Re-match the conversions of up to ``limit`` requests that /history/clicks left (it stored
-    the first click of a message that a waiting conversion names; migration 0017), deleting them
+    the first click of a message that a waiting conversion names; migration 0017) or a batch left
+    (``process_batch``: a click being stored meanwhile may change its verdict), deleting them
     in the caller's transaction: a worker that dies mid-way leaves them for the next sweep.
     Returns how many requests it took: fewer than ``limit`` means none is left."""
     rows = await conn.fetch(
@@ -614,7 +617,21 @@ async def rematch_requested(conn: asyncpg.Connection, limit: int = REMATCH_PAGE)
         " (SELECT id FROM rematch_requests ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) RETURNING click_id",
         limit,
     )
-    await rematch_for_clicks(conn, sorted({r["click_id"] for r in rows}))
+    names = sorted({r["click_id"] for r in rows})
+    # A batch's request can commit while a drain that stored an earlier first click of its message
+    # is still open, that drain's re-match done before the batch committed: read now, the message's
+    # first click would still be the old one, and nothing would judge the conversion again. The drain
+    # holds the message's message_clicks row (updated, or locked by its ON CONFLICT) until it
+    # commits: wait for it. A drain that locks the row after this needs no wait (the batch has
+    # committed: its own re-match sees the conversion). Locked in message id order, the drainer's:
+    # the two never wait for each other crosswise.
+    messages = [n for n in names if MESSAGE_ID_RE.match(n)]
+    if messages:
+        await conn.execute(
+            f"SELECT 1 FROM message_clicks WHERE message_id = {_each_of('$1', 'text')} ORDER BY message_id FOR SHARE",
+            messages,
+        )
+    await rematch_for_clicks(conn, names)
     return len(rows)
 
 

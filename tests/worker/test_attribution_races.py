@@ -2,26 +2,34 @@
 drained, out of order: it is judged again once the earlier first click is in."""
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import asyncpg
 import orjson
+import pytest
 
 from services.worker import attribution
-from services.worker.clicks import drain_once
+from services.worker.clicks import drain_once, store_entries
 from shared import edge, ids
 from tests.helpers import make_offer
 from tests.worker.test_attribution import T0, conversion, postback, send_message
 
 
-async def _drain_click(db, redis, tenant, message_id: str, offer_id: str, at) -> str:
-    """One human click of the message, through the stream and the drainer (which re-matches)."""
+def _click(tenant, message_id: str, offer_id: str, at) -> tuple[str, bytes]:
+    """One human click of the message: its id, and a stream entry's batch of it."""
     click = {"id": ids.click_id(), "l": "Ab3kX9", "o": offer_id, "a": tenant.account_id, "li": tenant.list_id,
              "m": message_id, "at": at, "ip": None, "ua": "Mozilla/5.0", "cc": None, "bot": False, "q": {}}
-    await redis.xadd(edge.CLICK_STREAM, {edge.CLICK_BATCH_FIELD: orjson.dumps([edge.click_from(click)])})
+    return click["id"], orjson.dumps([edge.click_from(click)])
+
+
+async def _drain_click(db, redis, tenant, message_id: str, offer_id: str, at) -> str:
+    """One human click of the message, through the stream and the drainer (which re-matches)."""
+    click_id, batch = _click(tenant, message_id, offer_id, at)
+    await redis.xadd(edge.CLICK_STREAM, {edge.CLICK_BATCH_FIELD: batch})
     while await drain_once(db, redis, consumer="pytest-races", min_idle_ms=0):
         pass
-    return click["id"]
+    return click_id
 
 
 async def test_a_before_click_verdict_racing_an_earlier_first_click_is_judged_again(api, db, redis, tenant, settings):
@@ -85,3 +93,54 @@ async def test_a_credited_conversion_whose_earlier_first_click_is_past_its_windo
     await _drain_click(db, redis, tenant, mid, offer["id"], T0)  # the first click: two days before
     conv = await conversion(db, tenant, "window")
     assert (conv["attributed"], conv["unattributed_reason"], conv["message_id"]) == (False, "expired", None)
+
+
+@pytest.mark.parametrize("converted_hours", [3, 1], ids=["credited", "before_click"])
+async def test_a_sweep_between_the_batch_and_an_earlier_first_clicks_drain_judges_by_the_drained_click(
+    api, db, redis, tenant, settings, converted_hours
+):
+    # The message's first click so far is at 14:00; the batch judges the conversion (15:00: credited
+    # by it; 13:00: before_click) and leaves a request. Meanwhile a drainer stores the real first
+    # click, 12:00, and its re-match misses the uncommitted conversion. The batch commits, and the
+    # sweeper takes the request while the drain is still open: the conversion must end up judged by
+    # the 12:00 click all the same (nothing else would judge it again).
+    offer = await make_offer(api, tenant)
+    mid = await send_message(api, tenant, offer_id=offer["id"])
+    await _drain_click(db, redis, tenant, mid, offer["id"], T0 + timedelta(hours=2))
+    await postback(api, tenant, aff_sub=mid, conversion_id="swept",
+                   timestamp=(T0 + timedelta(hours=converted_hours)).isoformat())
+    pid = await db.fetchval("SELECT id FROM postbacks WHERE account_id = $1 AND conversion_key = 'swept'", tenant.account_id)
+
+    batch, drain, sweep = [await asyncpg.connect(settings.database_url) for _ in range(3)]
+    try:
+        batch_transaction, drain_transaction = batch.transaction(), drain.transaction()
+        await batch_transaction.start()
+        assert await attribution.process_batch(batch, pid, limit=0) == (1, 0)  # judged by 14:00, not committed
+        await drain_transaction.start()
+        _, earlier = _click(tenant, mid, offer["id"], T0)
+        await store_entries(drain, [(b"0-1", {edge.CLICK_BATCH_FIELD.encode(): earlier})])  # its re-match misses it
+        await batch_transaction.commit()
+
+        async def sweep_once() -> None:  # what the sweeper does each turn
+            async with sweep.transaction():
+                await attribution.rematch_requested(sweep)
+
+        swept = asyncio.create_task(sweep_once())
+        # The sweep either finishes with the drain still open or waits for it: either way the drain
+        # commits only then.
+        for _ in range(500):
+            if swept.done() or await db.fetchval(
+                "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", sweep.get_server_pid()
+            ):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the sweep neither finished nor waited for a lock")
+        await drain_transaction.commit()
+        await swept
+    finally:
+        for conn in (batch, drain, sweep):
+            await conn.close()
+    conv = await conversion(db, tenant, "swept")
+    assert (conv["attributed"], conv["unattributed_reason"], conv["clicked_at"]) == (True, None, T0)
+    assert await db.fetchval("SELECT count(*) FROM rematch_requests WHERE account_id = $1", tenant.account_id) == 0
