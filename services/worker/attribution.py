@@ -462,12 +462,14 @@ def _may_change(click_id: str | None, verdict: Attribution) -> bool:
     """Whether a verdict may change once a click being stored meanwhile commits: a message's first
     click can be replaced by an earlier one (a click's own time never changes), which makes a
     before_click conversion credited, and moves a credited one to the earlier click (its time, its
-    offer, its payout default; or expired). The drainer's re-match cannot see a conversion this
-    batch has not committed, so both leave the sweeper a request.
+    offer, its payout default; or expired), and credits an expired one when the earlier click's offer
+    has a longer window. The drainer's re-match cannot see a conversion this batch has not
+    committed, so all three leave the sweeper a request.
     (click_not_found at creation is the sweeper's re-match's, which looks for exactly that.)"""
     if click_id is None:
         return False
-    return (verdict.attributed or verdict.reason == "before_click") and MESSAGE_ID_RE.match(click_id) is not None
+    changeable = verdict.attributed or verdict.reason in ("before_click", "expired")
+    return changeable and MESSAGE_ID_RE.match(click_id) is not None
 
 
 async def _attribute(conn: asyncpg.Connection, updates: list[tuple[int, Attribution]]) -> None:
@@ -533,8 +535,9 @@ async def rematch_for_clicks(conn: asyncpg.Connection, click_ids: list[str]) -> 
     if not click_ids:
         return 0
     # A conversion that names a message is judged again too, whatever its verdict was (before the
-    # click, or credited by a click): the first click it was judged by may just have been replaced
-    # by an earlier one. (A constant array had the planner read all the conversions per drained batch.)
+    # click, credited by a click, or expired: the earlier click's offer may have a longer window):
+    # the first click it was judged by may just have been replaced by an earlier one. (A constant
+    # array had the planner read all the conversions per drained batch.)
     # Two probes (the waiting ones by click id, the credited ones by message: an attributed
     # conversion that names a message is that message's), then one lock of them all in
     # process_batch's order (no deadlock); one OR of the two had the planner scan every conversion.
@@ -543,7 +546,7 @@ async def rematch_for_clicks(conn: asyncpg.Connection, click_ids: list[str]) -> 
         " WHERE id = ANY(ARRAY("
         f"  SELECT id FROM conversions WHERE click_id = {_each_of('$1', 'text')}"
         "   AND NOT attributed AND (unattributed_reason = 'click_not_found'"
-        f"   OR (unattributed_reason = 'before_click' AND click_id ~ {_NAMES_A_MESSAGE}))"
+        f"   OR (unattributed_reason IN ('before_click', 'expired') AND click_id ~ {_NAMES_A_MESSAGE}))"
         f"  UNION ALL SELECT id FROM conversions WHERE message_id = {_each_of('$2', 'text')}"
         "   AND click_id = message_id AND attributed))"
         " ORDER BY account_id, network, conversion_key FOR UPDATE",

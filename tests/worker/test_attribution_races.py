@@ -95,18 +95,38 @@ async def test_a_credited_conversion_whose_earlier_first_click_is_past_its_windo
     assert (conv["attributed"], conv["unattributed_reason"], conv["message_id"]) == (False, "expired", None)
 
 
-@pytest.mark.parametrize("converted_hours", [3, 1], ids=["credited", "before_click"])
-async def test_a_sweep_between_the_batch_and_an_earlier_first_clicks_drain_judges_by_the_drained_click(
-    api, db, redis, tenant, settings, converted_hours
+async def test_an_expired_conversion_is_credited_by_an_earlier_first_click_on_an_offer_with_a_longer_window(
+    api, db, redis, tenant, run_worker
 ):
-    # The message's first click so far is at 14:00; the batch judges the conversion (15:00: credited
-    # by it; 13:00: before_click) and leaves a request. Meanwhile a drainer stores the real first
-    # click, 12:00, and its re-match misses the uncommitted conversion. The batch commits, and the
-    # sweeper takes the request while the drain is still open: the conversion must end up judged by
-    # the 12:00 click all the same (nothing else would judge it again).
+    # The first click so far is on offer Y (a one-day window) and the conversion two days later
+    # is expired; the real first click, an hour before, is on offer X (90 days): it credits it.
+    x = await make_offer(api, tenant, payout=3)
+    y = await make_offer(api, tenant, payout=4, click_window_days=1)
+    mid = await send_message(api, tenant, offer_id=x["id"])
+    await _drain_click(db, redis, tenant, mid, y["id"], T0 + timedelta(hours=1))
+    await postback(api, tenant, aff_sub=mid, conversion_id="longer", timestamp=(T0 + timedelta(days=2)).isoformat())
+    await run_worker()
+    assert (await conversion(db, tenant, "longer"))["unattributed_reason"] == "expired"
+    await _drain_click(db, redis, tenant, mid, x["id"], T0)
+    conv = await conversion(db, tenant, "longer")
+    assert (conv["attributed"], conv["offer_id"], conv["clicked_at"], conv["payout"]) == (True, x["id"], T0, 3)
+    assert await db.fetchval("SELECT sum(amount) FROM conversion_adjustments WHERE conversion_id = $1", conv["id"]) == 3
+
+@pytest.mark.parametrize(("converted_hours", "later_window"), [(3, 90), (1, 90), (48, 1)],
+                         ids=["credited", "before_click", "expired"])
+async def test_a_sweep_between_the_batch_and_an_earlier_first_clicks_drain_judges_by_the_drained_click(
+    api, db, redis, tenant, settings, converted_hours, later_window
+):
+    # The message's first click so far is at 14:00; the batch judges the conversion by it (15:00:
+    # credited; 13:00: before_click; two days later, its offer's window one day: expired) and leaves
+    # a request. Meanwhile a drainer stores the real first click, 12:00 (an offer of 90 days), and
+    # its re-match misses the uncommitted conversion. The batch commits, and the sweeper takes the
+    # request while the drain is still open: the conversion must end up credited by the 12:00 click
+    # all the same (nothing else would judge it again).
     offer = await make_offer(api, tenant)
+    later = await make_offer(api, tenant, click_window_days=later_window)
     mid = await send_message(api, tenant, offer_id=offer["id"])
-    await _drain_click(db, redis, tenant, mid, offer["id"], T0 + timedelta(hours=2))
+    await _drain_click(db, redis, tenant, mid, later["id"], T0 + timedelta(hours=2))
     await postback(api, tenant, aff_sub=mid, conversion_id="swept",
                    timestamp=(T0 + timedelta(hours=converted_hours)).isoformat())
     pid = await db.fetchval("SELECT id FROM postbacks WHERE account_id = $1 AND conversion_key = 'swept'", tenant.account_id)
@@ -142,5 +162,5 @@ async def test_a_sweep_between_the_batch_and_an_earlier_first_clicks_drain_judge
         for conn in (batch, drain, sweep):
             await conn.close()
     conv = await conversion(db, tenant, "swept")
-    assert (conv["attributed"], conv["unattributed_reason"], conv["clicked_at"]) == (True, None, T0)
+    assert (conv["attributed"], conv["clicked_at"], conv["offer_id"]) == (True, T0, offer["id"])
     assert await db.fetchval("SELECT count(*) FROM rematch_requests WHERE account_id = $1", tenant.account_id) == 0
