@@ -3,14 +3,20 @@ drained, out of order: it is judged again once the earlier first click is in."""
 from __future__ import annotations
 
 import asyncio
+import random
+import time
 from datetime import timedelta
+from decimal import Decimal
 
 import asyncpg
 import orjson
 import pytest
+from arq import create_pool
+from arq.connections import RedisSettings
 
 from services.worker import attribution
-from services.worker.clicks import drain_once, store_entries
+from services.worker.clicks import beat, drain_once, store_entries
+from shared import db as shared_db
 from shared import edge, ids
 from tests.helpers import make_offer
 from tests.worker.test_attribution import T0, conversion, postback, send_message
@@ -129,7 +135,8 @@ async def test_a_sweep_between_the_batch_and_an_earlier_first_clicks_drain_judge
     await _drain_click(db, redis, tenant, mid, later["id"], T0 + timedelta(hours=2))
     await postback(api, tenant, aff_sub=mid, conversion_id="swept",
                    timestamp=(T0 + timedelta(hours=converted_hours)).isoformat())
-    pid = await db.fetchval("SELECT id FROM postbacks WHERE account_id = $1 AND conversion_key = 'swept'", tenant.account_id)
+    pid = await db.fetchval(
+        "SELECT id FROM postbacks WHERE account_id = $1 AND conversion_key = 'swept'", tenant.account_id)
 
     batch, drain, sweep = [await asyncpg.connect(settings.database_url) for _ in range(3)]
     try:
@@ -164,3 +171,135 @@ async def test_a_sweep_between_the_batch_and_an_earlier_first_clicks_drain_judge
     conv = await conversion(db, tenant, "swept")
     assert (conv["attributed"], conv["clicked_at"], conv["offer_id"]) == (True, T0, offer["id"])
     assert await db.fetchval("SELECT count(*) FROM rematch_requests WHERE account_id = $1", tenant.account_id) == 0
+
+
+STRESS_SECONDS = 5.0
+
+
+async def test_drains_batches_sweeps_and_history_imports_at_once_give_first_click_credit_without_deadlock(
+    api, db, redis, tenant, settings
+):
+    # Two offers (one with a one-day window) and messages, twelve and more sent meanwhile; for a few
+    # seconds at once: clicks drained by two drainers that hold their transaction a moment (a click
+    # mostly earlier than the ones before it: first clicks keep moving), conversions naming the
+    # messages processed by two batch loops that hold theirs too, sweeps, and /history/clicks
+    # imports racing the drainers for a new message's first click. Nothing may deadlock, and once
+    # all is drained and swept every conversion must be judged by its message's first human click
+    # as recomputed here from the raw clicks.
+    rng = random.Random(20261125)
+    offers = [await make_offer(api, tenant, payout=3), await make_offer(api, tenant, payout=4, click_window_days=1)]
+    mids = [await send_message(api, tenant, offer_id=offers[n % 2]["id"]) for n in range(12)]
+    at = lambda: T0 + timedelta(microseconds=rng.randrange(3 * 86_400_000_000))  # noqa: E731
+    while await drain_once(db, redis, consumer="pytest-stress-0", min_idle_ms=0):
+        pass  # what earlier tests left in the stream
+    consumers = ["pytest-stress-0", "pytest-stress-1"]
+    pool = await shared_db.create_pool(settings.database_url, max_size=8)
+    arq_pool = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+    deadlocks = "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
+    deadlocks_before = await db.fetchval(deadlocks)
+    failures: list[BaseException] = []
+    counts = {"clicks": 0, "conversions": 0, "batches": 0, "drains": 0, "sweeps": 0, "imports": 0}
+    stop = time.monotonic() + STRESS_SECONDS
+
+    async def until_stopped(step) -> None:
+        while time.monotonic() < stop:
+            try:
+                await step()
+            except Exception as exc:  # a deadlock (or anything else) is the finding: no retry
+                failures.append(exc)
+            await asyncio.sleep(rng.random() * 0.005)
+
+    async def click() -> None:
+        # Mostly earlier than the clicks before it: a message's first click keeps moving earlier.
+        earlier = T0 + timedelta(days=3) * max(stop - time.monotonic(), 0) / STRESS_SECONDS
+        at_about = earlier + timedelta(minutes=rng.random() * 60)
+        _, batch = _click(tenant, rng.choice(mids), rng.choice(offers)["id"], at_about)
+        await redis.xadd(edge.CLICK_STREAM, {edge.CLICK_BATCH_FIELD: batch})
+        counts["clicks"] += 1
+
+    def drain(consumer: str):
+        async def step() -> None:
+            await beat(redis, consumers)
+            async with pool.acquire() as conn, conn.transaction():
+                await drain_once(conn, redis, consumer=consumer)  # (its transaction: a savepoint of this one)
+                await asyncio.sleep(rng.random() * 0.01)  # a drain still open while batches and sweeps go on
+            counts["drains"] += 1
+        return step
+
+    async def send() -> None:  # new messages, whose first click drains and imports race for
+        if len(mids) < 40:
+            mids.append(await send_message(api, tenant, offer_id=rng.choice(offers)["id"]))
+        await asyncio.sleep(0.1)
+
+    async def convert() -> None:
+        counts["conversions"] += 1
+        await postback(api, tenant, aff_sub=rng.choice(mids), conversion_id=f"stress-{counts['conversions']}",
+                       timestamp=at().replace(microsecond=0).isoformat())
+
+    async def batch() -> None:
+        async with pool.acquire() as conn, conn.transaction():
+            await attribution.process_batch(conn, None, rng.randint(1, 8))
+            await asyncio.sleep(rng.random() * 0.01)  # a batch still open while drains and sweeps go on
+        counts["batches"] += 1
+
+    async def sweep() -> None:
+        await attribution.sweep_once(pool, arq_pool)
+        counts["sweeps"] += 1
+
+    async def history() -> None:
+        records = [{"message_id": mid, "offer_id": rng.choice(offers)["id"], "phone_number": "+14155550100",
+                    "timestamp": at().isoformat()} for mid in rng.sample(mids, 3)]
+        resp = await api.post("/api/v2/history/clicks", headers=tenant.headers, json={"records": records})
+        assert resp.status_code == 200 and resp.json()["error_count"] == 0, resp.text
+        counts["imports"] += 1
+
+    try:
+        await asyncio.gather(*(until_stopped(step) for step in (
+            send, click, drain(consumers[0]), drain(consumers[1]), convert, batch, batch, sweep, history)))
+        assert not failures, failures[:5]
+        # Quiet now: what is left is drained, processed and swept, as the worker would.
+        while sum([await drain_once(pool, redis, consumer=c) for c in consumers]):
+            pass
+        async with pool.acquire() as conn, conn.transaction():
+            assert (await attribution.process_batch(conn, None, 10_000)).deferred == 0
+        await attribution.sweep_once(pool, arq_pool)
+    finally:
+        await arq_pool.aclose()
+        await shared_db.close_pool(pool)
+    assert min(counts.values()) > 10, counts  # each went on all along
+
+    # The first human click of each message, from the raw clicks; each conversion judged by it.
+    first = {}
+    for k in await db.fetch(
+        "SELECT k.id, k.message_id, k.clicked_at, k.offer_id FROM clicks k WHERE k.account_id = $1 AND NOT k.is_bot"
+        " ORDER BY k.clicked_at, k.id", tenant.account_id,
+    ):
+        first.setdefault(k["message_id"], k)
+    stored = {r["message_id"]: r["click_id"] for r in await db.fetch(
+        "SELECT message_id, click_id FROM message_clicks WHERE account_id = $1", tenant.account_id)}
+    assert stored == {m: k["id"] for m, k in first.items()}
+    window = {o["id"]: timedelta(days=d) for o, d in zip(offers, (90, 1))}
+    payout = {o["id"]: Decimal(p) for o, p in zip(offers, (3, 4))}
+    judged = {"attributed": 0, "before_click": 0, "expired": 0, "click_not_found": 0}
+    for c in await db.fetch(
+        "SELECT c.*, (SELECT sum(amount) FROM conversion_adjustments a WHERE a.conversion_id = c.id) AS revenue"
+        " FROM conversions c WHERE account_id = $1", tenant.account_id,
+    ):
+        k = first.get(c["click_id"])
+        if k is None:
+            expected = (False, "click_not_found", None, None)
+        elif c["converted_at"] < k["clicked_at"].replace(microsecond=0):
+            expected = (False, "before_click", None, None)
+        elif c["converted_at"] > k["clicked_at"] + window[k["offer_id"]]:
+            expected = (False, "expired", None, None)
+        else:
+            expected = (True, None, k["clicked_at"], k["offer_id"])
+        found = (c["attributed"], c["unattributed_reason"], c["clicked_at"], c["offer_id"] if c["attributed"] else None)
+        assert found == expected, (c["conversion_key"], c["click_id"], c["converted_at"])
+        if c["attributed"]:
+            assert c["message_id"] == c["click_id"] and c["payout"] == c["revenue"] == payout[k["offer_id"]]
+        judged["attributed" if c["attributed"] else c["unattributed_reason"]] += 1
+    assert judged["attributed"] > 10 and judged["expired"] > 10, judged
+    await asyncio.sleep(1.0)  # the stress pool's backends, gone, have published their statistics by now
+    await db.execute("SELECT pg_stat_clear_snapshot()")
+    assert await db.fetchval(deadlocks) == deadlocks_before
