@@ -42,11 +42,14 @@ def run_all(settings: Settings) -> int:
 
     def request_stop(signum: int, frame: object) -> None:
         nonlocal stopping
-        stopping = True
-        if starting:
+        if starting and not stopping:
             # Starting the embedded servers or migrating (a migration may wait for its locks for
-            # a minute and more): interrupt it; the finally below stops what did start.
+            # a minute and more): interrupt it; the finally below stops what did start. Only once:
+            # a second signal (Ctrl-C again) raised in that finally, or in pgserver's at exit, and
+            # left the embedded PostgreSQL running.
+            stopping = True
             raise SystemExit(128 + signum)
+        stopping = True
 
     # SIGHUP: the terminal it runs in was closed. Its children go anyway (they die with it), but
     # the embedded PostgreSQL is a daemon: only the finally below stops it.

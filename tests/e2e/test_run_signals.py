@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import fasteners
 
 from shared.migrate import migrate
 from shared.process import die_with_parent
@@ -128,3 +129,59 @@ def test_sighup_stops_everything_trackly_run_started(tmp_path):
         assert not _postmaster_running(tmp_path)
     finally:
         _clean_up(proc, tmp_path)
+
+
+def test_signals_repeated_while_trackly_run_stops_do_not_leave_its_postgresql_running(tmp_path):
+    # Ctrl-C pressed again (or a process manager's SIGTERM after Ctrl-C) while trackly run, stopped
+    # during its start-up, was stopping its embedded PostgreSQL: each signal raised SystemExit again,
+    # in that clean-up and then in pgserver's own at exit, and the PostgreSQL (a daemon) ran on. The
+    # clean-up is made to wait here, as it does for any other process using pgserver's lock.
+    gw, rd = free_ports()
+    env = _env(tmp_path, TRACKLY_GATEWAY_PORT=str(gw), TRACKLY_REDIRECT_PORT=str(rd),
+               XDG_RUNTIME_DIR=str(tmp_path / "run"))
+    (tmp_path / "run").mkdir(mode=0o700)  # (platformdirs ignores a runtime dir open to others)
+    (tmp_path / "run" / "python_PostgresServer").mkdir(mode=0o700)  # where pgserver's lock goes: private
+    procs = [_start(["run"], env)]
+    loop = asyncio.new_event_loop()
+    holder = None
+    try:
+        # A trackly run killed with -9 leaves its PostgreSQL running, with the schema in it; a
+        # migration made pending again waits there for a lock this test holds.
+        deadline = time.monotonic() + 60
+        while not services_up(gw, rd):
+            assert procs[0].poll() is None and time.monotonic() < deadline, "trackly run did not come up"
+            time.sleep(0.2)
+        procs[0].kill()
+        procs[0].wait()
+
+        async def hold() -> asyncpg.Connection:
+            conn = await asyncpg.connect(f"postgresql://postgres@/postgres?host={tmp_path / 'pg'}")
+            await conn.execute("DELETE FROM schema_migrations WHERE version = '0022_money_exact'")
+            await conn.execute("BEGIN")
+            await conn.execute("SELECT count(*) FROM offers")
+            return conn
+
+        holder = loop.run_until_complete(hold())
+        procs.append(_start(["run"], env))
+        time.sleep(4)  # migrating: waiting for the lock
+        assert procs[1].poll() is None
+        lock = fasteners.InterProcessLock(str(tmp_path / "run" / "python_PostgresServer" / ".lockfile"))
+        lock.acquire()
+        try:
+            for _ in range(12):
+                procs[1].send_signal(signal.SIGTERM)
+                time.sleep(0.5)
+        finally:
+            lock.release()
+        procs[1].wait(20)
+        deadline = time.monotonic() + 10
+        while _postmaster_running(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _postmaster_running(tmp_path), "the embedded PostgreSQL outlived trackly run"
+    finally:
+        if holder is not None:  # (the server's shutdown ended its connection, unless the test failed)
+            holder.terminate()
+            loop.run_until_complete(asyncio.sleep(0.1))  # its transport closes on the loop
+        loop.close()
+        for proc in procs:
+            _clean_up(proc, tmp_path)
