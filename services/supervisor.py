@@ -25,6 +25,9 @@ from shared.settings import Settings
 # then db.CLOSE_TIMEOUT (5 s) for its pool. Past it the child is killed.
 CHILD_STOP_TIMEOUT = 12.0
 RESTART_AFTER = 10.0
+# Restarts in a row, each exiting within RESTART_AFTER, after which a child is given up on: it
+# cannot start again (its port taken since, a setting it now fails on), as systemd's start limit.
+RESTART_LIMIT = 5
 
 
 def _child_env(settings: Settings) -> dict[str, str]:
@@ -103,7 +106,9 @@ def run_all(settings: Settings) -> int:
                     continue
                 delay = restarts.exited(name, now)
                 if delay is None:
-                    print(f"trackly: {name} exited with {proc.returncode} while starting; stopping",
+                    when = (f"again, within {RESTART_AFTER:.0f} s of each of {RESTART_LIMIT} restarts in a row"
+                            if restarts.ran(name) else "while starting")
+                    print(f"trackly: {name} exited with {proc.returncode} {when}; stopping",
                           file=sys.stderr, flush=True)
                     stopping = True
                     code = 1
@@ -120,9 +125,11 @@ def run_all(settings: Settings) -> int:
 
 class _Restarts:
     """When a child that exited is started again, as a process manager would (a worker whose Redis
-    restarted, say): a child that has run for RESTART_AFTER seconds is restarted after 1, 2, 4...
-    up to 30 s while it keeps failing; one that exits before ever running that long is failing to
-    start (a port in use, a bad setting) and stops everything."""
+    restarted, say): a child that has run for RESTART_AFTER seconds is restarted after 1, 2, 4, 8
+    and 16 s while it keeps failing; one that exits before ever running that long is failing to
+    start (a port in use, a bad setting) and stops everything, and so does one whose RESTART_LIMIT
+    restarts in a row all failed so, rather than being restarted every 30 s for good while the rest
+    served without it."""
 
     def __init__(self, now: float) -> None:
         self._started: dict[str, float] = {}
@@ -141,16 +148,21 @@ class _Restarts:
     def due(self, name: str, now: float) -> bool:
         return name in self._due and now >= self._due[name]
 
+    def ran(self, name: str) -> bool:
+        """Whether it has once run for RESTART_AFTER seconds."""
+        return name in self._proven
+
     def exited(self, name: str, now: float) -> float | None:
-        """Seconds until it is started again, or None: it failed to start."""
+        """Seconds until it is started again, or None: it failed to start (again)."""
         ran = now - self._started.get(name, self._first)
         if ran >= RESTART_AFTER:
             self._proven.add(name)
             self._failures[name] = 0
-        if name not in self._proven:
+        failures = self._failures.get(name, 0)
+        if name not in self._proven or failures >= RESTART_LIMIT:
             return None
-        delay = min(30.0, 2.0 ** self._failures.get(name, 0))
-        self._failures[name] = self._failures.get(name, 0) + 1
+        delay = 2.0 ** failures
+        self._failures[name] = failures + 1
         self._due[name] = now + delay
         return delay
 

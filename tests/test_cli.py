@@ -97,7 +97,7 @@ def test_bad_input_exits_nonzero_with_one_line(settings, args):
 
 
 def test_a_child_is_restarted_with_backoff_once_it_has_run_and_never_while_failing_to_start():
-    from services.supervisor import RESTART_AFTER, _Restarts
+    from services.supervisor import RESTART_AFTER, RESTART_LIMIT, _Restarts
 
     r = _Restarts(now=0.0)
     assert r.exited("gateway", 2.0) is None  # died while starting: stop everything
@@ -106,13 +106,19 @@ def test_a_child_is_restarted_with_backoff_once_it_has_run_and_never_while_faili
     assert r.waiting("worker") and not r.due("worker", RESTART_AFTER + 1.5) and r.due("worker", RESTART_AFTER + 2)
     t = RESTART_AFTER + 2
     delays = []
-    for _ in range(7):  # keeps dying at once: 2, 4, 8... up to 30 s
+    for _ in range(4):  # keeps dying at once: 2, 4, 8, 16 s
         r.started("worker", t)
         delays.append(r.exited("worker", t + 0.5))
         t += 40
-    assert delays == [2, 4, 8, 16, 30, 30, 30]
+    assert delays == [2, 4, 8, 16]
     r.started("worker", t)
     assert r.exited("worker", t + RESTART_AFTER) == 1  # ran long enough again: back to 1 s
+    for _ in range(RESTART_LIMIT - 1):
+        t += 40
+        r.started("worker", t)
+        assert r.exited("worker", t + 0.5)
+    r.started("worker", t + 40)
+    assert r.exited("worker", t + 40.5) is None  # its RESTART_LIMIT restarts in a row all failed: stop
 
 
 def test_urls_are_printed_without_their_password():

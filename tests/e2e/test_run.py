@@ -182,6 +182,42 @@ def test_a_child_that_dies_is_started_again(stack):
     assert httpx.get(stack["gateway"] + "/readyz").status_code == 200
 
 
+def test_a_child_that_keeps_failing_to_start_again_stops_everything(settings, tmp_path):
+    """A service that ran, died, and then cannot start again (its port taken meanwhile) was
+    restarted every 30 s for good while the rest served without it, and trackly run never exited
+    for a process manager to see it. After RESTART_LIMIT restarts in a row that each exit at once,
+    it stops everything (exit 1)."""
+    gw, rd = free_ports()
+    proc = _start_run(_run_env(tmp_path, gw, rd, TRACKLY_DATABASE_URL=settings.database_url,
+                               TRACKLY_REDIS_URL=settings.redis_url))
+    try:
+        assert wait_for(lambda: services_up(gw, rd), 60), (tmp_path / "run.log").read_text()
+        time.sleep(10.5)  # it has run long enough to be restarted
+        (gateway,) = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "services.cli gateway"],
+                                    capture_output=True, text=True).stdout.split()
+        with socket.socket() as taken:
+            taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            os.kill(int(gateway), signal.SIGKILL)
+            assert wait_for(lambda: _bind(taken, gw), 5)  # before its restart, 1 s later
+            taken.listen()
+            assert proc.wait(60) == 1
+        log = (tmp_path / "run.log").read_text()
+        assert "gateway exited with -9; restarting it in 1 s" in log and "restarting it in 16 s" in log
+        assert "again, within 10 s of each of 5 restarts in a row; stopping" in log
+        assert not _answers(f"http://127.0.0.1:{rd}/healthz")  # the rest stopped too
+    finally:
+        _stop(proc)
+
+
+def _bind(sock: socket.socket, port: int) -> bool:
+    """Whether ``sock`` could be bound to the port (free once its last holder has gone)."""
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        return False
+    return True
+
+
 @pytest.mark.parametrize("server", ["Redis", "PostgreSQL"])
 def test_an_embedded_server_dying_stops_everything(tmp_path, server):
     """Without its Redis or its PostgreSQL nothing can work, and restarting the services cannot
