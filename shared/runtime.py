@@ -37,7 +37,15 @@ def with_backends(settings: Settings, *, redis: bool = True, db: bool = True) ->
 
 
 def _exit(signum: int, frame: FrameType | None) -> None:
+    # Only once: a second signal raised again in the finally that the first one runs (or in
+    # pgserver's clean-up at exit), and the embedded PostgreSQL it was stopping ran on.
+    signal.signal(signal.SIGTERM, _stopping)
+    signal.signal(signal.SIGHUP, _stopping)
     raise SystemExit(128 + signum)
+
+
+def _stopping(signum: int, frame: FrameType | None) -> None:
+    """Already on its way out (``_exit``)."""
 
 
 def exit_on_sigterm() -> None:

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import fasteners
+import pytest
 
 from shared.migrate import migrate
 from shared.process import die_with_parent
@@ -131,11 +132,13 @@ def test_sighup_stops_everything_trackly_run_started(tmp_path):
         _clean_up(proc, tmp_path)
 
 
-def test_signals_repeated_while_trackly_run_stops_do_not_leave_its_postgresql_running(tmp_path):
+@pytest.mark.parametrize("command", ["run", "migrate"])
+def test_signals_repeated_while_stopping_do_not_leave_the_embedded_postgresql_running(tmp_path, command):
     # Ctrl-C pressed again (or a process manager's SIGTERM after Ctrl-C) while trackly run, stopped
-    # during its start-up, was stopping its embedded PostgreSQL: each signal raised SystemExit again,
-    # in that clean-up and then in pgserver's own at exit, and the PostgreSQL (a daemon) ran on. The
-    # clean-up is made to wait here, as it does for any other process using pgserver's lock.
+    # during its start-up, or trackly migrate, was stopping its embedded PostgreSQL: each signal
+    # raised SystemExit again, in that clean-up and then in pgserver's own at exit, and the
+    # PostgreSQL (a daemon) ran on. The clean-up is made to wait here, as it does for any other
+    # process using pgserver's lock.
     gw, rd = free_ports()
     env = _env(tmp_path, TRACKLY_GATEWAY_PORT=str(gw), TRACKLY_REDIRECT_PORT=str(rd),
                XDG_RUNTIME_DIR=str(tmp_path / "run"))
@@ -162,7 +165,7 @@ def test_signals_repeated_while_trackly_run_stops_do_not_leave_its_postgresql_ru
             return conn
 
         holder = loop.run_until_complete(hold())
-        procs.append(_start(["run"], env))
+        procs.append(_start([command], env))
         time.sleep(4)  # migrating: waiting for the lock
         assert procs[1].poll() is None
         lock = fasteners.InterProcessLock(str(tmp_path / "run" / "python_PostgresServer" / ".lockfile"))
@@ -177,7 +180,7 @@ def test_signals_repeated_while_trackly_run_stops_do_not_leave_its_postgresql_ru
         deadline = time.monotonic() + 10
         while _postmaster_running(tmp_path) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _postmaster_running(tmp_path), "the embedded PostgreSQL outlived trackly run"
+        assert not _postmaster_running(tmp_path), f"the embedded PostgreSQL outlived trackly {command}"
     finally:
         if holder is not None:  # (the server's shutdown ended its connection, unless the test failed)
             holder.terminate()
