@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 from services.worker import attribution, clicks, edge_offers, expiry, folding
 from shared import db
 from shared.logs import Throttled
-from shared.migrate import SchemaBehind, migrate, pending
+from shared.migrate import SchemaBehind, migrate, pending_on
 from shared.redis_client import create_redis
 from shared.runtime import exit_on_sigterm, with_backends
 from shared.settings import Settings
@@ -35,12 +35,15 @@ log = logging.getLogger("trackly.worker")
 
 async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
+    # The pool first: its refusals (PostgreSQL full, the database missing) are DatabaseUnavailable,
+    # a start failure tried again; shutdown closes it when the check below fails the start.
+    ctx["db"] = await db.create_pool(settings.database_url, max_size=8)
     # A worker of a new release started before `trackly migrate` ran would fail its jobs on what
     # the migrations add: it waits for them, as for a server that is not there yet.
-    missing = await pending(settings.database_url, none_if_empty=False)
+    async with ctx["db"].acquire() as conn:
+        missing = await pending_on(conn, none_if_empty=False)
     if missing:
         raise SchemaBehind(missing)
-    ctx["db"] = await db.create_pool(settings.database_url, max_size=8)
     ctx["redis_client"] = create_redis(settings.redis_url)
     ctx["loops"] = [
         asyncio.create_task(clicks.run_drainer(ctx), name="click-drainer"),

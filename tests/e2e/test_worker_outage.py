@@ -162,3 +162,43 @@ def test_a_worker_of_a_newer_release_waits_for_its_migrations(tmp_path: Path, se
     finally:
         redis.stop()
         asyncio.run(sql(admin_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+def test_a_worker_started_before_its_database_exists_waits_for_it(tmp_path: Path, settings) -> None:
+    """A database not there yet is a server not there yet (db.DatabaseUnavailable: PostgreSQL
+    down, starting, full, or the database missing): the worker tries again instead of exiting, and
+    runs jobs once the database is created and migrated. The schema check that waits for the
+    migrations connected on its own, and such a refusal ended the worker."""
+    import secrets
+    from dataclasses import replace
+    from urllib.parse import urlsplit, urlunsplit
+
+    import asyncpg
+
+    from shared.migrate import migrate
+
+    name = f"trackly_worker_nodb_{secrets.token_hex(4)}"
+    dsn = urlunsplit(urlsplit(settings.database_url)._replace(path=f"/{name}"))
+
+    async def sql(statement: str) -> None:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    redis = EmbeddedRedis(tmp_path / "redis")
+    log = tmp_path / "worker.log"
+    try:
+        redis.start()
+        with _worker(replace(settings, database_url=dsn), redis, log) as proc:
+            _wait_for_a_failed_start(log)
+            assert proc.poll() is None, log.read_text()
+            asyncio.run(sql(f"CREATE DATABASE {name}"))
+            asyncio.run(migrate(dsn))
+            assert asyncio.run(_a_job_runs(redis.url)), log.read_text()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) in (0, 143), log.read_text()
+    finally:
+        redis.stop()
+        asyncio.run(sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
