@@ -56,15 +56,17 @@ async def _wait_for_writers(conn: asyncpg.Connection, timeout: float) -> None:
     """Return once every transaction that had written (holds a transaction id) now has ended, or
     after ``timeout`` seconds."""
     # Each transaction holds a lock on its own transaction id until it ends. (pg_current_snapshot()
-    # would not do: its list leaves out the newest ones, at or past its xmax.)
+    # would not do: its list leaves out the newest ones, at or past its xmax.) pg_locks has every
+    # database's: only this one's can have published here.
     query = (
-        "SELECT transactionid::text FROM pg_locks WHERE locktype = 'transactionid' AND mode = 'ExclusiveLock'"
-        " AND pid <> pg_backend_pid()"
+        "SELECT l.transactionid::text FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+        " WHERE l.locktype = 'transactionid' AND l.mode = 'ExclusiveLock' AND a.datname = current_database()"
+        " AND l.pid <> pg_backend_pid()"
     )
     writers = [r[0] for r in await conn.fetch(query)]
     deadline = time.monotonic() + timeout
     while writers:
-        left = [r[0] for r in await conn.fetch(query + " AND transactionid::text = ANY($1::text[])", writers)]
+        left = [r[0] for r in await conn.fetch(query + " AND l.transactionid::text = ANY($1::text[])", writers)]
         if not left:
             return
         writers = left
