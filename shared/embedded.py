@@ -20,7 +20,9 @@ import socket
 import stat
 import subprocess
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -300,5 +302,26 @@ class Embedded:
         return None
 
     def stop(self) -> None:
-        self.redis.stop()
-        self.postgres.stop()
+        # Ctrl-C (or SIGTERM) again while stopping, the stop that one began under way: raised
+        # here, it cut the stop short (waiting on pgserver's lock, say) and left the PostgreSQL,
+        # a daemon, running.
+        with _signals_ignored():
+            self.redis.stop()
+            self.postgres.stop()
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP ignored while the block runs (in the main thread; elsewhere no
+    handler can be set, and none of them is delivered there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    for signum in saved:
+        signal.signal(signum, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)

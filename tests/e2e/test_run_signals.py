@@ -132,8 +132,10 @@ def test_sighup_stops_everything_trackly_run_started(tmp_path):
         _clean_up(proc, tmp_path)
 
 
-@pytest.mark.parametrize("command", ["run", "migrate"])
-def test_signals_repeated_while_stopping_do_not_leave_the_embedded_postgresql_running(tmp_path, command):
+@pytest.mark.parametrize(("command", "signum"), [
+    ("run", signal.SIGTERM), ("migrate", signal.SIGTERM), ("migrate", signal.SIGINT),
+])
+def test_signals_repeated_while_stopping_do_not_leave_the_embedded_postgresql_running(tmp_path, command, signum):
     # Ctrl-C pressed again (or a process manager's SIGTERM after Ctrl-C) while trackly run, stopped
     # during its start-up, or trackly migrate, was stopping its embedded PostgreSQL: each signal
     # raised SystemExit again, in that clean-up and then in pgserver's own at exit, and the
@@ -172,7 +174,7 @@ def test_signals_repeated_while_stopping_do_not_leave_the_embedded_postgresql_ru
         lock.acquire()
         try:
             for _ in range(12):
-                procs[1].send_signal(signal.SIGTERM)
+                procs[1].send_signal(signum)
                 time.sleep(0.5)
         finally:
             lock.release()
