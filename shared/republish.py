@@ -8,9 +8,11 @@ the older row could overwrite it: offers go last, from a fresh read, and those c
 shortly before that read are read and written once more afterwards.
 
 The gateway publishes a link or a message's codes before its transaction commits. One that
-published before Redis lost its data and commits after the snapshot would be in neither, so the
-pass first waits for every transaction that had written when it began (as ``CREATE INDEX
-CONCURRENTLY`` waits), up to ``WRITERS_WAIT`` seconds.
+published before Redis lost its data and commits after the snapshot would be in neither, so once
+the pass is done it waits for every transaction that had written when it began (as ``CREATE INDEX
+CONCURRENTLY`` waits), up to ``WRITERS_WAIT`` seconds, and writes the links and codes created
+since the earliest of them began once more. (Waiting before the pass would leave the edge
+answering 404 for as long as a transaction stays open.)
 """
 from __future__ import annotations
 
@@ -27,8 +29,9 @@ from shared import edge
 log = logging.getLogger("trackly.republish")
 
 CHUNK = 1000
-# The longest the pass waits for transactions in progress when it begins (a gateway's takes
-# milliseconds; one left open by hand is waited for this long, then named in a warning).
+# The longest a pass waits, once done, for the transactions in progress when it began (a
+# gateway's takes milliseconds; one left open by hand is waited for this long, then named in a
+# warning).
 WRITERS_WAIT = 60.0
 
 _LINKS = "SELECT id, account_id, offer_id, list_id, domain_host, tracker_id, tracker_url FROM links"
@@ -41,9 +44,9 @@ JOIN messages m ON m.id = ml.message_id AND m.account_id = l.account_id
 _OFFERS = f"SELECT {edge.OFFER_ENTRY_COLUMNS} FROM offers"
 
 
-async def _chunks(conn: asyncpg.Connection, query: str) -> AsyncIterator[list[asyncpg.Record]]:
+async def _chunks(conn: asyncpg.Connection, query: str, *args: Any) -> AsyncIterator[list[asyncpg.Record]]:
     chunk: list[asyncpg.Record] = []
-    async for row in conn.cursor(query, prefetch=CHUNK):
+    async for row in conn.cursor(query, *args, prefetch=CHUNK):
         chunk.append(row)
         if len(chunk) == CHUNK:
             yield chunk
@@ -52,30 +55,46 @@ async def _chunks(conn: asyncpg.Connection, query: str) -> AsyncIterator[list[as
         yield chunk
 
 
-async def _wait_for_writers(conn: asyncpg.Connection, timeout: float) -> None:
-    """Return once every transaction that had written (holds a transaction id) now has ended, or
-    after ``timeout`` seconds."""
-    # Each transaction holds a lock on its own transaction id until it ends. (pg_current_snapshot()
-    # would not do: its list leaves out the newest ones, at or past its xmax.) pg_locks has every
-    # database's: only this one's can have published here.
-    query = (
-        "SELECT l.transactionid::text FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
-        " WHERE l.locktype = 'transactionid' AND l.mode = 'ExclusiveLock' AND a.datname = current_database()"
-        " AND l.pid <> pg_backend_pid()"
-    )
-    writers = [r[0] for r in await conn.fetch(query)]
+# Each transaction holds a lock on its own transaction id until it ends. (pg_current_snapshot()
+# would not do: its list leaves out the newest ones, at or past its xmax.) pg_locks has every
+# database's: only this one's can have published here.
+_WRITERS = (
+    "SELECT l.transactionid::text AS xid, a.xact_start FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+    " WHERE l.locktype = 'transactionid' AND l.mode = 'ExclusiveLock' AND a.datname = current_database()"
+    " AND l.pid <> pg_backend_pid()"
+)
+
+
+async def _wait_for(conn: asyncpg.Connection, writers: list[str], timeout: float) -> None:
+    """Return once the transactions ``writers`` have ended, or after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while writers:
-        left = [r[0] for r in await conn.fetch(query + " AND l.transactionid::text = ANY($1::text[])", writers)]
-        if not left:
+        writers = [r[0] for r in await conn.fetch(_WRITERS + " AND l.transactionid::text = ANY($1::text[])", writers)]
+        if not writers:
             return
-        writers = left
         if time.monotonic() >= deadline:
-            log.warning("republishing without waiting longer for %d transactions open for over %.0f s (ids %s):"
+            log.warning("republished without waiting longer for %d transactions open for over %.0f s (ids %s):"
                         " a link or message they published before Redis lost its data may still be missing",
-                        len(left), timeout, ", ".join(left[:10]))
+                        len(writers), timeout, ", ".join(writers[:10]))
             return
         await asyncio.sleep(0.05)
+
+
+async def _links_and_codes(
+    conn: asyncpg.Connection, redis: Any, counts: dict[str, int], *, code_days: int, since: Any = None
+) -> None:
+    """Every link and per-message code (``since``: those created since then) from one snapshot."""
+    where, args = (" WHERE created_at >= $1", (since,)) if since is not None else ("", ())
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        async for rows in _chunks(conn, _LINKS + where, *args):
+            await redis.mset(dict(entry for row in rows for entry in edge.link_entries(row)))
+            counts["links"] += len(rows)
+        async for rows in _chunks(conn, _MESSAGE_CODES + where.replace("created_at", "ml.created_at"), *args):
+            counts["message_codes"] += await edge.write_message_codes(redis, (
+                (edge.short_key(r["domain_host"], r["code"]),
+                 edge.dumps(edge.message_code_entry(r["link_id"], r["message_id"], r["creative_id"])), r["sent_at"])
+                for r in rows
+            ), days=code_days)
 
 
 async def republish(
@@ -84,17 +103,8 @@ async def republish(
     """Write every edge key again; returns how many links, message codes and offers it wrote.
     ``code_days``: settings.message_code_days (codes past it are not written again)."""
     counts = {"links": 0, "message_codes": 0, "offers": 0}
-    await _wait_for_writers(conn, writers_wait)
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
-        async for rows in _chunks(conn, _LINKS):
-            await redis.mset(dict(entry for row in rows for entry in edge.link_entries(row)))
-            counts["links"] += len(rows)
-        async for rows in _chunks(conn, _MESSAGE_CODES):
-            counts["message_codes"] += await edge.write_message_codes(redis, (
-                (edge.short_key(r["domain_host"], r["code"]),
-                 edge.dumps(edge.message_code_entry(r["link_id"], r["message_id"], r["creative_id"])), r["sent_at"])
-                for r in rows
-            ), days=code_days)
+    writers = await conn.fetch(_WRITERS)
+    await _links_and_codes(conn, redis, counts, code_days=code_days)
     started = await conn.fetchval("SELECT clock_timestamp()")
     async with conn.transaction(readonly=True):
         async for rows in _chunks(conn, _OFFERS):
@@ -105,4 +115,11 @@ async def republish(
     changed = await conn.fetch(_OFFERS + " WHERE updated_at >= $1::timestamptz - interval '1 minute'", started)
     if changed:
         await redis.mset({edge.offer_key(r["id"]): edge.dumps(edge.offer_entry(r)) for r in changed})
+    if writers:
+        # The links and codes of the transactions open when the pass began, once they have
+        # committed: their rows carry their start as created_at (as do rows of later ones, written
+        # twice, the same values). One scan each, of the tables as they stand then.
+        await _wait_for(conn, [r["xid"] for r in writers], writers_wait)
+        since = min(r["xact_start"] for r in writers)
+        await _links_and_codes(conn, redis, {"links": 0, "message_codes": 0}, code_days=code_days, since=since)
     return counts

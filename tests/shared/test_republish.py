@@ -127,13 +127,15 @@ async def test_message_codes_expire_a_set_number_of_days_after_their_send(db, re
 
 async def test_republish_waits_for_a_link_published_before_the_loss_and_committed_after(api, db, redis, tenant):
     """The gateway publishes a link before its transaction commits. Redis loses the key in between,
-    and the pass (the worker's, once it sees the loss) starts before that commit: it must wait for
-    the transaction rather than miss the link from its snapshot."""
+    and the pass (the worker's, once it sees the loss) starts before that commit: once done, it
+    waits for the transaction and writes its link too, rather than miss it from its snapshot. The
+    rest is written first: the wait holds no link of the edge back."""
     import asyncio
 
     from services.gateway.publish import publish_link
 
     offer = await db.fetchrow("SELECT * FROM offers WHERE id = $1", (await make_offer(api, tenant))["id"])
+    committed = await make_link(api, tenant, offer["id"])
     async with db.acquire() as writer, db.acquire() as conn:
         tx = writer.transaction()
         await tx.start()
@@ -145,14 +147,16 @@ async def test_republish_waits_for_a_link_published_before_the_loss_and_committe
         )
         await publish_link(redis, link=link, offer=offer)
         keys = [edge.short_key("sms.example.com", "Wt8kQ2"), edge.tracker_key(link["tracker_id"])]
-        await redis.delete(*keys)  # Redis loses its data
+        others = [edge.short_key("sms.example.com", committed["linkId"]), edge.offer_key(offer["id"])]
+        await redis.delete(*keys, *others)  # Redis loses its data
         running = asyncio.ensure_future(republish(conn, redis, writers_wait=30))
         await asyncio.sleep(0.5)
         waited = not running.done()
+        written_meanwhile = [await redis.get(k) for k in others]
         await tx.commit()
         await running
     assert all([await redis.get(k) for k in keys])
-    assert waited
+    assert waited and all(written_meanwhile)
 
 
 async def test_republish_waits_only_so_long_for_a_transaction_left_open(db, redis, caplog):
@@ -165,7 +169,7 @@ async def test_republish_waits_only_so_long_for_a_transaction_left_open(db, redi
         finally:
             await tx.rollback()
     assert counts["offers"] >= 0
-    assert "without waiting longer for 1 transactions" in caplog.text
+    assert "republished without waiting longer for 1 transactions" in caplog.text
 
 
 async def test_republish_waits_only_for_transactions_on_its_own_database(settings, db, redis, caplog):
