@@ -181,12 +181,19 @@ async def test_republish_waits_only_for_transactions_on_its_own_database(setting
 
     import asyncpg
 
-    other = await asyncpg.connect(urlunsplit(urlsplit(settings.database_url)._replace(path="/postgres")))
+    import secrets
+
+    name = f"trackly_other_{secrets.token_hex(4)}"  # (the suite's own may be "postgres")
+    await db.execute(f"CREATE DATABASE {name}")
     try:
-        async with other.transaction(), db.acquire() as conn:
-            await other.fetchval("SELECT pg_current_xact_id()")  # it has written (holds a transaction id)
-            counts = await asyncio.wait_for(republish(conn, redis, writers_wait=30), 15)
+        other = await asyncpg.connect(urlunsplit(urlsplit(settings.database_url)._replace(path=f"/{name}")))
+        try:
+            async with other.transaction(), db.acquire() as conn:
+                await other.fetchval("SELECT pg_current_xact_id()")  # it has written (holds a transaction id)
+                counts = await asyncio.wait_for(republish(conn, redis, writers_wait=30), 15)
+        finally:
+            await other.close()
     finally:
-        await other.close()
+        await db.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     assert counts["offers"] >= 0
     assert "without waiting longer" not in caplog.text
