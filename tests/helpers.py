@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,3 +140,16 @@ async def table_reads(conn: asyncpg.Connection, run: Callable[[], Awaitable[Any]
         result = await run()
         after = await counts()
     return result, {t: (after[t][0] - before[t][0], after[t][1] - before[t][1]) for t in tables}
+
+
+@contextlib.asynccontextmanager
+async def redis_full(redis: Any) -> AsyncIterator[None]:
+    """The test Redis refuses writes that need memory, as a full one with ``noeviction`` does."""
+    before = await redis.config_get("maxmemory*")
+    await redis.config_set("maxmemory-policy", "noeviction")
+    await redis.config_set("maxmemory", "1")
+    try:
+        yield
+    finally:
+        await redis.config_set("maxmemory", before["maxmemory"])
+        await redis.config_set("maxmemory-policy", before["maxmemory-policy"])

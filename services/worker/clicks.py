@@ -31,6 +31,7 @@ account. Clicks of an account that does not exist are dropped (a stale edge key)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -176,6 +177,14 @@ return gone
 """
 
 
+# Acknowledge and delete in one step, as a script rather than MULTI: a full Redis refuses every
+# command queued in a MULTI, and these two are what free it (neither needs memory).
+_DONE = """
+redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
+return redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
+"""
+
+
 async def forget_dead_consumers(redis: aioredis.Redis, idle_ms: int = DEAD_CONSUMER_IDLE_MS) -> list[str]:
     """Remove from the group the consumers of workers that are gone (every restart leaves its
     consumers behind). Only one idle for ``idle_ms`` and holding no pending entry: deleting a
@@ -193,6 +202,11 @@ async def forget_dead_consumers(redis: aioredis.Redis, idle_ms: int = DEAD_CONSU
 
 
 async def ensure_group(redis: aioredis.Redis) -> None:
+    # Looked up first: a full Redis refuses XGROUP CREATE (it may need memory) even for a group
+    # that exists, and draining, which deletes what it stores, is what frees a full Redis.
+    with contextlib.suppress(ResponseError):  # no stream yet
+        if any(text(group["name"]) == edge.CLICK_GROUP for group in await redis.xinfo_groups(edge.CLICK_STREAM)):
+            return
     try:
         await redis.xgroup_create(edge.CLICK_STREAM, edge.CLICK_GROUP, id="0", mkstream=True)
     except ResponseError as exc:
@@ -455,10 +469,7 @@ async def drain_once(
         async with db.transaction():
             seen = await store_entries(db, entries)
     entry_ids = [entry_id for entry_id, _ in entries]
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.xack(edge.CLICK_STREAM, edge.CLICK_GROUP, *entry_ids)
-        pipe.xdel(edge.CLICK_STREAM, *entry_ids)
-        await pipe.execute()
+    await redis.eval(_DONE, 1, edge.CLICK_STREAM, edge.CLICK_GROUP, *entry_ids)
     return seen
 
 
