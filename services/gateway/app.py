@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 from arq.connections import ArqRedis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError as RedisOutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -107,6 +108,8 @@ def create_app(settings: Settings) -> Starlette:
             HTTPException: _http_error,
             RedisConnectionError: _unavailable,
             RedisTimeoutError: _unavailable,
+            # A full Redis (maxmemory, noeviction) refuses the publish: retry once it has room.
+            RedisOutOfMemoryError: _unavailable,
             OSError: _unavailable,
             asyncpg.PostgresConnectionError: _unavailable,
             asyncpg.InterfaceError: _unavailable,

@@ -1,0 +1,38 @@
+"""The gateway on a full Redis (maxmemory reached, ``noeviction``): writes that must publish fail
+cleanly and leave nothing behind; postbacks, stored in PostgreSQL first, are still taken."""
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import httpx
+
+from tests.gateway.test_api_basics import assert_error
+from tests.helpers import Tenant, make_offer, random_phone, redis_full
+
+
+async def test_writes_that_cannot_publish_are_503_and_nothing_half_written(
+    db: asyncpg.Pool, redis: Any, api: httpx.AsyncClient, tenant: Tenant
+) -> None:
+    offer = await make_offer(api, tenant)
+    link = (await api.post("/api/v2/links", headers=tenant.headers, json={"offerId": offer["id"], "listId": tenant.list_id})).json()
+    send = {"to": random_phone(), "list_id": tenant.list_id, "body": f"hi {link['shortUrl']}"}
+    async with redis_full(redis):
+        for resp in [
+            await api.post("/api/v2/links", headers=tenant.headers, json={"offerId": offer["id"], "listId": tenant.list_id}),
+            await api.post("/api/v2/send", headers=tenant.headers, json=send),
+            await api.post("/api/v2/offers", headers=tenant.headers, json={"name": "B", "destination_url": "https://example.com/b"}),
+        ]:
+            assert_error(resp, 503, "service_unavailable")
+    account = tenant.account_id
+    assert await db.fetchval("SELECT count(*) FROM links WHERE account_id = $1", account) == 1
+    assert await db.fetchval("SELECT count(*) FROM messages WHERE account_id = $1", account) == 0
+    assert await db.fetchval("SELECT count(*) FROM offers WHERE account_id = $1", account) == 1
+    assert (await api.post("/api/v2/send", headers=tenant.headers, json=send)).status_code == 201
+
+
+async def test_a_postback_is_taken_while_redis_is_full(db: asyncpg.Pool, redis: Any, api: httpx.AsyncClient, tenant: Tenant) -> None:
+    async with redis_full(redis):
+        resp = await api.get(f"/postback/{tenant.postback_token}", params={"click_id": "x" * 32, "payout": "1.50"})
+    assert resp.status_code == 200, resp.text
+    assert await db.fetchval("SELECT count(*) FROM postbacks WHERE account_id = $1", tenant.account_id) == 1
