@@ -41,7 +41,7 @@ from typing import Any
 import asyncpg
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ResponseError
 
 from services.worker import attribution
 from shared import edge, jsonio, loops
@@ -480,7 +480,7 @@ async def run_drainer(ctx: dict[str, Any]) -> None:
     consumers = [f"{ctx.get('click_consumer', DEFAULT_CONSUMER)}-{n}" for n in range(DRAIN_LOOPS)]
     redis: aioredis.Redis = ctx["redis_client"]
     await loops.until_done(
-        lambda: beat(redis, consumers), log=log, failure="the drainer's first heartbeat failed; retrying",
+        lambda: _first_beat(redis, consumers), log=log, failure="the drainer's first heartbeat failed; retrying",
         pause_after_failure=1.0,
     )
     tasks = [asyncio.create_task(_heartbeat_loop(redis, consumers), name="click-drain-heartbeat")]
@@ -493,6 +493,16 @@ async def run_drainer(ctx: dict[str, Any]) -> None:
             task.cancel()
         # (The heartbeat is left to expire: a Redis call here could hold up the worker's stop.)
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _first_beat(redis: aioredis.Redis, consumers: list[str]) -> None:
+    """``beat``, except on a full Redis (maxmemory, noeviction), which refuses the SET: the drain
+    starts all the same, since draining (it deletes what it stores) is what frees Redis. Meanwhile
+    another worker may take this one's entries for a dead consumer's: drained twice, stored once."""
+    try:
+        await beat(redis, consumers)
+    except OutOfMemoryError:
+        log.warning("redis is full (it refuses the drainer's heartbeat): draining without one, which frees it")
 
 
 async def _heartbeat_loop(redis: aioredis.Redis, consumers: list[str]) -> None:

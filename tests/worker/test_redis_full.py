@@ -21,3 +21,27 @@ async def test_clicks_are_drained_while_redis_is_full(db: asyncpg.Pool, redis: A
     stored = await db.fetchval("SELECT count(*) FROM clicks WHERE id = ANY($1::text[])", [c["id"] for c in waiting])
     assert stored == 2
     assert (await redis.xpending(edge.CLICK_STREAM, edge.CLICK_GROUP))["pending"] == 0
+
+
+async def test_a_drainer_started_while_redis_is_full_drains(db: asyncpg.Pool, redis: Any, tenant: Tenant) -> None:
+    """A worker started (or restarted) while Redis is full cannot set its heartbeat (a SET needs
+    memory): it drains all the same, since nothing else would free Redis."""
+    import asyncio
+
+    from services.worker.clicks import run_drainer
+
+    await drain_all(db, redis)
+    waiting = [click(tenant, at=T0), click(tenant, at=T0)]
+    await xadd(redis, waiting)
+    ids = [c["id"] for c in waiting]
+    async with redis_full(redis):
+        task = asyncio.create_task(run_drainer({"db": db, "redis_client": redis, "click_consumer": "started-full"}))
+        try:
+            for _ in range(100):
+                if await db.fetchval("SELECT count(*) FROM clicks WHERE id = ANY($1::text[])", ids) == 2:
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    assert await db.fetchval("SELECT count(*) FROM clicks WHERE id = ANY($1::text[])", ids) == 2
