@@ -11,6 +11,7 @@ import asyncpg
 from arq.connections import ArqRedis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError as RedisOutOfMemoryError
+from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -43,6 +44,14 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
     # Nothing was acknowledged: writes publish to Redis before they commit, so the client retries.
     return error_response(ApiError(503, "service_unavailable", "A dependency is unavailable; retry shortly"))
+
+
+async def _redis_refused(request: Request, exc: Exception) -> JSONResponse:
+    """A command Redis refused. Redis before 7 reports a full Redis (OOM) inside a script (the
+    per-message codes' SETs with TRACKLY_MESSAGE_CODE_DAYS) as a script error, not as OOM."""
+    if "OOM command not allowed" in str(exc):
+        return await _unavailable(request, exc)
+    return await _unexpected(request, exc)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -110,6 +119,7 @@ def create_app(settings: Settings) -> Starlette:
             RedisTimeoutError: _unavailable,
             # A full Redis (maxmemory, noeviction) refuses the publish: retry once it has room.
             RedisOutOfMemoryError: _unavailable,
+            RedisResponseError: _redis_refused,
             OSError: _unavailable,
             asyncpg.PostgresConnectionError: _unavailable,
             asyncpg.InterfaceError: _unavailable,

@@ -36,3 +36,25 @@ async def test_a_postback_is_taken_while_redis_is_full(db: asyncpg.Pool, redis: 
         resp = await api.get(f"/postback/{tenant.postback_token}", params={"click_id": "x" * 32, "payout": "1.50"})
     assert resp.status_code == 200, resp.text
     assert await db.fetchval("SELECT count(*) FROM postbacks WHERE account_id = $1", tenant.account_id) == 1
+
+
+async def test_a_send_with_expiring_codes_on_a_full_redis_is_503(
+    db: asyncpg.Pool, redis: Any, api: httpx.AsyncClient, tenant: Tenant, settings
+) -> None:
+    """With TRACKLY_MESSAGE_CODE_DAYS the codes are written by a script, and Redis before 7 (the
+    embedded one) reports its OOM as a script error: 503 all the same, not 500."""
+    from dataclasses import replace
+
+    from services.gateway.app import create_app
+
+    link = (await api.post("/api/v2/links", headers=tenant.headers,
+                           json={"offerId": (await make_offer(api, tenant))["id"], "listId": tenant.list_id})).json()
+    app = create_app(replace(settings, message_code_days=30))
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://g"
+    ) as gateway:
+        send = {"to": random_phone(), "list_id": tenant.list_id, "body": f"hi {link['shortUrl']}"}
+        async with redis_full(redis):
+            assert_error(await gateway.post("/api/v2/send", headers=tenant.headers, json=send), 503, "service_unavailable")
+        assert await db.fetchval("SELECT count(*) FROM messages WHERE account_id = $1", tenant.account_id) == 0
+        assert (await gateway.post("/api/v2/send", headers=tenant.headers, json=send)).status_code == 201
