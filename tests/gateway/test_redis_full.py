@@ -58,3 +58,19 @@ async def test_a_send_with_expiring_codes_on_a_full_redis_is_503(
             assert_error(await gateway.post("/api/v2/send", headers=tenant.headers, json=send), 503, "service_unavailable")
         assert await db.fetchval("SELECT count(*) FROM messages WHERE account_id = $1", tenant.account_id) == 0
         assert (await gateway.post("/api/v2/send", headers=tenant.headers, json=send)).status_code == 201
+
+
+async def test_an_offer_change_on_a_full_redis_is_503_and_not_made(
+    db: asyncpg.Pool, redis: Any, api: httpx.AsyncClient, tenant: Tenant
+) -> None:
+    """A pause (or delete) that cannot reach the edge is not made: the edge and PostgreSQL keep
+    agreeing, and the client retries."""
+    offer = await make_offer(api, tenant)
+    async with redis_full(redis):
+        paused = await api.patch(f"/api/v2/offers/{offer['id']}", headers=tenant.headers, json={"status": "paused"})
+        deleted = await api.delete(f"/api/v2/offers/{offer['id']}", headers=tenant.headers)
+    assert_error(paused, 503, "service_unavailable")
+    assert_error(deleted, 503, "service_unavailable")
+    assert await db.fetchval("SELECT status FROM offers WHERE id = $1", offer["id"]) == "active"
+    resp = await api.patch(f"/api/v2/offers/{offer['id']}", headers=tenant.headers, json={"status": "paused"})
+    assert resp.status_code == 200 and resp.json()["offer"]["status"] == "paused", resp.text
