@@ -110,24 +110,26 @@ async def _check_unchanged(conn: asyncpg.Connection, version: str, sql: str, rec
     """An applied migration's file must stay as it was applied: a database migrated before an edit
     never runs the edit (another built since does), and the two differ from then on, silently.
     Said loudly; recorded for the versions applied before checksums were."""
+    digest = checksum(sql)
     if recorded is None:
-        await conn.execute("UPDATE schema_migrations SET checksum = $2 WHERE version = $1", version, checksum(sql))
-    elif recorded != checksum(sql):
+        await conn.execute("UPDATE schema_migrations SET checksum = $2 WHERE version = $1", version, digest)
+    elif recorded != digest:
         log.warning("migration %s was changed after this database applied it: the change is not in this database"
                     " (write a new migration instead of editing an applied one)", version)
 
 
 async def _apply(dsn: str, conn: asyncpg.Connection, version: str, sql: str) -> None:
     schema, _, backfill = sql.partition(BACKFILL)
+    digest = checksum(sql)
     for attempt in range(1, LOCK_ATTEMPTS + 1):
         try:
             if backfill:
-                await _apply_with_backfill(dsn, conn, version, schema, backfill)
+                await _apply_with_backfill(dsn, conn, version, schema, backfill, digest)
                 return
             async with conn.transaction():
                 await conn.execute(f"SET LOCAL lock_timeout = '{int(LOCK_TIMEOUT * 1000)}ms'")
                 await conn.execute(schema)
-                await conn.execute("INSERT INTO schema_migrations (version, checksum) VALUES ($1, $2)", version, checksum(sql))
+                await conn.execute("INSERT INTO schema_migrations (version, checksum) VALUES ($1, $2)", version, digest)
             return
         except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError) as exc:
             # A deadlock: a writer that holds a table this migration locks next, and waits for one
@@ -143,7 +145,9 @@ async def before_backfill(version: str) -> None:
     """Called between the two parts of a migration with a backfill (tests pause or fail there)."""
 
 
-async def _apply_with_backfill(dsn: str, conn: asyncpg.Connection, version: str, schema: str, backfill: str) -> None:
+async def _apply_with_backfill(
+    dsn: str, conn: asyncpg.Connection, version: str, schema: str, backfill: str, digest: str
+) -> None:
     reader = await asyncpg.connect(dsn)
     try:
         filling = reader.transaction(isolation="repeatable_read")
@@ -166,9 +170,7 @@ async def _apply_with_backfill(dsn: str, conn: asyncpg.Connection, version: str,
             await handed_over
             await before_backfill(version)
             await reader.execute(backfill)
-            await reader.execute(
-                "INSERT INTO schema_migrations (version, checksum) VALUES ($1, $2)", version, checksum(schema + BACKFILL + backfill)
-            )
+            await reader.execute("INSERT INTO schema_migrations (version, checksum) VALUES ($1, $2)", version, digest)
         except BaseException:
             await filling.rollback()
             raise
@@ -185,12 +187,12 @@ class SchemaBehind(Exception):
         super().__init__(f"{len(missing)} not applied ({', '.join(missing[:3])}{more}): run trackly migrate")
 
 
-async def pending(dsn: str, *, none_if_empty: bool = True) -> list[str] | None:
+async def pending(dsn: str) -> list[str] | None:
     """Versions not applied yet, read without writing anything; None when the database has no
     schema at all (``schema_migrations`` does not exist)."""
     conn = await asyncpg.connect(dsn)
     try:
-        return await pending_on(conn, none_if_empty=none_if_empty)
+        return await pending_on(conn)
     finally:
         await conn.close()
 

@@ -84,12 +84,14 @@ async def _links_and_codes(
     conn: asyncpg.Connection, redis: Any, counts: dict[str, int], *, code_days: int, since: Any = None
 ) -> None:
     """Every link and per-message code (``since``: those created since then) from one snapshot."""
-    where, args = (" WHERE created_at >= $1", (since,)) if since is not None else ("", ())
+    links, codes, args = _LINKS, _MESSAGE_CODES, ()
+    if since is not None:
+        links, codes, args = links + " WHERE created_at >= $1", codes + " WHERE ml.created_at >= $1", (since,)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        async for rows in _chunks(conn, _LINKS + where, *args):
+        async for rows in _chunks(conn, links, *args):
             await redis.mset(dict(entry for row in rows for entry in edge.link_entries(row)))
             counts["links"] += len(rows)
-        async for rows in _chunks(conn, _MESSAGE_CODES + where.replace("created_at", "ml.created_at"), *args):
+        async for rows in _chunks(conn, codes, *args):
             counts["message_codes"] += await edge.write_message_codes(redis, (
                 (edge.short_key(r["domain_host"], r["code"]),
                  edge.dumps(edge.message_code_entry(r["link_id"], r["message_id"], r["creative_id"])), r["sent_at"])
