@@ -8,6 +8,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -153,3 +154,14 @@ async def redis_full(redis: Any) -> AsyncIterator[None]:
     finally:
         await redis.config_set("maxmemory", before["maxmemory"])
         await redis.config_set("maxmemory-policy", before["maxmemory-policy"])
+
+
+@contextlib.asynccontextmanager
+async def scratch_database(settings: Any, db: Any, name: str) -> AsyncIterator[str]:
+    """A new, empty database beside the test one (its DSN), dropped afterwards."""
+    await db.execute(f"DROP DATABASE IF EXISTS {name}")
+    await db.execute(f"CREATE DATABASE {name}")
+    try:
+        yield urlunsplit(urlsplit(settings.database_url)._replace(path=f"/{name}"))
+    finally:
+        await db.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

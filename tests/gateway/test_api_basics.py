@@ -16,7 +16,7 @@ from services.gateway.app import create_app
 from shared import redis_client
 from shared.embedded import EmbeddedRedis
 from shared.migrate import migrate
-from tests.helpers import make_offer, make_tenant
+from tests.helpers import make_offer, make_tenant, scratch_database
 
 
 def assert_error(resp, status, code):
@@ -98,10 +98,7 @@ async def test_readiness_waits_for_the_schema_of_this_release(settings, db):
     before ``trackly migrate`` ran) is not ready, and says what is missing; once applied, it is."""
     from shared.migrate import _migrations
 
-    name = f"trackly_behind_{secrets.token_hex(4)}"
-    await db.execute(f"CREATE DATABASE {name}")
-    dsn = urlunsplit(urlsplit(settings.database_url)._replace(path=f"/{name}"))
-    try:
+    async with scratch_database(settings, db, f"trackly_behind_{secrets.token_hex(4)}") as dsn:
         await migrate(dsn)
         latest = _migrations()[-1][0]
         conn = await asyncpg.connect(dsn)
@@ -120,8 +117,6 @@ async def test_readiness_waits_for_the_schema_of_this_release(settings, db):
                 assert ready.status_code == 200 and ready.json()["schema"] == "ok", ready.text
         finally:
             await conn.close()
-    finally:
-        await db.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @contextlib.asynccontextmanager

@@ -3,13 +3,13 @@ import asyncio
 import contextlib
 from datetime import UTC, datetime
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
 from shared import migrate as migrate_module
 from shared.migrate import _migrations, migrate
+from tests.helpers import scratch_database
 
 
 async def test_migrations_are_recorded_and_idempotent(settings, db):
@@ -19,19 +19,8 @@ async def test_migrations_are_recorded_and_idempotent(settings, db):
     assert await migrate(settings.database_url) == []
 
 
-@contextlib.asynccontextmanager
-async def _scratch_database(settings, db, name: str) -> AsyncIterator[str]:
-    """A new, empty database beside the test one (its DSN), dropped afterwards."""
-    await db.execute(f"DROP DATABASE IF EXISTS {name}")
-    await db.execute(f"CREATE DATABASE {name}")
-    try:
-        yield urlunsplit(urlsplit(settings.database_url)._replace(path=f"/{name}"))
-    finally:
-        await db.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
 async def test_concurrent_migrations_on_a_fresh_database(settings, db):
-    async with _scratch_database(settings, db, "trackly_migrate_race") as dsn:
+    async with scratch_database(settings, db, "trackly_migrate_race") as dsn:
         results = await asyncio.gather(*(migrate(dsn) for _ in range(4)))
         applied = [r for r in results if r]
         assert len(applied) == 1 and applied[0] == [v for v, _ in _migrations()]
@@ -128,7 +117,7 @@ async def test_a_migration_waiting_for_a_lock_gives_way_and_tries_again(settings
     0012 locked, are not held at all), and it is applied once the read ends."""
     monkeypatch.setattr(migrate_module, "LOCK_TIMEOUT", 0.2)
     monkeypatch.setattr(migrate_module, "LOCK_RETRY_PAUSE", 0.1)
-    async with _scratch_database(settings, db, "trackly_migrate_locks") as dsn:
+    async with scratch_database(settings, db, "trackly_migrate_locks") as dsn:
         setup, reader, other = [await asyncpg.connect(dsn) for _ in range(3)]
         running: asyncio.Task | None = None
         try:
@@ -157,7 +146,7 @@ async def test_a_migration_that_never_gets_its_lock_fails_unrecorded(settings, d
     monkeypatch.setattr(migrate_module, "LOCK_TIMEOUT", 0.1)
     monkeypatch.setattr(migrate_module, "LOCK_RETRY_PAUSE", 0.05)
     monkeypatch.setattr(migrate_module, "LOCK_ATTEMPTS", 3)
-    async with _scratch_database(settings, db, "trackly_migrate_nolock") as dsn:
+    async with scratch_database(settings, db, "trackly_migrate_nolock") as dsn:
         setup, reader = await asyncpg.connect(dsn), await asyncpg.connect(dsn)
         try:
             await _migrate_before(setup, "0013")
@@ -173,7 +162,7 @@ async def test_a_migration_that_never_gets_its_lock_fails_unrecorded(settings, d
 
 async def test_list_contact_counts_start_from_the_contacts_already_stored(settings, db):
     """Migration 0010 on a database that has contacts: each list's count starts at its contacts."""
-    async with _scratch_database(settings, db, "trackly_migrate_counts") as dsn:
+    async with scratch_database(settings, db, "trackly_migrate_counts") as dsn:
         conn = await asyncpg.connect(dsn)
         try:
             await _migrate_before(conn, "0010")
@@ -191,7 +180,7 @@ async def test_money_goes_exact_without_reading_its_tables_under_the_exclusive_l
     """0022 drops the money columns' scale on a database with revenue and offers stored: no table
     is read under its ACCESS EXCLUSIVE lock (a type change checks the column's CHECK constraints
     again, a read of every row: they are dropped and put back NOT VALID); 0023 validates them."""
-    async with _scratch_database(settings, db, "trackly_migrate_money") as dsn:
+    async with scratch_database(settings, db, "trackly_migrate_money") as dsn:
         conn = await asyncpg.connect(dsn)
         try:
             await _migrate_before(conn, "0022")
@@ -247,7 +236,7 @@ async def test_contacts_leave_room_for_their_click_updates(db):
 
 async def test_the_report_rollup_starts_from_the_events_already_stored(settings, db):
     """Migration 0016 on a database with events of every kind: each rollup report is the events'."""
-    async with _scratch_database(settings, db, "trackly_migrate_rollup") as dsn:
+    async with scratch_database(settings, db, "trackly_migrate_rollup") as dsn:
         conn = await asyncpg.connect(dsn)
         try:
             await _migrate_before(conn, "0016")
@@ -287,7 +276,7 @@ FROM messages WHERE right(id, 1) IN ('2', '4');
 @contextlib.asynccontextmanager
 async def _before_the_rollup(settings, db, name: str) -> AsyncIterator[tuple[str, asyncpg.Connection]]:
     """(dsn, a connection to it): a scratch database migrated up to before 0016, with events."""
-    async with _scratch_database(settings, db, name) as dsn:
+    async with scratch_database(settings, db, name) as dsn:
         conn = await asyncpg.connect(dsn)
         try:
             await _migrate_before(conn, "0016")
@@ -412,7 +401,7 @@ async def test_a_run_whose_connection_dies_mid_migration_fails_unrecorded(settin
     applies it once."""
     slow = ("9999_slow", "CREATE TABLE migrate_slow (n int); SELECT pg_sleep(0.5); INSERT INTO migrate_slow VALUES (1);")
     monkeypatch.setattr(migrate_module, "_migrations", lambda: [*_migrations(), slow])
-    async with _scratch_database(settings, db, "trackly_migrate_dies") as dsn:
+    async with scratch_database(settings, db, "trackly_migrate_dies") as dsn:
         setup = await asyncpg.connect(dsn)
         try:
             await _migrate_before(setup, "9999")
@@ -442,7 +431,7 @@ async def test_a_conversion_waiting_for_its_click_across_0007_gets_its_offers_pa
     pending after its approval) does not."""
     from services.worker import attribution
 
-    async with _scratch_database(settings, db, "trackly_migrate_given") as dsn:
+    async with scratch_database(settings, db, "trackly_migrate_given") as dsn:
         conn = await asyncpg.connect(dsn)
         try:
             await _migrate_before(conn, "0007")
@@ -506,7 +495,7 @@ async def test_an_applied_migration_edited_since_is_reported(settings, db, monke
     """Each version's checksum is recorded; a file changed after the database applied it (the
     change will never run there) is reported at every run. Versions applied before checksums were
     recorded get theirs at the next run."""
-    async with _scratch_database(settings, db, "trackly_migrate_checksums") as dsn:
+    async with scratch_database(settings, db, "trackly_migrate_checksums") as dsn:
         await migrate(dsn)
         conn = await asyncpg.connect(dsn)
         try:

@@ -177,23 +177,20 @@ async def test_republish_waits_only_for_transactions_on_its_own_database(setting
     server (another application's, another test run's) has published nothing here, and the pass,
     which runs while the edge answers 404 for every link, must not wait a minute for it."""
     import asyncio
-    from urllib.parse import urlsplit, urlunsplit
+    import secrets
 
     import asyncpg
 
-    import secrets
+    from tests.helpers import scratch_database
 
-    name = f"trackly_other_{secrets.token_hex(4)}"  # (the suite's own may be "postgres")
-    await db.execute(f"CREATE DATABASE {name}")
-    try:
-        other = await asyncpg.connect(urlunsplit(urlsplit(settings.database_url)._replace(path=f"/{name}")))
+    # (its own database: the suite's may be "postgres")
+    async with scratch_database(settings, db, f"trackly_other_{secrets.token_hex(4)}") as dsn:
+        other = await asyncpg.connect(dsn)
         try:
             async with other.transaction(), db.acquire() as conn:
                 await other.fetchval("SELECT pg_current_xact_id()")  # it has written (holds a transaction id)
                 counts = await asyncio.wait_for(republish(conn, redis, writers_wait=30), 15)
         finally:
             await other.close()
-    finally:
-        await db.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     assert counts["offers"] >= 0
     assert "without waiting longer" not in caplog.text
