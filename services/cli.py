@@ -57,6 +57,8 @@ def _admin(args: argparse.Namespace) -> int:
                 return await accounts.rotate_api_key(conn, args.account_id)
             if args.admin == "rotate-postback-token":
                 return await accounts.rotate_postback_token(conn, args.account_id, grace_hours=args.grace_hours)
+            if args.admin == "forget-postback-tokens":
+                return await accounts.forget_postback_tokens(conn)
             return await accounts.create_list(
                 conn,
                 account_id=args.account_id,
@@ -180,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long the replaced token still works while networks move to the new one (0: it stops now)",
     )
     rotate_token.set_defaults(func=_admin)
+    admin.add_parser(
+        "forget-postback-tokens",
+        help="empty the plaintext postback tokens a release before 0026 kept (once no gateway of one runs)",
+    ).set_defaults(func=_admin)
     admin.add_parser(
         "republish", help="write every link, message code and offer to the edge's Redis again (after it lost its data)"
     ).set_defaults(func=cmd_republish)

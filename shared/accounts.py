@@ -1,4 +1,5 @@
-"""Accounts and lists as the operator CLI creates them; API keys are stored as sha256 digests."""
+"""Accounts and lists as the operator CLI creates them; API keys and postback tokens are stored as
+sha256 digests (shown once, when made)."""
 from __future__ import annotations
 
 import hashlib
@@ -17,6 +18,11 @@ def hash_api_key(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
+def hash_postback_token(token: str) -> bytes:
+    """As ``hash_api_key`` (tokens carry 192 random bits); migration 0026 computes the same in SQL."""
+    return hashlib.sha256(token.encode()).digest()
+
+
 @dataclass(frozen=True)
 class Account:
     id: int
@@ -30,9 +36,9 @@ async def create_account(conn: asyncpg.Connection, name: str, *, offer_managemen
     key = ids.api_key()
     token = ids.postback_token()
     account_id = await conn.fetchval(
-        "INSERT INTO accounts (name, api_key_hash, postback_token, offer_management)"
+        "INSERT INTO accounts (name, api_key_hash, postback_token_hash, offer_management)"
         " VALUES ($1, $2, $3, $4) RETURNING id",
-        name.strip(), hash_api_key(key), token, offer_management,
+        name.strip(), hash_api_key(key), hash_postback_token(token), offer_management,
     )
     return {"account_id": account_id, "api_key": key, "postback_token": token}
 
@@ -57,11 +63,13 @@ async def rotate_postback_token(conn: asyncpg.Connection, account_id: int, *, gr
     if not 0 <= grace_hours <= 24 * 365:
         raise ValueError("--grace-hours must be between 0 and 8760")
     token = ids.postback_token()
+    # (A plaintext copy left by a release before 0026, of either token, goes too.)
     row = 0 < account_id < 2**63 and await conn.fetchrow(
-        "UPDATE accounts SET previous_postback_token = postback_token, postback_token = $2,"
-        " previous_postback_token_until = now() + make_interval(secs => $3)"
+        "UPDATE accounts SET previous_postback_token_hash = postback_token_hash, postback_token_hash = $2,"
+        " previous_postback_token_until = now() + make_interval(secs => $3),"
+        " postback_token = NULL, previous_postback_token = NULL"
         " WHERE id = $1 RETURNING previous_postback_token_until",
-        account_id, token, grace_hours * 3600,
+        account_id, hash_postback_token(token), grace_hours * 3600,
     )
     if not row:
         raise ValueError(f"account {account_id} does not exist")
@@ -69,6 +77,16 @@ async def rotate_postback_token(conn: asyncpg.Connection, account_id: int, *, gr
         "account_id": account_id, "postback_token": token,
         "previous_token_valid_until": isoformat(row["previous_postback_token_until"]),
     }
+
+
+async def forget_postback_tokens(conn: asyncpg.Connection) -> dict:
+    """Empty the plaintext token columns that releases before migration 0026 wrote (and a gateway of
+    such a release read): once none runs, only the digests are needed."""
+    status = await conn.execute(
+        "UPDATE accounts SET postback_token = NULL, previous_postback_token = NULL"
+        " WHERE postback_token IS NOT NULL OR previous_postback_token IS NOT NULL"
+    )
+    return {"accounts": int(status.split()[-1])}
 
 
 async def create_list(

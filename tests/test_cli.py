@@ -12,12 +12,20 @@ import asyncpg
 
 import pytest
 
-from shared.accounts import hash_api_key
+from shared.accounts import hash_api_key, hash_postback_token
 
 
 def trackly(settings, *args):
     env = {**os.environ, "TRACKLY_DATABASE_URL": settings.database_url, "TRACKLY_REDIS_URL": settings.redis_url}
     return subprocess.run([sys.executable, "-m", "services.cli", *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+async def _plain_token_columns(db, account) -> tuple:
+    """(postback_token, previous_postback_token, postback_token_hash) of the account: every text
+    column of the row, searched for the token, besides."""
+    row = await db.fetchrow("SELECT * FROM accounts WHERE id = $1", account["account_id"])
+    assert not [k for k, v in row.items() if isinstance(v, str) and account["postback_token"] in v]
+    return row["postback_token"], row["previous_postback_token"], row["postback_token_hash"]
 
 
 async def test_create_account_and_list(settings, db):
@@ -31,6 +39,8 @@ async def test_create_account_and_list(settings, db):
     assert row["api_key_hash"] == hash_api_key(account["api_key"]) and row["offer_management"] is True
     stored = await db.fetchval("SELECT count(*) FROM accounts WHERE api_key_hash::text LIKE $1", f"%{account['api_key']}%")
     assert stored == 0  # never the plain key
+    # Nor the plain postback token: a copy of the database must not let its holder post conversions.
+    assert await _plain_token_columns(db, account) == (None, None, hash_postback_token(account["postback_token"]))
 
     out = trackly(settings, "admin", "create-list", "--account-id", str(account["account_id"]), "--name", "Main",
                   "--phone", "+18005551234", "--short-domain", "HTTPS://SMS.example.com/", "--tracker-domain", "ct.example.com")
@@ -148,7 +158,7 @@ async def test_rotate_api_key(settings, db, api):
     assert rotated["api_key"] != account["api_key"]
     assert (await api.get("/api/v2/lists", headers=old)).status_code == 401  # the old key, at once
     assert (await api.get("/api/v2/lists", headers={"X-Api-Key": rotated["api_key"]})).status_code == 200
-    assert await db.fetchval("SELECT postback_token FROM accounts WHERE id = $1", account["account_id"]) == account["postback_token"]
+    assert (await _plain_token_columns(db, account))[2] == hash_postback_token(account["postback_token"])  # unchanged
     for bad in ("999999999", "0"):
         out = trackly(settings, "admin", "rotate-api-key", "--account-id", bad)
         assert out.returncode != 0 and out.stdout == "" and len(out.stderr.strip().splitlines()) == 1, out
@@ -172,6 +182,10 @@ async def test_rotate_postback_token(settings, db, api, gateway_app):
     until = datetime.fromisoformat(rotated["previous_token_valid_until"])
     assert timedelta(hours=71) < until - datetime.now(UTC) <= timedelta(hours=72)
     assert (await answers(first), await answers(second)) == (200, 200)
+    row = await db.fetchrow("SELECT * FROM accounts WHERE id = $1", account["account_id"])
+    assert (row["postback_token_hash"], row["previous_postback_token_hash"]) == (
+        hash_postback_token(second), hash_postback_token(first))
+    assert not [k for k, v in row.items() if isinstance(v, str) and (first in v or second in v)]
     stored = await db.fetch("SELECT account_id FROM postbacks WHERE account_id = $1", account["account_id"])
     assert len(stored) == 2  # both stored as the account's
 
@@ -185,3 +199,17 @@ async def test_rotate_postback_token(settings, db, api, gateway_app):
     for bad in (["--account-id", "999999999"], ["--account-id", "1", "--grace-hours", "-1"]):
         out = trackly(settings, "admin", "rotate-postback-token", *bad)
         assert out.returncode != 0 and out.stdout == "" and len(out.stderr.strip().splitlines()) == 1, out
+
+
+async def test_forget_postback_tokens_empties_what_an_earlier_release_kept_in_plain(settings, db, api, gateway_app):
+    account = json.loads(trackly(settings, "admin", "create-account", "--name", "Before 0026").stdout)
+    # As a release before 0026 (still running during a rolling deploy) would store its token.
+    await db.execute("UPDATE accounts SET postback_token = $2 WHERE id = $1", account["account_id"], "plain-kept-1")
+    out = trackly(settings, "admin", "forget-postback-tokens")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["accounts"] >= 1
+    assert await db.fetchval("SELECT count(*) FROM accounts WHERE postback_token IS NOT NULL") == 0
+    gateway_app.state.postback_tokens = {}
+    resp = await api.get("/postback/plain-kept-1", params={"click_id": "x", "conversion_id": "f1"})
+    assert resp.status_code == 200, resp.text
+    assert json.loads(trackly(settings, "admin", "forget-postback-tokens").stdout) == {"accounts": 0}

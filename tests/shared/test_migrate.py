@@ -1,13 +1,18 @@
 """Migrations: applied once, recorded, safe to run twice and concurrently."""
 import asyncio
 import contextlib
+import secrets
+from dataclasses import replace
 from datetime import UTC, datetime
 from collections.abc import AsyncIterator
 
 import asyncpg
+import httpx
 import pytest
 
+from services.gateway.app import create_app
 from shared import migrate as migrate_module
+from shared.accounts import create_account, forget_postback_tokens, rotate_postback_token
 from shared.migrate import _migrations, migrate
 from tests.helpers import scratch_database
 
@@ -514,5 +519,63 @@ async def test_an_applied_migration_edited_since_is_reported(settings, db, monke
             assert await migrate(dsn) == []
             assert "migration 0002_attribution was changed after this database applied it" in caplog.text
             assert await conn.fetchval("SELECT to_regclass('edited_after')") is None
+        finally:
+            await conn.close()
+
+
+async def test_postback_tokens_stored_in_plain_by_a_release_before_0026_keep_working_as_digests(settings, db):
+    """0026 keeps postback tokens as digests. Tokens of accounts from before it (a replaced one in
+    its grace period among them) still work after it, and so do those a gateway or CLI of the
+    previous release writes in plain during a rolling deploy (the trigger); forget-postback-tokens
+    then empties the plaintext columns, and every token still works."""
+    async with scratch_database(settings, db, "trackly_migrate_token_digests") as dsn:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await _migrate_before(conn, "0026")
+            old = await conn.fetchval(
+                "INSERT INTO accounts (name, api_key_hash, postback_token) VALUES ('old', 'h1', 'tok-old-1') RETURNING id")
+            # Rotated by the previous release: tok-rot-1 replaced by tok-rot-2, in its grace period.
+            rotated = await conn.fetchval(
+                "INSERT INTO accounts (name, api_key_hash, postback_token, previous_postback_token,"
+                " previous_postback_token_until) VALUES ('rot', 'h2', 'tok-rot-2', 'tok-rot-1', now() + interval '1 day')"
+                " RETURNING id")
+            await migrate(dsn)
+            app = create_app(replace(settings, database_url=dsn))
+            async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://gateway.test"
+            ) as api:
+
+                async def owner(token: str) -> int | None:
+                    app.state.postback_tokens = {}  # (a gateway trusts a token it looked up for 30 s)
+                    resp = await api.get(f"/postback/{token}", params={"click_id": "c", "conversion_id": secrets.token_hex(4)})
+                    if resp.status_code == 401:
+                        return None
+                    assert resp.status_code == 200, resp.text
+                    return await conn.fetchval("SELECT account_id FROM postbacks ORDER BY id DESC LIMIT 1")
+
+                assert [await owner(t) for t in ("tok-old-1", "tok-rot-2", "tok-rot-1", "tok-none")] == [
+                    old, rotated, rotated, None]
+
+                # The previous release, still running: an account it creates, a rotation it makes
+                # (of an account made by this release too: it copies an empty plaintext column).
+                made_old = await conn.fetchval(
+                    "INSERT INTO accounts (name, api_key_hash, postback_token) VALUES ('o2', 'h3', 'tok-old-2') RETURNING id")
+                made_new = await create_account(conn, "new")
+                for account_id, token in ((old, "tok-old-1b"), (made_new["account_id"], "tok-new-b")):
+                    await conn.execute(
+                        "UPDATE accounts SET previous_postback_token = postback_token, postback_token = $2,"
+                        " previous_postback_token_until = now() + make_interval(secs => 3600) WHERE id = $1",
+                        account_id, token)
+                expected = {"tok-old-2": made_old, "tok-old-1b": old, "tok-old-1": old, "tok-new-b": made_new["account_id"],
+                            made_new["postback_token"]: made_new["account_id"], "tok-rot-2": rotated, "tok-rot-1": rotated}
+                assert {t: await owner(t) for t in expected} == expected
+
+                assert await forget_postback_tokens(conn) == {"accounts": 4}
+                assert await conn.fetchval(
+                    "SELECT count(*) FROM accounts WHERE postback_token IS NOT NULL OR previous_postback_token IS NOT NULL") == 0
+                assert {t: await owner(t) for t in expected} == expected
+                # A rotation by this release after all that: the replaced token in its grace period.
+                again = await rotate_postback_token(conn, rotated, grace_hours=1)
+                assert [await owner(t) for t in (again["postback_token"], "tok-rot-2", "tok-rot-1")] == [rotated, rotated, None]
         finally:
             await conn.close()

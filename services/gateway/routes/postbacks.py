@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from services.gateway.http import JSONResponse, read_body
 from shared import jsonio
+from shared.accounts import hash_postback_token
 from shared.errors import ApiError
 from shared.jobs import PROCESS_POSTBACK, window_job
 from shared.logs import Throttled
@@ -34,11 +35,12 @@ _report_enqueue_failure = Throttled(log, logging.WARNING, "could not enqueue pos
 # Where a JSON body that is not a JSON object is kept, as text, among the params.
 BODY_PARAM = "_body"
 _BODY_ERROR = "body: not a JSON object"
-# The current token, or the one it replaced while its grace period lasts (accounts.rotate_postback_token).
+# The current token, or the one it replaced while its grace period lasts (accounts.rotate_postback_token),
+# by their digests (only those are stored).
 _ACCOUNT_OF_TOKEN = """
-SELECT id FROM accounts WHERE postback_token = $1
+SELECT id FROM accounts WHERE postback_token_hash = $1
 UNION ALL
-SELECT id FROM accounts WHERE previous_postback_token = $1 AND previous_postback_token_until > now()
+SELECT id FROM accounts WHERE previous_postback_token_hash = $1 AND previous_postback_token_until > now()
 LIMIT 1
 """
 TOKEN_TTL = 30.0  # seconds a token -> account mapping is trusted without asking PostgreSQL
@@ -76,7 +78,7 @@ async def _account_for(request: Request, token: str) -> int:
     hit = cache.get(token)
     if hit is not None and hit[1] > now:
         return hit[0]
-    account_id = await request.app.state.db.fetchval(_ACCOUNT_OF_TOKEN, token)
+    account_id = await request.app.state.db.fetchval(_ACCOUNT_OF_TOKEN, hash_postback_token(token))
     if account_id is None:
         raise ApiError(401, "unauthorized", "Unknown postback token")
     if len(cache) > 10_000:
