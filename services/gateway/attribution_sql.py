@@ -121,8 +121,18 @@ _STRAYS = f"""strays AS MATERIALIZED (
 ),"""
 _BY_MESSAGE = f"""
 WITH {{strays}}
+rolled AS (
+    SELECT sum(sends)::bigint AS sends, sum(clicks)::bigint AS clicks, sum(conversions)::bigint AS conversions,
+           sum(revenue) AS revenue
+    FROM report_rollup
+    WHERE account_id = $1 AND day >= coalesce(($2::timestamptz AT TIME ZONE 'UTC')::date, '-infinity')
+      AND day < coalesce(($3::timestamptz AT TIME ZONE 'UTC')::date, 'infinity')
+),
 counts AS (
-    SELECT (SELECT count(*) FROM ({_SENT_KEYS}) sent){{count_strays}} AS messages, EXISTS (
+    -- The messages sent in the range are its sends, which the rollup has summed (its days are the
+    -- range's, whole UTC days): counting them read every message of the account in the range
+    -- (0.23 s per page over all time at 3M messages, growing with the account).
+    SELECT (SELECT coalesce(sends, 0) FROM rolled){{count_strays}} AS messages, EXISTS (
         SELECT 1 FROM conversions c
         WHERE c.account_id = $1 AND c.message_id IS NULL AND {_IN_RANGE.format(at="c.converted_at")}
     ) AS unattributed
@@ -141,12 +151,9 @@ UNION ALL  -- the NULL group's, when the page holds it{_conversion_events(
 )}
 ),
 totals AS (
-    SELECT (SELECT messages + unattributed::int FROM counts) AS total_groups, sum(sends)::bigint AS total_sends,
-           sum(clicks)::bigint AS total_clicks, sum(conversions)::bigint AS total_conversions,
-           sum(revenue) AS total_revenue
-    FROM report_rollup
-    WHERE account_id = $1 AND day >= coalesce(($2::timestamptz AT TIME ZONE 'UTC')::date, '-infinity')
-      AND day < coalesce(($3::timestamptz AT TIME ZONE 'UTC')::date, 'infinity')
+    SELECT (SELECT messages + unattributed::int FROM counts) AS total_groups, sends AS total_sends,
+           clicks AS total_clicks, conversions AS total_conversions, revenue AS total_revenue
+    FROM rolled
 )
 SELECT g.*, totals.* FROM (SELECT message AS key, {_SUMS} FROM ev GROUP BY 1) g CROSS JOIN totals
 ORDER BY key NULLS LAST
