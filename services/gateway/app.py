@@ -1,7 +1,6 @@
 """The public API: an app factory whose lifespan owns the pools handed to handlers via state."""
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import gc
 from collections.abc import AsyncIterator
@@ -86,7 +85,7 @@ def create_app(settings: Settings) -> Starlette:
         app.state.redis = create_redis(settings.redis_url)
         # arq's client (enqueue_job) on the same connections; arq.create_pool would ping first.
         app.state.arq = ArqRedis(pool_or_conn=app.state.redis.connection_pool)
-        app.state.report_slots = asyncio.Semaphore(reports.REPORT_SLOTS)
+        app.state.report_slots = reports.ReportSlots()
         app.state.window_job = None  # the attribution window whose job this process has enqueued
         # Published links (and the attribution jobs) live in Redis: say so if it may lose them.
         app.state.redis_persistence_problem = await warn_if_not_durable(app.state.redis)

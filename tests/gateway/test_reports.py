@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from decimal import Decimal
 
 import pytest
 
 from shared import ids
 from tests.gateway.test_api_basics import assert_error
-from tests.helpers import add_list, make_offer
+from services.gateway.routes.reports import REPORT_SLOTS, REPORT_SLOTS_PER_ACCOUNT
+from tests.helpers import add_list, make_offer, make_tenant
 from tests.worker.conftest import burst_worker
 
 GROUPS = ["offer", "creative", "message", "date", "campaign", "list"]
@@ -162,9 +164,8 @@ async def test_report_needs_a_key(api):
 async def test_reports_beyond_their_slots_wait_without_holding_up_other_calls(api, gateway_app, tenant):
     """Heavy reports must not take every pooled connection: with every report slot taken, a
     report waits, and other calls still get a connection and answer."""
-    from services.gateway.routes.reports import REPORT_SLOTS
 
-    slots = gateway_app.state.report_slots
+    slots = gateway_app.state.report_slots.all
     for _ in range(REPORT_SLOTS):
         await slots.acquire()
     report = asyncio.ensure_future(api.get("/api/v2/reports/performance", params={"group_by": "offer"}, headers=tenant.headers))
@@ -177,6 +178,56 @@ async def test_reports_beyond_their_slots_wait_without_holding_up_other_calls(ap
         for _ in range(REPORT_SLOTS):
             slots.release()
     assert (await asyncio.wait_for(report, 10)).status_code == 200
+
+
+async def test_one_accounts_reports_leave_a_slot_to_the_others(api, gateway_app, db, tenant):
+    """An account running REPORT_SLOTS_PER_ACCOUNT reports waits for one of them to end; another
+    account's report goes ahead meanwhile (a slot is left)."""
+    other = await make_tenant(db)
+    slots = gateway_app.state.report_slots
+    held = contextlib.AsyncExitStack()
+    for _ in range(REPORT_SLOTS_PER_ACCOUNT):
+        await held.enter_async_context(slots.hold(tenant.account_id))
+    mine = asyncio.ensure_future(api.get("/api/v2/reports/performance", params={"group_by": "offer"}, headers=tenant.headers))
+    try:
+        theirs = await asyncio.wait_for(
+            api.get("/api/v2/reports/performance", params={"group_by": "offer"}, headers=other.headers), 10)
+        assert theirs.status_code == 200, theirs.text
+        await asyncio.sleep(0.3)
+        assert not mine.done()
+    finally:
+        await held.aclose()
+    assert (await asyncio.wait_for(mine, 10)).status_code == 200
+    assert slots._accounts == {}  # nothing kept per account once its reports are done
+
+
+async def test_a_report_that_gets_no_slot_in_time_is_refused_with_retry_after(api, gateway_app, tenant, monkeypatch):
+    slots = gateway_app.state.report_slots
+    monkeypatch.setattr(slots, "_wait", 0.2)
+    async with contextlib.AsyncExitStack() as held:
+        for _ in range(REPORT_SLOTS_PER_ACCOUNT):
+            await held.enter_async_context(slots.hold(tenant.account_id))
+        resp = await asyncio.wait_for(
+            api.get("/api/v2/reports/performance", params={"group_by": "offer"}, headers=tenant.headers), 10)
+        assert_error(resp, 503, "reports_busy")
+        assert resp.headers["retry-after"] == "5"
+    assert (await api.get("/api/v2/reports/performance", params={"group_by": "offer"}, headers=tenant.headers)).status_code == 200
+    assert slots._accounts == {} and slots.all._value == REPORT_SLOTS
+
+
+async def test_a_report_that_runs_too_long_is_stopped_and_says_so(api, db, tenant, monkeypatch):
+    """With its tables locked (or a range too wide for the account), a report ends at its
+    statement timeout in PostgreSQL with report_timeout, not after the pool's 60 s as if the
+    database were down; the next one runs."""
+    from services.gateway.routes import reports
+
+    monkeypatch.setattr(reports, "REPORT_TIMEOUT_MS", 300)
+    async with db.acquire() as locker, locker.transaction():
+        await locker.execute("LOCK TABLE report_rollup IN ACCESS EXCLUSIVE MODE")
+        resp = await asyncio.wait_for(
+            api.get("/api/v2/reports/performance", params={"group_by": "offer"}, headers=tenant.headers), 10)
+        assert_error(resp, 503, "report_timeout")
+    assert (await api.get("/api/v2/reports/performance", params={"group_by": "offer"}, headers=tenant.headers)).status_code == 200
 
 
 async def test_reports_read_the_rollup_only_once_its_backfill_has_committed(api, db, tenant, gateway_app):

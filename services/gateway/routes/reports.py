@@ -4,17 +4,21 @@ Every grouping sums the same events (``attribution_sql.EVENTS``), so totals agre
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Context, Decimal
 from typing import Any
 
+import asyncpg
 from starlette.requests import Request
 from starlette.routing import Route
 
 from services.gateway.attribution_sql import GROUP_KEYS, ROLLUP_VERSION, report_page
 from services.gateway.auth import authenticate
 from services.gateway.http import JSONResponse, page_params
-from shared.errors import validation
+from shared.errors import ApiError, validation
 from shared.timeutil import TimeError, parse_date
 
 # A ratio to 28 significant digits, not rounded to a number of places: a client that parses it
@@ -49,6 +53,50 @@ def metrics(row: Any) -> dict[str, Any]:
 
 
 REPORT_SLOTS = 3  # of the gateway's 10 pooled connections (app.state.report_slots)
+REPORT_SLOTS_PER_ACCOUNT = 2  # so that one account's burst of reports leaves a slot to the others
+REPORT_SLOT_WAIT = 10.0  # seconds a report waits for a slot, then 503 reports_busy
+REPORT_TIMEOUT_MS = 30_000  # a report's statement_timeout, then 503 report_timeout
+
+
+class ReportSlots:
+    """At most ``total`` reports query at once in this process, at most ``per_account`` of them
+    one account's; a report that gets no slot within ``wait`` seconds is refused (503 with
+    Retry-After) rather than left waiting, holding its client, for as long as others run."""
+
+    def __init__(self, total: int = REPORT_SLOTS, per_account: int = REPORT_SLOTS_PER_ACCOUNT,
+                 wait: float = REPORT_SLOT_WAIT) -> None:
+        self.all = asyncio.Semaphore(total)
+        self._per_account = per_account
+        self._wait = wait
+        self._accounts: dict[int, tuple[asyncio.Semaphore, int]] = {}  # semaphore, reports holding or waiting
+
+    @contextlib.asynccontextmanager
+    async def hold(self, account_id: int) -> AsyncIterator[None]:
+        own, users = self._accounts.get(account_id) or (asyncio.Semaphore(self._per_account), 0)
+        self._accounts[account_id] = (own, users + 1)
+        try:
+            try:
+                async with asyncio.timeout(self._wait):
+                    await own.acquire()
+                    try:
+                        await self.all.acquire()
+                    except BaseException:
+                        own.release()
+                        raise
+            except TimeoutError:
+                raise ApiError(503, "reports_busy", "Too many reports are running; retry shortly",
+                               retry_after=5) from None
+            try:
+                yield
+            finally:
+                self.all.release()
+                own.release()
+        finally:
+            own, users = self._accounts[account_id]
+            if users == 1:
+                del self._accounts[account_id]
+            else:
+                self._accounts[account_id] = (own, users - 1)
 
 
 async def _rollup_ready(request: Request, conn: Any) -> bool:
@@ -86,7 +134,12 @@ async def performance(request: Request) -> JSONResponse:
     page = page_params(request)
     # At most REPORT_SLOTS reports query at once: a burst of heavy reports must not take every
     # pooled connection from sends, links and postbacks (a fuzzing run saw 20 of them do it).
-    async with request.app.state.report_slots, request.app.state.db.acquire() as conn, conn.transaction():
+    async with request.app.state.report_slots.hold(account.id), request.app.state.db.acquire() as conn, \
+            conn.transaction():
+        # A report that cannot finish in REPORT_TIMEOUT_MS (a range too wide for an account's size,
+        # a table locked) is cancelled in PostgreSQL and says so, rather than holding its slot for
+        # the pool's 60 s and answering as if the database were down.
+        await conn.execute(f"SET LOCAL statement_timeout = {REPORT_TIMEOUT_MS}")
         # Planned for this account and range every time. asyncpg prepares each query once per
         # connection, and PostgreSQL plans a prepared statement for no values in particular (a
         # "generic" plan) from its sixth run on: for an account and a range it cannot see, the plan
@@ -96,12 +149,16 @@ async def performance(request: Request) -> JSONResponse:
         await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
         query = report_page(group_by, from_events=not await _rollup_ready(request, conn),
                             all_time=start is None and end_exclusive is None)
-        rows = await conn.fetch(query, account.id, start, end_exclusive, page.per_page, page.offset)
-        # Every row carries the group count and the totals; a page past the last group has none,
-        # so the first group is asked for them (no group at all: nothing happened in the range).
-        carrier = rows[0] if rows else None
-        if carrier is None and page.offset:
-            carrier = await conn.fetchrow(query, account.id, start, end_exclusive, 1, 0)
+        try:
+            rows = await conn.fetch(query, account.id, start, end_exclusive, page.per_page, page.offset)
+            # Every row carries the group count and the totals; a page past the last group has none,
+            # so the first group is asked for them (no group at all: nothing happened in the range).
+            carrier = rows[0] if rows else None
+            if carrier is None and page.offset:
+                carrier = await conn.fetchrow(query, account.id, start, end_exclusive, 1, 0)
+        except asyncpg.QueryCanceledError:
+            raise ApiError(503, "report_timeout", f"The report took longer than {REPORT_TIMEOUT_MS // 1000} s and was"
+                           " stopped; ask for a shorter range (start, end), or retry later") from None
     totals: dict[str, Any] = {"sends": 0, "clicks": 0, "conversions": 0, "revenue": Decimal(0)}
     if carrier is not None:
         totals = {name: carrier[f"total_{name}"] for name in totals}
