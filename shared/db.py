@@ -112,3 +112,25 @@ async def close_pool(pool: asyncpg.Pool, timeout: float = CLOSE_TIMEOUT) -> None
     except TimeoutError:
         log.error("connections still in use after %s s; terminating them", timeout)
         pool.terminate()
+
+
+def statistics_problem(settings: dict[str, str]) -> str | None:
+    """What keeps PostgreSQL's planner statistics from staying fresh, given the server's
+    ``autovacuum`` and ``track_counts`` settings; None when nothing does."""
+    off = [name for name in ("autovacuum", "track_counts") if settings.get(name) != "on"]
+    if not off:
+        return None
+    return (
+        f"{' and '.join(off)} {'is' if len(off) == 1 else 'are'} off: table statistics go stale unless ANALYZE is run"
+        " by hand (after a big import above all); on a big account, reports and batch plans then pick plans made for"
+        " tables thought tiny (seconds instead of milliseconds)"
+    )
+
+
+async def warn_if_statistics_stale(conn: asyncpg.Connection) -> str | None:
+    """Log (and return) ``statistics_problem`` of the server ``conn`` is on."""
+    rows = await conn.fetch("SELECT name, setting FROM pg_settings WHERE name IN ('autovacuum', 'track_counts')")
+    problem = statistics_problem({r["name"]: r["setting"] for r in rows})
+    if problem:
+        log.warning("postgresql: %s", problem)
+    return problem

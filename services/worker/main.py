@@ -42,6 +42,9 @@ async def startup(ctx: dict[str, Any]) -> None:
     # the migrations add: it waits for them, as for a server that is not there yet.
     async with ctx["db"].acquire() as conn:
         missing = await pending_on(conn, none_if_empty=False)
+        if not missing:
+            # The worker's batch plans, as the gateway's reports, are only as good as the statistics.
+            ctx["postgres_problem"] = await db.warn_if_statistics_stale(conn)
     if missing:
         raise SchemaBehind(missing)
     ctx["redis_client"] = create_redis(settings.redis_url)
