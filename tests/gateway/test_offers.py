@@ -66,6 +66,31 @@ async def test_macros_in_path_query_and_fragment_are_accepted(api, tenant):
         assert (await make_offer(api, tenant, destination_url=url))["destination_url"] == url
 
 
+async def test_a_destination_with_more_macros_than_any_template_needs_is_refused(api, tenant, settings):
+    """Each macro is filled per click with up to 1000 characters of the visitor's (9000 once
+    percent-encoded): a template of 4000 characters holds ~500 ``{sub1}``, and one request to its
+    link cost the shared edge ~40 ms of CPU and answered a 4.5 MB Location. Every known macro
+    used once is 19; a template may hold MAX_MACROS, on create and on update."""
+    from services.gateway.routes.offers import MAX_MACROS
+    from services.redirect.app import location_template
+    from shared import macros
+
+    def url(n: int) -> str:
+        return "https://shop.example.com/?" + "&".join(f"s{i}={{sub1}}" for i in range(n)) + "&m={{sendId}}"
+
+    fine = await make_offer(api, tenant, destination_url=url(MAX_MACROS - 1))
+    many = url(MAX_MACROS)
+    assert len(many) <= 4000
+    assert_error(await api.post("/api/v2/offers", headers=tenant.headers, json={"name": "x", "destination_url": many}),
+                 400, "validation_error")
+    assert_error(await api.patch(f"/api/v2/offers/{fine['id']}", headers=tenant.headers, json={"destination_url": many}),
+                 400, "validation_error")
+    # What the edge fills for the largest template allowed stays bounded.
+    template = macros.parse(location_template(url(MAX_MACROS - 1)))
+    facts = ("c" * 32, None, "o" * 24, "1", "198.51.100.7", "u" * 1000, "2026-01-01T00:00:00Z", None, "Msg00001")
+    assert len(macros.fill_facts(template, facts, {"sub1": "\u20ac" * 1000})) < 300_000
+
+
 async def test_payout_is_exact(api, tenant, db):
     offer = await make_offer(api, tenant, payout=0.1)
     assert await db.fetchval("SELECT payout FROM offers WHERE id = $1", offer["id"]) == Decimal("0.1")

@@ -16,12 +16,16 @@ from services.gateway.auth import authenticate
 from services.gateway.http import JSONResponse, optional_str, page_params, read_json_object
 from services.gateway.lookups import OFFER_COLUMNS
 from services.gateway.publish import publish_offer
-from shared import ids
+from shared import ids, macros
 from shared.errors import ApiError, not_found, validation
 from shared.money import CURRENCY_RE, MoneyError, parse_money
 
 # (A space or a tab is taken as given: the redirect percent-encodes them in the Location.)
 _CONTROL_CHAR = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# Macros a destination may hold: every known one used once is 19. Each is filled per click with up to
+# 1000 characters the visitor sends (9000 percent-encoded): a template of ~500 cost the shared edge
+# ~40 ms of CPU per click and answered a 4.5 MB Location.
+MAX_MACROS = 32
 _FIELDS = ("name", "destination_url", "external_id", "status", "payout", "currency", "click_window_days", "affiliate_id")
 
 
@@ -70,6 +74,8 @@ def _clean(data: dict[str, Any], *, partial: bool) -> dict[str, Any]:
             # A macro in the host is filled from what the visitor sends ({sub1}=.evil.net): the
             # tracker domain would redirect anyone anywhere. Macros belong in the path and query.
             raise validation("destination_url must not put a macro in its host")
+        if len(macros.MACRO_RE.findall(url)) > MAX_MACROS:
+            raise validation(f"destination_url may hold at most {MAX_MACROS} macros")
         out["destination_url"] = url
     if "external_id" in data:
         out["external_id"] = optional_str(data, "external_id", max_len=200)
