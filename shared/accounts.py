@@ -63,11 +63,14 @@ async def rotate_postback_token(conn: asyncpg.Connection, account_id: int, *, gr
     if not 0 <= grace_hours <= 24 * 365:
         raise ValueError("--grace-hours must be between 0 and 8760")
     token = ids.postback_token()
-    # (A plaintext copy left by a release before 0026, of either token, goes too.)
+    # A plaintext copy that a release before 0026 left of the replaced token moves with it: a gateway
+    # of that release, still running during a rolling deploy, looks tokens up there, and the token is
+    # valid for its grace period (the same until; with none, nothing is kept). forget-postback-tokens
+    # empties it. The new token is stored as its digest only.
     row = 0 < account_id < 2**63 and await conn.fetchrow(
         "UPDATE accounts SET previous_postback_token_hash = postback_token_hash, postback_token_hash = $2,"
         " previous_postback_token_until = now() + make_interval(secs => $3),"
-        " postback_token = NULL, previous_postback_token = NULL"
+        " previous_postback_token = CASE WHEN $3 > 0 THEN postback_token END, postback_token = NULL"
         " WHERE id = $1 RETURNING previous_postback_token_until",
         account_id, hash_postback_token(token), grace_hours * 3600,
     )

@@ -579,3 +579,44 @@ async def test_postback_tokens_stored_in_plain_by_a_release_before_0026_keep_wor
                 assert [await owner(t) for t in (again["postback_token"], "tok-rot-2", "tok-rot-1")] == [rotated, rotated, None]
         finally:
             await conn.close()
+
+
+# The previous release's gateway looks a postback token up in the plaintext columns (its query, verbatim).
+_PREVIOUS_RELEASE_TOKEN_LOOKUP = """
+SELECT id FROM accounts WHERE postback_token = $1
+UNION ALL
+SELECT id FROM accounts WHERE previous_postback_token = $1 AND previous_postback_token_until > now()
+LIMIT 1
+"""
+
+
+async def test_a_rotation_by_this_release_keeps_the_replaced_token_working_on_a_gateway_of_the_previous_one(
+        settings, db):
+    """During a rolling deploy a gateway of the previous release still runs next to this one's. A
+    token from before 0026 that this release's rotate-postback-token replaces is in its grace period:
+    it must keep working there too, as the plaintext copies are kept for such a gateway until
+    forget-postback-tokens (the rotation emptied both, and that gateway answered 401 to a valid
+    token, found by the rolling-upgrade drill). A grace period of 0 still ends it at once there."""
+    async with scratch_database(settings, db, "trackly_migrate_token_rotation_mixed") as dsn:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await _migrate_before(conn, "0026")
+            graced, leaked = [await conn.fetchval(
+                "INSERT INTO accounts (name, api_key_hash, postback_token) VALUES ($1, $2, $3) RETURNING id",
+                name, f"h-{name}".encode(), f"tok-{name}") for name in ("graced", "leaked")]
+            await migrate(dsn)
+
+            await rotate_postback_token(conn, graced, grace_hours=1)
+            await rotate_postback_token(conn, leaked, grace_hours=0)
+
+            def previous_release_finds(token: str):
+                return conn.fetchval(_PREVIOUS_RELEASE_TOKEN_LOOKUP, token)
+
+            assert await previous_release_finds("tok-graced") == graced
+            assert await previous_release_finds("tok-leaked") is None
+            # forget-postback-tokens, once no such gateway runs, empties the copy kept.
+            assert await forget_postback_tokens(conn) == {"accounts": 1}
+            assert await conn.fetchval(
+                "SELECT count(*) FROM accounts WHERE postback_token IS NOT NULL OR previous_postback_token IS NOT NULL") == 0
+        finally:
+            await conn.close()
