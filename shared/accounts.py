@@ -23,6 +23,14 @@ def hash_postback_token(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
+# Whether a database upgraded across migration 0026 still keeps plaintext postback tokens for
+# gateways of the earlier release, which may still run (a rolling deploy) and look tokens up only
+# there: until `forget-postback-tokens` empties them, a token made here is kept in plain too, so
+# that such a gateway knows it (a network given it could reach either). A database that never had
+# plaintext tokens (created at 0026 or later), or has forgotten them, never gets one.
+_UPGRADING = "EXISTS (SELECT 1 FROM accounts WHERE postback_token IS NOT NULL OR previous_postback_token IS NOT NULL)"
+
+
 @dataclass(frozen=True)
 class Account:
     id: int
@@ -36,9 +44,9 @@ async def create_account(conn: asyncpg.Connection, name: str, *, offer_managemen
     key = ids.api_key()
     token = ids.postback_token()
     account_id = await conn.fetchval(
-        "INSERT INTO accounts (name, api_key_hash, postback_token_hash, offer_management)"
-        " VALUES ($1, $2, $3, $4) RETURNING id",
-        name.strip(), hash_api_key(key), hash_postback_token(token), offer_management,
+        "INSERT INTO accounts (name, api_key_hash, postback_token_hash, offer_management, postback_token)"
+        f" VALUES ($1, $2, $3, $4, CASE WHEN {_UPGRADING} THEN $5 END) RETURNING id",
+        name.strip(), hash_api_key(key), hash_postback_token(token), offer_management, token,
     )
     return {"account_id": account_id, "api_key": key, "postback_token": token}
 
@@ -63,16 +71,17 @@ async def rotate_postback_token(conn: asyncpg.Connection, account_id: int, *, gr
     if not 0 <= grace_hours <= 24 * 365:
         raise ValueError("--grace-hours must be between 0 and 8760")
     token = ids.postback_token()
-    # A plaintext copy that a release before 0026 left of the replaced token moves with it: a gateway
-    # of that release, still running during a rolling deploy, looks tokens up there, and the token is
-    # valid for its grace period (the same until; with none, nothing is kept). forget-postback-tokens
-    # empties it. The new token is stored as its digest only.
+    # A plaintext copy of the replaced token moves with it: a gateway of a release before 0026, still
+    # running during a rolling deploy, looks tokens up there, and the token is valid for its grace
+    # period (the same until; with none, nothing is kept). The new token gets one while the database
+    # keeps such copies (_UPGRADING). forget-postback-tokens empties them.
     row = 0 < account_id < 2**63 and await conn.fetchrow(
         "UPDATE accounts SET previous_postback_token_hash = postback_token_hash, postback_token_hash = $2,"
         " previous_postback_token_until = now() + make_interval(secs => $3),"
-        " previous_postback_token = CASE WHEN $3 > 0 THEN postback_token END, postback_token = NULL"
+        " previous_postback_token = CASE WHEN $3 > 0 THEN postback_token END,"
+        f" postback_token = CASE WHEN {_UPGRADING} THEN $4 END"
         " WHERE id = $1 RETURNING previous_postback_token_until",
-        account_id, hash_postback_token(token), grace_hours * 3600,
+        account_id, hash_postback_token(token), grace_hours * 3600, token,
     )
     if not row:
         raise ValueError(f"account {account_id} does not exist")

@@ -606,16 +606,25 @@ async def test_a_rotation_by_this_release_keeps_the_replaced_token_working_on_a_
                 name, f"h-{name}".encode(), f"tok-{name}") for name in ("graced", "leaked")]
             await migrate(dsn)
 
-            await rotate_postback_token(conn, graced, grace_hours=1)
-            await rotate_postback_token(conn, leaked, grace_hours=0)
+            new_graced = (await rotate_postback_token(conn, graced, grace_hours=1))["postback_token"]
+            new_leaked = (await rotate_postback_token(conn, leaked, grace_hours=0))["postback_token"]
+            made = await create_account(conn, "made during the deploy")
 
             def previous_release_finds(token: str):
                 return conn.fetchval(_PREVIOUS_RELEASE_TOKEN_LOOKUP, token)
 
             assert await previous_release_finds("tok-graced") == graced
             assert await previous_release_finds("tok-leaked") is None
-            # forget-postback-tokens, once no such gateway runs, empties the copy kept.
-            assert await forget_postback_tokens(conn) == {"accounts": 1}
+            # The tokens this release made while such a gateway may run: a network given one could
+            # reach either gateway.
+            assert [await previous_release_finds(t) for t in (new_graced, new_leaked, made["postback_token"])] == [
+                graced, leaked, made["account_id"]]
+            # forget-postback-tokens, once no such gateway runs, empties the copies kept; from then
+            # on a new token has none.
+            assert await forget_postback_tokens(conn) == {"accounts": 3}
+            after = await rotate_postback_token(conn, graced, grace_hours=1)
+            later = await create_account(conn, "made after the deploy")
+            assert [await previous_release_finds(t) for t in (after["postback_token"], later["postback_token"])] == [None, None]
             assert await conn.fetchval(
                 "SELECT count(*) FROM accounts WHERE postback_token IS NOT NULL OR previous_postback_token IS NOT NULL") == 0
         finally:
