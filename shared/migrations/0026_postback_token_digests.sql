@@ -3,8 +3,9 @@
 -- A token is shown once, when it is made (create-account, rotate-postback-token).
 --
 -- Expand now, contract later: the plaintext columns stay, for the rows that have them, while a
--- gateway of the previous release may still run (it looks tokens up in them); this release never
--- writes them, and `trackly admin forget-postback-tokens` empties them once no such gateway runs.
+-- gateway of the previous release may still run (it looks tokens up in them); this release writes
+-- them only while some remain (shared/accounts.py), and `trackly admin forget-postback-tokens`
+-- empties them once no such gateway runs.
 -- The trigger keeps the digests right for whatever a previous release still writes there (an
 -- account it creates, a token it rotates); emptying a plaintext column leaves its digest as it is.
 -- The accounts table is small: one statement each.
