@@ -157,9 +157,11 @@ async def redis_full(redis: Any) -> AsyncIterator[None]:
 
 
 @contextlib.asynccontextmanager
-async def scratch_database(settings: Any, db: Any, name: str) -> AsyncIterator[str]:
-    """A new, empty database beside the test one (its DSN), dropped afterwards."""
-    await db.execute(f"DROP DATABASE IF EXISTS {name}")
+async def scratch_database(settings: Any, db: Any, prefix: str) -> AsyncIterator[str]:
+    """A new, empty database beside the test one (its DSN), dropped afterwards. Its name is the
+    prefix and a random suffix: two suites on one server (a developer's and a helper's) must not
+    create, or drop, each other's."""
+    name = f"{prefix}_{secrets.token_hex(4)}"
     await db.execute(f"CREATE DATABASE {name}")
     try:
         yield urlunsplit(urlsplit(settings.database_url)._replace(path=f"/{name}"))
