@@ -93,11 +93,18 @@ async def rotate_postback_token(conn: asyncpg.Connection, account_id: int, *, gr
 
 async def forget_postback_tokens(conn: asyncpg.Connection) -> dict:
     """Empty the plaintext token columns that releases before migration 0026 wrote (and a gateway of
-    such a release read): once none runs, only the digests are needed."""
-    status = await conn.execute(
-        "UPDATE accounts SET postback_token = NULL, previous_postback_token = NULL"
-        " WHERE postback_token IS NOT NULL OR previous_postback_token IS NOT NULL"
-    )
+    such a release read): once none runs, only the digests are needed.
+
+    The table is locked against writers first (readers, gateways looking tokens up, go on): a
+    create-account or rotation under way may have decided to keep a plaintext copy (_UPGRADING,
+    read in its statement's snapshot) and write it after this statement read the table. Its copy
+    would be left behind, and would make every later token get one too."""
+    async with conn.transaction():
+        await conn.execute("LOCK TABLE accounts IN SHARE ROW EXCLUSIVE MODE")
+        status = await conn.execute(
+            "UPDATE accounts SET postback_token = NULL, previous_postback_token = NULL"
+            " WHERE postback_token IS NOT NULL OR previous_postback_token IS NOT NULL"
+        )
     return {"accounts": int(status.split()[-1])}
 
 

@@ -1,4 +1,5 @@
 """The operator CLI: one JSON object on stdout, or a one-line error on stderr and a non-zero exit."""
+import asyncio
 import json
 import os
 import secrets
@@ -213,3 +214,38 @@ async def test_forget_postback_tokens_empties_what_an_earlier_release_kept_in_pl
     resp = await api.get("/postback/plain-kept-1", params={"click_id": "x", "conversion_id": "f1"})
     assert resp.status_code == 200, resp.text
     assert json.loads(trackly(settings, "admin", "forget-postback-tokens").stdout) == {"accounts": 0}
+
+
+async def test_forget_postback_tokens_leaves_no_plaintext_token_a_concurrent_command_made(db):
+    """create-account and rotate-postback-token keep a plaintext copy of the token they make while
+    the database still has some (accounts._UPGRADING, read in the statement's snapshot). One that
+    decided so before forget-postback-tokens committed, and wrote after it read the table, left its
+    copy behind: forget said it was done, and since the copies decide, every token made from then on
+    was kept in plain again. forget waits for the commands under way, and they for it."""
+    from shared.accounts import create_account, forget_postback_tokens, rotate_postback_token
+
+    async def plain() -> int:
+        return await db.fetchval(
+            "SELECT count(*) FROM accounts WHERE postback_token IS NOT NULL OR previous_postback_token IS NOT NULL")
+
+    async with db.acquire() as cli, db.acquire() as operator:
+        old = await create_account(cli, "before 0026")
+        # As a release before 0026 stored it: the database keeps plaintext copies.
+        await cli.execute("UPDATE accounts SET postback_token = $2 WHERE id = $1", old["account_id"], secrets.token_urlsafe(24))
+        # An account being created while forget runs.
+        async with cli.transaction():
+            made = await create_account(cli, "during the forget")
+            forgetting = asyncio.create_task(forget_postback_tokens(operator))
+            await asyncio.sleep(0.5)
+        await asyncio.wait_for(forgetting, 10)
+        assert await plain() == 0
+        # A rotation under way while forget commits.
+        await cli.execute("UPDATE accounts SET postback_token = $2 WHERE id = $1", old["account_id"], secrets.token_urlsafe(24))
+        async with operator.transaction():
+            await forget_postback_tokens(operator)
+            rotating = asyncio.create_task(rotate_postback_token(cli, made["account_id"], grace_hours=1))
+            await asyncio.sleep(0.5)
+        await asyncio.wait_for(rotating, 10)
+        assert await plain() == 0
+        assert (await create_account(cli, "after the forget"))["account_id"]
+    assert await plain() == 0
