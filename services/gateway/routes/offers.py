@@ -22,7 +22,7 @@ from shared.money import CURRENCY_RE, MoneyError, parse_money
 
 # (A space or a tab is taken as given: the redirect percent-encodes them in the Location.)
 _CONTROL_CHAR = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-# Macros a destination may hold: every known one used once is 19. Each is filled per click with up to
+# Macros a destination may hold: every known one used once is 18. Each is filled per click with up to
 # 1000 characters the visitor sends (9000 percent-encoded): a template of ~500 cost the shared edge
 # ~40 ms of CPU per click and answered a 4.5 MB Location.
 MAX_MACROS = 32
