@@ -13,14 +13,11 @@ from shared.phone import parse_e164
 from shared.timeutil import isoformat
 
 
-def hash_api_key(key: str) -> bytes:
-    # Keys carry 128 random bits, so a fast digest is enough: there is nothing to brute-force.
-    return hashlib.sha256(key.encode()).digest()
-
-
-def hash_postback_token(token: str) -> bytes:
-    """As ``hash_api_key`` (tokens carry 192 random bits); migration 0026 computes the same in SQL."""
-    return hashlib.sha256(token.encode()).digest()
+def hash_secret(secret: str) -> bytes:
+    """How an API key or a postback token is stored: its SHA-256. Keys carry 128 random bits and
+    tokens 192, so a fast digest is enough: there is nothing to brute-force. (Migration 0026
+    computes the same in SQL for the tokens stored before it.)"""
+    return hashlib.sha256(secret.encode()).digest()
 
 
 # Whether a database upgraded across migration 0026 still keeps plaintext postback tokens for
@@ -46,7 +43,7 @@ async def create_account(conn: asyncpg.Connection, name: str, *, offer_managemen
     account_id = await conn.fetchval(
         "INSERT INTO accounts (name, api_key_hash, postback_token_hash, offer_management, postback_token)"
         f" VALUES ($1, $2, $3, $4, CASE WHEN {_UPGRADING} THEN $5 END) RETURNING id",
-        name.strip(), hash_api_key(key), hash_postback_token(token), offer_management, token,
+        name.strip(), hash_secret(key), hash_secret(token), offer_management, token,
     )
     return {"account_id": account_id, "api_key": key, "postback_token": token}
 
@@ -56,7 +53,7 @@ async def rotate_api_key(conn: asyncpg.Connection, account_id: int) -> dict:
     looks its key up: nothing caches it)."""
     key = ids.api_key()
     found = 0 < account_id < 2**63 and await conn.fetchval(
-        "UPDATE accounts SET api_key_hash = $2 WHERE id = $1 RETURNING id", account_id, hash_api_key(key)
+        "UPDATE accounts SET api_key_hash = $2 WHERE id = $1 RETURNING id", account_id, hash_secret(key)
     )
     if not found:
         raise ValueError(f"account {account_id} does not exist")
@@ -81,7 +78,7 @@ async def rotate_postback_token(conn: asyncpg.Connection, account_id: int, *, gr
         " previous_postback_token = CASE WHEN $3 > 0 THEN postback_token END,"
         f" postback_token = CASE WHEN {_UPGRADING} THEN $4 END"
         " WHERE id = $1 RETURNING previous_postback_token_until",
-        account_id, hash_postback_token(token), grace_hours * 3600, token,
+        account_id, hash_secret(token), grace_hours * 3600, token,
     )
     if not row:
         raise ValueError(f"account {account_id} does not exist")

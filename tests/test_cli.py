@@ -13,7 +13,7 @@ import asyncpg
 
 import pytest
 
-from shared.accounts import hash_api_key, hash_postback_token
+from shared.accounts import hash_secret
 
 
 def trackly(settings, *args):
@@ -37,11 +37,11 @@ async def test_create_account_and_list(settings, db):
     assert account["api_key"].startswith("trk_") and len(account["api_key"]) == 36
     assert len(account["postback_token"]) >= 32
     row = await db.fetchrow("SELECT api_key_hash, offer_management FROM accounts WHERE id = $1", account["account_id"])
-    assert row["api_key_hash"] == hash_api_key(account["api_key"]) and row["offer_management"] is True
+    assert row["api_key_hash"] == hash_secret(account["api_key"]) and row["offer_management"] is True
     stored = await db.fetchval("SELECT count(*) FROM accounts WHERE api_key_hash::text LIKE $1", f"%{account['api_key']}%")
     assert stored == 0  # never the plain key
     # Nor the plain postback token: a copy of the database must not let its holder post conversions.
-    assert await _plain_token_columns(db, account) == (None, None, hash_postback_token(account["postback_token"]))
+    assert await _plain_token_columns(db, account) == (None, None, hash_secret(account["postback_token"]))
 
     out = trackly(settings, "admin", "create-list", "--account-id", str(account["account_id"]), "--name", "Main",
                   "--phone", "+18005551234", "--short-domain", "HTTPS://SMS.example.com/", "--tracker-domain", "ct.example.com")
@@ -159,7 +159,7 @@ async def test_rotate_api_key(settings, db, api):
     assert rotated["api_key"] != account["api_key"]
     assert (await api.get("/api/v2/lists", headers=old)).status_code == 401  # the old key, at once
     assert (await api.get("/api/v2/lists", headers={"X-Api-Key": rotated["api_key"]})).status_code == 200
-    assert (await _plain_token_columns(db, account))[2] == hash_postback_token(account["postback_token"])  # unchanged
+    assert (await _plain_token_columns(db, account))[2] == hash_secret(account["postback_token"])  # unchanged
     for bad in ("999999999", "0"):
         out = trackly(settings, "admin", "rotate-api-key", "--account-id", bad)
         assert out.returncode != 0 and out.stdout == "" and len(out.stderr.strip().splitlines()) == 1, out
@@ -185,7 +185,7 @@ async def test_rotate_postback_token(settings, db, api, gateway_app):
     assert (await answers(first), await answers(second)) == (200, 200)
     row = await db.fetchrow("SELECT * FROM accounts WHERE id = $1", account["account_id"])
     assert (row["postback_token_hash"], row["previous_postback_token_hash"]) == (
-        hash_postback_token(second), hash_postback_token(first))
+        hash_secret(second), hash_secret(first))
     assert not [k for k, v in row.items() if isinstance(v, str) and (first in v or second in v)]
     stored = await db.fetch("SELECT account_id FROM postbacks WHERE account_id = $1", account["account_id"])
     assert len(stored) == 2  # both stored as the account's

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from starlette.requests import Request
 
-from shared.accounts import Account, hash_api_key
+from shared.accounts import Account, hash_secret
 from shared.errors import ApiError
 
 
@@ -12,7 +12,7 @@ async def authenticate(request: Request) -> Account:
     if not key:
         raise ApiError(401, "unauthorized", "Missing X-Api-Key header")
     row = await request.app.state.db.fetchrow(
-        "SELECT id, name, offer_management FROM accounts WHERE api_key_hash = $1", hash_api_key(key)
+        "SELECT id, name, offer_management FROM accounts WHERE api_key_hash = $1", hash_secret(key)
     )
     if row is None:
         raise ApiError(401, "unauthorized", "Invalid API key")

@@ -21,7 +21,7 @@ from starlette.routing import Route
 
 from services.gateway.http import JSONResponse, read_body
 from shared import jsonio
-from shared.accounts import hash_postback_token
+from shared.accounts import hash_secret
 from shared.errors import ApiError
 from shared.jobs import PROCESS_POSTBACK, window_job
 from shared.logs import Throttled
@@ -78,7 +78,7 @@ async def _account_for(request: Request, token: str) -> int:
     hit = cache.get(token)
     if hit is not None and hit[1] > now:
         return hit[0]
-    account_id = await request.app.state.db.fetchval(_ACCOUNT_OF_TOKEN, hash_postback_token(token))
+    account_id = await request.app.state.db.fetchval(_ACCOUNT_OF_TOKEN, hash_secret(token))
     if account_id is None:
         raise ApiError(401, "unauthorized", "Unknown postback token")
     if len(cache) > 10_000:
