@@ -204,3 +204,11 @@ async def pending_on(conn: asyncpg.Connection, *, none_if_empty: bool = True) ->
         return None if none_if_empty else [version for version, _ in _migrations()]
     done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
     return [version for version, _ in _migrations() if version not in done]
+
+
+async def require_current(conn: asyncpg.Connection) -> None:
+    """Raise ``SchemaBehind`` while the database lacks a migration this code has (with no schema at
+    all, every one): what a gateway's readiness and a worker's start wait for."""
+    missing = await pending_on(conn, none_if_empty=False)
+    if missing:
+        raise SchemaBehind(missing)

@@ -43,9 +43,7 @@ async def _schema_current(request: Request) -> None:
     if getattr(state, "schema_current", False):
         return
     async with state.db.acquire() as conn:
-        missing = await migrate.pending_on(conn, none_if_empty=False)
-    if missing:
-        raise migrate.SchemaBehind(missing)
+        await migrate.require_current(conn)
     state.schema_current = True
 
 

@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 from services.worker import attribution, clicks, edge_offers, expiry, folding
 from shared import db
 from shared.logs import Throttled
-from shared.migrate import SchemaBehind, migrate, pending_on
+from shared.migrate import SchemaBehind, migrate, require_current
 from shared.redis_client import create_redis
 from shared.runtime import exit_on_sigterm, with_backends
 from shared.settings import Settings
@@ -41,12 +41,9 @@ async def startup(ctx: dict[str, Any]) -> None:
     # A worker of a new release started before `trackly migrate` ran would fail its jobs on what
     # the migrations add: it waits for them, as for a server that is not there yet.
     async with ctx["db"].acquire() as conn:
-        missing = await pending_on(conn, none_if_empty=False)
-        if not missing:
-            # The worker's batch plans, as the gateway's reports, are only as good as the statistics.
-            ctx["postgres_problem"] = await db.warn_if_statistics_stale(conn)
-    if missing:
-        raise SchemaBehind(missing)
+        await require_current(conn)
+        # The worker's batch plans, as the gateway's reports, are only as good as the statistics.
+        ctx["postgres_problem"] = await db.warn_if_statistics_stale(conn)
     ctx["redis_client"] = create_redis(settings.redis_url)
     ctx["loops"] = [
         asyncio.create_task(clicks.run_drainer(ctx), name="click-drainer"),
