@@ -20,10 +20,14 @@ def test_statistics_problem_names_what_is_off(settings, named):
     assert (problem is None) if named is None else (problem is not None and problem.startswith(named) and "ANALYZE" in problem)
 
 
+async def _server_settings(conn) -> dict[str, str]:
+    return {name: await conn.fetchval(f"SHOW {name}") for name in ("autovacuum", "track_counts")}
+
+
 async def test_the_warning_follows_the_servers_own_settings(settings, caplog):
     conn = await db.connect(settings.database_url)
     try:
-        on = {name: await conn.fetchval(f"SHOW {name}") for name in ("autovacuum", "track_counts")}
+        on = await _server_settings(conn)
         with caplog.at_level(logging.WARNING, logger="trackly.db"):
             problem = await db.warn_if_statistics_stale(conn)
     finally:
@@ -41,7 +45,7 @@ async def test_a_worker_start_reports_it(settings, caplog):
     try:
         conn = await db.connect(settings.database_url)
         try:
-            on = {name: await conn.fetchval(f"SHOW {name}") for name in ("autovacuum", "track_counts")}
+            on = await _server_settings(conn)
         finally:
             await conn.close()
         assert ctx["postgres_problem"] == db.statistics_problem(on)
