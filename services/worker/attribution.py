@@ -435,16 +435,16 @@ async def process_batch(conn: asyncpg.Connection, first_id: int | None = None, l
                 late.append((state.id, named, clicks.credit(key[0], named, state.converted_at), key[0]))
     if late:
         await conn.execute(
-            "UPDATE conversions c SET click_id = t.click_id, updated_at = now()"
+            "UPDATE conversions c SET click_id = t.click_id, waiting_since = now(), updated_at = now()"
             f" FROM unnest($1::bigint[], $2::text[]) AS t(id, click_id) WHERE c.id = t.id AND c.id = {_IDS}",
             [i for i, _, _, _ in late], [named for _, named, _, _ in late],
         )
         await _attribute(conn, [(i, verdict) for i, _, verdict, _ in late])
         await _default_from_click_offers(conn, [i for i, _, verdict, _ in late if verdict.attributed])
-        # A late click id's click may not be stored yet: the sweeper's re-match looks back a day
-        # only, and such a conversion is often older.
-        recheck.update((account, named) for _, named, verdict, account in late
-                       if verdict.reason == "click_not_found" or _may_change(named, verdict))
+        # A late click id's click may not be stored yet: waiting_since is when the sweeper's
+        # re-match starts its window (a day) for it, as the creation is for a conversion that
+        # named its click at once. (Such a conversion is often older than that window.)
+        recheck.update((account, named) for _, named, verdict, account in late if _may_change(named, verdict))
     # A click not stored yet (or, for a message, an earlier first click) may be being stored right
     # now, by a drainer whose re-match cannot see these conversions: leave the sweeper a request
     # (as /history/clicks does).
@@ -572,24 +572,28 @@ async def rematch_for_clicks(conn: asyncpg.Connection, click_ids: list[str]) -> 
     return len(attributed)
 
 
-# How far back the sweeper's re-match looks, by the conversion's creation (the only time a
-# conversion is judged click_not_found). A click stored after its conversion is re-matched by the
-# drainer itself; only a conversion and its click committed at the same moment need the sweeper,
-# which runs every few seconds. A day bounds the cost of click ids that never arrive (they pile up
-# for good); a worker that starts looks back without limit once, for an outage longer than that.
+# How far back the sweeper's re-match looks, by when the conversion was judged click_not_found:
+# its creation, or when a later postback named the click it waits for (``waiting_since``, 0027).
+# A click stored after that is re-matched by the drainer itself; only a conversion and its click
+# committed at the same moment need the sweeper, which runs every few seconds. A day bounds the
+# cost of click ids that never arrive (they pile up for good); a worker that starts looks back
+# without limit once, for an outage longer than that.
 REMATCH_WINDOW = "1 day"  # a literal in the SQL: the planner estimates it (a parameter it cannot)
+
+
+def waiting_for_a_click(window: str | None) -> str:
+    """The WHERE clause, on conversions ``c``, of those waiting for a click (judged so within
+    ``window``, None: ever): partial index conversions_waiting_click_since."""
+    recent = f" AND coalesce(c.waiting_since, c.created_at) > now() - interval '{window}'" if window else ""
+    return f"WHERE NOT c.attributed AND c.unattributed_reason = 'click_not_found' AND c.click_id IS NOT NULL{recent}"
 
 
 async def rematch_stored(conn: asyncpg.Connection, limit: int = 1000, *, window: str | None = REMATCH_WINDOW) -> int:
     """Conversions still waiting for a click that is stored by now (the postback and the click
-    committed at the same moment, each missing the other), created within ``window`` (None: ever).
+    committed at the same moment, each missing the other), judged so within ``window`` (None: ever).
     Returns how many such clicks it took (each one's conversions are judged again, so a next call
     moves on): fewer than ``limit`` means none is left."""
-    recent = f" AND c.created_at > now() - interval '{window}'" if window else ""
-    waiting = (
-        "WHERE NOT c.attributed AND c.unattributed_reason = 'click_not_found'"
-        f" AND c.click_id IS NOT NULL{recent}"
-    )
+    waiting = waiting_for_a_click(window)
     # Two lookups rather than one with OR: each uses its own index (an OR had the planner hash all
     # of message_clicks once many conversions waited). The second only for ids shaped like a message's.
     # Each is one probe per waiting conversion (LATERAL with LIMIT): with EXISTS the planner hashed

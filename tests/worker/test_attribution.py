@@ -296,7 +296,7 @@ async def test_the_sweeps_rematch_runs_while_redis_is_down(api, db, tenant, sett
 
 async def test_the_sweepers_rematch_looks_back_a_day_only(api, db, tenant):
     """Click ids that never arrive pile up for good: the sweeper re-matches only conversions
-    created within REMATCH_WINDOW (the drainer itself re-matches a click stored later), and finds
+    judged click_not_found (created, or named their click late) within REMATCH_WINDOW (the drainer itself re-matches a click stored later), and finds
     them by an index rather than by reading every waiting conversion of every account. A worker
     that starts looks back without limit once (its sweeper may have been down longer)."""
     mid = await send_message(api, tenant)
@@ -312,11 +312,10 @@ async def test_the_sweepers_rematch_looks_back_a_day_only(api, db, tenant):
         await attribution.rematch_stored(conn)
         await conn.execute("SET LOCAL enable_seqscan = off")
         plan = "\n".join(r[0] for r in await conn.fetch(
-            "EXPLAIN SELECT id FROM conversions c WHERE NOT c.attributed AND c.unattributed_reason = 'click_not_found'"
-            f" AND c.click_id IS NOT NULL AND c.created_at > now() - interval '{attribution.REMATCH_WINDOW}'"))
+            f"EXPLAIN SELECT id FROM conversions c {attribution.waiting_for_a_click(attribution.REMATCH_WINDOW)}"))
     assert (await conversion(db, tenant, "new-wait"))["attributed"] is True
     assert (await conversion(db, tenant, "old-wait"))["unattributed_reason"] == "click_not_found"
-    assert "conversions_waiting_click" in plan, plan
+    assert "conversions_waiting_click_since" in plan, plan
     await attribution.rematch_all(db, limit=1)  # pages of one: it goes on until none is left
     assert (await conversion(db, tenant, "old-wait"))["attributed"] is True
 
@@ -1011,9 +1010,9 @@ async def test_a_postbacks_offer_id_resolves_as_id_then_live_then_deleted_extern
 
 async def test_a_late_click_id_on_an_old_conversion_is_matched_when_its_click_lands_unseen(api, db, tenant, run_worker):
     """The late click id's click is stored at the same moment by a drainer that cannot see it
-    (here: stored directly, as if that drainer's transaction missed the conversion). The sweeper's
-    own re-match looks back a day only and the conversion is older: the request the worker left
-    matches it (found by review)."""
+    (here: stored directly, as if that drainer's transaction missed the conversion). The
+    conversion is older than the sweeper's window, but it was judged click_not_found only now:
+    the sweeper's re-match goes by that (waiting_since), and matches it."""
     offer = await make_offer(api, tenant, payout=5)
     mid = await send_message(api, tenant, offer_id=offer["id"])
     ts = (T0 + timedelta(hours=2)).isoformat()
@@ -1028,9 +1027,6 @@ async def test_a_late_click_id_on_an_old_conversion_is_matched_when_its_click_la
     assert (await conversion(db, tenant, "old-late"))["unattributed_reason"] == "click_not_found"
     await store_click(db, tenant.account_id, mid, T0, offer_id=offer["id"], click_id=click_id)
     async with db.acquire() as conn, conn.transaction():
-        await attribution.rematch_stored(conn)  # the sweeper's windowed re-match: too old for it
-    assert not (await conversion(db, tenant, "old-late"))["attributed"]
-    async with db.acquire() as conn, conn.transaction():
-        await attribution.rematch_requested(conn)
+        await attribution.rematch_stored(conn)  # the sweeper's windowed re-match
     conv = await conversion(db, tenant, "old-late")
     assert (conv["attributed"], conv["message_id"]) == (True, mid)

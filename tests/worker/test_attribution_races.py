@@ -308,3 +308,54 @@ async def test_drains_batches_sweeps_and_history_imports_at_once_give_first_clic
     await db.execute("DELETE FROM conversion_adjustments WHERE conversion_id IN"
                      " (SELECT id FROM conversions WHERE account_id = $1)", tenant.account_id)
     await db.execute("DELETE FROM conversions WHERE account_id = $1", tenant.account_id)
+
+
+@pytest.mark.parametrize("names", ["click", "message"])
+async def test_a_click_id_named_late_on_an_old_conversion_while_its_click_is_being_drained_is_matched(
+    api, db, redis, tenant, settings, names
+):
+    # A conversion made two days ago named no click; today a postback of it names one (a raw click
+    # id, or a message with no first click yet) whose drain is open: the batch judges it
+    # click_not_found (the click is not visible) and the drain's re-match cannot see the named id
+    # (the batch is not committed). The batch commits; a sweep runs while the drain is still open
+    # (nothing to wait for: the click's row is not visible to it); the drain commits. The next
+    # sweeps must find the stored click all the same, though the conversion was created more than
+    # the sweeper's window ago.
+    offer = await make_offer(api, tenant)
+    mid = await send_message(api, tenant, offer_id=offer["id"])
+    converted = T0 + timedelta(hours=3)
+    await postback(api, tenant, conversion_id="old", timestamp=converted.isoformat())
+    async with db.acquire() as conn, conn.transaction():
+        assert await attribution.process_batch(conn, None, limit=10) == (1, 0)
+    await db.execute("UPDATE conversions SET created_at = now() - interval '2 days'"
+                     " WHERE account_id = $1 AND conversion_key = 'old'", tenant.account_id)
+    assert (await conversion(db, tenant, "old"))["unattributed_reason"] == "no_click_id"
+
+    click_id, entry = _click(tenant, mid, offer["id"], T0)
+    named = click_id if names == "click" else mid
+    await postback(api, tenant, **({"click_id": named} if names == "click" else {"aff_sub": named}),
+                   conversion_id="old", timestamp=converted.isoformat())
+    pid = await db.fetchval("SELECT max(id) FROM postbacks WHERE account_id = $1 AND conversion_key = 'old'",
+                            tenant.account_id)
+    batch, drain = [await asyncpg.connect(settings.database_url) for _ in range(2)]
+    try:
+        batch_transaction, drain_transaction = batch.transaction(), drain.transaction()
+        await batch_transaction.start()
+        assert await attribution.process_batch(batch, pid, limit=0) == (1, 0)  # click_not_found, not committed
+        await drain_transaction.start()
+        await store_entries(drain, [(b"0-1", {edge.CLICK_BATCH_FIELD.encode(): entry})])  # its re-match misses it
+        await batch_transaction.commit()
+        async with db.acquire() as conn, conn.transaction():  # a sweep, the drain still open
+            await attribution.rematch_stored(conn)
+            await attribution.rematch_requested(conn)
+        await drain_transaction.commit()
+    finally:
+        for conn in (batch, drain):
+            await conn.close()
+    assert (await conversion(db, tenant, "old"))["unattributed_reason"] == "click_not_found"
+
+    async with db.acquire() as conn, conn.transaction():  # the next sweep
+        await attribution.rematch_stored(conn)
+        await attribution.rematch_requested(conn)
+    conv = await conversion(db, tenant, "old")
+    assert (conv["attributed"], conv["message_id"], conv["clicked_at"]) == (True, mid, T0)
