@@ -26,14 +26,17 @@ from shared.timeutil import utcnow
 
 # A short URL as it appears in a body: an optional scheme (SMS copy often drops it to save
 # characters), host[:port], a 6-character link id, then a boundary. Without a scheme the host must
-# start a word. Only a host that is the link's own short domain is rewritten, so a look-alike in
-# other text never is. Every class is ASCII (no IGNORECASE, which lets [a-z] take "ſ" or the
-# Kelvin sign, and no \d, which takes any script's digits).
+# start a word, or follow an ellipsis ("tonight...sms.example.com/Ab3kX9": a host starts with a
+# letter or digit and holds no "..", as no hostname does). Only a host that is the link's own short
+# domain is rewritten, so a look-alike in other text never is. Every class is ASCII (no
+# IGNORECASE, which lets [a-z] take "ſ" or the Kelvin sign, and no \d, which takes any script's
+# digits).
 #
 # This pattern is the definition; ``short_urls`` finds exactly its matches several times faster
 # (the test suite checks the two against each other on random text).
 SHORT_URL_RE = re.compile(
-    r"(?:([hH][tT][tT][pP][sS]?://)|(?<![A-Za-z0-9.\-/@]))([A-Za-z0-9.-]+(?::[0-9]+)?)/([A-Za-z0-9]{6,7})(?![A-Za-z0-9])"
+    r"(?:([hH][tT][tT][pP][sS]?://)|(?<![A-Za-z0-9.\-/@])|(?<=\.\.))"
+    r"([A-Za-z0-9][A-Za-z0-9-]*(?:\.[A-Za-z0-9-]+)*\.?(?::[0-9]+)?)/([A-Za-z0-9]{6,7})(?![A-Za-z0-9])"
 )
 # What could be a link id (6 characters) or a per-message code (7: a message's URL pasted into
 # another body is that link's too) in a body: cheap to find (anchored on "/"), a superset of
@@ -69,14 +72,22 @@ def _scheme_start(body: str, host_start: int) -> int:
     return -1
 
 
-def _url_start(body: str, host_start: int, after: int) -> int:
-    """Where a short URL whose host starts at ``host_start`` (the first of a run of host
-    characters) starts: at its scheme, or at the host when it begins a word; -1 when neither, or
-    when that is before ``after`` (text an earlier match took)."""
-    start = _scheme_start(body, host_start)
-    if start < 0 and (host_start == 0 or body[host_start - 1] not in "/@"):  # (it is no host character)
-        start = host_start
-    return start if start >= after else -1
+def _url_start(body: str, run: int, end: int, after: int) -> tuple[int, int]:
+    """(where a short URL whose host ends at ``end`` starts, where its host starts), given the run
+    of host characters ``body[run:end]``; (-1, -1) when none can, or when it would start before
+    ``after`` (text an earlier match took). A host starts with a letter or digit and holds no "..":
+    in a run with one, it starts right after the last (after an ellipsis, with no scheme);
+    otherwise at the run, where the URL starts at its scheme, or at the host when it begins a word."""
+    dots = body.rfind("..", run, end)
+    host = run if dots < 0 else dots + 2
+    if host == end or body[host] in ".-":
+        return -1, -1
+    start = host
+    if dots < 0:
+        start = _scheme_start(body, host)
+        if start < 0 and (host == 0 or body[host - 1] not in "/@"):  # (it is no host character)
+            start = host
+    return (start, host) if start >= after else (-1, -1)
 
 
 def _link_growth(body: str) -> int:
@@ -110,20 +121,15 @@ def short_urls(body: str, wanted: Collection[str]) -> Iterator[tuple[int, int, s
     for candidate in LINK_ID_CANDIDATE_RE.finditer(body):
         slash = candidate.start()
         digits = _run_start(body, slash, string.digits)
-        start = -1
         if 0 < digits < slash and body[digits - 1] == ":":
-            # host:port/ - the host is the run of host characters before the colon
-            host_start = _run_start(body, digits - 1, _HOST_CHARS)
-            if host_start < digits - 1:
-                start = _url_start(body, host_start, taken)
+            # host:port/ - the host is in the run of host characters before the colon
+            start, host_start = _url_start(body, _run_start(body, digits - 1, _HOST_CHARS), digits - 1, taken)
             if start < 0 and digits >= taken:
                 # No URL starts before the colon: the port's digits are the host (a ":" before a
                 # host is no obstacle).
                 host_start = start = digits
         else:
-            host_start = _run_start(body, slash, _HOST_CHARS)
-            if host_start < slash:
-                start = _url_start(body, host_start, taken)
+            start, host_start = _url_start(body, _run_start(body, slash, _HOST_CHARS), slash, taken)
         if start >= 0:
             taken = candidate.end()
             if candidate.group(1) in wanted:

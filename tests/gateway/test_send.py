@@ -146,6 +146,17 @@ async def test_short_urls_without_scheme_are_rewritten(api, tenant, redis):
     assert orjson.loads(await redis.get(short_key("sms.example.com", code)))["m"] == mid
 
 
+async def test_a_short_url_after_an_ellipsis_is_rewritten(api, tenant):
+    # SMS copy glues a URL to "..." to save a character; no hostname holds "..", so the host starts
+    # after it. A hyphen may be in a hostname: "deal--sms.example.com" is another host, untouched.
+    link = await make_link(api, tenant, (await make_offer(api, tenant))["id"])
+    text = f"Ends tonight...sms.example.com/{link['linkId']} or deal--sms.example.com/{link['linkId']}"
+    mid = (await send(api, tenant, body=text)).json()["message_id"]
+    body = (await api.get(f"/api/v2/messages/{mid}", headers=tenant.headers)).json()["body"]
+    assert body.startswith("Ends tonight...sms.example.com/") and f"tonight...sms.example.com/{link['linkId']}" not in body
+    assert body.endswith(f" or deal--sms.example.com/{link['linkId']}")
+
+
 async def test_given_offer_wins_and_accepts_external_id(api, tenant):
     offer = await make_offer(api, tenant)
     chosen = await make_offer(api, tenant, external_id="E-1")
@@ -286,10 +297,11 @@ def test_a_pasted_per_message_url_stands_for_its_link():
 # What random bodies are made of: every part of a short URL with its near misses, and characters
 # that a case-insensitive or Unicode-aware pattern would take for ASCII letters or digits.
 _SCHEMES = ["", "", "http://", "https://", "HTTPS://", "hTtP://", "htp://", "https:/", "://", "//", "xhttps://"]
-_HOSTS = ["", "sms.example.com", "SMS.Example.com", "x", "a-b.c", ".", "\u017fms.com", "\u212a", "@x", "/x", "8"]
+_HOSTS = ["", "sms.example.com", "SMS.Example.com", "x", "a-b.c", ".", "\u017fms.com", "\u212a", "@x", "/x", "8",
+          "...sms.example.com", "a..b", "-x", "x.", "..", "x..-y"]
 _PORTS = ["", "", "", ":80", ":", ":8080", ":\u0661\u0662", "::80"]
 _IDS = ["Ab3kX9", "Ab3kX9", "Zz9Yy8", "Qq1Ww2", "Ab3kX9x", "Ab3kX", "Ab3k\u0131X", ""]
-_OTHER = [" ", "", "", "?", ".", "-", "@", ":", "/", "x", "7", "\u00e9", "\n", "{{sendId}}", "\u0131", "\u017f"]
+_OTHER = [" ", "", "", "?", ".", "-", "@", ":", "/", "x", "7", "\u00e9", "\n", "{{sendId}}", "\u0131", "\u017f", "..", "..."]
 
 
 def _random_body(rng) -> str:
