@@ -111,11 +111,11 @@ ROLLUP_KEYS = {
 # account with 1.6M messages): the groups are the messages with an event in the range, found
 # without their sums: the messages sent in it, the "strays" (messages with another event in it but
 # sent outside it) and the NULL group (conversions credited to no message), which sorts last. Over
-# all time there are no strays (every send is in it; every event's message is the account's), so
-# the page is read off the messages' primary key in order. Only the page's groups are summed, from
-# their own events (EVENTS with each source read for the page's keys, _PAGE_SOURCES); the totals
-# come from the rollup, which sums the same events. tests/worker/test_report_rollup.py checks
-# every page against EVENTS. $1-$5 as for report_page.
+# all time there are no strays (every send is in it; every event's message is the account's). How
+# the page's keys are found: _WALK_SHARE. Only the page's groups are summed, from their own events
+# (EVENTS with each source read for the page's keys, _PAGE_SOURCES); the totals come from the
+# rollup, which sums the same events. tests/worker/test_report_rollup.py checks every page against
+# EVENTS. $1-$5 as for report_page.
 #
 # The page's events: each source probed by message id, one page key at a time, by a LATERAL
 # subquery with a LIMIT (never flattened into a join; OFFSET 0 where a message has any number of
@@ -125,7 +125,7 @@ ROLLUP_KEYS = {
 # whenever statistics called the account small, as they call every account before ANALYZE has
 # run: a page of 100 over all time of an account of 3M messages read all its messages and first
 # clicks, compared its 90k conversions with each key of the page and looked up the message of
-# each of its 30k revenue records (2.1-2.9 s; 1.0-1.2 s with the probes, the rest finding the page).
+# each of its 30k revenue records (2.1-2.9 s; 0.8-1.2 s with the probes, the rest finding the page).
 _PAGE_SOURCES = {
     "sent": "page p CROSS JOIN LATERAL (SELECT id, account_id, sent_at, offer_id, creative_id, schedule_id, list_id"
             " FROM messages WHERE id = p.key LIMIT 1) m",
@@ -140,6 +140,23 @@ _PAGE_SOURCES = {
                " CROSS JOIN LATERAL (SELECT id, offer_id, creative_id, schedule_id, list_id FROM messages"
                " WHERE id = r.message_id LIMIT 1) m",
 }
+# The page's keys are the first offset + limit of the messages sent in the range (with the strays),
+# in key order. Walking the messages' primary key from its start and keeping the account's in the
+# range reads (offset + limit) / their share of the table's messages; reading all of them (their
+# account's index) and sorting them reads all of them. Which is cheaper depends on that share,
+# which the planner knows only from statistics: without any (ANALYZE never run) it took an account
+# of 3M messages for a small one and sorted them all for a first page (0.7-1.1 s; walked: a few
+# ms), and with them it walked 2M keys for page 20,001 (5.4-5.9 s; sorted: 2 s). So it does not
+# choose. The walk ("walked") goes first, over at most 1/_WALK_SHARE as many keys as the range has
+# sends (the rollup's count): a key walked costs 4-10 sorted (its row is read at random, theirs in
+# the order they were stored), so a walk that finds too few has cost less than the sort that
+# follows. If it finds offset + limit, they are the first, and any key below the last of them is
+# among them or a stray. If not (a deep page; an account with a thin share of the table), the
+# messages sent in the range are all read and sorted ("sent": OFFSET 0 keeps the planner from
+# walking them itself). The page is the same either way. (Between 1/10 and about 1/4 of the sends
+# deep, walking would still have been quicker: page 3,001 at 3M messages, 0.9 s walked by the
+# planner, is 2 s sorted.)
+_WALK_SHARE = 10
 _SENT_KEYS = f"SELECT m.id AS key FROM messages m WHERE m.account_id = $1 AND {_IN_RANGE.format(at='m.sent_at')}"
 _STRAYS = f"""strays AS MATERIALIZED (
     SELECT DISTINCT m.id AS key FROM (
@@ -171,8 +188,21 @@ counts AS (
         WHERE c.account_id = $1 AND c.message_id IS NULL AND {_IN_RANGE.format(at="c.converted_at")}
     ) AS unattributed
 ),
+walked AS MATERIALIZED (
+    SELECT m.id AS key FROM (
+        SELECT id, account_id, sent_at FROM messages ORDER BY id
+        LIMIT (SELECT coalesce(sends, 0) / {_WALK_SHARE} FROM rolled)
+    ) m
+    WHERE m.account_id = $1 AND {_IN_RANGE.format(at="m.sent_at")}
+      AND (SELECT sends FROM rolled) >= {_WALK_SHARE} * ($4::bigint + $5::bigint)
+    LIMIT $4 + $5
+),
 page AS (
-    (SELECT key FROM ({_SENT_KEYS}{{union_strays}}) keys ORDER BY key LIMIT $4 OFFSET $5)
+    (SELECT key FROM (
+        SELECT key FROM walked WHERE (SELECT count(*) FROM walked) >= $4 + $5
+        UNION ALL
+        SELECT key FROM ({_SENT_KEYS} OFFSET 0) sent WHERE (SELECT count(*) FROM walked) < $4 + $5{{union_strays}}
+    ) keys ORDER BY key LIMIT $4 OFFSET $5)
     UNION ALL  -- the NULL group, last
     SELECT NULL FROM counts WHERE unattributed AND messages >= $5 AND messages < $5 + $4
 ),
