@@ -3,6 +3,8 @@ account. Checked on plans and on rows read, never on time (tests/worker/test_bat
 the same for the worker's batches)."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 from services.gateway.attribution_sql import report_page
@@ -128,6 +130,26 @@ async def _history(conn, tenant: Tenant, prefix: str, n: int) -> None:
 _SOURCES = ("message_clicks", "conversions", "conversion_adjustments", "revenue")
 
 
+@contextlib.asynccontextmanager
+async def _small_by_statistics(db, tenant: Tenant, prefix: str, n: int) -> AsyncIterator[object]:
+    """A connection on which another account's history of 3n messages has been analyzed, then the
+    tenant's of n written: statistics that call the tenant small. All in a transaction rolled back
+    at the end, statistics included (ANALYZE is transactional): other tests' plans are made from
+    their own (conversions analyzed with these rows turned another test's index scan around)."""
+    other = await make_tenant(db)
+    async with db.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            await _history(conn, other, "r" + prefix[1], 3 * n)
+            for table in ("messages", *_SOURCES):
+                await conn.execute(f"ANALYZE {table}")
+            await _history(conn, tenant, prefix, n)
+            yield conn
+        finally:
+            await tx.rollback()
+
+
 async def test_a_page_by_message_reads_its_own_events_when_statistics_call_the_account_small(db, tenant):
     """The page's groups are summed from their own events. Found by the account's indexes and
     joined to the page, they were all the account's events whenever statistics called the account
@@ -136,12 +158,7 @@ async def test_a_page_by_message_reads_its_own_events_when_statistics_call_the_a
     written: a page of 10 reads no more than 10 rows of each source (its own), with no sequential
     scan, and is the page of the events' report."""
     n = 3000
-    other = await make_tenant(db)
-    async with db.acquire() as conn:
-        await _history(conn, other, "ra", 3 * n)
-        for table in ("messages", *_SOURCES):
-            await conn.execute(f"ANALYZE {table}")
-        await _history(conn, tenant, "0a", n)
+    async with _small_by_statistics(db, tenant, "0a", n) as conn:
         every = [dict(r) for r in await conn.fetch(
             report_page("message", from_events=True), tenant.account_id, None, None, n + 1, 0)]
         for offset in (0, 2000):
@@ -164,12 +181,7 @@ async def test_a_page_by_message_is_walked_or_sorted_whatever_the_statistics(db,
     (messages sent the day before with a click, a conversion or a revenue record in it), each page,
     walked or sorted, is the events' report's."""
     n = 3000
-    other = await make_tenant(db)
-    async with db.acquire() as conn:
-        await _history(conn, other, "rb", 3 * n)
-        for table in ("messages", *_SOURCES):
-            await conn.execute(f"ANALYZE {table}")
-        await _history(conn, tenant, "00", n)
+    async with _small_by_statistics(db, tenant, "00", n) as conn:
         day = datetime(2026, 2, 2, tzinfo=UTC)
         for start, end, pages in ((None, None, {0: True, 200: True, 2000: False}),
                                   (day, day + timedelta(days=1), {0: True, 10: True, 100: False, 1000: False})):
