@@ -195,6 +195,7 @@ walked AS MATERIALIZED (
     ) m
     WHERE m.account_id = $1 AND {_IN_RANGE.format(at="m.sent_at")}
       AND (SELECT sends FROM rolled) >= {_WALK_SHARE} * ($4::bigint + $5::bigint)
+    ORDER BY m.id  -- (the walk's own order: no sort; said, so the LIMIT keeps the first)
     LIMIT $4 + $5
 ),
 page AS (
