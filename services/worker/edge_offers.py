@@ -21,12 +21,14 @@ runs that republish itself (one worker at a time): 200k links and 1M message cod
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import secrets
 from typing import Any
 
 import asyncpg
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from shared import edge, loops
 from shared.republish import republish
@@ -36,9 +38,13 @@ log = logging.getLogger("trackly.worker.edge_offers")
 CHECK_INTERVAL = 5.0
 CHUNK = 1000
 
-# One worker republishes at a time; a lock held longer than this is taken to be a dead worker's.
+# One worker republishes at a time. Its lock lives REPUBLISH_LOCK_MS and the worker renews it
+# every REPUBLISH_RENEW_S while its pass runs (at the rate measured below, 100M message codes take
+# about 12 minutes): one not renewed in time is a dead worker's, and the next worker's check takes
+# over, so a worker killed mid-pass holds the edge's repair up for at most a minute (it was 15).
 REPUBLISH_LOCK = "trk:edge:republishing"
-REPUBLISH_LOCK_MS = 15 * 60 * 1000
+REPUBLISH_LOCK_MS = 60 * 1000
+REPUBLISH_RENEW_S = 15.0
 # The mark is set to "pending:<token>" before the pass and to "done" after it only if it still
 # holds that token: a Redis emptied again during the pass lost the pending mark with everything
 # else, and is filled again at the next check.
@@ -51,6 +57,10 @@ return 0
 """
 _UNLOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
 
@@ -103,6 +113,22 @@ async def _run_id(redis: Any) -> str:
         return ""
 
 
+async def _keep_lock(redis: Any, token: str) -> None:
+    """Renew the republish lock every REPUBLISH_RENEW_S for as long as it is this pass's (until
+    cancelled). A lock found gone or taken (this worker stalled past REPUBLISH_LOCK_MS) is not
+    taken back: the pass goes on, harmlessly (every pass writes the same values), and only the
+    pass holding the mark's token marks the edge complete."""
+    while True:
+        await asyncio.sleep(REPUBLISH_RENEW_S)
+        try:
+            if not await redis.eval(_RENEW, 1, REPUBLISH_LOCK, token, REPUBLISH_LOCK_MS):
+                log.warning("the edge republish lost its lock (this worker stalled for over %d s):"
+                            " another worker may be making the same pass", REPUBLISH_LOCK_MS // 1000)
+                return
+        except (RedisError, OSError) as exc:  # the pass itself fails on a Redis that stays down
+            log.warning("could not renew the edge republish lock: %s", exc)
+
+
 async def ensure_complete(db: asyncpg.Pool, redis: Any, *, code_days: int = 0) -> dict[str, int] | None:
     """If Redis does not hold ``edge.EDGE_MARK`` (it lost its data, or was never filled), write every
     edge key again from PostgreSQL (``shared.republish``); returns its counts, None if nothing was
@@ -113,6 +139,7 @@ async def ensure_complete(db: asyncpg.Pool, redis: Any, *, code_days: int = 0) -
     token = secrets.token_hex(16)
     if not await redis.set(REPUBLISH_LOCK, token, nx=True, px=REPUBLISH_LOCK_MS):
         return None
+    keeper = asyncio.create_task(_keep_lock(redis, token))
     try:
         pending = f"pending:{token}"
         await redis.set(edge.EDGE_MARK, pending)
@@ -124,6 +151,9 @@ async def ensure_complete(db: asyncpg.Pool, redis: Any, *, code_days: int = 0) -
             log.warning("published the edge again: %s", counts)
         return counts
     finally:
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
         await redis.eval(_UNLOCK, 1, REPUBLISH_LOCK, token)
 
 

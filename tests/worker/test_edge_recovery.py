@@ -85,3 +85,49 @@ async def test_a_failing_republish_does_not_stop_the_offer_check(api, db, redis,
     finally:  # the edge as it was: the next worker of the run need not publish the whole database again
         if mark is not None:
             await redis.set(edge.EDGE_MARK, mark)
+
+
+async def test_a_republish_longer_than_its_lock_keeps_it_and_a_dead_workers_lock_expires(db, redis, monkeypatch):
+    """One worker makes the pass at a time. A pass outlasting the lock's life (100M message codes
+    take a quarter of an hour) renews it, so no second worker starts the same pass beside it; and
+    the lock's life is short, so a worker killed mid-pass (never renewing again) holds the next
+    one up for at most that long, not for the quarter of an hour the lock used to live."""
+    monkeypatch.setattr(edge_offers, "REPUBLISH_LOCK_MS", 300)
+    monkeypatch.setattr(edge_offers, "REPUBLISH_RENEW_S", 0.05)
+    passes = 0
+    release = asyncio.Event()
+
+    async def slow_pass(*args, **kwargs):
+        nonlocal passes
+        passes += 1
+        if passes == 1:  # the long pass; any other returns at once (a test that fails, not hangs)
+            await release.wait()
+        return {"links": 0, "message_codes": 0, "offers": 0}
+
+    monkeypatch.setattr(edge_offers, "republish", slow_pass)
+    mark = await redis.get(edge.EDGE_MARK)
+    await redis.delete(edge.EDGE_MARK, edge_offers.REPUBLISH_LOCK)
+    try:
+        first = asyncio.create_task(edge_offers.ensure_complete(db, redis))
+        await asyncio.sleep(1.0)  # three lives of the lock
+        assert await edge_offers.ensure_complete(db, redis) is None  # another worker's check
+        assert passes == 1
+        assert 0 < await redis.pttl(edge_offers.REPUBLISH_LOCK) <= 300
+        release.set()
+        assert await first == {"links": 0, "message_codes": 0, "offers": 0}
+        assert await redis.exists(edge_offers.REPUBLISH_LOCK) == 0  # released at the end
+
+        # A dead worker's lock (taken, never renewed) is the next worker's once its life is over.
+        await redis.delete(edge.EDGE_MARK)
+        await redis.set(edge_offers.REPUBLISH_LOCK, "a-dead-workers-token", px=edge_offers.REPUBLISH_LOCK_MS)
+        assert await edge_offers.ensure_complete(db, redis) is None
+        await asyncio.sleep(0.4)
+        assert await edge_offers.ensure_complete(db, redis) is not None
+        assert passes == 2
+    finally:
+        release.set()
+        await redis.delete(edge_offers.REPUBLISH_LOCK)
+        if mark is not None:
+            await redis.set(edge.EDGE_MARK, mark)
+        else:
+            await redis.delete(edge.EDGE_MARK)
