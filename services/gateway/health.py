@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
+from typing import TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
@@ -11,23 +12,32 @@ from starlette.responses import PlainTextResponse, Response
 from services.gateway.http import JSONResponse
 from shared import migrate
 
+T = TypeVar("T")
+
 
 async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-async def _probe(check: Awaitable[object], timeout: float = 2.0) -> str:
-    """"ok", or why not, within ``timeout``. Unlike ``asyncio.wait_for``, a check that does not end
-    is left to be cancelled in the background instead of being waited for: cancelling a query to
-    a PostgreSQL that stopped answering waits on that same PostgreSQL."""
+async def settled(check: Awaitable[T], timeout: float) -> asyncio.Future[T] | None:
+    """``check`` as a finished future (its result or its exception), or None if it took longer
+    than ``timeout``. Unlike ``asyncio.wait_for``, a check that does not end is left to be
+    cancelled in the background instead of being waited for: cancelling a query to a PostgreSQL
+    that stopped answering waits on that same PostgreSQL."""
     task = asyncio.ensure_future(check)
     try:
         done, _ = await asyncio.wait({task}, timeout=timeout)
     finally:
-        if not task.done():  # overdue, or readiness itself was cancelled
+        if not task.done():  # overdue, or the caller itself was cancelled
             task.cancel()
             task.add_done_callback(lambda t: t.cancelled() or t.exception())  # nobody awaits it
-    if not done:
+    return task if done else None
+
+
+async def _probe(check: Awaitable[object], timeout: float = 2.0) -> str:
+    """"ok", or why not, within ``timeout`` (see ``settled``)."""
+    task = await settled(check, timeout)
+    if task is None:
         return "error: TimeoutError"
     exc = task.exception()
     if exc is None:
@@ -59,4 +69,6 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    return PlainTextResponse(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    state = request.app.state
+    await state.metrics.refresh(state.db, state.redis)
+    return PlainTextResponse(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -151,6 +151,10 @@ async def test_the_gateway_starts_without_its_dependencies_and_says_so(settings,
                 assert ready.status_code == 503, ready.text
                 assert ready.json()["postgres"] == "error: DatabaseUnavailable" and ready.json()["redis"].startswith("error")
                 assert_error(await gateway.get("/api/v2/offers", headers={"X-Api-Key": "trk_x"}), 503, "service_unavailable")
+                # The pipeline's gauges are left out while they cannot be read (not shown as zero).
+                metrics = await gateway.get("/metrics")
+                assert metrics.status_code == 200
+                assert "trackly_postbacks_waiting" not in metrics.text and "trackly_worker_queue_jobs" not in metrics.text
                 await db.execute(f"CREATE DATABASE {name}")
                 await migrate(app.state.settings.database_url)
                 late_redis.start()
@@ -159,6 +163,8 @@ async def test_the_gateway_starts_without_its_dependencies_and_says_so(settings,
                 tenant = await make_tenant(app.state.db)  # through the gateway's own pool
                 offer = await gateway.post("/api/v2/offers", headers=tenant.headers, json={"name": "n", "destination_url": "https://e.com"})
                 assert offer.status_code == 201, offer.text
+                metrics = (await gateway.get("/metrics")).text
+                assert "\ntrackly_postbacks_waiting 0.0\n" in metrics and "\ntrackly_worker_queue_jobs 0.0\n" in metrics
     finally:
         late_redis.stop()
         await db.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

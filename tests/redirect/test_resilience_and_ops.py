@@ -77,10 +77,14 @@ async def test_health_readiness_and_metrics(
     assert _value(text, "trackly_redirect_request_seconds_count") >= 7
     assert _value(text, "trackly_redirect_clicks_recorded_total") == 3
     assert _value(text, "trackly_click_stream_length") >= 1  # the three clicks wait for the drainer
+    await asyncio.sleep(0.3)
+    waited = _value((await edge.get("http://edge/metrics")).text, "trackly_click_stream_oldest_seconds")
+    assert 0.3 <= waited < 60  # the drain's lag: seconds since Redis took the oldest batch
     await drain(db, redis)
     after = (await edge.get("http://edge/metrics")).text
     assert _value(after, "trackly_click_stream_length") == 0
     assert _value(after, "trackly_click_stream_pending") == 0
+    assert _value(after, "trackly_click_stream_oldest_seconds") == 0
 
 
 async def test_the_stream_gauges_go_while_redis_cannot_be_read(settings: Settings, tmp_path: Path) -> None:
@@ -96,6 +100,7 @@ async def test_the_stream_gauges_go_while_redis_cannot_be_read(settings: Setting
             private.stop()
             text = (await e.get("http://edge/metrics")).text
             assert "trackly_click_stream_length" not in text and "trackly_click_stream_pending" not in text
+            assert "trackly_click_stream_oldest_seconds" not in text
     finally:
         private.stop()
 
