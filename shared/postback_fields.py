@@ -98,13 +98,16 @@ class Postback:
         )
 
 
-def first_value(value: Any) -> str | None:
-    """A field as a string: the first of repeated values; numbers as written; blanks are absent."""
+def first_value(value: Any, *, plain: bool = False) -> str | None:
+    """A field as a string: the first of repeated values; numbers as written; blanks are absent.
+    ``plain``: a JSON number (a Decimal) in positional notation, its value exactly: str() writes
+    1e2 as "1E+2" and 0.0000001 as "1E-7", forms a decimal string may not take (a payout).
+    (``jsonio.storable`` has left only Decimals within 100 places of the point and 28 digits.)"""
     if isinstance(value, list):
         value = value[0] if value else None
     if value is None or isinstance(value, (dict, bool)):
         return None
-    text = str(value).strip()
+    text = (format(value, "f") if plain and isinstance(value, Decimal) else str(value)).strip()
     return text or None
 
 
@@ -115,10 +118,10 @@ def lowered(params: dict[str, Any]) -> dict[str, Any]:
     return {str(k).lower(): v for k, v in params.items()}
 
 
-def pick(lowered: dict[str, Any], name: str) -> str | None:
-    """The first alias of ``name`` with a value, from ``lowered(params)``."""
+def pick(lowered: dict[str, Any], name: str, *, plain: bool = False) -> str | None:
+    """The first alias of ``name`` with a value, from ``lowered(params)`` (``plain``: see first_value)."""
     for alias in ALIASES[name]:
-        value = first_value(lowered.get(alias))
+        value = first_value(lowered.get(alias), plain=plain)
         if value is not None:
             return value
     return None
@@ -172,7 +175,7 @@ def normalise(params: dict[str, Any], received_at: datetime) -> Postback:
         status = None
 
     payout: Decimal | None = None
-    payout_raw = pick(fields, "payout")
+    payout_raw = pick(fields, "payout", plain=True)
     if payout_raw is not None:
         try:
             payout = parse_money(payout_raw, allow_negative=True)
