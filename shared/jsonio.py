@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 
 import orjson
 
@@ -35,8 +35,9 @@ def loads(raw: bytes) -> object:
     """Strict JSON; every non-integer number becomes an exact ``Decimal``."""
     try:
         return json.loads(raw, parse_float=Decimal, parse_constant=_reject_constant)
-    # ValueError also covers integers past the interpreter's digit limit (JSONDecodeError is one).
-    except (ValueError, RecursionError) as exc:
+    # ValueError also covers integers past the interpreter's digit limit (JSONDecodeError is one);
+    # InvalidOperation (no ValueError) a number whose exponent is past what a Decimal holds (1e10**19).
+    except (ValueError, RecursionError, InvalidOperation) as exc:
         raise JsonError(str(exc)) from None
 
 

@@ -19,3 +19,39 @@ async def test_a_json_postback_payout_of_any_number_form_is_read(api, db, tenant
     assert resp.json()["status"] == "accepted"
     row = await db.fetchrow("SELECT payout, parse_error FROM postbacks WHERE account_id = $1", tenant.account_id)
     assert (row["payout"], row["parse_error"]) == (value, None)
+
+
+async def _send(api, tenant) -> str:
+    resp = await api.post("/api/v2/send", headers=tenant.headers,
+                          json={"to": "+14155550123", "list_id": tenant.list_id, "body": "hi"})
+    assert resp.status_code == 201, resp.text
+    return resp.json()["message_id"]
+
+
+# An exponent past what Python's Decimal can hold (its limit is 999999999999999999): the JSON
+# parser's Decimal raised InvalidOperation, which is no ValueError, so nothing caught it.
+BEYOND = b"1e99999999999999999999"
+
+
+@pytest.mark.parametrize("path", ["/api/v2/revenue", "/api/v2/revenue/bulk", "/api/v2/history/revenue"])
+async def test_a_number_beyond_decimals_exponent_is_a_bad_request_not_a_500(api, db, tenant, path):
+    mid = (await _send(api, tenant)).encode()
+    record = b'{"message_id": "%s", "revenue": %s, "attribution_type": "sale"}' % (mid, BEYOND)
+    body = record if path == "/api/v2/revenue" else b'{"records": [%s]}' % record
+    resp = await api.post(path, headers=tenant.headers, content=body)
+    assert resp.status_code == 400, resp.text[:300]
+    assert resp.json()["code"] == "invalid_json"
+    offer = await api.post("/api/v2/offers", headers=tenant.headers,
+                           content=b'{"name": "x", "destination_url": "https://example.com/", "payout": %s}' % BEYOND)
+    assert (offer.status_code, offer.json()["code"]) == (400, "invalid_json")
+
+
+async def test_a_json_postback_with_a_number_beyond_decimals_exponent_is_stored(api, db, tenant):
+    # The postback was lost: a 500 before anything was stored, and the same on every retry.
+    resp = await api.post(f"/postback/{tenant.postback_token}?click_id=c1&conversion_id=k1&payout=5",
+                          content=b'{"payout": %s, "sub1": "x"}' % BEYOND, headers={"content-type": "application/json"})
+    assert resp.status_code == 200, resp.text[:300]
+    assert resp.json()["status"] == "accepted"
+    row = await db.fetchrow("SELECT payout, parse_error, params FROM postbacks WHERE account_id = $1", tenant.account_id)
+    assert row["params"]["_body"] == '{"payout": %s, "sub1": "x"}' % BEYOND.decode()
+    assert row["payout"] == Decimal(5) and row["parse_error"] == "body: not a JSON object"
