@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
+from decimal import ROUND_FLOOR, Context, Decimal, InvalidOperation
 
 # "2026-02-08T12:00:00 02:00": an offset whose "+" a query string decoded to a space (networks
 # and curl often send it unencoded).
@@ -39,13 +40,13 @@ _TIMESTAMP_FORMATS = {
 def parse_timestamp(value: object, *, allow_unix: bool = False) -> datetime:
     """ISO 8601 (naive means UTC) or, where allowed, unix seconds (or milliseconds, told apart by
     size). Always returns aware UTC."""
-    if allow_unix and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return _from_unix(float(value))
+    if allow_unix and isinstance(value, (int, float, Decimal)) and not isinstance(value, bool):
+        return _from_unix(value)
     if not isinstance(value, str) or not value.strip():
         raise TimeError(_TIMESTAMP_FORMATS[allow_unix])
     text = value.strip()
     if allow_unix and text.isascii() and text.replace(".", "", 1).isdigit():
-        return _from_unix(float(text))
+        return _from_unix(text)
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
     elif spaced := _SPACED_OFFSET_RE.match(text):
@@ -62,12 +63,27 @@ def parse_timestamp(value: object, *, allow_unix: bool = False) -> datetime:
         raise _out_of_range() from None
 
 
-def _from_unix(seconds: float) -> datetime:
-    if seconds >= _UNIX_MILLIS_FROM:
-        seconds /= 1000
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Unix seconds (or milliseconds) to whole microseconds, cut toward the past; its own context (a
+# value is at most 21 digits before the point here, 27 with the fraction kept), so nothing rounds.
+_UNIX_CONTEXT = Context(prec=40)
+# A microsecond in seconds and in milliseconds, and the power of ten that makes it 1.
+_IN_SECONDS = (Decimal("0.000001"), 6)
+_IN_MILLIS = (Decimal("0.001"), 3)
+
+
+def _from_unix(value: int | float | Decimal | str) -> datetime:
+    """Exactly, to the microsecond, cut as ``datetime.fromisoformat`` cuts finer digits (never
+    rounded: through a binary float, 23:59:59.9999999 became the next day's 00:00:00)."""
     try:
-        return _in_range(datetime.fromtimestamp(seconds, UTC))
-    except (OverflowError, OSError, ValueError):
+        seconds = Decimal(value)  # exact (a float's binary value; text and ints as written)
+        if not seconds.is_finite() or seconds.adjusted() > 20:  # (years past 2100 either way)
+            raise _out_of_range()
+        microsecond, scale = _IN_MILLIS if seconds >= _UNIX_MILLIS_FROM else _IN_SECONDS
+        whole = seconds.quantize(microsecond, rounding=ROUND_FLOOR, context=_UNIX_CONTEXT)
+        micros = int(whole.scaleb(scale, context=_UNIX_CONTEXT))
+        return _in_range(_EPOCH + timedelta(microseconds=micros))
+    except (OverflowError, ValueError, InvalidOperation):
         raise _out_of_range() from None
 
 
