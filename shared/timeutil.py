@@ -8,6 +8,10 @@ from decimal import ROUND_FLOOR, Context, Decimal, InvalidOperation
 # "2026-02-08T12:00:00 02:00": an offset whose "+" a query string decoded to a space (networks
 # and curl often send it unencoded).
 _SPACED_OFFSET_RE = re.compile(r"^(\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?) (\d{2}(?::?\d{2})?)$")
+# Unix seconds as a number is written: digits, a fraction, an exponent (Java writes a double
+# 1770552000 as 1.770552E9). ASCII digits only (str.isdigit takes other scripts'); possessive, so
+# 5 MB of digits with a letter at the end is refused in one pass, not by backtracking through them.
+_UNIX_RE = re.compile(r"(?:[0-9]++(?:\.[0-9]*+)?+|\.[0-9]++)(?:[eE][+-]?+[0-9]++)?+")
 # Unix times past this are milliseconds (as seconds they would be after the year 5000).
 _UNIX_MILLIS_FROM = 100_000_000_000
 
@@ -45,7 +49,7 @@ def parse_timestamp(value: object, *, allow_unix: bool = False) -> datetime:
     if not isinstance(value, str) or not value.strip():
         raise TimeError(_TIMESTAMP_FORMATS[allow_unix])
     text = value.strip()
-    if allow_unix and text.isascii() and text.replace(".", "", 1).isdigit():
+    if allow_unix and _UNIX_RE.fullmatch(text):
         return _from_unix(text)
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"

@@ -26,3 +26,24 @@ async def test_unix_seconds_finer_than_a_microsecond_are_cut_as_iso_8601_is(api,
     await burst_worker(settings)
     report = (await api.get("/api/v2/reports/performance?group_by=date", headers=tenant.headers)).json()
     assert [(r["key"], r["conversions"]) for r in report["rows"]] == [("2026-01-01", 4)]
+
+
+async def test_unix_seconds_as_a_json_number_in_exponent_notation(api, db, tenant):
+    # Java writes a double as 1.770552E9 (Jackson, Double.toString): the same number as 1770552000,
+    # valid JSON, and unix seconds all the same. It was stored failed: the conversion was lost.
+    url = f"/postback/{tenant.postback_token}"
+    bodies = {"json-e9": b'{"conversion_id": "json-e9", "timestamp": 1.770552E9}',
+              "json-ms": b'{"conversion_id": "json-ms", "timestamp": 1.7705520005E+12}',
+              "json-frac": b'{"conversion_id": "json-frac", "timestamp": 17705520005e-1}'}
+    for body in bodies.values():
+        resp = await api.post(url, content=body, headers={"content-type": "application/json"})
+        assert resp.json()["status"] == "accepted", resp.text
+    resp = await api.get(url, params={"conversion_id": "query-e9", "timestamp": "1.770552e9"})
+    assert resp.json()["status"] == "accepted", resp.text
+    errors = await db.fetch("SELECT conversion_key, parse_error FROM postbacks WHERE account_id = $1 AND parse_error IS NOT NULL",
+                            tenant.account_id)
+    assert errors == []
+    noon = datetime(2026, 2, 8, 12, tzinfo=UTC)
+    assert await stored_times(db, tenant) == {
+        "json-e9": noon, "json-ms": noon.replace(microsecond=500_000), "json-frac": noon.replace(microsecond=500_000),
+        "query-e9": noon}
