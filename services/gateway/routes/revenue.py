@@ -193,7 +193,13 @@ async def insert_revenue_resilient(
     """The batch at once; should that fail, record by record, so one bad record sinks only itself.
 
     The batch is first taken to be all new (an import is rarely sent twice): only when an
-    external_id is known already does it go again, skipping the known ones."""
+    external_id is known already does it go again, skipping the known ones.
+
+    Rows go in external_id order: two imports naming the same external ids in other orders, each
+    in a transaction of its own (an Idempotency-Key's), each waited on a row the other had
+    inserted first; PostgreSQL broke the deadlock and both requests failed. In one order, one
+    waits for the other to end, then skips what it stored."""
+    records = sorted(records, key=lambda r: (r.external_id is None, r.external_id or ""))
     for all_new in (True, False):
         try:
             async with conn.transaction():
