@@ -98,13 +98,19 @@ class Postback:
         )
 
 
+def _first(values: list[Any]) -> Any:
+    """The first of repeated values that is not blank (a blank is absent: a template's empty
+    ``click_id=`` in the query must not hide the ``click_id`` sent after it, or in the body)."""
+    return next((v for v in values if v is not None and not (isinstance(v, str) and not v.strip())), None)
+
+
 def first_value(value: Any, *, plain: bool = False) -> str | None:
     """A field as a string: the first of repeated values; numbers as written; blanks are absent.
     ``plain``: a JSON number (a Decimal) in positional notation, its value exactly: str() writes
     1e2 as "1E+2" and 0.0000001 as "1E-7", forms a decimal string may not take (a payout).
     (``jsonio.storable`` has left only Decimals within 100 places of the point and 28 digits.)"""
     if isinstance(value, list):
-        value = value[0] if value else None
+        value = _first(value)
     if value is None or isinstance(value, (dict, bool)):
         return None
     text = (format(value, "f") if plain and isinstance(value, Decimal) else str(value)).strip()
@@ -136,7 +142,7 @@ def _unusable(lowered: dict[str, Any]) -> list[str]:
             if alias in lowered:
                 value = lowered[alias]
                 if isinstance(value, list):
-                    value = value[0] if value else {}
+                    value = _first(value) if value else {}
                 if isinstance(value, (bool, dict)):
                     errors.append(f"{alias}: must be a string or a number")
                 break

@@ -1,0 +1,28 @@
+"""Postbacks as networks put them on the wire: fields repeated, in the query and the body at once."""
+from __future__ import annotations
+
+from decimal import Decimal
+
+
+async def stored(db, tenant):
+    return await db.fetch("SELECT * FROM postbacks WHERE account_id = $1 ORDER BY id", tenant.account_id)
+
+
+async def test_a_blank_first_value_of_a_repeated_field_does_not_hide_the_next(api, db, tenant):
+    # A network whose template leaves a field blank in the query (a macro it had no value for)
+    # and sends it again with its value, repeated or in the body: blanks are absent, so the value
+    # sent is the field's. It was read as no click id at all: the postback became a conversion
+    # of its own, unattributed, and each retry of it another one (revenue counted twice).
+    url = f"/postback/{tenant.postback_token}"
+    for _ in range(2):  # the second is the network's retry
+        resp = await api.get(url + "?click_id=&click_id=r1&payout=&payout=4")
+        assert resp.status_code == 200
+    assert resp.json() == {"success": True, "status": "duplicate"}
+    resp = await api.post(url + "?click_id=&payout=", content=b'{"click_id": "r2", "payout": 5, "txid": "t2"}',
+                          headers={"content-type": "application/json"})
+    assert resp.json() == {"success": True, "status": "accepted"}
+    rows = await stored(db, tenant)
+    assert [(r["click_id"], r["conversion_key"], r["payout"], r["is_duplicate"]) for r in rows] == [
+        ("r1", "click:r1", Decimal(4), False), ("r1", "click:r1", Decimal(4), True), ("r2", "t2", Decimal(5), False)]
+    assert all(r["parse_error"] is None for r in rows)
+    assert rows[0]["params"] == {"click_id": ["", "r1"], "payout": ["", "4"]}  # kept as sent
