@@ -3,6 +3,10 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+import pytest
+
+from tests.worker.conftest import burst_worker
+
 
 async def stored(db, tenant):
     return await db.fetch("SELECT * FROM postbacks WHERE account_id = $1 ORDER BY id", tenant.account_id)
@@ -26,3 +30,28 @@ async def test_a_blank_first_value_of_a_repeated_field_does_not_hide_the_next(ap
         ("r1", "click:r1", Decimal(4), False), ("r1", "click:r1", Decimal(4), True), ("r2", "t2", Decimal(5), False)]
     assert all(r["parse_error"] is None for r in rows)
     assert rows[0]["params"] == {"click_id": ["", "r1"], "payout": ["", "4"]}  # kept as sent
+
+
+@pytest.mark.parametrize("content_type, body", [
+    (None, b"click_id=a&payout=5"),  # a form sent without its type: not read as one
+    ("text/plain", b"OK"),
+    ("text/plain", b"[1, 2]"),  # JSON, but no object
+    ("application/octet-stream", b"\x01\x02"),
+])
+async def test_a_body_that_holds_no_fields_and_nothing_else_is_never_a_conversion(api, db, tenant, settings,
+                                                                                content_type, body):
+    # The body is kept as text under _body, which is where we keep it, not a field the network
+    # sent: such a postback sent nothing to record. It was an approved conversion of 0 (its own,
+    # unattributed), counted in every report's conversions, one more per retry.
+    headers = {"content-type": content_type} if content_type else {}
+    resp = await api.post(f"/postback/{tenant.postback_token}", content=body, headers=headers)
+    assert resp.json() == {"success": True, "status": "accepted"}
+    await burst_worker(settings)
+    [row] = await stored(db, tenant)
+    assert row["params"] == {"_body": body.decode()}
+    assert row["parse_error"] is not None and row["process_error"] == "unparseable"
+    assert await db.fetchval("SELECT count(*) FROM conversions WHERE account_id = $1", tenant.account_id) == 0
+    report = (await api.get("/api/v2/reports/performance", params={"group_by": "offer"}, headers=tenant.headers)).json()
+    assert report["totals"]["conversions"] == 0
+    [listed] = (await api.get("/api/v2/postbacks", headers=tenant.headers)).json()["postbacks"]
+    assert listed["state"] == "failed" and listed["error"].startswith("body:")

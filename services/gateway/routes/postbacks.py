@@ -35,6 +35,7 @@ _report_enqueue_failure = Throttled(log, logging.WARNING, "could not enqueue pos
 # Where a JSON body that is not a JSON object is kept, as text, among the params.
 BODY_PARAM = "_body"
 _BODY_ERROR = "body: not a JSON object"
+_NO_FIELDS = "body: neither a form nor a JSON object, and no fields in the query: nothing to record as a conversion"
 # The current token, or the one it replaced while its grace period lasts (accounts.rotate_postback_token),
 # by their digests (only those are stored).
 _ACCOUNT_OF_TOKEN = """
@@ -143,7 +144,10 @@ async def _params(request: Request) -> tuple[dict[str, Any], str | None]:
             # is the one read); the body's was dropped from the postback as stored.
             _multi([(str(key), value) for key, value in data.items()], params)
         elif raw.strip():
-            return _kept_as_sent(params, raw, _BODY_ERROR if content_type.startswith("application/json") else None)
+            error = _BODY_ERROR if content_type.startswith("application/json") else None
+            if error is None and not params:  # kept under _body, which is ours: nothing was sent to record
+                error = _NO_FIELDS
+            return _kept_as_sent(params, raw, error)
     return params, None
 
 
