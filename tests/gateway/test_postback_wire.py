@@ -55,3 +55,25 @@ async def test_a_body_that_holds_no_fields_and_nothing_else_is_never_a_conversio
     assert report["totals"]["conversions"] == 0
     [listed] = (await api.get("/api/v2/postbacks", headers=tenant.headers)).json()["postbacks"]
     assert listed["state"] == "failed" and listed["error"].startswith("body:")
+
+
+async def test_a_json_object_sent_with_a_forms_type_is_read_as_json(api, db, tenant):
+    # `curl -d '{...}'` and PHP's curl given a string both label the body
+    # application/x-www-form-urlencoded. Read as a form it was one field named by the whole JSON
+    # text: the click id, payout and conversion id were lost, and the postback became an approved
+    # conversion of 0 of its own (each retry another).
+    url = f"/postback/{tenant.postback_token}?network=everflow"
+    body = b'{"transaction_id": "f1", "payout": 12.5, "event_id": "E-1", "status": "pending"}'
+    answers = [(await api.post(url, content=body, headers={"content-type": "application/x-www-form-urlencoded"})).json()
+               for _ in range(2)]
+    assert answers == [{"success": True, "status": "accepted"}, {"success": True, "status": "duplicate"}]
+    first = (await stored(db, tenant))[0]
+    assert (first["click_id"], first["payout"], first["conversion_key"], first["status"], first["network"]) == (
+        "f1", Decimal("12.5"), "E-1", "pending", "everflow")
+    assert first["parse_error"] is None
+    assert first["params"] == {"network": "everflow", "transaction_id": "f1", "payout": 12.5, "event_id": "E-1",
+                               "status": "pending"}
+    # A form is still a form (a field may hold braces).
+    resp = await api.post(url, content=b"click_id=f2&sub1={x}", headers={"content-type": "application/x-www-form-urlencoded"})
+    assert resp.json()["status"] == "accepted"
+    assert (await stored(db, tenant))[-1]["click_id"] == "f2"

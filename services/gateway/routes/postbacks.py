@@ -110,7 +110,7 @@ async def _params(request: Request) -> tuple[dict[str, Any], str | None]:
         return params, None
     raw = await read_body(request)  # whatever the type, within the 5 MB limit
     content_type = request.headers.get("content-type", "").lower()
-    if content_type.startswith("application/x-www-form-urlencoded"):
+    if content_type.startswith("application/x-www-form-urlencoded") and not _json_object(raw):
         # Parsed here, not by Starlette's form parser: that one has no overall limit (a thousand
         # 1 MB fields), and refuses with a 400 a body it cannot read, which would lose the
         # postback's query fields too.
@@ -156,6 +156,18 @@ def _kept_as_sent(params: dict[str, Any], raw: bytes, error: str | None) -> tupl
     is lost), and what was wrong with it."""
     params[BODY_PARAM] = raw.decode("utf-8", "replace")
     return params, error
+
+
+def _json_object(raw: bytes) -> bool:
+    """A JSON object sent with a form's type (`curl -d '{...}'`, PHP's curl given a string): read
+    as JSON, as a JSON body of any other type is. (Read as a form it was one field named by the
+    whole text, and the postback's fields were lost.)"""
+    if raw.lstrip()[:1] != b"{":
+        return False
+    try:
+        return isinstance(jsonio.loads(raw), dict)
+    except jsonio.JsonError:
+        return False
 
 
 async def _chunks(raw: bytes) -> AsyncIterator[bytes]:
