@@ -26,6 +26,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     settings, embedded = with_backends(settings_mod.load(), redis=False)
     try:
         applied = asyncio.run(migrate(settings.database_url))
+    except Exception as exc:  # an unreachable database too: the contract's one-line error
+        return _fail(f"{type(exc).__name__}: {exc}".splitlines()[0])
     finally:
         if embedded:
             embedded.stop()

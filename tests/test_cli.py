@@ -107,6 +107,14 @@ def test_bad_input_exits_nonzero_with_one_line(settings, args):
     assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("error:")
 
 
+def test_migrate_reports_an_unreachable_database_in_one_line(settings):
+    """trackly migrate is the release step an operator or a deploy script runs first: a database it
+    cannot reach is the contract's one-line error, as for the admin commands, not a traceback."""
+    out = trackly(replace(settings, database_url="postgresql://postgres@127.0.0.1:1/trackly"), "migrate")
+    assert out.returncode != 0 and out.stdout == ""
+    assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("error:"), out.stderr
+
+
 def test_a_child_is_restarted_with_backoff_once_it_has_run_and_never_while_failing_to_start():
     from services.supervisor import RESTART_AFTER, RESTART_LIMIT, _Restarts
 
