@@ -8,6 +8,7 @@ import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from shared.domains import normalise_domain
 
@@ -101,6 +102,15 @@ def _origin(env: dict[str, str], name: str, default: str) -> str:
         raise SystemExit(f"{exc}, got {env.get(name)!r}") from None
 
 
+def _url(env: dict[str, str], name: str, schemes: tuple[str, ...]) -> str | None:
+    """A server's URL of a scheme its client takes (asyncpg's, redis-py's and arq's own check),
+    or None (unset: the embedded server). Not echoed: it may hold a password."""
+    raw = env.get(name) or None
+    if raw is not None and urlsplit(raw).scheme.lower() not in schemes:
+        raise SystemExit(f"{name} must be a URL of scheme {', '.join(s + '://' for s in schemes)}")
+    return raw
+
+
 def load(env: dict[str, str] | None = None) -> Settings:
     env = dict(os.environ if env is None else env)
     # Unset: a proxy on the same host (loopback) is believed, as uvicorn's own default does; set
@@ -113,8 +123,8 @@ def load(env: dict[str, str] | None = None) -> Settings:
     )
     geoip = env.get("TRACKLY_GEOIP_DB") or None
     return Settings(
-        database_url=env.get("TRACKLY_DATABASE_URL") or None,
-        redis_url=env.get("TRACKLY_REDIS_URL") or None,
+        database_url=_url(env, "TRACKLY_DATABASE_URL", ("postgresql", "postgres")),
+        redis_url=_url(env, "TRACKLY_REDIS_URL", ("redis", "rediss", "unix")),
         gateway_host=env.get("TRACKLY_GATEWAY_HOST", "127.0.0.1"),
         gateway_port=_int(env, "TRACKLY_GATEWAY_PORT", 8000, low=1, high=65535),
         redirect_host=env.get("TRACKLY_REDIRECT_HOST", "127.0.0.1"),

@@ -115,6 +115,15 @@ def test_migrate_reports_an_unreachable_database_in_one_line(settings):
     assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("error:"), out.stderr
 
 
+@pytest.mark.parametrize("command", ["gateway", "redirect", "worker"])
+def test_a_redis_url_no_client_takes_is_a_one_line_error_at_start(settings, command):
+    env = {**os.environ, "TRACKLY_DATABASE_URL": settings.database_url, "TRACKLY_REDIS_URL": "localhost:6379",
+           "TRACKLY_GATEWAY_PORT": "1", "TRACKLY_REDIRECT_PORT": "1"}  # (never bound: refused before)
+    out = subprocess.run([sys.executable, "-m", "services.cli", command], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()] and "TRACKLY_REDIS_URL" in out.stderr, out.stderr
+
+
 def test_a_child_is_restarted_with_backoff_once_it_has_run_and_never_while_failing_to_start():
     from services.supervisor import RESTART_AFTER, RESTART_LIMIT, _Restarts
 

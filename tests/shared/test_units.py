@@ -186,6 +186,20 @@ def test_settings_refuse_what_the_services_could_not_use():
             settings.load({"TRACKLY_LINK_CACHE_SIZE": bad})
 
 
+def test_settings_refuse_database_and_redis_urls_no_client_takes():
+    """A URL of a scheme asyncpg or redis-py refuses can never work: the gateway served 503 and the
+    worker retried forever on such a TRACKLY_DATABASE_URL, and a TRACKLY_REDIS_URL ended every
+    service in a traceback. Refused at start, as the ports are."""
+    for name, good in (("TRACKLY_DATABASE_URL", ("postgresql://app@db/trackly", "postgres://db/t", "POSTGRESQL://db/t",
+                                                 "postgresql:///trackly?host=/tmp/pg", "postgresql://h1:5432,h2/t")),
+                       ("TRACKLY_REDIS_URL", ("redis://cache:6379/0", "rediss://cache/1", "unix:///tmp/x/redis.sock"))):
+        for url in good:
+            assert getattr(settings.load({name: url}), name.removeprefix("TRACKLY_").lower()) == url
+        for bad in ("db.example.com", "mysql://db/t", "http://cache:6379", "localhost:6379"):
+            with pytest.raises(SystemExit, match=name):
+                settings.load({name: bad})
+
+
 def test_trusted_proxies_default_to_loopback_and_can_be_none():
     loopback = settings.load({}).trusted_proxies
     assert [str(n) for n in loopback] == ["127.0.0.0/8", "::1/128"]
