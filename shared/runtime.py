@@ -23,11 +23,19 @@ def with_backends(settings: Settings, *, redis: bool = True, db: bool = True) ->
     need_redis = redis and settings.redis_url is None
     if not (need_db or need_redis):
         return settings, None
-    embedded = Embedded(settings.data_dir)
+    # That they cannot start (a TRACKLY_DATA_DIR that cannot hold them) is a configuration error:
+    # one line naming the variable, as settings gives, and a non-zero exit.
+    problem = f"the embedded servers cannot start under TRACKLY_DATA_DIR ({settings.data_dir})"
+    try:
+        embedded = Embedded(settings.data_dir)
+    except Exception as exc:
+        raise SystemExit(f"{problem}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
     try:
         db_url, redis_url = embedded.start(need_db=need_db, need_redis=need_redis)
-    except BaseException:  # e.g. SystemExit from exit_on_sigterm: stop what did start
+    except BaseException as exc:  # e.g. SystemExit from exit_on_sigterm: stop what did start
         embedded.stop()
+        if isinstance(exc, Exception):
+            raise SystemExit(f"{problem}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
         raise
     return replace(
         settings,

@@ -124,6 +124,20 @@ def test_a_redis_url_no_client_takes_is_a_one_line_error_at_start(settings, comm
     assert out.stderr.strip().splitlines() == [out.stderr.strip()] and "TRACKLY_REDIS_URL" in out.stderr, out.stderr
 
 
+@pytest.mark.parametrize("args", [["migrate"], ["admin", "create-account", "--name", "x"], ["admin", "republish"],
+                                  ["gateway"], ["redirect"], ["worker"], ["run"]])
+def test_embedded_servers_that_cannot_start_are_a_one_line_error(tmp_path, args):
+    """Without TRACKLY_DATABASE_URL / TRACKLY_REDIS_URL every command starts the embedded servers
+    under TRACKLY_DATA_DIR: one where they cannot be is a one-line error naming it, not a traceback."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKLY_")}
+    env["TRACKLY_DATA_DIR"] = str(blocker / "data")  # under a file: no directory can be made there
+    out = subprocess.run([sys.executable, "-m", "services.cli", *args], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()] and "TRACKLY_DATA_DIR" in out.stderr, out.stderr
+
+
 def test_a_child_is_restarted_with_backoff_once_it_has_run_and_never_while_failing_to_start():
     from services.supervisor import RESTART_AFTER, RESTART_LIMIT, _Restarts
 
