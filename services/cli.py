@@ -141,6 +141,7 @@ class _OneLineErrors(argparse.ArgumentParser):
     """Usage errors as one line on stderr, like every other error of the CLI (CONTRACT.md §2)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        message = " ".join(message.splitlines())  # it may quote an argument as given, line breaks and all
         sys.stderr.write(f"error: {self.prog}: {message}\n")
         raise SystemExit(2)
 

@@ -138,6 +138,12 @@ def test_embedded_servers_that_cannot_start_are_a_one_line_error(tmp_path, args)
     assert out.stderr.strip().splitlines() == [out.stderr.strip()] and "TRACKLY_DATA_DIR" in out.stderr, out.stderr
 
 
+def test_usage_errors_stay_one_line_whatever_the_arguments_hold(settings):
+    out = trackly(settings, "admin", "create-account", "--name", "x", "left\nover")  # echoed as given
+    assert out.returncode != 0 and out.stdout == ""
+    assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("error:"), out.stderr
+
+
 def test_a_child_is_restarted_with_backoff_once_it_has_run_and_never_while_failing_to_start():
     from services.supervisor import RESTART_AFTER, RESTART_LIMIT, _Restarts
 
