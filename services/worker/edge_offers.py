@@ -22,7 +22,6 @@ runs that republish itself (one worker at a time): 200k links and 1M message cod
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 from typing import Any
@@ -151,9 +150,10 @@ async def ensure_complete(db: asyncpg.Pool, redis: Any, *, code_days: int = 0) -
             log.warning("published the edge again: %s", counts)
         return counts
     finally:
+        # Not awaited: a cancellation of this task (the worker stopping) that came during the
+        # wait would be taken for the keeper's own and swallowed. A renewal still in flight
+        # finds the lock gone or no longer ours and renews nothing.
         keeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await keeper
         await redis.eval(_UNLOCK, 1, REPUBLISH_LOCK, token)
 
 
