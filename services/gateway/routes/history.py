@@ -321,6 +321,11 @@ async def import_sends(request: Request) -> Response:
         fresh = out.first_of_each(sorted(resolved.good, key=lambda r: r.index), lambda r: r.message_id)
         if not fresh:
             return out.response()
+        # Stored in message id order, the batch and record by record alike: two imports under
+        # Idempotency-Keys (each one transaction) giving the same ids in other orders each held
+        # rows the other waited on, and went on crossing record by record (a deadlock a second,
+        # every one a save_error). In one order, one waits for the other, then skips what it stored.
+        fresh.sort(key=lambda r: r.message_id or "")
 
         async def store() -> Response:
             try:
