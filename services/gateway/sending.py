@@ -428,16 +428,40 @@ async def _insert_contacts(
     # more per new contact): a contact that a concurrent send inserted after this statement's
     # snapshot fails the transaction on contacts_pkey, and insert_messages goes again with ON
     # CONFLICT DO NOTHING (``raced``).
-    await conn.execute(
+    await conn.execute(_contacts_sql(raced), account_id, [r.list_row["id"] for r in records], [r.to for r in records])
+
+
+def _contacts_sql(raced: bool, returning: str = "") -> str:
+    return (
         "INSERT INTO contacts (account_id, list_id, phone_number)"
         " SELECT DISTINCT $1::bigint, t.list_id, t.phone FROM unnest($2::bigint[], $3::text[]) AS t(list_id, phone)"
         " LEFT JOIN LATERAL (SELECT true AS known FROM contacts c"
         "                    WHERE c.list_id = t.list_id AND c.phone_number = t.phone LIMIT 1) k ON true"
         " WHERE k.known IS NULL"
         " ORDER BY 2, 3"
-        + (" ON CONFLICT (list_id, phone_number) DO NOTHING" if raced else ""),
-        account_id, [r.list_row["id"] for r in records], [r.to for r in records],
+        + (" ON CONFLICT (list_id, phone_number) DO NOTHING" if raced else "")
+        + returning
     )
+
+
+async def insert_new_contacts(
+    conn: asyncpg.Connection, account_id: int, records: list[SendRecord]
+) -> set[tuple[int, str]]:
+    """The records' contacts that are new, all in one statement (in key order, as a batch inserts
+    them), known ones and ones a concurrent send added skipped: the (list id, number) inserted."""
+    rows = await conn.fetch(_contacts_sql(True, " RETURNING list_id, phone_number"),
+                            account_id, [r.list_row["id"] for r in records], [r.to for r in records])
+    return {(r["list_id"], r["phone_number"]) for r in rows}
+
+
+async def delete_contacts(conn: asyncpg.Connection, contacts: set[tuple[int, str]]) -> None:
+    """Delete these contacts (ones this transaction inserted and no message of it reached)."""
+    if contacts:
+        await conn.execute(
+            "DELETE FROM contacts c USING unnest($1::bigint[], $2::text[]) AS t(list_id, phone)"
+            " WHERE c.list_id = t.list_id AND c.phone_number = t.phone",
+            [list_id for list_id, _ in contacts], [phone for _, phone in contacts],
+        )
 
 
 async def _insert(

@@ -29,7 +29,9 @@ from services.gateway.routes.revenue import (
     resolve_revenue,
     save_error,
 )
-from services.gateway.sending import SendRecord, insert_messages, parse_send, resolve
+from services.gateway.sending import (
+    SendRecord, delete_contacts, insert_messages, insert_new_contacts, parse_send, resolve,
+)
 from shared.accounts import Account
 from shared.errors import ApiError, bad_request, not_found, validation
 from shared import ids
@@ -334,10 +336,23 @@ async def import_sends(request: Request) -> Response:
                 out.success += len(fresh)
             except asyncpg.PostgresError:
                 # A given id taken meanwhile, or a record the database refused: one at a time.
+                # In a key's transaction, their new contacts first, all at once, as a batch takes
+                # them: record by record (a contact, then its message, then the next contact), this
+                # import held contacts while it waited on the next one, which another import's
+                # batch held while it waited on this one's (a deadlock: a save_error). Those that
+                # no stored record reached are deleted at the end (they count in list sizes).
+                unreached: set[tuple[int, str]] = set()
+                if key is not None:
+                    try:
+                        async with conn.transaction():
+                            unreached = await insert_new_contacts(conn, account.id, fresh)
+                    except asyncpg.PostgresError:
+                        pass  # (each record inserts its own, as before)
                 for r in fresh:
                     try:
                         await insert_messages(conn, redis, account.id, [r], resolved.links, source="history",
                                               code_days=code_days)
+                        unreached.discard((r.list_row["id"], r.to))
                         out.success += 1
                     except asyncpg.UniqueViolationError:
                         # Its id was taken meanwhile: by this account (an import of it at the same
@@ -351,6 +366,7 @@ async def import_sends(request: Request) -> Response:
                             out.fail(r.index, save_error())
                     except asyncpg.PostgresError:
                         out.fail(r.index, save_error())
+                await delete_contacts(conn, unreached)
             return out.response()
 
         return await idempotency.answer_once(conn, key, store)
