@@ -166,7 +166,10 @@ CROSS JOIN LATERAL (SELECT id, account_id FROM messages WHERE id = w.id LIMIT 1)
 
 
 # Only clicks that became their message's first click are stored (one per message, like the
-# edge's); the raw clicks row keeps message click_count in agreement.
+# edge's); the raw clicks row keeps message click_count in agreement. The first clicks go in
+# message id order byte by byte ("C"), the drainer's (its ids are COLLATE "C" columns): in the
+# database's collation (en_US in PostgreSQL's Docker image) "a..." came before "B...", after it
+# for a drain storing the same messages, and the two deadlocked.
 _STORE_CLICKS = """
 WITH input AS (
     SELECT * FROM unnest($2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::bigint[], $7::text[])
@@ -174,7 +177,7 @@ WITH input AS (
 ),
 firsts AS (
     INSERT INTO message_clicks (message_id, click_id, account_id, offer_id, clicked_at, source)
-    SELECT message_id, click_id, $1, offer_id, clicked_at, 'history' FROM input ORDER BY message_id
+    SELECT message_id, click_id, $1, offer_id, clicked_at, 'history' FROM input ORDER BY message_id COLLATE "C"
     ON CONFLICT (message_id) DO NOTHING
     RETURNING message_id
 ),
