@@ -64,7 +64,11 @@ def run_all(settings: Settings) -> int:
     code = 0
     try:
         settings, embedded = with_backends(settings)
-        asyncio.run(migrate(settings.database_url))
+        try:
+            asyncio.run(migrate(settings.database_url))
+        except Exception as exc:  # an unreachable database: one line, as `trackly migrate` says it
+            print(f"error: migrate: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr, flush=True)
+            return 2
         env = _child_env(settings)
 
         def start(name: str) -> subprocess.Popen:

@@ -115,6 +115,16 @@ def test_migrate_reports_an_unreachable_database_in_one_line(settings):
     assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("error:"), out.stderr
 
 
+def test_run_reports_an_unreachable_database_in_one_line(settings):
+    """trackly run migrates first: a database it cannot reach is one line on stderr (it was the
+    migration's ~50-line traceback), and nothing is started."""
+    env = {**os.environ, "TRACKLY_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/trackly",
+           "TRACKLY_REDIS_URL": settings.redis_url}
+    out = subprocess.run([sys.executable, "-m", "services.cli", "run"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "trackly: gateway" not in out.stdout
+    assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("error:"), out.stderr
+
+
 @pytest.mark.parametrize("command", ["gateway", "redirect", "worker"])
 def test_a_redis_url_no_client_takes_is_a_one_line_error_at_start(settings, command):
     env = {**os.environ, "TRACKLY_DATABASE_URL": settings.database_url, "TRACKLY_REDIS_URL": "localhost:6379",
