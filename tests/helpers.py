@@ -167,3 +167,28 @@ async def scratch_database(settings: Any, db: Any, prefix: str) -> AsyncIterator
         yield urlunsplit(urlsplit(settings.database_url)._replace(path=f"/{name}"))
     finally:
         await db.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+async def lock_waiters(db: Any, n: int) -> None:
+    """Until ``n`` sessions of this database wait on a lock. Ask with a connection outside any
+    transaction: pg_stat_activity is a snapshot per transaction."""
+    for _ in range(200):
+        if await db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                             " AND wait_event_type = 'Lock'") == n:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never {n} sessions waiting on a lock")
+
+
+@contextlib.asynccontextmanager
+async def row_held(dsn: str, insert: str, *args: object) -> AsyncIterator[Any]:
+    """A row inserted by another session in a transaction left open (yielded: commit or roll it
+    back), so that writers of the same key wait on it; closed, and so rolled back, at the end."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        held = conn.transaction()
+        await held.start()
+        await conn.execute(insert, *args)
+        yield held
+    finally:
+        await conn.close()

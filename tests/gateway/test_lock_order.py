@@ -6,19 +6,10 @@ import asyncio
 import asyncpg
 import pytest
 
+from tests.helpers import lock_waiters, row_held
+
 N = 40
 HELD = N // 2
-
-
-async def _lock_waiters(db, n: int) -> None:
-    """Until ``n`` sessions of this database wait on a lock (asked outside any transaction:
-    pg_stat_activity is a snapshot per transaction)."""
-    for _ in range(200):
-        if await db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                             " AND wait_event_type = 'Lock'") == n:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"never {n} sessions waiting")
 
 
 @pytest.mark.parametrize("turn, held_ends", [(0, "rollback"), (1, "commit"), (2, "commit"), (3, "commit")])
@@ -45,13 +36,10 @@ async def test_concurrent_keyed_history_sends_naming_the_same_message_ids_in_opp
     records = [{"to": phone, "list_id": tenant.list_id, "body": f"b{i}", "message_id": f"lock{turn}{i:03d}",
                 "timestamp": "2026-01-02T00:00:00Z"} for i in range(N)]
     held_id = records[HELD]["message_id"]
-    holder = await asyncpg.connect(settings.database_url)
-    try:
-        held = holder.transaction()
-        await held.start()
-        await holder.execute(
-            "INSERT INTO messages (id, account_id, list_id, to_phone, body, sent_at, source)"
-            " VALUES ($1, $2, $3, $4, 'x', now(), 'history')", held_id, tenant.account_id, tenant.list_id, phone)
+    async with row_held(
+        settings.database_url, "INSERT INTO messages (id, account_id, list_id, to_phone, body, sent_at, source)"
+        " VALUES ($1, $2, $3, $4, 'x', now(), 'history')", held_id, tenant.account_id, tenant.list_id, phone,
+    ) as held:
 
         def start(n: int, batch: list[dict]) -> asyncio.Future:
             return asyncio.ensure_future(api.post(
@@ -59,13 +47,11 @@ async def test_concurrent_keyed_history_sends_naming_the_same_message_ids_in_opp
                 headers={**tenant.headers, "Idempotency-Key": f"sends-{turn}-{n}"}))
 
         imports = [start(1, records[::-1])]
-        await _lock_waiters(db, 1)
+        await lock_waiters(db, 1)
         imports.append(start(0, records))
-        await _lock_waiters(db, 2)
+        await lock_waiters(db, 2)
         await (held.rollback() if held_ends == "rollback" else held.commit())
         answers = await asyncio.wait_for(asyncio.gather(*imports), 120)
-    finally:
-        await holder.close()
     assert [a.status_code for a in answers] == [200, 200], [a.text[:300] for a in answers]
     bodies = [a.json() for a in answers]
     stored = N - (held_ends == "commit")  # the one the third transaction committed is a duplicate to both
@@ -145,7 +131,7 @@ async def test_keyed_history_sends_record_by_record_and_another_import_to_the_sa
         await taken.commit()
         await _blocked_by(db, holder.get_server_pid())  # record by record, on the middle one
         imports.append(start(1, records + [extra]))
-        await _lock_waiters(db, 2)  # the second, holding the late records' contacts, on the fifth (or on the first)
+        await lock_waiters(db, 2)  # the second, holding the late records' contacts, on the fifth (or on the first)
         await held.rollback()
         await _waiter_blocked_by_none_of(db, [blocker.get_server_pid(), holder.get_server_pid()])  # one on the other
         await blocked.rollback()

@@ -4,8 +4,9 @@ from __future__ import annotations
 import asyncio
 from decimal import Decimal
 
-import asyncpg
 import pytest
+
+from tests.helpers import lock_waiters, row_held
 
 
 @pytest.mark.parametrize("number, value", [
@@ -73,34 +74,22 @@ async def test_concurrent_keyed_imports_sharing_external_ids_in_opposite_orders_
     mid = await _send(api, tenant)
     records = [{"message_id": mid, "revenue": "1.10", "attribution_type": "sale", "external_id": f"race-{i:03d}",
                 "timestamp": "2026-01-02T00:00:00Z"} for i in range(300)]
-    holder = await asyncpg.connect(settings.database_url)
-    try:
-        held = holder.transaction()
-        await held.start()
-        await holder.execute(
-            "INSERT INTO revenue (id, account_id, message_id, amount, attribution_type, occurred_at, external_id, source)"
-            " VALUES ('f00000000000000000000150', $1, $2, 1, 'sale', now(), 'race-150', 'history')", tenant.account_id, mid)
-
-        async def lock_waiters(n: int) -> None:  # asked outside the holder's transaction, whose view is frozen
-            for _ in range(200):
-                if await db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                                     " AND wait_event_type = 'Lock'") == n:
-                    return
-                await asyncio.sleep(0.05)
-            raise AssertionError(f"never {n} imports waiting")
+    async with row_held(
+        settings.database_url,
+        "INSERT INTO revenue (id, account_id, message_id, amount, attribution_type, occurred_at, external_id, source)"
+        " VALUES ('f00000000000000000000150', $1, $2, 1, 'sale', now(), 'race-150', 'history')", tenant.account_id, mid,
+    ) as held:
 
         def start(n: int, batch: list[dict]) -> asyncio.Future:
             return asyncio.ensure_future(api.post(
                 "/api/v2/history/revenue", json={"records": batch}, headers={**tenant.headers, "Idempotency-Key": f"race-{turn}-{n}"}))
 
         imports = [start(1, records[::-1])]
-        await lock_waiters(1)
+        await lock_waiters(db, 1)
         imports.append(start(0, records))
-        await lock_waiters(2)
+        await lock_waiters(db, 2)
         await held.rollback()
         answers = await asyncio.wait_for(asyncio.gather(*imports), 30)
-    finally:
-        await holder.close()
     assert [a.status_code for a in answers] == [200, 200], [a.text[:200] for a in answers]
     bodies = [a.json() for a in answers]
     assert sum(b["success_count"] for b in bodies) == 300  # each stored once, by one or the other
