@@ -8,7 +8,7 @@ import sys
 import orjson
 
 from shared import settings as settings_mod
-from shared.runtime import exit_on_sigterm, with_backends
+from shared.runtime import exit_on_sigterm, one_line, with_backends
 
 
 def _print(obj: object) -> None:
@@ -27,7 +27,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     try:
         applied = asyncio.run(migrate(settings.database_url))
     except Exception as exc:  # an unreachable database too: the contract's one-line error
-        return _fail(f"{type(exc).__name__}: {exc}".splitlines()[0])
+        return _fail(one_line(exc))
     finally:
         if embedded:
             embedded.stop()
@@ -78,7 +78,7 @@ def _admin(args: argparse.Namespace) -> int:
     except (ValueError, PhoneError) as exc:
         return _fail(str(exc))
     except Exception as exc:  # anything else still ends as the contract's one-line error
-        return _fail(f"{type(exc).__name__}: {exc}".splitlines()[0])
+        return _fail(one_line(exc))
     finally:
         if embedded:
             embedded.stop()
@@ -106,7 +106,7 @@ def cmd_republish(args: argparse.Namespace) -> int:
     try:
         _print(asyncio.run(go()))
     except Exception as exc:  # the contract's one-line error
-        return _fail(f"{type(exc).__name__}: {exc}".splitlines()[0])
+        return _fail(one_line(exc))
     finally:
         if embedded:
             embedded.stop()

@@ -18,7 +18,7 @@ from urllib.parse import unquote_plus, urlsplit
 
 from shared.migrate import migrate
 from shared.process import die_with_parent
-from shared.runtime import with_backends
+from shared.runtime import one_line, with_backends
 from shared.settings import Settings
 
 # A child's own shutdown is bounded within this: uvicorn's graceful 6 s, or the worker's loops 4 s,
@@ -67,7 +67,7 @@ def run_all(settings: Settings) -> int:
         try:
             asyncio.run(migrate(settings.database_url))
         except Exception as exc:  # an unreachable database: one line, as `trackly migrate` says it
-            print(f"error: migrate: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr, flush=True)
+            print(f"error: migrate: {one_line(exc)}", file=sys.stderr, flush=True)
             return 2
         env = _child_env(settings)
 

@@ -9,6 +9,11 @@ from shared.embedded import Embedded
 from shared.settings import Settings
 
 
+def one_line(exc: BaseException) -> str:
+    """An error as the CLI prints it: its type and the first line of its message."""
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
 def with_backends(settings: Settings, *, redis: bool = True, db: bool = True) -> tuple[Settings, Embedded | None]:
     """Settings with the URLs filled in; starts embedded servers for whichever is unset.
 
@@ -23,19 +28,19 @@ def with_backends(settings: Settings, *, redis: bool = True, db: bool = True) ->
     need_redis = redis and settings.redis_url is None
     if not (need_db or need_redis):
         return settings, None
-    # That they cannot start (a TRACKLY_DATA_DIR that cannot hold them) is a configuration error:
-    # one line naming the variable, as settings gives, and a non-zero exit.
-    problem = f"the embedded servers cannot start under TRACKLY_DATA_DIR ({settings.data_dir})"
+    embedded = None
     try:
         embedded = Embedded(settings.data_dir)
-    except Exception as exc:
-        raise SystemExit(f"{problem}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
-    try:
         db_url, redis_url = embedded.start(need_db=need_db, need_redis=need_redis)
     except BaseException as exc:  # e.g. SystemExit from exit_on_sigterm: stop what did start
-        embedded.stop()
+        if embedded is not None:
+            embedded.stop()
         if isinstance(exc, Exception):
-            raise SystemExit(f"{problem}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+            # A TRACKLY_DATA_DIR that cannot hold them is a configuration error: one line naming
+            # the variable, as settings gives, and a non-zero exit.
+            raise SystemExit(
+                f"the embedded servers cannot start under TRACKLY_DATA_DIR ({settings.data_dir}): {one_line(exc)}"
+            ) from None
         raise
     return replace(
         settings,
