@@ -71,9 +71,6 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Unix seconds (or milliseconds) to whole microseconds, cut toward the past; its own context (a
 # value is at most 21 digits before the point here, 27 with the fraction kept), so nothing rounds.
 _UNIX_CONTEXT = Context(prec=40)
-# A microsecond in seconds and in milliseconds, and the power of ten that makes it 1.
-_IN_SECONDS = (Decimal("0.000001"), 6)
-_IN_MILLIS = (Decimal("0.001"), 3)
 
 
 def _from_unix(value: int | float | Decimal | str) -> datetime:
@@ -83,9 +80,8 @@ def _from_unix(value: int | float | Decimal | str) -> datetime:
         seconds = Decimal(value)  # exact (a float's binary value; text and ints as written)
         if not seconds.is_finite() or seconds.adjusted() > 20:  # (years past 2100 either way)
             raise _out_of_range()
-        microsecond, scale = _IN_MILLIS if seconds >= _UNIX_MILLIS_FROM else _IN_SECONDS
-        whole = seconds.quantize(microsecond, rounding=ROUND_FLOOR, context=_UNIX_CONTEXT)
-        micros = int(whole.scaleb(scale, context=_UNIX_CONTEXT))
+        in_micros = seconds.scaleb(3 if seconds >= _UNIX_MILLIS_FROM else 6, context=_UNIX_CONTEXT)
+        micros = int(in_micros.to_integral_value(rounding=ROUND_FLOOR, context=_UNIX_CONTEXT))
         return _in_range(_EPOCH + timedelta(microseconds=micros))
     except (OverflowError, ValueError, InvalidOperation):
         raise _out_of_range() from None
