@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import contextlib
 import secrets
 import socket
@@ -192,3 +193,10 @@ async def row_held(dsn: str, insert: str, *args: object) -> AsyncIterator[Any]:
         yield held
     finally:
         await conn.close()
+
+
+def metric_value(text: str, name: str, labels: str = "") -> float:
+    """The value of one sample in a Prometheus text page (``labels`` as written: '{hop="short"}')."""
+    match = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.MULTILINE)
+    assert match, f"{name}{labels} not in metrics"
+    return float(match.group(1))

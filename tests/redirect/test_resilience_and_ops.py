@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 from pathlib import Path
 
 import asyncpg
@@ -12,7 +11,7 @@ from shared import edge as edge_contract
 from shared.embedded import EmbeddedRedis
 from shared.redis_client import create_redis
 from shared.settings import Settings
-from tests.helpers import Tenant
+from tests.helpers import Tenant, metric_value
 from tests.redirect.conftest import Edge, drain, offer_and_link, running_edge, spare_redis_with_link
 
 
@@ -45,14 +44,9 @@ async def test_cached_links_keep_redirecting_while_redis_is_down(
             ready = await edge.get("http://edge/readyz")
             assert ready.status_code == 503 and ready.json()["status"] == "unavailable"
             metrics = (await edge.get("http://edge/metrics")).text
-            assert _value(metrics, "trackly_redirect_stale_served_total") >= 1
-            assert _value(metrics, "trackly_redirect_clicks_failed_total") == 1
+            assert metric_value(metrics, "trackly_redirect_stale_served_total") >= 1
+            assert metric_value(metrics, "trackly_redirect_clicks_failed_total") == 1
 
-
-def _value(text: str, name: str, labels: str = "") -> float:
-    match = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.MULTILINE)
-    assert match, f"{name}{labels} not in metrics"
-    return float(match.group(1))
 
 
 async def test_health_readiness_and_metrics(
@@ -71,20 +65,20 @@ async def test_health_readiness_and_metrics(
     assert metrics.status_code == 200
     assert metrics.headers["content-type"].startswith("text/plain")
     text = metrics.text
-    assert _value(text, "trackly_redirect_requests_total", '{hop="short",status="302"}') == 3
-    assert _value(text, "trackly_redirect_requests_total", '{hop="tracker",status="302"}') == 3
-    assert _value(text, "trackly_redirect_requests_total", '{hop="short",status="404"}') == 1
-    assert _value(text, "trackly_redirect_request_seconds_count") >= 7
-    assert _value(text, "trackly_redirect_clicks_recorded_total") == 3
-    assert _value(text, "trackly_click_stream_length") >= 1  # the three clicks wait for the drainer
+    assert metric_value(text, "trackly_redirect_requests_total", '{hop="short",status="302"}') == 3
+    assert metric_value(text, "trackly_redirect_requests_total", '{hop="tracker",status="302"}') == 3
+    assert metric_value(text, "trackly_redirect_requests_total", '{hop="short",status="404"}') == 1
+    assert metric_value(text, "trackly_redirect_request_seconds_count") >= 7
+    assert metric_value(text, "trackly_redirect_clicks_recorded_total") == 3
+    assert metric_value(text, "trackly_click_stream_length") >= 1  # the three clicks wait for the drainer
     await asyncio.sleep(0.3)
-    waited = _value((await edge.get("http://edge/metrics")).text, "trackly_click_stream_oldest_seconds")
+    waited = metric_value((await edge.get("http://edge/metrics")).text, "trackly_click_stream_oldest_seconds")
     assert 0.3 <= waited < 60  # the drain's lag: seconds since Redis took the oldest batch
     await drain(db, redis)
     after = (await edge.get("http://edge/metrics")).text
-    assert _value(after, "trackly_click_stream_length") == 0
-    assert _value(after, "trackly_click_stream_pending") == 0
-    assert _value(after, "trackly_click_stream_oldest_seconds") == 0
+    assert metric_value(after, "trackly_click_stream_length") == 0
+    assert metric_value(after, "trackly_click_stream_pending") == 0
+    assert metric_value(after, "trackly_click_stream_oldest_seconds") == 0
 
 
 async def test_the_stream_gauges_go_while_redis_cannot_be_read(settings: Settings, tmp_path: Path) -> None:
