@@ -6,6 +6,7 @@ Both sides agree on the status machine defined here.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -98,10 +99,33 @@ class Postback:
         )
 
 
+# A value that is a network's macro left unfilled, whole: ``{txid}``, ``{{transaction_id}}``,
+# ``${payout}``, ``[clickid]``, ``[[sub1]]``, ``#s2#``, ``%aff_sub%``, ``%%txid%%`` (TUNE, Everflow,
+# CAKE, Impact and trackers' own postback templates). The network had no value for the field: it is
+# absent. (Kept as a value, one literal ``{txid}`` made every later conversion of the network a
+# repeat of the first: their money was lost as duplicates.)
+_MACRO_NAME = r"\s*[A-Za-z_][\w.:-]*\s*"
+_UNFILLED_MACRO = re.compile(
+    "|".join(f"{re.escape(left)}{_MACRO_NAME}{re.escape(right)}" for left, right in (
+        ("{{", "}}"), ("{", "}"), ("${", "}"), ("[[", "]]"), ("[", "]"), ("#", "#"), ("%%", "%%"), ("%", "%"),
+    ))
+)
+
+
+def _absent(value: Any) -> bool:
+    """A blank, or an unfilled macro (see _UNFILLED_MACRO): no value."""
+    if value is None:
+        return True
+    if not isinstance(value, str):
+        return False
+    text = value.strip()
+    return not text or (text[0] in "{$[#%" and _UNFILLED_MACRO.fullmatch(text) is not None)
+
+
 def _first(values: list[Any]) -> Any:
-    """The first of repeated values that is not blank (a blank is absent: a template's empty
-    ``click_id=`` in the query must not hide the ``click_id`` sent after it, or in the body)."""
-    return next((v for v in values if v is not None and not (isinstance(v, str) and not v.strip())), None)
+    """The first of repeated values that is not absent (a blank or an unfilled macro: a template's
+    empty ``click_id=`` in the query must not hide the ``click_id`` sent after it, or in the body)."""
+    return next((v for v in values if not _absent(v)), None)
 
 
 def first_value(value: Any, *, plain: bool = False) -> str | None:
@@ -111,7 +135,7 @@ def first_value(value: Any, *, plain: bool = False) -> str | None:
     (``jsonio.storable`` has left only Decimals within 100 places of the point and 28 digits.)"""
     if isinstance(value, list):
         value = _first(value)
-    if value is None or isinstance(value, (dict, bool)):
+    if value is None or isinstance(value, (dict, bool)) or _absent(value):
         return None
     text = (format(value, "f") if plain and isinstance(value, Decimal) else str(value)).strip()
     return text or None

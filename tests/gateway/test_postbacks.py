@@ -235,6 +235,21 @@ def test_normalise_aliases_order_and_unix_time():
     assert normalise({"timestamp": "2026-01-01T00:00:00"}, NOW).converted_at == datetime(2026, 1, 1, tzinfo=UTC)
 
 
+@pytest.mark.parametrize("macro", ["{txid}", "{{transaction_id}}", "${event_id}", "[txid]", "[[txid]]", "#s2#", "%txid%", "%%txid%%"])
+def test_an_unfilled_macro_is_no_value(macro):
+    """A network's postback template whose macro it could not fill sends the macro itself: the
+    field has no value (the next alias or repeat is read; else its default)."""
+    pb = normalise({"txid": macro, "click_id": [macro, "r1"], "payout": macro, "status": macro, "currency": macro,
+                    "timestamp": macro, "network": macro}, NOW)
+    assert (pb.conversion_key, pb.click_id, pb.payout, pb.status, pb.currency, pb.converted_at) == (
+        "click:r1", "r1", None, "approved", None, NOW)
+    assert pb.network == "default" and pb.errors == []
+    assert normalise({"txid": macro, "event_id": "e7"}, NOW).conversion_key == "e7"
+    # Values that only look alike are values.
+    for value in ("[123]", "{1}", "x{txid}", "{txid}x", "#12#", "{}"):
+        assert normalise({"txid": value}, NOW).conversion_key == value
+
+
 def test_status_moves():
     d = Decimal
     assert accepts_move("pending", d(1), "approved", d(1))

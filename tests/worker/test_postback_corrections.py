@@ -2,6 +2,7 @@
 from datetime import timedelta
 from decimal import Decimal
 
+from tests.helpers import make_offer
 from tests.worker.test_attribution import T0, clicked_message, conversion, ledger, postback
 
 
@@ -150,3 +151,22 @@ async def test_a_postback_that_only_corrects_the_currency_is_applied(api, db, te
     await run_worker()
     conv = await conversion(db, tenant, "fx-only")
     assert (conv["status"], conv["payout"], conv["currency"]) == ("pending", Decimal(10), "USD")
+
+
+async def test_conversions_sent_with_an_unfilled_conversion_id_are_not_merged(api, db, tenant, run_worker):
+    """A network whose template's ``{txid}`` it could not fill sends ``txid={txid}`` with every
+    conversion: each is keyed by its own click, not all by one literal id (which made every
+    conversion after the first a duplicate, its money lost)."""
+    offer = await make_offer(api, tenant, payout=5)
+    firsts = [await clicked_message(api, db, tenant, offer=offer) for _ in range(2)]
+    at = (T0 + timedelta(hours=1)).isoformat()
+    for (_, _, click_id), payout in zip(firsts, ("10", "20.50")):
+        assert await postback(api, tenant, click_id=click_id, txid="{txid}", payout=payout, timestamp=at) == "accepted"
+    await run_worker()
+    rows = await db.fetch(
+        "SELECT conversion_key, message_id, payout, attributed FROM conversions WHERE account_id = $1 ORDER BY payout",
+        tenant.account_id,
+    )
+    assert [(r["conversion_key"], r["message_id"], r["payout"], r["attributed"]) for r in rows] == [
+        (f"click:{click_id}", mid, Decimal(p), True) for (_, mid, click_id), p in zip(firsts, ("10", "20.50"))
+    ]
