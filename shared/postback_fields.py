@@ -173,8 +173,9 @@ def _unusable(lowered: dict[str, Any]) -> list[str]:
     return errors
 
 
-def normalise(params: dict[str, Any], received_at: datetime) -> Postback:
-    errors: list[str] = [] if params else ["no fields: nothing to record as a conversion"]
+def normalise(params: dict[str, Any], received_at: datetime, body_error: str | None = None) -> Postback:
+    """``body_error``: why the receiver could not read the body as fields (the first error)."""
+    errors: list[str] = [body_error] if body_error else [] if params else ["no fields: nothing to record as a conversion"]
     fields = lowered(params)
     errors += _unusable(fields)
 
@@ -228,6 +229,11 @@ def normalise(params: dict[str, Any], received_at: datetime) -> Postback:
         except TimeError as exc:
             errors.append(f"timestamp: {exc}")
 
+    if click_id is None and conversion_id is None and offer_ref is None and payout_raw is None and not errors:
+        # Only a status, a time, a network or fields of no meaning to us (a monitor's ping, a
+        # network's "test postback" button, a template whose macros were all left blank): no
+        # conversion to name, and no money. Kept for the log, never counted as a conversion of 0.
+        errors.append("no click_id, conversion_id, offer_id or payout: nothing to record as a conversion")
     if conversion_id is not None:
         key = conversion_id
     elif click_id is not None:

@@ -92,18 +92,25 @@ async def test_the_postback_log_is_the_accounts_own(api, db, tenant, run_worker)
 
 
 async def test_postbacks_that_carry_nothing_usable_are_kept_and_never_count(api, db, tenant, run_worker):
-    """An empty postback, a JSON body that is not an object, a payout of true: each is stored (as
-    sent) and answered 200 like any postback, shows failed in the log, and is no conversion."""
+    """An empty postback, a JSON body that is not an object, a payout of true, one that names no
+    conversion and gives no money: each is stored (as sent) and answered 200 like any postback,
+    shows failed in the log, and is no conversion."""
     token = f"/postback/{tenant.postback_token}"
     assert (await api.get(token)).json()["status"] == "accepted"
     garbled = await api.post(token + "?click_id=c9", content=b'{"payout": 5', headers={"content-type": "application/json"})
     assert garbled.json()["status"] == "accepted"
     as_bool = await api.post(token, json={"click_id": "c8", "conversion_id": "b1", "payout": True})
     assert as_bool.json()["status"] == "accepted"
+    # Nothing that names a conversion or gives its money: a ping, a blank or unfilled template.
+    for params in ({"ping": "1"}, {"status": "approved", "network": "tune", "timestamp": "2026-01-01T00:00:00Z"},
+                   {"click_id": "", "txid": "{txid}", "payout": "{payout}", "currency": "USD"}):
+        assert (await api.get(token, params=params)).json()["status"] == "accepted"
     await run_worker()
     log = (await api.get("/api/v2/postbacks", headers=tenant.headers)).json()["postbacks"]
-    assert [p["state"] for p in log] == ["failed"] * 3
-    by_bool, by_body, empty = log
+    assert [p["state"] for p in log] == ["failed"] * 6
+    *nameless, by_bool, by_body, empty = log
+    assert all("nothing to record as a conversion" in p["error"] for p in nameless)
+    assert [p["params"] for p in nameless][::-1][0] == {"ping": "1"}
     assert "payout" in by_bool["error"] and by_bool["params"]["payout"] is True
     assert "not a JSON object" in by_body["error"] and by_body["params"]["_body"] == '{"payout": 5'
     assert "no fields" in empty["error"] and empty["params"] == {}

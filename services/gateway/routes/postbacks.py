@@ -192,9 +192,7 @@ async def receive(request: Request) -> JSONResponse:
     params, body_error = await _params(request)
     params = jsonio.storable(params)  # a network sending what PostgreSQL cannot hold still gets its 200
     received_at = utcnow()
-    pb = normalise(params, received_at)
-    if body_error:
-        pb.errors.append(body_error)
+    pb = normalise(params, received_at, body_error)
     unparseable = pb.parse_error is not None
     db = request.app.state.db
     values = [
