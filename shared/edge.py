@@ -34,6 +34,7 @@ Hosts are stored lower-case without a port (CONTRACT.md §4).
 from __future__ import annotations
 
 import functools
+import ipaddress
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypedDict
@@ -70,7 +71,16 @@ def host_of(url_or_host: str) -> str:
     if "//" not in text:
         text = "//" + text
     host = urlsplit(text).hostname or ""
-    return host.lower().rstrip(".")
+    return ipv6_host(host) if ":" in host else host.lower().rstrip(".")
+
+
+def ipv6_host(host: str) -> str:
+    """An IPv6 literal (without brackets) in its one compressed, lower-case form, the form browsers
+    send (``0:0::1`` and ``0000::0001`` are ``::1``); anything else lower-cased."""
+    try:
+        return ipaddress.IPv6Address(host).compressed
+    except ValueError:
+        return host.lower()
 
 
 class _ShortEntryOptional(TypedDict, total=False):

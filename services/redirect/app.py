@@ -203,7 +203,7 @@ def hostname(raw: bytes) -> str:
     host = raw.decode("latin-1").lower()
     if host.startswith("["):
         end = host.find("]")
-        host, port = host[1:end], host[end + 1 :]
+        host, port = edge.ipv6_host(host[1:end]), host[end + 1 :]
         port = port[1:] if port.startswith(":") else ("" if not port else "x")
     else:
         host, _, port = host.partition(":")

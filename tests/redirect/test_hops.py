@@ -13,7 +13,7 @@ import pytest
 
 from shared import edge as edge_keys
 from shared.settings import Settings
-from tests.helpers import Tenant, make_link, make_offer
+from tests.helpers import Tenant, make_link, make_offer, make_tenant
 from tests.redirect.conftest import PHONE_UA, Edge, drain, offer_and_link, running_edge
 
 ALL_MACROS = (
@@ -327,3 +327,21 @@ async def test_a_dot_segment_in_a_query_value_does_not_move_the_destination_path
     for sub1 in ("..", "%2e%2e", "%2E.", "."):
         location = await edge.click(link["shortUrl"] + f"?sub1={sub1}")
         assert urlsplit(location).path == "/offers//landing", (sub1, location)
+
+
+async def test_an_ipv6_literal_domain_matches_the_host_a_browser_sends(
+    api: httpx.AsyncClient, db: asyncpg.Pool, edge: Edge
+) -> None:
+    """A list's domain written as an IPv6 literal in another form than the compressed one
+    (``[0:0::1]``): browsers send the compressed form (``Host: [::1]:8001``), which is the same
+    host; so is any other spelling of it (found by review: the match was textual, 404 on both hops)."""
+    tenant = await make_tenant(db, short_domain="http://[0:0::1]:8001", tracker_domain="http://[0::0:1]:8001")
+    _, link = await offer_and_link(api, tenant, "https://lp.example/land")
+    assert link["shortUrl"].startswith("http://[0:0::1]:8001/")
+    tracker_path = urlsplit(link["clickTrackerUrl"]).path
+    for host in ("[::1]:8001", "[0:0:0:0:0:0:0:1]", "[0:0::1]:8001", "[0000::0001]"):
+        resp = await edge.get(f"http://{host}/{link['linkId']}")
+        assert resp.status_code == 302, host
+        assert resp.headers["location"] == link["clickTrackerUrl"]
+        assert (await edge.head(f"http://{host}{tracker_path}")).status_code == 302, host
+    assert (await edge.get(f"http://[::2]:8001/{link['linkId']}")).status_code == 404
