@@ -46,6 +46,10 @@ class ClientIP:
             candidate = part.strip()
             if candidate.startswith("[") and "]" in candidate:
                 candidate = candidate[1:candidate.index("]")]
+            elif candidate.count(":") == 1:  # an IPv4 address and its port, as some proxies write a hop (Azure's)
+                address, _, port = candidate.partition(":")
+                if port.isdigit():
+                    candidate = address
             try:
                 ip = ipaddress.ip_address(candidate)
             except ValueError:

@@ -101,3 +101,25 @@ async def test_country_code_from_geoip(
     await drain(db, redis)
     assert await db.fetchval("SELECT country_code FROM clicks WHERE id = $1", gb["c"]) == "GB"
     assert await db.fetchval("SELECT country_code FROM clicks WHERE id = $1", unknown["c"]) is None
+
+
+def test_a_forwarded_for_entry_with_a_port_is_its_address() -> None:
+    """Proxies that write each hop with its port (Azure Application Gateway: "203.0.113.5:41234";
+    bracketed for IPv6): the address is the client. It was taken for junk, and the click was the
+    proxy's (found by review)."""
+    resolve = ClientIP([ipaddress.ip_network("10.0.0.0/8")])
+    assert resolve("10.1.2.3", b"203.0.113.5:41234") == "203.0.113.5"
+    assert resolve("10.1.2.3", b"1.2.3.4:1, 203.0.113.5:41234, 10.0.0.2:443") == "203.0.113.5"
+    assert resolve("10.1.2.3", b"[2001:db8::1]:443") == "2001:db8::1"
+    assert resolve("10.1.2.3", b"1.2.3.4, 203.0.113.5:junk") == "10.1.2.3"  # still no address
+    assert resolve("10.1.2.3", b"1.2.3.4, 203.0.113.5:") == "10.1.2.3"
+
+
+async def test_forwarded_for_with_ports_through_the_edge(
+    api: httpx.AsyncClient, tenant: Tenant, settings: Settings, geoip_db: Path
+) -> None:
+    _, link = await offer_and_link(api, tenant, DEST)
+    proxies = (ipaddress.ip_network("10.0.0.0/8"),)
+    async with running_edge(settings, client_ip="10.0.0.9", trusted_proxies=proxies, geoip_db=geoip_db) as edge:
+        clicked = q(await edge.click(link["shortUrl"], headers={"x-forwarded-for": "81.2.69.160:52311"}))
+    assert (clicked["ip"], clicked["cc"]) == ("81.2.69.160", "GB")
