@@ -200,7 +200,8 @@ def hostname(raw: bytes) -> str:
         return known
     if len(raw) > MAX_HOST_HEADER:
         return ""
-    host = raw.decode("latin-1").lower()
+    # Blanks after the value are not part of it (RFC 9112 §5), but httptools leaves them there.
+    host = raw.decode("latin-1").strip(" \t").lower()
     if host.startswith("["):
         end = host.find("]")
         host, port = edge.ipv6_host(host[1:end]), host[end + 1 :]

@@ -345,3 +345,20 @@ async def test_an_ipv6_literal_domain_matches_the_host_a_browser_sends(
         assert resp.headers["location"] == link["clickTrackerUrl"]
         assert (await edge.head(f"http://{host}{tracker_path}")).status_code == 302, host
     assert (await edge.get(f"http://[::2]:8001/{link['linkId']}")).status_code == 404
+
+
+async def test_whitespace_around_the_host_header_is_not_part_of_the_host(
+    api: httpx.AsyncClient, tenant: Tenant, edge: Edge
+) -> None:
+    """HTTP allows blanks after a header's value, which are not part of it (RFC 9112 §5); uvicorn's
+    httptools parser strips those before it, not after: "Host: sms.example.com " was another
+    host, 404 on both hops (found by review)."""
+    _, link = await offer_and_link(api, tenant, "https://lp.example/land")
+    tracker_path = urlsplit(link["clickTrackerUrl"]).path
+    for host in ("sms.example.com ", "sms.example.com:443\t", " SMS.example.com \t "):
+        resp = await edge.get(f"https://sms.example.com/{link['linkId']}", headers={"host": host})
+        assert resp.status_code == 302, repr(host)
+        assert resp.headers["location"] == link["clickTrackerUrl"]
+        ct_host = host.replace("SMS.example.com", "ct.localhost").replace("sms.example.com", "ct.localhost")
+        assert (await edge.head(f"http://ct.localhost:8001{tracker_path}", headers={"host": ct_host})).status_code == 302
+    assert (await edge.get(f"https://sms.example.com/{link['linkId']}", headers={"host": "sms.example.com x"})).status_code == 404
