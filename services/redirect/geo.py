@@ -24,8 +24,20 @@ class Geo:
         except Exception as exc:  # noqa: BLE001 - a bad database must not stop the redirect
             log.warning("GeoIP database %s unusable (%s); countries will be empty", path, exc)
             return
+        # geoip2 answers each method only for its own kinds of database (by name): any other
+        # raises TypeError, which a lookup could not tell from an address it cannot read.
+        database_type = self._reader.metadata().database_type
+        if "Enterprise" in database_type:
+            self._lookup = self._reader.enterprise
+        elif "City" in database_type:
+            self._lookup = self._reader.city
+        elif "Country" in database_type:
+            self._lookup = self._reader.country
+        else:
+            log.warning("GeoIP database %s holds no countries (%s); countries will be empty", path, database_type)
+            self.close()
+            return
         self.enabled = True
-        self._lookup = self._reader.city if "City" in self._reader.metadata().database_type else self._reader.country
 
     def country(self, ip: str | None) -> str | None:
         if self._reader is None or not ip:

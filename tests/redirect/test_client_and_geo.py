@@ -123,3 +123,29 @@ async def test_forwarded_for_with_ports_through_the_edge(
     async with running_edge(settings, client_ip="10.0.0.9", trusted_proxies=proxies, geoip_db=geoip_db) as edge:
         clicked = q(await edge.click(link["shortUrl"], headers={"x-forwarded-for": "81.2.69.160:52311"}))
     assert (clicked["ip"], clicked["cc"]) == ("81.2.69.160", "GB")
+
+
+def _mmdb(path: Path, database_type: str) -> Path:
+    writer = MMDBWriter(ip_version=6, ipv4_compatible=True, database_type=database_type)
+    writer.insert_network(IPSet(["81.2.69.0/24"]), {"country": {"iso_code": "GB"}, "city": {"names": {"en": "London"}}})
+    writer.to_db_file(str(path))
+    return path
+
+
+@pytest.mark.parametrize("database_type", ["GeoIP2-Enterprise", "GeoIP2-City", "DBIP-Country-Lite", "DBIP-City-Lite"])
+def test_every_maxmind_format_database_with_countries_gives_them(tmp_path: Path, database_type: str) -> None:
+    """A MaxMind Enterprise database holds countries too, but geoip2 refuses its country() (and
+    city()) on one: every lookup raised TypeError, taken for an unknown address, so every click's
+    country was empty with nothing said (found by review)."""
+    geo = Geo(_mmdb(tmp_path / "geo.mmdb", database_type))
+    try:
+        assert geo.enabled
+        assert geo.country("81.2.69.160") == "GB"
+    finally:
+        geo.close()
+
+
+def test_a_database_without_countries_is_reported_at_start(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    geo = Geo(_mmdb(tmp_path / "asn.mmdb", "GeoLite2-ASN"))
+    assert not geo.enabled and geo.country("81.2.69.160") is None
+    assert "countries will be empty" in caplog.text
