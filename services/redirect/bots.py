@@ -18,6 +18,7 @@ BOT_RE = re.compile(
     r"|quora link preview|nuzzel|bitlybot|petalbot|semrushbot"
     r"|ahrefsbot|mj12bot|dotbot|headlesschrome|lighthouse|mastodon|google-pagerenderer|googleimageproxy"
     r"|existence discovery|kakaotalk-scrap|google-read-aloud|googleother|google-safety"
+    r"|\byeti/|qwantify|ia_archiver|google-site-verification|google favicon|flipboardproxy"
     r"|bot\b|bot/|_bot|-bot|crawl|spider|preview|scrape|slurp|fetcher",
     re.IGNORECASE,
 )

@@ -33,6 +33,12 @@ BOTS = [
     "kakaotalk-scrap/1.0; +https://devtalk.kakao.com/public/robots",
     "Mozilla/5.0 (X11; Linux x86_64; Google-Read-Aloud; +https://support.google.com/webmasters/answer/1061943)",
     "GoogleOther",
+    "Mozilla/5.0 (compatible; Yeti/1.1; +http://naver.me/spd)",  # Naver
+    "Mozilla/5.0 (compatible; Qwantify/2.4w; +https://www.qwant.com/)/2.4w",
+    "ia_archiver (+http://www.alexa.com/site/help/webmasters; crawler@alexa.com)",
+    "Mozilla/5.0 (compatible; Google-Site-Verification/1.0)",
+    "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/49.0.2623.75 Safari/537.36 Google Favicon",
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10.11; rv:49.0) Gecko/20100101 Firefox/49.0 (FlipboardProxy/1.2; +http://flipboard.com/browserproxy)",
 ]
 HUMANS = [
     PHONE_UA,
