@@ -561,7 +561,10 @@ async def rematch_for_clicks(conn: asyncpg.Connection, click_ids: list[str]) -> 
     for w in waiting:
         verdict = clicks.credit(w["account_id"], w["click_id"], w["converted_at"])
         if w["attributed"]:
-            unchanged = verdict.attributed and verdict.columns()[6] == w["clicked_at"]  # by the same first click
+            # Credited by the message's first click: final while that click is still its first,
+            # whatever the offer's window says now (one that names its click is never judged again).
+            click = clicks.named.get(w["click_id"])
+            unchanged = click is not None and click["clicked_at"] == w["clicked_at"]
         else:
             unchanged = verdict.reason == w["unattributed_reason"]
         if not unchanged:
