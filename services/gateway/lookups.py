@@ -26,14 +26,17 @@ async def find_offers(
 ) -> dict[str, asyncpg.Record]:
     """Many refs at once; the result maps each ref that resolved: an internal id wins, then a live
     offer's external id. ``include_deleted``: deleted offers resolve too, after live ones (what
-    happened in the past may name an offer deleted since: revenue, history imports)."""
+    happened in the past may name an offer deleted since: revenue, history imports); of deleted
+    ones, the one deleted last (the last to hold the external id), as the worker's lookup takes."""
     wanted = sorted(set(refs))
     if not wanted:
         return {}
     rows = await conn.fetch(
         f"SELECT {OFFER_COLUMNS} FROM offers"
         " WHERE account_id = $1 AND ($3 OR status <> 'deleted') AND (id = ANY($2::text[]) OR external_id = ANY($2::text[]))"
-        " ORDER BY status = 'deleted' DESC",  # live ones last: they overwrite a deleted one's external id
+        # Live ones last: they overwrite a deleted one's external id; a deleted one is never
+        # written again, so the deleted are in the order they were deleted.
+        " ORDER BY status = 'deleted' DESC, updated_at, id",
         account_id, wanted, include_deleted,
     )
     found: dict[str, asyncpg.Record] = {}

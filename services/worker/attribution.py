@@ -110,19 +110,21 @@ CROSS JOIN LATERAL (
 ORDER BY p.id
 """
 
-# Each ref as an internal id, else as a live offer's external id, else a deleted one's. Two joins
-# that each use an index (the primary key; offers_account_external_id), not one join on
-# "id = ref OR external_id = ref", which could use neither.
+# Each ref as an internal id, else as a live offer's external id, else a deleted one's: the one
+# deleted last (the last to hold it; a deleted offer is never written again), as the gateway's
+# find_offers takes. Two joins that each use an index (the primary key; offers_account_external_id),
+# not one join on "id = ref OR external_id = ref", which could use neither.
 _OFFERS = """
 WITH refs AS (SELECT * FROM unnest($1::bigint[], $2::text[]) AS t(account_id, ref))
 SELECT DISTINCT ON (account_id, ref) account_id, ref, id, payout, currency FROM (
-    SELECT r.account_id, r.ref, o.id, o.payout, o.currency, 0 AS rank
+    SELECT r.account_id, r.ref, o.id, o.payout, o.currency, o.updated_at, 0 AS rank
     FROM refs r JOIN offers o ON o.id = r.ref AND o.account_id = r.account_id
     UNION ALL
-    SELECT r.account_id, r.ref, o.id, o.payout, o.currency, CASE WHEN o.status = 'deleted' THEN 2 ELSE 1 END
+    SELECT r.account_id, r.ref, o.id, o.payout, o.currency, o.updated_at,
+           CASE WHEN o.status = 'deleted' THEN 2 ELSE 1 END
     FROM refs r JOIN offers o ON o.account_id = r.account_id AND o.external_id = r.ref
 ) found
-ORDER BY account_id, ref, rank
+ORDER BY account_id, ref, rank, updated_at DESC, id DESC
 """
 
 _CONVERSION_COLUMNS = (

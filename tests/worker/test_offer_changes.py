@@ -35,3 +35,42 @@ async def test_a_window_edit_does_not_take_back_the_credit_of_a_conversion_that_
         assert (conv["attributed"], conv["message_id"], conv["clicked_at"]) == (True, mid, T0), key
     detail = (await api.get(f"/api/v2/messages/{mid}", headers=tenant.headers)).json()
     assert (detail["conversions"], detail["revenue"]) == (3, 15)
+
+
+async def test_an_external_id_that_only_deleted_offers_held_names_the_last_one_on_every_path(
+    api, db, tenant, run_worker
+):
+    """An external id held by offers deleted one after another (a network offer recreated, an
+    older offer given its id, retired again): a postback, /revenue, /history/revenue and
+    /history/sends that name it all take the offer that held it last (found by review: the worker
+    took whichever PostgreSQL returned first, the oldest, and the gateway whichever came last, the
+    newest made, so one network offer's money was split between two offers in reports by offer)."""
+
+    async def delete(offer):
+        assert (await api.delete(f"/api/v2/offers/{offer['id']}", headers=tenant.headers)).status_code == 200
+
+    await delete(await make_offer(api, tenant, payout=1, external_id="NET-X"))
+    relabelled = await make_offer(api, tenant, payout=2)
+    await delete(await make_offer(api, tenant, payout=3, external_id="NET-X"))
+    resp = await api.patch(f"/api/v2/offers/{relabelled['id']}", headers=tenant.headers, json={"external_id": "NET-X"})
+    assert resp.status_code == 200, resp.text
+    await delete(relabelled)
+    last = relabelled["id"]
+    mid = await send_message(api, tenant)
+    assert await postback(api, tenant, conversion_id="named", offer_id="NET-X") == "accepted"
+    await run_worker()
+    conv = await conversion(db, tenant, "named")
+    assert (conv["offer_id"], conv["payout"]) == (last, 2)
+    record = {"message_id": mid, "revenue": 1, "attribution_type": "sale", "offer_id": "NET-X"}
+    resp = await api.post("/api/v2/revenue", headers=tenant.headers, json=record)
+    assert resp.status_code == 201, resp.text
+    resp = await api.post("/api/v2/history/revenue", headers=tenant.headers,
+                          json={"records": [{**record, "timestamp": T0.isoformat()}]})
+    assert resp.json()["success_count"] == 1, resp.text
+    resp = await api.post("/api/v2/history/sends", headers=tenant.headers, json={"records": [
+        {"to": "+14155550100", "list_id": tenant.list_id, "offer_id": "NET-X", "timestamp": T0.isoformat()}]})
+    assert resp.json()["success_count"] == 1, resp.text
+    assert await db.fetchval("SELECT array_agg(DISTINCT offer_id) FROM revenue WHERE account_id = $1",
+                             tenant.account_id) == [last]
+    assert await db.fetchval("SELECT offer_id FROM messages WHERE account_id = $1 AND id <> $2",
+                             tenant.account_id, mid) == last
