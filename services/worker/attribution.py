@@ -129,7 +129,7 @@ ORDER BY account_id, ref, rank, updated_at DESC, id DESC
 
 _CONVERSION_COLUMNS = (
     "id, account_id, network, conversion_key, status, payout, payout_given, currency, currency_given, click_id,"
-    " converted_at"
+    " converted_at, offer_id"
 )
 
 # The keys of a batch's conversions with a postback waiting outside the batch that is older than
@@ -300,6 +300,7 @@ class _State:
     currency_given: bool  # likewise (else the offer's, or USD)
     click_id: str | None
     converted_at: datetime
+    offer_id: str | None = None  # as it was read or created (the payout and currency defaults came from it)
     moved: bool = False
     ledger: list[tuple[int, str | None, str, Decimal]] = field(default_factory=list)  # postback, from, to, amount
 
@@ -326,7 +327,7 @@ class _State:
 
 def _state(row: Any) -> _State:
     return _State(row["id"], row["status"], row["payout"], row["payout_given"], row["currency"], row["currency_given"],
-                  row["click_id"], row["converted_at"])
+                  row["click_id"], row["converted_at"], row["offer_id"])
 
 
 class Taken(NamedTuple):
@@ -429,12 +430,14 @@ async def process_batch(conn: asyncpg.Connection, first_id: int | None = None, l
     # A conversion whose postbacks named no click takes the first click a later one names, and is
     # judged by it (a network that learned the click id late, as with a manual approval).
     late: list[tuple[int, str, Attribution, int]] = []  # conversion, click id, verdict, account
+    offers_before: dict[int, str | None] = {}
     for key in keys:
         state = states[key]
         if state.click_id is None:
             named = next((r["click_id"] for r in groups[key] if r["click_id"]), None)
             if named is not None:
                 late.append((state.id, named, clicks.credit(key[0], named, state.converted_at), key[0]))
+                offers_before[state.id] = state.offer_id
     if late:
         await conn.execute(
             "UPDATE conversions c SET click_id = t.click_id, waiting_since = now(), updated_at = now()"
@@ -442,7 +445,7 @@ async def process_batch(conn: asyncpg.Connection, first_id: int | None = None, l
             [i for i, _, _, _ in late], [named for _, named, _, _ in late],
         )
         await _attribute(conn, [(i, verdict) for i, _, verdict, _ in late])
-        await _default_from_click_offers(conn, [i for i, _, verdict, _ in late if verdict.attributed])
+        await _default_from_click_offers(conn, {i: offers_before[i] for i, _, verdict, _ in late if verdict.attributed})
         # A late click id's click may not be stored yet: waiting_since is when the sweeper's
         # re-match starts its window (a day) for it, as the creation is for a conversion that
         # named its click at once. (Such a conversion is often older than that window.)
@@ -487,7 +490,7 @@ async def _attribute(conn: asyncpg.Connection, updates: list[tuple[int, Attribut
 # For conversions a late click attributes (after ``_ATTRIBUTE``, so their offer is the click's):
 # the payout and currency their postbacks left to the offer.
 _DEFAULTS = f"""
-SELECT c.id, c.status, c.payout, c.currency, c.payout_given, c.currency_given,
+SELECT c.id, c.offer_id, c.status, c.payout, c.currency, c.payout_given, c.currency_given,
        o.payout AS offer_payout, o.currency AS offer_currency
 FROM conversions c
 LEFT JOIN offers o ON o.id = c.offer_id
@@ -496,16 +499,21 @@ ORDER BY c.id
 """
 
 
-async def _default_from_click_offers(conn: asyncpg.Connection, conversion_ids: list[int]) -> None:
+async def _default_from_click_offers(conn: asyncpg.Connection, offers_before: dict[int, str | None]) -> None:
     """A conversion made before its click was stored had no offer to take a payout or currency
     no postback gave from (0 and USD), unless the postback named one; once the click is in, it
     gets what it would have had if the click had come first: the click's offer's, else the named
-    one's. A payout change is written to the ledger."""
-    if not conversion_ids:
+    one's. A payout change is written to the ledger. ``offers_before``: each conversion's offer
+    before the click credited it. One credited on the offer it already had (the one its postback
+    named, or its message's earlier first click on the same offer) keeps what it took from it,
+    as if the click had come first: the offer's payout may have been edited since."""
+    if not offers_before:
         return
     changes: list[tuple[int, Decimal, str]] = []
     ledger: list[tuple[int, None, str, str, Decimal]] = []
-    for r in await conn.fetch(_DEFAULTS, conversion_ids):
+    for r in await conn.fetch(_DEFAULTS, list(offers_before)):
+        if r["offer_id"] is not None and r["offer_id"] == offers_before[r["id"]]:
+            continue
         payout = r["payout"] if r["payout_given"] else (r["offer_payout"] or Decimal(0))
         currency = r["currency"] if r["currency_given"] else (r["offer_currency"] or "USD")
         if (payout, currency) == (r["payout"], r["currency"]):
@@ -544,7 +552,8 @@ async def rematch_for_clicks(conn: asyncpg.Connection, click_ids: list[str]) -> 
     # conversion that names a message is that message's), then one lock of them all in
     # process_batch's order (no deadlock); one OR of the two had the planner scan every conversion.
     waiting = await conn.fetch(
-        "SELECT id, account_id, click_id, converted_at, attributed, unattributed_reason, clicked_at FROM conversions"
+        "SELECT id, account_id, click_id, converted_at, attributed, unattributed_reason, clicked_at, offer_id"
+        " FROM conversions"
         " WHERE id = ANY(ARRAY("
         f"  SELECT id FROM conversions WHERE click_id = {_each_of('$1', 'text')}"
         "   AND NOT attributed AND (unattributed_reason = 'click_not_found'"
@@ -573,7 +582,8 @@ async def rematch_for_clicks(conn: asyncpg.Connection, click_ids: list[str]) -> 
             updates.append((w["id"], verdict))
     await _attribute(conn, updates)
     attributed = [cid for cid, v in updates if v.attributed]
-    await _default_from_click_offers(conn, attributed)
+    before = {w["id"]: w["offer_id"] for w in waiting}
+    await _default_from_click_offers(conn, {cid: before[cid] for cid in attributed})
     return len(attributed)
 
 
