@@ -630,6 +630,8 @@ async def test_lists_are_in_numeric_order(api, db, tenant):
     for list_id in ids_:
         await db.execute("INSERT INTO lists (id, account_id, name, phone_number) VALUES ($1, $2, 'l', $3)",
                          list_id, tenant.account_id, f"+1800555{list_id % 10000:04d}")
+    # Past them, or a list made later in the session takes one of their ids (its insert failed).
+    await db.execute("SELECT setval('lists_id_seq', greatest($1, (SELECT last_value FROM lists_id_seq)))", ids_[-1])
     resp = await api.post("/api/v2/history/sends", headers=tenant.headers, json={"records": [
         {"to": "+14155550100", "list_id": list_id, "timestamp": "2026-01-05T10:00:00Z"} for list_id in ids_]})
     assert resp.json()["success_count"] == 2, resp.text
