@@ -109,7 +109,14 @@ async def test_get_patch_delete(api, tenant, redis):
     assert_error(await api.get(f"/api/v2/offers/{offer['id']}", headers=tenant.headers), 404, "offer_not_found")
     assert_error(await api.delete(f"/api/v2/offers/{offer['id']}", headers=tenant.headers), 404, "offer_not_found")
     # The external id is free again once its offer is deleted.
-    await make_offer(api, tenant, external_id="ext-1")
+    again = await make_offer(api, tenant, external_id="ext-1")
+    # A deleted offer is listed only when asked for (reports and old conversions still name it).
+    listed = (await api.get("/api/v2/offers", headers=tenant.headers)).json()
+    assert [o["id"] for o in listed["offers"]] == [again["id"]] and listed["pagination"]["total"] == 1
+    deleted = (await api.get("/api/v2/offers", params={"status": "deleted"}, headers=tenant.headers)).json()
+    assert [(o["id"], o["status"], o["external_id"]) for o in deleted["offers"]] == [(offer["id"], "deleted", "ext-1")]
+    assert deleted["pagination"]["total"] == 1
+    assert_error(await api.get("/api/v2/offers", params={"status": "gone"}, headers=tenant.headers), 400, "validation_error")
 
 
 async def test_duplicate_external_id_conflicts(api, tenant):

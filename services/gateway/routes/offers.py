@@ -162,9 +162,11 @@ async def list_offers(request: Request) -> JSONResponse:
     page = page_params(request)
     db = request.app.state.db
     status = request.query_params.get("status")
-    if status is not None and status not in ("active", "paused"):
-        raise validation("status must be active or paused")
-    where = "account_id = $1 AND status <> 'deleted'" + (" AND status = $2" if status else "")
+    # ``deleted``: the offers deleted (soft), which reports by offer and old conversions still
+    # name; they are listed only when asked for, and read-only (GET /offers/{id} answers 404).
+    if status is not None and status not in ("active", "paused", "deleted"):
+        raise validation("status must be active, paused or deleted")
+    where = "account_id = $1" + (" AND status = $2" if status else " AND status <> 'deleted'")
     args: list[Any] = [account.id] + ([status] if status else [])
     total = await db.fetchval(f"SELECT count(*) FROM offers WHERE {where}", *args)
     rows = await db.fetch(
