@@ -12,6 +12,15 @@ log = logging.getLogger("trackly.db")
 
 # How long closing a pool waits for connections still in use before it cuts them.
 CLOSE_TIMEOUT = 5.0
+# PostgreSQL ends a session of ours left idle inside a transaction this long (seconds), which
+# rolls it back and frees its locks. A gateway or worker whose machine died (or whose process
+# froze: a paused VM, a partition) mid-transaction sends neither its next statement nor a FIN:
+# its session held its rows (an Idempotency-Key's, a new contact's, clicks being drained) until
+# TCP keepalive noticed, over two hours by default and never for a frozen process, and every
+# retry of that key, or drain of those clicks, waited on them. Our transactions are never idle
+# that long: between statements they do Python work or a Redis call (at most
+# redis_client.SOCKET_TIMEOUT plus its CONNECT_TIMEOUT).
+IDLE_IN_TRANSACTION_TIMEOUT = 30.0
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -82,6 +91,7 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, **opti
         # RESET ALL" on every release: a round trip per request (two for most), for session state
         # this code never creates (tests/test_architecture.py checks that no SQL sets any).
         "reset": _keep_session,
+        "server_settings": {"idle_in_transaction_session_timeout": str(int(IDLE_IN_TRANSACTION_TIMEOUT * 1000))},
         **options,
     }
     return await Pool(dsn, min_size=min_size, max_size=max_size, **arguments)

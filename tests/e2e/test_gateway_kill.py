@@ -31,14 +31,18 @@ REPO = Path(__file__).resolve().parents[2]
 class Gateway:
     """One gateway process on the test database and Redis."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, idle_in_transaction: float | None = None) -> None:
         self.port = free_port()
         env = dict(
             os.environ, TRACKLY_DATABASE_URL=settings.database_url or "", TRACKLY_REDIS_URL=settings.redis_url or "",
             TRACKLY_GATEWAY_PORT=str(self.port), TRACKLY_DATA_DIR=str(settings.data_dir), TRACKLY_LOG_LEVEL="warning",
         )
+        # With ``idle_in_transaction``, its pool's limit on a session idle in a transaction is that
+        # (seconds) instead of its own, so that a test need not wait that long.
+        patch = "" if idle_in_transaction is None else f"shared.db.IDLE_IN_TRANSACTION_TIMEOUT = {idle_in_transaction}; "
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "gateway"], env=env, cwd=REPO,
+            [sys.executable, "-c", f"import sys, shared.db; {patch}from services.cli import main; sys.exit(main(['gateway']))"],
+            env=env, cwd=REPO,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent(),
         )
         self.url = f"http://127.0.0.1:{self.port}"
@@ -60,11 +64,11 @@ class Gateway:
 
 
 @pytest.fixture
-async def start_gateway(settings: Settings) -> AsyncIterator[Callable[[], Awaitable[Gateway]]]:
+async def start_gateway(settings: Settings) -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
     started: list[Gateway] = []
 
-    async def start() -> Gateway:
-        gateway = Gateway(settings)
+    async def start(**kwargs: Any) -> Gateway:
+        gateway = Gateway(settings, **kwargs)
         started.append(gateway)
         await gateway.ready()
         return gateway
@@ -144,7 +148,7 @@ async def _context(api: httpx.AsyncClient, tenant: Tenant) -> dict[str, Any]:
 @pytest.mark.parametrize("case", list(CASES))
 async def test_killed_before_its_commit_keeps_nothing_and_frees_the_key(
     case: str, api: httpx.AsyncClient, tenant: Tenant, db: asyncpg.Pool, settings: Settings,
-    start_gateway: Callable[[], Awaitable[Gateway]],
+    start_gateway: Callable[..., Awaitable[Gateway]],
 ) -> None:
     path, make_body, count, rows, _ = CASES[case]
     body = make_body(await _context(api, tenant))
@@ -205,7 +209,7 @@ async def commit_held(db: asyncpg.Pool, settings: Settings, key: str) -> AsyncIt
 @pytest.mark.parametrize("case", list(CASES))
 async def test_killed_after_its_commit_the_retry_is_answered_not_repeated(
     case: str, api: httpx.AsyncClient, tenant: Tenant, db: asyncpg.Pool, settings: Settings,
-    start_gateway: Callable[[], Awaitable[Gateway]],
+    start_gateway: Callable[..., Awaitable[Gateway]],
 ) -> None:
     path, make_body, count, rows, unkeyed = CASES[case]
     body = make_body(await _context(api, tenant))
@@ -235,3 +239,45 @@ async def test_killed_after_its_commit_the_retry_is_answered_not_repeated(
         assert plain.status_code == retry.status_code, plain.text
     assert await db.fetchval(count, tenant.account_id) - before == rows + unkeyed
 
+
+async def test_a_gateway_frozen_mid_transaction_does_not_hold_its_key_for_good(
+    api: httpx.AsyncClient, tenant: Tenant, db: asyncpg.Pool, settings: Settings,
+    start_gateway: Callable[..., Awaitable[Gateway]],
+) -> None:
+    """A gateway whose machine died (or whose process froze: a paused VM, a partition) in the
+    middle of a keyed send sends PostgreSQL neither its next statement nor a FIN: its session sat
+    idle in its transaction, holding the key's row (and the new contact's), for as long as TCP
+    keepalive took to notice (over two hours by default; never for a frozen process). The client's
+    retry through another gateway waited on that row until the pool's command timeout, answered
+    503, and so on at every retry. Now a session idle in a transaction is ended by PostgreSQL after
+    db.IDLE_IN_TRANSACTION_TIMEOUT (2 s here): the retry sends, once."""
+    path, make_body, count, _, _ = CASES["send"]
+    body = make_body(await _context(api, tenant))
+    raw = httpx.Request("POST", "http://x", json=body).content
+    key = "frozen-" + secrets.token_hex(8)
+    headers = {"X-Api-Key": tenant.api_key, "Idempotency-Key": key}
+    before = await db.fetchval(count, tenant.account_id)
+    frozen = await start_gateway(idle_in_transaction=2)
+    try:
+        async with row_held(settings.database_url or "",
+                            "INSERT INTO idempotency_keys (account_id, key, fingerprint, status, response)"
+                            " VALUES ($1, $2, '\\x00', 200, '{}')", tenant.account_id, key) as held:
+            writer = await _post_unread(frozen, path, headers, raw)
+            [pid] = await _waiting_pids(db, 1)
+            frozen.proc.send_signal(signal.SIGSTOP)
+            await held.rollback()
+        # Its INSERT of the key went through; its next statement never comes.
+        for _ in range(200):
+            state = await db.fetchval("SELECT state FROM pg_stat_activity WHERE pid = $1", pid)
+            if state != "active":
+                break
+            await asyncio.sleep(0.05)
+        second = await start_gateway()
+        async with httpx.AsyncClient(base_url=second.url, timeout=20) as client:
+            retry = await client.post(path, headers=headers, content=raw)
+        assert retry.status_code == 201, retry.text
+        assert "idempotent-replayed" not in retry.headers
+        assert await db.fetchval(count, tenant.account_id) - before == 1
+        writer.close()
+    finally:
+        frozen.kill()

@@ -17,8 +17,9 @@ import httpx
 from shared import edge
 from shared.process import die_with_parent
 from shared.settings import Settings
-from tests.helpers import Tenant, random_phone
-from tests.worker.test_clicks import click, drain_all, message, xadd
+from services.worker.clicks import HEARTBEAT_PREFIX, HEARTBEAT_TTL_MS, ensure_group, run_drainer
+from tests.helpers import Tenant, lock_waiters, random_phone, row_held
+from tests.worker.test_clicks import T0 as CLICKS_T0, click, drain_all, message, xadd
 
 REPO = Path(__file__).resolve().parents[2]
 T0 = datetime(2026, 11, 2, 8, 0, tzinfo=UTC)
@@ -98,3 +99,69 @@ async def test_kill_9_mid_drain_loses_and_double_counts_nothing(
         assert count == per_message[mid], mid
     pending = await redis.xpending(edge.CLICK_STREAM, edge.CLICK_GROUP)
     assert pending["pending"] == 0
+
+
+FROZEN = """
+import asyncio, sys
+import shared.db
+shared.db.IDLE_IN_TRANSACTION_TIMEOUT = 2  # (its own is 30 s: a test need not wait that long)
+from services.worker.clicks import run_drainer
+from shared.redis_client import create_redis
+
+async def main():
+    pool = await shared.db.create_pool(sys.argv[1], max_size=2)
+    await run_drainer({"db": pool, "redis_client": create_redis(sys.argv[2]), "click_consumer": "frozen"})
+
+asyncio.run(main())
+"""
+
+
+async def test_a_drainer_frozen_mid_transaction_does_not_hold_its_clicks_for_good(
+    db: asyncpg.Pool, redis: Any, tenant: Tenant, settings: Settings
+) -> None:
+    """A worker whose machine died (or whose process froze) in the middle of a drain sends
+    PostgreSQL neither its COMMIT nor a FIN: its session sat idle in its transaction with the
+    batch's clicks inserted, for as long as TCP keepalive took to notice (over two hours by
+    default; never for a frozen process). Another worker claimed the entries once the heartbeat
+    expired, and its insert waited on those rows until its command timeout, and again at every
+    try: the clicks stayed out of PostgreSQL. Now PostgreSQL ends a session idle in a transaction
+    after db.IDLE_IN_TRANSACTION_TIMEOUT (2 s in the frozen drainer), and the heir stores them."""
+    await drain_all(db, redis)
+    await ensure_group(redis)
+    c = click(tenant, at=CLICKS_T0)
+    await xadd(redis, [c])
+    proc = None
+    # The click's row held by another session: the drainer's insert waits there, inside its
+    # transaction; frozen meanwhile, it never gets the insert's answer, nor sends its COMMIT.
+    async with row_held(settings.database_url or "",
+                        "INSERT INTO clicks (id, account_id, clicked_at) VALUES ($1, $2, $3)",
+                        c["id"], tenant.account_id, CLICKS_T0) as held:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", FROZEN, settings.database_url or "", settings.redis_url or "",
+            cwd=REPO, preexec_fn=die_with_parent(),
+        )
+        try:
+            for _ in range(1200):  # started (a loaded machine may take a while)
+                if await redis.exists(HEARTBEAT_PREFIX + "frozen-0"):
+                    break
+                await asyncio.sleep(0.05)
+            await lock_waiters(db, 1)
+            proc.send_signal(signal.SIGSTOP)
+            await held.rollback()
+            heir = asyncio.create_task(run_drainer({"db": db, "redis_client": redis, "click_consumer": "heir"}))
+            try:
+                started = asyncio.get_running_loop().time()
+                while not await db.fetchval("SELECT count(*) FROM clicks WHERE id = $1", c["id"]):
+                    assert asyncio.get_running_loop().time() - started < HEARTBEAT_TTL_MS / 1000 + 15, \
+                        "the frozen drainer's clicks were never stored"
+                    await asyncio.sleep(0.1)
+                while (await redis.xpending(edge.CLICK_STREAM, edge.CLICK_GROUP))["pending"]:
+                    assert asyncio.get_running_loop().time() - started < HEARTBEAT_TTL_MS / 1000 + 25
+                    await asyncio.sleep(0.1)
+            finally:
+                heir.cancel()
+                await asyncio.gather(heir, return_exceptions=True)
+        finally:
+            proc.kill()
+            await proc.wait()
+    assert await db.fetchval("SELECT count(*) FROM clicks WHERE id = $1", c["id"]) == 1
