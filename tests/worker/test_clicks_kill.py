@@ -101,6 +101,38 @@ async def test_kill_9_mid_drain_loses_and_double_counts_nothing(
     assert pending["pending"] == 0
 
 
+async def test_a_drainer_killed_inside_its_transaction_leaves_its_entries_to_the_next(
+    db: asyncpg.Pool, redis: Any, tenant: Tenant, settings: Settings
+) -> None:
+    """The kill above lands wherever the drainer happens to be once it has said how far it got,
+    which is seldom inside a transaction: a drainer that acknowledged its entries before storing
+    them passed it every time. Here the drainer is held inside its transaction (the first click's
+    row held by another session, so its insert waits) and killed there: its entries must still be
+    pending, and the next drainer stores every click."""
+    await drain_all(db, redis)
+    batch = [click(tenant, at=CLICKS_T0 + timedelta(seconds=n)) for n in range(5)]
+    await xadd(redis, batch)
+    async with row_held(settings.database_url or "",
+                        "INSERT INTO clicks (id, account_id, clicked_at) VALUES ($1, $2, $3)",
+                        batch[0]["id"], tenant.account_id, CLICKS_T0) as held:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", DOOMED, settings.database_url or "", settings.redis_url or "",
+            cwd=REPO, stdout=asyncio.subprocess.DEVNULL, preexec_fn=die_with_parent(),
+        )
+        try:
+            await lock_waiters(db, 1)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+        await held.rollback()
+    assert (await redis.xpending(edge.CLICK_STREAM, edge.CLICK_GROUP))["pending"] == 1
+    await drain_all(db, redis, consumer="rescuer")
+    stored = await db.fetchval("SELECT count(*) FROM clicks WHERE id = ANY($1::text[])", [c["id"] for c in batch])
+    assert stored == len(batch)
+    assert (await redis.xpending(edge.CLICK_STREAM, edge.CLICK_GROUP))["pending"] == 0
+
 FROZEN = """
 import asyncio, sys
 import shared.db
