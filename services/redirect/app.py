@@ -27,7 +27,7 @@ from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 import idna
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from services.redirect import bots, sid
 from services.redirect.cache import BatchedGets, EdgeCache, EdgeUnavailable
@@ -591,9 +591,16 @@ class RedirectApp:
             assert self.redis is not None
             length = await asyncio.wait_for(self.redis.execute_command("XLEN", edge.CLICK_STREAM), 2)
             gauges["trackly_click_stream_length"] = ("Click batches in the stream not yet drained and deleted", float(length))
-            pending = await asyncio.wait_for(self.redis.xpending(edge.CLICK_STREAM, edge.CLICK_GROUP), 2)
+            try:
+                pending = (await asyncio.wait_for(self.redis.xpending(edge.CLICK_STREAM, edge.CLICK_GROUP), 2))["pending"]
+            except ResponseError as exc:
+                # No group (yet): no worker has drained this Redis since it came back empty, or
+                # ever. Nobody holds a batch, and the stream's length and age still say what waits.
+                if not str(exc).startswith("NOGROUP"):
+                    raise
+                pending = 0
             gauges["trackly_click_stream_pending"] = (
-                "Click batches delivered to a drainer, not yet acknowledged", float(pending["pending"])
+                "Click batches delivered to a drainer, not yet acknowledged", float(pending)
             )
             # A drained batch is deleted: the first entry is the oldest not yet stored in
             # PostgreSQL, and its id is the millisecond Redis took it. The drain's lag, which

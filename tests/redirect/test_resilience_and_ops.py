@@ -99,6 +99,24 @@ async def test_the_stream_gauges_go_while_redis_cannot_be_read(settings: Setting
         private.stop()
 
 
+async def test_the_stream_gauges_show_clicks_no_worker_has_seen_yet(
+    api: httpx.AsyncClient, tenant: Tenant, settings: Settings, redis: object, tmp_path: Path
+) -> None:
+    """A Redis that came back empty (no persistence) while the workers are down, or a redirect
+    deployed before any worker ran: the clicks' XADD makes the stream, but the drainers' group
+    does not exist until a worker makes it. The waiting clicks are what the gauges are for: the
+    pending count is 0 (nobody holds any), the length and age are the stream's."""
+    offer, link = await offer_and_link(api, tenant, "https://lp.example/land")
+    async with spare_redis_with_link(redis, link, offer["id"], tmp_path / "spare-redis") as spare:
+        async with running_edge(settings, redis_url=spare.url) as e:
+            await e.click(link["shortUrl"])
+            await asyncio.sleep(0.3)
+            text = (await e.get("http://edge/metrics")).text
+            assert metric_value(text, "trackly_click_stream_length") == 1
+            assert metric_value(text, "trackly_click_stream_pending") == 0
+            assert 0.3 <= metric_value(text, "trackly_click_stream_oldest_seconds") < 60
+
+
 async def test_start_notes_a_redis_that_does_not_keep_what_it_acknowledges(settings: Settings, tmp_path: Path) -> None:
     """A 302 says the click is stored; on a Redis without appendfsync always that is not quite
     so, and the redirect says it when it starts (a warning in its log)."""
