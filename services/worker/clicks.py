@@ -7,10 +7,11 @@ consumer of group ``shared.edge.CLICK_GROUP``:
    the entries of a consumer whose worker is gone (its heartbeat key, refreshed every second by a
    live worker, has expired: a few seconds after a ``kill -9``), else those another consumer has
    left pending for longer than ``min_idle_ms`` (a worker alive but stuck), else reads new ones;
-2. stores them in ONE transaction and ONE statement. PostgreSQL parses the entries' JSON itself
-   (``jsonb_array_elements``), so Python never decodes a click on the normal path; if an entry is
-   malformed that statement fails (inside a savepoint) and the batch is decoded and checked click
-   by click in Python instead, dropping only the bad clicks, so nothing can block the stream.
+2. stores them in ONE transaction and ONE statement (per ``DRAIN_BYTES`` of entries: see
+   ``drain_once``). PostgreSQL parses the entries' JSON itself (``jsonb_array_elements``), so
+   Python never decodes a click on the normal path; if an entry is malformed that statement
+   fails (inside a savepoint) and the batch is decoded and checked click by click in Python
+   instead, dropping only the bad clicks, so nothing can block the stream.
    (Entries in the legacy format, click objects under field ``b``, always go the checked way.
    Both ways refuse a click of another shape or with a time outside years 1-9999; on value types
    the fast way is looser, as PostgreSQL's casts are: a number where text is expected is stored
@@ -23,7 +24,7 @@ consumer of group ``shared.edge.CLICK_GROUP``:
    (click_count, last_clicked_at). A batch drained twice therefore stores each click once and
    counts nothing twice;
 3. calls ``attribution.rematch_for_clicks`` with the new clicks (human and bot), in the same transaction;
-4. acknowledges (and deletes) the entries only after the commit.
+4. acknowledges (and deletes) the entries only after their commit.
 
 A click's claimed message id is kept only if that message exists and belongs to the click's
 account. Clicks of an account that does not exist are dropped (a stale edge key).
@@ -50,7 +51,16 @@ from shared.redis_client import text
 log = logging.getLogger("trackly.worker.clicks")
 
 DEFAULT_CONSUMER = f"{socket.gethostname()}-{os.getpid()}"
-DEFAULT_COUNT = 100  # stream entries per transaction; each entry is a batch of clicks
+DEFAULT_COUNT = 100  # stream entries per pass; each entry is a batch of clicks
+# Stream entry bytes per transaction (one entry at least). A click may carry 32 query values of
+# 1000 characters, and a flood of such clicks makes entries of up to ~32 MB: 100 of them in one
+# statement went past PostgreSQL's 1 GB message limit, which failed the same entries for good.
+DRAIN_BYTES = 64 << 20
+# How many entries each consumer reads next: as many as DRAIN_BYTES holds at the size of those it
+# read last (at most its ``count``), so that a backlog of big entries is not read 100 at a time
+# (gigabytes, more than a socket timeout's worth of reading); half as many after a read that
+# failed, which such a read does again and again as it was (the same entries, pending, come first).
+_read_counts: dict[str, int] = {}
 # Concurrent drain loops per worker: one decodes while another's transaction runs in PostgreSQL.
 DRAIN_LOOPS = 2
 CLAIM_IDLE_MS = 30_000
@@ -455,22 +465,49 @@ async def drain_once(
     min_idle_ms: int = CLAIM_IDLE_MS,
     block_ms: int | None = None,
 ) -> int:
-    """Drain up to ``count`` stream entries in one transaction; returns how many well-formed clicks
-    they held (stored now or already stored before). 0: nothing was there for this consumer (or
-    only malformed entries, which are acknowledged and dropped)."""
+    """Drain up to ``count`` stream entries, in one transaction per ``DRAIN_BYTES`` of them; returns
+    how many well-formed clicks they held (stored now or already stored before). 0: nothing was
+    there for this consumer (or only malformed entries, which are acknowledged and dropped)."""
     await ensure_group(redis)
-    entries = await _take(redis, consumer, count, min_idle_ms, block_ms)
-    if not entries:
-        return 0
-    if isinstance(db, asyncpg.Pool):
-        async with db.acquire() as conn, conn.transaction():
-            seen = await store_entries(conn, entries)
-    else:
-        async with db.transaction():
-            seen = await store_entries(db, entries)
-    entry_ids = [entry_id for entry_id, _ in entries]
-    await redis.eval(_DONE, 1, edge.CLICK_STREAM, edge.CLICK_GROUP, *entry_ids)
+    take = min(count, _read_counts.get(consumer, count))
+    try:
+        entries = await _take(redis, consumer, take, min_idle_ms, block_ms)
+    except Exception:
+        _read_counts[consumer] = max(1, take // 2)
+        raise
+    if entries:
+        _read_counts[consumer] = max(1, DRAIN_BYTES * len(entries) // max(1, sum(map(_size, entries))))
+    seen = 0
+    for part in _up_to(DRAIN_BYTES, entries):
+        if isinstance(db, asyncpg.Pool):
+            async with db.acquire() as conn, conn.transaction():
+                seen += await store_entries(conn, part)
+        else:
+            async with db.transaction():
+                seen += await store_entries(db, part)
+        entry_ids = [entry_id for entry_id, _ in part]
+        await redis.eval(_DONE, 1, edge.CLICK_STREAM, edge.CLICK_GROUP, *entry_ids)
     return seen
+
+
+def _up_to(
+    size: int, entries: list[tuple[bytes, dict[bytes, bytes] | None]]
+) -> list[list[tuple[bytes, dict[bytes, bytes] | None]]]:
+    """The entries in runs of at most ``size`` bytes of fields (an entry bigger than that alone)."""
+    parts: list[list[tuple[bytes, dict[bytes, bytes] | None]]] = []
+    total = 0
+    for entry in entries:
+        n = _size(entry)
+        if not parts or total + n > size:
+            parts.append([])
+            total = 0
+        parts[-1].append(entry)
+        total += n
+    return parts
+
+
+def _size(entry: tuple[bytes, dict[bytes, bytes] | None]) -> int:
+    return sum(len(name) + len(value) for name, value in (entry[1] or {}).items())
 
 
 async def run_drainer(ctx: dict[str, Any]) -> None:

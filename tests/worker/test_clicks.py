@@ -395,3 +395,52 @@ async def test_consumers_of_workers_that_are_gone_are_forgotten(db: asyncpg.Pool
         assert await forget_dead_consumers(redis, idle_ms=0) == []
     finally:
         await ensure_group(redis)
+
+
+async def test_a_drain_pass_stores_a_bounded_size_of_entries_per_transaction(
+    db: asyncpg.Pool, redis: Any, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A click may carry 32 query values of 1000 characters and a User-Agent of 1000, and a flood
+    of them makes entries of up to ~32 MB: a pass of 100 entries could be gigabytes. Past 1 GB
+    PostgreSQL closed the connection on the statement, every time (measured: 36 entries of 1000
+    such clicks), and since the consumer's own pending entries come first the stream stopped for
+    good. A transaction takes entries up to DRAIN_BYTES (one entry at least); each is acknowledged
+    after its own commit. And the next pass reads only as many entries as DRAIN_BYTES holds at
+    that size, half as many after a read that failed: the read of those 36 entries (1.2 GB) ran
+    out of the 5 s socket timeout once in three tries here, and a read that always does (more
+    entries, a slower link) would be tried again as it was, for good."""
+    from services.worker import clicks
+
+    await drain_all(db, redis)
+    batches = [[click(tenant, at=T0, v="x" * 1000) for _ in range(3)] for _ in range(6)]
+    for batch in batches:
+        await xadd(redis, batch)
+    entry = len(orjson.dumps([edge.click_from(c) for c in batches[0]]))
+    monkeypatch.setattr(clicks, "DRAIN_BYTES", 2 * entry + 100, raising=False)  # two entries, not three
+    assert await drain_once(db, redis, consumer="sizes", count=100) == 18
+    ids_ = [c["id"] for batch in batches for c in batch]
+    per_transaction = await db.fetch(
+        "SELECT xmin::text, count(*) AS n FROM clicks WHERE id = ANY($1::text[]) GROUP BY 1", ids_)
+    assert sorted(r["n"] for r in per_transaction) == [6, 6, 6]
+    assert await redis.xlen(edge.CLICK_STREAM) == 0
+    assert (await redis.xpending(edge.CLICK_STREAM, edge.CLICK_GROUP))["pending"] == 0
+    for batch in batches:
+        await xadd(redis, [dict(c, id=ids.click_id()) for c in batch])
+    assert await drain_once(db, redis, consumer="sizes", count=100) == 6  # two entries read
+    assert await redis.xlen(edge.CLICK_STREAM) == 4
+    assert await drain_all(db, redis, consumer="sizes") == 12
+    # A read that failed (one that outlasted the socket timeout, say) is not tried again as it was.
+    counts: list[int] = []
+    take = clicks._take
+
+    async def timing_out_once(redis_: Any, consumer: str, count: int, *args: Any) -> Any:
+        counts.append(count)
+        if len(counts) == 1:
+            raise TimeoutError("Timeout reading from redis")
+        return await take(redis_, consumer, count, *args)
+
+    monkeypatch.setattr(clicks, "_take", timing_out_once)
+    with pytest.raises(TimeoutError):
+        await drain_once(db, redis, consumer="halves", count=100)
+    assert await drain_once(db, redis, consumer="halves", count=100) == 0
+    assert counts == [100, 50]
