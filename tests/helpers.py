@@ -9,7 +9,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -200,3 +200,65 @@ def metric_value(text: str, name: str, labels: str = "") -> float:
     match = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.MULTILINE)
     assert match, f"{name}{labels} not in metrics"
     return float(match.group(1))
+
+
+class Link:
+    """A TCP port in front of a server (``(host, port)``, or a unix socket's path). ``cut()`` is a
+    network partition, or a host that vanished (a failover, a VM gone): what was sent on an open
+    connection is never answered and nothing says so (no reset reaches the client: the kernel
+    retransmits for ~15 minutes before it gives up), and a new connection is refused. ``mend()``
+    lets new connections through again; those open during the cut stay dead, as a vanished
+    host's do."""
+
+    def __init__(self, target: tuple[str, int] | str) -> None:
+        self._target = target
+        self._server: asyncio.AbstractServer | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+        self._held: list[asyncio.StreamWriter] = []
+        self.port = 0
+
+    async def mend(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def cut(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for pipe in self._pipes:
+            pipe.cancel()  # the sockets stay open: nothing is answered, nothing is closed
+
+    def close(self) -> None:
+        for writer in self._held:
+            writer.transport.abort()
+        if self._server is not None:
+            self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if isinstance(self._target, str):
+            up_reader, up_writer = await asyncio.open_unix_connection(self._target)
+        else:
+            up_reader, up_writer = await asyncio.open_connection(*self._target)
+        self._held += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):  # (closed by close())
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+
+        for task in (asyncio.create_task(pipe(reader, up_writer)), asyncio.create_task(pipe(up_reader, writer))):
+            self._pipes.add(task)
+            task.add_done_callback(self._pipes.discard)
+
+
+def postgres_link(dsn: str) -> tuple[Link, Callable[[int], str]]:
+    """A Link to the PostgreSQL of a DSN (TCP, or a unix socket given as ``?host=/dir``), and the
+    DSN through a port (the link's, once it has one)."""
+    parts = urlsplit(dsn)
+    query = dict(parse_qsl(parts.query))
+    port = parts.port or int(query.get("port", 5432))
+    target: tuple[str, int] | str = (
+        (parts.hostname, port) if parts.hostname else f"{query['host']}/.s.PGSQL.{port}")
+    rest = urlencode({k: v for k, v in query.items() if k not in ("host", "port")})
+    userinfo = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+    return Link(target), lambda p: urlunsplit(parts._replace(netloc=f"{userinfo}127.0.0.1:{p}", query=rest))

@@ -559,7 +559,7 @@ async def _forget_loop(redis: aioredis.Redis) -> None:
 async def _drain_loop(ctx: dict[str, Any], consumer: str) -> None:
     """On any failure wait a moment and go again: nothing is acknowledged unless it was committed,
     so a failure only delays (the entries stay in this consumer's pending list)."""
-    db: asyncpg.Pool = ctx["db"]
+    db: asyncpg.Pool = ctx.get("click_db", ctx["db"])  # the worker gives the drainer a pool of its own
     redis: aioredis.Redis = ctx["redis_client"]
     await loops.repeat(
         lambda: drain_once(db, redis, consumer=consumer, block_ms=1000),
