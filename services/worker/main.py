@@ -19,14 +19,14 @@ from typing import Any
 
 import asyncpg
 from arq import Worker
-from arq.connections import RedisSettings
+from arq.connections import ArqRedis, RedisSettings
 from redis.exceptions import RedisError
 
 from services.worker import attribution, clicks, edge_offers, expiry, folding
 from shared import db
 from shared.logs import Throttled
 from shared.migrate import SchemaBehind, migrate, require_current
-from shared.redis_client import create_redis
+from shared.redis_client import CONNECT_TIMEOUT, SOCKET_TIMEOUT, create_redis
 from shared.runtime import exit_on_sigterm, with_backends
 from shared.settings import Settings
 
@@ -128,7 +128,8 @@ class TracklyWorker(Worker):
             if pending:
                 log.warning("%d jobs had not finished when the worker stopped", len(pending))
         try:
-            await asyncio.wait_for(self.pool.delete(self.health_check_key), REDIS_CLOSE_TIMEOUT)
+            if self.ctx.get("up"):  # (a start that failed wrote no health key)
+                await asyncio.wait_for(self.pool.delete(self.health_check_key), REDIS_CLOSE_TIMEOUT)
         except (*REDIS_DOWN, asyncio.TimeoutError) as exc:
             log.warning("redis unavailable while the worker stops (%s: %s)", type(exc).__name__, exc)
         if self.on_shutdown:
@@ -159,6 +160,16 @@ class TracklyWorker(Worker):
             await asyncio.sleep(POLL_RETRY_PAUSE)
 
 
+def job_redis(url: str) -> ArqRedis:
+    """arq's client with the timeouts of every other Redis client here (``shared.redis_client``):
+    arq makes its own without a socket timeout, and after a partition or a Redis host that vanished
+    (a failover, a VM gone: no reset reaches the worker) the job poller waited on an unanswered
+    command until the kernel gave up on the connection, ~15 minutes without a job although Redis
+    answered again. Now the command fails within seconds and the next poll takes a new connection."""
+    return ArqRedis.from_url(
+        url, socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=CONNECT_TIMEOUT, health_check_interval=30)
+
+
 def worker_settings(settings: Settings) -> dict[str, Any]:
     """Keyword arguments for ``arq.Worker`` (tests build burst-mode workers from the same)."""
     return {
@@ -166,6 +177,7 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         "on_startup": startup,
         "on_shutdown": shutdown,
         "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "redis_pool": job_redis(settings.redis_url),
         "ctx": {"settings": settings},
         "max_jobs": 50,
         "job_timeout": 60,
@@ -190,7 +202,7 @@ def serve(settings: Settings) -> int:
 
 def run_until_stopped(settings: Settings) -> None:
     """Run the worker until a signal stops it. One that cannot start because Redis (or
-    PostgreSQL) is not there yet (arq gives up after a few tries) is started again, after 1, 2,
+    PostgreSQL) is not there yet is started again, after 1, 2,
     4... up to 30 s: a worker that comes up before its Redis, or during a Redis restart, waits for
     it instead of exiting. A SIGINT or SIGTERM at any moment stops it."""
     attempt = 0

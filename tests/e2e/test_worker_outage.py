@@ -17,6 +17,7 @@ from arq.connections import RedisSettings
 
 from shared.embedded import EmbeddedRedis
 from shared.process import die_with_parent
+from tests.helpers import Link
 
 
 async def _a_job_runs(redis_url: str, timeout: float = 40) -> bool:
@@ -31,11 +32,11 @@ async def _a_job_runs(redis_url: str, timeout: float = 40) -> bool:
 
 
 @contextlib.contextmanager
-def _worker(settings, redis: EmbeddedRedis, log: Path) -> Iterator[subprocess.Popen]:
-    """`trackly worker` as its own process on ``redis``, its output in ``log``; killed if still
-    running at the end."""
+def _worker(settings, redis: EmbeddedRedis, log: Path, redis_url: str | None = None) -> Iterator[subprocess.Popen]:
+    """`trackly worker` as its own process on ``redis`` (reached at ``redis_url`` if given), its
+    output in ``log``; killed if still running at the end."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKLY_")}
-    env.update(TRACKLY_DATABASE_URL=settings.database_url, TRACKLY_REDIS_URL=redis.url,
+    env.update(TRACKLY_DATABASE_URL=settings.database_url, TRACKLY_REDIS_URL=redis_url or redis.url,
                TRACKLY_DATA_DIR=str(log.parent / "data"), TRACKLY_LOG_LEVEL="info")
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "services.cli", "worker"], env=env, stdout=out,
@@ -60,7 +61,7 @@ def test_a_worker_waits_for_redis_and_rides_out_its_restart(tmp_path: Path, sett
     log = tmp_path / "worker.log"
     try:
         with _worker(settings, redis, log) as proc:
-            # Started before its Redis: arq gives up after a few tries, and the worker tries again.
+            # Started before its Redis: the start fails, and the worker tries again.
             _wait_for_a_failed_start(log)
             time.sleep(1)
             assert proc.poll() is None, log.read_text()
@@ -202,3 +203,30 @@ def test_a_worker_started_before_its_database_exists_waits_for_it(tmp_path: Path
     finally:
         redis.stop()
         asyncio.run(sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+
+async def test_a_worker_whose_redis_vanished_without_a_word_runs_jobs_once_redis_is_back(tmp_path: Path, settings) -> None:
+    """arq's own Redis connections had no socket timeout (every other client here has 5 s): after a
+    partition or a lost Redis host, the job poller waited on its unanswered command until the
+    kernel gave up on the connection (~15 minutes), running no postback job all along although
+    Redis answered again; now its command fails within seconds and it polls on a new connection."""
+    redis = EmbeddedRedis(tmp_path / "redis")
+    redis.start()
+    link = Link(str(redis.socket))
+    await link.mend()
+    log = tmp_path / "worker.log"
+    try:
+        with _worker(settings, redis, log, redis_url=f"redis://127.0.0.1:{link.port}/0") as proc:
+            assert await _a_job_runs(redis.url), log.read_text()
+            await link.cut()
+            await asyncio.sleep(1)
+            await link.mend()
+            try:
+                assert await _a_job_runs(redis.url, timeout=15), log.read_text()
+            except asyncio.TimeoutError:
+                raise AssertionError("no job ran once Redis was back:\n" + log.read_text()) from None
+            assert proc.poll() is None, log.read_text()
+    finally:
+        link.close()
+        redis.stop()
