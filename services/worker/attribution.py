@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -63,6 +64,10 @@ DEADLOCK_RETRIES = 5
 # taken again after this pause (that batch is committing), this many times.
 DEFERRED_PAUSE = 0.05
 DEFERRED_RETRIES = 20
+# A job takes no further batch after this long: well within arq's job_timeout (60 s, main.py),
+# which cancelled every job working off a backlog of hundreds of thousands mid-batch. What is left
+# waits for the next job (the gateway's, the sweeper's).
+JOB_SECONDS = 30.0
 
 # What judging a click needs: the click (k), its message (m) and its offer's window (o). Each
 # click and its message is one primary key probe (LATERAL with LIMIT, never flattened into a
@@ -690,10 +695,12 @@ async def process_postback(ctx: dict[str, Any], postback_id: int) -> int:
     sweeper enqueues one per postback that waited too long. Returns how many it processed.
 
     Postbacks a batch left behind an older one of their conversion (another job's batch holds it)
-    are taken again after a pause, a few times; after that the sweeper sees them waiting."""
+    are taken again after a pause, a few times; after that the sweeper sees them waiting. So does
+    what is left after ``JOB_SECONDS``."""
     db: asyncpg.Pool = ctx["db"]
     own: int | None = postback_id
     done = pauses = 0
+    until = time.monotonic() + JOB_SECONDS
     while True:
         try:
             taken = await _run_batch(db, own, BATCH_SIZE)
@@ -703,6 +710,8 @@ async def process_postback(ctx: dict[str, Any], postback_id: int) -> int:
             taken = await _one_at_a_time(db, own)
         done += taken.processed
         own = None
+        if time.monotonic() > until:
+            return done
         if taken.total >= BATCH_SIZE and taken.processed:
             continue  # a full batch: more may be waiting (one that only left postbacks behind pauses)
         if not taken.deferred or pauses == DEFERRED_RETRIES:

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+import warnings
 from dataclasses import replace
 from typing import Any
 
+import arq
 import asyncpg
 
 from services.worker import main as worker_main
@@ -41,6 +43,36 @@ async def test_clicks_drain_while_jobs_hold_every_connection_of_the_workers_pool
         for conn in held:
             await ctx["db"].release(conn)
         await worker_main.shutdown(ctx)
+
+
+async def test_a_job_stops_taking_batches_before_arq_would_time_it_out(
+    api: Any, db: asyncpg.Pool, settings: Settings, tenant: Tenant, monkeypatch: Any
+) -> None:
+    """After an outage 50 jobs work off the postbacks that waited, each taking batch after batch
+    until one comes back short: with 500,000 waiting every one of them ran into arq's job_timeout
+    (60 s) and was cancelled mid-batch (rolled back), 50 "process_postback failed, TimeoutError"
+    tracebacks a minute. A job takes no further batch after JOB_SECONDS; the other jobs, the
+    gateway's and the sweeper's, go on with what waits. (Here arq's timeout and the batches are
+    made small.)"""
+    from services.worker import attribution
+    from services.worker.main import worker_settings
+    from tests.worker.test_attribution import postback
+
+    for n in range(400):
+        await postback(api, tenant, click_id=f"gone-{n}", conversion_id=f"backlog-{n}", payout="1")
+    monkeypatch.setattr(attribution, "BATCH_SIZE", 1)
+    monkeypatch.setattr(attribution, "JOB_SECONDS", 0.1, raising=False)
+    worker = arq.Worker(**{**worker_settings(settings), "handle_signals": False, "job_timeout": 0.5},
+                        burst=True, poll_delay=0.05)
+    try:
+        await worker.main()
+    finally:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Call to deprecated close", DeprecationWarning)
+            await worker.close()
+    assert worker.jobs_complete >= 1 and worker.jobs_failed == 0
+    assert await db.fetchval(
+        "SELECT count(*) FROM postbacks WHERE account_id = $1 AND processed_at IS NOT NULL", tenant.account_id) > 0
 
 
 async def test_a_worker_stops_in_time_while_postgresql_hangs(settings: Settings) -> None:
