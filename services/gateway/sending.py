@@ -164,14 +164,16 @@ class SendRecord:
     codes: list[tuple[str, str, str]] = field(default_factory=list)  # (host, code, link_id)
 
 
-def _text(record: dict[str, Any], name: str, max_len: int = 200) -> str | None:
+def _text(record: dict[str, Any], name: str, max_len: int | None = 200) -> str | None:
+    """``max_len=None``: a reference looked up, never stored (an offer_id longer than any offer's
+    id is an unknown offer: offer_not_found)."""
     value = record.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise validation(f"{name} must be a string")
     text = str(value).strip()
-    if len(text) > max_len:
+    if max_len is not None and len(text) > max_len:
         raise validation(f"{name} is too long")
     return text or None
 
@@ -223,7 +225,7 @@ def parse_send(index: int, record: Any, *, body_required: bool = True) -> SendRe
         list_id=list_id,
         list_number=list_number,
         body=body,
-        offer_ref=_text(record, "offer_id"),
+        offer_ref=_text(record, "offer_id", max_len=None),
         creative_id=_text(record, "creative_id"),
         schedule_id=_text(record, "schedule_id"),
     )

@@ -255,3 +255,31 @@ async def test_text_postgresql_cannot_store_fails_only_its_own_bulk_record(api, 
         text = json.dumps({field: [good], "note": bad}).replace("\\\\u", "\\u")
         resp = await api.post(url, headers={**tenant.headers, "Content-Type": "application/json"}, content=text.encode())
         assert_error(resp, 400, "validation_error")
+
+
+async def test_an_offer_id_longer_than_any_offer_id_is_offer_not_found(api, tenant):
+    # CONTRACT §3: "/revenue ... an unknown offer_id → 400 offer_not_found", and /send's unknown
+    # offer_id is 404 offer_not_found; an id no offer can hold is unknown, as on /links and
+    # /history/clicks. It answered validation_error ("offer_id is too long") past 200 characters.
+    sent = await api.post("/api/v2/send", headers=tenant.headers, json={"to": "+14155551234", "list_id": tenant.list_id, "body": "x"})
+    message = sent.json()["message_id"]
+    long_ref = "a" * 300
+    resp = await api.post("/api/v2/revenue", headers=tenant.headers,
+                          json={"message_id": message, "revenue": 1, "attribution_type": "sale", "offer_id": long_ref})
+    assert_error(resp, 400, "offer_not_found")
+    # The spec's order holds: an unknown message first.
+    resp = await api.post("/api/v2/revenue", headers=tenant.headers,
+                          json={"message_id": "zzzzzzzz", "revenue": 1, "attribution_type": "sale", "offer_id": long_ref})
+    assert_error(resp, 400, "message_not_found")
+    resp = await api.post("/api/v2/history/revenue", headers=tenant.headers, json={"records": [
+        {"message_id": message, "revenue": 1, "attribution_type": "sale", "offer_id": long_ref}]})
+    assert resp.json()["errors"] == [{"index": 0, "code": "offer_not_found", "error": "No offer exists with the given offer_id"}]
+    resp = await api.post("/api/v2/send", headers=tenant.headers,
+                          json={"to": "+14155551234", "list_id": tenant.list_id, "body": "x", "offer_id": long_ref})
+    assert_error(resp, 404, "offer_not_found")
+    resp = await api.post("/api/v2/send/bulk", headers=tenant.headers, json={"messages": [
+        {"to": "+14155551234", "list_id": tenant.list_id, "body": "x", "offer_id": long_ref}]})
+    assert [e["code"] for e in resp.json()["errors"]] == ["offer_not_found"]
+    resp = await api.post("/api/v2/history/sends", headers=tenant.headers, json={"records": [
+        {"to": "+14155551234", "list_id": tenant.list_id, "timestamp": "2026-01-01T00:00:00Z", "offer_id": long_ref}]})
+    assert [e["code"] for e in resp.json()["errors"]] == ["offer_not_found"]

@@ -53,13 +53,15 @@ class RevenueRecord:
     offer_id: str | None = None
 
 
-def _ref(value: Any, name: str) -> str | None:
+def _ref(value: Any, name: str, *, max_len: int | None = 200) -> str | None:
+    """``max_len=None``: a reference looked up, never stored (an offer_id longer than any offer's
+    id is an unknown offer, offer_not_found in the spec's order, as on /history/clicks)."""
     if not present(value):
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise validation(f"{name} must be a string")
     text = str(value).strip()
-    if len(text) > 200:
+    if max_len is not None and len(text) > max_len:
         raise validation(f"{name} is too long")
     return text
 
@@ -113,7 +115,7 @@ def parse_revenue(index: int, record: Any, now: datetime, *, with_external_id: b
         message_id=str(message_id).strip(),
         amount=amount,
         attribution_type=kind.strip().lower(),
-        offer_ref=_ref(record.get("offer_id"), "offer_id"),
+        offer_ref=_ref(record.get("offer_id"), "offer_id", max_len=None),
         occurred_at=parse_timestamp_field(record, "timestamp", required=False, now=now),
         external_id=_ref(record.get("external_id"), "external_id") if with_external_id else None,
     )
