@@ -107,7 +107,7 @@ def test_the_readmes_tour_runs_as_written(stack):
         pytest.skip("the tour is a bash script that uses curl")
     text = README.read_text()
     start = text.index("## A tour")
-    script = text[text.index("```sh", start) + len("```sh"):]
+    script = text[text.index("```bash", start) + len("```bash"):]
     script = script[: script.index("```")]
     gw, rd = urlsplit(stack["gateway"]).port, urlsplit(stack["redirect"]).port
     script = (script.replace("localhost:8000", f"localhost:{gw}").replace("localhost:8001", f"localhost:{rd}")
