@@ -82,9 +82,11 @@ def run_all(settings: Settings) -> int:
             if stopping:
                 break
             children[name] = start(name)
-        print(
-            f"trackly: gateway  http://{settings.gateway_host}:{settings.gateway_port}/api/v2\n"
-            f"trackly: redirect http://{settings.redirect_host}:{settings.redirect_port}\n"
+        gateway = f"http://{settings.gateway_host}:{settings.gateway_port}"
+        redirect = f"http://{settings.redirect_host}:{settings.redirect_port}"
+        print(  # (the API's base URL is no page: each service's /readyz is one to open)
+            f"trackly: gateway  {gateway}/api/v2 (ready: {gateway}/readyz)\n"
+            f"trackly: redirect {redirect} (ready: {redirect}/readyz)\n"
             f"trackly: database {_without_password(settings.database_url)}\n"
             f"trackly: redis    {_without_password(settings.redis_url)}\n"
             "trackly: Ctrl-C stops everything",

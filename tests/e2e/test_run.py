@@ -97,6 +97,16 @@ def test_send_click_convert_over_http(stack):
         flow(stack, account, lst, api, edge)
 
 
+def test_the_urls_it_prints_answer(stack):
+    """What `make run` shows a new user: each service's URL, and a page of it that answers."""
+    printed = {line.split()[1]: line for line in stack["log"].read_text().splitlines()
+               if line.startswith(("trackly: gateway", "trackly: redirect"))}
+    assert f"{stack['gateway']}/api/v2 " in printed["gateway"] and f"{stack['redirect']} " in printed["redirect"]
+    for line in printed.values():
+        ready = line.partition("(ready: ")[2].rstrip(")")
+        assert httpx.get(ready).status_code == 200, line
+
+
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
