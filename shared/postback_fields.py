@@ -110,6 +110,9 @@ _UNFILLED_MACRO = re.compile(
         ("{{", "}}"), ("{", "}"), ("${", "}"), ("[[", "]]"), ("[", "]"), ("#", "#"), ("%%", "%%"), ("%", "%"),
     ))
 )
+# A GUID in braces (the registry form, .NET's ``Guid.ToString("B")``) is a network's real id, never
+# a macro's name, although one that starts with a letter has a macro's shape.
+_BRACED_GUID = re.compile(r"\{[0-9A-Fa-f]{8}(?:-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}\}")
 
 
 def _absent(value: Any) -> bool:
@@ -119,7 +122,9 @@ def _absent(value: Any) -> bool:
     if not isinstance(value, str):
         return False
     text = value.strip()
-    return not text or (text[0] in "{$[#%" and _UNFILLED_MACRO.fullmatch(text) is not None)
+    return not text or (
+        text[0] in "{$[#%" and _UNFILLED_MACRO.fullmatch(text) is not None and _BRACED_GUID.fullmatch(text) is None
+    )
 
 
 def _first(values: list[Any]) -> Any:

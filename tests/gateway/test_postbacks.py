@@ -250,6 +250,14 @@ def test_an_unfilled_macro_is_no_value(macro):
         assert normalise({"txid": value}, NOW).conversion_key == value
 
 
+@pytest.mark.parametrize("guid", ["{D2B5A0A1-4F89-11D3-9A0C-0305E82C3301}", "{c9a646d3-9c61-4cb7-bfcd-ee2522c8f633}"])
+def test_a_braced_guid_is_a_value_not_a_macro(guid):
+    """A GUID in braces (the registry form, .NET's Guid.ToString("B")) is a real id a network may
+    send as its conversion id: dropped as an unfilled macro, two conversions of one click were one
+    (the second's money lost) and, without a click, a retried postback counted twice."""
+    assert normalise({"txid": guid, "click_id": "r1"}, NOW).conversion_key == guid
+
+
 def test_status_moves():
     d = Decimal
     assert accepts_move("pending", d(1), "approved", d(1))
