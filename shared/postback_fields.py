@@ -101,9 +101,13 @@ class Postback:
 
 # A value that is a network's macro left unfilled, whole: ``{txid}``, ``{{transaction_id}}``,
 # ``${payout}``, ``[clickid]``, ``[[sub1]]``, ``#s2#``, ``%aff_sub%``, ``%%txid%%`` (TUNE, Everflow,
-# CAKE, Impact and trackers' own postback templates). The network had no value for the field: it is
-# absent. (Kept as a value, one literal ``{txid}`` made every later conversion of the network a
-# repeat of the first: their money was lost as duplicates.)
+# CAKE, Impact and trackers' own postback templates). In a field that names something (the
+# conversion, its click, its offer, the network) the network had no value for it: it is absent.
+# Kept as a value, one literal ``{txid}`` made every later conversion of the network a repeat of
+# the first: their money was lost as duplicates. In the others (status, payout, currency,
+# timestamp) it stays a value, which fails the postback (kept, shown failed in the log): an
+# unfilled status must not count a rejection as approved, nor an unfilled payout or currency
+# become the offer's default or USD.
 _MACRO_NAME = r"\s*[A-Za-z_][\w.:-]*\s*"
 _UNFILLED_MACRO = re.compile(
     "|".join(f"{re.escape(left)}{_MACRO_NAME}{re.escape(right)}" for left, right in (
@@ -113,34 +117,40 @@ _UNFILLED_MACRO = re.compile(
 # A GUID in braces (the registry form, .NET's ``Guid.ToString("B")``) is a network's real id, never
 # a macro's name, although one that starts with a letter has a macro's shape.
 _BRACED_GUID = re.compile(r"\{[0-9A-Fa-f]{8}(?:-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}\}")
+_NAMING_FIELDS = frozenset({"click_id", "conversion_id", "offer_id", "network"})
 
 
-def _absent(value: Any) -> bool:
-    """A blank, or an unfilled macro (see _UNFILLED_MACRO): no value."""
-    if value is None:
-        return True
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _unfilled(value: Any) -> bool:
+    """An unfilled macro (see _UNFILLED_MACRO)."""
     if not isinstance(value, str):
         return False
     text = value.strip()
-    return not text or (
-        text[0] in "{$[#%" and _UNFILLED_MACRO.fullmatch(text) is not None and _BRACED_GUID.fullmatch(text) is None
+    return (
+        text[:1] in ("{", "$", "[", "#", "%") and _UNFILLED_MACRO.fullmatch(text) is not None
+        and _BRACED_GUID.fullmatch(text) is None
     )
 
 
-def _first(values: list[Any]) -> Any:
-    """The first of repeated values that is not absent (a blank or an unfilled macro: a template's
-    empty ``click_id=`` in the query must not hide the ``click_id`` sent after it, or in the body)."""
-    return next((v for v in values if not _absent(v)), None)
+def _first(values: list[Any], *, naming: bool = False) -> Any:
+    """The first of repeated values that is not blank (a blank is absent: a template's empty
+    ``click_id=`` in the query must not hide the ``click_id`` sent after it, or in the body);
+    ``naming``: nor an unfilled macro."""
+    return next((v for v in values if not (_blank(v) or (naming and _unfilled(v)))), None)
 
 
-def first_value(value: Any, *, plain: bool = False) -> str | None:
-    """A field as a string: the first of repeated values; numbers as written; blanks are absent.
-    ``plain``: a JSON number (a Decimal) in positional notation, its value exactly: str() writes
-    1e2 as "1E+2" and 0.0000001 as "1E-7", forms a decimal string may not take (a payout).
-    (``jsonio.storable`` has left only Decimals within 100 places of the point and 28 digits.)"""
+def first_value(value: Any, *, plain: bool = False, naming: bool = False) -> str | None:
+    """A field as a string: the first of repeated values; numbers as written; blanks are absent
+    (``naming``: unfilled macros too). ``plain``: a JSON number (a Decimal) in positional
+    notation, its value exactly: str() writes 1e2 as "1E+2" and 0.0000001 as "1E-7", forms a
+    decimal string may not take (a payout). (``jsonio.storable`` has left only Decimals within
+    100 places of the point and 28 digits.)"""
     if isinstance(value, list):
-        value = _first(value)
-    if value is None or isinstance(value, (dict, bool)) or _absent(value):
+        value = _first(value, naming=naming)
+    if value is None or isinstance(value, (dict, bool)) or (naming and _unfilled(value)):
         return None
     text = (format(value, "f") if plain and isinstance(value, Decimal) else str(value)).strip()
     return text or None
@@ -155,8 +165,9 @@ def lowered(params: dict[str, Any]) -> dict[str, Any]:
 
 def pick(lowered: dict[str, Any], name: str, *, plain: bool = False) -> str | None:
     """The first alias of ``name`` with a value, from ``lowered(params)`` (``plain``: see first_value)."""
+    naming = name in _NAMING_FIELDS
     for alias in ALIASES[name]:
-        value = first_value(lowered.get(alias), plain=plain)
+        value = first_value(lowered.get(alias), plain=plain, naming=naming)
         if value is not None:
             return value
     return None

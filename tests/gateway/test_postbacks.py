@@ -236,15 +236,17 @@ def test_normalise_aliases_order_and_unix_time():
 
 
 @pytest.mark.parametrize("macro", ["{txid}", "{{transaction_id}}", "${event_id}", "[txid]", "[[txid]]", "#s2#", "%txid%", "%%txid%%"])
-def test_an_unfilled_macro_is_no_value(macro):
-    """A network's postback template whose macro it could not fill sends the macro itself: the
-    field has no value (the next alias or repeat is read; else its default)."""
-    pb = normalise({"txid": macro, "click_id": [macro, "r1"], "payout": macro, "status": macro, "currency": macro,
-                    "timestamp": macro, "network": macro}, NOW)
-    assert (pb.conversion_key, pb.click_id, pb.payout, pb.status, pb.currency, pb.converted_at) == (
-        "click:r1", "r1", None, "approved", None, NOW)
-    assert pb.network == "default" and pb.errors == []
+def test_an_unfilled_macro_names_nothing_and_values_nothing(macro):
+    """A network's postback template whose macro it could not fill sends the macro itself. In a
+    field that names something it is no value (the next alias or repeat is read; else the
+    default); in status, payout, currency and timestamp it fails the postback (kept for the log):
+    never a rejection counted as approved, nor a default payout or currency made up."""
+    pb = normalise({"txid": macro, "click_id": [macro, "r1"], "offer_id": macro, "network": macro}, NOW)
+    assert (pb.conversion_key, pb.click_id, pb.offer_ref, pb.network, pb.errors) == ("click:r1", "r1", None, "default", [])
     assert normalise({"txid": macro, "event_id": "e7"}, NOW).conversion_key == "e7"
+    for field in ("status", "payout", "currency", "timestamp"):
+        failed = normalise({"click_id": "r1", field: macro}, NOW)
+        assert failed.errors and failed.errors[0].startswith(f"{field}:"), (field, failed.errors)
     # Values that only look alike are values.
     for value in ("[123]", "{1}", "x{txid}", "{txid}x", "#12#", "{}"):
         assert normalise({"txid": value}, NOW).conversion_key == value

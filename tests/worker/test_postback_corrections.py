@@ -103,7 +103,7 @@ async def test_postbacks_that_carry_nothing_usable_are_kept_and_never_count(api,
     assert as_bool.json()["status"] == "accepted"
     # Nothing that names a conversion or gives its money: a ping, a blank or unfilled template.
     for params in ({"ping": "1"}, {"status": "approved", "network": "tune", "timestamp": "2026-01-01T00:00:00Z"},
-                   {"click_id": "", "txid": "{txid}", "payout": "{payout}", "currency": "USD"}):
+                   {"click_id": "", "txid": "{txid}", "offer_id": "{offer_id}", "currency": "USD"}):
         assert (await api.get(token, params=params)).json()["status"] == "accepted"
     await run_worker()
     log = (await api.get("/api/v2/postbacks", headers=tenant.headers)).json()["postbacks"]
