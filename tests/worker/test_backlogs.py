@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-import warnings
 from dataclasses import replace
 from typing import Any
 
-import arq
 import asyncpg
 
 from services.worker import main as worker_main
@@ -55,21 +53,14 @@ async def test_a_job_stops_taking_batches_before_arq_would_time_it_out(
     gateway's and the sweeper's, go on with what waits. (Here arq's timeout and the batches are
     made small.)"""
     from services.worker import attribution
-    from services.worker.main import worker_settings
+    from tests.worker.conftest import burst_worker
     from tests.worker.test_attribution import postback
 
     for n in range(400):
         await postback(api, tenant, click_id=f"gone-{n}", conversion_id=f"backlog-{n}", payout="1")
     monkeypatch.setattr(attribution, "BATCH_SIZE", 1)
     monkeypatch.setattr(attribution, "JOB_SECONDS", 0.1, raising=False)
-    worker = arq.Worker(**{**worker_settings(settings), "handle_signals": False, "job_timeout": 0.5},
-                        burst=True, poll_delay=0.05)
-    try:
-        await worker.main()
-    finally:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "Call to deprecated close", DeprecationWarning)
-            await worker.close()
+    worker = await burst_worker(settings, job_timeout=0.5)
     assert worker.jobs_complete >= 1 and worker.jobs_failed == 0
     assert await db.fetchval(
         "SELECT count(*) FROM postbacks WHERE account_id = $1 AND processed_at IS NOT NULL", tenant.account_id) > 0
