@@ -271,6 +271,25 @@ def _query_values(query: bytes) -> tuple[dict[str, str], str | None]:
     return values, send_id
 
 
+# Queries seen at the tracker hop -> what _query_values made of them: a link's clicks mostly repeat
+# a few queries (its sub ids), and a repeat costs a dict lookup instead of the parsing. Queries up
+# to MAX_ANSWER_QUERY long, at most MAX_QUERIES of them (one of 256 bytes and 22 parameters holds
+# ~3.5 KB: ~7 MB at most); a query with a sid (one per message) is not remembered. The values are
+# shared by every click of that query: nothing changes them.
+MAX_QUERIES = 2_000
+_queries: dict[bytes, tuple[dict[str, str], str | None]] = {}
+
+
+def _query_of(query: bytes) -> tuple[dict[str, str], str | None]:
+    """``_query_values``, remembered per raw query."""
+    known = _query_values(query)
+    if known[1] is None and len(query) <= MAX_ANSWER_QUERY:
+        if len(_queries) >= MAX_QUERIES:
+            _queries.clear()
+        _queries[query] = known
+    return known
+
+
 def _click_id_stream() -> Iterator[str]:
     """Click ids as ``ids.click_id`` mints them (128 bits from ``os.urandom``, 32 hex digits), read
     from the OS 256 ids at a time: one system call and one ``hex`` per 256 clicks, a slice per click."""
@@ -531,7 +550,7 @@ class RedirectApp:
             return await _not_found(send)
 
         raw_query: bytes = scope["query_string"]
-        query, send_id = _query_values(raw_query)
+        query, send_id = _queries.get(raw_query) or _query_of(raw_query)
         if send_id is not None:
             send_id = await self.sid.message_of(send_id, tracker_id)
         click_id = next_click_id()
