@@ -441,7 +441,19 @@ class RedirectApp:
                 hop = "ops"
                 status = await self._ops(path, send)
             else:
-                status = await self._short_hop(scope, path, send)
+                host = None
+                for name, value in scope["headers"]:
+                    if name == b"host":
+                        host = value
+                        break
+                # A remembered answer (see _short_hop) is sent from here: no coroutine of its own.
+                answer = self._short_answers.get((host, path, scope["query_string"]))
+                if answer is not None and answer[0] > time.monotonic():
+                    status = 302
+                    await send({"type": "http.response.start", "status": 302, "headers": answer[1]})
+                    await send(_EMPTY_BODY)
+                else:
+                    status = await self._short_hop(scope, path, host, send)
         except (EdgeUnavailable, ClickNotRecorded, sid.KeyUnavailable):
             status = 503
             await send({"type": "http.response.start", "status": 503, "headers": _UNAVAILABLE_HEADERS})
@@ -455,24 +467,15 @@ class RedirectApp:
 
     # -- the two hops ------------------------------------------------------------------------
 
-    async def _short_hop(self, scope: Scope, path: str, send: Any) -> int:
+    async def _short_hop(self, scope: Scope, path: str, host: bytes | None, send: Any) -> int:
+        """``host``: the Host header's value. A fresh remembered answer was sent by ``__call__``."""
         code = path[1:]
-        host = None
-        for name, value in scope["headers"]:
-            if name == b"host":
-                host = value
-                break
         if host is None or len(host) > MAX_HOST_HEADER:
             return await _not_found(send)
         query: bytes = scope["query_string"]
         # The answer itself, while the link and offer it was built from are fresh: a repeat of a
         # request costs a dict lookup instead of two cache lookups and the Location assembly.
         answer_key = (host, path, query)
-        answer = self._short_answers.get(answer_key)
-        if answer is not None and answer[0] > time.monotonic():
-            await send({"type": "http.response.start", "status": 302, "headers": answer[1]})
-            await send(_EMPTY_BODY)
-            return 302
         host_name = hostname(host)
         key = f"trk:s:{host_name}:{code}"
         # Only a well-formed code is ever loaded into the cache: the pattern is checked on a miss.
