@@ -86,3 +86,18 @@ def test_user_agent_memo_matches_decoding_and_bot_detection() -> None:
         assert app._user_agent(raw) == (text, bots.is_bot(text))
         assert (app._user_agents.get(raw) or app._user_agent(raw)) == (text, bots.is_bot(text))
     assert b"x" * 3000 not in app._user_agents  # oversized headers are not remembered
+
+
+def test_query_memo_matches_parsing_and_is_bounded() -> None:
+    """The tracker hop's parsed queries, remembered per raw query: the same as parsing, never a
+    query with a sid (one per message) or a long one, and at most MAX_QUERIES of them."""
+    app._queries.clear()
+    sid = b"sid=Ab3kX9Zz." + b"A" * app.sid.SIGNATURE_CHARS
+    for raw in (b"", b"sub1=x", b"sub1=a&sub2=b%20c&sub1=z", sid + b"&sub1=x", b"sub1=" + b"y" * 300):
+        assert app._query_of(raw) == app._query_values(raw)
+        assert (app._queries.get(raw) or app._query_of(raw)) == app._query_values(raw)
+    assert set(app._queries) == {b"", b"sub1=x", b"sub1=a&sub2=b%20c&sub1=z"}
+    for n in range(app.MAX_QUERIES + 10):
+        app._query_of(b"sub1=%d" % n)
+    assert len(app._queries) <= app.MAX_QUERIES
+    app._queries.clear()
