@@ -35,8 +35,12 @@ def _hiredis_packing(cls: type) -> type:
     return type(cls.__name__, (_HiredisPacking, cls), {})
 
 
-def create_redis(url: str, *, max_connections: int = 64) -> aioredis.Redis:
-    client = aioredis.Redis.from_url(
+def create_redis(
+    url: str, *, max_connections: int | None = 64, client_class: type[aioredis.Redis] = aioredis.Redis
+) -> aioredis.Redis:
+    """``client_class``: a subclass to build instead (arq's ``ArqRedis``); ``max_connections``
+    None: no bound (redis-py's own default)."""
+    client = client_class.from_url(
         url, max_connections=max_connections, health_check_interval=30,
         socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=CONNECT_TIMEOUT,
     )

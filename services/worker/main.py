@@ -26,7 +26,7 @@ from services.worker import attribution, clicks, edge_offers, expiry, folding
 from shared import db
 from shared.logs import Throttled
 from shared.migrate import SchemaBehind, migrate, require_current
-from shared.redis_client import CONNECT_TIMEOUT, SOCKET_TIMEOUT, create_redis
+from shared.redis_client import create_redis
 from shared.runtime import exit_on_sigterm, with_backends
 from shared.settings import Settings
 
@@ -161,13 +161,13 @@ class TracklyWorker(Worker):
 
 
 def job_redis(url: str) -> ArqRedis:
-    """arq's client with the timeouts of every other Redis client here (``shared.redis_client``):
+    """arq's client built as every other Redis client here (``shared.redis_client``, its timeouts):
     arq makes its own without a socket timeout, and after a partition or a Redis host that vanished
     (a failover, a VM gone: no reset reaches the worker) the job poller waited on an unanswered
     command until the kernel gave up on the connection, ~15 minutes without a job although Redis
-    answered again. Now the command fails within seconds and the next poll takes a new connection."""
-    return ArqRedis.from_url(
-        url, socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=CONNECT_TIMEOUT, health_check_interval=30)
+    answered again. Now the command fails within seconds and the next poll takes a new connection.
+    Unbounded, as arq's own (50 jobs at once each write their result)."""
+    return create_redis(url, max_connections=None, client_class=ArqRedis)  # type: ignore[return-value]
 
 
 def worker_settings(settings: Settings) -> dict[str, Any]:
