@@ -475,10 +475,11 @@ async def drain_once(
     except Exception:
         _read_counts[consumer] = max(1, take // 2)
         raise
+    sizes = [_size(entry) for entry in entries]
     if entries:
-        _read_counts[consumer] = max(1, DRAIN_BYTES * len(entries) // max(1, sum(map(_size, entries))))
+        _read_counts[consumer] = max(1, DRAIN_BYTES * len(entries) // max(1, sum(sizes)))
     seen = 0
-    for part in _up_to(DRAIN_BYTES, entries):
+    for part in _up_to(DRAIN_BYTES, entries, sizes):
         if isinstance(db, asyncpg.Pool):
             async with db.acquire() as conn, conn.transaction():
                 seen += await store_entries(conn, part)
@@ -491,13 +492,13 @@ async def drain_once(
 
 
 def _up_to(
-    size: int, entries: list[tuple[bytes, dict[bytes, bytes] | None]]
+    size: int, entries: list[tuple[bytes, dict[bytes, bytes] | None]], sizes: list[int]
 ) -> list[list[tuple[bytes, dict[bytes, bytes] | None]]]:
-    """The entries in runs of at most ``size`` bytes of fields (an entry bigger than that alone)."""
+    """The entries in runs of at most ``size`` bytes of fields (an entry bigger than that alone);
+    ``sizes``: each entry's (``_size``)."""
     parts: list[list[tuple[bytes, dict[bytes, bytes] | None]]] = []
     total = 0
-    for entry in entries:
-        n = _size(entry)
+    for entry, n in zip(entries, sizes):
         if not parts or total + n > size:
             parts.append([])
             total = 0
