@@ -145,18 +145,25 @@ async def _context(api: httpx.AsyncClient, tenant: Tenant) -> dict[str, Any]:
             "message": sent.json()["message_id"]}
 
 
+async def _keyed(case: str, api: httpx.AsyncClient, tenant: Tenant, db: asyncpg.Pool, prefix: str
+                 ) -> tuple[bytes, str, dict[str, str], int]:
+    """Case ``case``'s request body (as sent), a new Idempotency-Key, the headers that carry it,
+    and the case's row count before it."""
+    body = CASES[case][1](await _context(api, tenant))
+    raw = httpx.Request("POST", "http://x", json=body).content
+    key = prefix + secrets.token_hex(8)
+    before = await db.fetchval(CASES[case][2], tenant.account_id)
+    return raw, key, {"X-Api-Key": tenant.api_key, "Idempotency-Key": key}, before
+
+
 @pytest.mark.parametrize("case", list(CASES))
 async def test_killed_before_its_commit_keeps_nothing_and_frees_the_key(
     case: str, api: httpx.AsyncClient, tenant: Tenant, db: asyncpg.Pool, settings: Settings,
     start_gateway: Callable[..., Awaitable[Gateway]],
 ) -> None:
-    path, make_body, count, rows, _ = CASES[case]
-    body = make_body(await _context(api, tenant))
-    raw = httpx.Request("POST", "http://x", json=body).content
-    key = "crash-" + secrets.token_hex(8)
-    before = await db.fetchval(count, tenant.account_id)
+    path, _, count, rows, _ = CASES[case]
+    raw, key, headers, before = await _keyed(case, api, tenant, db, "crash-")
     gateway = await start_gateway()
-    headers = {"X-Api-Key": tenant.api_key, "Idempotency-Key": key}
     # The key's row held by another session: the gateway's transaction has stored everything else
     # and waits there to remember its answer.
     async with row_held(settings.database_url or "",
@@ -211,13 +218,9 @@ async def test_killed_after_its_commit_the_retry_is_answered_not_repeated(
     case: str, api: httpx.AsyncClient, tenant: Tenant, db: asyncpg.Pool, settings: Settings,
     start_gateway: Callable[..., Awaitable[Gateway]],
 ) -> None:
-    path, make_body, count, rows, unkeyed = CASES[case]
-    body = make_body(await _context(api, tenant))
-    raw = httpx.Request("POST", "http://x", json=body).content
-    key = "crash-" + secrets.token_hex(8)
-    before = await db.fetchval(count, tenant.account_id)
+    path, _, count, rows, unkeyed = CASES[case]
+    raw, key, headers, before = await _keyed(case, api, tenant, db, "crash-")
     gateway = await start_gateway()
-    headers = {"X-Api-Key": tenant.api_key, "Idempotency-Key": key}
     async with commit_held(db, settings, key):
         writer = await _post_unread(gateway, path, headers, raw)
         pids = await _waiting_pids(db, 1)
@@ -251,12 +254,8 @@ async def test_a_gateway_frozen_mid_transaction_does_not_hold_its_key_for_good(
     retry through another gateway waited on that row until the pool's command timeout, answered
     503, and so on at every retry. Now a session idle in a transaction is ended by PostgreSQL after
     db.IDLE_IN_TRANSACTION_TIMEOUT (2 s here): the retry sends, once."""
-    path, make_body, count, _, _ = CASES["send"]
-    body = make_body(await _context(api, tenant))
-    raw = httpx.Request("POST", "http://x", json=body).content
-    key = "frozen-" + secrets.token_hex(8)
-    headers = {"X-Api-Key": tenant.api_key, "Idempotency-Key": key}
-    before = await db.fetchval(count, tenant.account_id)
+    path, _, count, _, _ = CASES["send"]
+    raw, key, headers, before = await _keyed("send", api, tenant, db, "frozen-")
     frozen = await start_gateway(idle_in_transaction=2)
     try:
         async with row_held(settings.database_url or "",
