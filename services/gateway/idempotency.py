@@ -1,10 +1,10 @@
-"""``Idempotency-Key`` on POST /send, /send/bulk, /revenue, /revenue/bulk and /history/*: a
-retried request is answered, not repeated.
+"""``Idempotency-Key`` on POST /send, /send/bulk, /revenue, /revenue/bulk, /history/*, /links and
+/offers: a retried request is answered, not repeated.
 
 A client that sends the header gets, for a second request with the same key (same account,
 within ``shared.idempotency.KEEP``), the answer the first one got, with ``Idempotent-Replayed:
 true``, and nothing is stored twice: the answer is written in the same transaction as the
-messages (or revenue), so a request either stored both or neither (a gateway that crashed before the commit
+messages (or revenue, link, offer), so a request either stored both or neither (a gateway that crashed before the commit
 left no key: the retry sends). The same key with another request (method, path or body) is
 ``422 idempotency_key_reused``. Two requests with one key at once: the second waits for the
 first's transaction on the key's row, then answers as the first did.

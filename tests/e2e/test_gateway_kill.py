@@ -112,6 +112,8 @@ Case = tuple[str, Callable[[dict[str, Any]], dict[str, Any]], str, int, int]
 MESSAGES = "SELECT count(*) FROM messages WHERE account_id = $1"
 REVENUE = "SELECT count(*) FROM revenue WHERE account_id = $1"
 CLICKS = "SELECT count(*) FROM clicks WHERE account_id = $1"
+LINKS = "SELECT count(*) FROM links WHERE account_id = $1"
+OFFERS = "SELECT count(*) FROM offers WHERE account_id = $1"
 
 CASES: dict[str, Case] = {
     "send": ("/api/v2/send", lambda c: {"to": random_phone(), "list_id": c["list"], "body": f"Deal {c['short']}"},
@@ -131,6 +133,8 @@ CASES: dict[str, Case] = {
     "history_revenue": ("/api/v2/history/revenue", lambda c: {"records": [
         {"message_id": c["message"], "revenue": "3", "attribution_type": "sale", "external_id": f"ext-{n}"}
         for n in range(3)]}, REVENUE, 3, 0),
+    "links": ("/api/v2/links", lambda c: {"offerId": c["offer"], "listId": c["list"]}, LINKS, 1, 1),
+    "offers": ("/api/v2/offers", lambda c: {"name": "Retried", "destination_url": "https://example.com/"}, OFFERS, 1, 1),
 }
 
 

@@ -8,6 +8,7 @@ from decimal import Decimal
 
 import asyncpg
 import httpx
+import orjson
 
 from services.worker.expiry import expire_once
 from shared.idempotency import KEEP
@@ -213,3 +214,68 @@ async def test_a_keyed_bulk_request_that_could_not_save_a_record_keeps_nothing_a
         retry = await api.post(url, headers=keyed(tenant, key + url), json=body)
         assert retry.status_code == 200 and retry.json()["success_count"] == 1, retry.text
     assert await revenue_rows(db, message_id) == 2
+
+
+async def links_of(db: asyncpg.Pool, tenant: Tenant) -> int:
+    return await db.fetchval("SELECT count(*) FROM links WHERE account_id = $1", tenant.account_id)
+
+
+async def test_a_retried_link_is_answered_not_made_twice(
+    api: httpx.AsyncClient, tenant: Tenant, db: asyncpg.Pool, redis: object
+) -> None:
+    offer = await make_offer(api, tenant)
+    key, body = secrets.token_hex(8), {"offerId": offer["id"], "listId": tenant.list_id}
+    first = await api.post("/api/v2/links", headers=keyed(tenant, key), json=body)
+    assert first.status_code == 201 and "idempotent-replayed" not in first.headers
+    # The retry of a request that made its link gets that link, even once the offer is paused
+    # (it would be refused now, but it was not then).
+    assert (await api.patch(f"/api/v2/offers/{offer['id']}", headers=tenant.headers, json={"status": "paused"})).status_code == 200
+    again = await api.post("/api/v2/links", headers=keyed(tenant, key), json=body)
+    assert (again.status_code, again.json(), again.headers["idempotent-replayed"]) == (201, first.json(), "true")
+    assert await links_of(db, tenant) == 1
+    assert_error(await api.post("/api/v2/links", headers=keyed(tenant, key), json={**body, "listId": str(tenant.list_id)}),
+                 422, "idempotency_key_reused")
+    # A refusal is not remembered: the same key, once the offer is active again, makes the link.
+    refused_key = secrets.token_hex(8)
+    assert_error(await api.post("/api/v2/links", headers=keyed(tenant, refused_key), json=body), 404, "offer_not_found")
+    assert (await api.patch(f"/api/v2/offers/{offer['id']}", headers=tenant.headers, json={"status": "active"})).status_code == 200
+    made = await api.post("/api/v2/links", headers=keyed(tenant, refused_key), json=body)
+    assert made.status_code == 201 and "idempotent-replayed" not in made.headers
+    assert await links_of(db, tenant) == 2
+
+
+async def test_concurrent_link_requests_with_one_key_make_one_link_and_publish_one(
+    api: httpx.AsyncClient, tenant: Tenant, db: asyncpg.Pool, redis: object
+) -> None:
+    offer = await make_offer(api, tenant)
+    key, body = secrets.token_hex(8), {"offerId": offer["id"], "listId": tenant.list_id}
+    answers = await asyncio.gather(*(api.post("/api/v2/links", headers=keyed(tenant, key), json=body) for _ in range(10)))
+    assert {a.status_code for a in answers} == {201}
+    assert len({a.content for a in answers}) == 1
+    assert sum("idempotent-replayed" not in a.headers for a in answers) == 1
+    assert await links_of(db, tenant) == 1
+    # The requests that lost the race published nothing: the edge holds the offer's one link.
+    published = [k async for k in redis.scan_iter(match="trk:s:sms.example.com:*", count=1000)  # type: ignore[attr-defined]
+                 if orjson.loads(await redis.get(k)).get("o") == offer["id"]]  # type: ignore[attr-defined]
+    assert published == [f"trk:s:sms.example.com:{answers[0].json()['linkId']}".encode()]
+
+
+async def test_a_retried_offer_is_answered_not_made_twice(api: httpx.AsyncClient, tenant: Tenant, db: asyncpg.Pool) -> None:
+    key, body = secrets.token_hex(8), {"name": "Retried", "destination_url": "https://example.com/"}
+    answers = await asyncio.gather(*(api.post("/api/v2/offers", headers=keyed(tenant, key), json=body) for _ in range(5)))
+    assert {a.status_code for a in answers} == {201}
+    assert len({a.content for a in answers}) == 1
+    assert sum("idempotent-replayed" not in a.headers for a in answers) == 1
+    again = await api.post("/api/v2/offers", headers=keyed(tenant, key), json=body)
+    assert (again.status_code, again.json(), again.headers["idempotent-replayed"]) == (201, answers[0].json(), "true")
+    assert await db.fetchval("SELECT count(*) FROM offers WHERE account_id = $1 AND name = 'Retried'", tenant.account_id) == 1
+    assert_error(await api.post("/api/v2/offers", headers=keyed(tenant, key), json={**body, "name": "Other"}),
+                 422, "idempotency_key_reused")
+    # A refusal (a taken external_id) is not remembered.
+    taken = await make_offer(api, tenant, external_id="net-1")
+    other_key = secrets.token_hex(8)
+    assert_error(await api.post("/api/v2/offers", headers=keyed(tenant, other_key), json={**body, "external_id": "net-1"}),
+                 409, "duplicate_external_id")
+    await api.delete(f"/api/v2/offers/{taken['id']}", headers=tenant.headers)
+    made = await api.post("/api/v2/offers", headers=keyed(tenant, other_key), json={**body, "external_id": "net-1"})
+    assert made.status_code == 201 and "idempotent-replayed" not in made.headers

@@ -5,10 +5,12 @@ from collections.abc import Callable
 
 import asyncpg
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route
 
+from services.gateway import idempotency
 from services.gateway.auth import authenticate
-from services.gateway.http import JSONResponse, present, read_json_object
+from services.gateway.http import JSONResponse, parse_json_object, present, read_body
 from services.gateway.lookups import LIST_COLUMNS, OFFER_COLUMNS, find_offer
 from services.gateway.publish import publish_link
 from shared import ids
@@ -36,11 +38,13 @@ def _given(data: dict, *names: str) -> object:
     return next((data[name] for name in names if present(data.get(name))), None)
 
 
-async def create_link(request: Request) -> JSONResponse:
+async def create_link(request: Request) -> Response:
     account = await authenticate(request)
     if not account.offer_management:
         raise ApiError(403, "product_not_enabled", "Offer Management is not enabled for this account")
-    data = await read_json_object(request)
+    raw = await read_body(request)
+    key = idempotency.requested(request, account.id, raw)
+    data = parse_json_object(raw)
 
     offer_ref = _ref(data, "offerId", "offer_id") or _ref(data, "externalOfferId", "external_offer_id")
     if offer_ref is None:
@@ -63,6 +67,11 @@ async def create_link(request: Request) -> JSONResponse:
             raise bad_request("invalid_phone", str(exc)) from None
 
     db = request.app.state.db
+    if key is not None:
+        # Answered before (even if its offer was paused since): that answer, and no second link.
+        async with db.acquire() as conn:
+            if (replayed := await idempotency.replayed(conn, key)) is not None:
+                return replayed
     offer = await find_offer(db, account.id, offer_ref)
     if offer is None or offer["status"] != "active":
         raise not_found("offer_not_found", "No active offer matches that id")
@@ -80,6 +89,7 @@ async def create_link(request: Request) -> JSONResponse:
     tracker_domain = lst["tracker_domain"] or request.app.state.settings.default_tracker_domain
     make_id: Callable[[], str] = getattr(request.app.state, "link_id_factory", ids.link_id)
     link = None
+    response: Response | None = None
     async with db.acquire() as conn:
         for _ in range(LINK_ID_ATTEMPTS):
             tracker = ids.tracker_id()
@@ -100,12 +110,25 @@ async def create_link(request: Request) -> JSONResponse:
                         make_id(), account.id, offer["id"], lst["id"], lst["short_domain"],
                         host_of(lst["short_domain"]), tracker, tracker_url(tracker_domain, tracker),
                     )
+                    response = _created(link, offer)
+                    if key is not None:
+                        # In the link's transaction and before its publish: a request with the
+                        # same key that committed first leaves nothing of this one, at the edge either.
+                        await key.remember(conn, response)
                     await publish_link(request.app.state.redis, link=link, offer=offer)
                 break
             except asyncpg.UniqueViolationError:
+                link = response = None
                 continue
-    if link is None:
+            except idempotency.Raced:
+                assert key is not None
+                return await key.winners_answer(conn)
+    if response is None:
         raise ApiError(500, "id_collision", "Could not generate a unique link id; retry the request")
+    return response
+
+
+def _created(link: asyncpg.Record, offer: asyncpg.Record) -> JSONResponse:
     return JSONResponse(
         {
             "success": True,

@@ -10,10 +10,12 @@ from urllib.parse import SplitResult, urlsplit
 
 import asyncpg
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route
 
+from services.gateway import idempotency
 from services.gateway.auth import authenticate
-from services.gateway.http import JSONResponse, optional_str, page_params, read_json_object
+from services.gateway.http import JSONResponse, optional_str, page_params, parse_json_object, read_body, read_json_object
 from services.gateway.lookups import OFFER_COLUMNS
 from services.gateway.publish import publish_offer
 from shared import ids, macros
@@ -136,25 +138,37 @@ def _duplicate_external_id() -> ApiError:
     return ApiError(409, "duplicate_external_id", "Another offer of this account has that external_id")
 
 
-async def create_offer(request: Request) -> JSONResponse:
+async def create_offer(request: Request) -> Response:
     account = await authenticate(request)
-    fields = _clean(await read_json_object(request), partial=False)
+    raw = await read_body(request)
+    key = idempotency.requested(request, account.id, raw)
+    fields = _clean(parse_json_object(raw), partial=False)
     fields.setdefault("external_id", None)
     fields.setdefault("affiliate_id", None)
     fields.setdefault("payout", None)
     db = request.app.state.db
-    async with db.acquire() as conn, conn.transaction():
+    async with db.acquire() as conn:
+        if (replayed := await idempotency.replayed(conn, key)) is not None:
+            return replayed
         try:
-            row = await conn.fetchrow(
-                f"INSERT INTO offers (id, account_id, {', '.join(_FIELDS)})"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
-                f" RETURNING {OFFER_COLUMNS}",
-                ids.hex24(), account.id, *(fields[f] for f in _FIELDS),
-            )
-        except asyncpg.UniqueViolationError:
-            raise _duplicate_external_id() from None
-        await publish_offer(request.app.state.redis, row)
-    return JSONResponse({"success": True, "offer": offer_json(row)}, status_code=201)
+            async with conn.transaction():
+                try:
+                    row = await conn.fetchrow(
+                        f"INSERT INTO offers (id, account_id, {', '.join(_FIELDS)})"
+                        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+                        f" RETURNING {OFFER_COLUMNS}",
+                        ids.hex24(), account.id, *(fields[f] for f in _FIELDS),
+                    )
+                except asyncpg.UniqueViolationError:
+                    raise _duplicate_external_id() from None
+                response = JSONResponse({"success": True, "offer": offer_json(row)}, status_code=201)
+                if key is not None:  # (before the publish: a request that raced it leaves nothing at the edge)
+                    await key.remember(conn, response)
+                await publish_offer(request.app.state.redis, row)
+        except idempotency.Raced:
+            assert key is not None
+            return await key.winners_answer(conn)
+    return response
 
 
 async def list_offers(request: Request) -> JSONResponse:
