@@ -33,6 +33,10 @@ class Settings:
     # as Redis keeps them; at most 36,500). Each costs Redis memory (shared/edge.py); an operator
     # bounds it here.
     message_code_days: int = 0
+    # Seconds the gateway and the redirect keep an idle client connection open (uvicorn's own
+    # default, 5). Behind a load balancer that reuses its connections to them, it must be longer
+    # than the balancer's idle timeout (see README).
+    keepalive_seconds: int = 5
     log_level: str = "info"
 
     @property
@@ -136,5 +140,6 @@ def load(env: dict[str, str] | None = None) -> Settings:
         link_cache_ttl=_seconds(env, "TRACKLY_LINK_CACHE_TTL", 5.0, high=MAX_LINK_CACHE_TTL),
         link_cache_size=_int(env, "TRACKLY_LINK_CACHE_SIZE", 100_000, low=1),
         message_code_days=_int(env, "TRACKLY_MESSAGE_CODE_DAYS", 0, low=0, high=36_500),
+        keepalive_seconds=_int(env, "TRACKLY_KEEPALIVE_SECONDS", 5, low=1, high=3600),
         log_level=_log_level(env),
     )

@@ -27,6 +27,7 @@ def serve(settings: Settings) -> int:
             log_level=settings.log_level,
             access_log=False,
             server_header=False,  # no "server: uvicorn": what runs here is nobody's business (and one header less per answer)
+            timeout_keep_alive=settings.keepalive_seconds,
             timeout_graceful_shutdown=6,  # then closing pools (db.CLOSE_TIMEOUT): within supervisor.CHILD_STOP_TIMEOUT
         )
     finally:

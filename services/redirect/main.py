@@ -26,6 +26,7 @@ def serve(settings: Settings) -> int:
             server_header=False,  # no "server: uvicorn": what runs here is nobody's business (and one header less per answer)
             # X-Forwarded-For is read by the app, and only from settings.trusted_proxies.
             proxy_headers=False,
+            timeout_keep_alive=settings.keepalive_seconds,
             timeout_graceful_shutdown=6,  # then its last click batches: within supervisor.CHILD_STOP_TIMEOUT
         )
     finally:

@@ -44,13 +44,13 @@ def test_empty_variables_mean_unset():
     blank = {name: "" for name in (
         "TRACKLY_DATABASE_URL", "TRACKLY_REDIS_URL", "TRACKLY_GATEWAY_PORT", "TRACKLY_REDIRECT_PORT",
         "TRACKLY_DATA_DIR", "TRACKLY_GEOIP_DB", "TRACKLY_DEFAULT_TRACKER_DOMAIN", "TRACKLY_LINK_CACHE_TTL",
-        "TRACKLY_LINK_CACHE_SIZE", "TRACKLY_MESSAGE_CODE_DAYS",
+        "TRACKLY_LINK_CACHE_SIZE", "TRACKLY_MESSAGE_CODE_DAYS", "TRACKLY_KEEPALIVE_SECONDS",
     )}
     s = settings.load(blank)
     assert s.database_url is None and s.redis_url is None and s.embedded
     assert (s.gateway_port, s.redirect_port, s.data_dir, s.geoip_db) == (8000, 8001, Path(".trackly"), None)
     assert s.default_tracker_domain == "http://ct.localhost:8001"
-    assert (s.link_cache_ttl, s.link_cache_size, s.message_code_days) == (5.0, 100_000, 0)
+    assert (s.link_cache_ttl, s.link_cache_size, s.message_code_days, s.keepalive_seconds) == (5.0, 100_000, 0, 5)
     assert settings.load({"TRACKLY_GEOIP_DB": "/data/geo.mmdb"}).geoip_db == Path("/data/geo.mmdb")
 
 

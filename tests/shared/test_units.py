@@ -184,6 +184,12 @@ def test_settings_refuse_what_the_services_could_not_use():
     for bad in ("0", "-5"):  # (was taken as 1)
         with pytest.raises(SystemExit, match="TRACKLY_LINK_CACHE_SIZE must be at least 1"):
             settings.load({"TRACKLY_LINK_CACHE_SIZE": bad})
+    # uvicorn's own 5 s unless set (above a load balancer's idle timeout, when one is in front).
+    assert settings.load({}).keepalive_seconds == 5
+    assert settings.load({"TRACKLY_KEEPALIVE_SECONDS": "65"}).keepalive_seconds == 65
+    for bad in ("0", "3601", "1.5", "x"):
+        with pytest.raises(SystemExit, match="TRACKLY_KEEPALIVE_SECONDS"):
+            settings.load({"TRACKLY_KEEPALIVE_SECONDS": bad})
 
 
 def test_settings_refuse_database_and_redis_urls_no_client_takes():
