@@ -6,8 +6,9 @@ import re
 import contextlib
 import secrets
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -15,6 +16,7 @@ import asyncpg
 import httpx
 
 from shared import accounts
+from shared.embedded import EmbeddedRedis
 
 
 @dataclass
@@ -144,9 +146,23 @@ async def table_reads(conn: asyncpg.Connection, run: Callable[[], Awaitable[Any]
     return result, {t: (after[t][0] - before[t][0], after[t][1] - before[t][1]) for t in tables}
 
 
+@contextlib.contextmanager
+def own_redis_server(path: Path) -> Iterator[EmbeddedRedis]:
+    """A Redis server of the test's own (the embedded one), for tests that fill it (``redis_full``):
+    ``maxmemory`` is the server's, every database's, so on a Redis the suite shares with others
+    (TRACKLY_REDIS_URL) their writes failed with OOM meanwhile."""
+    server = EmbeddedRedis(path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @contextlib.asynccontextmanager
 async def redis_full(redis: Any) -> AsyncIterator[None]:
-    """The test Redis refuses writes that need memory, as a full one with ``noeviction`` does."""
+    """This Redis refuses writes that need memory, as a full one with ``noeviction`` does. The
+    setting is the whole server's: give it only a server of the test's own (``own_redis_server``)."""
     before = await redis.config_get("maxmemory*")
     await redis.config_set("maxmemory-policy", "noeviction")
     await redis.config_set("maxmemory", "1")
