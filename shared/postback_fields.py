@@ -107,7 +107,8 @@ class Postback:
 # the first: their money was lost as duplicates. In the others (status, payout, currency,
 # timestamp) it stays a value, which fails the postback (kept, shown failed in the log): an
 # unfilled status must not count a rejection as approved, nor an unfilled payout or currency
-# become the offer's default or USD.
+# become the offer's default or USD. Except in a rejection or a reversal, worth 0 whatever its
+# money or time: there they are absent too (``normalise``).
 _MACRO_NAME = r"\s*[A-Za-z_][\w.:-]*\s*"
 _UNFILLED_MACRO = re.compile(
     "|".join(f"{re.escape(left)}{_MACRO_NAME}{re.escape(right)}" for left, right in (
@@ -163,9 +164,10 @@ def lowered(params: dict[str, Any]) -> dict[str, Any]:
     return {str(k).lower(): v for k, v in params.items()}
 
 
-def pick(lowered: dict[str, Any], name: str, *, plain: bool = False) -> str | None:
-    """The first alias of ``name`` with a value, from ``lowered(params)`` (``plain``: see first_value)."""
-    naming = name in _NAMING_FIELDS
+def pick(lowered: dict[str, Any], name: str, *, plain: bool = False, unfilled_absent: bool = False) -> str | None:
+    """The first alias of ``name`` with a value, from ``lowered(params)`` (``plain``: see first_value).
+    An unfilled macro is no value in a field that names something, and wherever ``unfilled_absent``."""
+    naming = unfilled_absent or name in _NAMING_FIELDS
     for alias in ALIASES[name]:
         value = first_value(lowered.get(alias), plain=plain, naming=naming)
         if value is not None:
@@ -195,8 +197,14 @@ def normalise(params: dict[str, Any], received_at: datetime, body_error: str | N
     fields = lowered(params)
     errors += _unusable(fields)
 
+    # A rejection or a reversal is worth 0 whatever it says of money or time: an unfilled payout,
+    # currency or timestamp in one made up nothing, and failing it kept the conversion approved,
+    # its revenue counted (a network's one template for every status, its payout macro empty on a
+    # reversal).
+    worth_nothing = (pick(fields, "status") or "").strip().lower() in ("rejected", "reversed")
+
     def bounded(name: str, limit: int = MAX_FIELD) -> str | None:
-        value = pick(fields, name)
+        value = pick(fields, name, unfilled_absent=worth_nothing)
         encoded = value.encode("utf-8", "replace") if value is not None else b""
         if len(encoded) > limit:
             errors.append(f"{name}: longer than {limit} bytes (UTF-8)")
@@ -222,7 +230,7 @@ def normalise(params: dict[str, Any], received_at: datetime, body_error: str | N
         status = None
 
     payout: Decimal | None = None
-    payout_raw = pick(fields, "payout", plain=True)
+    payout_raw = pick(fields, "payout", plain=True, unfilled_absent=worth_nothing)
     if payout_raw is not None:
         try:
             payout = parse_money(payout_raw, allow_negative=True)
@@ -238,7 +246,7 @@ def normalise(params: dict[str, Any], received_at: datetime, body_error: str | N
                 payout = None
 
     converted_at = received_at
-    ts_raw = pick(fields, "timestamp")
+    ts_raw = pick(fields, "timestamp", unfilled_absent=worth_nothing)
     if ts_raw is not None:
         try:
             converted_at = parse_timestamp(ts_raw, allow_unix=True)

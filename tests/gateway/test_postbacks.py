@@ -247,6 +247,12 @@ def test_an_unfilled_macro_names_nothing_and_values_nothing(macro):
     for field in ("status", "payout", "currency", "timestamp"):
         failed = normalise({"click_id": "r1", field: macro}, NOW)
         assert failed.errors and failed.errors[0].startswith(f"{field}:"), (field, failed.errors)
+        if field != "status":
+            # In a rejection or a reversal (worth 0 whatever its money or time) they are absent.
+            for status in ("rejected", "Reversed"):
+                taken = normalise({"click_id": "r1", "status": status, field: macro}, NOW)
+                assert taken.errors == [] and (taken.payout, taken.currency, taken.converted_at) == (None, None, NOW)
+            assert normalise({"click_id": "r1", "status": "pending", field: macro}, NOW).errors
     # Values that only look alike are values.
     for value in ("[123]", "{1}", "x{txid}", "{txid}x", "#12#", "{}"):
         assert normalise({"txid": value}, NOW).conversion_key == value

@@ -177,3 +177,30 @@ async def test_conversions_sent_with_an_unfilled_conversion_id_are_not_merged(ap
     assert [(r["conversion_key"], r["message_id"], r["payout"], r["attributed"]) for r in rows] == [
         (f"click:{click_id}", mid, Decimal(p), True) for (_, mid, click_id), p in zip(firsts, ("10", "20.50"))
     ]
+
+
+async def test_a_reversal_or_rejection_with_its_money_and_time_macros_unfilled_is_applied(api, db, tenant, run_worker):
+    """One template for every status, its {payout}, {currency} and {timestamp} empty on a
+    reversal: the reversal was failed as unreadable, and the conversion stayed approved, its
+    revenue counted. A rejection or a reversal is worth 0 whatever it says of money or time."""
+    _, mid, click_id = await clicked_message(api, db, tenant)
+    at = (T0 + timedelta(hours=1)).isoformat()
+    assert await postback(api, tenant, status="approved", payout="9.75", click_id=click_id, txid="rev", timestamp=at) == "accepted"
+    _, other_mid, other_click = await clicked_message(api, db, tenant)
+    assert await postback(api, tenant, status="approved", payout="4", click_id=other_click, txid="rej", timestamp=at) == "accepted"
+    unfilled = {"payout": "{payout}", "currency": "${currency}", "timestamp": "%timestamp%"}
+    assert await postback(api, tenant, status="reversed", click_id=click_id, txid="rev", **unfilled) == "accepted"
+    assert await postback(api, tenant, status="rejected", click_id=other_click, txid="rej", **unfilled) == "accepted"
+    await run_worker()
+    for txid, message_id, payout in (("rev", mid, Decimal("9.75")), ("rej", other_mid, Decimal(4))):
+        conv = await conversion(db, tenant, txid)
+        assert (conv["status"], conv["payout"], conv["currency"]) == ({"rev": "reversed", "rej": "rejected"}[txid], payout, "USD")
+        assert sum(amount for *_, amount in await ledger(db, conv["id"])) == Decimal(0)
+        detail = (await api.get(f"/api/v2/messages/{message_id}", headers=tenant.headers)).json()
+        assert (detail["conversions"], detail["revenue"]) == (0, 0)
+    assert await db.fetchval("SELECT count(*) FROM postbacks WHERE account_id = $1 AND parse_error IS NOT NULL",
+                             tenant.account_id) == 0
+    # An approval (or a pending) with them unfilled still fails: its money would be made up.
+    assert await postback(api, tenant, status="approved", click_id=click_id, txid="new", **unfilled) == "accepted"
+    await run_worker()
+    assert await conversion(db, tenant, "new") is None
