@@ -124,6 +124,11 @@ def create_app(settings: Settings) -> Starlette:
             asyncpg.InterfaceError: _unavailable,
             # A connection left unusable by a server that died mid-operation ("cannot switch to state").
             asyncpg.exceptions.InternalClientError: _unavailable,
+            # A statement PostgreSQL stopped (an operator's lock_timeout or statement_timeout, or
+            # pg_cancel_backend on a query stuck behind a lock): its transaction rolled back, as
+            # when the pool's command_timeout stops one (a TimeoutError, so an OSError): retry.
+            asyncpg.QueryCanceledError: _unavailable,
+            asyncpg.LockNotAvailableError: _unavailable,
             Exception: _unexpected,
         },
     )
