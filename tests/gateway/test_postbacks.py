@@ -1,6 +1,9 @@
 """GET|POST /postback/{token}: storage first, aliases, duplicates, parse errors, Redis down."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import time
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -226,6 +229,45 @@ async def test_redis_down_still_200_and_stored(api, db, tenant, gateway_app, mon
     [row] = await stored(db, tenant)
     assert row["processed_at"] is None  # the worker's sweeper picks it up
 
+
+
+async def _asgi_get(app, path: str, query: bytes, sent: list[dict]) -> None:
+    """A GET through the app as uvicorn makes it, every message it sends kept in ``sent``."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": query, "root_path": "",
+             "headers": [(b"host", b"gw")], "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 8000)}
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+
+
+async def test_a_stored_postback_cut_short_by_the_gateways_shutdown_still_answers_200(db, tenant, gateway_app, monkeypatch):
+    """uvicorn cancels what still runs when a graceful shutdown runs out (6 s): a postback stored
+    and waiting on its job's enqueue (Redis slow to answer, up to ENQUEUE_TIMEOUT) was answered
+    uvicorn's 500, and the network sent it again. Stored, it is answered 200; the sweeper enqueues it."""
+    entered = asyncio.Event()
+
+    async def slow(*args, **kwargs):
+        entered.set()
+        await asyncio.Event().wait()  # Redis not answering
+
+    monkeypatch.setattr(gateway_app.state.arq, "enqueue_job", slow)
+    gateway_app.state.window_job = None  # (this window's job not yet enqueued by this process)
+    sent: list[dict] = []
+    request = asyncio.ensure_future(_asgi_get(gateway_app, f"/postback/{tenant.postback_token}", b"click_id=cut&txid=cut", sent))
+    await asyncio.wait_for(entered.wait(), 30)
+    request.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await request
+    [row] = await stored(db, tenant)
+    assert row["conversion_key"] == "cut"
+    assert sent and sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200, sent
+    assert json.loads(sent[1]["body"]) == {"success": True, "status": "accepted"}
 
 def test_normalise_aliases_order_and_unix_time():
     pb = normalise({"CID": "b", "clickid": "a", "timestamp": "1700000000", "SUM": "2"}, NOW)

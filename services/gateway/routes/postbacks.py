@@ -228,6 +228,10 @@ async def receive(request: Request) -> JSONResponse:
                 state.window_job = job_id
             except Exception:  # stored is what counts; the worker's sweeper enqueues it later
                 _report_enqueue_failure(postback_id, exc_info=True)
+            except asyncio.CancelledError:
+                # The gateway is stopping and its graceful shutdown ran out (uvicorn cancels what
+                # still runs, and would answer 500): stored all the same, so answered as stored.
+                _report_enqueue_failure(postback_id)
     return JSONResponse({"success": True, "status": "accepted"})
 
 
