@@ -1,6 +1,7 @@
 """The public API: an app factory whose lifespan owns the pools handed to handlers via state."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 from collections.abc import AsyncIterator
@@ -72,6 +73,36 @@ class TrailingSlash:
         await self.app(scope, receive, send)
 
 
+class AnswerWhenCut:
+    """uvicorn cancels the requests still running when a graceful shutdown runs out (a request
+    waiting on a row lock, a long report or import) and answers each that had not started its
+    answer with a 500 in plain text: here they are answered 503 ``service_unavailable`` in the
+    contract's error body (nothing was acknowledged: retry, a write with its Idempotency-Key), and
+    the cancellation goes on."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except asyncio.CancelledError:
+            if not started:
+                await error_response(ApiError(503, "service_unavailable", "The gateway is stopping; retry shortly"))(
+                    scope, receive, send)
+            raise
+
+
 def create_app(settings: Settings) -> Starlette:
     if not settings.database_url or not settings.redis_url:
         raise ValueError("create_app needs resolved database and redis URLs")
@@ -109,7 +140,8 @@ def create_app(settings: Settings) -> Starlette:
     metrics = GatewayMetrics()
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(TrailingSlash), Middleware(MetricsMiddleware, metrics=metrics, routes=routes)],
+        middleware=[Middleware(TrailingSlash), Middleware(MetricsMiddleware, metrics=metrics, routes=routes),
+                    Middleware(AnswerWhenCut)],
         lifespan=lifespan,
         exception_handlers={
             ApiError: _api_error,

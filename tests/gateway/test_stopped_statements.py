@@ -7,6 +7,7 @@ traceback in the log for every request the operator's setting or cancel stopped)
 from __future__ import annotations
 
 import asyncio
+import json
 from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 
@@ -91,3 +92,38 @@ async def test_a_query_an_operator_cancels_answers_503_and_its_connection_serves
     assert_unavailable(resp)
     again = await api.patch(f"/api/v2/offers/{offer['id']}", json={"name": "Renamed"}, headers=tenant.headers)
     assert again.status_code == 200 and again.json()["offer"]["name"] == "Renamed", again.text
+
+
+async def test_a_change_cut_short_by_the_gateways_shutdown_answers_503_and_keeps_nothing(
+    api, db, settings, tenant, gateway_app
+):
+    """uvicorn cancels what still runs when a graceful shutdown runs out: a change waiting on its
+    offer's row lock was answered uvicorn's 500 in plain text (the app sent nothing). It is
+    answered 503 in the contract's error body, and still cancelled."""
+    offer = await make_offer(api, tenant)
+    sent: list[dict] = []
+    body = json.dumps({"name": "Renamed"}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "PATCH", "scheme": "http",
+             "path": f"/api/v2/offers/{offer['id']}", "raw_path": f"/api/v2/offers/{offer['id']}".encode(),
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 8000),
+             "headers": [(b"host", b"gw"), (b"x-api-key", tenant.api_key.encode()), (b"content-type", b"application/json"),
+                         (b"content-length", str(len(body)).encode())]}
+    bodies = iter([{"type": "http.request", "body": body, "more_body": False}])
+
+    async def receive() -> dict:
+        return next(bodies, None) or await asyncio.Event().wait()  # (then nothing more: the client waits)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async with _offer_locked(settings, offer["id"]):
+        change = asyncio.ensure_future(gateway_app(scope, receive, send))
+        await lock_waiters(db, 1)
+        change.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await change
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"], sent
+    assert sent[0]["status"] == 503
+    answer = json.loads(sent[1]["body"])
+    assert answer["success"] is False and answer["code"] == "service_unavailable"
+    assert await db.fetchval("SELECT name FROM offers WHERE id = $1", offer["id"]) == offer["name"]
