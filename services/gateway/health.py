@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import asyncpg
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -45,6 +46,24 @@ async def _probe(check: Awaitable[object], timeout: float = 2.0) -> str:
     return f"behind: {exc}" if isinstance(exc, migrate.SchemaBehind) else f"error: {type(exc).__name__}"
 
 
+async def _asked(request: Request, ask: Callable[[asyncpg.Connection], Awaitable[object]]) -> None:
+    """``ask`` on a pooled connection; or, when every connection the pool may open is in use
+    (requests queued behind a row lock, a burst), on a connection of its own, closed after: a busy
+    pool is not an unreachable PostgreSQL, and a 503 for it took each gateway out of its load
+    balancer at once (all their requests wait on the same lock), the postbacks that would have
+    waited with them refused at the balancer."""
+    db = request.app.state.db
+    if db.get_idle_size() or db.get_size() < db.get_max_size():
+        async with db.acquire() as conn:
+            await ask(conn)
+        return
+    conn = await asyncpg.connect(request.app.state.settings.database_url)
+    try:
+        await ask(conn)
+    finally:
+        await conn.close()
+
+
 async def _schema_current(request: Request) -> None:
     """Raises ``SchemaBehind`` while the database lacks a migration this code has: a gateway of a new
     release deployed before ``trackly migrate`` ran would answer 500s on what the migration adds.
@@ -52,14 +71,13 @@ async def _schema_current(request: Request) -> None:
     state = request.app.state
     if getattr(state, "schema_current", False):
         return
-    async with state.db.acquire() as conn:
-        await migrate.require_current(conn)
+    await _asked(request, migrate.require_current)
     state.schema_current = True
 
 
 async def readyz(request: Request) -> Response:
     postgres, redis = await asyncio.gather(
-        _probe(request.app.state.db.fetchval("SELECT 1")), _probe(request.app.state.redis.ping())
+        _probe(_asked(request, lambda conn: conn.fetchval("SELECT 1"))), _probe(request.app.state.redis.ping())
     )
     checks = {"postgres": postgres, "redis": redis}
     if postgres == "ok":

@@ -92,6 +92,31 @@ async def test_health_endpoints(api):
     assert "process_cpu_seconds_total" in metrics.text
 
 
+async def test_ready_while_every_pooled_connection_is_busy(api, gateway_app, db):
+    """Requests queued behind one row lock hold the whole pool: PostgreSQL still answers, so the
+    gateway is ready (a 503 took every gateway out of its balancer at once). /readyz asks on a
+    connection of its own then, and leaves the pool as it was."""
+    pool = gateway_app.state.db
+    held = [await pool.acquire() for _ in range(pool.get_max_size())]
+    try:
+        assert pool.get_idle_size() == 0
+        ready = await api.get("/readyz")
+        assert (ready.status_code, ready.json()["postgres"]) == (200, "ok"), ready.text
+        assert pool.get_size() == pool.get_max_size() and pool.get_idle_size() == 0
+        # It does ask: a database it cannot reach then is not ready.
+        settings = gateway_app.state.settings
+        gateway_app.state.settings = replace(
+            settings, database_url=urlunsplit(urlsplit(settings.database_url)._replace(path="/trackly_no_such_db")))
+        try:
+            gone = await api.get("/readyz")
+        finally:
+            gateway_app.state.settings = settings
+        assert (gone.status_code, gone.json()["postgres"]) == (503, "error: InvalidCatalogNameError"), gone.text
+    finally:
+        for conn in held:
+            await pool.release(conn)
+
+
 
 async def test_readiness_waits_for_the_schema_of_this_release(settings, db):
     """A gateway of a new release started on a database without its latest migration (deployed
