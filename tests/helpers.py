@@ -8,15 +8,16 @@ import secrets
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import httpx
+import pytest
 
 from shared import accounts
 from shared.embedded import EmbeddedRedis
+from shared.redis_client import create_redis
 
 
 @dataclass
@@ -146,17 +147,25 @@ async def table_reads(conn: asyncpg.Connection, run: Callable[[], Awaitable[Any]
     return result, {t: (after[t][0] - before[t][0], after[t][1] - before[t][1]) for t in tables}
 
 
-@contextlib.contextmanager
-def own_redis_server(path: Path) -> Iterator[EmbeddedRedis]:
-    """A Redis server of the test's own (the embedded one), for tests that fill it (``redis_full``):
+@pytest.fixture(scope="module")
+def own_redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    """A Redis server of the module's own (the embedded one), for tests that fill it (``redis_full``):
     ``maxmemory`` is the server's, every database's, so on a Redis the suite shares with others
-    (TRACKLY_REDIS_URL) their writes failed with OOM meanwhile."""
-    server = EmbeddedRedis(path)
+    (TRACKLY_REDIS_URL) their writes failed with OOM meanwhile. A module imports it with
+    ``redis_on_own_server``, which makes its ``redis`` a client of this server."""
+    server = EmbeddedRedis(tmp_path_factory.mktemp("own-redis"))
     server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(name="redis")
+async def redis_on_own_server(own_redis_server: EmbeddedRedis) -> AsyncIterator[Any]:
+    client = create_redis(own_redis_server.url)
+    yield client
+    await client.aclose()
 
 
 @contextlib.asynccontextmanager

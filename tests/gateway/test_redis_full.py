@@ -3,7 +3,7 @@ cleanly and leave nothing behind; postbacks, stored in PostgreSQL first, are sti
 gateway here (``api``) and ``redis`` use a Redis server of this module's own."""
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -13,28 +13,15 @@ import pytest
 
 from services.gateway.app import create_app
 from shared.embedded import EmbeddedRedis
-from shared.redis_client import create_redis
 from shared.settings import Settings
 from tests.gateway.test_api_basics import assert_error
-from tests.helpers import Tenant, make_offer, own_redis_server, random_phone, redis_full
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
-    with own_redis_server(tmp_path_factory.mktemp("redis-full")) as server:
-        yield server
+from tests.helpers import own_redis_server, redis_on_own_server  # noqa: F401 (fixtures: ``redis`` is a server of this module's own)
+from tests.helpers import Tenant, make_offer, random_phone, redis_full
 
 
 @pytest.fixture
-async def redis(server: EmbeddedRedis) -> AsyncIterator[Any]:
-    client = create_redis(server.url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def gateway_app(settings: Settings, server: EmbeddedRedis) -> AsyncIterator[object]:
-    app = create_app(replace(settings, redis_url=server.url))
+async def gateway_app(settings: Settings, own_redis_server: EmbeddedRedis) -> AsyncIterator[object]:
+    app = create_app(replace(settings, redis_url=own_redis_server.url))
     async with app.router.lifespan_context(app):
         yield app
 
@@ -67,13 +54,13 @@ async def test_a_postback_is_taken_while_redis_is_full(db: asyncpg.Pool, redis: 
 
 
 async def test_a_send_with_expiring_codes_on_a_full_redis_is_503(
-    db: asyncpg.Pool, redis: Any, api: httpx.AsyncClient, tenant: Tenant, settings: Settings, server: EmbeddedRedis
+    db: asyncpg.Pool, redis: Any, api: httpx.AsyncClient, tenant: Tenant, settings: Settings, own_redis_server: EmbeddedRedis
 ) -> None:
     """With TRACKLY_MESSAGE_CODE_DAYS the codes are written by a script, and Redis before 7 (the
     embedded one) reports its OOM as a script error: 503 all the same, not 500."""
     link = (await api.post("/api/v2/links", headers=tenant.headers,
                            json={"offerId": (await make_offer(api, tenant))["id"], "listId": tenant.list_id})).json()
-    app = create_app(replace(settings, redis_url=server.url, message_code_days=30))
+    app = create_app(replace(settings, redis_url=own_redis_server.url, message_code_days=30))
     async with app.router.lifespan_context(app), httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://g"
     ) as gateway:

@@ -2,30 +2,14 @@
 ``redis`` here is a Redis server of this module's own."""
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import asyncpg
-import pytest
 
 from shared import edge
-from shared.embedded import EmbeddedRedis
-from shared.redis_client import create_redis
-from tests.helpers import Tenant, own_redis_server, redis_full
+from tests.helpers import own_redis_server, redis_on_own_server  # noqa: F401 (fixtures: ``redis`` is a server of this module's own)
+from tests.helpers import Tenant, redis_full
 from tests.worker.test_clicks import T0, click, drain_all, xadd
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
-    with own_redis_server(tmp_path_factory.mktemp("redis-full")) as server:
-        yield server
-
-
-@pytest.fixture
-async def redis(server: EmbeddedRedis) -> AsyncIterator[Any]:
-    client = create_redis(server.url)
-    yield client
-    await client.aclose()
 
 
 async def test_clicks_are_drained_while_redis_is_full(db: asyncpg.Pool, redis: Any, tenant: Tenant) -> None:
