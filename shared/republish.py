@@ -1,11 +1,13 @@
 """Rebuild what the edge reads (``shared.edge``) from PostgreSQL, the system of record.
 
 For an operator whose Redis lost its data or was replaced: every link's short code and tracker,
-every per-message short code, every offer. Links and codes never change once written, so they
-are copied from one consistent snapshot, a thousand keys per ``MSET``. Offers do change (a pause
+every per-message short code, every offer. Offers go first: the edge answers a link or a code
+only with its offer's entry (404 without it), so each link answers as soon as it is written, not
+once the whole pass (minutes for tens of millions of codes) is done. Offers do change (a pause
 must reach the edge) and the gateway publishes a change just before committing it, so a read of
-the older row could overwrite it: offers go last, from a fresh read, and those changed since
-shortly before that read are read and written once more afterwards.
+the older row could overwrite it: those changed since shortly before that read are read and
+written once more afterwards. Links and codes never change once written, so they are then
+copied from one consistent snapshot, a thousand keys per ``MSET``.
 
 The gateway publishes a link or a message's codes before its transaction commits. One that
 published before Redis lost its data and commits after the snapshot would be in neither, so once
@@ -106,7 +108,6 @@ async def republish(
     ``code_days``: settings.message_code_days (codes past it are not written again)."""
     counts = {"links": 0, "message_codes": 0, "offers": 0}
     writers = await conn.fetch(_WRITERS)
-    await _links_and_codes(conn, redis, counts, code_days=code_days)
     started = await conn.fetchval("SELECT clock_timestamp()")
     async with conn.transaction(readonly=True):
         async for rows in _chunks(conn, _OFFERS):
@@ -117,6 +118,7 @@ async def republish(
     changed = await conn.fetch(_OFFERS + " WHERE updated_at >= $1::timestamptz - interval '1 minute'", started)
     if changed:
         await redis.mset({edge.offer_key(r["id"]): edge.dumps(edge.offer_entry(r)) for r in changed})
+    await _links_and_codes(conn, redis, counts, code_days=code_days)
     if writers:
         # The links and codes of the transactions open when the pass began, once they have
         # committed: their rows carry their start as created_at (as do rows of later ones, written

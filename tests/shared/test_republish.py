@@ -57,6 +57,31 @@ async def test_republish_keeps_an_offer_change_made_while_it_runs(api, db, redis
     assert edge.loads(await redis.get(key))["s"] == "paused"
 
 
+async def test_republish_writes_the_offers_before_the_links_and_codes_that_need_them(api, db, redis, tenant):
+    """The edge answers a link or message code only with its offer's entry (404 without it). A pass
+    on an emptied Redis that wrote the offers last left every link and code answering 404 until its
+    very end (minutes, for tens of millions of codes), though most were written long before."""
+    offer, keys = await edge_keys(api, db, tenant)
+    link_key, _, code_key, offer_key = keys
+    await redis.delete(*keys)
+
+    class Watch:
+        """The real Redis; notes whether the offer is there when its link and its code are written."""
+
+        offer_there: dict[str, bool] = {}
+
+        async def mset(self, mapping):
+            for key in (link_key, code_key):
+                if key in mapping:
+                    self.offer_there[key] = bool(await redis.exists(offer_key))
+            await redis.mset(mapping)
+
+    watch = Watch()
+    async with db.acquire() as conn:
+        await republish(conn, watch)
+    assert watch.offer_there == {link_key: True, code_key: True}
+
+
 async def test_cli_republish(api, db, redis, settings, tenant):
     _, keys = await edge_keys(api, db, tenant)
     await redis.delete(*keys)
