@@ -4,17 +4,18 @@ For an operator whose Redis lost its data or was replaced: every link's short co
 every per-message short code, every offer. Offers go first: the edge answers a link or a code
 only with its offer's entry (404 without it), so each link answers as soon as it is written, not
 once the whole pass (minutes for tens of millions of codes) is done. Offers do change (a pause
-must reach the edge) and the gateway publishes a change just before committing it, so a read of
-the older row could overwrite it: those changed since shortly before that read are read and
-written once more afterwards. Links and codes never change once written, so they are then
-copied from one consistent snapshot, a thousand keys per ``MSET``.
+must reach the edge) and the gateway publishes a change after its UPDATE and before its commit,
+so a read of the older row could overwrite it: each page of offers is read ``FOR SHARE`` and
+written before its transaction ends, as the worker's offer check does, so a change in flight is
+waited for and one that comes meanwhile publishes after this. Links and codes never change once
+written, so they are then copied from one consistent snapshot, a thousand keys per ``MSET``.
 
 The gateway publishes a link or a message's codes before its transaction commits. One that
 published before Redis lost its data and commits after the snapshot would be in neither, so once
 the pass is done it waits for every transaction that had written when it began (as ``CREATE INDEX
-CONCURRENTLY`` waits), up to ``WRITERS_WAIT`` seconds, and writes the links and codes created
-since the earliest of them began once more. (Waiting before the pass would leave the edge
-answering 404 for as long as a transaction stays open.)
+CONCURRENTLY`` waits), up to ``WRITERS_WAIT`` seconds, and writes the links, codes and offers
+created (or changed) since the earliest of them began once more. (Waiting before the pass would
+leave the edge answering 404 for as long as a transaction stays open.)
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ FROM message_links ml
 JOIN links l ON l.id = ml.link_id
 JOIN messages m ON m.id = ml.message_id AND m.account_id = l.account_id
 """
-_OFFERS = f"SELECT {edge.OFFER_ENTRY_COLUMNS} FROM offers"
+_OFFERS = f"SELECT {edge.OFFER_ENTRY_COLUMNS} FROM offers WHERE id > $1"
 
 
 async def _chunks(conn: asyncpg.Connection, query: str, *args: Any) -> AsyncIterator[list[asyncpg.Record]]:
@@ -101,6 +102,27 @@ async def _links_and_codes(
             ), days=code_days)
 
 
+async def _offers(conn: asyncpg.Connection, redis: Any, counts: dict[str, int], *, since: Any = None) -> None:
+    """Every offer (``since``: those created or changed since then), a page at a time, each page
+    read ``FOR SHARE`` and written before its transaction ends (as the gateway publishes a change):
+    a change in flight is waited for and read as it committed, and one that comes meanwhile waits
+    for the page and publishes after it. (Read without the locks, a change published and not yet
+    committed was overwritten with the older row, and stayed so at the edge.)"""
+    query, args = _OFFERS, ()
+    if since is not None:
+        query, args = query + " AND updated_at >= $3", (since,)
+    after = ""
+    while True:
+        async with conn.transaction():
+            rows = await conn.fetch(query + " ORDER BY id LIMIT $2 FOR SHARE", after, CHUNK, *args)
+            if rows:
+                await redis.mset({edge.offer_key(r["id"]): edge.dumps(edge.offer_entry(r)) for r in rows})
+        counts["offers"] += len(rows)
+        if len(rows) < CHUNK:
+            return
+        after = rows[-1]["id"]
+
+
 async def republish(
     conn: asyncpg.Connection, redis: Any, *, code_days: int = 0, writers_wait: float = WRITERS_WAIT
 ) -> dict[str, int]:
@@ -108,22 +130,14 @@ async def republish(
     ``code_days``: settings.message_code_days (codes past it are not written again)."""
     counts = {"links": 0, "message_codes": 0, "offers": 0}
     writers = await conn.fetch(_WRITERS)
-    started = await conn.fetchval("SELECT clock_timestamp()")
-    async with conn.transaction(readonly=True):
-        async for rows in _chunks(conn, _OFFERS):
-            await redis.mset({edge.offer_key(r["id"]): edge.dumps(edge.offer_entry(r)) for r in rows})
-            counts["offers"] += len(rows)
-    # A change whose transaction began up to a minute before the pass (updated_at is its start)
-    # and committed during it: written again from what is committed now.
-    changed = await conn.fetch(_OFFERS + " WHERE updated_at >= $1::timestamptz - interval '1 minute'", started)
-    if changed:
-        await redis.mset({edge.offer_key(r["id"]): edge.dumps(edge.offer_entry(r)) for r in changed})
+    await _offers(conn, redis, counts)
     await _links_and_codes(conn, redis, counts, code_days=code_days)
     if writers:
-        # The links and codes of the transactions open when the pass began, once they have
-        # committed: their rows carry their start as created_at (as do rows of later ones, written
-        # twice, the same values). One scan each, of the tables as they stand then.
+        # The links, codes and offers of the transactions open when the pass began, once they
+        # have committed: their rows carry their start as created_at (updated_at), as do rows of
+        # later ones, written twice. One scan each, of the tables as they stand then.
         await _wait_for(conn, [r["xid"] for r in writers], writers_wait)
         since = min(r["xact_start"] for r in writers)
+        await _offers(conn, redis, {"offers": 0}, since=since)
         await _links_and_codes(conn, redis, {"links": 0, "message_codes": 0}, code_days=code_days, since=since)
     return counts

@@ -1,4 +1,5 @@
 """Rebuilding the edge's Redis from PostgreSQL after Redis lost its data."""
+import asyncio
 import json
 import re
 
@@ -39,21 +40,22 @@ async def test_republish_keeps_an_offer_change_made_while_it_runs(api, db, redis
 
     class PauseMidPass:
         """The real Redis; the offer is paused (published and committed by the gateway) after the
-        offers pass has read it and before it writes what it read."""
+        offers pass has read it and before it writes what it read. (Not awaited there: the pass
+        holds the offer's row until it has written it, and the pause waits for that.)"""
 
-        paused = False
+        pause = None
 
         async def mset(self, mapping):
-            if key in mapping and not self.paused:
-                self.paused = True
-                resp = await api.patch(f"/api/v2/offers/{offer['id']}", headers=tenant.headers, json={"status": "paused"})
-                assert resp.status_code == 200
+            if key in mapping and self.pause is None:
+                self.pause = asyncio.ensure_future(
+                    api.patch(f"/api/v2/offers/{offer['id']}", headers=tenant.headers, json={"status": "paused"}))
+                await asyncio.sleep(0.2)
             await redis.mset(mapping)
 
     wrapped = PauseMidPass()
     async with db.acquire() as conn:
         await republish(conn, wrapped)
-    assert wrapped.paused
+    assert (await wrapped.pause).status_code == 200
     assert edge.loads(await redis.get(key))["s"] == "paused"
 
 
@@ -80,6 +82,31 @@ async def test_republish_writes_the_offers_before_the_links_and_codes_that_need_
     async with db.acquire() as conn:
         await republish(conn, watch)
     assert watch.offer_there == {link_key: True, code_key: True}
+
+
+async def test_republish_never_leaves_an_offer_change_in_flight_undone(api, db, redis, tenant):
+    """The gateway publishes an offer's change after its UPDATE and before its COMMIT. A change in
+    flight when the pass reads the offers (published, not committed) was overwritten with the
+    committed row; one that committed after the pass read the changed offers again stayed undone
+    at the edge (a paused offer answering) until the worker's offer check, which a worker makes only
+    once its pass is over: minutes, for tens of millions of codes."""
+
+    from services.gateway.publish import publish_offer
+
+    offer = await make_offer(api, tenant)
+    key = edge.offer_key(offer["id"])
+    async with db.acquire() as gateway, db.acquire() as conn:
+        tx = gateway.transaction()
+        await tx.start()
+        row = await gateway.fetchrow(
+            f"UPDATE offers SET status = 'paused', updated_at = now() WHERE id = $1 RETURNING {edge.OFFER_ENTRY_COLUMNS}",
+            offer["id"])
+        await publish_offer(redis, row)
+        running = asyncio.ensure_future(republish(conn, redis, writers_wait=30))
+        await asyncio.sleep(0.5)  # the pass reads the offers (and reads them again) meanwhile
+        await tx.commit()
+        await running
+    assert edge.loads(await redis.get(key))["s"] == "paused"
 
 
 async def test_cli_republish(api, db, redis, settings, tenant):
@@ -182,6 +209,28 @@ async def test_republish_waits_for_a_link_published_before_the_loss_and_committe
         await running
     assert all([await redis.get(k) for k in keys])
     assert waited and all(written_meanwhile)
+
+
+async def test_republish_waits_for_an_offer_published_before_the_loss_and_committed_after(api, db, redis, tenant):
+    """As for a link: an offer created in a transaction open when the pass began (published before
+    Redis lost it) is not in the pass's read of the offers; once that transaction has committed,
+    the pass writes it too."""
+    from services.gateway.publish import publish_offer
+
+    async with db.acquire() as writer, db.acquire() as conn:
+        tx = writer.transaction()
+        await tx.start()
+        row = await writer.fetchrow(
+            "INSERT INTO offers (id, account_id, name, destination_url) VALUES ('ofWt8kQ2', $1, 'late', 'https://lp.example/')"
+            f" RETURNING {edge.OFFER_ENTRY_COLUMNS}", tenant.account_id)
+        await publish_offer(redis, row)
+        key = edge.offer_key("ofWt8kQ2")
+        await redis.delete(key)  # Redis loses its data
+        running = asyncio.ensure_future(republish(conn, redis, writers_wait=30))
+        await asyncio.sleep(0.5)
+        await tx.commit()
+        await running
+    assert edge.loads(await redis.get(key)) == edge.offer_entry(row)
 
 
 async def test_republish_waits_only_so_long_for_a_transaction_left_open(db, redis, caplog):
