@@ -32,6 +32,11 @@ from shared import edge
 log = logging.getLogger("trackly.republish")
 
 CHUNK = 1000
+# Each fetch's bound, where a pool's command timeout (60 s, shared.db) would be the default: the
+# codes' first fetch hashes every message before it returns a row (28 s for 15M messages on a
+# shared 2-core machine), and the worker's pass, made on a connection of its pool, failed there
+# from about 30M messages on, every time. An hour: only a pass stuck for good is given up.
+FETCH_TIMEOUT = 3600.0
 # The longest a pass waits, once done, for the transactions in progress when it began (a
 # gateway's takes milliseconds; one left open by hand is waited for this long, then named in a
 # warning).
@@ -49,7 +54,7 @@ _OFFERS = f"SELECT {edge.OFFER_ENTRY_COLUMNS} FROM offers WHERE id > $1"
 
 async def _chunks(conn: asyncpg.Connection, query: str, *args: Any) -> AsyncIterator[list[asyncpg.Record]]:
     chunk: list[asyncpg.Record] = []
-    async for row in conn.cursor(query, *args, prefetch=CHUNK):
+    async for row in conn.cursor(query, *args, prefetch=CHUNK, timeout=FETCH_TIMEOUT):
         chunk.append(row)
         if len(chunk) == CHUNK:
             yield chunk

@@ -109,6 +109,30 @@ async def test_republish_never_leaves_an_offer_change_in_flight_undone(api, db, 
     assert edge.loads(await redis.get(key))["s"] == "paused"
 
 
+async def test_a_fetch_of_the_pass_may_outlast_the_pools_command_timeout(api, db, redis, settings, tenant):
+    """The worker makes its pass on a connection of its pool, whose command timeout (60 s) bounds
+    every statement. The codes' first fetch hashes every message before its first row (28 s for
+    15M messages on this machine): from about 30M on, the worker's pass failed there, every time,
+    and the edge never had its codes back. Here a fetch made to wait (a lock) for longer than a
+    short command timeout."""
+    from shared import db as shared_db
+
+    await edge_keys(api, db, tenant)
+    pool = await shared_db.create_pool(settings.database_url, command_timeout=0.3)
+    try:
+        async with db.acquire() as locker, pool.acquire() as conn:
+            tx = locker.transaction()
+            await tx.start()
+            await locker.execute("LOCK TABLE message_links IN ACCESS EXCLUSIVE MODE")
+            running = asyncio.ensure_future(republish(conn, redis))
+            await asyncio.sleep(1)
+            await tx.rollback()
+            counts = await running
+    finally:
+        await pool.close()
+    assert counts["message_codes"] >= 1
+
+
 async def test_cli_republish(api, db, redis, settings, tenant):
     _, keys = await edge_keys(api, db, tenant)
     await redis.delete(*keys)
