@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 
@@ -30,12 +31,17 @@ async def gateway_with(settings):
     stack: list = []
 
     async def start(**server_settings: str) -> httpx.AsyncClient:
-        query = "&".join(f"{k}={v}" for k, v in server_settings.items())
-        app = create_app(replace(settings, database_url=f"{settings.database_url}?{query}"))
+        # Added to the DSN's own query (the embedded PostgreSQL's has ?host=...).
+        dsn = urlsplit(settings.database_url)
+        query = urlencode([*parse_qsl(dsn.query), *server_settings.items()])
+        app = create_app(replace(settings, database_url=urlunsplit(dsn._replace(query=query))))
         lifespan = app.router.lifespan_context(app)
         await lifespan.__aenter__()
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway.test")
         stack.append((lifespan, client))
+        # It reaches PostgreSQL (a DSN it cannot use would answer every request 503, as the tests expect).
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200, ready.text
         return client
 
     yield start
