@@ -178,7 +178,10 @@ def test_signals_repeated_while_stopping_do_not_leave_the_embedded_postgresql_ru
                 time.sleep(0.5)
         finally:
             lock.release()
-        procs[1].wait(20)
+        # What is asserted is that it stops, its PostgreSQL with it, not how fast (the 20 s of
+        # `trackly run` have their own test): once, in CI at the end of the whole suite, this
+        # migrate took longer than 20 s to exit (with 2, as it should).
+        procs[1].wait(60)
         deadline = time.monotonic() + 10
         while _postmaster_running(tmp_path) and time.monotonic() < deadline:
             time.sleep(0.1)
