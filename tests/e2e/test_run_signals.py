@@ -27,9 +27,20 @@ def _env(data: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "services.cli", *args], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent())
+def _start(args: list[str], env: dict[str, str], log: Path | None = None) -> subprocess.Popen:
+    """``log``: where its output goes (a failing test shows it), else nowhere."""
+    out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115 (the child holds it)
+    try:
+        return subprocess.Popen([sys.executable, "-m", "services.cli", *args], env=env, start_new_session=True,
+                                stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
+    finally:
+        if log is not None:
+            out.close()
+
+
+def _logs(data: Path) -> str:
+    """The tail of every log under ``data`` (the services', PostgreSQL's): a failing test shows them."""
+    return "\n".join(f"--- {log}:\n{log.read_text(errors='replace')[-3000:]}" for log in sorted(data.rglob("*.log")))
 
 
 def _postmaster_running(data: Path) -> bool:
@@ -146,7 +157,7 @@ def test_signals_repeated_while_stopping_do_not_leave_the_embedded_postgresql_ru
                XDG_RUNTIME_DIR=str(tmp_path / "run"))
     (tmp_path / "run").mkdir(mode=0o700)  # (platformdirs ignores a runtime dir open to others)
     (tmp_path / "run" / "python_PostgresServer").mkdir(mode=0o700)  # where pgserver's lock goes: private
-    procs = [_start(["run"], env)]
+    procs = [_start(["run"], env, tmp_path / "run.log")]
     loop = asyncio.new_event_loop()
     holder = None
     try:
@@ -167,7 +178,8 @@ def test_signals_repeated_while_stopping_do_not_leave_the_embedded_postgresql_ru
             return conn
 
         holder = loop.run_until_complete(hold())
-        procs.append(_start([command], env))
+        log = tmp_path / f"{command}.log"
+        procs.append(_start([command], env, log))
         time.sleep(4)  # migrating: waiting for the lock
         assert procs[1].poll() is None
         lock = fasteners.InterProcessLock(str(tmp_path / "run" / "python_PostgresServer" / ".lockfile"))
@@ -181,7 +193,10 @@ def test_signals_repeated_while_stopping_do_not_leave_the_embedded_postgresql_ru
         # What is asserted is that it stops, its PostgreSQL with it, not how fast (the 20 s of
         # `trackly run` have their own test): once, in CI at the end of the whole suite, this
         # migrate took longer than 20 s to exit (with 2, as it should).
-        procs[1].wait(60)
+        try:
+            procs[1].wait(60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"trackly {command} did not stop\n{_logs(tmp_path)}") from None
         deadline = time.monotonic() + 10
         while _postmaster_running(tmp_path) and time.monotonic() < deadline:
             time.sleep(0.1)
