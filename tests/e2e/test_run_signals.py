@@ -28,11 +28,22 @@ def _env(data: Path, **extra: str) -> dict[str, str]:
 
 
 def _start(args: list[str], env: dict[str, str], log: Path | None = None) -> subprocess.Popen:
-    """``log``: where its output goes (a failing test shows it), else nowhere."""
+    """``log``: where its output goes (a failing test shows it), else nowhere. The child takes
+    SIGINT as a terminal's Ctrl-C gives it, whatever this process was started with: a suite run in
+    the background by a shell ignores SIGINT, its children inherit that, and the Python of a child
+    started so never raises KeyboardInterrupt (a fresh clone's .ci/run, started with `&`, failed
+    here three times: the migrate never saw the signals)."""
     out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115 (the child holds it)
+    guard = die_with_parent()
+
+    def preexec() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if guard is not None:
+            guard()
+
     try:
         return subprocess.Popen([sys.executable, "-m", "services.cli", *args], env=env, start_new_session=True,
-                                stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
+                                stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec)
     finally:
         if log is not None:
             out.close()
