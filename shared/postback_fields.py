@@ -136,22 +136,22 @@ def _unfilled(value: Any) -> bool:
     )
 
 
-def _first(values: list[Any], *, naming: bool = False) -> Any:
+def _first(values: list[Any], *, unfilled_absent: bool = False) -> Any:
     """The first of repeated values that is not blank (a blank is absent: a template's empty
     ``click_id=`` in the query must not hide the ``click_id`` sent after it, or in the body);
-    ``naming``: nor an unfilled macro."""
-    return next((v for v in values if not (_blank(v) or (naming and _unfilled(v)))), None)
+    ``unfilled_absent``: nor an unfilled macro."""
+    return next((v for v in values if not (_blank(v) or (unfilled_absent and _unfilled(v)))), None)
 
 
-def first_value(value: Any, *, plain: bool = False, naming: bool = False) -> str | None:
+def first_value(value: Any, *, plain: bool = False, unfilled_absent: bool = False) -> str | None:
     """A field as a string: the first of repeated values; numbers as written; blanks are absent
-    (``naming``: unfilled macros too). ``plain``: a JSON number (a Decimal) in positional
+    (``unfilled_absent``: unfilled macros too). ``plain``: a JSON number (a Decimal) in positional
     notation, its value exactly: str() writes 1e2 as "1E+2" and 0.0000001 as "1E-7", forms a
     decimal string may not take (a payout). (``jsonio.storable`` has left only Decimals within
     100 places of the point and 28 digits.)"""
     if isinstance(value, list):
-        value = _first(value, naming=naming)
-    if value is None or isinstance(value, (dict, bool)) or (naming and _unfilled(value)):
+        value = _first(value, unfilled_absent=unfilled_absent)
+    if value is None or isinstance(value, (dict, bool)) or (unfilled_absent and _unfilled(value)):
         return None
     text = (format(value, "f") if plain and isinstance(value, Decimal) else str(value)).strip()
     return text or None
@@ -167,9 +167,9 @@ def lowered(params: dict[str, Any]) -> dict[str, Any]:
 def pick(lowered: dict[str, Any], name: str, *, plain: bool = False, unfilled_absent: bool = False) -> str | None:
     """The first alias of ``name`` with a value, from ``lowered(params)`` (``plain``: see first_value).
     An unfilled macro is no value in a field that names something, and wherever ``unfilled_absent``."""
-    naming = unfilled_absent or name in _NAMING_FIELDS
+    unfilled_absent = unfilled_absent or name in _NAMING_FIELDS
     for alias in ALIASES[name]:
-        value = first_value(lowered.get(alias), plain=plain, naming=naming)
+        value = first_value(lowered.get(alias), plain=plain, unfilled_absent=unfilled_absent)
         if value is not None:
             return value
     return None

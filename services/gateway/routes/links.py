@@ -88,8 +88,6 @@ async def create_link(request: Request) -> Response:
 
     tracker_domain = lst["tracker_domain"] or request.app.state.settings.default_tracker_domain
     make_id: Callable[[], str] = getattr(request.app.state, "link_id_factory", ids.link_id)
-    link = None
-    response: Response | None = None
     async with db.acquire() as conn:
         for _ in range(LINK_ID_ATTEMPTS):
             tracker = ids.tracker_id()
@@ -116,16 +114,13 @@ async def create_link(request: Request) -> Response:
                         # same key that committed first leaves nothing of this one, at the edge either.
                         await key.remember(conn, response)
                     await publish_link(request.app.state.redis, link=link, offer=offer)
-                break
+                return response
             except asyncpg.UniqueViolationError:
-                link = response = None
                 continue
             except idempotency.Raced:
                 assert key is not None
                 return await key.winners_answer(conn)
-    if response is None:
-        raise ApiError(500, "id_collision", "Could not generate a unique link id; retry the request")
-    return response
+    raise ApiError(500, "id_collision", "Could not generate a unique link id; retry the request")
 
 
 def _created(link: asyncpg.Record, offer: asyncpg.Record) -> JSONResponse:
