@@ -8,6 +8,8 @@ from typing import Any
 import asyncpg
 import orjson
 
+from shared.logs import Throttled
+
 log = logging.getLogger("trackly.db")
 
 # How long closing a pool waits for connections still in use before it cuts them.
@@ -21,6 +23,11 @@ CLOSE_TIMEOUT = 5.0
 # that long: between statements they do Python work or a Redis call (at most
 # redis_client.SOCKET_TIMEOUT plus its CONNECT_TIMEOUT).
 IDLE_IN_TRANSACTION_TIMEOUT = 30.0
+# Seconds a pool that PostgreSQL refused a connection for lack of room (see Pool) serves callers
+# with the connections it has before it tries a new one.
+SERVER_FULL_PAUSE = 1.0
+_report_server_full = Throttled(
+    log, logging.WARNING, "postgresql takes no more connections (too_many_connections): waiting for this pool's own")
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -34,7 +41,8 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 
 class Pool(asyncpg.Pool):
-    """An asyncpg pool whose ``release`` never turns finished work into an error.
+    """An asyncpg pool whose ``release`` never turns finished work into an error, and whose callers
+    wait for its own connections when PostgreSQL takes no more (``_acquire``, below).
 
     Releasing resets the connection for its next user. If that fails (the server died just after
     the caller's transaction committed), asyncpg has already terminated the connection, and the pool
@@ -53,6 +61,79 @@ class Pool(asyncpg.Pool):
             if getattr(connection, "_con", None) is not None:
                 raise
             log.error("a connection could not be reset for reuse and was closed", exc_info=True)
+        finally:
+            if self._returned is not None:
+                async with self._returned:
+                    self._returned.notify(1)
+
+    # When PostgreSQL takes no more connections (max_connections reached, or the role's or the
+    # database's CONNECTION LIMIT), asyncpg's pool still opens one for every caller that finds none
+    # of its open connections free, and each refusal failed its request (503), while the pool's
+    # own connections would have served them a moment later. Here a refusal makes the pool stop
+    # opening connections for SERVER_FULL_PAUSE: callers that would have opened one wait for one
+    # of the pool's own to come back instead, as at the pool's size. After the pause one caller
+    # at a time tries a new connection (a refused connect still costs the server a process), and
+    # once one opens, connections are opened as usual again. With none of its connections open
+    # the pool has nothing to wait for: the refusal is raised (DatabaseUnavailable) as before.
+    # Waiters are served as connections come back, not strictly in arrival order; each looks
+    # again at least every SERVER_FULL_PAUSE.
+    _full_until = 0.0  # loop time until which no new connection is tried
+    _trying = False  # a caller is trying a new connection on a server that was full
+    _returned: asyncio.Condition | None = None  # notified on each release
+
+    def _has_open(self) -> bool:
+        return any(holder.is_connected() for holder in self._holders)
+
+    async def _get_new_connection(self) -> Any:
+        # Every connect of the pool comes here (asyncpg's PoolConnectionHolder.connect), for
+        # callers already queued inside asyncpg's acquire too.
+        loop = asyncio.get_running_loop()
+        if self._has_open() and (loop.time() < self._full_until or self._trying):
+            raise _UseOwnConnections  # (the holder goes back to the pool's queue)
+        trying = self._full_until > 0
+        self._trying = self._trying or trying
+        try:
+            connection = await super()._get_new_connection()
+        except DatabaseUnavailable as exc:
+            if isinstance(exc.__cause__, asyncpg.TooManyConnectionsError):
+                self._full_until = loop.time() + SERVER_FULL_PAUSE
+                _report_server_full()
+            raise
+        finally:
+            if trying:
+                self._trying = False
+        if trying:  # (a connect begun before the refusals proves nothing)
+            self._full_until = 0.0  # the server took one after its pause: connections are opened as usual
+        return connection
+
+    async def _acquire(self, timeout: float | None) -> Any:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                raise asyncio.TimeoutError
+            try:
+                return await super()._acquire(remaining)
+            except _UseOwnConnections:
+                pass
+            except DatabaseUnavailable as exc:
+                if not isinstance(exc.__cause__, asyncpg.TooManyConnectionsError) or not self._has_open():
+                    raise
+            await self._wait_returned(max(self._full_until - loop.time(), 0.01), remaining)
+
+    async def _wait_returned(self, pause: float, remaining: float | None) -> None:
+        if self._returned is None:
+            self._returned = asyncio.Condition()
+        async with self._returned:
+            try:
+                await asyncio.wait_for(self._returned.wait(), pause if remaining is None else min(pause, remaining))
+            except TimeoutError:
+                pass
+
+
+class _UseOwnConnections(Exception):
+    """Raised instead of opening a connection while PostgreSQL is full (see ``Pool``)."""
 
 
 class DatabaseUnavailable(ConnectionError):
