@@ -142,6 +142,22 @@ class DatabaseUnavailable(ConnectionError):
     gateway answers 503 service_unavailable) handles it with the rest."""
 
 
+# What PostgreSQL raises when it cannot take a write now, though the write itself is fine: the
+# server unreachable, full, starting or stopping (a restart, a failover), out of disk, read-only
+# (a primary demoted by a failover), a connection lost mid-way, or a statement stopped (a timeout,
+# an operator's cancel). An OSError covers DatabaseUnavailable and timeouts.
+POSTGRES_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
+    asyncpg.LockNotAvailableError,
+)
+
+
 async def _connect(*args: Any, **kwargs: Any) -> asyncpg.Connection:
     try:
         return await asyncpg.connect(*args, **kwargs)

@@ -8,7 +8,8 @@ The pipeline gauges (``PIPELINE``) say whether what the gateway accepted is bein
 postbacks stored and not yet attributed, and the oldest of them (the worker takes a window's
 postbacks every ``shared.jobs.ATTRIBUTION_WINDOW`` seconds, so this stays near a second while
 workers keep up: an alert on it catches workers down or behind long before anyone notices
-missing revenue), the arq jobs queued for the workers, and the gateway's own database pool.
+missing revenue), the arq jobs queued for the workers, the postbacks spooled in Redis while
+PostgreSQL could not store them (and those it refused since), and the gateway's own database pool.
 They are read from PostgreSQL and Redis at each scrape, each within ``READ_TIMEOUT``; one that
 cannot be read is left out of that scrape (not shown at its last value, which would say all is
 well). The click stream's gauges are the redirect's (``trackly_click_stream_*``).
@@ -27,6 +28,7 @@ from prometheus_client.registry import Collector
 from starlette.routing import Match
 
 from services.gateway.health import settled
+from shared.postback_store import SPOOL_REFUSED, SPOOL_STREAM
 
 READ_TIMEOUT = 2.0
 # Counted up to this many: a backlog of millions is counted in a bounded time, and past this
@@ -46,6 +48,10 @@ PIPELINE = {
     "trackly_postbacks_waiting_oldest_seconds": (
         "Age of the oldest postback not yet attributed (0 when none waits)"),
     "trackly_worker_queue_jobs": "Jobs in the arq queue, due or deferred",
+    "trackly_postback_spool": (
+        "Postbacks received while PostgreSQL could not store them, kept in Redis until a worker stores them"),
+    "trackly_postback_spool_refused": (
+        "Spooled postbacks PostgreSQL refused, set aside in Redis for the operator (trk:postback-spool:refused)"),
 }
 
 
@@ -89,9 +95,13 @@ class GatewayMetrics:
 
     async def refresh(self, db: Any, redis: Any) -> None:
         """Read the pipeline gauges (see the module's docstring)."""
-        postbacks, queued = await asyncio.gather(
-            _within(db.fetchrow(_POSTBACKS_WAITING)), _within(redis.zcard(default_queue_name)))
+        postbacks, queued, spooled, refused = await asyncio.gather(
+            _within(db.fetchrow(_POSTBACKS_WAITING)), _within(redis.zcard(default_queue_name)),
+            _within(redis.xlen(SPOOL_STREAM)), _within(redis.xlen(SPOOL_REFUSED)))
         values: dict[str, float] = {}
+        if spooled is not None and refused is not None:
+            values["trackly_postback_spool"] = float(spooled)
+            values["trackly_postback_spool_refused"] = float(refused)
         if postbacks is not None:
             values["trackly_postbacks_waiting"] = float(postbacks["waiting"])
             values["trackly_postbacks_waiting_oldest_seconds"] = max(0.0, float(postbacks["oldest"] or 0))

@@ -4,6 +4,7 @@ Jobs (arq): ``process_postback`` (see ``shared/jobs.py``).
 Loops started on start-up, for work that arq's one-job-per-message model would make slow:
 the click drainer (Redis stream -> PostgreSQL in batches) and the postback sweeper (re-enqueues
 stored postbacks whose job was never enqueued, e.g. Redis was down when they arrived), the
+postback spool (postbacks the gateway kept in Redis while PostgreSQL was down, ``spool.py``), the
 folding of the counting tables that triggers keep (``folding.py``), the expiry of old
 Idempotency-Keys (``expiry.py``), and the check that the edge's offers are PostgreSQL's
 (``edge_offers.py``).
@@ -22,7 +23,7 @@ from arq import Worker
 from arq.connections import ArqRedis, RedisSettings
 from redis.exceptions import RedisError
 
-from services.worker import attribution, clicks, edge_offers, expiry, folding
+from services.worker import attribution, clicks, edge_offers, expiry, folding, spool
 from shared import db
 from shared.logs import Throttled
 from shared.migrate import SchemaBehind, migrate, require_current
@@ -52,6 +53,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["loops"] = [
         asyncio.create_task(clicks.run_drainer(ctx), name="click-drainer"),
         asyncio.create_task(attribution.run_sweeper(ctx), name="postback-sweeper"),
+        asyncio.create_task(spool.run_spool_drainer(ctx), name="postback-spool"),
         asyncio.create_task(folding.run_folder(ctx), name="folder"),
         asyncio.create_task(expiry.run_expiry(ctx), name="expiry"),
         asyncio.create_task(edge_offers.run_offer_check(ctx), name="edge-offer-check"),

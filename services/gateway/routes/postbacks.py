@@ -2,7 +2,10 @@
 
 The raw postback is stored before anything else, then handed to the worker. Networks retry on
 any non-2xx, so once a postback is stored the answer is 200 whatever happens next: if the job
-cannot be enqueued, the worker's sweeper finds the stored row and enqueues it later.
+cannot be enqueued, the worker's sweeper finds the stored row and enqueues it later. While
+PostgreSQL cannot store it (down, full, read-only, or no answer within POSTBACK_DB_BUDGET), it is
+stored in Redis's postback spool, answered 200 all the same, and stored by the worker later
+(``shared.postback_store``). Only with both down is the answer 503.
 """
 from __future__ import annotations
 
@@ -14,7 +17,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qsl
 
-import orjson
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.routing import Route
@@ -24,26 +26,20 @@ from shared import jsonio
 from shared.accounts import hash_secret
 from shared.errors import ApiError
 from shared.jobs import PROCESS_POSTBACK, window_job
+from shared.db import POSTGRES_UNAVAILABLE, DatabaseUnavailable
 from shared.logs import Throttled
-from shared.postback_fields import normalise
+from shared.postback_store import ACCOUNT_OF_TOKEN, SPOOL_STREAM, spool_entry, store
 from shared.timeutil import utcnow
 
 log = logging.getLogger("trackly.gateway.postbacks")
 # Redis down under a storm of postbacks: one line every 10 s, not one per postback.
 _report_enqueue_failure = Throttled(log, logging.WARNING, "could not enqueue postback %s (the latest); the sweeper will")
+_report_spooled = Throttled(log, logging.WARNING, "postgresql unavailable (%s): postbacks spooled in redis for the worker")
 
 # Where a JSON body that is not a JSON object is kept, as text, among the params.
 BODY_PARAM = "_body"
 _BODY_ERROR = "body: not a JSON object"
 _NO_FIELDS = "body: neither a form nor a JSON object, and no fields in the query: nothing to record as a conversion"
-# The current token, or the one it replaced while its grace period lasts (accounts.rotate_postback_token),
-# by their digests (only those are stored).
-_ACCOUNT_OF_TOKEN = """
-SELECT id FROM accounts WHERE postback_token_hash = $1
-UNION ALL
-SELECT id FROM accounts WHERE previous_postback_token_hash = $1 AND previous_postback_token_until > now()
-LIMIT 1
-"""
 TOKEN_TTL = 30.0  # seconds a token -> account mapping is trusted without asking PostgreSQL
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{1,200}")  # what ids.postback_token mints (url-safe base64)
 # Deeper JSON bodies are kept as text: the params are walked recursively, and stored as jsonb.
@@ -51,27 +47,14 @@ MAX_BODY_DEPTH = 32
 # Fields of a form body, as the multipart parser allows (a network sends a few dozen at most).
 MAX_FORM_FIELDS = 1000
 ENQUEUE_TIMEOUT = 2.0
-
-_INSERT = """
-INSERT INTO postbacks (account_id, received_at, method, params, network, conversion_key, click_id, status,
-                       payout, currency, offer_ref, converted_at, parse_error, dedupe_key, is_duplicate, processed_at,
-                       process_error)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
-ON CONFLICT (account_id, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
-RETURNING id
-"""
-
-# The latest accepted postback of a conversion: a repeat of it is a duplicate.
-_LATEST = """
-SELECT id, status, payout, click_id, currency FROM postbacks
-WHERE account_id = $1 AND network = $2 AND conversion_key = $3 AND dedupe_key IS NOT NULL
-ORDER BY id DESC LIMIT 1
-"""
+# How long a postback may wait on PostgreSQL (its token's account, then its store) before it is
+# spooled instead: a network gives up on an answer after 10-30 s, and a PostgreSQL that hangs (a
+# partition, a failover in progress) holds statements up to the pool's 60 s command timeout.
+POSTBACK_DB_BUDGET = 10.0
 
 
 async def _account_for(request: Request, token: str) -> int:
-    if not _TOKEN_RE.fullmatch(token):  # not one we mint (a NUL would not even reach the query)
-        raise ApiError(401, "unauthorized", "Unknown postback token")
+    """The token's account (401 for an unknown token); PostgreSQL's errors when it cannot say."""
     cache: dict[str, tuple[int, float]] | None = getattr(request.app.state, "postback_tokens", None)
     if cache is None:
         cache = request.app.state.postback_tokens = {}
@@ -79,7 +62,7 @@ async def _account_for(request: Request, token: str) -> int:
     hit = cache.get(token)
     if hit is not None and hit[1] > now:
         return hit[0]
-    account_id = await request.app.state.db.fetchval(_ACCOUNT_OF_TOKEN, hash_secret(token))
+    account_id = await request.app.state.db.fetchval(ACCOUNT_OF_TOKEN, hash_secret(token), utcnow())
     if account_id is None:
         raise ApiError(401, "unauthorized", "Unknown postback token")
     if len(cache) > 10_000:
@@ -186,33 +169,38 @@ def _depth(value: Any) -> int:
 
 
 async def receive(request: Request) -> JSONResponse:
-    account_id = await _account_for(request, request.path_params["postback_token"])
+    token = request.path_params["postback_token"]
+    if not _TOKEN_RE.fullmatch(token):  # not one we mint (a NUL would not even reach the query)
+        raise ApiError(401, "unauthorized", "Unknown postback token")
+    account_id: int | None = None
+    deadline = asyncio.get_running_loop().time() + POSTBACK_DB_BUDGET
+    try:
+        async with asyncio.timeout_at(deadline):
+            account_id = await _account_for(request, token)
+    except POSTGRES_UNAVAILABLE:
+        pass  # spooled with its token's digest below; the worker looks the account up
     if request.method == "HEAD":  # a link checker, not a network: nothing to store
         return JSONResponse({"success": True, "status": "accepted"})
     params, body_error = await _params(request)
     params = jsonio.storable(params)  # a network sending what PostgreSQL cannot hold still gets its 200
     received_at = utcnow()
-    pb = normalise(params, received_at, body_error)
-    unparseable = pb.parse_error is not None
-    db = request.app.state.db
-    values = [
-        # Numbers in a JSON body are Decimals: stored as the exact JSON numbers that were sent.
-        account_id, received_at, request.method, orjson.Fragment(jsonio.dumps(params)), pb.network, pb.conversion_key, pb.click_id, pb.status,
-        pb.payout, pb.currency, pb.offer_ref, pb.converted_at, pb.parse_error,
-    ]
-    # An unparseable postback is kept for the operator and never processed.
-    closed = [received_at, "unparseable"] if unparseable else [None, None]
-    postback_id = None
-    if unparseable:
-        postback_id = await db.fetchval(_INSERT, *values, None, False, *closed)
-    else:
-        latest = await db.fetchrow(_LATEST, account_id, pb.network, pb.conversion_key)
-        if latest is None or not pb.repeats(latest["status"], latest["payout"], latest["click_id"], latest["currency"]):
-            postback_id = await db.fetchval(_INSERT, *values, pb.dedupe_key(latest["id"] if latest else 0), False, *closed)
-    if postback_id is None:
-        await db.execute(_INSERT, *values, None, True, received_at, None)
+    try:
+        if account_id is None:
+            raise DatabaseUnavailable("the postback token's account could not be looked up")
+        async with asyncio.timeout_at(deadline):
+            stored = await store(request.app.state.db, account_id, received_at, request.method, params, body_error)
+    except POSTGRES_UNAVAILABLE as exc:
+        # Stored in Redis instead, for the worker to store once PostgreSQL is back (Redis down
+        # too: 503, and the network retries).
+        entry = spool_entry(account_id=account_id, token_digest=hash_secret(token) if account_id is None else None,
+                            received_at=received_at, method=request.method, params=params, body_error=body_error)
+        await request.app.state.redis.xadd(SPOOL_STREAM, entry)
+        _report_spooled(f"{type(exc).__name__}: {exc}")
+        return JSONResponse({"success": True, "status": "accepted"})
+    if stored.duplicate:
         return JSONResponse({"success": True, "status": "duplicate"})
-    if not unparseable:
+    if stored.processable:
+        postback_id = stored.postback_id
         job_id, run_at = window_job(time.time())  # after the commit: the window's job will see it
         state = request.app.state
         # Once this process has enqueued the window's job, the window's other postbacks are that

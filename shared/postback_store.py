@@ -1,0 +1,148 @@
+"""Storing a postback as a network sent it: by the gateway's receiver, and by the worker for the
+postbacks the receiver spooled in Redis while PostgreSQL could not take them.
+
+Networks retry a postback they got no 2xx for only a few times, some never: one refused during a
+PostgreSQL restart or failover was a conversion lost. The receiver answers 200 for a postback it
+has stored, in PostgreSQL or, when PostgreSQL is unavailable, in the spool (a Redis stream, as
+durable as the clicks). The worker stores each spooled postback as the receiver would have, with
+the time it was received, and deletes it from the spool once committed. Its ``spool_id`` (the
+stream entry's id, unique among postbacks) makes the store happen once, whatever fails between
+the commit and the delete.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import orjson
+
+from shared import jsonio
+from shared.postback_fields import normalise
+
+# The stream of postbacks received while PostgreSQL was unavailable, oldest first (``spool_entry``:
+# what was received in one field, the fields sent in another, as exact JSON). Never trimmed: an
+# entry leaves it once stored.
+SPOOL_STREAM = "trk:postback-spool"
+# Where the worker moves a spooled postback PostgreSQL refuses (the account deleted since, say):
+# kept for the operator, out of the way of the others.
+SPOOL_REFUSED = "trk:postback-spool:refused"
+
+# The account of a postback token, given its digest: the current token, or the one it replaced
+# while its grace period lasted at $2 (accounts.rotate_postback_token).
+ACCOUNT_OF_TOKEN = """
+SELECT id FROM accounts WHERE postback_token_hash = $1
+UNION ALL
+SELECT id FROM accounts WHERE previous_postback_token_hash = $1 AND previous_postback_token_until > $2
+LIMIT 1
+"""
+
+_INSERT = """
+INSERT INTO postbacks (account_id, received_at, method, params, network, conversion_key, click_id, status,
+                       payout, currency, offer_ref, converted_at, parse_error, dedupe_key, is_duplicate, processed_at,
+                       process_error, spool_id)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
+ON CONFLICT (account_id, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
+RETURNING id
+"""
+
+# The latest accepted postback of a conversion: a repeat of it is a duplicate.
+_LATEST = """
+SELECT id, status, payout, click_id, currency FROM postbacks
+WHERE account_id = $1 AND network = $2 AND conversion_key = $3 AND dedupe_key IS NOT NULL
+ORDER BY id DESC LIMIT 1
+"""
+
+# The unique index that a spooled postback stored before violates.
+SPOOL_ID_INDEX = "postbacks_spool_id"
+
+
+@dataclass(frozen=True)
+class Stored:
+    postback_id: int  # the row stored (for a duplicate, the row that records the repeat)
+    duplicate: bool  # a repeat of the conversion's latest accepted postback: never processed
+    processable: bool  # to be processed by the worker (neither a duplicate nor unparseable)
+
+
+async def store(
+    db: asyncpg.Pool | asyncpg.Connection,
+    account_id: int,
+    received_at: datetime,
+    method: str,
+    params: dict[str, Any],
+    body_error: str | None,
+    *,
+    spool_id: str | None = None,
+) -> Stored:
+    """Store one postback (``params`` as ``jsonio.storable`` left them). A spooled one stored before
+    raises asyncpg.UniqueViolationError on SPOOL_ID_INDEX, and nothing is stored again."""
+    pb = normalise(params, received_at, body_error)
+    unparseable = pb.parse_error is not None
+    values = [
+        # Numbers in a JSON body are Decimals: stored as the exact JSON numbers that were sent.
+        account_id, received_at, method, orjson.Fragment(jsonio.dumps(params)), pb.network, pb.conversion_key,
+        pb.click_id, pb.status, pb.payout, pb.currency, pb.offer_ref, pb.converted_at, pb.parse_error,
+    ]
+    if unparseable:  # kept for the operator and never processed
+        postback_id = await db.fetchval(_INSERT, *values, None, False, received_at, "unparseable", spool_id)
+        return Stored(postback_id, False, False)
+    latest = await db.fetchrow(_LATEST, account_id, pb.network, pb.conversion_key)
+    if latest is None or not pb.repeats(latest["status"], latest["payout"], latest["click_id"], latest["currency"]):
+        postback_id = await db.fetchval(
+            _INSERT, *values, pb.dedupe_key(latest["id"] if latest else 0), False, None, None, spool_id)
+        if postback_id is not None:
+            return Stored(postback_id, False, True)
+    postback_id = await db.fetchval(_INSERT, *values, None, True, received_at, None, spool_id)
+    return Stored(postback_id, True, False)
+
+
+def spool_entry(*, account_id: int | None, token_digest: bytes | None, received_at: datetime, method: str,
+                params: dict[str, Any], body_error: str | None) -> dict[str, bytes]:
+    """The stream entry of a postback to store later: its account, or its token's digest when the
+    account could not be looked up (the worker looks it up, as of ``received_at``)."""
+    return {
+        "p": orjson.dumps({
+            "a": account_id,
+            "t": token_digest.hex() if token_digest is not None else None,
+            "r": received_at.isoformat(),
+            "m": method,
+            "e": body_error,
+        }),
+        "q": orjson.dumps(params, default=_exact_number),
+    }
+
+
+def _exact_number(value: object) -> object:
+    # A JSON body's numbers as they were sent ("1.50" stays 1.50: jsonio.dumps writes 1.5).
+    if isinstance(value, Decimal) and value.is_finite():
+        return orjson.Fragment(str(value))
+    raise TypeError(f"cannot spool {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class Spooled:
+    account_id: int | None
+    token_digest: bytes | None
+    received_at: datetime
+    method: str
+    params: dict[str, Any]
+    body_error: str | None
+
+
+def read_spool_entry(fields: dict[bytes, bytes]) -> Spooled:
+    """What ``spool_entry`` wrote (ValueError, KeyError or TypeError for anything else)."""
+    data = orjson.loads(fields[b"p"])
+    # The params with their numbers as sent (Decimals), as the receiver had them.
+    params = jsonio.loads(fields[b"q"])
+    if not isinstance(params, dict):
+        raise ValueError("the spooled params are not an object")
+    received_at = datetime.fromisoformat(data["r"])
+    if received_at.tzinfo is None:
+        raise ValueError("the spooled receipt time has no offset")
+    digest = bytes.fromhex(data["t"]) if data["t"] is not None else None
+    account_id = data["a"]
+    if account_id is None and digest is None or account_id is not None and type(account_id) is not int:
+        raise ValueError("the spooled postback names no account")
+    return Spooled(account_id, digest, received_at, str(data["m"]), params, data["e"])

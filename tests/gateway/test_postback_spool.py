@@ -1,0 +1,224 @@
+"""Postbacks while PostgreSQL cannot store them: spooled in Redis, answered 200, stored by the
+worker once PostgreSQL is back (``shared.postback_store``, ``services.worker.spool``).
+
+A network retries a postback it got no 2xx for only a few times (some never): each one refused
+during a PostgreSQL restart or failover was a conversion lost."""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import httpx
+import pytest
+from arq.connections import ArqRedis
+
+from services.gateway.app import create_app
+from services.gateway.routes import postbacks as postback_route
+from services.worker import main as worker_main
+from services.worker import spool
+from shared.postback_store import SPOOL_REFUSED, SPOOL_STREAM, spool_entry, store
+from tests.helpers import free_port, make_offer, metric_value, postgres_link
+from tests.worker.conftest import burst_worker
+
+
+@pytest.fixture
+async def empty_spool(redis) -> AsyncIterator[None]:
+    await redis.delete(SPOOL_STREAM, SPOOL_REFUSED)
+    yield
+    await redis.delete(SPOOL_STREAM, SPOOL_REFUSED)
+
+
+async def _gateway(settings, database_url: str, redis_url: str | None = None):
+    app = create_app(replace(settings, database_url=database_url, redis_url=redis_url or settings.redis_url))
+    lifespan = app.router.lifespan_context(app)
+    await lifespan.__aenter__()
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway.test")
+    return app, lifespan, client
+
+
+async def _stop(lifespan, client) -> None:
+    await client.aclose()
+    await lifespan.__aexit__(None, None, None)
+
+
+def _unreachable(settings) -> str:
+    return f"postgresql://postgres@127.0.0.1:{free_port()}/trackly"
+
+
+async def test_postbacks_while_postgresql_is_down_are_answered_spooled_and_stored_later(
+    settings, db, redis, api, tenant, empty_spool
+):
+    offer = await make_offer(api, tenant, payout="2.00")
+    arq = ArqRedis(pool_or_conn=redis.connection_pool)
+    before = datetime.now(UTC)
+    _, lifespan, gateway = await _gateway(settings, _unreachable(settings))
+    try:
+        answers = [
+            await gateway.get(f"/postback/{tenant.postback_token}",
+                              params={"conversion_id": "spool-1", "payout": "3.25"}),
+            # A JSON body: its numbers are kept exactly as sent.
+            await gateway.post(f"/postback/{tenant.postback_token}",
+                               json={"conversion_id": "spool-2", "payout": 1.50, "offer_id": offer["id"]}),
+            # A token no account has: the gateway cannot tell now; the worker drops it.
+            await gateway.get("/postback/notatokenofanyaccount", params={"conversion_id": "spool-3"}),
+        ]
+    finally:
+        await _stop(lifespan, gateway)
+    assert [(a.status_code, a.json()["status"]) for a in answers] == [(200, "accepted")] * 3, [a.text for a in answers]
+    assert await redis.xlen(SPOOL_STREAM) == 3
+    assert metric_value((await api.get("/metrics")).text, "trackly_postback_spool") == 3
+
+    assert await spool.drain_spool_once(db, redis, arq) == 3
+    assert await redis.xlen(SPOOL_STREAM) == 0 and await redis.xlen(SPOOL_REFUSED) == 0
+    assert metric_value((await api.get("/metrics")).text, "trackly_postback_spool") == 0
+    rows = await db.fetch(
+        "SELECT conversion_key, payout, params, received_at, spool_id, processed_at FROM postbacks"
+        " WHERE account_id = $1 ORDER BY id", tenant.account_id)
+    assert [r["conversion_key"] for r in rows] == ["spool-1", "spool-2"]
+    # Stored as the receiver stores one at once: the same postback sent to a gateway with PostgreSQL.
+    direct = await api.post(f"/postback/{tenant.postback_token}",
+                            json={"conversion_id": "direct-2", "payout": 1.50, "offer_id": offer["id"]})
+    assert direct.json()["status"] == "accepted"
+    row = await db.fetchrow("SELECT payout, params FROM postbacks WHERE account_id = $1 AND conversion_key = 'direct-2'",
+                            tenant.account_id)
+    assert [str(r["payout"]) for r in rows] == ["3.25", str(row["payout"])]
+    assert {**rows[1]["params"], "conversion_id": "direct-2"} == row["params"]
+    assert all(before <= r["received_at"] <= datetime.now(UTC) and r["spool_id"] for r in rows)
+    await burst_worker(settings)  # runs the jobs the drain enqueued
+    conversions = await db.fetch("SELECT payout FROM conversions WHERE account_id = $1 ORDER BY payout",
+                                 tenant.account_id)
+    assert [c["payout"] for c in conversions] == [Decimal("1.5"), Decimal("1.5"), Decimal("3.25")]
+
+
+
+async def test_a_demoted_primary_read_only_after_a_failover_spools(settings, db, redis, tenant, empty_spool):
+    """The token is looked up (reads work); the INSERT is refused as read-only: spooled, with its account."""
+    dsn = settings.database_url + ("&" if "?" in settings.database_url else "?") + "default_transaction_read_only=on"
+    _, lifespan, gateway = await _gateway(settings, dsn)
+    try:
+        resp = await gateway.get(f"/postback/{tenant.postback_token}", params={"conversion_id": "ro-1", "payout": "1"})
+    finally:
+        await _stop(lifespan, gateway)
+    assert (resp.status_code, resp.json()["status"]) == (200, "accepted")
+    [(_, fields)] = await redis.xrange(SPOOL_STREAM)
+    assert b'"a":%d' % tenant.account_id in fields[b"p"]
+    assert await spool.drain_spool_once(db, redis) == 1
+    assert await db.fetchval("SELECT count(*) FROM postbacks WHERE account_id = $1 AND conversion_key = 'ro-1'",
+                             tenant.account_id) == 1
+
+
+async def test_postgresql_hanging_spools_within_the_budget(settings, db, redis, tenant, empty_spool, monkeypatch):
+    """A PostgreSQL that answers nothing (a partition) held a postback up to the pool's 60 s command
+    timeout, past any network's patience."""
+    monkeypatch.setattr(postback_route, "POSTBACK_DB_BUDGET", 1.0)
+    link, through = postgres_link(settings.database_url)
+    await link.mend()
+    _, lifespan, gateway = await _gateway(settings, through(link.port))
+    try:
+        first = await gateway.get(f"/postback/{tenant.postback_token}", params={"conversion_id": "hang-1"})
+        assert first.status_code == 200  # stored in PostgreSQL; the token's account is remembered
+        await link.cut()
+        started = time.monotonic()
+        second = await gateway.get(f"/postback/{tenant.postback_token}", params={"conversion_id": "hang-2"})
+        assert time.monotonic() - started < 5
+    finally:
+        await _stop(lifespan, gateway)
+        link.close()
+    assert (second.status_code, second.json()["status"]) == (200, "accepted")
+    assert await redis.xlen(SPOOL_STREAM) == 1
+    await spool.drain_spool_once(db, redis)
+    keys = await db.fetch("SELECT conversion_key FROM postbacks WHERE account_id = $1 ORDER BY id", tenant.account_id)
+    assert [k["conversion_key"] for k in keys] == ["hang-1", "hang-2"]
+
+
+async def test_with_redis_down_too_the_answer_is_503(settings, tenant, empty_spool):
+    _, lifespan, gateway = await _gateway(settings, _unreachable(settings), f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        resp = await gateway.get(f"/postback/{tenant.postback_token}", params={"conversion_id": "both-down"})
+    finally:
+        await _stop(lifespan, gateway)
+    assert (resp.status_code, resp.json()["code"]) == (503, "service_unavailable")
+
+
+async def test_a_spooled_postback_is_stored_once_whatever_fails_between_store_and_delete(db, redis, tenant, empty_spool):
+    """The worker died after its commit, before the entry's delete (or two workers took it): the
+    entry is stored once. A postback naming neither id is its own conversion, so nothing else
+    would tell the two apart."""
+    now = datetime.now(UTC)
+    entry = spool_entry(account_id=tenant.account_id, token_digest=None, received_at=now, method="GET",
+                        params={"payout": "4.00", "offer_id": "none-such"}, body_error=None)
+    entry_id = (await redis.xadd(SPOOL_STREAM, entry)).decode()
+    await store(db, tenant.account_id, now, "GET", {"payout": "4.00", "offer_id": "none-such"}, None, spool_id=entry_id)
+    assert await spool.drain_spool_once(db, redis) == 1
+    assert await redis.xlen(SPOOL_STREAM) == 0
+    assert await db.fetchval("SELECT count(*) FROM postbacks WHERE account_id = $1", tenant.account_id) == 1
+    # Two workers at once.
+    entry_id = (await redis.xadd(SPOOL_STREAM, entry)).decode()
+    await asyncio.gather(spool.drain_spool_once(db, redis), spool.drain_spool_once(db, redis))
+    assert await db.fetchval("SELECT count(*) FROM postbacks WHERE spool_id = $1", entry_id) == 1
+    assert await db.fetchval("SELECT count(*) FROM postbacks WHERE account_id = $1", tenant.account_id) == 2
+
+
+async def test_a_spooled_repeat_of_a_stored_postback_is_a_duplicate(db, redis, tenant, empty_spool):
+    now = datetime.now(UTC)
+    params = {"conversion_id": "rep-1", "payout": "2"}
+    await store(db, tenant.account_id, now, "GET", params, None)
+    await redis.xadd(SPOOL_STREAM, spool_entry(account_id=tenant.account_id, token_digest=None, received_at=now,
+                                               method="GET", params=params, body_error=None))
+    await spool.drain_spool_once(db, redis)
+    rows = await db.fetch("SELECT is_duplicate FROM postbacks WHERE account_id = $1 ORDER BY id", tenant.account_id)
+    assert [r["is_duplicate"] for r in rows] == [False, True]
+
+
+async def test_entries_postgresql_refuses_are_set_aside_and_the_rest_stored(api, db, redis, tenant, empty_spool):
+    now = datetime.now(UTC)
+
+    def entry(account_id: int, key: str) -> dict[str, bytes]:
+        return spool_entry(account_id=account_id, token_digest=None, received_at=now, method="GET",
+                           params={"conversion_id": key}, body_error=None)
+
+    await redis.xadd(SPOOL_STREAM, entry(2**62, "deleted-account"))  # no such account: its foreign key refuses it
+    await redis.xadd(SPOOL_STREAM, {"p": b"not json", "q": b"{}"})
+    await redis.xadd(SPOOL_STREAM, entry(tenant.account_id, "after"))
+    assert await spool.drain_spool_once(db, redis) == 3
+    assert await redis.xlen(SPOOL_STREAM) == 0
+    refused = await redis.xrange(SPOOL_REFUSED)
+    assert [fields[b"why"].split(b":")[0] for _, fields in refused] == [b"refused by postgresql", b"unreadable"]
+    assert await db.fetchval("SELECT conversion_key FROM postbacks WHERE account_id = $1", tenant.account_id) == "after"
+    assert metric_value((await api.get("/metrics")).text, "trackly_postback_spool_refused") == 2
+
+
+async def test_a_running_worker_stores_the_spool_on_its_own(settings, db, redis, tenant, empty_spool):
+    ctx: dict = {"settings": settings, "redis": ArqRedis(pool_or_conn=redis.connection_pool)}  # (arq gives "redis")
+    await worker_main.startup(ctx)
+    try:
+        await redis.xadd(SPOOL_STREAM, spool_entry(account_id=tenant.account_id, token_digest=None,
+                                                   received_at=datetime.now(UTC), method="GET",
+                                                   params={"conversion_id": "by-the-loop"}, body_error=None))
+        for _ in range(100):
+            if await db.fetchval("SELECT count(*) FROM postbacks WHERE account_id = $1", tenant.account_id):
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await worker_main.shutdown(ctx)
+    assert await db.fetchval("SELECT conversion_key FROM postbacks WHERE account_id = $1", tenant.account_id) == "by-the-loop"
+    assert await redis.xlen(SPOOL_STREAM) == 0
+
+
+async def test_postgresql_down_during_the_drain_leaves_the_spool_as_it_was(settings, redis, tenant, empty_spool):
+    from shared import db as shared_db
+
+    await redis.xadd(SPOOL_STREAM, spool_entry(account_id=tenant.account_id, token_digest=None,
+                                               received_at=datetime.now(UTC), method="GET",
+                                               params={"conversion_id": "later"}, body_error=None))
+    pool = await shared_db.create_pool(_unreachable(settings), min_size=0)
+    try:
+        with pytest.raises(OSError):  # (DatabaseUnavailable is one)
+            await spool.drain_spool_once(pool, redis)
+    finally:
+        await shared_db.close_pool(pool)
+    assert await redis.xlen(SPOOL_STREAM) == 1
