@@ -222,3 +222,20 @@ async def test_postgresql_down_during_the_drain_leaves_the_spool_as_it_was(setti
     finally:
         await shared_db.close_pool(pool)
     assert await redis.xlen(SPOOL_STREAM) == 1
+
+
+async def test_a_slow_body_is_no_time_of_postgresqls(api, db, redis, tenant, empty_spool, monkeypatch):
+    """The budget is PostgreSQL's time: a body that takes longer to arrive is stored at once, not spooled."""
+    monkeypatch.setattr(postback_route, "POSTBACK_DB_BUDGET", 0.5)
+
+    async def trickle():
+        for piece in (b"conversion_id=slow-1", b"&payout=2"):
+            await asyncio.sleep(0.4)
+            yield piece
+
+    resp = await api.post(f"/postback/{tenant.postback_token}", content=trickle(),
+                          headers={"content-type": "application/x-www-form-urlencoded"})
+    assert (resp.status_code, resp.json()["status"]) == (200, "accepted")
+    assert await redis.xlen(SPOOL_STREAM) == 0
+    assert await db.fetchval("SELECT spool_id IS NULL FROM postbacks WHERE account_id = $1 AND conversion_key = 'slow-1'",
+                             tenant.account_id) is True
