@@ -134,6 +134,7 @@ def create_app(settings: Settings) -> Starlette:
     routes = [
         Route("/healthz", health.healthz),
         Route("/readyz", health.readyz),
+        Route("/readyz/postbacks", health.readyz_postbacks),
         Route("/metrics", health.metrics),
         *ROUTES,
     ]

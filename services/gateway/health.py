@@ -75,15 +75,31 @@ async def _schema_current(request: Request) -> None:
     state.schema_current = True
 
 
-async def readyz(request: Request) -> Response:
+async def _checks(request: Request) -> dict[str, str]:
     postgres, redis = await asyncio.gather(
         _probe(_asked(request, lambda conn: conn.fetchval("SELECT 1"))), _probe(request.app.state.redis.ping())
     )
     checks = {"postgres": postgres, "redis": redis}
     if postgres == "ok":
         checks["schema"] = await _probe(_schema_current(request))
-    ready = all(v == "ok" for v in checks.values())
+    return checks
+
+
+def _answer(checks: dict[str, str], ready: bool) -> Response:
     return JSONResponse({"status": "ready" if ready else "unavailable", **checks}, status_code=200 if ready else 503)
+
+
+async def readyz(request: Request) -> Response:
+    checks = await _checks(request)
+    return _answer(checks, all(v == "ok" for v in checks.values()))
+
+
+async def readyz_postbacks(request: Request) -> Response:
+    """Readiness for the postback receiver alone: with PostgreSQL down it still takes postbacks
+    (spooled in Redis), so it needs Redis, and a schema that is this code's when PostgreSQL
+    answers (a gateway of a new release before ``trackly migrate`` would fail their store)."""
+    checks = await _checks(request)
+    return _answer(checks, checks["redis"] == "ok" and checks.get("schema", "ok") == "ok")
 
 
 async def metrics(request: Request) -> Response:

@@ -66,6 +66,10 @@ async def test_postbacks_while_postgresql_is_down_are_answered_spooled_and_store
             # A token no account has: the gateway cannot tell now; the worker drops it.
             await gateway.get("/postback/notatokenofanyaccount", params={"conversion_id": "spool-3"}),
         ]
+        # Not ready for the API, ready for postbacks (a balancer routes /postback/ by the latter).
+        assert (await gateway.get("/readyz")).status_code == 503
+        ready = await gateway.get("/readyz/postbacks")
+        assert ready.status_code == 200 and ready.json()["postgres"].startswith("error"), ready.text
     finally:
         await _stop(lifespan, gateway)
     assert [(a.status_code, a.json()["status"]) for a in answers] == [(200, "accepted")] * 3, [a.text for a in answers]
@@ -139,6 +143,7 @@ async def test_with_redis_down_too_the_answer_is_503(settings, tenant, empty_spo
     _, lifespan, gateway = await _gateway(settings, _unreachable(settings), f"redis://127.0.0.1:{free_port()}/0")
     try:
         resp = await gateway.get(f"/postback/{tenant.postback_token}", params={"conversion_id": "both-down"})
+        assert (await gateway.get("/readyz/postbacks")).status_code == 503
     finally:
         await _stop(lifespan, gateway)
     assert (resp.status_code, resp.json()["code"]) == (503, "service_unavailable")
