@@ -62,6 +62,9 @@ MAX_ANSWERS = 10_000
 MAX_ANSWER_QUERY = 256
 
 _CODE_RE = re.compile(r"[A-Za-z0-9]{6,7}")
+# What may follow a short URL in a sentence and be taken into its path (not "/": two slashes are
+# no link of ours).
+_SENTENCE_END = ".,;:!)]}>'\"*\u2026\u201d\u2019"
 _TRACKER_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _SID_RE = re.compile(r"[A-Za-z0-9]{8}\.[A-Za-z0-9_-]{%d}" % sid.SIGNATURE_CHARS)
 
@@ -482,8 +485,16 @@ class RedirectApp:
         entry = self.shorts.fresh(key)
         if entry is None:
             if not _CODE_RE.fullmatch(code):
-                return await _not_found(send)
-            entry = await self.shorts.load(key)
+                # The punctuation that ends the sentence around a URL in an SMS ("...at
+                # sms.example.com/Ab3kX9." or "(sms.example.com/Ab3kX9)"), taken into the link by
+                # a phone's linkifier or a user's copy: no code holds any of it.
+                code = code.rstrip(_SENTENCE_END)
+                if not _CODE_RE.fullmatch(code):
+                    return await _not_found(send)
+                key = f"trk:s:{host_name}:{code}"
+                entry = self.shorts.fresh(key)
+            if entry is None:
+                entry = await self.shorts.load(key)
         if entry is None:
             return await _not_found(send)
         expires = self.shorts.expires(key)

@@ -362,3 +362,25 @@ async def test_whitespace_around_the_host_header_is_not_part_of_the_host(
         ct_host = host.replace("SMS.example.com", "ct.localhost").replace("sms.example.com", "ct.localhost")
         assert (await edge.head(f"http://ct.localhost:8001{tracker_path}", headers={"host": ct_host})).status_code == 302
     assert (await edge.get(f"https://sms.example.com/{link['linkId']}", headers={"host": "sms.example.com x"})).status_code == 404
+
+
+async def test_the_punctuation_ending_a_sentence_is_no_part_of_the_code(
+    api: httpx.AsyncClient, tenant: Tenant, edge: Edge, db: asyncpg.Pool
+) -> None:
+    """"Deal ends tonight: sms.example.com/Ab3kX9." A phone's linkifier, or a user copying the URL,
+    may take the full stop (or a closing bracket, a comma, a quote) into it: that tap was a 404,
+    a click lost. No code holds any of it; a link's code and a message's both redirect."""
+    _, link = await offer_and_link(api, tenant, "https://lp.example/land")
+    for tail in (".", ",", ")", ").", "!", ";", ":", "]", "'", '"', "*", "…", "”", "’", ").\u201d", "%2E"):
+        resp = await edge.get(link["shortUrl"] + tail + "?sub1=a")
+        assert (resp.status_code, resp.headers.get("location")) == (302, link["clickTrackerUrl"] + "?sub1=a"), tail
+    sent = await api.post("/api/v2/send", headers=tenant.headers,
+                          json={"to": "+14155550177", "list_id": tenant.list_id, "body": f"Go {link['shortUrl']}."})
+    body = await db.fetchval("SELECT body FROM messages WHERE id = $1", sent.json()["message_id"])
+    code_url = body.removeprefix("Go ").removesuffix(".")
+    resp = await edge.get(code_url + ").")
+    assert resp.status_code == 302 and "sid=" + sent.json()["message_id"] in resp.headers["location"]
+    # Only that: other characters, a code too short, and two slashes are still no link.
+    for tail in ("-", "_", "x", "//", "(", ".x"):
+        assert (await edge.get(link["shortUrl"] + tail)).status_code == 404, tail
+    assert (await edge.get(link["shortUrl"][:-1] + ".")).status_code == 404
