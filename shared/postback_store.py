@@ -11,7 +11,7 @@ the commit and the delete.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -20,7 +20,7 @@ import asyncpg
 import orjson
 
 from shared import jsonio
-from shared.postback_fields import normalise
+from shared.postback_fields import Postback, normalise
 
 # The stream of postbacks received while PostgreSQL was unavailable, oldest first (``spool_entry``:
 # what was received in one field, the fields sent in another, as exact JSON). Never trimmed: an
@@ -72,13 +72,13 @@ async def store(
     received_at: datetime,
     method: str,
     params: dict[str, Any],
-    body_error: str | None,
+    pb: Postback,
     *,
     spool_id: str | None = None,
 ) -> Stored:
-    """Store one postback (``params`` as ``jsonio.storable`` left them). A spooled one stored before
-    raises asyncpg.UniqueViolationError on SPOOL_ID_INDEX, and nothing is stored again."""
-    pb = normalise(params, received_at, body_error)
+    """Store one postback: ``params`` as ``jsonio.storable`` left them, ``pb`` what
+    ``postback_fields.normalise`` read of them. A spooled one stored before raises
+    asyncpg.UniqueViolationError on SPOOL_ID_INDEX, and nothing is stored again."""
     unparseable = pb.parse_error is not None
     values = [
         # Numbers in a JSON body are Decimals: stored as the exact JSON numbers that were sent.
@@ -99,9 +99,12 @@ async def store(
 
 
 def spool_entry(*, account_id: int | None, token_digest: bytes | None, received_at: datetime, method: str,
-                params: dict[str, Any], body_error: str | None) -> dict[str, bytes]:
+                params: dict[str, Any], body_error: str | None, conversion_key: str | None) -> dict[str, bytes]:
     """The stream entry of a postback to store later: its account, or its token's digest when the
-    account could not be looked up (the worker looks it up, as of ``received_at``)."""
+    account could not be looked up (the worker looks it up, as of ``received_at``); and the
+    conversion key the gateway gave it. A postback naming neither id gets a random one, and its
+    store may have committed before PostgreSQL failed to answer (a lost connection, the budget
+    run out): stored again under the same key, it is a repeat of itself, not a second conversion."""
     return {
         "p": orjson.dumps({
             "a": account_id,
@@ -109,6 +112,7 @@ def spool_entry(*, account_id: int | None, token_digest: bytes | None, received_
             "r": received_at.isoformat(),
             "m": method,
             "e": body_error,
+            "k": conversion_key,
         }),
         "q": orjson.dumps(params, default=_exact_number),
     }
@@ -129,6 +133,14 @@ class Spooled:
     method: str
     params: dict[str, Any]
     body_error: str | None
+    conversion_key: str | None
+
+    def postback(self) -> Postback:
+        """What the receiver read of it, under the conversion key the gateway gave it."""
+        pb = normalise(self.params, self.received_at, self.body_error)
+        if self.conversion_key is not None:
+            pb = replace(pb, conversion_key=self.conversion_key)
+        return pb
 
 
 def read_spool_entry(fields: dict[bytes, bytes]) -> Spooled:
@@ -145,4 +157,7 @@ def read_spool_entry(fields: dict[bytes, bytes]) -> Spooled:
     account_id = data["a"]
     if account_id is None and digest is None or account_id is not None and type(account_id) is not int:
         raise ValueError("the spooled postback names no account")
-    return Spooled(account_id, digest, received_at, str(data["m"]), params, data["e"])
+    key = data.get("k")
+    if key is not None and not isinstance(key, str):
+        raise ValueError("the spooled conversion key is not text")
+    return Spooled(account_id, digest, received_at, str(data["m"]), params, data["e"], key)

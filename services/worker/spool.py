@@ -57,7 +57,7 @@ async def drain_spool_once(db: asyncpg.Pool, redis: aioredis.Redis, arq: Any = N
                 continue
         try:
             stored = await store(db, account_id, spooled.received_at, spooled.method, spooled.params,
-                                 spooled.body_error, spool_id=spool_id)
+                                 spooled.postback(), spool_id=spool_id)
             if stored.processable:
                 stored_ids.append(stored.postback_id)
         except asyncpg.UniqueViolationError as exc:

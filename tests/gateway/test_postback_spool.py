@@ -20,6 +20,7 @@ from services.gateway.app import create_app
 from services.gateway.routes import postbacks as postback_route
 from services.worker import main as worker_main
 from services.worker import spool
+from shared.postback_fields import normalise
 from shared.postback_store import SPOOL_REFUSED, SPOOL_STREAM, spool_entry, store
 from tests.helpers import free_port, make_offer, metric_value, postgres_link
 from tests.worker.conftest import burst_worker
@@ -155,9 +156,10 @@ async def test_a_spooled_postback_is_stored_once_whatever_fails_between_store_an
     would tell the two apart."""
     now = datetime.now(UTC)
     entry = spool_entry(account_id=tenant.account_id, token_digest=None, received_at=now, method="GET",
-                        params={"payout": "4.00", "offer_id": "none-such"}, body_error=None)
+                        params={"payout": "4.00", "offer_id": "none-such"}, body_error=None, conversion_key=None)
     entry_id = (await redis.xadd(SPOOL_STREAM, entry)).decode()
-    await store(db, tenant.account_id, now, "GET", {"payout": "4.00", "offer_id": "none-such"}, None, spool_id=entry_id)
+    params = {"payout": "4.00", "offer_id": "none-such"}
+    await store(db, tenant.account_id, now, "GET", params, normalise(params, now), spool_id=entry_id)
     assert await spool.drain_spool_once(db, redis) == 1
     assert await redis.xlen(SPOOL_STREAM) == 0
     assert await db.fetchval("SELECT count(*) FROM postbacks WHERE account_id = $1", tenant.account_id) == 1
@@ -171,9 +173,25 @@ async def test_a_spooled_postback_is_stored_once_whatever_fails_between_store_an
 async def test_a_spooled_repeat_of_a_stored_postback_is_a_duplicate(db, redis, tenant, empty_spool):
     now = datetime.now(UTC)
     params = {"conversion_id": "rep-1", "payout": "2"}
-    await store(db, tenant.account_id, now, "GET", params, None)
+    await store(db, tenant.account_id, now, "GET", params, normalise(params, now))
     await redis.xadd(SPOOL_STREAM, spool_entry(account_id=tenant.account_id, token_digest=None, received_at=now,
-                                               method="GET", params=params, body_error=None))
+                                               method="GET", params=params, body_error=None, conversion_key=None))
+    await spool.drain_spool_once(db, redis)
+    rows = await db.fetch("SELECT is_duplicate FROM postbacks WHERE account_id = $1 ORDER BY id", tenant.account_id)
+    assert [r["is_duplicate"] for r in rows] == [False, True]
+
+
+async def test_a_postback_naming_no_conversion_stored_before_its_answer_was_lost_is_stored_once(db, redis, tenant, empty_spool):
+    """Its INSERT committed, then PostgreSQL's answer never came (a connection lost, the budget run
+    out): the gateway spooled it. A postback with neither id is its own conversion, under a random
+    key: stored again under another, it would have been a second conversion (and its money twice)."""
+    now = datetime.now(UTC)
+    params = {"payout": "4.00", "offer_id": "none-such"}
+    pb = normalise(params, now)
+    await store(db, tenant.account_id, now, "GET", params, pb)  # committed; the gateway never heard
+    await redis.xadd(SPOOL_STREAM, spool_entry(account_id=tenant.account_id, token_digest=None, received_at=now,
+                                               method="GET", params=params, body_error=None,
+                                               conversion_key=pb.conversion_key))
     await spool.drain_spool_once(db, redis)
     rows = await db.fetch("SELECT is_duplicate FROM postbacks WHERE account_id = $1 ORDER BY id", tenant.account_id)
     assert [r["is_duplicate"] for r in rows] == [False, True]
@@ -184,7 +202,7 @@ async def test_entries_postgresql_refuses_are_set_aside_and_the_rest_stored(api,
 
     def entry(account_id: int, key: str) -> dict[str, bytes]:
         return spool_entry(account_id=account_id, token_digest=None, received_at=now, method="GET",
-                           params={"conversion_id": key}, body_error=None)
+                           params={"conversion_id": key}, body_error=None, conversion_key=None)
 
     await redis.xadd(SPOOL_STREAM, entry(2**62, "deleted-account"))  # no such account: its foreign key refuses it
     await redis.xadd(SPOOL_STREAM, {"p": b"not json", "q": b"{}"})
@@ -203,7 +221,8 @@ async def test_a_running_worker_stores_the_spool_on_its_own(settings, db, redis,
     try:
         await redis.xadd(SPOOL_STREAM, spool_entry(account_id=tenant.account_id, token_digest=None,
                                                    received_at=datetime.now(UTC), method="GET",
-                                                   params={"conversion_id": "by-the-loop"}, body_error=None))
+                                                   params={"conversion_id": "by-the-loop"}, body_error=None,
+                                                   conversion_key=None))
         for _ in range(100):
             if await db.fetchval("SELECT count(*) FROM postbacks WHERE account_id = $1", tenant.account_id):
                 break
@@ -219,7 +238,7 @@ async def test_postgresql_down_during_the_drain_leaves_the_spool_as_it_was(setti
 
     await redis.xadd(SPOOL_STREAM, spool_entry(account_id=tenant.account_id, token_digest=None,
                                                received_at=datetime.now(UTC), method="GET",
-                                               params={"conversion_id": "later"}, body_error=None))
+                                               params={"conversion_id": "later"}, body_error=None, conversion_key=None))
     pool = await shared_db.create_pool(_unreachable(settings), min_size=0)
     try:
         with pytest.raises(OSError):  # (DatabaseUnavailable is one)

@@ -28,6 +28,7 @@ from shared.errors import ApiError
 from shared.jobs import PROCESS_POSTBACK, window_job
 from shared.db import POSTGRES_UNAVAILABLE, DatabaseUnavailable
 from shared.logs import Throttled
+from shared.postback_fields import normalise
 from shared.postback_store import ACCOUNT_OF_TOKEN, SPOOL_STREAM, spool_entry, store
 from shared.timeutil import utcnow
 
@@ -186,16 +187,18 @@ async def receive(request: Request) -> JSONResponse:
     params, body_error = await _params(request)
     params = jsonio.storable(params)  # a network sending what PostgreSQL cannot hold still gets its 200
     received_at = utcnow()
+    pb = normalise(params, received_at, body_error)
     try:
         if account_id is None:
             raise DatabaseUnavailable("the postback token's account could not be looked up")
         async with asyncio.timeout(budget):
-            stored = await store(request.app.state.db, account_id, received_at, request.method, params, body_error)
+            stored = await store(request.app.state.db, account_id, received_at, request.method, params, pb)
     except POSTGRES_UNAVAILABLE as exc:
         # Stored in Redis instead, for the worker to store once PostgreSQL is back (Redis down
         # too: 503, and the network retries).
         entry = spool_entry(account_id=account_id, token_digest=hash_secret(token) if account_id is None else None,
-                            received_at=received_at, method=request.method, params=params, body_error=body_error)
+                            received_at=received_at, method=request.method, params=params, body_error=body_error,
+                            conversion_key=pb.conversion_key)
         await request.app.state.redis.xadd(SPOOL_STREAM, entry)
         _report_spooled(f"{type(exc).__name__}: {exc}")
         return JSONResponse({"success": True, "status": "accepted"})
