@@ -15,6 +15,7 @@ names no account is dropped with a warning: the gateway would have answered it 4
 from __future__ import annotations
 
 import logging
+import secrets
 from typing import Any
 
 import asyncpg
@@ -31,6 +32,11 @@ log = logging.getLogger("trackly.worker.spool")
 
 SPOOL_INTERVAL = 1.0  # seconds between passes over an empty spool
 SPOOL_COUNT = 100  # entries per pass
+# One worker drains at a time: it holds this key (a pass takes well under a second; a worker that
+# dies holding it holds up the others this long at most).
+SPOOL_LOCK = "trk:postback-spool:lock"
+SPOOL_LOCK_MS = 30_000
+_UNLOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 # PostgreSQL refusing the row itself, not being unavailable (which only delays the pass).
 _REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 
@@ -38,39 +44,32 @@ _REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 async def drain_spool_once(db: asyncpg.Pool, redis: aioredis.Redis, arq: Any = None, count: int = SPOOL_COUNT) -> int:
     """Store up to ``count`` spooled postbacks, oldest first, and enqueue each one's job on ``arq``
     (if given; the sweeper enqueues what it could not); returns how many entries it took off the
-    spool. PostgreSQL unavailable: raised, and the entries stay for the next pass."""
-    entries = await redis.xrange(SPOOL_STREAM, count=count)
-    stored_ids: list[int] = []
-    for entry_id, fields in entries:
-        spool_id = text(entry_id)
+    spool (0 also while another worker holds the spool: one drains at a time, in order, rather
+    than all storing the same oldest entries). PostgreSQL unavailable: raised, and the entries not
+    yet stored stay for the next pass."""
+    token = secrets.token_hex(8)
+    if not await redis.set(SPOOL_LOCK, token, nx=True, px=SPOOL_LOCK_MS):
+        return 0
+    try:
+        entries = await redis.xrange(SPOOL_STREAM, count=count)
+        if not entries:
+            return 0
+        stored_ids: list[int] = []
+        done: list[bytes] = []  # stored now or before, or dropped
         try:
-            spooled = read_spool_entry(fields)
-        except (KeyError, TypeError, ValueError) as exc:
-            await _refuse(redis, entry_id, fields, f"unreadable: {type(exc).__name__}: {exc}")
-            continue
-        account_id = spooled.account_id
-        if account_id is None:
-            account_id = await db.fetchval(ACCOUNT_OF_TOKEN, spooled.token_digest, spooled.received_at)
-            if account_id is None:
-                log.warning("spooled postback %s names no account (an unknown postback token): dropped", spool_id)
-                await redis.xdel(SPOOL_STREAM, entry_id)
-                continue
-        try:
-            stored = await store(db, account_id, spooled.received_at, spooled.method, spooled.params,
-                                 spooled.postback(), spool_id=spool_id)
-            if stored.processable:
-                stored_ids.append(stored.postback_id)
-        except asyncpg.UniqueViolationError as exc:
-            if exc.constraint_name != SPOOL_ID_INDEX:
-                await _refuse(redis, entry_id, fields, f"refused by postgresql: {exc}")
-                continue
-            # Stored before: only its delete was missing.
-        except _REFUSED as exc:
-            await _refuse(redis, entry_id, fields, f"refused by postgresql: {type(exc).__name__}: {exc}")
-            continue
-        await redis.xdel(SPOOL_STREAM, entry_id)
-    if entries:
+            async with db.acquire() as conn:
+                for entry_id, fields in entries:
+                    outcome = await _store_entry(conn, redis, entry_id, fields)
+                    if outcome is not None:
+                        done.append(entry_id)
+                        if outcome:
+                            stored_ids.append(outcome)
+        finally:
+            if done:
+                await redis.xdel(SPOOL_STREAM, *done)
         log.info("stored %d spooled postbacks", len(entries))
+    finally:
+        await redis.eval(_UNLOCK, 1, SPOOL_LOCK, token)
     if arq is not None:
         try:
             for postback_id in stored_ids:
@@ -78,6 +77,36 @@ async def drain_spool_once(db: asyncpg.Pool, redis: aioredis.Redis, arq: Any = N
         except Exception:
             log.warning("could not enqueue the spooled postbacks' jobs; the sweeper will", exc_info=True)
     return len(entries)
+
+
+async def _store_entry(conn: asyncpg.Connection, redis: aioredis.Redis, entry_id: bytes,
+                       fields: dict[bytes, bytes]) -> int | None:
+    """Store one entry: the id of a postback stored now for a worker to process; 0 for one stored
+    before, not to be processed, or dropped; None for one set aside (already off the spool)."""
+    spool_id = text(entry_id)
+    try:
+        spooled = read_spool_entry(fields)
+    except (KeyError, TypeError, ValueError) as exc:
+        await _refuse(redis, entry_id, fields, f"unreadable: {type(exc).__name__}: {exc}")
+        return None
+    account_id = spooled.account_id
+    if account_id is None:
+        account_id = await conn.fetchval(ACCOUNT_OF_TOKEN, spooled.token_digest, spooled.received_at)
+        if account_id is None:
+            log.warning("spooled postback %s names no account (an unknown postback token): dropped", spool_id)
+            return 0
+    try:
+        stored = await store(conn, account_id, spooled.received_at, spooled.method, spooled.params,
+                             spooled.postback(), spool_id=spool_id)
+    except asyncpg.UniqueViolationError as exc:
+        if exc.constraint_name != SPOOL_ID_INDEX:
+            await _refuse(redis, entry_id, fields, f"refused by postgresql: {exc}")
+            return None
+        return 0  # stored before: only its delete was missing
+    except _REFUSED as exc:
+        await _refuse(redis, entry_id, fields, f"refused by postgresql: {type(exc).__name__}: {exc}")
+        return None
+    return stored.postback_id if stored.processable else 0
 
 
 async def _refuse(redis: aioredis.Redis, entry_id: bytes, fields: dict[bytes, bytes], why: str) -> None:

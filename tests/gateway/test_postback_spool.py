@@ -163,9 +163,9 @@ async def test_a_spooled_postback_is_stored_once_whatever_fails_between_store_an
     assert await spool.drain_spool_once(db, redis) == 1
     assert await redis.xlen(SPOOL_STREAM) == 0
     assert await db.fetchval("SELECT count(*) FROM postbacks WHERE account_id = $1", tenant.account_id) == 1
-    # Two workers at once.
+    # Two workers at once: one drains, the other finds the spool held.
     entry_id = (await redis.xadd(SPOOL_STREAM, entry)).decode()
-    await asyncio.gather(spool.drain_spool_once(db, redis), spool.drain_spool_once(db, redis))
+    assert sorted(await asyncio.gather(spool.drain_spool_once(db, redis), spool.drain_spool_once(db, redis))) == [0, 1]
     assert await db.fetchval("SELECT count(*) FROM postbacks WHERE spool_id = $1", entry_id) == 1
     assert await db.fetchval("SELECT count(*) FROM postbacks WHERE account_id = $1", tenant.account_id) == 2
 
@@ -263,3 +263,15 @@ async def test_a_slow_body_is_no_time_of_postgresqls(api, db, redis, tenant, emp
     assert await redis.xlen(SPOOL_STREAM) == 0
     assert await db.fetchval("SELECT spool_id IS NULL FROM postbacks WHERE account_id = $1 AND conversion_key = 'slow-1'",
                              tenant.account_id) is True
+
+
+async def test_a_worker_that_died_draining_holds_the_spool_only_a_while(db, redis, tenant, empty_spool, monkeypatch):
+    monkeypatch.setattr(spool, "SPOOL_LOCK_MS", 300)
+    await redis.set(spool.SPOOL_LOCK, "a-worker-gone", px=300)
+    await redis.xadd(SPOOL_STREAM, spool_entry(account_id=tenant.account_id, token_digest=None,
+                                               received_at=datetime.now(UTC), method="GET",
+                                               params={"conversion_id": "after-lock"}, body_error=None, conversion_key=None))
+    assert await spool.drain_spool_once(db, redis) == 0
+    await asyncio.sleep(0.4)
+    assert await spool.drain_spool_once(db, redis) == 1
+    assert await redis.get(spool.SPOOL_LOCK) is None  # released after its pass
