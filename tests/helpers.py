@@ -240,6 +240,7 @@ class Link:
         self._server: asyncio.AbstractServer | None = None
         self._pipes: set[asyncio.Task[None]] = set()
         self._held: list[asyncio.StreamWriter] = []
+        self._frozen = False
         self.port = 0
 
     async def mend(self) -> None:
@@ -252,6 +253,14 @@ class Link:
         for pipe in self._pipes:
             pipe.cancel()  # the sockets stay open: nothing is answered, nothing is closed
 
+    async def freeze(self) -> None:
+        """A server that stopped answering (its processes frozen, its host hung): what was sent on an
+        open connection is never answered, and new connections are taken but never answered either
+        (as a frozen server's kernel still completes the handshake)."""
+        self._frozen = True
+        for pipe in self._pipes:
+            pipe.cancel()
+
     def close(self) -> None:
         for writer in self._held:
             writer.transport.abort()
@@ -259,6 +268,9 @@ class Link:
             self._server.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._frozen:
+            self._held.append(writer)
+            return
         if isinstance(self._target, str):
             up_reader, up_writer = await asyncio.open_unix_connection(self._target)
         else:

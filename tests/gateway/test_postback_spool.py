@@ -116,9 +116,11 @@ async def test_a_demoted_primary_read_only_after_a_failover_spools(settings, db,
                              tenant.account_id) == 1
 
 
-async def test_postgresql_hanging_spools_within_the_budget(settings, db, redis, tenant, empty_spool, monkeypatch):
-    """A PostgreSQL that answers nothing (a partition) held a postback up to the pool's 60 s command
-    timeout, past any network's patience."""
+@pytest.mark.parametrize("how", ["cut", "freeze"])
+async def test_postgresql_hanging_spools_within_the_budget(settings, db, redis, tenant, empty_spool, monkeypatch, how):
+    """A PostgreSQL that answers nothing (a partition; or frozen, which also takes the connection
+    asyncpg opens to cancel the statement, and never answers it) held a postback up to the pool's
+    60 s command timeout, past any network's patience."""
     monkeypatch.setattr(postback_route, "POSTBACK_DB_BUDGET", 1.0)
     link, through = postgres_link(settings.database_url)
     await link.mend()
@@ -126,7 +128,7 @@ async def test_postgresql_hanging_spools_within_the_budget(settings, db, redis, 
     try:
         first = await gateway.get(f"/postback/{tenant.postback_token}", params={"conversion_id": "hang-1"})
         assert first.status_code == 200  # stored in PostgreSQL; the token's account is remembered
-        await link.cut()
+        await (link.cut() if how == "cut" else link.freeze())
         started = time.monotonic()
         second = await gateway.get(f"/postback/{tenant.postback_token}", params={"conversion_id": "hang-2"})
         assert time.monotonic() - started < 5

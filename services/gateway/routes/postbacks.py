@@ -13,20 +13,21 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.routing import Route
 
+from services.gateway.health import settled
 from services.gateway.http import JSONResponse, read_body
 from shared import jsonio
 from shared.accounts import hash_secret
 from shared.errors import ApiError
 from shared.jobs import PROCESS_POSTBACK, window_job
-from shared.db import POSTGRES_UNAVAILABLE, DatabaseUnavailable
+from shared.db import POSTGRES_UNAVAILABLE
 from shared.logs import Throttled
 from shared.postback_fields import normalise
 from shared.postback_store import ACCOUNT_OF_TOKEN, SPOOL_STREAM, spool_entry, store
@@ -52,6 +53,7 @@ ENQUEUE_TIMEOUT = 2.0
 # spooled instead: a network gives up on an answer after 10-30 s, and a PostgreSQL that hangs (a
 # partition, a failover in progress) holds statements up to the pool's 60 s command timeout.
 POSTBACK_DB_BUDGET = 10.0
+T = TypeVar("T")
 
 
 async def _account_for(request: Request, token: str) -> int:
@@ -169,18 +171,31 @@ def _depth(value: Any) -> int:
     return deepest
 
 
+async def _postgres(work: Awaitable[T], budget: float) -> T | BaseException:
+    """What ``work`` returned, or the POSTGRES_UNAVAILABLE error it raised (a TimeoutError when it
+    took longer than ``budget``: it is then cancelled in the background, not waited for, since
+    asyncpg's cancel of a statement waits on a PostgreSQL that answers nothing). Any other error
+    is raised."""
+    task = await settled(work, budget)
+    if task is None:
+        return TimeoutError(f"no answer from PostgreSQL within {POSTBACK_DB_BUDGET} s")
+    exc = task.exception()
+    if exc is None:
+        return task.result()
+    if isinstance(exc, POSTGRES_UNAVAILABLE):
+        return exc
+    raise exc
+
+
 async def receive(request: Request) -> JSONResponse:
     token = request.path_params["postback_token"]
     if not _TOKEN_RE.fullmatch(token):  # not one we mint (a NUL would not even reach the query)
         raise ApiError(401, "unauthorized", "Unknown postback token")
-    account_id: int | None = None
     loop = asyncio.get_running_loop()
     asked = loop.time()
-    try:
-        async with asyncio.timeout(POSTBACK_DB_BUDGET):
-            account_id = await _account_for(request, token)
-    except POSTGRES_UNAVAILABLE:
-        pass  # spooled with its token's digest below; the worker looks the account up
+    # Its account (401 for an unknown token); if PostgreSQL cannot say, the postback is spooled
+    # with its token's digest below, and the worker looks the account up.
+    account = await _postgres(_account_for(request, token), POSTBACK_DB_BUDGET)
     budget = POSTBACK_DB_BUDGET - (loop.time() - asked)  # (the body's reading, below, is not PostgreSQL's time)
     if request.method == "HEAD":  # a link checker, not a network: nothing to store
         return JSONResponse({"success": True, "status": "accepted"})
@@ -188,19 +203,18 @@ async def receive(request: Request) -> JSONResponse:
     params = jsonio.storable(params)  # a network sending what PostgreSQL cannot hold still gets its 200
     received_at = utcnow()
     pb = normalise(params, received_at, body_error)
-    try:
-        if account_id is None:
-            raise DatabaseUnavailable("the postback token's account could not be looked up")
-        async with asyncio.timeout(budget):
-            stored = await store(request.app.state.db, account_id, received_at, request.method, params, pb)
-    except POSTGRES_UNAVAILABLE as exc:
+    account_id = account if isinstance(account, int) else None
+    stored = account if account_id is None else await _postgres(
+        store(request.app.state.db, account_id, received_at, request.method, params, pb), budget)
+    if isinstance(stored, BaseException):
         # Stored in Redis instead, for the worker to store once PostgreSQL is back (Redis down
-        # too: 503, and the network retries).
+        # too: 503, and the network retries). A store left running in the background that
+        # commits after all makes the spooled copy a repeat of it: the same conversion key.
         entry = spool_entry(account_id=account_id, token_digest=hash_secret(token) if account_id is None else None,
                             received_at=received_at, method=request.method, params=params, body_error=body_error,
                             conversion_key=pb.conversion_key)
         await request.app.state.redis.xadd(SPOOL_STREAM, entry)
-        _report_spooled(f"{type(exc).__name__}: {exc}")
+        _report_spooled(f"{type(stored).__name__}: {stored}")
         return JSONResponse({"success": True, "status": "accepted"})
     if stored.duplicate:
         return JSONResponse({"success": True, "status": "duplicate"})
