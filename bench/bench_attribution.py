@@ -10,6 +10,7 @@ import asyncio
 import secrets
 import time
 import warnings
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import arq
@@ -22,10 +23,12 @@ from bench.common import BenchEnv, bare_asgi, ratio, request_rate, stack_ceiling
 from services.gateway.app import create_app
 from services.gateway.routes import history
 from services.worker.main import worker_settings
+from services.worker.spool import drain_spool_once
 from shared import db as shared_db
 from shared import ids
 from shared.accounts import create_account, create_list
 from shared.jobs import ATTRIBUTION_WINDOW, PROCESS_POSTBACK
+from shared.postback_store import SPOOL_STREAM
 
 CONCURRENCY = 20
 CONVERSIONS = 20_000
@@ -153,6 +156,25 @@ async def _history_rate(
     return best_sends, best_clicks, best_revenue, best_click_sql, best_floor, best_ceiling
 
 
+async def _spool_rates(settings, pool, token: str) -> tuple[float, float]:
+    """Postbacks/s a gateway whose PostgreSQL is unreachable answers (each spooled), and postbacks/s
+    one worker's drain then stores from the spool."""
+    down = create_app(replace(settings, database_url="postgresql://postgres@127.0.0.1:1/unreachable"))
+    async with down.router.lifespan_context(down):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=down), base_url="http://g") as client:
+            rps = await request_rate(client, lambda c: c.get(f"/postback/{token}", params={
+                "click_id": secrets.token_hex(16), "txid": secrets.token_hex(8), "payout": "2.50"}),
+                concurrency=CONCURRENCY, ok=200)
+        redis = down.state.redis
+        waiting = await redis.xlen(SPOOL_STREAM)
+        start = time.perf_counter()
+        stored = 0
+        while n := await drain_spool_once(pool, redis):
+            stored += n
+        assert stored == waiting
+    return rps, stored / (time.perf_counter() - start)
+
+
 async def _main(env: BenchEnv) -> list[str]:
     settings = env.settings
     pool = await shared_db.create_pool(settings.database_url)
@@ -176,7 +198,8 @@ async def _main(env: BenchEnv) -> list[str]:
             sends_rps, clicks_rps, revenue_rps, click_sql, floor_rows, ceiling = await _history_rate(
                 api, settings.database_url, acct["account_id"], lst["list_id"], offer["id"])
 
-    # The gateway figure's postbacks are not part of the worker figure.
+    spooled_rps, drained_rate = await _spool_rates(settings, pool, acct["postback_token"])
+    # The gateway figures' postbacks are not part of the worker figure.
     await pool.execute("UPDATE postbacks SET processed_at = now() WHERE processed_at IS NULL")
     await _clear_jobs(settings.redis_url)
     all_done_rate, burst_rate = await _worker_rate(env, pool, acct["account_id"], lst["list_id"])
@@ -190,6 +213,9 @@ async def _main(env: BenchEnv) -> list[str]:
         f" {ATTRIBUTION_WINDOW * 1000:.0f} ms window), one arq worker in burst mode: "
         f"{all_done_rate:,.0f} conversions attributed/s until all were processed = {ratio(all_done_rate, floor_rows)} "
         f"(goal >= 5,000/s); {burst_rate:,.0f}/s until the worker had run every job",
+        f"GET /postback with PostgreSQL unreachable (spooled in Redis; the token's account unknown): {spooled_rps:,.0f}"
+        f" req/s = {ratio(spooled_rps, floor_rps)}; the spool then stored in PostgreSQL by one worker:"
+        f" {drained_rate:,.0f} postbacks/s = {ratio(drained_rate, floor_rows)}",
         f"POST /history/sends x1000: {sends_rps:,.0f} rows/s = {ratio(sends_rps, floor_rows)} (goal >= 0.50)",
         f"POST /history/clicks x1000: {clicks_rps:,.0f} rows/s = {ratio(clicks_rps, floor_rows)} (goal >= 0.50)",
         f"POST /history/revenue x1000: {revenue_rps:,.0f} rows/s = {ratio(revenue_rps, floor_rows)} (goal >= 0.50)",

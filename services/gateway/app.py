@@ -22,7 +22,7 @@ from starlette.routing import Route
 from services.gateway import health
 from services.gateway.http import JSONResponse, error_response
 from services.gateway.metrics import GatewayMetrics, MetricsMiddleware
-from services.gateway.routes import ROUTES, reports
+from services.gateway.routes import ROUTES, postbacks, reports
 from shared import db
 from shared.errors import ApiError
 from shared.redis_client import create_redis, warn_if_not_durable
@@ -118,6 +118,7 @@ def create_app(settings: Settings) -> Starlette:
         app.state.arq = ArqRedis(pool_or_conn=app.state.redis.connection_pool)
         app.state.report_slots = reports.ReportSlots()
         app.state.window_job = None  # the attribution window whose job this process has enqueued
+        app.state.postgres_for_postbacks = postbacks.breaker()
         # Published links (and the attribution jobs) live in Redis: say so if it may lose them.
         app.state.redis_persistence_problem = await warn_if_not_durable(app.state.redis)
         # What exists now (modules, routes, pools) lives as long as the process: out of the

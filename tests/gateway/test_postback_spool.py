@@ -277,3 +277,40 @@ async def test_a_worker_that_died_draining_holds_the_spool_only_a_while(db, redi
     await asyncio.sleep(0.4)
     assert await spool.drain_spool_once(db, redis) == 1
     assert await redis.get(spool.SPOOL_LOCK) is None  # released after its pass
+
+
+async def test_after_a_failure_postbacks_spool_without_waiting_for_postgresql(settings, redis, tenant, empty_spool, monkeypatch):
+    """A frozen PostgreSQL (or a host gone) takes each postback's whole budget to fail: after one
+    has, the next ones spool at once for a while, and then one asks again."""
+    monkeypatch.setattr(postback_route, "POSTBACK_DB_BUDGET", 0.5)
+    monkeypatch.setattr(postback_route, "POSTGRES_PAUSE", 30.0)
+    link, through = postgres_link(settings.database_url)
+    await link.mend()
+    _, lifespan, gateway = await _gateway(settings, through(link.port))
+    try:
+        assert (await gateway.get(f"/postback/{tenant.postback_token}", params={"conversion_id": "b-0"})).status_code == 200
+        await link.freeze()
+        first = await gateway.get(f"/postback/{tenant.postback_token}", params={"conversion_id": "b-1"})
+        started = time.monotonic()
+        rest = [await gateway.get(f"/postback/{tenant.postback_token}", params={"conversion_id": f"b-{n}"})
+                for n in range(2, 12)]
+        assert time.monotonic() - started < 1.0  # (each waiting its budget: 5 s)
+    finally:
+        await _stop(lifespan, gateway)
+        link.close()
+    assert [r.json()["status"] for r in [first, *rest]] == ["accepted"] * 11
+    assert await redis.xlen(SPOOL_STREAM) == 11
+
+
+def test_the_breaker_lets_one_postback_ask_after_its_pause(monkeypatch):
+    monkeypatch.setattr(postback_route, "POSTGRES_PAUSE", 1.0)
+    breaker = postback_route.breaker()
+    assert breaker.ask(0.0) and breaker.ask(0.0)  # all ask while PostgreSQL answers
+    breaker.fared(0.5, ok=False)
+    assert not breaker.ask(1.0)  # within the pause: none asks
+    assert breaker.ask(1.6)  # after it: one asks...
+    assert not breaker.ask(1.7)  # ...and the others spool until it has its answer
+    breaker.fared(1.8, ok=False)
+    assert not breaker.ask(2.0) and breaker.ask(2.9)
+    breaker.fared(3.0, ok=True)
+    assert breaker.ask(3.0) and breaker.ask(3.0)

@@ -53,7 +53,42 @@ ENQUEUE_TIMEOUT = 2.0
 # spooled instead: a network gives up on an answer after 10-30 s, and a PostgreSQL that hangs (a
 # partition, a failover in progress) holds statements up to the pool's 60 s command timeout.
 POSTBACK_DB_BUDGET = 10.0
+# After PostgreSQL failed a postback, the next ones go to the spool without asking it for this
+# long; then one asks, and the rest keep spooling until it has its answer. Otherwise each one waits
+# for its own failure: a refused connect is quick, but a host gone (no reset) or a frozen server
+# takes the whole budget, and a server coming back would take the reconnects of all of them at once.
+POSTGRES_PAUSE = 1.0
 T = TypeVar("T")
+
+
+class _Breaker:
+    """Whether a postback asks PostgreSQL (``ask``), given how the last ones fared (``fared``)."""
+
+    def __init__(self) -> None:
+        self.failed_until = 0.0  # loop time until which none asks
+        self.asking = False  # one asks after a pause; the others keep spooling meanwhile
+
+    def ask(self, now: float) -> bool:
+        if not self.failed_until:
+            return True
+        if now < self.failed_until or self.asking:
+            return False
+        self.asking = True
+        return True
+
+    def fared(self, now: float, ok: bool) -> None:
+        self.asking = False
+        self.failed_until = 0.0 if ok else now + POSTGRES_PAUSE
+
+
+def breaker() -> _Breaker:
+    """The gateway's (app.state.postgres_for_postbacks)."""
+    return _Breaker()
+
+
+def _cached_account(request: Request, token: str) -> int | None:
+    hit = getattr(request.app.state, "postback_tokens", {}).get(token)
+    return hit[0] if hit is not None and hit[1] > time.monotonic() else None
 
 
 async def _account_for(request: Request, token: str) -> int:
@@ -192,29 +227,45 @@ async def receive(request: Request) -> JSONResponse:
     if not _TOKEN_RE.fullmatch(token):  # not one we mint (a NUL would not even reach the query)
         raise ApiError(401, "unauthorized", "Unknown postback token")
     loop = asyncio.get_running_loop()
+    breaker: _Breaker = request.app.state.postgres_for_postbacks
+    asking = breaker.ask(loop.time())
     asked = loop.time()
-    # Its account (401 for an unknown token); if PostgreSQL cannot say, the postback is spooled
-    # with its token's digest below, and the worker looks the account up.
-    account = await _postgres(_account_for(request, token), POSTBACK_DB_BUDGET)
-    budget = POSTBACK_DB_BUDGET - (loop.time() - asked)  # (the body's reading, below, is not PostgreSQL's time)
-    if request.method == "HEAD":  # a link checker, not a network: nothing to store
-        return JSONResponse({"success": True, "status": "accepted"})
-    params, body_error = await _params(request)
-    params = jsonio.storable(params)  # a network sending what PostgreSQL cannot hold still gets its 200
-    received_at = utcnow()
-    pb = normalise(params, received_at, body_error)
-    account_id = account if isinstance(account, int) else None
-    stored = account if account_id is None else await _postgres(
-        store(request.app.state.db, account_id, received_at, request.method, params, pb), budget)
-    if isinstance(stored, BaseException):
+    failure: BaseException | None = None
+    account: int | BaseException | None
+    try:
+        # Its account (401 for an unknown token); when PostgreSQL cannot say, or is not asked,
+        # the postback is spooled below (by its token's digest, if its account is not known
+        # here), and the worker looks the account up.
+        account = (await _postgres(_account_for(request, token), POSTBACK_DB_BUDGET) if asking
+                   else _cached_account(request, token))
+        if isinstance(account, BaseException):
+            failure, account = account, _cached_account(request, token)
+        budget = POSTBACK_DB_BUDGET - (loop.time() - asked)  # (reading the body, below, is not PostgreSQL's time)
+        if request.method == "HEAD":  # a link checker, not a network: nothing to store
+            return JSONResponse({"success": True, "status": "accepted"})
+        params, body_error = await _params(request)
+        params = jsonio.storable(params)  # a network sending what PostgreSQL cannot hold still gets its 200
+        received_at = utcnow()
+        pb = normalise(params, received_at, body_error)
+        stored = None
+        if asking and failure is None and account is not None:
+            result = await _postgres(store(request.app.state.db, account, received_at, request.method, params, pb), budget)
+            if isinstance(result, BaseException):
+                failure = result
+            else:
+                stored = result
+    finally:
+        if asking:  # (answered by PostgreSQL, a 401 included, unless it failed)
+            breaker.fared(loop.time(), ok=failure is None)
+    if stored is None:
         # Stored in Redis instead, for the worker to store once PostgreSQL is back (Redis down
         # too: 503, and the network retries). A store left running in the background that
         # commits after all makes the spooled copy a repeat of it: the same conversion key.
-        entry = spool_entry(account_id=account_id, token_digest=hash_secret(token) if account_id is None else None,
+        entry = spool_entry(account_id=account, token_digest=hash_secret(token) if account is None else None,
                             received_at=received_at, method=request.method, params=params, body_error=body_error,
                             conversion_key=pb.conversion_key)
         await request.app.state.redis.xadd(SPOOL_STREAM, entry)
-        _report_spooled(f"{type(stored).__name__}: {stored}")
+        _report_spooled("not asked: it failed a moment ago" if failure is None else f"{type(failure).__name__}: {failure}")
         return JSONResponse({"success": True, "status": "accepted"})
     if stored.duplicate:
         return JSONResponse({"success": True, "status": "duplicate"})
