@@ -299,3 +299,29 @@ def postgres_link(dsn: str) -> tuple[Link, Callable[[int], str]]:
     rest = urlencode({k: v for k, v in query.items() if k not in ("host", "port")})
     userinfo = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
     return Link(target), lambda p: urlunsplit(parts._replace(netloc=f"{userinfo}127.0.0.1:{p}", query=rest))
+
+
+async def report_strays_and_the_events(conn: asyncpg.Connection, account_id: int) -> tuple[list[tuple], list[tuple]]:
+    """An account's report_strays (migration 0029), summed per (day, message), and the same
+    computed from the events: per UTC day and message, the events of messages sent another day."""
+    kept = await conn.fetch(
+        "SELECT day, message_id, sent_day, sum(events) FROM report_strays WHERE account_id = $1"
+        " GROUP BY 1, 2, 3 HAVING sum(events) <> 0 ORDER BY 1, 2", account_id)
+    events = await conn.fetch(_STRAYS_OF_THE_EVENTS, account_id)
+    return [tuple(r) for r in kept], [tuple(r) for r in events]
+
+
+_STRAYS_OF_THE_EVENTS = """
+SELECT day, message_id, sent_day, count(*) FROM (
+    SELECT (mc.clicked_at AT TIME ZONE 'UTC')::date, m.id, (m.sent_at AT TIME ZONE 'UTC')::date
+    FROM message_clicks mc JOIN messages m ON m.id = mc.message_id AND m.account_id = mc.account_id
+    WHERE mc.account_id = $1
+    UNION ALL
+    SELECT (c.converted_at AT TIME ZONE 'UTC')::date, m.id, (m.sent_at AT TIME ZONE 'UTC')::date
+    FROM conversions c JOIN messages m ON m.id = c.message_id WHERE c.account_id = $1
+    UNION ALL
+    SELECT (r.occurred_at AT TIME ZONE 'UTC')::date, m.id, (m.sent_at AT TIME ZONE 'UTC')::date
+    FROM revenue r JOIN messages m ON m.id = r.message_id WHERE r.account_id = $1
+) AS e(day, message_id, sent_day)
+WHERE day <> sent_day GROUP BY 1, 2, 3 ORDER BY 1, 2
+"""

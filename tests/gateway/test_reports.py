@@ -248,3 +248,24 @@ async def test_reports_read_the_rollup_only_once_its_backfill_has_committed(api,
         assert keys == ["only-in-the-rollup"]
     finally:
         await db.execute("DELETE FROM report_rollup WHERE account_id = $1", tenant.account_id)
+
+
+async def test_reports_by_message_read_the_strays_table_only_once_its_backfill_has_committed(api, db, tenant, gateway_app):
+    """Migration 0029 records itself with its backfill, as 0016 does; until then a report by
+    message over a range finds its strays (messages with an event in it, sent before it) from the
+    events. A stray report_strays lacks shows which one answered."""
+    mid = ids.message_id()
+    await db.execute("INSERT INTO messages (id, account_id, list_id, to_phone, body, sent_at)"
+                     " VALUES ($1, $2, $3, $4, 'x', '2026-03-01T10:00Z')", mid, tenant.account_id, tenant.list_id, PHONE)
+    await db.execute("INSERT INTO message_clicks (message_id, click_id, account_id, clicked_at)"
+                     " VALUES ($1, 'k-stray', $2, '2026-03-05T10:00Z')", mid, tenant.account_id)
+    await db.execute("DELETE FROM report_strays WHERE account_id = $1", tenant.account_id)
+    url = "/api/v2/reports/performance?group_by=message&start=2026-03-05&end=2026-03-05"
+    gateway_app.state.strays_ready = False
+    await db.execute("UPDATE schema_migrations SET version = 'pending_0029' WHERE version = '0029_report_strays'")
+    try:
+        rows = (await api.get(url, headers=tenant.headers)).json()["rows"]
+        assert [(r["key"], r["sends"], r["clicks"]) for r in rows] == [(mid, 0, 1)]
+    finally:
+        await db.execute("UPDATE schema_migrations SET version = '0029_report_strays' WHERE version = 'pending_0029'")
+    assert (await api.get(url, headers=tenant.headers)).json()["rows"] == []

@@ -3,7 +3,7 @@ import asyncio
 import contextlib
 import secrets
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -14,7 +14,7 @@ from services.gateway.app import create_app
 from shared import migrate as migrate_module
 from shared.accounts import create_account, forget_postback_tokens, rotate_postback_token
 from shared.migrate import _migrations, migrate
-from tests.helpers import scratch_database
+from tests.helpers import report_strays_and_the_events, scratch_database
 
 
 async def test_migrations_are_recorded_and_idempotent(settings, db):
@@ -322,6 +322,8 @@ async def test_writes_go_on_while_the_rollup_is_backfilled_and_count_once(settin
     async with _before_the_rollup(settings, db, "trackly_migrate_backfill") as (dsn, conn):
 
         async def meanwhile(version: str) -> None:
+            if version != "0016_report_rollup":
+                return  # (0029's backfill: test_writes_go_on_while_the_strays_are_backfilled_and_count_once)
             assert not await conn.fetchval("SELECT count(*) FROM schema_migrations WHERE version = $1", version)
             await _write_events(dsn)
 
@@ -329,6 +331,54 @@ async def test_writes_go_on_while_the_rollup_is_backfilled_and_count_once(settin
         assert "0016_report_rollup" in await migrate(dsn)
         assert await conn.fetchval("SELECT count(*) FROM messages WHERE id LIKE 'late%'") == 5
         await _assert_rollup_is_the_events(conn)
+
+
+async def _assert_strays_are_the_events(conn: asyncpg.Connection) -> None:
+    """Reports by message over ranges of days (strays: messages sent before or after the range
+    with an event in it) are the events', and report_strays holds each event once."""
+    from services.gateway.attribution_sql import report_page
+
+    day = lambda n: datetime(2026, 3, 1, tzinfo=UTC) + timedelta(days=n)  # noqa: E731
+    ranges = [(day(n), day(n + 1)) for n in range(20)] + [(day(2), day(5)), (None, day(4)), (day(9), None)]
+    strays = 0
+    for start, end in ranges:
+        kept, summed = [[dict(r) for r in await conn.fetch(report_page("message", from_events=e), 1, start, end, 1000, 0)]
+                        for e in (False, True)]
+        assert kept == summed, (start, end)
+        strays += sum(r["sends"] == 0 and r["key"] is not None for r in kept)
+    assert strays > 20, strays
+    kept, events = await report_strays_and_the_events(conn, 1)
+    assert kept == events and len(kept) > 20
+
+
+async def test_writes_go_on_while_the_strays_are_backfilled_and_count_once(settings, db, monkeypatch):
+    """Migration 0029 fills report_strays from the events already stored, on the snapshot taken
+    under its triggers' locks, as 0016 does the rollup: events written during the backfill (a first
+    click and a revenue record days after their sends, a conversion moved to another message) are
+    counted by the triggers, not again by it; every report by message over a range is the events'."""
+    async with _before_the_rollup(settings, db, "trackly_migrate_strays") as (dsn, conn):
+
+        async def meanwhile(version: str) -> None:
+            if version != "0029_report_strays":
+                return
+            writer = await asyncpg.connect(dsn)
+            try:
+                await writer.execute("SET statement_timeout = '1s'")
+                await writer.execute(
+                    "INSERT INTO message_clicks (message_id, click_id, account_id, clicked_at)"
+                    " VALUES ('m0000004', 'late-click', 1, timestamptz '2026-03-09 08:00Z')")
+                await writer.execute(
+                    "INSERT INTO revenue (id, account_id, message_id, amount, attribution_type, occurred_at)"
+                    " VALUES ('late-revenue', 1, 'm0000006', 2, 'sale', timestamptz '2026-03-09 09:00Z'),"
+                    " ('late-revenue-2', 1, 'm0000006', 1, 'send', timestamptz '2026-03-09 10:00Z')")
+                await writer.execute("UPDATE conversions SET message_id = 'm0000008' WHERE message_id = 'm0000011'")
+            finally:
+                await writer.close()
+
+        monkeypatch.setattr(migrate_module, "before_backfill", meanwhile)
+        assert "0029_report_strays" in await migrate(dsn)
+        assert await conn.fetchval("SELECT count(*) FROM conversions WHERE message_id = 'm0000008'") == 1
+        await _assert_strays_are_the_events(conn)
 
 
 async def test_a_backfill_that_fails_is_done_again_from_the_start(settings, db, monkeypatch):

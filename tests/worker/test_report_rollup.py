@@ -16,7 +16,8 @@ from services.gateway.attribution_sql import ROLLUP_KEYS, report_page
 from services.worker.folding import fold_report_rollup
 from services.worker.clicks import drain_once
 from shared import edge, ids
-from tests.helpers import add_list, fold_while_writing, make_offer, make_tenant, table_reads
+from tests.helpers import (add_list, fold_while_writing, make_offer, make_tenant, report_strays_and_the_events,
+                           table_reads)
 from tests.worker.test_attribution import postback
 
 DAY0 = datetime(2026, 3, 1, 9, 30, tzinfo=UTC)
@@ -55,6 +56,8 @@ async def _assert_same_reports(db, account_id: int) -> int:
             for offset in range(0, len(every) + limit, limit):
                 page = await _report(db, account_id, "message", start, end, from_events=False, limit=limit, offset=offset)
                 assert page == every[offset : offset + limit], (start, end, limit, offset)
+    kept, events = await report_strays_and_the_events(db, account_id)  # what the strays are read from
+    assert kept == events and kept
     return compared
 
 

@@ -15,7 +15,7 @@ import asyncpg
 from starlette.requests import Request
 from starlette.routing import Route
 
-from services.gateway.attribution_sql import GROUP_KEYS, ROLLUP_VERSION, report_page
+from services.gateway.attribution_sql import GROUP_KEYS, ROLLUP_VERSION, STRAYS_VERSION, report_page
 from services.gateway.auth import authenticate
 from services.gateway.http import JSONResponse, page_params
 from shared.errors import ApiError, validation
@@ -110,6 +110,17 @@ async def _rollup_ready(request: Request, conn: Any) -> bool:
     return bool(state.rollup_ready)
 
 
+async def _strays_ready(request: Request, conn: Any) -> bool:
+    """Whether report_strays is whole (its migration, 0029, is recorded with its backfill, as the
+    rollup's): until then a report by message over a range finds its strays from the events."""
+    state = request.app.state
+    if not getattr(state, "strays_ready", False):
+        state.strays_ready = bool(
+            await conn.fetchval("SELECT EXISTS (SELECT 1 FROM schema_migrations WHERE version = $1)", STRAYS_VERSION)
+        )
+    return bool(state.strays_ready)
+
+
 def _day(request: Request, name: str) -> datetime | None:
     raw = request.query_params.get(name)
     if not raw:
@@ -155,7 +166,8 @@ async def performance(request: Request) -> JSONResponse:
             " SET LOCAL jit = off"
         )
         query = report_page(group_by, from_events=not await _rollup_ready(request, conn),
-                            all_time=start is None and end_exclusive is None)
+                            all_time=start is None and end_exclusive is None,
+                            strays_kept=group_by != "message" or await _strays_ready(request, conn))
         try:
             rows = await conn.fetch(query, account.id, start, end_exclusive, page.per_page, page.offset)
             # Every row carries the group count and the totals; a page past the last group has none,
