@@ -20,7 +20,7 @@ import asyncpg
 import orjson
 
 from shared import jsonio
-from shared.postback_fields import Postback, normalise
+from shared.postback_fields import Postback, accepts_move, normalise
 
 # The stream of postbacks received while PostgreSQL was unavailable, oldest first (``spool_entry``:
 # what was received in one field, the fields sent in another, as exact JSON). Never trimmed: an
@@ -50,7 +50,7 @@ RETURNING id
 
 # The latest accepted postback of a conversion: a repeat of it is a duplicate.
 _LATEST = """
-SELECT id, status, payout, click_id, currency FROM postbacks
+SELECT id, status, payout, click_id, currency, received_at FROM postbacks
 WHERE account_id = $1 AND network = $2 AND conversion_key = $3 AND dedupe_key IS NOT NULL
 ORDER BY id DESC LIMIT 1
 """
@@ -89,6 +89,11 @@ async def store(
         postback_id = await db.fetchval(_INSERT, *values, None, False, received_at, "unparseable", spool_id)
         return Stored(postback_id, False, False)
     latest = await db.fetchrow(_LATEST, account_id, pb.network, pb.conversion_key)
+    if spool_id is not None and latest is not None and await _superseded(db, account_id, pb, received_at, latest):
+        postback_id = await db.fetchval(
+            _INSERT, *values, None, False, received_at,
+            f"superseded: received before postback {latest['id']} of its conversion, stored after it", spool_id)
+        return Stored(postback_id, False, False)
     if latest is None or not pb.repeats(latest["status"], latest["payout"], latest["click_id"], latest["currency"]):
         postback_id = await db.fetchval(
             _INSERT, *values, pb.dedupe_key(latest["id"] if latest else 0), False, None, None, spool_id)
@@ -96,6 +101,34 @@ async def store(
             return Stored(postback_id, False, True)
     postback_id = await db.fetchval(_INSERT, *values, None, True, received_at, None, spool_id)
     return Stored(postback_id, True, False)
+
+
+# The accepted postbacks of a conversion received after a given time (a spooled one's).
+_RECEIVED_AFTER = """
+SELECT status, payout FROM postbacks
+WHERE account_id = $1 AND network = $2 AND conversion_key = $3 AND dedupe_key IS NOT NULL AND received_at > $4
+"""
+
+
+async def _superseded(db: asyncpg.Pool | asyncpg.Connection, account_id: int, pb: Postback, received_at: datetime,
+                      latest: asyncpg.Record) -> bool:
+    """Whether a spooled postback is superseded by postbacks of its conversion received after it
+    but stored first (by a gateway that reached PostgreSQL before the workers drained the spool):
+    the conversion must end as if they had been applied in the order received. One of them
+    overrides it when the status machine would have taken that one's move after it: applying it
+    now would then move the conversion back (an approval spooled, its rejection stored at once:
+    approved again, its payout counted as revenue), so it is kept, not applied. Otherwise it
+    stands whatever followed (a reversal is final; an approval is not undone by a late pending),
+    and applied now it ends the same. One that only names a click or a currency the latest did
+    not is news, as for any postback."""
+    if latest["received_at"] <= received_at or pb.status is None:
+        return False
+    if pb.repeats(latest["status"], latest["payout"], pb.click_id, latest["currency"] or pb.currency):
+        return False
+    payout = pb.payout if pb.payout is not None else latest["payout"] if latest["payout"] is not None else Decimal(0)
+    later = await db.fetch(_RECEIVED_AFTER, account_id, pb.network, pb.conversion_key, received_at)
+    return any(accepts_move(pb.status, payout, row["status"], payout if row["payout"] is None else row["payout"])
+               for row in later if row["status"] is not None)
 
 
 def spool_entry(*, account_id: int | None, token_digest: bytes | None, received_at: datetime, method: str,
@@ -155,9 +188,11 @@ def read_spool_entry(fields: dict[bytes, bytes]) -> Spooled:
         raise ValueError("the spooled receipt time has no offset")
     digest = bytes.fromhex(data["t"]) if data["t"] is not None else None
     account_id = data["a"]
-    if account_id is None and digest is None or account_id is not None and type(account_id) is not int:
+    if account_id is None and digest is None or account_id is not None and (
+            type(account_id) is not int or not 0 < account_id < 2**63):
         raise ValueError("the spooled postback names no account")
     key = data.get("k")
-    if key is not None and not isinstance(key, str):
-        raise ValueError("the spooled conversion key is not text")
-    return Spooled(account_id, digest, received_at, str(data["m"]), params, data["e"], key)
+    # What the store would fail on at every pass, holding up the entries after it.
+    if type(data["m"]) is not str or any(v is not None and type(v) is not str for v in (data["e"], key)):
+        raise ValueError("the spooled method, body error or conversion key is not text")
+    return Spooled(account_id, digest, received_at, data["m"], params, data["e"], key)

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import httpx
+import orjson
 import pytest
 from arq.connections import ArqRedis
 
@@ -22,7 +23,7 @@ from services.worker import main as worker_main
 from services.worker import spool
 from shared.postback_fields import normalise
 from shared.postback_store import SPOOL_REFUSED, SPOOL_STREAM, spool_entry, store
-from tests.helpers import free_port, make_offer, metric_value, postgres_link
+from tests.helpers import free_port, make_offer, make_tenant, metric_value, postgres_link
 from tests.worker.conftest import burst_worker
 
 
@@ -314,3 +315,144 @@ def test_the_breaker_lets_one_postback_ask_after_its_pause(monkeypatch):
     assert not breaker.ask(2.0) and breaker.ask(2.9)
     breaker.fared(3.0, ok=True)
     assert breaker.ask(3.0) and breaker.ask(3.0)
+
+
+async def test_a_spooled_postback_does_not_undo_a_later_one_stored_before_it(
+    settings, db, redis, api, tenant, empty_spool
+):
+    """A network's approval spooled during an outage, then its rejection (a minute later, say)
+    stored at once by a gateway that reaches PostgreSQL (the outage over, or that gateway's pool
+    full no longer) before the workers drained the spool: the approval was then stored after the
+    rejection and moved the conversion back to approved, its payout counted as revenue. A spooled
+    postback received before the conversion's latest stored one is kept, superseded, not applied."""
+    arq = ArqRedis(pool_or_conn=redis.connection_pool)
+    _, lifespan, gateway = await _gateway(settings, _unreachable(settings))
+    try:
+        spooled = [
+            await gateway.get(f"/postback/{tenant.postback_token}",
+                              params={"conversion_id": "late-1", "payout": "5.00", "status": "approved"}),
+            await gateway.get(f"/postback/{tenant.postback_token}",
+                              params={"conversion_id": "late-2", "payout": "5.00", "status": "approved"}),
+            # A repeat that only adds the click the network learned late: still news, as when direct.
+            await gateway.get(f"/postback/{tenant.postback_token}",
+                              params={"conversion_id": "late-3", "payout": "4.00", "click_id": "clk-late-3"}),
+            # Received first, they stand whatever follows: a reversal is final, a late pending ignored.
+            await gateway.get(f"/postback/{tenant.postback_token}",
+                              params={"conversion_id": "late-4", "payout": "3.00", "status": "reversed"}),
+            await gateway.get(f"/postback/{tenant.postback_token}",
+                              params={"conversion_id": "late-5", "payout": "3.00", "status": "approved"}),
+            # Rejected after it, then a pending the machine ignores: still rejected in the end.
+            await gateway.get(f"/postback/{tenant.postback_token}",
+                              params={"conversion_id": "late-6", "payout": "3.00", "status": "approved"}),
+        ]
+    finally:
+        await _stop(lifespan, gateway)
+    assert [a.json()["status"] for a in spooled] == ["accepted"] * 6
+    later = [
+        await api.get(f"/postback/{tenant.postback_token}", params={"conversion_id": "late-1", "status": "rejected"}),
+        await api.get(f"/postback/{tenant.postback_token}",
+                      params={"conversion_id": "late-2", "payout": "7.00", "status": "approved"}),
+        await api.get(f"/postback/{tenant.postback_token}", params={"conversion_id": "late-3", "payout": "4.00"}),
+        await api.get(f"/postback/{tenant.postback_token}",
+                      params={"conversion_id": "late-4", "payout": "3.00", "status": "approved"}),
+        await api.get(f"/postback/{tenant.postback_token}",
+                      params={"conversion_id": "late-5", "payout": "3.00", "status": "pending"}),
+        await api.get(f"/postback/{tenant.postback_token}", params={"conversion_id": "late-6", "status": "rejected"}),
+        await api.get(f"/postback/{tenant.postback_token}", params={"conversion_id": "late-6", "status": "pending"}),
+    ]
+    assert [a.json()["status"] for a in later] == ["accepted"] * 7
+    await burst_worker(settings)
+    assert await spool.drain_spool_once(db, redis, arq) == 6
+    await burst_worker(settings)
+    conversions = await db.fetch(
+        "SELECT conversion_key, status, payout, click_id FROM conversions WHERE account_id = $1 ORDER BY conversion_key",
+        tenant.account_id)
+    assert [(c["conversion_key"], c["status"], c["click_id"]) for c in conversions] == [
+        ("late-1", "rejected", None), ("late-2", "approved", None), ("late-3", "approved", "clk-late-3"),
+        ("late-4", "reversed", None), ("late-5", "approved", None), ("late-6", "rejected", None)]
+    assert [c["payout"] for c in conversions[1:5]] == [Decimal("7"), Decimal("4"), Decimal("3"), Decimal("3")]
+    assert await spool.drain_spool_once(db, redis, arq) == 0
+    states = await db.fetch(
+        "SELECT conversion_key, process_error FROM postbacks WHERE account_id = $1 AND spool_id IS NOT NULL"
+        " ORDER BY conversion_key", tenant.account_id)
+    assert [(s["conversion_key"], (s["process_error"] or "").split(":")[0]) for s in states] == [
+        ("late-1", "superseded"), ("late-2", "superseded"), ("late-3", ""), ("late-4", ""), ("late-5", ""),
+        ("late-6", "superseded")]
+
+
+async def test_an_entry_of_the_right_shape_with_wrong_values_is_set_aside_not_retried_forever(
+    db, redis, tenant, empty_spool
+):
+    """An entry read_spool_entry let through failed inside the store on every pass (a TypeError
+    joining a body error that is no text, an account id past bigint refused by asyncpg before it
+    is sent), and each pass stopped there: the postbacks after it waited forever."""
+    good = spool_entry(account_id=tenant.account_id, token_digest=None, received_at=datetime.now(UTC), method="GET",
+                       params={"conversion_id": "behind-bad"}, body_error=None, conversion_key=None)
+    payload = orjson.loads(good["p"])
+    for bad in ({**payload, "e": 5}, {**payload, "a": 2**63}, {**payload, "m": ["GET"]}):
+        await redis.xadd(SPOOL_STREAM, {"p": orjson.dumps(bad), "q": good["q"]})
+    await redis.xadd(SPOOL_STREAM, good)
+    for _ in range(3):
+        try:
+            await spool.drain_spool_once(db, redis)
+        except Exception:
+            pass
+    assert await db.fetchval("SELECT count(*) FROM postbacks WHERE account_id = $1 AND conversion_key = 'behind-bad'",
+                             tenant.account_id) == 1
+    assert await redis.xlen(SPOOL_STREAM) == 0 and await redis.xlen(SPOOL_REFUSED) == 3
+
+
+_SENT = [  # (method, httpx arguments): each kind of postback the receiver reads
+    ("GET", {"params": {"conversion_id": "rt-1", "payout": "3.25", "currency": "eur", "x": ["a", "b"]}}),
+    ("POST", {"data": {"conversion_id": "rt-2", "payout": "1.50", "status": "pending"}}),
+    ("POST", {"content": b'{"conversion_id":"rt-3","payout":1.50,"n":{"a":[1,2.0,1e2,-0.0,12345678901234567890123],'
+                         b'"u":"\\u00e9\\ud800x\\u0000"},"big":1e500,"z":0.000001}',
+              "headers": {"content-type": "application/json"}}),
+    ("POST", {"files": {"payout": (None, "2.5"), "conversion_id": (None, "rt-4"), "f": ("a.txt", b"hello")}}),
+    ("POST", {"content": b"[1,2]", "headers": {"content-type": "application/json"}}),  # unparseable
+    ("POST", {"content": b"garbage", "headers": {"content-type": "text/plain"}}),  # no fields
+    ("GET", {"params": {"conversion_id": "rt-7", "payout": "abc"}}),
+    ("GET", {"params": {"conversion_id": "rt-8", "timestamp": "2026-01-02T03:04:05Z", "payout": "7"}}),
+    ("GET", {"params": {"payout": "9", "offer_id": "no-ids"}}),
+]
+
+
+async def test_a_spooled_postback_is_stored_as_the_same_postback_stored_at_once(settings, db, redis, api, empty_spool):
+    """Every column of postbacks, for each kind of postback, through the spool (a demoted primary:
+    its account looked up, its INSERT refused) and straight into PostgreSQL (another account); a
+    HEAD stores nothing either way."""
+    spooled_to, direct_to = await make_tenant(db), await make_tenant(db)
+    dsn = settings.database_url + ("&" if "?" in settings.database_url else "?") + "default_transaction_read_only=on"
+    _, lifespan, gateway = await _gateway(settings, dsn)
+    try:
+        for method, arguments in _SENT:
+            resp = await gateway.request(method, f"/postback/{spooled_to.postback_token}", **arguments)
+            assert resp.status_code == 200, resp.text
+        assert (await gateway.head(f"/postback/{spooled_to.postback_token}")).status_code == 200
+    finally:
+        await _stop(lifespan, gateway)
+    for method, arguments in _SENT:
+        assert (await api.request(method, f"/postback/{direct_to.postback_token}", **arguments)).status_code == 200
+    assert (await api.head(f"/postback/{direct_to.postback_token}")).status_code == 200
+    assert await redis.xlen(SPOOL_STREAM) == len(_SENT)
+    await spool.drain_spool_once(db, redis)
+    assert await redis.xlen(SPOOL_REFUSED) == 0
+
+    async def stored(account_id: int) -> list[dict]:
+        rows = await db.fetch("SELECT * FROM postbacks WHERE account_id = $1 ORDER BY id", account_id)
+        out = []
+        for row in map(dict, rows):
+            received = row.pop("received_at")
+            for key in ("id", "account_id", "spool_id"):
+                row.pop(key)
+            # Times relative to the receipt; a postback naming neither id is its own conversion.
+            row["processed_at"] = row["processed_at"] and row["processed_at"] - received
+            row["converted_at"] = row["converted_at"] - received if row["converted_at"] >= received else row["converted_at"]
+            if row["conversion_key"].startswith("postback:"):
+                row["conversion_key"], row["dedupe_key"] = "own", row["dedupe_key"] and "own"
+            out.append(row)
+        return out
+
+    assert await stored(spooled_to.account_id) == await stored(direct_to.account_id)
+    assert await db.fetchval("SELECT count(spool_id) FROM postbacks WHERE account_id = $1",
+                             spooled_to.account_id) == len(_SENT)
