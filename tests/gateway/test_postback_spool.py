@@ -21,6 +21,7 @@ from services.gateway.app import create_app
 from services.gateway.routes import postbacks as postback_route
 from services.worker import main as worker_main
 from services.worker import spool
+from shared import postback_store
 from shared.postback_fields import normalise
 from shared.postback_store import SPOOL_REFUSED, SPOOL_STREAM, spool_entry, store
 from tests.helpers import free_port, make_offer, make_tenant, metric_value, postgres_link
@@ -56,6 +57,9 @@ async def test_postbacks_while_postgresql_is_down_are_answered_spooled_and_store
 ):
     offer = await make_offer(api, tenant, payout="2.00")
     arq = ArqRedis(pool_or_conn=redis.connection_pool)
+    # The token answered for its account lately (a HEAD stores nothing): a gateway started since,
+    # with no PostgreSQL to ask, finds it among the tokens known in Redis.
+    assert (await api.head(f"/postback/{tenant.postback_token}")).status_code == 200
     before = datetime.now(UTC)
     _, lifespan, gateway = await _gateway(settings, _unreachable(settings))
     try:
@@ -65,20 +69,21 @@ async def test_postbacks_while_postgresql_is_down_are_answered_spooled_and_store
             # A JSON body: its numbers are kept exactly as sent.
             await gateway.post(f"/postback/{tenant.postback_token}",
                                json={"conversion_id": "spool-2", "payout": 1.50, "offer_id": offer["id"]}),
-            # A token no account has: the gateway cannot tell now; the worker drops it.
-            await gateway.get("/postback/notatokenofanyaccount", params={"conversion_id": "spool-3"}),
         ]
+        # A token no gateway has seen lately: nothing vouches for it, and anyone may send any: 503.
+        unknown = await gateway.get("/postback/notatokenofanyaccount", params={"conversion_id": "spool-3"})
+        assert (unknown.status_code, unknown.json()["code"]) == (503, "service_unavailable")
         # Not ready for the API, ready for postbacks (a balancer routes /postback/ by the latter).
         assert (await gateway.get("/readyz")).status_code == 503
         ready = await gateway.get("/readyz/postbacks")
         assert ready.status_code == 200 and ready.json()["postgres"].startswith("error"), ready.text
     finally:
         await _stop(lifespan, gateway)
-    assert [(a.status_code, a.json()["status"]) for a in answers] == [(200, "accepted")] * 3, [a.text for a in answers]
-    assert await redis.xlen(SPOOL_STREAM) == 3
-    assert metric_value((await api.get("/metrics")).text, "trackly_postback_spool") == 3
+    assert [(a.status_code, a.json()["status"]) for a in answers] == [(200, "accepted")] * 2, [a.text for a in answers]
+    assert await redis.xlen(SPOOL_STREAM) == 2
+    assert metric_value((await api.get("/metrics")).text, "trackly_postback_spool") == 2
 
-    assert await spool.drain_spool_once(db, redis, arq) == 3
+    assert await spool.drain_spool_once(db, redis, arq) == 2
     assert await redis.xlen(SPOOL_STREAM) == 0 and await redis.xlen(SPOOL_REFUSED) == 0
     assert metric_value((await api.get("/metrics")).text, "trackly_postback_spool") == 0
     rows = await db.fetch(
@@ -208,9 +213,13 @@ async def test_entries_postgresql_refuses_are_set_aside_and_the_rest_stored(api,
                            params={"conversion_id": key}, body_error=None, conversion_key=None)
 
     await redis.xadd(SPOOL_STREAM, entry(2**62, "deleted-account"))  # no such account: its foreign key refuses it
+    # A token known lately but no longer (rotated since, its grace over): dropped, as a 401.
+    await redis.xadd(SPOOL_STREAM, spool_entry(account_id=None, token_digest=bytes(32), received_at=now, method="GET",
+                                               params={"conversion_id": "gone-token"}, body_error=None,
+                                               conversion_key=None))
     await redis.xadd(SPOOL_STREAM, {"p": b"not json", "q": b"{}"})
     await redis.xadd(SPOOL_STREAM, entry(tenant.account_id, "after"))
-    assert await spool.drain_spool_once(db, redis) == 3
+    assert await spool.drain_spool_once(db, redis) == 4
     assert await redis.xlen(SPOOL_STREAM) == 0
     refused = await redis.xrange(SPOOL_REFUSED)
     assert [fields[b"why"].split(b":")[0] for _, fields in refused] == [b"refused by postgresql", b"unreadable"]
@@ -326,6 +335,7 @@ async def test_a_spooled_postback_does_not_undo_a_later_one_stored_before_it(
     rejection and moved the conversion back to approved, its payout counted as revenue. A spooled
     postback received before the conversion's latest stored one is kept, superseded, not applied."""
     arq = ArqRedis(pool_or_conn=redis.connection_pool)
+    assert (await api.head(f"/postback/{tenant.postback_token}")).status_code == 200  # (known lately)
     _, lifespan, gateway = await _gateway(settings, _unreachable(settings))
     try:
         spooled = [
@@ -456,3 +466,20 @@ async def test_a_spooled_postback_is_stored_as_the_same_postback_stored_at_once(
     assert await stored(spooled_to.account_id) == await stored(direct_to.account_id)
     assert await db.fetchval("SELECT count(spool_id) FROM postbacks WHERE account_id = $1",
                              spooled_to.account_id) == len(_SENT)
+
+
+async def test_the_spool_is_bounded_in_entries_and_in_size(settings, db, redis, tenant, empty_spool, monkeypatch):
+    """It shares its Redis with the click stream, which a full Redis refuses: past its bounds a
+    postback is answered 503 (the network retries it later), never spooled."""
+    monkeypatch.setattr(postback_store, "SPOOL_MAX_ENTRIES", 2)
+    dsn = settings.database_url + ("&" if "?" in settings.database_url else "?") + "default_transaction_read_only=on"
+    _, lifespan, gateway = await _gateway(settings, dsn)
+    try:
+        url = f"/postback/{tenant.postback_token}"
+        big = await gateway.post(url, json={"conversion_id": "big", "notes": "x" * postback_store.SPOOL_MAX_ENTRY_BYTES})
+        answers = [await gateway.get(url, params={"conversion_id": f"cap-{n}"}) for n in range(3)]
+    finally:
+        await _stop(lifespan, gateway)
+    assert (big.status_code, big.json()["code"]) == (503, "service_unavailable")
+    assert [a.status_code for a in answers] == [200, 200, 503]
+    assert await redis.xlen(SPOOL_STREAM) == 2

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
+from redis.exceptions import RedisError
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.routing import Route
@@ -25,17 +26,20 @@ from services.gateway.health import settled
 from services.gateway.http import JSONResponse, read_body
 from shared import jsonio
 from shared.accounts import hash_secret
+from shared.db import POSTGRES_UNAVAILABLE
 from shared.errors import ApiError
 from shared.jobs import PROCESS_POSTBACK, window_job
-from shared.db import POSTGRES_UNAVAILABLE
 from shared.logs import Throttled
 from shared.postback_fields import normalise
-from shared.postback_store import ACCOUNT_OF_TOKEN, SPOOL_STREAM, spool_entry, store
+from shared.postback_store import (
+    ACCOUNT_OF_TOKEN, KNOWN_TOKEN_PREFIX, KNOWN_TOKEN_SECONDS, SpoolFull, spool, spool_entry, store,
+)
 from shared.timeutil import utcnow
 
 log = logging.getLogger("trackly.gateway.postbacks")
 # Redis down under a storm of postbacks: one line every 10 s, not one per postback.
 _report_enqueue_failure = Throttled(log, logging.WARNING, "could not enqueue postback %s (the latest); the sweeper will")
+_report_spool_full = Throttled(log, logging.ERROR, "postback refused (503): %s")
 _report_spooled = Throttled(log, logging.WARNING, "postgresql unavailable (%s): postbacks spooled in redis for the worker")
 
 # Where a JSON body that is not a JSON object is kept, as text, among the params.
@@ -100,12 +104,17 @@ async def _account_for(request: Request, token: str) -> int:
     hit = cache.get(token)
     if hit is not None and hit[1] > now:
         return hit[0]
-    account_id = await request.app.state.db.fetchval(ACCOUNT_OF_TOKEN, hash_secret(token), utcnow())
+    digest = hash_secret(token)
+    account_id = await request.app.state.db.fetchval(ACCOUNT_OF_TOKEN, digest, utcnow())
     if account_id is None:
         raise ApiError(401, "unauthorized", "Unknown postback token")
     if len(cache) > 10_000:
         cache.clear()
     cache[token] = (account_id, now + TOKEN_TTL)
+    try:  # (for the spool: a token known lately, should PostgreSQL be unavailable)
+        await request.app.state.redis.set(KNOWN_TOKEN_PREFIX + digest.hex(), account_id, ex=KNOWN_TOKEN_SECONDS)
+    except (RedisError, OSError):
+        pass
     return account_id
 
 
@@ -261,10 +270,18 @@ async def receive(request: Request) -> JSONResponse:
         # Stored in Redis instead, for the worker to store once PostgreSQL is back (Redis down
         # too: 503, and the network retries). A store left running in the background that
         # commits after all makes the spooled copy a repeat of it: the same conversion key.
-        entry = spool_entry(account_id=account, token_digest=hash_secret(token) if account is None else None,
+        redis = request.app.state.redis
+        digest = hash_secret(token)
+        if account is None and not await redis.exists(KNOWN_TOKEN_PREFIX + digest.hex()):
+            raise ApiError(503, "service_unavailable", "A dependency is unavailable; retry shortly")
+        entry = spool_entry(account_id=account, token_digest=digest if account is None else None,
                             received_at=received_at, method=request.method, params=params, body_error=body_error,
                             conversion_key=pb.conversion_key)
-        await request.app.state.redis.xadd(SPOOL_STREAM, entry)
+        try:
+            await spool(redis, entry)
+        except SpoolFull as exc:
+            _report_spool_full(str(exc))
+            raise ApiError(503, "service_unavailable", "A dependency is unavailable; retry shortly") from None
         _report_spooled("not asked: it failed a moment ago" if failure is None else f"{type(failure).__name__}: {failure}")
         return JSONResponse({"success": True, "status": "accepted"})
     if stored.duplicate:
