@@ -204,3 +204,15 @@ async def test_a_reversal_or_rejection_with_its_money_and_time_macros_unfilled_i
     assert await postback(api, tenant, status="approved", click_id=click_id, txid="new", **unfilled) == "accepted"
     await run_worker()
     assert await conversion(db, tenant, "new") is None
+
+
+async def test_the_postback_log_shows_only_conversion_ids_the_network_sent(api, tenant):
+    """A postback naming no conversion id is keyed by its click (or, naming neither, on its own):
+    the log listed that key (``click:<id>``, ``postback:<hex>``) as if the network had sent it."""
+    assert await postback(api, tenant, click_id="clk-log-1", payout="1") == "accepted"
+    assert await postback(api, tenant, offer_id="no-ids", payout="2") == "accepted"
+    assert await postback(api, tenant, click_id="clk-log-3", conversion_id="sent-3", payout="3") == "accepted"
+    # One the network did send, whatever it looks like.
+    assert await postback(api, tenant, click_id="clk-log-4", conversion_id="click:other", payout="4") == "accepted"
+    log = (await api.get("/api/v2/postbacks", headers=tenant.headers)).json()["postbacks"]
+    assert [p["conversion_id"] for p in reversed(log)] == [None, None, "sent-3", "click:other"]

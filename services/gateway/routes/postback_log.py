@@ -6,6 +6,7 @@ processing it) is only visible here: the log a network integration is debugged w
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from starlette.requests import Request
@@ -48,6 +49,20 @@ _SELECT = (
 )
 
 
+# The keys the receiver makes for a conversion whose postbacks name no conversion id
+# (shared.postback_fields.normalise): by its click, or its own.
+_OWN_KEY_RE = re.compile(r"postback:[0-9a-f]{32}")
+
+
+def _conversion_id(row: Any) -> str | None:
+    """The conversion id the network sent, not the key made in its absence (``click:<click id>``,
+    ``postback:<hex>``), which looked like one sent."""
+    key = row["conversion_key"]
+    if key is None or (row["click_id"] is not None and key == f"click:{row['click_id']}") or _OWN_KEY_RE.fullmatch(key):
+        return None
+    return key
+
+
 def postback_json(row: Any) -> dict[str, Any]:
     # What we read from the params: nothing where they could not be read (the params show what
     # was sent; defaults such as "approved" or the time received would look like values).
@@ -61,7 +76,7 @@ def postback_json(row: Any) -> dict[str, Any]:
         "params": jsonio.loads_stored(row["params"]) if row["params"] is not None else {
             "_omitted": f"more than {MAX_LISTED_PARAMS} bytes as JSON ({row['params_size']} stored): too long to list"},
         "click_id": row["click_id"],
-        "conversion_id": row["conversion_key"] if parsed else None,
+        "conversion_id": _conversion_id(row) if parsed else None,
         "status": row["status"] if parsed else None,
         "payout": row["payout"] if parsed else None,
         "currency": row["currency"] if parsed else None,
