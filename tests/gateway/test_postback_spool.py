@@ -483,3 +483,41 @@ async def test_the_spool_is_bounded_in_entries_and_in_size(settings, db, redis, 
     assert (big.status_code, big.json()["code"]) == (503, "service_unavailable")
     assert [a.status_code for a in answers] == [200, 200, 503]
     assert await redis.xlen(SPOOL_STREAM) == 2
+
+
+async def test_a_postback_that_never_asked_postgresql_leaves_the_breaker_open(settings, redis, tenant, empty_spool,
+                                                                               monkeypatch):
+    """The one postback let ask after the pause may not ask at all: a HEAD (a link checker) with its
+    token cached, or one cancelled (its client gone, the gateway stopping) while PostgreSQL has
+    not answered. Counted as PostgreSQL answering, it closed the breaker: every postback asked the
+    frozen PostgreSQL again, each waiting its whole budget."""
+    monkeypatch.setattr(postback_route, "POSTBACK_DB_BUDGET", 1.0)
+    monkeypatch.setattr(postback_route, "POSTGRES_PAUSE", 0.2)
+    link, through = postgres_link(settings.database_url)
+    await link.mend()
+    app, lifespan, gateway = await _gateway(settings, through(link.port))
+    url = f"/postback/{tenant.postback_token}"
+
+    async def timed(n: int) -> float:
+        started = time.monotonic()
+        assert (await gateway.get(url, params={"conversion_id": f"nb-{n}"})).status_code == 200
+        return time.monotonic() - started
+
+    try:
+        assert (await gateway.get(url, params={"conversion_id": "nb-0"})).status_code == 200  # (its token cached)
+        await link.freeze()
+        assert await timed(1) >= 1.0  # the failure that opens the breaker
+        await asyncio.sleep(0.3)
+        assert (await gateway.head(url)).status_code == 200  # after the pause; asks nothing
+        waits = await asyncio.gather(*(timed(n) for n in range(2, 7)))
+        assert sorted(waits)[-2] < 0.5, waits  # one asks (and fails); the others spool at once
+        await asyncio.sleep(0.3)
+        asking = asyncio.ensure_future(gateway.get(url, params={"conversion_id": "nb-cancelled"}))
+        await asyncio.sleep(0.2)
+        asking.cancel()
+        await asyncio.gather(asking, return_exceptions=True)
+        waits = await asyncio.gather(*(timed(n) for n in range(7, 12)))
+        assert sorted(waits)[-2] < 0.5, waits
+    finally:
+        await _stop(lifespan, gateway)
+        link.close()

@@ -84,6 +84,11 @@ class _Breaker:
         self.asking = False
         self.failed_until = 0.0 if ok else now + POSTGRES_PAUSE
 
+    def unasked(self) -> None:
+        """The one let ask did not get PostgreSQL's answer after all (a HEAD or a cached token with
+        nothing stored, cancelled while waiting): the next one asks, and the pause stands."""
+        self.asking = False
+
 
 def breaker() -> _Breaker:
     """The gateway's (app.state.postgres_for_postbacks)."""
@@ -240,13 +245,20 @@ async def receive(request: Request) -> JSONResponse:
     asking = breaker.ask(loop.time())
     asked = loop.time()
     failure: BaseException | None = None
+    answered = False  # by PostgreSQL (a 401 included): a cached token asks it nothing
     account: int | BaseException | None
     try:
         # Its account (401 for an unknown token); when PostgreSQL cannot say, or is not asked,
         # the postback is spooled below (by its token's digest, if its account is not known
         # here), and the worker looks the account up.
-        account = (await _postgres(_account_for(request, token), POSTBACK_DB_BUDGET) if asking
-                   else _cached_account(request, token))
+        account = _cached_account(request, token)
+        if asking and account is None:
+            try:
+                account = await _postgres(_account_for(request, token), POSTBACK_DB_BUDGET)
+            except Exception:
+                answered = True
+                raise
+            answered = True
         if isinstance(account, BaseException):
             failure, account = account, _cached_account(request, token)
         budget = POSTBACK_DB_BUDGET - (loop.time() - asked)  # (reading the body, below, is not PostgreSQL's time)
@@ -258,14 +270,22 @@ async def receive(request: Request) -> JSONResponse:
         pb = normalise(params, received_at, body_error)
         stored = None
         if asking and failure is None and account is not None:
-            result = await _postgres(store(request.app.state.db, account, received_at, request.method, params, pb), budget)
+            try:
+                result = await _postgres(store(request.app.state.db, account, received_at, request.method, params,
+                                               pb), budget)
+            except Exception:
+                answered = True
+                raise
+            answered = True
             if isinstance(result, BaseException):
                 failure = result
             else:
                 stored = result
     finally:
-        if asking:  # (answered by PostgreSQL, a 401 included, unless it failed)
+        if asking and answered:  # (answered by PostgreSQL, a 401 included, unless it failed)
             breaker.fared(loop.time(), ok=failure is None)
+        elif asking:
+            breaker.unasked()
     if stored is None:
         # Stored in Redis instead, for the worker to store once PostgreSQL is back (Redis down
         # too: 503, and the network retries). A store left running in the background that
