@@ -131,10 +131,13 @@ async def store(
     return Stored(postback_id, True, False)
 
 
-# The accepted postbacks of a conversion received after a given time (a spooled one's).
+# The postbacks of a conversion received after a given time (a spooled one's), accepted or
+# repeats: a repeat of the latest stored is the network's word all the same (approved, rejected,
+# approved again: the second approval, stored before the spooled rejection, was its repeat).
 _RECEIVED_AFTER = """
 SELECT status, payout FROM postbacks
-WHERE account_id = $1 AND network = $2 AND conversion_key = $3 AND dedupe_key IS NOT NULL AND received_at > $4
+WHERE account_id = $1 AND network = $2 AND conversion_key = $3 AND (dedupe_key IS NOT NULL OR is_duplicate)
+  AND received_at > $4
 """
 
 
@@ -147,9 +150,11 @@ async def _superseded(db: asyncpg.Pool | asyncpg.Connection, account_id: int, pb
     now would then move the conversion back (an approval spooled, its rejection stored at once:
     approved again, its payout counted as revenue), so it is kept, not applied. Otherwise it
     stands whatever followed (a reversal is final; an approval is not undone by a late pending),
-    and applied now it ends the same. One that only names a click or a currency the latest did
+    and applied now it ends the same. The latest stored may have been received before it while a
+    repeat of it was received after (approved, the spooled rejection, approved again): the
+    repeats count too. One that only names a click or a currency the latest did
     not is news, as for any postback."""
-    if latest["received_at"] <= received_at or pb.status is None:
+    if pb.status is None:
         return False
     if pb.repeats(latest["status"], latest["payout"], pb.click_id, latest["currency"] or pb.currency):
         return False

@@ -521,3 +521,34 @@ async def test_a_postback_that_never_asked_postgresql_leaves_the_breaker_open(se
     finally:
         await _stop(lifespan, gateway)
         link.close()
+
+
+async def test_a_spooled_postback_does_not_undo_a_later_repeat_stored_before_it(
+    settings, db, redis, api, tenant, empty_spool
+):
+    """Approved, then a rejection spooled during an outage, then approved again with the same payout
+    (the network's correction) stored at once before the drain: stored as a repeat of the first
+    approval (a duplicate, not the conversion's latest), so the rejection, received before it,
+    was applied after it: the conversion ended rejected, its payout lost. In the order received
+    it is approved."""
+    arq = ArqRedis(pool_or_conn=redis.connection_pool)
+    url = f"/postback/{tenant.postback_token}"
+    first = await api.get(url, params={"conversion_id": "redo-1", "payout": "10.00", "status": "approved"})
+    assert first.json()["status"] == "accepted"
+    await burst_worker(settings)
+    _, lifespan, gateway = await _gateway(settings, _unreachable(settings))
+    try:
+        spooled = await gateway.get(url, params={"conversion_id": "redo-1", "status": "rejected"})
+    finally:
+        await _stop(lifespan, gateway)
+    assert spooled.json()["status"] == "accepted"
+    again = await api.get(url, params={"conversion_id": "redo-1", "payout": "10.00", "status": "approved"})
+    assert again.json()["status"] == "duplicate"
+    await burst_worker(settings)
+    assert await spool.drain_spool_once(db, redis, arq) == 1
+    await burst_worker(settings)
+    conversion = await db.fetchrow("SELECT status, payout FROM conversions WHERE account_id = $1"
+                                   " AND conversion_key = 'redo-1'", tenant.account_id)
+    assert (conversion["status"], conversion["payout"]) == ("approved", Decimal("10"))
+    assert await db.fetchval("SELECT sum(a.amount) FROM conversion_adjustments a JOIN conversions c"
+                             " ON c.id = a.conversion_id WHERE c.account_id = $1", tenant.account_id) == 10
