@@ -552,3 +552,37 @@ async def test_a_spooled_postback_does_not_undo_a_later_repeat_stored_before_it(
     assert (conversion["status"], conversion["payout"]) == ("approved", Decimal("10"))
     assert await db.fetchval("SELECT sum(a.amount) FROM conversion_adjustments a JOIN conversions c"
                              " ON c.id = a.conversion_id WHERE c.account_id = $1", tenant.account_id) == 10
+
+
+async def test_a_postback_whose_body_is_slow_to_arrive_does_not_hold_the_breaker(settings, db, redis, tenant,
+                                                                                  empty_spool):
+    """The one postback let ask after the pause held its turn while its body arrived (no limit on
+    how long that takes: a client that stalls holds it for good): every other postback spooled
+    without asking a PostgreSQL that was back, and one whose token no gateway had seen lately
+    was refused 503, for as long as that one body took."""
+    app, lifespan, gateway = await _gateway(settings, settings.database_url)
+    url = f"/postback/{tenant.postback_token}"
+    newcomer = await make_tenant(db)  # its token never looked up: not among the tokens known in Redis
+    arrived = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b'{"conversion_id": "slow'
+        await arrived.wait()
+        yield b'-body"}'
+
+    try:
+        assert (await gateway.get(url, params={"conversion_id": "sb-0"})).status_code == 200  # (its token cached)
+        # PostgreSQL failed a postback a while ago (the pause is over) and is back: the next one asks.
+        app.state.postgres_for_postbacks.fared(asyncio.get_running_loop().time() - 5, ok=False)
+        slow = asyncio.ensure_future(gateway.post(url, content=body(), headers={"content-type": "application/json"}))
+        await asyncio.sleep(0.2)
+        answers = [await gateway.get(url, params={"conversion_id": f"sb-{n}"}) for n in range(1, 4)]
+        new = await gateway.get(f"/postback/{newcomer.postback_token}", params={"conversion_id": "sb-new"})
+        arrived.set()
+        assert (await slow).status_code == 200
+    finally:
+        arrived.set()
+        await _stop(lifespan, gateway)
+    assert [a.status_code for a in answers] == [200] * 3
+    assert (new.status_code, new.json()["status"]) == (200, "accepted"), new.text
+    assert await redis.xlen(SPOOL_STREAM) == 0  # all stored at once

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
@@ -85,8 +85,8 @@ class _Breaker:
         self.failed_until = 0.0 if ok else now + POSTGRES_PAUSE
 
     def unasked(self) -> None:
-        """The one let ask did not get PostgreSQL's answer after all (a HEAD or a cached token with
-        nothing stored, cancelled while waiting): the next one asks, and the pause stands."""
+        """The one let ask did not get PostgreSQL's answer after all (cancelled while waiting: its
+        client gone, the gateway stopping): the next one asks, and the pause stands."""
         self.asking = False
 
 
@@ -236,56 +236,63 @@ async def _postgres(work: Awaitable[T], budget: float) -> T | BaseException:
     raise exc
 
 
+async def _ask(breaker: _Breaker, work: Callable[[], Awaitable[T]], budget: float) -> T | BaseException | None:
+    """What ``work`` answered (as ``_postgres``) if the breaker lets it ask PostgreSQL now, the
+    breaker told how it fared; None, ``work`` not run, if not. The one turn after a pause is held
+    for PostgreSQL's time only: held while the postback's body arrived, a client that stalled kept
+    every other postback from asking a PostgreSQL that was back (all spooled, and a token no
+    gateway had seen lately refused), for as long as it pleased."""
+    loop = asyncio.get_running_loop()
+    if not breaker.ask(loop.time()):
+        return None
+    answered = failed = False
+    try:
+        result = await _postgres(work(), budget)
+        answered, failed = True, isinstance(result, BaseException)
+        return result
+    except Exception:  # PostgreSQL's answer all the same (a 401, say)
+        answered = True
+        raise
+    finally:
+        if answered:
+            breaker.fared(loop.time(), ok=not failed)
+        else:  # cancelled before its answer
+            breaker.unasked()
+
+
 async def receive(request: Request) -> JSONResponse:
     token = request.path_params["postback_token"]
     if not _TOKEN_RE.fullmatch(token):  # not one we mint (a NUL would not even reach the query)
         raise ApiError(401, "unauthorized", "Unknown postback token")
-    loop = asyncio.get_running_loop()
     breaker: _Breaker = request.app.state.postgres_for_postbacks
-    asking = breaker.ask(loop.time())
-    asked = loop.time()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     failure: BaseException | None = None
-    answered = False  # by PostgreSQL (a 401 included): a cached token asks it nothing
-    account: int | BaseException | None
-    try:
-        # Its account (401 for an unknown token); when PostgreSQL cannot say, or is not asked,
-        # the postback is spooled below (by its token's digest, if its account is not known
-        # here), and the worker looks the account up.
-        account = _cached_account(request, token)
-        if asking and account is None:
-            try:
-                account = await _postgres(_account_for(request, token), POSTBACK_DB_BUDGET)
-            except Exception:
-                answered = True
-                raise
-            answered = True
-        if isinstance(account, BaseException):
-            failure, account = account, _cached_account(request, token)
-        budget = POSTBACK_DB_BUDGET - (loop.time() - asked)  # (reading the body, below, is not PostgreSQL's time)
-        if request.method == "HEAD":  # a link checker, not a network: nothing to store
-            return JSONResponse({"success": True, "status": "accepted"})
-        params, body_error = await _params(request)
-        params = jsonio.storable(params)  # a network sending what PostgreSQL cannot hold still gets its 200
-        received_at = utcnow()
-        pb = normalise(params, received_at, body_error)
-        stored = None
-        if asking and failure is None and account is not None:
-            try:
-                result = await _postgres(store(request.app.state.db, account, received_at, request.method, params,
-                                               pb), budget)
-            except Exception:
-                answered = True
-                raise
-            answered = True
-            if isinstance(result, BaseException):
-                failure = result
-            else:
-                stored = result
-    finally:
-        if asking and answered:  # (answered by PostgreSQL, a 401 included, unless it failed)
-            breaker.fared(loop.time(), ok=failure is None)
-        elif asking:
-            breaker.unasked()
+    # Its account (401 for an unknown token); when PostgreSQL cannot say, or is not asked, the
+    # postback is spooled below (by its token's digest, if its account is not known here), and
+    # the worker looks the account up.
+    account = _cached_account(request, token)
+    if account is None:
+        found = await _ask(breaker, lambda: _account_for(request, token), POSTBACK_DB_BUDGET)
+        if isinstance(found, BaseException):
+            failure = found
+        else:
+            account = found
+    budget = POSTBACK_DB_BUDGET - (loop.time() - started)  # (reading the body, below, is not PostgreSQL's time)
+    if request.method == "HEAD":  # a link checker, not a network: nothing to store
+        return JSONResponse({"success": True, "status": "accepted"})
+    params, body_error = await _params(request)
+    params = jsonio.storable(params)  # a network sending what PostgreSQL cannot hold still gets its 200
+    received_at = utcnow()
+    pb = normalise(params, received_at, body_error)
+    stored = None
+    if failure is None and account is not None:
+        db, method, account_id = request.app.state.db, request.method, account
+        result = await _ask(breaker, lambda: store(db, account_id, received_at, method, params, pb), budget)
+        if isinstance(result, BaseException):
+            failure = result
+        else:
+            stored = result
     if stored is None:
         # Stored in Redis instead, for the worker to store once PostgreSQL is back (Redis down
         # too: 503, and the network retries). A store left running in the background that
