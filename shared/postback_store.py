@@ -34,29 +34,33 @@ SPOOL_REFUSED = "trk:postback-spool:refused"
 # postback is answered 503, and the network retries it later. Networks send a few hundred bytes.
 SPOOL_MAX_ENTRIES = 1_000_000
 SPOOL_MAX_ENTRY_BYTES = 64 * 1024
+# And in bytes, as Redis counts the stream's memory (sampled): the two bounds above alone allowed
+# 64 GB (a flood of large postbacks with one token known), far past a Redis shared with the clicks.
+SPOOL_MAX_BYTES = 1 << 30
 # Tokens the gateways have seen answer for an account lately (one key per token digest, refreshed
 # at each lookup): with PostgreSQL unavailable, a postback whose token is neither in the gateway's
 # own cache nor here is answered 503 rather than spooled (anyone may send any token), and one
 # found here is spooled by its digest, for the worker to check against PostgreSQL.
 KNOWN_TOKEN_PREFIX = "trk:postback-token:"
 KNOWN_TOKEN_SECONDS = 7 * 86400
-# XADD unless the spool holds SPOOL_MAX_ENTRIES already (then nil).
+# XADD unless the spool holds SPOOL_MAX_ENTRIES or SPOOL_MAX_BYTES already (then nil).
 _SPOOL_ADD = """
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
+if (redis.call('MEMORY', 'USAGE', KEYS[1]) or 0) >= tonumber(ARGV[4]) then return false end
 return redis.call('XADD', KEYS[1], '*', 'p', ARGV[2], 'q', ARGV[3])
 """
 
 
 class SpoolFull(Exception):
-    """The spool takes no more (SPOOL_MAX_ENTRIES), or the postback is too big for it."""
+    """The spool takes no more (SPOOL_MAX_ENTRIES, SPOOL_MAX_BYTES), or the postback is too big for it."""
 
 
 async def spool(redis: Any, entry: dict[str, bytes]) -> None:
     """Add ``entry`` (``spool_entry``) to the spool, or raise SpoolFull."""
     if len(entry["p"]) + len(entry["q"]) > SPOOL_MAX_ENTRY_BYTES:
         raise SpoolFull(f"a postback over {SPOOL_MAX_ENTRY_BYTES} bytes is not spooled")
-    if await redis.eval(_SPOOL_ADD, 1, SPOOL_STREAM, SPOOL_MAX_ENTRIES, entry["p"], entry["q"]) is None:
-        raise SpoolFull(f"the postback spool holds {SPOOL_MAX_ENTRIES} postbacks")
+    if await redis.eval(_SPOOL_ADD, 1, SPOOL_STREAM, SPOOL_MAX_ENTRIES, entry["p"], entry["q"], SPOOL_MAX_BYTES) is None:
+        raise SpoolFull(f"the postback spool holds {SPOOL_MAX_ENTRIES} postbacks or {SPOOL_MAX_BYTES} bytes")
 
 # The account of a postback token, given its digest: the current token, or the one it replaced
 # while its grace period lasted at $2 (accounts.rotate_postback_token).

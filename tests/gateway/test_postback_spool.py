@@ -586,3 +586,20 @@ async def test_a_postback_whose_body_is_slow_to_arrive_does_not_hold_the_breaker
     assert [a.status_code for a in answers] == [200] * 3
     assert (new.status_code, new.json()["status"]) == (200, "accepted"), new.text
     assert await redis.xlen(SPOOL_STREAM) == 0  # all stored at once
+
+
+async def test_the_spool_is_bounded_in_bytes(settings, db, redis, tenant, empty_spool, monkeypatch):
+    """A million entries of up to 64 KB each was a bound of 64 GB: a flood of large postbacks (any
+    token a gateway has seen will do) filled the Redis the clicks are kept in long before."""
+    monkeypatch.setattr(postback_store, "SPOOL_MAX_BYTES", 200_000, raising=False)
+    dsn = settings.database_url + ("&" if "?" in settings.database_url else "?") + "default_transaction_read_only=on"
+    _, lifespan, gateway = await _gateway(settings, dsn)
+    try:
+        url = f"/postback/{tenant.postback_token}"
+        answers = [await gateway.post(url, json={"conversion_id": f"bytes-{n}", "notes": "x" * 30_000})
+                   for n in range(12)]
+    finally:
+        await _stop(lifespan, gateway)
+    codes = [a.status_code for a in answers]
+    assert 200 in codes and codes[-1] == 503 and codes == sorted(codes), codes
+    assert await redis.memory_usage(SPOOL_STREAM) < 200_000 + postback_store.SPOOL_MAX_ENTRY_BYTES
