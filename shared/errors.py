@@ -24,3 +24,7 @@ def not_found(code: str = "not_found", message: str = "Not found") -> ApiError:
 
 def validation(message: str) -> ApiError:
     return ApiError(400, "validation_error", message)
+
+
+def unavailable(message: str = "A dependency is unavailable; retry shortly") -> ApiError:
+    return ApiError(503, "service_unavailable", message)

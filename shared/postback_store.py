@@ -62,6 +62,12 @@ async def spool(redis: Any, entry: dict[str, bytes]) -> None:
     if await redis.eval(_SPOOL_ADD, 1, SPOOL_STREAM, SPOOL_MAX_ENTRIES, entry["p"], entry["q"], SPOOL_MAX_BYTES) is None:
         raise SpoolFull(f"the postback spool holds {SPOOL_MAX_ENTRIES} postbacks or {SPOOL_MAX_BYTES} bytes")
 
+
+def known_token_key(digest: bytes) -> str:
+    """The Redis key that says a gateway saw the token of this digest answer lately."""
+    return KNOWN_TOKEN_PREFIX + digest.hex()
+
+
 # The account of a postback token, given its digest: the current token, or the one it replaced
 # while its grace period lasted at $2 (accounts.rotate_postback_token).
 ACCOUNT_OF_TOKEN = """

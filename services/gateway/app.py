@@ -24,7 +24,7 @@ from services.gateway.http import JSONResponse, error_response
 from services.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from services.gateway.routes import ROUTES, postbacks, reports
 from shared import db
-from shared.errors import ApiError
+from shared.errors import ApiError, unavailable
 from shared.redis_client import create_redis, warn_if_not_durable
 from shared.settings import Settings
 
@@ -43,7 +43,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
     # Nothing was acknowledged: writes publish to Redis before they commit, so the client retries.
-    return error_response(ApiError(503, "service_unavailable", "A dependency is unavailable; retry shortly"))
+    return error_response(unavailable())
 
 
 async def _redis_refused(request: Request, exc: Exception) -> JSONResponse:
@@ -98,7 +98,7 @@ class AnswerWhenCut:
             await self.app(scope, receive, watched)
         except asyncio.CancelledError:
             if not started:
-                await error_response(ApiError(503, "service_unavailable", "The gateway is stopping; retry shortly"))(
+                await error_response(unavailable("The gateway is stopping; retry shortly"))(
                     scope, receive, send)
             raise
 
@@ -118,7 +118,8 @@ def create_app(settings: Settings) -> Starlette:
         app.state.arq = ArqRedis(pool_or_conn=app.state.redis.connection_pool)
         app.state.report_slots = reports.ReportSlots()
         app.state.window_job = None  # the attribution window whose job this process has enqueued
-        app.state.postgres_for_postbacks = postbacks.breaker()
+        app.state.postgres_for_postbacks = postbacks.Breaker()
+        app.state.postback_tokens = {}  # token -> (account id, trusted until): postbacks._account_for
         # Published links (and the attribution jobs) live in Redis: say so if it may lose them.
         app.state.redis_persistence_problem = await warn_if_not_durable(app.state.redis)
         # What exists now (modules, routes, pools) lives as long as the process: out of the

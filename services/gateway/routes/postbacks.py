@@ -27,12 +27,12 @@ from services.gateway.http import JSONResponse, read_body
 from shared import jsonio
 from shared.accounts import hash_secret
 from shared.db import POSTGRES_UNAVAILABLE
-from shared.errors import ApiError
+from shared.errors import ApiError, unavailable
 from shared.jobs import PROCESS_POSTBACK, window_job
 from shared.logs import Throttled
 from shared.postback_fields import normalise
 from shared.postback_store import (
-    ACCOUNT_OF_TOKEN, KNOWN_TOKEN_PREFIX, KNOWN_TOKEN_SECONDS, SpoolFull, spool, spool_entry, store,
+    ACCOUNT_OF_TOKEN, KNOWN_TOKEN_SECONDS, SpoolFull, known_token_key, spool, spool_entry, store,
 )
 from shared.timeutil import utcnow
 
@@ -65,7 +65,7 @@ POSTGRES_PAUSE = 1.0
 T = TypeVar("T")
 
 
-class _Breaker:
+class Breaker:
     """Whether a postback asks PostgreSQL (``ask``), given how the last ones fared (``fared``)."""
 
     def __init__(self) -> None:
@@ -90,34 +90,25 @@ class _Breaker:
         self.asking = False
 
 
-def breaker() -> _Breaker:
-    """The gateway's (app.state.postgres_for_postbacks)."""
-    return _Breaker()
-
-
 def _cached_account(request: Request, token: str) -> int | None:
-    hit = getattr(request.app.state, "postback_tokens", {}).get(token)
+    """The token's account as this gateway looked it up within TOKEN_TTL, else None."""
+    hit = request.app.state.postback_tokens.get(token)
     return hit[0] if hit is not None and hit[1] > time.monotonic() else None
 
 
 async def _account_for(request: Request, token: str) -> int:
-    """The token's account (401 for an unknown token); PostgreSQL's errors when it cannot say."""
-    cache: dict[str, tuple[int, float]] | None = getattr(request.app.state, "postback_tokens", None)
-    if cache is None:
-        cache = request.app.state.postback_tokens = {}
-    now = time.monotonic()
-    hit = cache.get(token)
-    if hit is not None and hit[1] > now:
-        return hit[0]
+    """The token's account, asked of PostgreSQL and remembered (401 for an unknown token);
+    PostgreSQL's errors when it cannot say."""
     digest = hash_secret(token)
     account_id = await request.app.state.db.fetchval(ACCOUNT_OF_TOKEN, digest, utcnow())
     if account_id is None:
         raise ApiError(401, "unauthorized", "Unknown postback token")
+    cache: dict[str, tuple[int, float]] = request.app.state.postback_tokens
     if len(cache) > 10_000:
         cache.clear()
-    cache[token] = (account_id, now + TOKEN_TTL)
+    cache[token] = (account_id, time.monotonic() + TOKEN_TTL)
     try:  # (for the spool: a token known lately, should PostgreSQL be unavailable)
-        await request.app.state.redis.set(KNOWN_TOKEN_PREFIX + digest.hex(), account_id, ex=KNOWN_TOKEN_SECONDS)
+        await request.app.state.redis.set(known_token_key(digest), account_id, ex=KNOWN_TOKEN_SECONDS)
     except (RedisError, OSError):
         pass
     return account_id
@@ -227,7 +218,7 @@ async def _postgres(work: Awaitable[T], budget: float) -> T | BaseException:
     is raised."""
     task = await settled(work, budget)
     if task is None:
-        return TimeoutError(f"no answer from PostgreSQL within {POSTBACK_DB_BUDGET} s")
+        return TimeoutError(f"no answer from PostgreSQL within {budget:.1f} s")
     exc = task.exception()
     if exc is None:
         return task.result()
@@ -236,7 +227,7 @@ async def _postgres(work: Awaitable[T], budget: float) -> T | BaseException:
     raise exc
 
 
-async def _ask(breaker: _Breaker, work: Callable[[], Awaitable[T]], budget: float) -> T | BaseException | None:
+async def _ask(breaker: Breaker, work: Callable[[], Awaitable[T]], budget: float) -> T | BaseException | None:
     """What ``work`` answered (as ``_postgres``) if the breaker lets it ask PostgreSQL now, the
     breaker told how it fared; None, ``work`` not run, if not. The one turn after a pause is held
     for PostgreSQL's time only: held while the postback's body arrived, a client that stalled kept
@@ -264,7 +255,7 @@ async def receive(request: Request) -> JSONResponse:
     token = request.path_params["postback_token"]
     if not _TOKEN_RE.fullmatch(token):  # not one we mint (a NUL would not even reach the query)
         raise ApiError(401, "unauthorized", "Unknown postback token")
-    breaker: _Breaker = request.app.state.postgres_for_postbacks
+    breaker: Breaker = request.app.state.postgres_for_postbacks
     loop = asyncio.get_running_loop()
     started = loop.time()
     failure: BaseException | None = None
@@ -299,8 +290,8 @@ async def receive(request: Request) -> JSONResponse:
         # commits after all makes the spooled copy a repeat of it: the same conversion key.
         redis = request.app.state.redis
         digest = hash_secret(token)
-        if account is None and not await redis.exists(KNOWN_TOKEN_PREFIX + digest.hex()):
-            raise ApiError(503, "service_unavailable", "A dependency is unavailable; retry shortly")
+        if account is None and not await redis.exists(known_token_key(digest)):
+            raise unavailable()
         entry = spool_entry(account_id=account, token_digest=digest if account is None else None,
                             received_at=received_at, method=request.method, params=params, body_error=body_error,
                             conversion_key=pb.conversion_key)
@@ -308,7 +299,7 @@ async def receive(request: Request) -> JSONResponse:
             await spool(redis, entry)
         except SpoolFull as exc:
             _report_spool_full(str(exc))
-            raise ApiError(503, "service_unavailable", "A dependency is unavailable; retry shortly") from None
+            raise unavailable() from None
         _report_spooled("not asked: it failed a moment ago" if failure is None else f"{type(failure).__name__}: {failure}")
         return JSONResponse({"success": True, "status": "accepted"})
     if stored.duplicate:
