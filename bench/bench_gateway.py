@@ -20,7 +20,6 @@ from services.gateway.publish import publish_message_codes
 from shared import db as shared_db
 from shared import ids
 from shared.accounts import create_account, create_list
-from shared.edge import message_code_entry
 
 CONCURRENCY = 20
 SEND_ROUNDS = 8
@@ -65,18 +64,11 @@ async def send_python_rate(account_list_id: int, link: dict, round_: int, redis=
     start = time.perf_counter()
     records = [sending.parse_send(i, item) for i, item in enumerate(items)]
     cuts = sending.cut_bodies([r.body for r in records], links)
-    codes = ids.message_link_codes(sum(len(cuts[r.body].links) for r in records))
-    used = 0
-    for record, message_id in zip(records, ids.message_ids(len(records))):
-        record.message_id, record.list_row = message_id, {"id": account_list_id}
-        cut = cuts[record.body]
-        sending._fill(record, links, cut, codes[used : used + len(cut.links)])
-        used += len(cut.links)
-    entries = [message_code_entry(link_id, r.message_id or "", r.creative_id) for r in records for _, _, link_id in r.codes]
+    now = datetime.now(UTC)
+    entries = sending.fill_batch(records, links, cuts, now, redraw=False)
     assert len(entries) == 1000
     if redis is not None:
-        now = datetime.now(UTC)
-        await publish_message_codes(redis, [(h, c, e, now) for r, e in zip(records, entries) for h, c, _ in r.codes])
+        await publish_message_codes(redis, entries)
         rows = [(r.message_id, r.to, r.final_body, r.offer_id, r.creative_id, r.schedule_id, c) for r in records for _, c, _ in r.codes]
         await redis.xadd("bench:send-journal", {"rows": orjson.dumps(rows)})
     return 1000 / (time.perf_counter() - start)

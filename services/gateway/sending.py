@@ -365,21 +365,7 @@ async def insert_messages(
             nonlocal cuts
             if cuts is None:
                 cuts = cut_bodies([r.body for r in records], links)
-            fresh = iter(ids.message_ids(len(records)))
-            codes = ids.message_link_codes(sum(len(cuts[r.body].links) for r in records))
-            used = 0
-            for record in records:
-                if record.message_id is None or (attempt > 0 and record.generated_id):
-                    record.message_id = next(fresh)
-                    record.generated_id = True
-                cut = cuts[record.body]
-                _fill(record, links, cut, codes[used : used + len(cut.links)])
-                used += len(cut.links)
-            return [
-                (host, code, message_code_entry(link_id, r.message_id or "", r.creative_id), r.sent_at or now)
-                for r in records
-                for host, code, link_id in r.codes
-            ]
+            return fill_batch(records, links, cuts, now, redraw=attempt > 0)
 
         try:
             async with conn.transaction():
@@ -397,6 +383,29 @@ async def insert_messages(
             # A concurrent send added one of these contacts first: again, skipping known contacts.
             contacts_raced = contacts_raced or exc.constraint_name == "contacts_pkey"
     raise AssertionError("unreachable")
+
+
+def fill_batch(
+    records: list[SendRecord], links: dict[str, asyncpg.Record], cuts: dict[str, _Cut], now: datetime, *, redraw: bool
+) -> list[tuple[str, str, MessageCodeEntry, datetime]]:
+    """Give each record its id (a fresh one where it has none, or ``redraw``n where the last was
+    drawn here) and its body filled with codes of its own, and return the edge entries of those
+    codes: (host, code, entry, send time)."""
+    fresh = iter(ids.message_ids(len(records)))
+    codes = ids.message_link_codes(sum(len(cuts[r.body].links) for r in records))
+    used = 0
+    for record in records:
+        if record.message_id is None or (redraw and record.generated_id):
+            record.message_id = next(fresh)
+            record.generated_id = True
+        cut = cuts[record.body]
+        _fill(record, links, cut, codes[used : used + len(cut.links)])
+        used += len(cut.links)
+    return [
+        (host, code, message_code_entry(link_id, r.message_id or "", r.creative_id), r.sent_at or now)
+        for r in records
+        for host, code, link_id in r.codes
+    ]
 
 
 async def _overlapped(statement: Awaitable[Any], work: Callable[[], _T]) -> _T:
