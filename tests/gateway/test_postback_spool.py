@@ -314,7 +314,7 @@ async def test_after_a_failure_postbacks_spool_without_waiting_for_postgresql(se
 
 def test_the_breaker_lets_one_postback_ask_after_its_pause(monkeypatch):
     monkeypatch.setattr(postback_route, "POSTGRES_PAUSE", 1.0)
-    breaker = postback_route.breaker()
+    breaker = postback_route.Breaker()
     assert breaker.ask(0.0) and breaker.ask(0.0)  # all ask while PostgreSQL answers
     breaker.fared(0.5, ok=False)
     assert not breaker.ask(1.0)  # within the pause: none asks
@@ -338,38 +338,29 @@ async def test_a_spooled_postback_does_not_undo_a_later_one_stored_before_it(
     assert (await api.head(f"/postback/{tenant.postback_token}")).status_code == 200  # (known lately)
     _, lifespan, gateway = await _gateway(settings, _unreachable(settings))
     try:
-        spooled = [
-            await gateway.get(f"/postback/{tenant.postback_token}",
-                              params={"conversion_id": "late-1", "payout": "5.00", "status": "approved"}),
-            await gateway.get(f"/postback/{tenant.postback_token}",
-                              params={"conversion_id": "late-2", "payout": "5.00", "status": "approved"}),
+        spooled = [await gateway.get(f"/postback/{tenant.postback_token}", params=params) for params in (
+            {"conversion_id": "late-1", "payout": "5.00", "status": "approved"},
+            {"conversion_id": "late-2", "payout": "5.00", "status": "approved"},
             # A repeat that only adds the click the network learned late: still news, as when direct.
-            await gateway.get(f"/postback/{tenant.postback_token}",
-                              params={"conversion_id": "late-3", "payout": "4.00", "click_id": "clk-late-3"}),
+            {"conversion_id": "late-3", "payout": "4.00", "click_id": "clk-late-3"},
             # Received first, they stand whatever follows: a reversal is final, a late pending ignored.
-            await gateway.get(f"/postback/{tenant.postback_token}",
-                              params={"conversion_id": "late-4", "payout": "3.00", "status": "reversed"}),
-            await gateway.get(f"/postback/{tenant.postback_token}",
-                              params={"conversion_id": "late-5", "payout": "3.00", "status": "approved"}),
+            {"conversion_id": "late-4", "payout": "3.00", "status": "reversed"},
+            {"conversion_id": "late-5", "payout": "3.00", "status": "approved"},
             # Rejected after it, then a pending the machine ignores: still rejected in the end.
-            await gateway.get(f"/postback/{tenant.postback_token}",
-                              params={"conversion_id": "late-6", "payout": "3.00", "status": "approved"}),
-        ]
+            {"conversion_id": "late-6", "payout": "3.00", "status": "approved"},
+        )]
     finally:
         await _stop(lifespan, gateway)
     assert [a.json()["status"] for a in spooled] == ["accepted"] * 6
-    later = [
-        await api.get(f"/postback/{tenant.postback_token}", params={"conversion_id": "late-1", "status": "rejected"}),
-        await api.get(f"/postback/{tenant.postback_token}",
-                      params={"conversion_id": "late-2", "payout": "7.00", "status": "approved"}),
-        await api.get(f"/postback/{tenant.postback_token}", params={"conversion_id": "late-3", "payout": "4.00"}),
-        await api.get(f"/postback/{tenant.postback_token}",
-                      params={"conversion_id": "late-4", "payout": "3.00", "status": "approved"}),
-        await api.get(f"/postback/{tenant.postback_token}",
-                      params={"conversion_id": "late-5", "payout": "3.00", "status": "pending"}),
-        await api.get(f"/postback/{tenant.postback_token}", params={"conversion_id": "late-6", "status": "rejected"}),
-        await api.get(f"/postback/{tenant.postback_token}", params={"conversion_id": "late-6", "status": "pending"}),
-    ]
+    later = [await api.get(f"/postback/{tenant.postback_token}", params=params) for params in (
+        {"conversion_id": "late-1", "status": "rejected"},
+        {"conversion_id": "late-2", "payout": "7.00", "status": "approved"},
+        {"conversion_id": "late-3", "payout": "4.00"},
+        {"conversion_id": "late-4", "payout": "3.00", "status": "approved"},
+        {"conversion_id": "late-5", "payout": "3.00", "status": "pending"},
+        {"conversion_id": "late-6", "status": "rejected"},
+        {"conversion_id": "late-6", "status": "pending"},
+    )]
     assert [a.json()["status"] for a in later] == ["accepted"] * 7
     await burst_worker(settings)
     assert await spool.drain_spool_once(db, redis, arq) == 6
